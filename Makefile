@@ -1,0 +1,50 @@
+# sshwrap: `make demo` runs the main job against a throwaway local sshd; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: install sshd test lint bench demo clean
+
+install: $(STAMP) sshd
+
+# OpenSSH's client and server from Debian's packages when missing (as root); otherwise say what to install.
+sshd:
+	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing openssh-server and openssh-client (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; \
+	  else \
+	    echo "sshwrap needs OpenSSH: install openssh-client and openssh-server (e.g. sudo apt-get install openssh-client openssh-server)" >&2; exit 1; \
+	  fi; \
+	fi
+	@for t in tmux; do command -v $$t >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$t >/dev/null; }; } || true; done
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -p no:randomly $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sshwrap tests bench
+	$(VENV)/bin/ruff format --check sshwrap tests bench
+	$(VENV)/bin/mypy --strict sshwrap tests bench
+
+bench: install $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+demo: install
+	@$(PY) -m sshwrap.demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

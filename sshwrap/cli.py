@@ -1,0 +1,165 @@
+"""The drop-in ``sshwrap`` command: ``sshwrap [ssh options] destination [command]``.
+
+Every argument goes to ssh unchanged.  sshwrap reads them only to decide, by ssh's own rules,
+whether ssh would use a terminal here:
+
+- Not interactive (stdin is not a terminal, ``-T``, a command without ``-t``, ``-N``, ``-f``,
+  ``-n``, ``-W``, ``-O``, ``-G``, ``-V``, ``-Q``, ``RequestTTY no`` ...): sshwrap execs ssh, so
+  bytes, stdin handling and exit status are ssh's own.
+- Interactive: ssh runs as ``ssh -tt ...`` in a local pty sized like the user's terminal, the
+  terminal goes to raw mode (always restored), and the relay copies bytes both ways and
+  forwards window-size changes.  The exit status is ssh's.
+
+``RequestTTY``, ``SessionType``, ``StdinNull``, ``ForkAfterAuthentication`` and
+``RemoteCommand`` may come from ssh_config: when the command line leaves them open, sshwrap
+asks ``ssh -G`` (which parses the config, no connection) instead of parsing configs itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["main", "wants_tty"]
+
+# Options that mean ssh opens no interactive session.
+_NO_SESSION = {"V", "G", "Q", "O", "N", "f", "n", "W"}
+
+
+def _ssh_G(ssh: str, argv: list[str]) -> dict[str, str]:
+    """Resolved client config from ``ssh -G`` (empty if ssh could not say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            [ssh, "-G", *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    conf: dict[str, str] = {}
+    for line in out.stdout.decode(errors="replace").splitlines():
+        key, _, value = line.partition(" ")
+        conf.setdefault(key.lower(), value)
+    return conf
+
+
+def wants_tty(ssh: str, argv: list[str], stdin_is_tty: bool) -> bool:
+    """Would ssh, given ``argv`` and this stdin, allocate a terminal we should relay?"""
+    from .argv import parse_ssh_argv
+
+    if not stdin_is_tty:
+        return False
+    parsed = parse_ssh_argv(argv)
+    if parsed.error or parsed.destination is None:
+        return False
+    if any(parsed.has(letter) for letter in _NO_SESSION):
+        return False
+    # -t / -T on the command line: the last one decides (two -t mean force).
+    request: str | None = None
+    for opt, _ in parsed.options:
+        if opt == "T":
+            request = "no"
+        elif opt == "t":
+            request = "force" if request == "yes" else "yes"
+    conf = _ssh_G(ssh, argv)
+    if not conf:
+        return False  # let ssh itself report what is wrong
+    if request is None:
+        request = {"false": "no", "true": "yes"}.get(conf.get("requesttty", "auto"), "auto")
+    if conf.get("sessiontype", "default") != "default":
+        return False
+    if conf.get("stdinnull", "no") == "yes" or conf.get("forkafterauthentication") == "yes":
+        return False
+    has_command = bool(parsed.command) or bool(conf.get("remotecommand"))
+    if request == "no":
+        return False
+    if not has_command:
+        return True
+    return request in ("yes", "force")
+
+
+def _exec_ssh(ssh: str, argv: list[str]) -> int:
+    try:
+        sys.stdout.flush()
+        os.execv(ssh, [ssh, *argv])
+    except OSError as e:
+        sys.stderr.write(f"sshwrap: cannot run {ssh}: {e.strerror}\n")
+    return 255
+
+
+def _interactive(ssh: str, argv: list[str]) -> int:
+    import signal
+
+    from ptyprocess import PtyProcess
+
+    from .relay import relay
+    from .terminal import get_attrs, get_size, raw_mode
+
+    stdin_fd, stdout_fd = 0, 1
+    size = get_size(stdin_fd) or get_size(stdout_fd) or (24, 80)
+    attrs = get_attrs(stdin_fd)
+
+    def copy_modes() -> None:
+        # The pty starts with the user's terminal modes, so ssh sends the remote the same
+        # modes (erase char, iutf8 ...) it would send from the user's own terminal.
+        import termios
+
+        if attrs is not None:
+            termios.tcsetattr(0, termios.TCSANOW, attrs)
+
+    try:
+        proc = PtyProcess.spawn([ssh, "-tt", *argv], dimensions=size, preexec_fn=copy_modes)
+    except OSError as e:
+        sys.stderr.write(f"sshwrap: cannot run {ssh}: {e.strerror or e}\n")
+        return 255
+
+    def forward(signum: int) -> None:
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def alive() -> bool:
+        return bool(proc.isalive())
+
+    try:
+        with raw_mode(stdin_fd):
+            relay(proc.fd, stdin_fd=stdin_fd, stdout_fd=stdout_fd, is_alive=alive, on_signal=forward)
+        # ssh has gone (EOF); collect its status.
+        status: int | None = proc.wait() if proc.isalive() else proc.exitstatus
+        signum = proc.signalstatus
+    finally:
+        if proc.isalive():
+            proc.kill(signal.SIGKILL)
+            proc.wait()
+        proc.close(force=True)
+    if signum is not None:
+        # ssh itself died of a signal: die of the same one, so our parent sees what it
+        # would have seen from ssh (the terminal is already restored).
+        sys.stdout.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return 128 + signum
+    return status if status is not None else 255
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sshwrap`` command; returns (or exits with) ssh's status."""
+    args = sys.argv[1:] if argv is None else argv
+    from .argv import SSHNotFound, find_ssh
+
+    try:
+        ssh = find_ssh()
+    except SSHNotFound as e:
+        sys.stderr.write(f"sshwrap: {e}\n")
+        return 255
+    from .terminal import isatty
+
+    if wants_tty(ssh, args, isatty(0)):
+        return _interactive(ssh, args)
+    return _exec_ssh(ssh, args)

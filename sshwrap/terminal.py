@@ -1,0 +1,71 @@
+"""The user's terminal: raw mode that is always restored, window sizes, tty checks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import termios
+import tty
+from collections.abc import Iterator
+
+__all__ = ["get_size", "isatty", "raw_mode", "set_size"]
+
+# termios attributes as tcgetattr returns them.
+Attrs = list[int | list[bytes | int]]
+
+
+def isatty(fd: int) -> bool:
+    """True if ``fd`` is a terminal (False for a closed fd)."""
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def get_size(fd: int) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the terminal on ``fd``, or None if it is not a terminal.
+
+    Note the order: termios and ptyprocess use (rows, cols) while
+    ``os.get_terminal_size`` gives (columns, lines).
+    """
+    try:
+        packed = fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)
+    except OSError:
+        return None
+    rows, cols = struct.unpack("HHHH", packed)[:2]
+    return rows, cols
+
+
+def set_size(fd: int, rows: int, cols: int) -> None:
+    """Set the window size of the terminal (or pty master) on ``fd``; the kernel sends SIGWINCH."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def get_attrs(fd: int) -> Attrs | None:
+    """``termios.tcgetattr(fd)``, or None if ``fd`` is not a terminal."""
+    try:
+        return termios.tcgetattr(fd)
+    except (termios.error, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int) -> Iterator[Attrs | None]:
+    """Put the terminal on ``fd`` in raw mode for the block; restore it on every exit path.
+
+    Changes are made with TCSADRAIN, never TCSAFLUSH, so keys typed ahead are not discarded.
+    Yields the saved attributes (None if ``fd`` is not a terminal: then nothing is changed).
+    """
+    saved = get_attrs(fd)
+    if saved is None:
+        yield None
+        return
+    tty.setraw(fd, termios.TCSADRAIN)
+    try:
+        yield saved
+    finally:
+        # The terminal may be gone (hang-up): then there is nothing to restore.
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -1,0 +1,404 @@
+"""A real, throwaway OpenSSH server on the loopback interface, for tests.
+
+``LocalSSHD`` starts ``/usr/sbin/sshd -D`` on 127.0.0.1 (or several 127.0.0.x addresses) on a
+free port, with fresh ed25519 host and user keys in a private temporary directory.  It writes
+an ``ssh_config`` with one ``Host`` alias per simulated host and a ``known_hosts`` holding the
+host key, so host key checking stays strict.  It waits until a login succeeds, and on exit it
+stops sshd and every session process it forked, by pid, and removes its directory::
+
+    with LocalSSHD(hosts=3) as sshd:
+        subprocess.run(["ssh", "-F", sshd.config, sshd.hosts[0], "true"], check=True)
+
+As root, sessions log in as a dedicated user (``sshwrap-test``, shell ``/bin/sh``, no rc
+files) so the remote side is quiet and fast; that user is created if missing and is the one
+thing left behind (with its home ``/home/sshwrap-test`` and, if it was missing, sshd's
+privilege separation directory ``/run/sshd``).  As any other user, sshd runs unprivileged and
+can only log in as that same user.
+
+Password authentication is off unless ``password`` is given: then the login user gets that
+password (root only) and ``PasswordAuthentication``/``KbdInteractiveAuthentication`` are
+allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["TEST_USER", "LocalSSHD", "SSHDError"]
+
+TEST_USER = "sshwrap-test"
+SSHD = os.environ.get("SSHWRAP_SSHD", "/usr/sbin/sshd")
+
+
+class SSHDError(RuntimeError):
+    """The throwaway sshd could not be started; the message includes its log."""
+
+
+def _run(argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(argv), check=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def ensure_test_user(name: str = TEST_USER) -> pwd.struct_passwd:
+    """Create (as root) the login user for test sessions if it does not exist yet."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise SSHDError(f"user {name!r} is missing and only root can create it")
+    home = f"/home/{name}"
+    _run(["useradd", "--no-create-home", "--home-dir", home, "--shell", "/bin/sh", name])
+    # '*' rather than useradd's '!': a '!' password marks the account locked for sshd.
+    _run(["usermod", "--password", "*", name])
+    entry = pwd.getpwnam(name)
+    os.makedirs(home, mode=0o755, exist_ok=True)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    return entry
+
+
+def _free_port(addresses: Sequence[str]) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port: int = s.getsockname()[1]
+        ok = True
+        for addr in addresses[1:]:
+            with socket.socket() as s:
+                try:
+                    s.bind((addr, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise SSHDError("no free port found on " + ", ".join(addresses))
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = _children_map()
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for c in kids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class LocalSSHD:
+    """A real OpenSSH sshd on loopback with throwaway keys; a context manager.
+
+    Attributes after ``start()`` (or entering the ``with``):
+
+    - ``hosts``: the Host aliases, one per simulated host (``host1`` ... ``hostN``);
+      ``host`` is the first.
+    - ``addresses``: the 127.0.0.x address of each alias; ``port``: the shared port.
+    - ``config``: path of the client ``ssh_config`` (pass it as ``ssh -F``).
+    - ``known_hosts``, ``identity`` (private user key), ``user`` (login name).
+    - ``ssh_args``: ``["-F", config]``, to put in front of ssh's other arguments.
+    - ``pid``: sshd's pid; ``log``: path of sshd's log.
+    """
+
+    def __init__(
+        self,
+        hosts: int = 1,
+        *,
+        password: str | None = None,
+        extra_sshd_config: Sequence[str] = (),
+        extra_client_config: Sequence[str] = (),
+        user: str | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        if not 1 <= hosts <= 250:
+            raise ValueError("hosts must be between 1 and 250")
+        self.nhosts = hosts
+        self.password = password
+        self.extra_sshd_config = list(extra_sshd_config)
+        self.extra_client_config = list(extra_client_config)
+        self.start_timeout = start_timeout
+        self._want_user = user
+        self.hosts: list[str] = [f"host{i + 1}" for i in range(hosts)]
+        self.addresses: list[str] = [f"127.0.0.{i + 1}" for i in range(hosts)]
+        self.port = 0
+        self.pid = 0
+        self.user = ""
+        self.dir = Path()
+        self.config = ""
+        self.known_hosts = ""
+        self.identity = ""
+        self.log = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped_pids: set[int] = set()
+
+    # -- convenience -------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """The first Host alias."""
+        return self.hosts[0]
+
+    @property
+    def ssh_args(self) -> list[str]:
+        """Arguments that make ``ssh`` use this server's client config."""
+        return ["-F", self.config]
+
+    def ssh(self, *args: str) -> list[str]:
+        """An argv for plain ``ssh`` against this server: ``sshd.ssh(sshd.host, "true")``."""
+        return ["ssh", *self.ssh_args, *args]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def __enter__(self) -> LocalSSHD:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Generate keys and configs, start sshd, and wait until a login works."""
+        if not os.path.exists(SSHD):
+            raise SSHDError(
+                f"{SSHD} not found: install OpenSSH's server (Debian: apt-get install openssh-server)"
+            )
+        root = os.geteuid() == 0
+        if root:
+            entry = pwd.getpwnam(self._want_user) if self._want_user else ensure_test_user()
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        else:
+            entry = pwd.getpwuid(os.geteuid())
+            if self._want_user and self._want_user != entry.pw_name:
+                raise SSHDError("an unprivileged sshd can only log in as its own user")
+        self.user = entry.pw_name
+        if self.password is not None:
+            if not root:
+                raise SSHDError("password logins need root (to set the test user's password)")
+            subprocess.run(
+                ["chpasswd"],
+                input=f"{self.user}:{self.password}\n".encode(),
+                check=True,
+                capture_output=True,
+            )
+        # A short directory name keeps ControlPath-style socket paths well within sun_path.
+        self.dir = Path(tempfile.mkdtemp(prefix="sshwrap-sshd-"))
+        try:
+            self._start(root, entry)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, root: bool, entry: pwd.struct_passwd) -> None:
+        d = self.dir
+        # The login user must read authorized_keys; everything secret stays 0600/0700.
+        os.chmod(d, 0o711)
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshwrap-host",
+              "-f", str(d / "host_ed25519")])
+        client = d / "client"
+        client.mkdir(mode=0o700)
+        self.identity = str(client / "id_ed25519")
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshwrap-user",
+              "-f", self.identity])
+        auth = d / "authorized_keys"
+        shutil.copyfile(self.identity + ".pub", auth)
+        os.chmod(auth, 0o644)
+        self.port = _free_port(self.addresses)
+        host_pub = (d / "host_ed25519.pub").read_text().split()
+        self.known_hosts = str(client / "known_hosts")
+        with open(self.known_hosts, "w") as f:
+            for addr in self.addresses:
+                f.write(f"[{addr}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.log = str(d / "sshd.log")
+        pw = "yes" if self.password is not None else "no"
+        lines = [
+            *(f"ListenAddress {a}:{self.port}" for a in self.addresses),
+            f"HostKey {d / 'host_ed25519'}",
+            f"PidFile {d / 'sshd.pid'}",
+            f"AuthorizedKeysFile {auth}",
+            f"AllowUsers {self.user}",
+            "StrictModes no",  # the key file sits under /tmp, which StrictModes rejects
+            "UsePAM no",
+            f"PasswordAuthentication {pw}",
+            f"KbdInteractiveAuthentication {pw}",
+            "PermitRootLogin prohibit-password",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "Banner none",
+            "UseDNS no",
+            "AcceptEnv LANG LC_*",
+            "AllowTcpForwarding yes",
+            "AllowStreamLocalForwarding yes",
+            "GatewayPorts no",
+            "PermitTTY yes",
+            "MaxSessions 256",
+            "MaxStartups 2000:100:2000",
+            "LoginGraceTime 60",
+            "Subsystem sftp internal-sftp",
+            *self.extra_sshd_config,
+        ]
+        sshd_config = d / "sshd_config"
+        sshd_config.write_text("\n".join(lines) + "\n")
+        self.config = str(client / "ssh_config")
+        client_lines: list[str] = []
+        for alias, addr in zip(self.hosts, self.addresses, strict=True):
+            client_lines += [f"Host {alias}", f"    HostName {addr}"]
+        client_lines += [
+            "Host *",
+            f"    Port {self.port}",
+            f"    User {self.user}",
+            f"    IdentityFile {self.identity}",
+            "    IdentitiesOnly yes",
+            f"    UserKnownHostsFile {self.known_hosts}",
+            "    GlobalKnownHostsFile /dev/null",
+            "    StrictHostKeyChecking yes",
+            "    UpdateHostKeys no",
+            f"    PasswordAuthentication {pw}",
+            f"    KbdInteractiveAuthentication {pw}",
+            *(f"    {line}" for line in self.extra_client_config),
+        ]
+        with open(self.config, "w") as f:
+            f.write("\n".join(client_lines) + "\n")
+        os.chmod(self.config, 0o600)
+        # Check the config first, so a bad option gives sshd's message, not a timeout.
+        check = subprocess.run([SSHD, "-t", "-f", str(sshd_config)], capture_output=True)
+        if check.returncode != 0:
+            raise SSHDError("sshd rejected its config: " + check.stderr.decode(errors="replace"))
+        self._proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(sshd_config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "wb"),  # noqa: SIM115 - handed to the child, closed below
+            start_new_session=True,
+        )
+        assert self._proc.stderr is None
+        self.pid = self._proc.pid
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last = ""
+        for addr in self.addresses:
+            while True:
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise SSHDError(f"sshd exited with {self._proc.returncode}: {self.read_log()}")
+                try:
+                    with socket.create_connection((addr, self.port), timeout=2) as s:
+                        if s.recv(64).startswith(b"SSH-"):
+                            break
+                except OSError as e:
+                    last = str(e)
+                if time.monotonic() > deadline:
+                    raise SSHDError(f"sshd on {addr}:{self.port} not accepting ({last})")
+                # The banner is the event we wait for; this bounds the retry rate only.
+                time.sleep(0.02)
+        probe = subprocess.run(
+            ["ssh", *self.ssh_args, "-o", "BatchMode=yes", self.host, "true"],
+            capture_output=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
+        if probe.returncode != 0:
+            raise SSHDError(
+                "login probe failed: " + probe.stderr.decode(errors="replace") + self.read_log()
+            )
+
+    def read_log(self) -> str:
+        """sshd's log so far (empty once stopped)."""
+        try:
+            return Path(self.log).read_text(errors="replace")
+        except (OSError, ValueError):
+            return ""
+
+    def session_pids(self) -> list[int]:
+        """Pids of every process sshd has forked that is still running (its sessions)."""
+        return _descendants(self.pid) if self.pid else []
+
+    def suspend(self) -> None:
+        """Stop the listener with SIGSTOP: new connections hang (a host that does not answer)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo ``suspend()``."""
+        os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop sshd and every process it forked, by pid, and remove the directory."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            kids = _descendants(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self._kill_all(kids)
+        self._proc = None
+        if self.dir != Path() and self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def _kill_all(pids: list[int]) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = []
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+            if not alive:
+                return
+            deadline = time.monotonic() + 2
+            while alive and time.monotonic() < deadline:
+                alive = [p for p in alive if _exists(p)]
+                if alive:
+                    time.sleep(0.01)
+            pids = alive
+
+
+def _exists(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # A zombie is gone for our purposes: its parent (not us) reaps it.
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+
+
+@contextlib.contextmanager
+def local_sshd(hosts: int = 1, **kwargs: object) -> Iterator[LocalSSHD]:
+    """Function form of ``LocalSSHD``."""
+    with LocalSSHD(hosts, **kwargs) as s:  # type: ignore[arg-type]
+        yield s
