@@ -1,0 +1,713 @@
+"""RFC 4254 session channels over a ControlMaster's proxy-mode socket.
+
+After ``MUX_C_PROXY`` (see ``sshwrap.mux``) the control socket carries SSH connection-protocol
+packets, unencrypted and unpadded (``uint32 length, byte 0, byte type, payload``); the master
+keeps the transport, crypto, keys and authentication, and renumbers our channel ids so that
+several proxy clients never collide.  ``ProxyCore`` is one such socket plus one I/O thread
+(the *pump*) that serves every channel opened over it:
+
+- callers (any thread) open channels and send requests; a packet is written straight to the
+  socket when nothing is queued (no thread hop on the fast path), else queued for the pump;
+- the pump reads packets and routes them: data into a collector (``run``), into the write end
+  of a pipe handed to the user (``Popen``), to a file descriptor, or nowhere; it reads the
+  user's stdin pipe and sends it within the peer's window; it grants window to the peer only
+  for bytes actually delivered (so a slow reader throttles the remote writer, never the pump);
+- ``exit-status`` and ``exit-signal`` are recorded as they come, so a remote signal death is
+  reported exactly (``-signum``); ``signal`` requests reach the remote process group (sshd
+  >= 7.9 delivers them with ``killpg`` to the session).
+
+All shared state is guarded by one lock; waiting is done on ``threading.Event`` objects.
+The pump never blocks on a user's pipe: pipe ends it owns are non-blocking and polled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from .mux import Reader, pack_string, pack_u32
+
+__all__ = [
+    "ChannelError",
+    "ChannelLost",
+    "ProxyCore",
+    "Session",
+    "signal_name",
+    "signal_number",
+]
+
+MSG_GLOBAL_REQUEST = 80
+MSG_REQUEST_SUCCESS = 81
+MSG_REQUEST_FAILURE = 82
+MSG_CHANNEL_OPEN = 90
+MSG_CHANNEL_OPEN_CONFIRMATION = 91
+MSG_CHANNEL_OPEN_FAILURE = 92
+MSG_CHANNEL_WINDOW_ADJUST = 93
+MSG_CHANNEL_DATA = 94
+MSG_CHANNEL_EXTENDED_DATA = 95
+MSG_CHANNEL_EOF = 96
+MSG_CHANNEL_CLOSE = 97
+MSG_CHANNEL_REQUEST = 98
+MSG_CHANNEL_SUCCESS = 99
+MSG_CHANNEL_FAILURE = 100
+
+# What OpenSSH's client grants a session: 64 packets of 32 KiB.
+WINDOW = 2 * 1024 * 1024
+MAX_PACKET = 32 * 1024
+_READ_CHUNK = 256 * 1024
+_OUT_HIGH = 4 * 1024 * 1024  # stop reading stdin sources while this much waits for the socket
+_HDR = struct.Struct(">IBB")
+_U32 = struct.Struct(">I")
+
+
+class ChannelError(OSError):
+    """A channel could not be opened or a request on it failed."""
+
+
+class ChannelLost(ChannelError):
+    """The connection to the master ended while the channel was open (master gone)."""
+
+
+def signal_name(sig: int) -> str:
+    """The RFC 4254 name of a signal number (``signal.SIGINT`` -> ``"INT"``)."""
+    return signal.Signals(sig).name.removeprefix("SIG")
+
+
+def signal_number(name: str) -> int | None:
+    """The local number of an RFC 4254 signal name (``"KILL"`` -> 9), None if unknown."""
+    try:
+        return int(signal.Signals["SIG" + name.split("@", 1)[0]])
+    except KeyError:
+        return None
+
+
+def _packet(msg: int, body: bytes) -> bytes:
+    return _HDR.pack(len(body) + 2, 0, msg) + body
+
+
+def _selectable(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+class _Sink:
+    """Where one stream of channel data goes."""
+
+    __slots__ = ("broken", "buf", "closed", "collect", "fd", "nonblocking", "own", "pending")
+
+    def __init__(self, *, collect: bool = False, fd: int | None = None, own: bool = False) -> None:
+        self.collect = collect  # append to ``buf``
+        self.buf = bytearray()
+        self.fd = fd  # write to this fd (None and not collect: discard)
+        self.own = own  # close ``fd`` when done
+        self.nonblocking = own  # pipes we made are non-blocking and polled
+        self.pending = bytearray()
+        self.broken = False  # the reader went away: discard the rest
+        self.closed = False
+
+
+class _Source:
+    """Where a channel's input comes from."""
+
+    __slots__ = ("data", "eof", "fd", "own", "pos", "selectable")
+
+    def __init__(
+        self, *, data: bytes | None = None, fd: int | None = None, own: bool = False
+    ) -> None:
+        self.data = memoryview(data) if data is not None else None
+        self.pos = 0
+        self.fd = fd
+        self.own = own
+        self.selectable = fd is not None and _selectable(fd)
+        self.eof = data is None and fd is None  # nothing to send: EOF at once
+
+
+class Session:
+    """One ``session`` channel: exec a command, move its data, learn how it ended.
+
+    Created by ``ProxyCore.open_session``; the caller then calls ``setup_io`` and ``exec``.
+    ``closed`` is set when the channel is over (or the master went away: ``lost``).
+    """
+
+    def __init__(self, core: ProxyCore, local_id: int) -> None:
+        self.core = core
+        self.local_id = local_id
+        self.remote_id = -1
+        self.remote_window = 0
+        self.remote_max_packet = 0
+        self.opened = threading.Event()
+        self.closed = threading.Event()
+        self.open_error: str | None = None
+        self.exec_failed = False
+        self.exit_status: int | None = None
+        self.exit_signal: str | None = None
+        self.exit_core_dumped = False
+        self.exit_message = ""
+        self.lost = False
+        self.remote_eof = False
+        self.eof_sent = False
+        self.close_sent = False
+        self.close_received = False
+        self.consumed = 0  # bytes delivered since the last window adjust we sent
+        self.out = _Sink()
+        self.err = _Sink()
+        self.src = _Source()
+        self._replies: deque[Callable[[bool], None]] = deque()
+        self.on_close: Callable[[Session], None] | None = None
+
+    # -- caller side -------------------------------------------------------------------
+    def setup_io(self, src: _Source, out: _Sink, err: _Sink) -> None:
+        """Attach input and output (before ``exec``)."""
+        self.src, self.out, self.err = src, out, err
+
+    def exec(self, command: str, env: dict[str, str] | None = None) -> None:
+        """Send ``env`` (best effort) and ``exec`` requests; input starts flowing at once.
+
+        The exec reply is not awaited (it comes before any output); a refusal marks the
+        session ``exec_failed`` and closes it.
+        """
+        core = self.core
+        with core.lock:
+            self._check_open()
+            if env:
+                for k, v in env.items():
+                    body = pack_string(k) + pack_string(v)
+                    self._request_locked("env", body, want_reply=False)
+            self._request_locked("exec", pack_string(command), want_reply=True, cb=self._on_exec)
+            core._service_source_locked(self)
+        core._wake()
+
+    def _on_exec(self, ok: bool) -> None:
+        if not ok:
+            self.exec_failed = True
+            self._send_close_locked()
+
+    def send_signal(self, sig: int) -> None:
+        """Send a ``signal`` request (delivered by sshd >= 7.9 to the session's process group)."""
+        with self.core.lock:
+            if self.closed.is_set() or self.close_sent:
+                return
+            self._request_locked("signal", pack_string(signal_name(sig)), want_reply=False)
+
+    def send_eof(self) -> None:
+        """Tell the remote side there is no more input."""
+        with self.core.lock:
+            self._send_eof_locked()
+
+    def close(self) -> None:
+        """Close the channel (the remote command gets a hang-up of its channel)."""
+        with self.core.lock:
+            self._send_close_locked()
+
+    @property
+    def returncode(self) -> int | None:
+        """``exit-status``, or ``-signum`` for ``exit-signal``; None when neither came."""
+        if self.exit_status is not None:
+            return self.exit_status
+        if self.exit_signal is not None:
+            num = signal_number(self.exit_signal)
+            return -num if num is not None else None
+        return None
+
+    # -- helpers (lock held) -----------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.lost:
+            raise ChannelLost("the connection to the control master was lost")
+        if self.closed.is_set():
+            raise ChannelError("channel is closed")
+
+    def _request_locked(
+        self,
+        name: str,
+        body: bytes,
+        *,
+        want_reply: bool,
+        cb: Callable[[bool], None] | None = None,
+    ) -> None:
+        if want_reply:
+            self._replies.append(cb or (lambda ok: None))
+        self.core._send_locked(
+            _packet(
+                MSG_CHANNEL_REQUEST,
+                pack_u32(self.remote_id)
+                + pack_string(name)
+                + (b"\x01" if want_reply else b"\x00")
+                + body,
+            )
+        )
+
+    def _send_eof_locked(self) -> None:
+        if self.eof_sent or self.close_sent or self.lost or self.remote_id < 0:
+            return
+        self.eof_sent = True
+        self.core._send_locked(_packet(MSG_CHANNEL_EOF, pack_u32(self.remote_id)))
+
+    def _send_close_locked(self) -> None:
+        if self.close_sent or self.lost or self.remote_id < 0:
+            return
+        self.close_sent = True
+        self.core._send_locked(_packet(MSG_CHANNEL_CLOSE, pack_u32(self.remote_id)))
+        self.core._close_source_locked(self)
+
+
+class ProxyCore:
+    """One proxy-mode socket to a ControlMaster and the thread that pumps its channels."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.lock = threading.Lock()
+        self._out = bytearray()
+        self._in = bytearray()
+        self._channels: dict[int, Session] = {}
+        self._draining: set[Session] = set()  # closed channels whose pipes still get data
+        self._next_id = 0
+        self.dead = False
+        self.dead_reason = ""
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._reg: dict[int, int] = {}
+        self._thread = threading.Thread(target=self._run, name="sshwrap-mux-pump", daemon=True)
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------------------
+    def open_session(self, timeout: float | None = None) -> Session:
+        """Open a ``session`` channel and wait for the server's confirmation."""
+        with self.lock:
+            if self.dead:
+                raise ChannelLost(self.dead_reason or "the control master connection is closed")
+            self._next_id = (self._next_id + 1) & 0x7FFFFFFF
+            ch = Session(self, self._next_id)
+            self._channels[ch.local_id] = ch
+            self._send_locked(
+                _packet(
+                    MSG_CHANNEL_OPEN,
+                    pack_string("session")
+                    + pack_u32(ch.local_id)
+                    + pack_u32(WINDOW)
+                    + pack_u32(MAX_PACKET),
+                )
+            )
+        if not ch.opened.wait(timeout):
+            with self.lock:
+                ch.open_error = "timed out opening a channel"
+                self._channels.pop(ch.local_id, None)
+            raise ChannelError("timed out waiting for the server to open a session channel")
+        if ch.lost:
+            raise ChannelLost(self.dead_reason or "the control master connection was lost")
+        if ch.open_error is not None:
+            raise ChannelError(f"the server refused a session channel: {ch.open_error}")
+        return ch
+
+    @property
+    def alive(self) -> bool:
+        """False once the socket to the master has ended."""
+        return not self.dead
+
+    def close(self) -> None:
+        """Stop the pump and close the socket; open channels are marked lost."""
+        with self.lock:
+            if not self.dead:
+                self._die_locked("closed")
+        self._wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    # -- sending (lock held) -----------------------------------------------------------
+    def _send_locked(self, data: bytes) -> None:
+        if self.dead:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self._die_locked(f"control master connection failed: {e}")
+            return
+        if n < len(data):
+            self._out += data[n:]
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def _service_source_locked(self, ch: Session) -> None:
+        """Send what input is available within the peer's window (bytes sources; EOF)."""
+        src = ch.src
+        if ch.eof_sent or ch.close_sent or ch.remote_id < 0:
+            return
+        if src.data is not None:
+            while ch.remote_window > 0 and src.pos < len(src.data) and len(self._out) < _OUT_HIGH:
+                n = min(ch.remote_window, ch.remote_max_packet, len(src.data) - src.pos)
+                piece = bytes(src.data[src.pos : src.pos + n])
+                src.pos += n
+                ch.remote_window -= n
+                self._send_data_locked(ch, piece)
+            if src.pos >= len(src.data):
+                src.eof = True
+        elif src.fd is not None and not src.selectable:
+            # A regular file: reads never block, so read as the window allows.
+            while ch.remote_window > 0 and len(self._out) < _OUT_HIGH and not src.eof:
+                n = min(ch.remote_window, ch.remote_max_packet)
+                try:
+                    chunk = os.read(src.fd, n)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    src.eof = True
+                    break
+                ch.remote_window -= len(chunk)
+                self._send_data_locked(ch, chunk)
+        if src.eof:
+            self._close_source_locked(ch)
+            ch._send_eof_locked()
+
+    def _send_data_locked(self, ch: Session, chunk: bytes) -> None:
+        self._send_locked(
+            _HDR.pack(len(chunk) + 10, 0, MSG_CHANNEL_DATA)
+            + _U32.pack(ch.remote_id)
+            + _U32.pack(len(chunk))
+            + chunk
+        )
+
+    def _close_source_locked(self, ch: Session) -> None:
+        src = ch.src
+        src.eof = True
+        src.data = None
+        if src.fd is not None:
+            if src.own:
+                with contextlib.suppress(OSError):
+                    os.close(src.fd)
+            src.fd = None
+
+    # -- receiving (pump thread, lock held) ---------------------------------------------
+    def _deliver_locked(self, ch: Session, sink: _Sink, data: bytes) -> None:
+        if sink.closed or sink.broken:
+            ch.consumed += len(data)
+        elif sink.collect:
+            sink.buf += data
+            ch.consumed += len(data)
+        elif sink.fd is None:
+            ch.consumed += len(data)
+        elif sink.nonblocking:
+            if sink.pending:
+                sink.pending += data
+            else:
+                n = self._write_sink(sink, data)
+                ch.consumed += n
+                if n < len(data) and not sink.broken:
+                    sink.pending += data[n:]
+                elif sink.broken:
+                    ch.consumed += len(data) - n
+        else:
+            # A descriptor the caller gave us (a file, a terminal): written as is, blocking.
+            mv = memoryview(data)
+            try:
+                while mv:
+                    mv = mv[os.write(sink.fd, mv) :]
+            except OSError:
+                sink.broken = True
+            ch.consumed += len(data)
+        self._maybe_adjust_locked(ch)
+
+    @staticmethod
+    def _write_sink(sink: _Sink, data: bytes | bytearray) -> int:
+        assert sink.fd is not None
+        try:
+            return os.write(sink.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            sink.broken = True
+            sink.pending.clear()
+            return 0
+
+    def _maybe_adjust_locked(self, ch: Session) -> None:
+        if ch.consumed >= WINDOW // 2 and not ch.close_sent and not ch.close_received:
+            self._send_locked(
+                _packet(MSG_CHANNEL_WINDOW_ADJUST, pack_u32(ch.remote_id) + pack_u32(ch.consumed))
+            )
+            ch.consumed = 0
+
+    def _finish_sink_locked(self, sink: _Sink) -> None:
+        """Close the pipe end after the remote EOF once everything is written."""
+        if sink.closed or sink.pending:
+            return
+        sink.closed = True
+        if sink.own and sink.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(sink.fd)
+
+    def _handle_packet_locked(self, msg: int, r: Reader) -> None:
+        if msg in (MSG_GLOBAL_REQUEST, MSG_REQUEST_SUCCESS, MSG_REQUEST_FAILURE):
+            if msg == MSG_GLOBAL_REQUEST:
+                r.string()
+                if r.boolean():
+                    self._send_locked(_packet(MSG_REQUEST_FAILURE, b""))
+            return
+        ch = self._channels.get(r.u32())
+        if ch is None:
+            return
+        if msg == MSG_CHANNEL_DATA:
+            self._deliver_locked(ch, ch.out, r.string())
+        elif msg == MSG_CHANNEL_EXTENDED_DATA:
+            code = r.u32()
+            data = r.string()
+            self._deliver_locked(ch, ch.err if code == 1 else _Sink(), data)
+        elif msg == MSG_CHANNEL_WINDOW_ADJUST:
+            ch.remote_window += r.u32()
+            self._service_source_locked(ch)
+        elif msg == MSG_CHANNEL_REQUEST:
+            name = r.text()
+            want_reply = r.boolean()
+            if name == "exit-status":
+                ch.exit_status = r.u32()
+            elif name == "exit-signal":
+                ch.exit_signal = r.text()
+                ch.exit_core_dumped = r.boolean()
+                ch.exit_message = r.text()
+            elif want_reply:
+                self._send_locked(_packet(MSG_CHANNEL_FAILURE, pack_u32(ch.remote_id)))
+        elif msg in (MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE):
+            if ch._replies:
+                ch._replies.popleft()(msg == MSG_CHANNEL_SUCCESS)
+        elif msg == MSG_CHANNEL_EOF:
+            ch.remote_eof = True
+            self._finish_sink_locked(ch.out)
+            self._finish_sink_locked(ch.err)
+        elif msg == MSG_CHANNEL_CLOSE:
+            ch.close_received = True
+            ch.remote_eof = True
+            ch._send_close_locked()
+            self._channels.pop(ch.local_id, None)
+            self._finish_sink_locked(ch.out)
+            self._finish_sink_locked(ch.err)
+            if not (ch.out.closed and ch.err.closed):
+                self._draining.add(ch)
+            self._close_source_locked(ch)
+            ch.closed.set()
+            if ch.on_close is not None:
+                ch.on_close(ch)
+        elif msg == MSG_CHANNEL_OPEN_CONFIRMATION:
+            ch.remote_id = r.u32()
+            ch.remote_window = r.u32()
+            ch.remote_max_packet = r.u32()
+            ch.opened.set()
+        elif msg == MSG_CHANNEL_OPEN_FAILURE:
+            code = r.u32()
+            ch.open_error = r.text() or f"reason code {code}"
+            self._channels.pop(ch.local_id, None)
+            ch.opened.set()
+
+    def _die_locked(self, reason: str) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self.dead_reason = reason
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._out.clear()
+        for ch in list(self._channels.values()):
+            if not ch.closed.is_set():
+                ch.lost = True
+                self._close_source_locked(ch)
+                for sink in (ch.out, ch.err):
+                    self._finish_sink_locked(sink)
+                    if sink.pending:
+                        self._draining.add(ch)
+                ch.opened.set()
+                ch.closed.set()
+                if ch.on_close is not None:
+                    ch.on_close(ch)
+        self._channels.clear()
+
+    # -- the pump ----------------------------------------------------------------------
+    def _interest_locked(self) -> dict[int, int]:
+        want: dict[int, int] = {self._wake_r: select.POLLIN}
+        if not self.dead:
+            want[self.sock.fileno()] = select.POLLIN | (select.POLLOUT if self._out else 0)
+        room = len(self._out) < _OUT_HIGH
+        for ch in self._channels.values():
+            src = ch.src
+            if (
+                src.fd is not None
+                and src.selectable
+                and room
+                and ch.remote_window > 0
+                and not ch.eof_sent
+                and not ch.close_sent
+            ):
+                want[src.fd] = want.get(src.fd, 0) | select.POLLIN
+            for sink in (ch.out, ch.err):
+                if sink.pending and sink.fd is not None:
+                    want[sink.fd] = want.get(sink.fd, 0) | select.POLLOUT
+        for ch in self._draining:
+            for sink in (ch.out, ch.err):
+                if sink.pending and sink.fd is not None:
+                    want[sink.fd] = want.get(sink.fd, 0) | select.POLLOUT
+        return want
+
+    def _fd_owner_locked(self) -> dict[int, tuple[Session, str]]:
+        owners: dict[int, tuple[Session, str]] = {}
+        for ch in (*self._channels.values(), *self._draining):
+            if ch.src.fd is not None:
+                owners[ch.src.fd] = (ch, "src")
+            if ch.out.fd is not None and ch.out.pending:
+                owners[ch.out.fd] = (ch, "out")
+            if ch.err.fd is not None and ch.err.pending:
+                owners[ch.err.fd] = (ch, "err")
+        return owners
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # pragma: no cover - a bug; never leave callers hanging
+            with self.lock:
+                self._die_locked(f"internal error in the channel pump: {e!r}")
+        finally:
+            with self.lock:
+                for ch in list(self._draining):
+                    for sink in (ch.out, ch.err):
+                        sink.pending.clear()
+                        self._finish_sink_locked(sink)
+                self._draining.clear()
+            with contextlib.suppress(OSError):
+                os.close(self._wake_r)
+            with contextlib.suppress(OSError):
+                os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        sockfd = self.sock.fileno()
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        while True:
+            with self.lock:
+                if self.dead and not self._draining:
+                    return
+                want = self._interest_locked()
+                for fd in list(self._reg):
+                    if fd not in want:
+                        with contextlib.suppress(KeyError, OSError):
+                            self._poll.unregister(fd)
+                        del self._reg[fd]
+                for fd, mask in want.items():
+                    if self._reg.get(fd) != mask:
+                        self._poll.register(fd, mask)
+                        self._reg[fd] = mask
+            events = self._poll.poll()
+            with self.lock:
+                owners: dict[int, tuple[Session, str]] | None = None
+                for fd, ev in events:
+                    if fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError, OSError):
+                            os.read(self._wake_r, 4096)
+                        continue
+                    if fd == sockfd and not self.dead:
+                        if ev & select.POLLOUT:
+                            self._flush_locked()
+                        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                            self._read_sock_locked(view)
+                        continue
+                    if owners is None:
+                        owners = self._fd_owner_locked()
+                    owner = owners.get(fd)
+                    if owner is None:
+                        continue
+                    ch, which = owner
+                    if which == "src":
+                        self._read_source_locked(ch)
+                    else:
+                        sink = ch.out if which == "out" else ch.err
+                        self._flush_sink_locked(ch, sink)
+
+    def _flush_locked(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._die_locked(f"control master connection failed: {e}")
+                return
+            del self._out[:n]
+        # The socket drained: stdin sources may go on.
+        for ch in list(self._channels.values()):
+            if ch.src.data is not None or (ch.src.fd is not None and not ch.src.selectable):
+                self._service_source_locked(ch)
+
+    def _read_sock_locked(self, view: memoryview) -> None:
+        try:
+            n = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._die_locked(f"control master connection failed: {e}")
+            return
+        if n == 0:
+            self._die_locked("the control master closed the connection (master gone?)")
+            return
+        self._in += view[:n]
+        inb = self._in
+        pos = 0
+        end = len(inb)
+        while end - pos >= 6:
+            (length,) = _U32.unpack_from(inb, pos)
+            if end - pos - 4 < length:
+                break
+            msg = inb[pos + 5]
+            payload = bytes(inb[pos + 6 : pos + 4 + length])
+            pos += 4 + length
+            self._handle_packet_locked(msg, Reader(payload))
+            if self.dead:
+                return
+        del inb[:pos]
+
+    def _read_source_locked(self, ch: Session) -> None:
+        src = ch.src
+        if src.fd is None or ch.remote_window <= 0 or ch.eof_sent or ch.close_sent:
+            return
+        n = min(ch.remote_window, ch.remote_max_packet)
+        try:
+            chunk = os.read(src.fd, n)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._close_source_locked(ch)
+            ch._send_eof_locked()
+            return
+        ch.remote_window -= len(chunk)
+        self._send_data_locked(ch, chunk)
+
+    def _flush_sink_locked(self, ch: Session, sink: _Sink) -> None:
+        if not sink.pending:
+            return
+        n = self._write_sink(sink, sink.pending)
+        if sink.broken:
+            n = len(sink.pending)
+            sink.pending.clear()
+        else:
+            del sink.pending[:n]
+        if not ch.close_received and not ch.lost:
+            ch.consumed += n
+            self._maybe_adjust_locked(ch)
+        if not sink.pending and (ch.remote_eof or ch.lost):
+            self._finish_sink_locked(sink)
+        if ch in self._draining and ch.out.closed and ch.err.closed:
+            self._draining.discard(ch)
