@@ -142,7 +142,8 @@ def _interactive(ssh: str, argv: list[str]) -> int:
         # ssh itself died of a signal: die of the same one, so our parent sees what it
         # would have seen from ssh (the terminal is already restored).
         sys.stdout.flush()
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return 128 + signum
     return status if status is not None else 255
