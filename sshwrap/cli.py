@@ -70,7 +70,8 @@ def wants_tty(ssh: str, argv: list[str], stdin_is_tty: bool) -> bool:
     if not conf:
         return False  # let ssh itself report what is wrong
     if request is None:
-        request = {"false": "no", "true": "yes"}.get(conf.get("requesttty", "auto"), "auto")
+        value = conf.get("requesttty", "auto")
+        request = {"false": "no", "true": "yes"}.get(value, value)
     if conf.get("sessiontype", "default") != "default":
         return False
     if conf.get("stdinnull", "no") == "yes" or conf.get("forkafterauthentication") == "yes":

@@ -1,0 +1,59 @@
+"""LocalSSHD: a real sshd that starts, serves several aliases and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from sshwrap.testing import LocalSSHD
+
+
+def test_hosts_on_distinct_addresses_and_cleanup() -> None:
+    with LocalSSHD(hosts=3) as sshd:
+        assert sshd.hosts == ["host1", "host2", "host3"]
+        seen = set()
+        for alias in sshd.hosts:
+            out = subprocess.run(sshd.ssh(alias, "echo $SSH_CONNECTION; id -un"),
+                                 capture_output=True, check=True, timeout=30)
+            conn, user = out.stdout.decode().splitlines()
+            seen.add(conn.split()[2])
+            assert user == sshd.user
+            assert out.stderr == b""  # quiet remote side: no banner, no motd, no rc noise
+        assert seen == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
+        # A session that is still running when we stop must not survive.
+        p = subprocess.Popen(sshd.ssh(sshd.host, "echo started; exec sleep 300"),
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"started\n"
+        sessions = sshd.session_pids()
+        assert sessions
+        directory, pid = sshd.dir, sshd.pid
+    p.wait(timeout=30)
+    p.stdout.close()
+    assert not directory.exists()
+    for gone in [pid, *sessions]:
+        assert not Path(f"/proc/{gone}").exists() or \
+            Path(f"/proc/{gone}/stat").read_text().split(")")[1].split()[0] == "Z"
+
+
+def test_strict_host_key_checking_stays_on(local_sshd: LocalSSHD) -> None:
+    text = Path(local_sshd.config).read_text()
+    assert "StrictHostKeyChecking yes" in text
+    # With another key in known_hosts, ssh refuses: checking is real.
+    other = Path(local_sshd.known_hosts).read_text()
+    try:
+        Path(local_sshd.known_hosts).write_text(
+            other.replace(other.split()[2], "AAAAC3NzaC1lZDI1NTE5AAAAIBn5yM0mqWN6a2Z9bXq1F0Q4d8e7Y9s9u0v1w2x3y4z5")
+        )
+        out = subprocess.run(local_sshd.ssh(local_sshd.host, "true"), capture_output=True,
+                             timeout=30, stdin=subprocess.DEVNULL)
+        assert out.returncode == 255
+        assert b"HOST IDENTIFICATION HAS CHANGED" in out.stderr
+    finally:
+        Path(local_sshd.known_hosts).write_text(other)
+
+
+def test_fixture_is_the_plugin(local_sshd: LocalSSHD) -> None:
+    assert isinstance(local_sshd, LocalSSHD)
+    assert os.path.exists(local_sshd.config)
