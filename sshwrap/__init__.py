@@ -17,15 +17,46 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "LocalSSHD": "testing",
+    "run": "process",
+    "Popen": "process",
+    "call": "process",
+    "check_call": "process",
+    "check_output": "process",
+    "CompletedProcess": "process",
+    "SSHWrapError": "errors",
+    "SSHError": "errors",
+    "SSHConnectionError": "errors",
+    "AuthenticationError": "errors",
+    "HostKeyError": "errors",
+    "CalledProcessError": "errors",
+    "TimeoutExpired": "errors",
 }
+
+# submodules reachable as attributes without an explicit import (``sshwrap.aio.run``)
+_SUBMODULES = ("aio",)
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .errors import AuthenticationError as AuthenticationError
+    from .errors import CalledProcessError as CalledProcessError
+    from .errors import HostKeyError as HostKeyError
+    from .errors import SSHConnectionError as SSHConnectionError
+    from .errors import SSHError as SSHError
+    from .errors import SSHWrapError as SSHWrapError
+    from .errors import TimeoutExpired as TimeoutExpired
+    from .process import CompletedProcess as CompletedProcess
+    from .process import Popen as Popen
+    from .process import call as call
+    from .process import check_call as check_call
+    from .process import check_output as check_output
+    from .process import run as run
     from .testing import LocalSSHD as LocalSSHD
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sshwrap' has no attribute {name!r}")

@@ -8,11 +8,31 @@ use a terminal; everything else goes to ssh untouched.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import re
+import shlex
 import shutil
+import signal
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["SSH_OPTSTRING", "ParsedSSHArgv", "SSHNotFound", "find_ssh", "parse_ssh_argv"]
+__all__ = [
+    "SESSION_ENV",
+    "SSH_OPTSTRING",
+    "OptionValue",
+    "ParsedSSHArgv",
+    "SSHLog",
+    "SSHNotFound",
+    "build_ssh_argv",
+    "find_ssh",
+    "parse_ssh_argv",
+    "remote_command",
+    "remote_signal_script",
+    "ssh_settings_args",
+]
 
 # OpenSSH 9.x ssh.c getopt string: a letter followed by ':' takes an argument.
 SSH_OPTSTRING = "1246ab:c:e:fgi:kl:m:no:p:qstvxAB:CD:E:F:GI:J:KL:MNO:PQ:R:S:TVw:W:XYy"
@@ -118,3 +138,222 @@ def find_ssh() -> str:
     if path is None:
         raise SSHNotFound(f"ssh client {name!r} not found on PATH; install OpenSSH's client")
     return path
+
+
+# -- building ssh's argv from Python settings ---------------------------------------------------
+
+OptionValue = str | int | float | bool | os.PathLike[str]
+"""What ``options={...}`` values may be: bools become ``yes``/``no``, the rest ``str()``."""
+
+_OPTION_KEY = re.compile(r"[A-Za-z][A-Za-z0-9]*\Z")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+SESSION_ENV = "SSHWRAP_SESSION"
+"""Remote environment variable that tags the processes of one sshwrap call.
+
+sshwrap exports it (a random hex id) in front of every remote command, so a second ssh can
+find the call's processes (``/proc/*/environ``) and signal their process group: without a
+remote terminal, nothing else stops a remote command when the local side gives up.
+"""
+
+
+def _opt_text(value: OptionValue) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    if "\n" in text or "\0" in text or "\r" in text:
+        raise ValueError(f"ssh option value contains a newline or NUL: {text!r}")
+    return text
+
+
+def ssh_settings_args(
+    *,
+    config: str | os.PathLike[str] | None = None,
+    user: str | None = None,
+    port: int | str | None = None,
+    identity: str | os.PathLike[str] | None = None,
+    jump: str | None = None,
+    options: Mapping[str, OptionValue] | None = None,
+) -> list[str]:
+    """ssh's own options for these settings: ``-F``, ``-l``, ``-p``, ``-i``, ``-J``, ``-o K=V``.
+
+    Nothing here is parsed by sshwrap: ssh reads its config files as usual, and options given
+    here come first on ssh's command line, so they win over the config (ssh takes the first
+    value it obtains for each option).  Option names must be plain words (``ConnectTimeout``);
+    a ``bool`` value becomes ``yes``/``no``.
+    """
+    out: list[str] = []
+    if config is not None:
+        out += ["-F", _opt_text(config)]
+    if user is not None:
+        out += ["-l", _opt_text(user)]
+    if port is not None:
+        out += ["-p", _opt_text(port)]
+    if identity is not None:
+        out += ["-i", _opt_text(identity)]
+    if jump is not None:
+        out += ["-J", _opt_text(jump)]
+    for key, value in (options or {}).items():
+        if not _OPTION_KEY.match(key):
+            raise ValueError(f"not an ssh option name: {key!r}")
+        out += ["-o", f"{key}={_opt_text(value)}"]
+    return out
+
+
+def remote_command(
+    cmd: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    session_id: str | None = None,
+) -> str:
+    """The command string ssh hands to the remote user's shell.
+
+    - a ``str`` goes to the remote shell as it is (like ``shell=True``);
+    - a list is quoted item by item with :func:`shlex.quote`, so each item arrives byte
+      identical as one argument (spaces, quotes, ``$``, newlines, empty strings, a leading
+      ``-``...);
+    - ``cwd``: ``cd -- DIR || exit`` first (a missing directory exits with cd's status and runs
+      nothing);
+    - ``env``: ``export NAME='value' ...`` first, so no ``AcceptEnv`` is needed on the server;
+    - ``session_id``: exported as :data:`SESSION_ENV` (see there).
+
+    The prefix lines end with a newline and the command follows as its own line, so a ``str``
+    command keeps its meaning (``a; b``, comments, here-documents).  A POSIX shell (sh, bash,
+    dash, zsh, ksh) is assumed on the remote side, as for any ``ssh host 'cmd'``.
+    """
+    if isinstance(cmd, str):
+        body = cmd
+    else:
+        items = [os.fspath(c) for c in cmd]
+        if not items:
+            raise ValueError("empty command")
+        body = " ".join(shlex.quote(c) for c in items)
+    lines: list[str] = []
+    if session_id is not None:
+        if not re.fullmatch(r"[0-9a-f]+", session_id):
+            raise ValueError("session_id must be hex")
+        lines.append(f"export {SESSION_ENV}={session_id}")
+    if cwd is not None:
+        lines.append(f"cd -- {shlex.quote(os.fspath(cwd))} || exit")
+    if env:
+        parts = []
+        for name, value in env.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"not an environment variable name: {name!r}")
+            parts.append(f"{name}={shlex.quote(value)}")
+        lines.append("export " + " ".join(parts))
+    if not lines:
+        return body
+    return "\n".join([*lines, body])
+
+
+def remote_signal_script(session_id: str, sig: int, *, escalate: bool = False) -> str:
+    """A remote sh script that sends ``sig`` to every process tagged with ``session_id``.
+
+    It finds the tagged processes through ``/proc/<pid>/environ`` (Linux remotes; elsewhere it
+    finds nothing and does nothing), signals their process groups (sshd makes each session its
+    own session and process group) and the processes themselves.  With ``escalate`` it waits up
+    to ~2 s for them to go and then sends SIGKILL.
+    """
+    if not re.fullmatch(r"[0-9a-f]+", session_id):
+        raise ValueError("session_id must be hex")
+    name = signal.Signals(sig).name.removeprefix("SIG")
+    script = f"""t={SESSION_ENV}={session_id}
+ps=
+for f in $(grep -l -a -F -e "$t" /proc/[0-9]*/environ 2>/dev/null); do
+  p=${{f#/proc/}}; ps="$ps ${{p%/environ}}"
+done
+[ -n "$ps" ] || exit 0
+gs=
+for p in $ps; do
+  g=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f3)
+  [ -n "$g" ] && [ "$g" != 0 ] && gs="$gs $g"
+done
+sig() {{ for g in $gs; do kill -s "$1" -- "-$g" 2>/dev/null; done; kill -s "$1" $ps 2>/dev/null; }}
+sig {name}
+"""
+    if escalate:
+        script += """i=0
+while [ $i -lt 20 ]; do
+  alive=
+  for p in $ps; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ -n "$alive" ] || exit 0
+  sleep 0.1 2>/dev/null || sleep 1
+  i=$((i+1))
+done
+sig KILL
+"""
+    script += "exit 0\n"
+    return script
+
+
+def build_ssh_argv(
+    ssh: str,
+    host: str,
+    remote: str | None,
+    *,
+    settings: Sequence[str] = (),
+    tty: bool = False,
+    log_path: str | None = None,
+) -> list[str]:
+    """The full ssh argv for one call.
+
+    ``-T`` (pipes) or ``-tt -e none`` (tty: no escape character, so data cannot trigger
+    ``~.``), then ``-E log -o LogLevel=DEBUG1`` when ``log_path`` is given (ssh's log goes to
+    that file instead of stderr; sshwrap reads the remote exit status or signal from it and
+    passes ssh's ordinary messages on), then ``settings``, then ``-- host command``.
+    """
+    argv = [ssh]
+    argv += ["-tt", "-e", "none"] if tty else ["-T"]
+    if log_path is not None:
+        argv += ["-E", log_path, "-o", "LogLevel=DEBUG1"]
+    argv += settings
+    argv += ["--", host]
+    if remote is not None:
+        argv.append(remote)
+    return argv
+
+
+class SSHLog:
+    """A private file for ssh's ``-E`` log, read back after ssh exits.
+
+    A ``mkstemp`` file (mode 0600, in a private 0700 directory per process) that :meth:`close`
+    removes.  (ssh closes every inherited descriptor above 2 at start, so the log cannot be an
+    anonymous file passed by descriptor.)
+    """
+
+    _dir: str | None = None  # one private directory per process
+
+    def __init__(self) -> None:
+        if SSHLog._dir is None or not os.path.isdir(SSHLog._dir):
+            SSHLog._dir = tempfile.mkdtemp(prefix="sshwrap-")
+            atexit.register(shutil.rmtree, SSHLog._dir, True)
+        self.fd, path = tempfile.mkstemp(suffix=".log", dir=SSHLog._dir)
+        self._tmp: str | None = path
+        self.path: str = path
+        self.pass_fds: tuple[int, ...] = ()
+
+    def read(self) -> str:
+        """Everything ssh has logged so far."""
+        if self.fd < 0:
+            return ""
+        chunks = []
+        offset = 0
+        while True:
+            data = os.pread(self.fd, 65536, offset)
+            if not data:
+                break
+            chunks.append(data)
+            offset += len(data)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Release the file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None

@@ -1,0 +1,755 @@
+"""Run a command on a remote host the way :mod:`subprocess` runs one locally.
+
+::
+
+    r = sshwrap.run("web1", ["printf", "%s\\n", "a b", "$HOME"], capture_output=True, text=True,
+                    check=True, timeout=10)      # r.args r.returncode r.stdout r.stderr r.host
+    sshwrap.check_output("web1", "uname -a")     # a str goes to the remote shell as it is
+    with sshwrap.Popen("web1", ["cat"], stdin=PIPE, stdout=PIPE) as p:
+        out, err = p.communicate(b"data", timeout=5)
+
+Each call runs the system ``ssh`` once (a fresh connection, unless the user's ssh_config
+multiplexes).  What sshwrap adds, and why:
+
+- **Quoting.** A list is quoted item by item (:func:`shlex.quote`) so every item arrives
+  byte identical as one argument; a ``str`` is handed to the remote shell as it is.
+- **stdin defaults to DEVNULL**, not to the caller's stdin as in :mod:`subprocess`.  ssh reads
+  its stdin eagerly, so inheriting it silently swallows input meant for something else, the
+  classic ``while read host; do ssh "$host" uptime; done < hosts`` bug (the first ssh eats the
+  rest of the host list).  Remote commands rarely want the local stdin, and when they wait for
+  it they hang where nobody sees a prompt.  Pass ``stdin=None`` to inherit, ``input=`` or
+  ``stdin=PIPE`` to feed data.
+- **Pipes mode** (default): ``ssh -T``, stdout and stderr separate and byte exact.
+  ``tty=True``: ``ssh -tt -e none`` in a local pty of ``size=(rows, cols)``; the remote command
+  sees a terminal, stdout and stderr arrive merged (``\\r\\n`` line ends, input echoed by the
+  remote terminal), ``-e none`` so data cannot trigger ssh's ``~.`` escapes.
+- **returncode** is the remote command's exit status.  ssh exits 255 for its own failures,
+  for a remote ``exit 255`` and for a remote command killed by a signal; sshwrap tells them
+  apart from ssh's DEBUG1 log (``-E`` into a private file, never shown to the user; ssh's
+  ordinary messages from it still go where ssh's stderr would go): an ssh failure raises an
+  :class:`~sshwrap.errors.SSHError` subclass, a remote signal gives a negative returncode: minus
+  the signal sshwrap sent when it sent one (timeout, ``terminate``, ``kill``,
+  ``send_signal``), else :data:`~sshwrap.errors.UNKNOWN_SIGNAL` (-128): ssh does not report
+  which signal it was.  Over a :class:`Connection` it is exact.
+- **Timeouts and signals reach the remote command.**  Without a terminal, sshd does not stop a
+  command when the client goes away.  sshwrap exports a random ``SSHWRAP_SESSION`` id in front
+  of every command; on a timeout (and for ``send_signal``/``terminate``/``kill``) a second
+  ssh finds the processes carrying it (``/proc/*/environ``, Linux remotes) and signals their
+  process group: SIGTERM, then SIGKILL after 2 s.  With ``tty=True`` the hang-up does it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import locale
+import os
+import re
+import secrets
+import selectors
+import signal
+import struct
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import IO, Any, TypedDict, Unpack
+
+from .argv import (
+    OptionValue,
+    SSHLog,
+    build_ssh_argv,
+    find_ssh,
+    remote_command,
+    remote_signal_script,
+    ssh_settings_args,
+)
+from .errors import (
+    CalledProcessError,
+    SSHError,
+    TimeoutExpired,
+    interpret_exit,
+)
+
+__all__ = [
+    "DEVNULL",
+    "PIPE",
+    "STDOUT",
+    "CompletedProcess",
+    "Invocation",
+    "Popen",
+    "PopenOptions",
+    "call",
+    "check_call",
+    "check_output",
+    "run",
+]
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
+
+Command = str | Sequence[str]
+"""A remote command: a ``str`` for the remote shell as it is, or a list of arguments."""
+
+StdSpec = int | IO[Any] | None
+"""Like subprocess: PIPE, DEVNULL, STDOUT, None (inherit), an fd, or a file object."""
+
+_CLEANUP_TIMEOUT = 60.0
+
+
+class SSHSettings(TypedDict, total=False):
+    """ssh settings accepted by every call (see :func:`sshwrap.argv.ssh_settings_args`)."""
+
+    config: str | os.PathLike[str] | None
+    user: str | None
+    port: int | str | None
+    identity: str | os.PathLike[str] | None
+    jump: str | None
+    options: Mapping[str, OptionValue] | None
+    ssh: str | None
+
+
+class PopenOptions(SSHSettings, total=False):
+    """The keyword arguments of :class:`Popen` besides host and command."""
+
+    stdin: StdSpec
+    stdout: StdSpec
+    stderr: StdSpec
+    bufsize: int
+    text: bool | None
+    encoding: str | None
+    errors: str | None
+    env: Mapping[str, str] | None
+    cwd: str | os.PathLike[str] | None
+    tty: bool
+    size: tuple[int, int] | None
+
+
+class Invocation:
+    """One ssh call: its argv, its private log, and how to read how it ended.
+
+    The core shared by :class:`Popen` and :mod:`sshwrap.aio` (one core, two faces).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        command: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        tty: bool = False,
+        config: str | os.PathLike[str] | None = None,
+        user: str | None = None,
+        port: int | str | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        jump: str | None = None,
+        options: Mapping[str, OptionValue] | None = None,
+        ssh: str | None = None,
+    ) -> None:
+        if not isinstance(host, str) or not host:
+            raise ValueError("host must be a non-empty string")
+        self.host = host
+        self.command = command
+        self.tty = tty
+        self.ssh = ssh or find_ssh()
+        self.settings = ssh_settings_args(
+            config=config, user=user, port=port, identity=identity, jump=jump, options=options
+        )
+        self.session_id = secrets.token_hex(8)
+        remote = remote_command(command, env=env, cwd=cwd, session_id=self.session_id)
+        self.log = SSHLog()
+        self.argv = build_ssh_argv(
+            self.ssh, host, remote, settings=self.settings, tty=tty, log_path=self.log.path
+        )
+        self.sent_signal = 0
+        self.returncode: int | None = None
+        self.error: SSHError | None = None
+        self.messages = ""
+
+    def finish(self, ssh_returncode: int) -> int:
+        """Record ssh's exit status; set ``returncode``, ``error``, ``messages`` (once)."""
+        if self.returncode is None:
+            log = self.log.read()
+            self.log.close()
+            info = interpret_exit(self.host, ssh_returncode, log, self.sent_signal)
+            self.returncode = info.returncode
+            self.error = info.error
+            self.messages = info.messages
+        return self.returncode
+
+    def signal_argv(self, sig: int, *, escalate: bool = False) -> list[str]:
+        """argv of the second ssh that delivers ``sig`` to this call's remote processes."""
+        script = remote_signal_script(self.session_id, sig, escalate=escalate)
+        settings = [*self.settings, "-o", "BatchMode=yes"]
+        return build_ssh_argv(self.ssh, self.host, script, settings=settings)
+
+    def signal_remote(self, sig: int, *, escalate: bool = False, wait: bool = True) -> None:
+        """Send ``sig`` to the remote command; in the background unless ``wait``."""
+        self.sent_signal = sig
+        argv = self.signal_argv(sig, escalate=escalate)
+
+        def go() -> None:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=_CLEANUP_TIMEOUT,
+                    start_new_session=True,
+                )
+
+        if wait:
+            go()
+        else:
+            threading.Thread(target=go, name="sshwrap-remote-signal", daemon=True).start()
+
+    def close(self) -> None:
+        """Release the log file."""
+        self.log.close()
+
+
+def _write_to(target: StdSpec, data: bytes, stdout_target: StdSpec = None) -> None:
+    """Write ssh's messages where ssh's stderr would have gone (PIPE is handled by callers)."""
+    if not data or target in (PIPE, DEVNULL):
+        return
+    if target == STDOUT:
+        _write_to(stdout_target if stdout_target != STDOUT else None, data)
+        return
+    if target is None:
+        fd = 2
+    elif isinstance(target, int):
+        fd = target
+    else:
+        with contextlib.suppress(OSError, ValueError):
+            target.flush()
+        try:
+            fd = target.fileno()
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return
+    with contextlib.suppress(OSError):
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+_QUIT_MESSAGE = re.compile(rb"(?:\A|\n)(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
+
+
+class _PtyReader(io.RawIOBase):
+    """The pty master as a raw stream: EIO (Linux's end of a pty) reads as EOF.
+
+    It also drops ssh's own ``Connection to HOST closed.`` line, which ssh -tt writes into the
+    terminal after the remote output when its log level is INFO or more (sshwrap needs DEBUG1).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._eof = False
+        self._pending = b""
+        self._extra = b""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readable(self) -> bool:
+        return True
+
+    def _read_raw(self, n: int) -> bytes:
+        while True:
+            try:
+                return os.read(self._fd, n)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    return b""
+                raise
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = len(view)
+        if want == 0:
+            return 0
+        if self._extra:
+            data, self._extra = self._extra[:want], self._extra[want:]
+            view[: len(data)] = data
+            return len(data)
+        if self._eof:
+            return 0
+        while True:
+            data = self._read_raw(max(want, 65536))
+            if not data:
+                self._eof = True
+                self._pending = b""  # ssh's closing message, at the very end: dropped
+                return 0
+            data = self._pending + data
+            self._pending = b""
+            m = _QUIT_MESSAGE.search(data)
+            if m is not None:
+                self._pending = data[m.start(1) :]
+                data = data[: m.start(1)]
+                if not data:
+                    continue
+            break
+        data, self._extra = data[:want], data[want:]
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class Popen(subprocess.Popen[Any]):
+    """A remote command in a local ``ssh`` process, with the :class:`subprocess.Popen` API.
+
+    ``Popen(host, command, stdin=DEVNULL, stdout=None, stderr=None, text=..., env=..., cwd=...,
+    tty=False, size=None, config=..., user=..., port=..., identity=..., jump=..., options=...)``
+
+    - ``args`` is the command as given; ``ssh_args`` the full ssh argv; ``pid`` is the local
+      ssh's pid; ``host`` the destination.
+    - ``stdout`` can be read line by line as the remote writes it (nothing waits for exit).
+    - ``wait()`` and ``communicate()`` raise :class:`~sshwrap.errors.SSHError` when ssh itself
+      failed (``poll()`` never raises; it sets ``ssh_error``).  ``ssh_messages`` holds what ssh
+      printed at its normal log level (also written where ``stderr`` goes, or appended to the
+      stderr that ``communicate()`` returns when ``stderr=PIPE``).
+    - ``send_signal(sig)``/``terminate()`` deliver the signal to the remote command (through a
+      second ssh, waiting for it); ``kill()`` sends SIGKILL there (in the background) and kills
+      the local ssh at once.
+    - ``stdin`` defaults to DEVNULL (see the module docs for why).
+    - ``tty=True``: ``stdout`` reads the terminal (stdout and stderr merged), ``stdin`` (with
+      ``stdin=PIPE``) writes to it, ``resize(rows, cols)`` changes its size.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        args: Command,
+        *,
+        stdin: StdSpec = DEVNULL,
+        stdout: StdSpec = None,
+        stderr: StdSpec = None,
+        bufsize: int = -1,
+        text: bool | None = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+        config: str | os.PathLike[str] | None = None,
+        user: str | None = None,
+        port: int | str | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        jump: str | None = None,
+        options: Mapping[str, OptionValue] | None = None,
+        ssh: str | None = None,
+    ) -> None:
+        self._call = Invocation(
+            host,
+            args,
+            env=env,
+            cwd=cwd,
+            tty=tty,
+            config=config,
+            user=user,
+            port=port,
+            identity=identity,
+            jump=jump,
+            options=options,
+            ssh=ssh,
+        )
+        self.host = host
+        self.ssh_args = self._call.argv
+        self.ssh_error: SSHError | None = None
+        self.ssh_messages = ""
+        self._tty = tty
+        self._stdin_arg = stdin
+        self._stdout_arg = stdout
+        self._stderr_arg = stderr
+        self._quiet = False
+        self._killed_local = False
+        try:
+            if tty:
+                self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
+            else:
+                super().__init__(
+                    self._call.argv,
+                    bufsize=bufsize,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    text=text,
+                    encoding=encoding,
+                    errors=errors,
+                )
+        except BaseException:
+            self._call.close()
+            raise
+        self.args = args
+
+    def _start_tty(
+        self,
+        stdin: StdSpec,
+        stdout: StdSpec,
+        bufsize: int,
+        text: bool | None,
+        encoding: str | None,
+        errors: str | None,
+        size: tuple[int, int] | None,
+    ) -> None:
+        rows, cols = size or (24, 80)
+        master, slave = os.openpty()
+        try:
+            _set_winsize(slave, rows, cols)
+            # ssh gets the terminal as stdin/stdout/stderr; a new session so that the user's
+            # ^C reaches only what sshwrap decides.
+            super().__init__(
+                self._call.argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.text_mode = bool(text or encoding or errors)
+        self.encoding = encoding
+        self.errors = errors
+        raw = _PtyReader(master)
+        reader: IO[Any] = io.BufferedReader(raw, buffer_size=65536 if bufsize < 0 else bufsize)
+        writer: IO[Any] | None = None
+        if stdin == PIPE:
+            writer = open(os.dup(master), "wb", buffering=0)  # noqa: SIM115 - owned by Popen
+        if self.text_mode:
+            reader = io.TextIOWrapper(reader, encoding=encoding, errors=errors)
+            if writer is not None:
+                writer = io.TextIOWrapper(
+                    writer, encoding=encoding, errors=errors, write_through=True
+                )
+        self.stdout = reader
+        self.stdin = writer
+        self.stderr = None
+        self._master = master
+
+    # -- exit status ------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self._call.returncode is not None or self.returncode is None:
+            return
+        self.returncode = self._call.finish(self.returncode)
+        self.ssh_error = self._call.error
+        self.ssh_messages = self._call.messages
+        if self._tty:
+            target: StdSpec = PIPE if self._stdout_arg == PIPE else self._stdout_arg
+        else:
+            target = self._stderr_arg
+            if target == STDOUT and self._stdout_arg == PIPE:
+                target = PIPE
+        if target != PIPE:
+            _write_to(target, self.ssh_messages.encode(), self._stdout_arg)
+
+    def _messages_as(self, sample: bytes | str) -> bytes | str:
+        if isinstance(sample, bytes):
+            return self.ssh_messages.encode()
+        return self.ssh_messages.replace("\r\n", "\n")
+
+    def poll(self) -> int | None:
+        """The remote returncode if ssh has exited, else None; never raises SSHError."""
+        if super().poll() is not None:
+            self._finish()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for ssh to exit; return the remote returncode or raise SSHError."""
+        try:
+            super().wait(timeout)
+        except TimeoutExpired:
+            raise
+        except subprocess.TimeoutExpired:
+            raise TimeoutExpired(self.args, timeout or 0.0, host=self.host) from None
+        self._finish()
+        if self.ssh_error is not None and not self._quiet:
+            raise self.ssh_error
+        assert self.returncode is not None
+        return self.returncode
+
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]:
+        """Send ``input``, read stdout and stderr to EOF together, wait; like subprocess."""
+        if self._tty:
+            out, err = self._tty_communicate(input, timeout)
+        else:
+            try:
+                out, err = super().communicate(input, timeout)
+            except TimeoutExpired as e:
+                e.timeout = timeout or 0.0
+                raise
+            except subprocess.TimeoutExpired as e:
+                raise TimeoutExpired(
+                    self.args, timeout or 0.0, e.output, e.stderr, host=self.host
+                ) from None
+        if self.ssh_messages:
+            if self._tty or (self._stderr_arg == STDOUT and self._stdout_arg == PIPE):
+                if out is not None:
+                    out = out + self._messages_as(out)
+            elif self._stderr_arg == PIPE and err is not None:
+                err = err + self._messages_as(err)
+        return out, err
+
+    def _tty_communicate(self, input: Any, timeout: float | None) -> tuple[Any, None]:
+        """communicate() through the terminal: input is typed, then ^D; output merged."""
+        endtime = None if timeout is None else time.monotonic() + timeout
+        data = b""
+        if input:
+            if self.stdin is None:
+                raise ValueError("input needs stdin=PIPE")
+            if isinstance(input, str):
+                data = input.encode(self.encoding or "utf-8", self.errors or "strict")
+            else:
+                data = bytes(input)
+            # End of input for the remote terminal: ^D at the start of a line.
+            data += b"\x04" if data.endswith(b"\n") else b"\x04\x04"
+        reader = self.stdout
+        assert reader is not None
+        raw_reader: Any = reader.buffer if isinstance(reader, io.TextIOWrapper) else reader
+        chunks: list[bytes] = []
+        pending = memoryview(data)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._master, selectors.EVENT_READ)
+            wfd = -1
+            if pending and self.stdin is not None:
+                self.stdin.flush()
+                wfd = self.stdin.fileno()
+                os.set_blocking(wfd, False)
+                sel.register(wfd, selectors.EVENT_WRITE)
+            while True:
+                remaining = None if endtime is None else endtime - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutExpired(
+                        self.args, timeout or 0.0, b"".join(chunks), None, host=self.host
+                    )
+                for key, _events in sel.select(remaining):
+                    if key.fd == wfd:
+                        try:
+                            n = os.write(wfd, pending[:4096])
+                            pending = pending[n:]
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(wfd)
+                            wfd = -1
+                        continue
+                    chunk = raw_reader.read1(65536)
+                    if chunk:
+                        chunks.append(chunk)
+                        continue
+                    self._tty_wait(endtime, timeout, chunks)
+                    out = b"".join(chunks)
+                    if not self.text_mode:
+                        return out, None
+                    enc = self.encoding or locale.getpreferredencoding(False)
+                    text = out.decode(enc, self.errors or "strict")
+                    return text.replace("\r\n", "\n").replace("\r", "\n"), None
+
+    def _tty_wait(self, endtime: float | None, timeout: float | None, chunks: list[bytes]) -> None:
+        remaining = None if endtime is None else max(0.0, endtime - time.monotonic())
+        try:
+            self.wait(remaining)
+        except TimeoutExpired as e:
+            e.output = b"".join(chunks)
+            e.timeout = timeout or 0.0
+            raise
+
+    # -- signals ----------------------------------------------------------------------------
+    def send_signal(self, sig: int) -> None:
+        """Deliver ``sig`` to the remote command (through a second ssh; waits for it)."""
+        if self.poll() is not None:
+            return
+        self._call.signal_remote(sig, wait=True)
+
+    def terminate(self) -> None:
+        """SIGTERM to the remote command (the returncode will say -15 when it dies of it)."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to the remote command (in the background) and to the local ssh, at once."""
+        self._abandon(signal.SIGKILL, escalate=False)
+
+    def _abandon(self, sig: int = signal.SIGTERM, *, escalate: bool = True) -> None:
+        """Stop the remote command (background ssh) and kill the local ssh now."""
+        if self.poll() is not None:
+            return
+        self._call.signal_remote(sig, escalate=escalate, wait=False)
+        self._killed_local = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Change the terminal size (``tty=True`` only); ssh forwards it to the remote pty."""
+        if not self._tty:
+            raise ValueError("resize() needs tty=True")
+        _set_winsize(self._master, rows, cols)
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGWINCH)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._quiet = True
+        try:
+            super().__exit__(exc_type, value, traceback)
+        finally:
+            self._quiet = False
+            self._call.close()
+
+    def __del__(self, *args: Any, **kwargs: Any) -> None:
+        call = getattr(self, "_call", None)
+        if call is not None and self.returncode is not None:
+            call.close()
+        with contextlib.suppress(AttributeError):
+            super().__del__(*args, **kwargs)
+
+
+class CompletedProcess(subprocess.CompletedProcess[Any]):
+    """What :func:`run` returns: ``args``, ``returncode``, ``stdout``, ``stderr``, ``host``."""
+
+    def __init__(
+        self,
+        args: Command,
+        returncode: int,
+        stdout: Any = None,
+        stderr: Any = None,
+        *,
+        host: str = "",
+    ) -> None:
+        super().__init__(args, returncode, stdout, stderr)
+        self.host = host
+
+    def __repr__(self) -> str:
+        parts = [f"host={self.host!r}", f"args={self.args!r}", f"returncode={self.returncode!r}"]
+        if self.stdout is not None:
+            parts.append(f"stdout={self.stdout!r}")
+        if self.stderr is not None:
+            parts.append(f"stderr={self.stderr!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def check_returncode(self) -> None:
+        """Raise :class:`~sshwrap.errors.CalledProcessError` if the returncode is non-zero."""
+        if self.returncode:
+            raise CalledProcessError(
+                self.returncode, self.args, self.stdout, self.stderr, host=self.host
+            )
+
+
+def run(
+    host: str,
+    args: Command,
+    *,
+    input: Any = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    **kwargs: Unpack[PopenOptions],
+) -> CompletedProcess:
+    """Run ``args`` on ``host`` and wait; like :func:`subprocess.run`.
+
+    Raises :class:`~sshwrap.errors.SSHError` (a subclass) when ssh failed,
+    :class:`~sshwrap.errors.TimeoutExpired` after stopping the remote command,
+    :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
+    """
+    if input is not None:
+        if kwargs.get("stdin", DEVNULL) not in (DEVNULL, PIPE):
+            raise ValueError("stdin and input arguments may not both be used.")
+        kwargs["stdin"] = PIPE
+    if capture_output:
+        if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        kwargs["stdout"] = PIPE
+        kwargs["stderr"] = PIPE
+    with Popen(host, args, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except TimeoutExpired:
+            process._abandon()
+            process._quiet = True
+            process.wait()
+            raise
+        except SSHError:
+            raise
+        except BaseException:
+            process._abandon()
+            raise
+        retcode = process.poll()
+        assert retcode is not None
+    if check and retcode:
+        raise CalledProcessError(retcode, args, stdout, stderr, host=host)
+    return CompletedProcess(args, retcode, stdout, stderr, host=host)
+
+
+def call(
+    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[PopenOptions]
+) -> int:
+    """Run ``args`` on ``host`` and return its returncode; like :func:`subprocess.call`."""
+    with Popen(host, args, **kwargs) as p:
+        try:
+            return p.wait(timeout=timeout)
+        except TimeoutExpired:
+            p._abandon()
+            p._quiet = True
+            p.wait()
+            raise
+        except SSHError:
+            raise
+        except BaseException:
+            p._abandon()
+            raise
+
+
+def check_call(
+    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[PopenOptions]
+) -> int:
+    """Like :func:`call` but raise CalledProcessError on a non-zero returncode."""
+    retcode = call(host, args, timeout=timeout, **kwargs)
+    if retcode:
+        raise CalledProcessError(retcode, args, host=host)
+    return 0
+
+
+def check_output(
+    host: str,
+    args: Command,
+    *,
+    input: Any = None,
+    timeout: float | None = None,
+    **kwargs: Unpack[PopenOptions],
+) -> Any:
+    """Run ``args`` on ``host`` and return its stdout; CalledProcessError if non-zero."""
+    if "stdout" in kwargs:
+        raise ValueError("stdout argument not allowed, it will be overridden.")
+    kwargs["stdout"] = PIPE
+    return run(host, args, input=input, timeout=timeout, check=True, **kwargs).stdout
