@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Row  # noqa: E402
+from common import Row
 
-from sshwrap.testing import LocalSSHD  # noqa: E402
+from sshwrap.testing import LocalSSHD
 
 
 def _table(rows: list[Row]) -> str:
@@ -39,7 +39,7 @@ def _table(rows: list[Row]) -> str:
     for row in body:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     notes = [f"- {r.bench}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def main() -> int:

@@ -50,7 +50,7 @@ def _ssh_G(ssh: str, argv: list[str]) -> dict[str, str]:
 
 def wants_tty(ssh: str, argv: list[str], stdin_is_tty: bool) -> bool:
     """Would ssh, given ``argv`` and this stdin, allocate a terminal we should relay?"""
-    from .argv import parse_ssh_argv
+    from .sshparse import parse_ssh_argv
 
     if not stdin_is_tty:
         return False
@@ -94,6 +94,7 @@ def _exec_ssh(ssh: str, argv: list[str]) -> int:
 
 
 def _interactive(ssh: str, argv: list[str]) -> int:
+    import contextlib
     import signal
 
     from ptyprocess import PtyProcess
@@ -120,17 +121,17 @@ def _interactive(ssh: str, argv: list[str]) -> int:
         return 255
 
     def forward(signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signum)
-        except ProcessLookupError:
-            pass
 
     def alive() -> bool:
         return bool(proc.isalive())
 
     try:
         with raw_mode(stdin_fd):
-            relay(proc.fd, stdin_fd=stdin_fd, stdout_fd=stdout_fd, is_alive=alive, on_signal=forward)
+            relay(
+                proc.fd, stdin_fd=stdin_fd, stdout_fd=stdout_fd, is_alive=alive, on_signal=forward
+            )
         # ssh has gone (EOF); collect its status.
         status: int | None = proc.wait() if proc.isalive() else proc.exitstatus
         signum = proc.signalstatus
@@ -146,14 +147,14 @@ def _interactive(ssh: str, argv: list[str]) -> int:
         if signum not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-        return 128 + signum
-    return status if status is not None else 255
+        return 128 + int(signum)
+    return int(status) if status is not None else 255
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sshwrap`` command; returns (or exits with) ssh's status."""
     args = sys.argv[1:] if argv is None else argv
-    from .argv import SSHNotFound, find_ssh
+    from .sshparse import SSHNotFound, find_ssh
 
     try:
         ssh = find_ssh()

@@ -78,13 +78,17 @@ class _Screen:
 
 def _scripted(sshd: LocalSSHD) -> int:
     base = [sys.executable, "-m", "sshwrap", *sshd.ssh_args]
-    _say(f"throwaway sshd on 127.0.0.1:{sshd.port} (hosts {', '.join(sshd.hosts)}), user {sshd.user}")
+    _say(
+        f"throwaway sshd on 127.0.0.1:{sshd.port} (hosts {', '.join(sshd.hosts)}), user {sshd.user}"
+    )
     _say("stdin is not a terminal: sshwrap behaves exactly like ssh (it execs it)")
     cmd = [*base, sshd.host, "echo hello from $(uname -n); echo to-stderr >&2; exit 7"]
     print("$ sshwrap -F <config> host1 'echo hello from $(uname -n); echo to-stderr >&2; exit 7'")
     done = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
-    print(f"stdout: {done.stdout.decode().strip()!r}  stderr: {done.stderr.decode().strip()!r}  "
-          f"status: {done.returncode}")
+    print(
+        f"stdout: {done.stdout.decode().strip()!r}  stderr: {done.stderr.decode().strip()!r}  "
+        f"status: {done.returncode}"
+    )
     _say("an interactive session, scripted through a 24x80 pseudo-terminal:")
     screen = _Screen([*base, sshd.host])
     screen.expect(rb"\$ ")

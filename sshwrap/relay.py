@@ -59,7 +59,7 @@ def _noop(signum: int, frame: FrameType | None) -> None:
     """Handler whose only job is to let the wakeup fd see the signal."""
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         try:
@@ -117,7 +117,7 @@ def relay(
     in_main = threading.current_thread() is threading.main_thread()
     rsock: socket.socket | None = None
     wsock: socket.socket | None = None
-    old_handlers: dict[int, object] = {}
+    old_handlers: dict[signal.Signals, signal._HANDLER] = {}
     old_wakeup = -1
     if in_main:
         rsock, wsock = socket.socketpair()
@@ -259,7 +259,7 @@ def relay(
             os.set_blocking(master_fd, was_blocking)
         if in_main:
             for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+                signal.signal(sig, handler)
             signal.set_wakeup_fd(old_wakeup)
         if rsock is not None:
             rsock.close()

@@ -188,9 +188,7 @@ class LocalSSHD:
     def start(self) -> None:
         """Generate keys and configs, start sshd, and wait until a login works."""
         if not os.path.exists(SSHD):
-            raise SSHDError(
-                f"{SSHD} not found: install OpenSSH's server (Debian: apt-get install openssh-server)"
-            )
+            raise SSHDError(f"{SSHD} not found: install OpenSSH's server (Debian: openssh-server)")
         root = os.geteuid() == 0
         if root:
             entry = pwd.getpwnam(self._want_user) if self._want_user else ensure_test_user()
@@ -221,13 +219,37 @@ class LocalSSHD:
         d = self.dir
         # The login user must read authorized_keys; everything secret stays 0600/0700.
         os.chmod(d, 0o711)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshwrap-host",
-              "-f", str(d / "host_ed25519")])
+        _run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "sshwrap-host",
+                "-f",
+                str(d / "host_ed25519"),
+            ]
+        )
         client = d / "client"
         client.mkdir(mode=0o700)
         self.identity = str(client / "id_ed25519")
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "sshwrap-user",
-              "-f", self.identity])
+        _run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "sshwrap-user",
+                "-f",
+                self.identity,
+            ]
+        )
         auth = d / "authorized_keys"
         shutil.copyfile(self.identity + ".pub", auth)
         os.chmod(auth, 0o644)

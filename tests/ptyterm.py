@@ -67,8 +67,9 @@ class Term:
         """The screen's text, one line per row, trailing spaces stripped."""
         return "\n".join(line.rstrip() for line in self.screen.display)
 
-    def wait_raw(self, pattern: bytes | re.Pattern[bytes], timeout: float = DEFAULT_TIMEOUT,
-                 start: int = 0) -> re.Match[bytes]:
+    def wait_raw(
+        self, pattern: bytes | re.Pattern[bytes], timeout: float = DEFAULT_TIMEOUT, start: int = 0
+    ) -> re.Match[bytes]:
         """Wait until ``pattern`` appears in the raw output (from offset ``start``)."""
         rx = re.compile(re.escape(pattern)) if isinstance(pattern, bytes) else pattern
         deadline = time.monotonic() + timeout
@@ -77,11 +78,15 @@ class Term:
             if m:
                 return m
             left = deadline - time.monotonic()
-            if left <= 0 or not self.pump(min(left, 0.5)) and not rx.search(self.raw, start):
+            if left <= 0 or (not self.pump(min(left, 0.5)) and not rx.search(self.raw, start)):
                 if self.eof:
-                    raise AssertionError(f"EOF before {rx.pattern!r}; output: {bytes(self.raw[-2000:])!r}")
+                    raise AssertionError(
+                        f"EOF before {rx.pattern!r}; output: {bytes(self.raw[-2000:])!r}"
+                    )
                 if left <= 0:
-                    raise AssertionError(f"timeout waiting for {rx.pattern!r}; output: {bytes(self.raw[-2000:])!r}")
+                    raise AssertionError(
+                        f"timeout waiting for {rx.pattern!r}; output: {bytes(self.raw[-2000:])!r}"
+                    )
 
     def wait_screen(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> str:
         """Wait until ``text`` is on the screen; return the screen."""

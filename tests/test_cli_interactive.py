@@ -26,8 +26,13 @@ def master(local_sshd: LocalSSHD, tmp_path_factory: pytest.TempPathFactory) -> I
     os.chmod(d, 0o700)
     sock = str(d / "s")
     base = [*local_sshd.ssh_args, "-o", f"ControlPath={sock}"]
-    subprocess.run(["ssh", *base, "-M", "-N", "-f", "-o", "ControlPersist=yes", local_sshd.host],
-                   check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ssh", *base, "-M", "-N", "-f", "-o", "ControlPersist=yes", local_sshd.host],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+    )
     yield base
     subprocess.run(["ssh", *base, "-O", "exit", local_sshd.host], capture_output=True, timeout=30)
 
@@ -44,8 +49,10 @@ def test_size_resize_and_single_echo(local_sshd: LocalSSHD) -> None:
         assert screen.count("echo one-echo-only") == 1, screen
         # The remote learns the new size from SIGWINCH alone, without any keypress.
         # A foreground program that prints the size when SIGWINCH reaches it.
-        t.send("sh -c 'trap \"stty size; echo WINCHED\" WINCH; echo TRAPPED; "
-               "while :; do sleep 0.05; done'\r")
+        t.send(
+            'sh -c \'trap "stty size; echo WINCHED" WINCH; echo TRAPPED; '
+            "while :; do sleep 0.05; done'\r"
+        )
         t.wait_raw(b"\nTRAPPED")
         mark = len(t.raw)
         t.resize(40, 120)
@@ -155,8 +162,9 @@ def test_one_megabyte_paste(master: list[str], local_sshd: LocalSSHD) -> None:
     payload = base64.encodebytes(os.urandom(768 * 1024))  # ~1 MB of 77-byte lines
     assert len(payload) > 1_000_000
     name = f"paste-{os.getpid()}.txt"
-    t = Term(sshwrap_argv(*master, "-t", local_sshd.host, f"cat > {name}; echo CAT''DONE"),
-             screen=False)
+    t = Term(
+        sshwrap_argv(*master, "-t", local_sshd.host, f"cat > {name}; echo CAT''DONE"), screen=False
+    )
     try:
         t.send(payload, timeout=120)
         t.send(b"\x04")
@@ -164,8 +172,12 @@ def test_one_megabyte_paste(master: list[str], local_sshd: LocalSSHD) -> None:
         assert t.wait_exit(timeout=60) == (0, None)
     finally:
         t.close()
-    remote = subprocess.run(["ssh", *master, local_sshd.host, f"sha256sum {name}; rm -f {name}"],
-                            capture_output=True, check=True, timeout=60)
+    remote = subprocess.run(
+        ["ssh", *master, local_sshd.host, f"sha256sum {name}; rm -f {name}"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
     assert remote.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
 
 

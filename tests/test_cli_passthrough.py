@@ -12,8 +12,8 @@ import sys
 import pytest
 from ptyterm import Term, sshwrap_argv
 
-from sshwrap.argv import parse_ssh_argv
 from sshwrap.cli import wants_tty
+from sshwrap.sshparse import parse_ssh_argv
 from sshwrap.testing import LocalSSHD
 
 
@@ -24,8 +24,9 @@ def _closed_port() -> int:
     return port
 
 
-def _both(args: list[str], stdin: bytes | None = None,
-          prefix: list[str] | None = None) -> tuple[subprocess.CompletedProcess[bytes], ...]:
+def _both(
+    args: list[str], stdin: bytes | None = None, prefix: list[str] | None = None
+) -> tuple[subprocess.CompletedProcess[bytes], ...]:
     pre = prefix or []
     kw: dict[str, object] = {"capture_output": True, "timeout": 60}
     if stdin is None:
@@ -61,12 +62,15 @@ def test_refused_port_same_as_ssh(local_sshd: LocalSSHD) -> None:
     assert (wrap.returncode, wrap.stdout, wrap.stderr) == (ssh.returncode, ssh.stdout, ssh.stderr)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="needs root for an empty network namespace (no DNS query leaves)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="needs root for an empty network namespace (no DNS query leaves)",
+)
 def test_unknown_host_same_as_ssh(local_sshd: LocalSSHD) -> None:
     # Inside a fresh network namespace name resolution fails without sending anything anywhere.
-    ssh, wrap = _both([*local_sshd.ssh_args, "no-such-host.invalid", "true"],
-                      prefix=["unshare", "--net"])
+    ssh, wrap = _both(
+        [*local_sshd.ssh_args, "no-such-host.invalid", "true"], prefix=["unshare", "--net"]
+    )
     assert ssh.returncode == 255 and b"resolve" in ssh.stderr
     assert (wrap.returncode, wrap.stdout, wrap.stderr) == (ssh.returncode, ssh.stdout, ssh.stderr)
 
@@ -74,13 +78,21 @@ def test_unknown_host_same_as_ssh(local_sshd: LocalSSHD) -> None:
 def test_version_and_usage_same_as_ssh() -> None:
     for args in (["-V"], [], ["-Z"]):
         ssh, wrap = _both(args)
-        assert (wrap.returncode, wrap.stdout, wrap.stderr) == (ssh.returncode, ssh.stdout, ssh.stderr)
+        assert (wrap.returncode, wrap.stdout, wrap.stderr) == (
+            ssh.returncode,
+            ssh.stdout,
+            ssh.stderr,
+        )
 
 
 def test_fifty_megabytes_through_cat(local_sshd: LocalSSHD) -> None:
     data = os.urandom(50 * 1024 * 1024)
-    out = subprocess.run(sshwrap_argv(*local_sshd.ssh_args, local_sshd.host, "cat"),
-                         input=data, capture_output=True, timeout=120)
+    out = subprocess.run(
+        sshwrap_argv(*local_sshd.ssh_args, local_sshd.host, "cat"),
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(data).digest()
 

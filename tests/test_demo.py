@@ -9,8 +9,12 @@ from ptyterm import Term
 
 
 def test_demo_scripted_without_tty() -> None:
-    out = subprocess.run([sys.executable, "-m", "sshwrap.demo"], stdin=subprocess.DEVNULL,
-                         capture_output=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "sshwrap.demo"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout.decode()
     assert "status: 7" in text

@@ -14,16 +14,23 @@ def test_hosts_on_distinct_addresses_and_cleanup() -> None:
         assert sshd.hosts == ["host1", "host2", "host3"]
         seen = set()
         for alias in sshd.hosts:
-            out = subprocess.run(sshd.ssh(alias, "echo $SSH_CONNECTION; id -un"),
-                                 capture_output=True, check=True, timeout=30)
+            out = subprocess.run(
+                sshd.ssh(alias, "echo $SSH_CONNECTION; id -un"),
+                capture_output=True,
+                check=True,
+                timeout=30,
+            )
             conn, user = out.stdout.decode().splitlines()
             seen.add(conn.split()[2])
             assert user == sshd.user
             assert out.stderr == b""  # quiet remote side: no banner, no motd, no rc noise
         assert seen == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
         # A session that is still running when we stop must not survive.
-        p = subprocess.Popen(sshd.ssh(sshd.host, "echo started; exec sleep 300"),
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            sshd.ssh(sshd.host, "echo started; exec sleep 300"),
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         assert p.stdout is not None
         assert p.stdout.readline() == b"started\n"
         sessions = sshd.session_pids()
@@ -33,8 +40,10 @@ def test_hosts_on_distinct_addresses_and_cleanup() -> None:
     p.stdout.close()
     assert not directory.exists()
     for gone in [pid, *sessions]:
-        assert not Path(f"/proc/{gone}").exists() or \
-            Path(f"/proc/{gone}/stat").read_text().split(")")[1].split()[0] == "Z"
+        assert (
+            not Path(f"/proc/{gone}").exists()
+            or Path(f"/proc/{gone}/stat").read_text().split(")")[1].split()[0] == "Z"
+        )
 
 
 def test_strict_host_key_checking_stays_on(local_sshd: LocalSSHD) -> None:
@@ -44,10 +53,17 @@ def test_strict_host_key_checking_stays_on(local_sshd: LocalSSHD) -> None:
     other = Path(local_sshd.known_hosts).read_text()
     try:
         Path(local_sshd.known_hosts).write_text(
-            other.replace(other.split()[2], "AAAAC3NzaC1lZDI1NTE5AAAAIBn5yM0mqWN6a2Z9bXq1F0Q4d8e7Y9s9u0v1w2x3y4z5")
+            other.replace(
+                other.split()[2],
+                "AAAAC3NzaC1lZDI1NTE5AAAAIBn5yM0mqWN6a2Z9bXq1F0Q4d8e7Y9s9u0v1w2x3y4z5",
+            )
         )
-        out = subprocess.run(local_sshd.ssh(local_sshd.host, "true"), capture_output=True,
-                             timeout=30, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            local_sshd.ssh(local_sshd.host, "true"),
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         assert out.returncode == 255
         assert b"HOST IDENTIFICATION HAS CHANGED" in out.stderr
     finally:
