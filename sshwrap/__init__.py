@@ -30,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "HostKeyError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
+    "run_many": "fanout",
+    "HostResult": "fanout",
+    "FanoutInterrupted": "fanout",
+    "FdBudgetError": "fanout",
 }
 
 # submodules reachable as attributes without an explicit import (``sshwrap.aio.run``)
@@ -45,6 +49,10 @@ if TYPE_CHECKING:
     from .errors import SSHError as SSHError
     from .errors import SSHWrapError as SSHWrapError
     from .errors import TimeoutExpired as TimeoutExpired
+    from .fanout import FanoutInterrupted as FanoutInterrupted
+    from .fanout import FdBudgetError as FdBudgetError
+    from .fanout import HostResult as HostResult
+    from .fanout import run_many as run_many
     from .process import CompletedProcess as CompletedProcess
     from .process import Popen as Popen
     from .process import call as call

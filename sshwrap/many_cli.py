@@ -1,0 +1,465 @@
+"""``sshwrap-many``: one command on many hosts, on the user's own OpenSSH setup.
+
+::
+
+    sshwrap-many -H hosts.txt -p 100 -t 30 -- uptime          # live host-prefixed lines
+    sshwrap-many -H hosts.txt --group -- cat /etc/os-release  # identical outputs grouped
+    sshwrap-many -H web1,web2 --json -- df -h                 # one JSON object per host
+    sshwrap-many -H - --outdir out/ -- journalctl -n 100      # hosts from stdin, a file each
+
+The words after ``--`` are joined with spaces and handed to the remote shell, as ``ssh host
+words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
+``-p`` is the parallelism (as in pssh), so a port goes as ``-o Port=N``.
+
+Exit status (the bits add up): 0 every host ran the command and it exited 0; 1 some command
+exited non-zero or died of a signal; 2 some host timed out (``-t`` or ``--deadline``); 4
+some host had an ssh error (refused, unreachable, authentication, host key, connect
+timeout).  64: bad usage (including a ``-p`` the open-files limit cannot hold); 130:
+interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every ssh and printing what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .fanout import FdBudgetError, HostResult, _Runner
+
+__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main", "read_hosts"]
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 2
+EXIT_SSH_ERROR = 4
+EXIT_USAGE = 64
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sshwrap-many",
+        description="Run one command on many hosts with the system's ssh.",
+        epilog="Exit status: 0 all ok; +1 a command failed; +2 a host timed out; "
+        "+4 an ssh error; 64 usage; 130 interrupted.",
+    )
+    ap.add_argument(
+        "-H",
+        "--hosts",
+        action="append",
+        required=True,
+        metavar="HOSTS",
+        help="a file (one host per line, # comments), a comma list, or - for stdin; repeatable",
+    )
+    ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
+    ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
+    ap.add_argument(
+        "--connect-timeout", type=float, default=30.0, metavar="S", help="seconds to connect"
+    )
+    ap.add_argument("--deadline", type=float, metavar="S", help="seconds for the whole run")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--group", action="store_true", help="group hosts with identical output")
+    out.add_argument("--json", action="store_true", help="one JSON object per host (lines)")
+    out.add_argument("--outdir", metavar="DIR", help="write DIR/HOST.out and DIR/HOST.err")
+    ap.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
+    ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
+    ap.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="KEY=VALUE", help="ssh option"
+    )
+    ap.add_argument("-l", dest="user", help="remote user")
+    ap.add_argument("-i", dest="identity", help="identity file")
+    ap.add_argument("-J", dest="jump", help="jump host(s)")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- command words")
+    return ap
+
+
+_SPLIT = re.compile(r"[\s,]+")
+
+
+def read_hosts(specs: Sequence[str], stdin: IO[str] | None = None) -> list[str]:
+    """Hosts from ``-H`` values: ``-`` (stdin), an existing file, or a comma list.
+
+    Files hold one host per line (``#`` starts a comment); duplicates are dropped, keeping
+    the first occurrence's place.
+    """
+    hosts: list[str] = []
+    for spec in specs:
+        if spec == "-":
+            text = (stdin or sys.stdin).read()
+        elif os.path.isfile(spec):
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = spec
+        for line in text.splitlines():
+            line = line.split("#", 1)[0]
+            hosts += [h for h in _SPLIT.split(line) if h]
+    return list(dict.fromkeys(hosts))
+
+
+def _options(items: Sequence[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.replace("=", " ", 1).partition(" ")
+        if not sep or not key.strip():
+            raise ValueError(f"-o wants KEY=VALUE, not {item!r}")
+        opts.setdefault(key.strip(), value.strip())  # ssh takes the first value given
+    return opts
+
+
+def _safe_name(host: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._@:+-]", "_", host)
+    return name if name not in ("", ".", "..") else "_" + name
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    total: int
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    timeout: int = 0
+    ssh_error: int = 0
+    cancelled: int = 0
+    results: list[HostResult] = field(default_factory=list)
+
+    def add(self, r: HostResult) -> None:
+        self.done += 1
+        setattr(self, r.status, getattr(self, r.status) + 1)
+        self.results.append(r)
+
+    def exit_status(self) -> int:
+        code = 0
+        if self.failed:
+            code |= EXIT_FAILED
+        if self.timeout:
+            code |= EXIT_TIMEOUT
+        if self.ssh_error:
+            code |= EXIT_SSH_ERROR
+        return code
+
+    def line(self) -> str:
+        parts = [f"{self.ok} ok", f"{self.failed} failed", f"{self.timeout} timed out"]
+        parts.append(f"{self.ssh_error} ssh error" + ("" if self.ssh_error == 1 else "s"))
+        if self.cancelled:
+            parts.append(f"{self.cancelled} cancelled")
+        return ", ".join(parts)
+
+
+def _describe(r: HostResult) -> str:
+    if r.status == "ok":
+        return "exit 0"
+    if r.status == "failed":
+        assert r.returncode is not None
+        if r.signalled:
+            return "killed by a signal" + (
+                f" ({signal.Signals(-r.returncode).name})"
+                if -r.returncode in _SIGNAL_NUMBERS
+                else ""
+            )
+        return f"exit {r.returncode}"
+    if r.status == "timeout":
+        return "timed out" if r.started is not None else "not started (deadline)"
+    if r.status == "ssh_error":
+        msg = getattr(r.error, "message", None) or str(r.error)
+        return f"ssh error: {type(r.error).__name__}: {msg}"
+    return "cancelled"
+
+
+_SIGNAL_NUMBERS = {int(s) for s in signal.Signals}
+
+
+class _Output:
+    """Writes results in the chosen mode; live lines and the progress bar."""
+
+    def __init__(self, args: argparse.Namespace, hosts: list[str], progress: bool) -> None:
+        self.mode = (
+            "json" if args.json else "group" if args.group else "outdir" if args.outdir else "live"
+        )
+        self.outdir: str | None = args.outdir
+        self.width = max((len(h) for h in hosts), default=0)
+        self.partial: dict[tuple[str, int], bytearray] = {}
+        self.bar: Any = None
+        self.task: Any = None
+        self.console: Any = None
+        if progress:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.console = Console(file=sys.stderr)
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self.task = self.bar.add_task("running", total=len(hosts))
+
+    def context(self) -> AbstractContextManager[Any]:
+        return self.bar if self.bar is not None else nullcontext()
+
+    # -- live lines --------------------------------------------------------------------
+    def _emit(self, stream: int, line: bytes) -> None:
+        if self.console is not None and (stream == 2 or sys.stdout.isatty()):
+            from rich.text import Text
+
+            self.console.print(Text(line.decode(errors="replace").rstrip("\n")), soft_wrap=True)
+            return
+        out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+        out.write(line)
+        out.flush()
+
+    def on_output(self, host: str, stream: int, data: bytes) -> None:
+        if self.mode != "live":
+            return
+        buf = self.partial.setdefault((host, stream), bytearray())
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            self._emit(stream, self._prefix(host) + bytes(buf[: nl + 1]))
+            del buf[: nl + 1]
+
+    def _prefix(self, host: str) -> bytes:
+        return (host.ljust(self.width) + " | ").encode()
+
+    def _flush_partial(self, host: str) -> None:
+        for stream in (1, 2):
+            buf = self.partial.pop((host, stream), None)
+            if buf:
+                self._emit(stream, self._prefix(host) + bytes(buf) + b"\n")
+
+    # -- per result ----------------------------------------------------------------------
+    def result(self, r: HostResult, tally: _Tally) -> None:
+        if self.bar is not None:
+            self.bar.update(
+                self.task, advance=1, description=tally.line().replace(", 0 cancelled", "")
+            )
+        if self.mode == "live":
+            self._flush_partial(r.host)
+            if r.status != "ok":
+                self._emit(2, self._prefix(r.host) + f"[{_describe(r)}]\n".encode())
+        elif self.mode == "json":
+            self._json(r)
+        elif self.mode == "outdir":
+            self._files(r)
+
+    def _json(self, r: HostResult) -> None:
+        obj: dict[str, Any] = {
+            "host": r.host,
+            "status": r.status,
+            "returncode": r.returncode,
+            "signalled": r.signalled,
+        }
+        for name in ("stdout", "stderr"):
+            data: bytes = getattr(r, name)
+            try:
+                obj[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                obj[name] = None
+                obj[name + "_base64"] = base64.b64encode(data).decode()
+        obj["error"] = (
+            None
+            if r.error is None
+            else {"type": type(r.error).__name__, "message": getattr(r.error, "message", "")}
+        )
+        obj["started"] = r.started
+        obj["duration"] = round(r.duration, 6)
+        obj["connect_time"] = None if r.connect_time is None else round(r.connect_time, 6)
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        if self.console is not None and sys.stdout.isatty():
+            self.console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def _files(self, r: HostResult) -> None:
+        assert self.outdir is not None
+        base = os.path.join(self.outdir, _safe_name(r.host))
+        for suffix, data in ((".out", r.stdout), (".err", r.stderr)):
+            with open(base + suffix, "wb") as f:
+                f.write(data)
+
+    # -- at the end ------------------------------------------------------------------------
+    def finish(self, tally: _Tally, elapsed: float, interrupted: bool) -> None:
+        if self.mode == "live":
+            for host, _ in list(self.partial):
+                self._flush_partial(host)
+        if self.mode == "group":
+            self._groups(tally.results)
+        err = sys.stderr
+        head = "interrupted: " if interrupted else ""
+        err.write(f"{head}{tally.total} hosts in {elapsed:.2f} s: {tally.line()}\n")
+        for status, label in (
+            ("failed", "failed"),
+            ("timeout", "timed out"),
+            ("ssh_error", "ssh errors"),
+            ("cancelled", "cancelled"),
+        ):
+            bad = [r for r in tally.results if r.status == status]
+            if bad:
+                err.write(f"  {label}: " + ", ".join(f"{r.host} ({_describe(r)})" for r in bad))
+                err.write("\n")
+        err.flush()
+
+    def _groups(self, results: list[HostResult]) -> None:
+        groups: dict[tuple[bytes, bytes, str], list[HostResult]] = {}
+        for r in results:
+            groups.setdefault((r.stdout, r.stderr, _describe(r)), []).append(r)
+        out = sys.stdout.buffer
+        for (stdout, stderr, what), members in sorted(
+            groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0].index)
+        ):
+            members.sort(key=lambda r: r.index)
+            names = ",".join(r.host for r in members)
+            n = len(members)
+            out.write(f"==== {names} ({n} host{'s' if n != 1 else ''}): {what}\n".encode())
+            out.write(stdout)
+            if stdout and not stdout.endswith(b"\n"):
+                out.write(b"\n")
+            if stderr:
+                out.write(b"---- stderr\n" + stderr)
+                if not stderr.endswith(b"\n"):
+                    out.write(b"\n")
+        out.flush()
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
+    """Drive the run; True if it was interrupted by a signal."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupted = False
+
+    def stop() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for s in sigs:
+        loop.add_signal_handler(s, stop)
+    gen = runner.run()
+    try:
+        async for r in gen:
+            tally.add(r)
+            output.result(r, tally)
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        # aclose() below has ended every child; print the partial results.
+    finally:
+        await gen.aclose()
+        for s in sigs:
+            loop.remove_signal_handler(s)
+    if interrupted:
+        for r in sorted(runner.partial.values(), key=lambda r: r.index):
+            tally.add(r)
+            output.result(r, tally)
+        seen = {r.index for r in tally.results}
+        for spec in runner.specs:
+            if spec.index not in seen:
+                r = HostResult(spec.host, None, b"", b"", None, None, 0.0, "cancelled")
+                r.index = spec.index
+                tally.add(r)
+    return interrupted
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sshwrap-many`` console script; returns the exit status."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        ap.error("no command given (put it after --)")
+    if args.parallel < 1:
+        ap.error("-p must be at least 1")
+    if args.input == "-" and "-" in args.hosts:
+        ap.error("stdin cannot be both the host list and the input")
+    try:
+        hosts = read_hosts(args.hosts)
+        options = _options(args.options)
+        data = None
+        if args.input is not None:
+            if args.input == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.input, "rb") as f:
+                    data = f.read()
+        if args.outdir:
+            os.makedirs(args.outdir, exist_ok=True)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    if not hosts:
+        ap.error("no hosts given")
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    output = _Output(args, hosts, progress)
+    try:
+        runner = _Runner(
+            hosts,
+            " ".join(command),
+            concurrency=args.parallel,
+            timeout=args.timeout,
+            connect_timeout=args.connect_timeout,
+            deadline=args.deadline,
+            input=data,
+            config=args.config,
+            user=args.user,
+            identity=args.identity,
+            jump=args.jump,
+            options=options,
+            on_output=output.on_output,
+        )
+    except FdBudgetError as e:
+        print(f"sshwrap-many: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    tally = _Tally(total=len(hosts))
+    t0 = time.monotonic()
+    with output.context():
+        interrupted = asyncio.run(_run(runner, output, tally))
+    output.finish(tally, time.monotonic() - t0, interrupted)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return tally.exit_status()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
