@@ -34,6 +34,10 @@ _EXPORTS: dict[str, str] = {
     "HostResult": "fanout",
     "FanoutInterrupted": "fanout",
     "FdBudgetError": "fanout",
+    "connect": "connection",
+    "Connection": "connection",
+    "Forward": "connection",
+    "ForwardError": "connection",
 }
 
 # submodules reachable as attributes without an explicit import (``sshwrap.aio.run``)
@@ -42,6 +46,10 @@ _SUBMODULES = ("aio",)
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from .connection import Connection as Connection
+    from .connection import Forward as Forward
+    from .connection import ForwardError as ForwardError
+    from .connection import connect as connect
     from .errors import AuthenticationError as AuthenticationError
     from .errors import CalledProcessError as CalledProcessError
     from .errors import HostKeyError as HostKeyError

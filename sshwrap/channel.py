@@ -40,6 +40,8 @@ __all__ = [
     "ChannelLost",
     "ProxyCore",
     "Session",
+    "Sink",
+    "Source",
     "signal_name",
     "signal_number",
 ]
@@ -101,23 +103,30 @@ def _selectable(fd: int) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-class _Sink:
+class Sink:
     """Where one stream of channel data goes."""
 
     __slots__ = ("broken", "buf", "closed", "collect", "fd", "nonblocking", "own", "pending")
 
-    def __init__(self, *, collect: bool = False, fd: int | None = None, own: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        collect: bool = False,
+        fd: int | None = None,
+        own: bool = False,
+        nonblocking: bool = False,
+    ) -> None:
         self.collect = collect  # append to ``buf``
         self.buf = bytearray()
         self.fd = fd  # write to this fd (None and not collect: discard)
         self.own = own  # close ``fd`` when done
-        self.nonblocking = own  # pipes we made are non-blocking and polled
+        self.nonblocking = nonblocking  # a pipe we made: non-blocking writes, polled
         self.pending = bytearray()
         self.broken = False  # the reader went away: discard the rest
         self.closed = False
 
 
-class _Source:
+class Source:
     """Where a channel's input comes from."""
 
     __slots__ = ("data", "eof", "fd", "own", "pos", "selectable")
@@ -160,14 +169,15 @@ class Session:
         self.close_sent = False
         self.close_received = False
         self.consumed = 0  # bytes delivered since the last window adjust we sent
-        self.out = _Sink()
-        self.err = _Sink()
-        self.src = _Source()
+        self.out = Sink()
+        self.err = Sink()
+        self.src = Source()
         self._replies: deque[Callable[[bool], None]] = deque()
-        self.on_close: Callable[[Session], None] | None = None
+        # Called (lock held, pump thread) after the channel opened, failed, closed or was lost.
+        self.notify: Callable[[], None] | None = None
 
     # -- caller side -------------------------------------------------------------------
-    def setup_io(self, src: _Source, out: _Sink, err: _Sink) -> None:
+    def setup_io(self, src: Source, out: Sink, err: Sink) -> None:
         """Attach input and output (before ``exec``)."""
         self.src, self.out, self.err = src, out, err
 
@@ -284,11 +294,34 @@ class ProxyCore:
     # -- public ------------------------------------------------------------------------
     def open_session(self, timeout: float | None = None) -> Session:
         """Open a ``session`` channel and wait for the server's confirmation."""
+        ch = self.start_session()
+        if not ch.opened.wait(timeout):
+            with self.lock:
+                ch.open_error = "timed out opening a channel"
+                self._channels.pop(ch.local_id, None)
+            raise ChannelError("timed out waiting for the server to open a session channel")
+        self.check_opened(ch)
+        return ch
+
+    def check_opened(self, ch: Session) -> None:
+        """Raise if the channel could not be opened (after ``ch.opened`` is set)."""
+        if ch.lost:
+            raise ChannelLost(self.dead_reason or "the control master connection was lost")
+        if ch.open_error is not None:
+            raise ChannelError(f"the server refused a session channel: {ch.open_error}")
+
+    def start_session(self, notify: Callable[[], None] | None = None) -> Session:
+        """Send a ``session`` channel open and return at once (``opened`` tells when it is up).
+
+        ``notify`` is called from the pump thread (lock held) when the channel opens, fails,
+        closes or is lost: it must only schedule work (e.g. ``loop.call_soon_threadsafe``).
+        """
         with self.lock:
             if self.dead:
                 raise ChannelLost(self.dead_reason or "the control master connection is closed")
             self._next_id = (self._next_id + 1) & 0x7FFFFFFF
             ch = Session(self, self._next_id)
+            ch.notify = notify
             self._channels[ch.local_id] = ch
             self._send_locked(
                 _packet(
@@ -299,15 +332,6 @@ class ProxyCore:
                     + pack_u32(MAX_PACKET),
                 )
             )
-        if not ch.opened.wait(timeout):
-            with self.lock:
-                ch.open_error = "timed out opening a channel"
-                self._channels.pop(ch.local_id, None)
-            raise ChannelError("timed out waiting for the server to open a session channel")
-        if ch.lost:
-            raise ChannelLost(self.dead_reason or "the control master connection was lost")
-        if ch.open_error is not None:
-            raise ChannelError(f"the server refused a session channel: {ch.open_error}")
         return ch
 
     @property
@@ -396,7 +420,7 @@ class ProxyCore:
             src.fd = None
 
     # -- receiving (pump thread, lock held) ---------------------------------------------
-    def _deliver_locked(self, ch: Session, sink: _Sink, data: bytes) -> None:
+    def _deliver_locked(self, ch: Session, sink: Sink, data: bytes) -> None:
         if sink.closed or sink.broken:
             ch.consumed += len(data)
         elif sink.collect:
@@ -426,7 +450,7 @@ class ProxyCore:
         self._maybe_adjust_locked(ch)
 
     @staticmethod
-    def _write_sink(sink: _Sink, data: bytes | bytearray) -> int:
+    def _write_sink(sink: Sink, data: bytes | bytearray) -> int:
         assert sink.fd is not None
         try:
             return os.write(sink.fd, data)
@@ -444,7 +468,7 @@ class ProxyCore:
             )
             ch.consumed = 0
 
-    def _finish_sink_locked(self, sink: _Sink) -> None:
+    def _finish_sink_locked(self, sink: Sink) -> None:
         """Close the pipe end after the remote EOF once everything is written."""
         if sink.closed or sink.pending:
             return
@@ -468,7 +492,7 @@ class ProxyCore:
         elif msg == MSG_CHANNEL_EXTENDED_DATA:
             code = r.u32()
             data = r.string()
-            self._deliver_locked(ch, ch.err if code == 1 else _Sink(), data)
+            self._deliver_locked(ch, ch.err if code == 1 else Sink(), data)
         elif msg == MSG_CHANNEL_WINDOW_ADJUST:
             ch.remote_window += r.u32()
             self._service_source_locked(ch)
@@ -501,18 +525,22 @@ class ProxyCore:
                 self._draining.add(ch)
             self._close_source_locked(ch)
             ch.closed.set()
-            if ch.on_close is not None:
-                ch.on_close(ch)
+            if ch.notify is not None:
+                ch.notify()
         elif msg == MSG_CHANNEL_OPEN_CONFIRMATION:
             ch.remote_id = r.u32()
             ch.remote_window = r.u32()
             ch.remote_max_packet = r.u32()
             ch.opened.set()
+            if ch.notify is not None:
+                ch.notify()
         elif msg == MSG_CHANNEL_OPEN_FAILURE:
             code = r.u32()
             ch.open_error = r.text() or f"reason code {code}"
             self._channels.pop(ch.local_id, None)
             ch.opened.set()
+            if ch.notify is not None:
+                ch.notify()
 
     def _die_locked(self, reason: str) -> None:
         if self.dead:
@@ -532,8 +560,8 @@ class ProxyCore:
                         self._draining.add(ch)
                 ch.opened.set()
                 ch.closed.set()
-                if ch.on_close is not None:
-                    ch.on_close(ch)
+                if ch.notify is not None:
+                    ch.notify()
         self._channels.clear()
 
     # -- the pump ----------------------------------------------------------------------
@@ -695,7 +723,7 @@ class ProxyCore:
         ch.remote_window -= len(chunk)
         self._send_data_locked(ch, chunk)
 
-    def _flush_sink_locked(self, ch: Session, sink: _Sink) -> None:
+    def _flush_sink_locked(self, ch: Session, sink: Sink) -> None:
         if not sink.pending:
             return
         n = self._write_sink(sink, sink.pending)

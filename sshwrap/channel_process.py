@@ -1,0 +1,455 @@
+"""``run`` and ``Popen`` for commands on session channels of a ``Connection``'s master.
+
+Same keywords and results as ``sshwrap.run`` / ``sshwrap.Popen`` (and ``subprocess``), but no
+local process: the command runs on a channel of ``sshwrap.channel.ProxyCore``.
+
+- ``run_channel`` needs no pipes at all: ``PIPE`` output is collected straight into memory by
+  the pump, ``input`` is sent from memory, files and fds are read or written directly;
+- ``ChannelPopen`` hands out real pipes (``stdin``/``stdout``/``stderr`` file objects like
+  ``subprocess``); their far ends belong to the pump, which moves data between them and the
+  channel, so the pipes work with ``select``, ``readline`` and other threads.
+
+``returncode`` is exact: the remote exit status, or ``-signum`` when the remote command was
+killed by a signal (``exit-signal``).  When the channel ends with neither (the master went away,
+the server refused the command) ``run`` raises an ``SSHError`` and ``Popen.returncode`` is 255
+with the error kept in ``Popen.ssh_error`` (``wait`` and ``communicate`` raise it), as
+``sshwrap.Popen`` does when ssh itself fails.
+
+A timeout sends ``TERM`` to the remote process group, then ``KILL`` after ``kill_after`` seconds,
+then closes the channel; the remote command is gone when ``TimeoutExpired`` is raised.
+stdin defaults to ``DEVNULL`` as in ``sshwrap.run`` (the remote command reads end-of-file at
+once); ``stdin=None`` reads this process's own stdin (from the I/O thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import locale
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import IO, Any, cast
+
+from .channel import ProxyCore, Session, Sink, Source
+from .errors import (
+    CalledProcessError,
+    SSHConnectionError,
+    SSHError,
+    TimeoutExpired,
+)
+
+__all__ = ["KILL_AFTER", "ChannelPopen", "run_channel"]
+
+PIPE = subprocess.PIPE
+STDOUT = subprocess.STDOUT
+DEVNULL = subprocess.DEVNULL
+
+KILL_AFTER = 2.0
+"""Seconds between the TERM and the KILL a timeout sends."""
+
+_OPEN_TIMEOUT = 60.0
+_PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+Stream = int | IO[Any] | None
+
+
+def _fileno(spec: int | IO[Any]) -> int:
+    if isinstance(spec, int):
+        return spec
+    return spec.fileno()
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE_SIZE)
+    return r, w
+
+
+def _source(stdin: Stream, input_: bytes | None) -> Source:
+    if input_ is not None:
+        if stdin not in (DEVNULL, PIPE):
+            raise ValueError("stdin and input arguments may not both be used.")
+        return Source(data=input_)
+    if stdin == DEVNULL:
+        return Source()
+    if stdin is None:
+        return Source(fd=os.dup(0), own=True)
+    if stdin == PIPE:
+        return Source(data=b"")
+    if isinstance(stdin, int) and stdin < 0:
+        raise ValueError(f"invalid stdin: {stdin}")
+    return Source(fd=os.dup(_fileno(stdin)), own=True)
+
+
+def _sink(spec: Stream, *, collect_pipe: bool) -> tuple[Sink, int | None]:
+    """A sink for ``spec`` and, for Popen's PIPE, the read end to hand out."""
+    if spec == PIPE:
+        if collect_pipe:
+            return Sink(collect=True), None
+        r, w = _pipe()
+        os.set_blocking(w, False)
+        return Sink(fd=w, own=True, nonblocking=True), r
+    if spec == DEVNULL:
+        return Sink(), None
+    if spec is None:
+        return Sink(fd=os.dup(1), own=True), None
+    if isinstance(spec, int) and spec < 0:
+        raise ValueError(f"invalid output: {spec}")
+    return Sink(fd=os.dup(_fileno(spec)), own=True), None
+
+
+def _stderr_sink(spec: Stream, out: Sink, *, collect_pipe: bool) -> tuple[Sink, int | None]:
+    if spec == STDOUT:
+        return out, None
+    if spec is None:
+        return Sink(fd=os.dup(2), own=True), None
+    return _sink(spec, collect_pipe=collect_pipe)
+
+
+def _release(src: Source, sinks: list[Sink]) -> None:
+    """Close descriptors of a channel that never started."""
+    for fd, own in [(src.fd, src.own), *((s.fd, s.own) for s in sinks)]:
+        if fd is not None and own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _text_mode(text: bool | None, encoding: str | None, errors: str | None) -> bool:
+    return bool(text or encoding or errors)
+
+
+def _decode(data: bytes, encoding: str | None, errors: str | None) -> str:
+    s = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    return s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _ended_error(host: str, ch: Session) -> SSHError | None:
+    """The SSHError for a channel that ended without an exit status, else None."""
+    if ch.returncode is not None:
+        return None
+    if ch.lost:
+        reason = ch.core.dead_reason or "the connection to the control master was lost"
+        return SSHConnectionError(host, reason)
+    if ch.exec_failed:
+        return SSHError(host, "the server refused to run the command (exec request failed)")
+    if ch.exit_signal is not None:
+        return None
+    return SSHError(host, "the remote command ended without an exit status")
+
+
+def _stop(ch: Session, kill_after: float, deadline_extra: float = 5.0) -> None:
+    """TERM, then KILL, then close: the remote command is gone afterwards."""
+    ch.send_signal(signal.SIGTERM)
+    if ch.closed.wait(kill_after):
+        return
+    ch.send_signal(signal.SIGKILL)
+    if not ch.closed.wait(deadline_extra):
+        ch.close()
+        ch.closed.wait(deadline_extra)
+
+
+def run_channel(
+    core: ProxyCore,
+    host: str,
+    args: object,
+    command: str,
+    *,
+    input: bytes | str | None = None,
+    stdin: Stream = DEVNULL,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    text: bool | None = None,
+    encoding: str | None = None,
+    errors: str | None = None,
+    kill_after: float = KILL_AFTER,
+    make_result: Callable[..., Any] = subprocess.CompletedProcess,
+) -> Any:
+    """Run ``command`` on a new session channel and wait for it; see the module docstring."""
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        stdout = stderr = PIPE
+    textual = _text_mode(text, encoding, errors)
+    data: bytes | None
+    if isinstance(input, str):
+        data = input.encode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    else:
+        data = input
+    deadline = None if timeout is None else time.monotonic() + timeout
+    src = _source(stdin, data)
+    out, _ = _sink(stdout, collect_pipe=True)
+    err, _ = _stderr_sink(stderr, out, collect_pipe=True)
+    try:
+        ch = core.open_session(_OPEN_TIMEOUT if timeout is None else max(timeout, 0.001))
+    except BaseException:
+        _release(src, [out, err])
+        raise
+    ch.setup_io(src, out, err)
+    ch.exec(command)
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not ch.closed.wait(remaining):
+        _stop(ch, kill_after)
+        o, e = _outputs(out, err, stdout, stderr, textual, encoding, errors)
+        assert timeout is not None
+        raise TimeoutExpired(cast(Any, args), timeout, o, e, host=host)
+    failure = _ended_error(host, ch)
+    if failure is not None:
+        raise failure
+    rc = ch.returncode
+    assert rc is not None
+    o, e = _outputs(out, err, stdout, stderr, textual, encoding, errors)
+    if check and rc != 0:
+        raise CalledProcessError(rc, cast(Any, args), o, e, host=host)
+    return make_result(args, rc, o, e)
+
+
+def _outputs(
+    out: Sink,
+    err: Sink,
+    stdout: Stream,
+    stderr: Stream,
+    textual: bool,
+    encoding: str | None,
+    errors: str | None,
+) -> tuple[Any, Any]:
+    o: bytes | str | None = bytes(out.buf) if stdout == PIPE else None
+    e: bytes | str | None = bytes(err.buf) if stderr == PIPE else None
+    if textual:
+        o = None if o is None else _decode(o, encoding, errors)  # type: ignore[arg-type]
+        e = None if e is None else _decode(e, encoding, errors)  # type: ignore[arg-type]
+    return o, e
+
+
+class ChannelPopen:
+    """A remote command on a session channel, with the interface of ``subprocess.Popen``.
+
+    ``stdin``/``stdout``/``stderr`` are file objects for ``PIPE`` (binary, or text with
+    ``text``/``encoding``/``errors``), else None.  ``pid`` is None: there is no local process.
+    ``send_signal``/``terminate``/``kill`` send RFC 4254 ``signal`` requests, which sshd
+    delivers to the remote command's process group.
+    """
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        host: str,
+        args: object,
+        command: str,
+        *,
+        stdin: Stream = DEVNULL,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        text: bool | None = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        bufsize: int = -1,
+        kill_after: float = KILL_AFTER,
+    ) -> None:
+        self.args = args
+        self.host = host
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.ssh_error: SSHError | None = None
+        self.kill_after = kill_after
+        self.stdin: IO[Any] | None = None
+        self.stdout: IO[Any] | None = None
+        self.stderr: IO[Any] | None = None
+        self.text_mode = _text_mode(text, encoding, errors)
+        self._encoding = encoding
+        self._errors = errors
+        self._comm: dict[int, bytearray] = {}
+        stdin_w: int | None = None
+        if stdin == PIPE:
+            r, w = _pipe()
+            os.set_blocking(r, False)
+            src = Source(fd=r, own=True)
+            stdin_w = w
+        else:
+            src = _source(stdin, None)
+        out, out_r = _sink(stdout, collect_pipe=False)
+        err, err_r = _stderr_sink(stderr, out, collect_pipe=False)
+        mine = [fd for fd in (stdin_w, out_r, err_r) if fd is not None]
+        try:
+            self._ch = core.open_session(_OPEN_TIMEOUT)
+        except BaseException:
+            _release(src, [out, err])
+            for fd in mine:
+                os.close(fd)
+            raise
+        self._ch.setup_io(src, out, err)
+        self._ch.exec(command)
+        if stdin_w is not None:
+            self.stdin = self._wrap(stdin_w, "wb", bufsize)
+        if out_r is not None:
+            self.stdout = self._wrap(out_r, "rb", bufsize)
+        if err_r is not None:
+            self.stderr = self._wrap(err_r, "rb", bufsize)
+
+    def _wrap(self, fd: int, mode: str, bufsize: int) -> IO[Any]:
+        if self.text_mode:
+            raw = open(fd, mode, buffering=-1 if bufsize in (0, 1) else bufsize)  # noqa: SIM115
+            return io.TextIOWrapper(
+                raw,
+                encoding=self._encoding or locale.getpreferredencoding(False),
+                errors=self._errors or "strict",
+                line_buffering=bufsize == 1 and mode == "wb",
+                write_through=mode == "wb",
+            )
+        return open(fd, mode, buffering=bufsize)
+
+    # -- status ------------------------------------------------------------------------
+    def _finish(self) -> int:
+        if self.returncode is None:
+            ch = self._ch
+            self.ssh_error = _ended_error(self.host, ch)
+            rc = ch.returncode
+            self.returncode = 255 if rc is None else rc
+        return self.returncode
+
+    def poll(self) -> int | None:
+        """The returncode if the remote command has ended, else None."""
+        if self.returncode is not None:
+            return self.returncode
+        if self._ch.closed.is_set():
+            return self._finish()
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the remote command to end; ``TimeoutExpired`` if it does not in time."""
+        if self.returncode is not None:
+            if self.ssh_error is not None:
+                raise self.ssh_error
+            return self.returncode
+        if not self._ch.closed.wait(timeout):
+            assert timeout is not None
+            raise TimeoutExpired(cast(Any, self.args), timeout, host=self.host)
+        rc = self._finish()
+        if self.ssh_error is not None:
+            raise self.ssh_error
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        """Send signal ``sig`` to the remote command's process group (if still running)."""
+        if self.poll() is None:
+            self._ch.send_signal(sig)
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the remote command."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Send SIGKILL to the remote command."""
+        self.send_signal(signal.SIGKILL)
+
+    # -- communicate -------------------------------------------------------------------
+    def communicate(
+        self, input: bytes | str | None = None, timeout: float | None = None
+    ) -> tuple[Any, Any]:
+        """Send ``input``, read stdout and stderr to their end, wait; like subprocess."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        data: bytes | None
+        if isinstance(input, str):
+            data = input.encode(self._encoding or locale.getpreferredencoding(False))
+        else:
+            data = input
+        if data and self.stdin is None:
+            raise ValueError("input given but stdin is not a pipe")
+        sel = selectors.DefaultSelector()
+        try:
+            if self.stdin is not None and not self.stdin.closed:
+                with contextlib.suppress(BrokenPipeError, ValueError):
+                    self.stdin.flush()
+                if data:
+                    fd = self.stdin.fileno()
+                    os.set_blocking(fd, False)
+                    self._input = memoryview(data)
+                    sel.register(fd, selectors.EVENT_WRITE, "in")
+                else:
+                    with contextlib.suppress(BrokenPipeError, OSError):
+                        self.stdin.close()
+            for name, f in (("out", self.stdout), ("err", self.stderr)):
+                if f is not None and not f.closed:
+                    self._comm.setdefault(f.fileno(), bytearray())
+                    sel.register(f.fileno(), selectors.EVENT_READ, name)
+            while sel.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutExpired(cast(Any, self.args), timeout or 0.0, host=self.host)
+                for key, _ in sel.select(remaining):
+                    if key.data == "in":
+                        try:
+                            n = os.write(key.fd, self._input[:65536])
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            n = len(self._input)
+                        self._input = self._input[n:]
+                        if not self._input:
+                            sel.unregister(key.fd)
+                            assert self.stdin is not None
+                            with contextlib.suppress(OSError):
+                                self.stdin.close()
+                    else:
+                        chunk = os.read(key.fd, 262144)
+                        if chunk:
+                            self._comm[key.fd] += chunk
+                        else:
+                            sel.unregister(key.fd)
+        finally:
+            sel.close()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.wait(remaining)
+        except TimeoutExpired:
+            assert timeout is not None
+            raise TimeoutExpired(cast(Any, self.args), timeout, host=self.host) from None
+        out = self._collected(self.stdout)
+        err = self._collected(self.stderr)
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        return out, err
+
+    def _collected(self, f: IO[Any] | None) -> Any:
+        if f is None:
+            return None
+        data = bytes(self._comm.pop(f.fileno(), b""))
+        if self.text_mode:
+            return _decode(data, self._encoding, self._errors)
+        return data
+
+    # -- context manager ---------------------------------------------------------------
+    def __enter__(self) -> ChannelPopen:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for f in (self.stdout, self.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        if self.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.stdin.close()
+        if exc_type is KeyboardInterrupt:
+            self._ch.close()
+            return
+        self.wait()
+
+    def __repr__(self) -> str:
+        return f"<ChannelPopen host={self.host!r} returncode={self.returncode} args={self.args!r}>"

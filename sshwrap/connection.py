@@ -1,0 +1,777 @@
+"""``sshwrap.connect()``: an OpenSSH ControlMaster that sshwrap owns, and commands over it.
+
+Design
+------
+**The master.**  ``connect()`` starts ``ssh -M -N -o ControlPersist=yes -o ControlPath=P`` with
+its stdin and stdout on ``/dev/null`` and its log in its own file (``-E``), so it holds no pipe
+of ours (a ControlPersist master that inherits a pipe keeps it open forever).  ssh authenticates
+(prompts answered by ``sshwrap.prompts`` when ``password``/``passphrase``/``on_prompt`` are
+given), then forks into the background and the first process exits: 0 means the master is up.
+``P`` lives in a fresh private directory (mode 0700) and must fit ``sun_path`` (104 bytes, the
+smallest, macOS's) *including* the ``.XXXXXXXXXXXXXXXX`` suffix OpenSSH appends while binding;
+a too-long temporary directory falls back to ``/tmp``.  An alive check (``ssh -O check``) gives
+the master's pid before anything is used.  ``close()`` sends ``-O exit`` (``MUX_C_TERMINATE``),
+waits for that pid to go and removes the directory.
+
+**Commands.**  sshwrap speaks OpenSSH's mux protocol itself (``sshwrap.mux``) and asks for
+*proxy mode* (``MUX_C_PROXY``, OpenSSH >= 7.4): the control socket then carries the SSH
+connection protocol (RFC 4254) in the clear while the master keeps transport, crypto and keys.
+``sshwrap.channel`` opens one ``session`` channel per command on one shared socket, with one
+I/O thread for all of them.  So a command costs no new process, no fd passing and no new
+authentication: one channel open, one ``exec``.  And it knows exactly how the command ended:
+``exit-status``, or ``exit-signal`` with the signal's name (``returncode == -signum``), which
+neither ``ssh -S`` nor passenger mode can report.  ``Popen.send_signal``/``terminate``/``kill``
+send ``signal`` requests, which sshd (>= 7.9) delivers with ``killpg`` to the command's session,
+and a timeout sends TERM, then KILL.  We chose proxy over passenger mode
+(``MUX_C_NEW_SESSION`` with stdio fds passed over the socket) because passenger mode reports an
+exit value only (255 for a signal death) and cannot signal the remote command.
+
+**Fallback.**  A master that does not speak mux protocol 4 or refuses proxy mode (older
+OpenSSH, ``ControlMaster ask``) is used through ``ssh -S P`` subprocesses
+(``sshwrap.process``), with that module's semantics; ``Connection(..., proxy=False)`` forces it.
+
+**A dead master** (killed, network gone, ``ServerAliveInterval`` expired) is noticed when its
+socket closes: the next call starts a new master, with the same settings and prompt answers
+(``reconnect=True``, the default), or raises ``SSHConnectionError`` (``reconnect=False``).
+Commands running when it died end with ``SSHConnectionError`` (``run``) or returncode 255 with
+``Popen.error`` set.  Forwards do not survive a restart.
+
+**Threads.**  Every method may be called from several threads at once; commands run
+concurrently over the one master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+from .argv import OptionValue, find_ssh, remote_command, ssh_settings_args
+from .channel import ChannelError, ChannelLost, ProxyCore
+from .channel_process import KILL_AFTER, ChannelPopen, run_channel
+from .errors import SSHConnectionError, SSHError, classify_ssh_failure
+from .mux import (
+    MUX_FWD_DYNAMIC,
+    MUX_FWD_LOCAL,
+    MUX_FWD_REMOTE,
+    MuxControl,
+    MuxError,
+    MuxRefused,
+    MuxUnsupported,
+)
+
+if TYPE_CHECKING:
+    from .prompts import OnPrompt
+
+__all__ = ["SUN_PATH_MAX", "Connection", "Forward", "ForwardError", "connect"]
+
+SUN_PATH_MAX = 104
+"""Longest unix socket path sshwrap accepts (macOS's ``sun_path``; Linux allows 108)."""
+_BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
+_STOP_WAIT = 5.0
+
+Stream = int | IO[Any] | None
+
+
+class ForwardError(SSHError):
+    """A port forward could not be set up or cancelled (the master's or the server's reason)."""
+
+
+def _socket_dir() -> str:
+    """A new private (0700) directory whose ``m`` socket path fits ``sun_path``."""
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        candidates.append(runtime)
+    candidates += [tempfile.gettempdir(), "/tmp"]
+    for base in candidates:
+        # mkdtemp adds 8 characters to the prefix: check before creating anything.
+        probe = os.path.join(base, "sshwrap-" + "x" * 8, "m")
+        if len(os.fsencode(probe)) + _BIND_SUFFIX > SUN_PATH_MAX:
+            continue
+        with contextlib.suppress(OSError):
+            d = tempfile.mkdtemp(prefix="sshwrap-", dir=base)
+            os.chmod(d, 0o700)
+            return d
+    raise OSError("no temporary directory short enough for a control socket (sun_path)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class Forward(int):
+    """A port forward over a Connection's master.  It *is* the port number (an ``int``):
+    the local port for ``forward_local``/``forward_dynamic``, the server's port for
+    ``forward_remote``, the one picked when 0 was asked for.
+
+    ``cancel()`` removes it (``ssh -O cancel``); as a context manager it cancels on exit.
+    """
+
+    kind: str
+    listen_host: str
+    connect_host: str
+    connect_port: int
+    _conn: Connection | None
+    _spec: tuple[int, str, int, str, int]
+
+    def __new__(
+        cls,
+        port: int,
+        conn: Connection,
+        kind: str,
+        spec: tuple[int, str, int, str, int],
+    ) -> Forward:
+        self = super().__new__(cls, port)
+        self.kind = kind
+        self._conn = conn
+        self._spec = spec
+        self.listen_host = spec[1]
+        self.connect_host = spec[3]
+        self.connect_port = spec[4]
+        return self
+
+    @property
+    def port(self) -> int:
+        """The listening port."""
+        return int(self)
+
+    @property
+    def active(self) -> bool:
+        """False once cancelled."""
+        return self._conn is not None
+
+    def cancel(self) -> None:
+        """Remove the forward (idempotent; a no-op when the master is gone)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn._cancel_forward(self, self._spec)
+
+    def __enter__(self) -> Forward:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        target = "socks" if self.kind == "dynamic" else f"{self.connect_host}:{self.connect_port}"
+        return f"<Forward {self.kind} {self.listen_host}:{int(self)} -> {target}>"
+
+
+class Connection:
+    """An OpenSSH ControlMaster owned by sshwrap, and commands, forwards and files over it.
+
+    Create it with ``sshwrap.connect(...)`` (started) or ``Connection(...)`` + ``open()`` or a
+    ``with``.  See the module docstring for the design.  Settings are those of
+    ``sshwrap.run``: ``config`` (``-F``), ``user``, ``port``, ``identity``, ``jump``,
+    ``options`` (each ``-o Key=Value``); ``password``, ``passphrase`` and ``on_prompt`` answer
+    ssh's prompts (``sshwrap.prompts``); ``start_timeout`` bounds the master's start
+    (connection and authentication); ``reconnect`` restarts a master that died.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        config: str | os.PathLike[str] | None = None,
+        user: str | None = None,
+        port: int | str | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        jump: str | None = None,
+        options: Mapping[str, OptionValue] | None = None,
+        password: str | None = None,
+        passphrase: str | None = None,
+        on_prompt: OnPrompt | None = None,
+        start_timeout: float | None = 60.0,
+        reconnect: bool = True,
+        proxy: bool = True,
+    ) -> None:
+        if not destination or destination.startswith("-"):
+            raise ValueError(f"invalid destination: {destination!r}")
+        self.destination = destination
+        self.host = destination
+        self._settings = dict(
+            config=config, user=user, port=port, identity=identity, jump=jump, options=options
+        )
+        self._settings_args = ssh_settings_args(
+            config=config, user=user, port=port, identity=identity, jump=jump, options=options
+        )
+        self._password = password
+        self._passphrase = passphrase
+        self._on_prompt = on_prompt
+        self.start_timeout = start_timeout
+        self.reconnect = reconnect
+        self._want_proxy = proxy
+        self._lock = threading.RLock()
+        self._dir: str | None = None
+        self.control_path = ""
+        self.master_pid = 0
+        self._core: ProxyCore | None = None
+        self._proxy = False
+        self._opened = False
+        self._closed = False
+        self._forwards: list[Forward] = []
+        self.restarts = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> Connection:
+        """Start the master (if not started yet); returns self."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the Connection is closed")
+            if not self._opened:
+                self._start_master()
+                self._opened = True
+        return self
+
+    def __enter__(self) -> Connection:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_opened", False) and not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    @property
+    def log_path(self) -> str:
+        """The master's own log (ssh ``-E``)."""
+        return os.path.join(self._dir, "log") if self._dir else ""
+
+    def _start_master(self) -> None:
+        if self._dir is None or not os.path.isdir(self._dir):
+            self._dir = _socket_dir()
+        d = self._dir
+        self.control_path = os.path.join(d, "m")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)  # a dead master's socket: ssh would not replace it
+        log = os.path.join(d, "log")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log)
+        prompts = None
+        prompt_opts: list[str] = []
+        if self._password is not None or self._passphrase is not None or self._on_prompt:
+            from .prompts import PromptServer
+
+            prompts = PromptServer(
+                password=self._password, passphrase=self._passphrase, on_prompt=self._on_prompt
+            )
+            prompts.start()
+            prompt_opts = prompts.ssh_options()
+        argv = [
+            find_ssh(),
+            "-M",
+            "-N",
+            "-o",
+            "ControlPersist=yes",
+            "-o",
+            f"ControlPath={self.control_path}",
+            "-E",
+            log,
+            *prompt_opts,
+            *self._settings_args,
+            "--",
+            self.destination,
+        ]
+        try:
+            env = prompts.env() if prompts is not None else None
+            with open(log, "ab") as errf:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errf,
+                    env=env,
+                )
+            try:
+                rc = proc.wait(self.start_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise SSHConnectionError(
+                    self.host,
+                    f"the master did not connect within {self.start_timeout} s",
+                    self._read_log(),
+                ) from None
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            if rc != 0:
+                text = self._read_log()
+                if prompts is not None:
+                    prompts.raise_for_failure(rc, text, self.host)
+                raise classify_ssh_failure(self.host, text, rc)
+        except BaseException:
+            if not self._opened:
+                self._remove_dir()
+            raise
+        finally:
+            if prompts is not None:
+                prompts.close()
+        try:
+            with MuxControl(self.control_path) as m:
+                self.master_pid = m.alive_check()
+        except MuxError as e:
+            raise SSHConnectionError(
+                self.host, f"the master started but does not answer: {e}", self._read_log()
+            ) from None
+        self._core = None
+        self._proxy = False
+        if self._want_proxy:
+            self._open_proxy()
+
+    def _open_proxy(self) -> None:
+        try:
+            with MuxControl(self.control_path) as m:
+                sock = m.enter_proxy()
+        except MuxUnsupported:
+            self._proxy = False
+            self._core = None
+            return
+        self._core = ProxyCore(sock)
+        self._proxy = True
+
+    def _read_log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def close(self) -> None:
+        """Stop the master (``-O exit``), wait for it to go, remove the socket directory."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            core, self._core = self._core, None
+            if core is not None:
+                core.close()
+            if self._opened:
+                with contextlib.suppress(MuxError), MuxControl(self.control_path, timeout=5) as m:
+                    m.terminate()
+                pid = self.master_pid
+                if pid:
+                    deadline = time.monotonic() + _STOP_WAIT
+                    while _pid_alive(pid) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    if _pid_alive(pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+            self._forwards.clear()
+            self._remove_dir()
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._closed
+
+    @property
+    def alive(self) -> bool:
+        """True if the master answers an alive check now (``ssh -O check``)."""
+        with self._lock:
+            if not self._opened or self._closed:
+                return False
+        try:
+            with MuxControl(self.control_path, timeout=5) as m:
+                m.alive_check()
+        except MuxError:
+            return False
+        return True
+
+    @property
+    def uses_proxy(self) -> bool:
+        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
+        self._ensure()
+        return self._proxy
+
+    def _ensure(self) -> ProxyCore | None:
+        """The proxy core to use (None: the ``ssh -S`` fallback); restarts a dead master."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the Connection is closed")
+            if not self._opened:
+                self.open()
+            core = self._core
+            if core is not None and core.alive:
+                return core
+            if not self._proxy and self.alive:
+                return None
+            if core is not None and self.alive:
+                self._open_proxy()  # the master lives: only our socket ended
+                return self._core
+            if not self.reconnect:
+                raise SSHConnectionError(
+                    self.host,
+                    "the control master is gone (reconnect=False)",
+                    self._read_log(),
+                )
+            if core is not None:
+                core.close()
+            self._core = None
+            self._forwards.clear()
+            old = self.master_pid
+            if old and _pid_alive(old):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old, signal.SIGTERM)
+            self.restarts += 1
+            self._start_master()
+            return self._core
+
+    def _fallback_kwargs(self) -> dict[str, Any]:
+        opts: dict[str, OptionValue] = {
+            "ControlPath": self.control_path,
+            "ControlMaster": "no",
+        }
+        base = self._settings.get("options")
+        if isinstance(base, Mapping):
+            for k, v in base.items():
+                if k.lower() not in ("controlpath", "controlmaster"):
+                    opts.setdefault(k, v)
+        kw = {k: v for k, v in self._settings.items() if k != "options" and v is not None}
+        kw["options"] = opts
+        return kw
+
+    # -- commands ----------------------------------------------------------------------
+    def run(
+        self,
+        args: str | Sequence[str],
+        *,
+        input: bytes | str | None = None,
+        stdin: Stream = subprocess.DEVNULL,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        capture_output: bool = False,
+        timeout: float | None = None,
+        check: bool = False,
+        text: bool | None = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+        kill_after: float = KILL_AFTER,
+    ) -> Any:
+        """Run a command over the master and wait for it, like ``sshwrap.run``.
+
+        Returns a ``CompletedProcess`` (with ``host``).  ``returncode`` is the remote exit
+        status, or ``-signum`` if a signal killed the command.  A timeout sends TERM, then
+        KILL after ``kill_after`` seconds, and raises ``TimeoutExpired`` with the output so far.
+        stdin defaults to DEVNULL, as in ``sshwrap.run``.  ``tty=True`` runs ``ssh -tt``
+        through the master (``sshwrap.run`` semantics).
+        """
+        from .process import CompletedProcess
+
+        command = remote_command(args, env=env, cwd=cwd)
+        for attempt in (0, 1):
+            core = self._ensure()
+            if core is None or tty:
+                from .process import run as process_run
+
+                return process_run(
+                    self.destination,
+                    args,
+                    input=input,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    capture_output=capture_output,
+                    timeout=timeout,
+                    check=check,
+                    text=text,
+                    encoding=encoding,
+                    errors=errors,
+                    env=env,
+                    cwd=cwd,
+                    tty=tty,
+                    size=size,
+                    **self._fallback_kwargs(),
+                )
+            try:
+                return run_channel(
+                    core,
+                    self.host,
+                    args,
+                    command,
+                    input=input,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    capture_output=capture_output,
+                    timeout=timeout,
+                    check=check,
+                    text=text,
+                    encoding=encoding,
+                    errors=errors,
+                    kill_after=kill_after,
+                    make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
+                )
+            except ChannelLost:
+                # The master died before the channel opened: nothing ran; start again once.
+                if attempt:
+                    raise SSHConnectionError(self.host, "the control master is gone") from None
+            except ChannelError as e:
+                raise SSHError(self.host, str(e)) from None
+        raise AssertionError("unreachable")
+
+    def Popen(
+        self,
+        args: str | Sequence[str],
+        *,
+        stdin: Stream = subprocess.DEVNULL,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        text: bool | None = None,
+        encoding: str | None = None,
+        errors: str | None = None,
+        bufsize: int = -1,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> Any:
+        """Start a command over the master, like ``sshwrap.Popen`` / ``subprocess.Popen``.
+
+        Returns a ``ChannelPopen`` (``stdin``/``stdout``/``stderr`` pipes, ``poll``, ``wait``,
+        ``communicate``, ``send_signal``/``terminate``/``kill`` reaching the remote process
+        group), or with ``tty=True`` or the ``ssh -S`` fallback an ``sshwrap.Popen`` running
+        ``ssh`` through the master.
+        """
+        command = remote_command(args, env=env, cwd=cwd)
+        for attempt in (0, 1):
+            core = self._ensure()
+            if core is None or tty:
+                from .process import Popen as ProcessPopen
+
+                return ProcessPopen(
+                    self.destination,
+                    args,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    text=text,
+                    encoding=encoding,
+                    errors=errors,
+                    bufsize=bufsize,
+                    env=env,
+                    cwd=cwd,
+                    tty=tty,
+                    size=size,
+                    **self._fallback_kwargs(),
+                )
+            try:
+                return ChannelPopen(
+                    core,
+                    self.host,
+                    args,
+                    command,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    text=text,
+                    encoding=encoding,
+                    errors=errors,
+                    bufsize=bufsize,
+                )
+            except ChannelLost:
+                if attempt:
+                    raise SSHConnectionError(self.host, "the control master is gone") from None
+            except ChannelError as e:
+                raise SSHError(self.host, str(e)) from None
+        raise AssertionError("unreachable")
+
+    def call(self, args: str | Sequence[str], **kwargs: Any) -> int:
+        """Run a command and return its returncode (like ``subprocess.call``)."""
+        rc: int = self.run(args, **kwargs).returncode
+        return rc
+
+    def check_call(self, args: str | Sequence[str], **kwargs: Any) -> int:
+        """Run a command; ``CalledProcessError`` if it fails; return 0."""
+        self.run(args, check=True, **kwargs)
+        return 0
+
+    def check_output(self, args: str | Sequence[str], **kwargs: Any) -> Any:
+        """Run a command and return its stdout; ``CalledProcessError`` if it fails."""
+        if "stdout" in kwargs:
+            raise ValueError("stdout argument not allowed, it will be overridden.")
+        return self.run(args, stdout=subprocess.PIPE, check=True, **kwargs).stdout
+
+    # -- forwards ----------------------------------------------------------------------
+    def forward_local(
+        self, listen_port: int, host: str, port: int, *, listen_host: str = "127.0.0.1"
+    ) -> Forward:
+        """``ssh -L``: listen on ``listen_host:listen_port`` here, connect to ``host:port``
+        from the server.  Port 0 picks a free port.  Returns a ``Forward`` (the port)."""
+        return self._open_local_like(MUX_FWD_LOCAL, "local", listen_host, listen_port, host, port)
+
+    def forward_dynamic(self, listen_port: int = 0, *, listen_host: str = "127.0.0.1") -> Forward:
+        """``ssh -D``: a SOCKS4/5 proxy here whose connections leave from the server."""
+        return self._open_local_like(MUX_FWD_DYNAMIC, "dynamic", listen_host, listen_port, "", 0)
+
+    def forward_remote(
+        self, listen_port: int, host: str, port: int, *, listen_host: str = "127.0.0.1"
+    ) -> Forward:
+        """``ssh -R``: the server listens on ``listen_host:listen_port`` (0: the server picks
+        and the Forward holds its choice); connections come back to ``host:port`` from here."""
+        self._ensure()
+        spec = (MUX_FWD_REMOTE, listen_host, listen_port, host, port)
+        try:
+            with MuxControl(self.control_path) as m:
+                got = m.open_forward(*spec)
+        except MuxRefused as e:
+            raise ForwardError(self.host, f"remote forward refused: {e}") from None
+        except MuxError as e:
+            raise SSHConnectionError(self.host, str(e)) from None
+        fwd = Forward(got if got is not None else listen_port, self, "remote", spec)
+        with self._lock:
+            self._forwards.append(fwd)
+        return fwd
+
+    def _open_local_like(
+        self, ftype: int, kind: str, listen_host: str, listen_port: int, host: str, port: int
+    ) -> Forward:
+        self._ensure()
+        # The master does not report the port it bound for 0: pick a free one and ask for it
+        # (another process may take it in between: then try another).
+        tries = 20 if listen_port == 0 else 1
+        last = ""
+        for _ in range(tries):
+            lport = listen_port or _free_port(listen_host)
+            spec = (ftype, listen_host, lport, host, port)
+            try:
+                with MuxControl(self.control_path) as m:
+                    m.open_forward(*spec)
+            except MuxRefused as e:
+                last = str(e)
+                continue
+            except MuxError as e:
+                raise SSHConnectionError(self.host, str(e)) from None
+            fwd = Forward(lport, self, kind, spec)
+            with self._lock:
+                self._forwards.append(fwd)
+            return fwd
+        raise ForwardError(self.host, f"{kind} forward on {listen_host}:{listen_port}: {last}")
+
+    def _cancel_forward(self, fwd: Forward, spec: tuple[int, str, int, str, int]) -> None:
+        with self._lock:
+            if fwd not in self._forwards or self._closed:
+                return
+            self._forwards = [f for f in self._forwards if f is not fwd]
+        try:
+            with MuxControl(self.control_path, timeout=10) as m:
+                m.close_forward(*spec)
+        except MuxRefused as e:
+            raise ForwardError(self.host, f"cancelling {fwd!r}: {e}") from None
+        except MuxError:
+            pass  # the master is gone, and its forwards with it
+
+    @property
+    def forwards(self) -> list[Forward]:
+        """The forwards opened through this Connection and not cancelled."""
+        with self._lock:
+            return list(self._forwards)
+
+    # -- ssh argv for other tools ------------------------------------------------------
+    def ssh_args(self) -> list[str]:
+        """Options that make ``ssh``/``scp``/``sftp`` use this master: ``-o ControlPath=...``
+        ``-o ControlMaster=no`` plus the connection's settings (no destination)."""
+        self._ensure()
+        return [
+            "-o",
+            f"ControlPath={self.control_path}",
+            "-o",
+            "ControlMaster=no",
+            *self._settings_args,
+        ]
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._opened else "new")
+        return f"<Connection {self.destination!r} {state} master_pid={self.master_pid}>"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("", "*", "localhost") else "127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def connect(
+    destination: str,
+    *,
+    config: str | os.PathLike[str] | None = None,
+    user: str | None = None,
+    port: int | str | None = None,
+    identity: str | os.PathLike[str] | None = None,
+    jump: str | None = None,
+    options: Mapping[str, OptionValue] | None = None,
+    password: str | None = None,
+    passphrase: str | None = None,
+    on_prompt: OnPrompt | None = None,
+    start_timeout: float | None = 60.0,
+    reconnect: bool = True,
+    proxy: bool = True,
+) -> Connection:
+    """Start an OpenSSH master to ``destination`` owned by sshwrap; return the ``Connection``.
+
+    Use it as a context manager (``with sshwrap.connect("web1") as c: c.run(...)``) or call
+    ``close()``.  Raises ``AuthenticationError``, ``HostKeyError``, ``SSHConnectionError``
+    like ``sshwrap.run`` when the master cannot connect.
+    """
+    return Connection(
+        destination,
+        config=config,
+        user=user,
+        port=port,
+        identity=identity,
+        jump=jump,
+        options=options,
+        password=password,
+        passphrase=passphrase,
+        on_prompt=on_prompt,
+        start_timeout=start_timeout,
+        reconnect=reconnect,
+        proxy=proxy,
+    ).open()

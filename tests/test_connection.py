@@ -1,0 +1,329 @@
+"""Connection: an owned ControlMaster and commands over its mux proxy, against a real sshd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import sshwrap
+from sshwrap.connection import SUN_PATH_MAX, Connection, connect
+from sshwrap.errors import (
+    CalledProcessError,
+    SSHConnectionError,
+    SSHWrapError,
+    TimeoutExpired,
+)
+from sshwrap.testing import LocalSSHD
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``pred`` until it holds (bounded); the event is what we wait on, not a delay."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _remote(sshd: LocalSSHD, needle: str) -> list[int]:
+    """Pids of the sshd's session processes whose command line contains ``needle``."""
+    return [p for p in sshd.session_pids() if needle in _cmdline(p)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+    except OSError:
+        return False
+    return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] != b"Z"
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _descendants(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for p in _all_pids():
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                st = f.read()
+        except OSError:
+            continue
+        ppid = int(st[st.rindex(b")") + 2 :].split()[1])
+        kids.setdefault(ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.fixture(scope="module")
+def conn(local_sshd: LocalSSHD) -> Iterator[Connection]:
+    with connect(local_sshd.host, config=local_sshd.config) as c:
+        yield c
+
+
+def test_run_output_status_and_quoting(conn: Connection) -> None:
+    r = conn.run(["printf", "%s\n", "a b", "$HOME", "", "it's"], capture_output=True)
+    assert r.returncode == 0
+    assert r.stdout == b"a b\n$HOME\n\nit's\n"
+    assert r.stderr == b""
+    assert r.host == conn.host
+    r = conn.run("echo out; echo err >&2; exit 3", capture_output=True, text=True)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    assert conn.run("exit 255").returncode == 255  # a genuine 255 is no ssh failure
+    assert conn.check_output(["cat"], input=b"fed in") == b"fed in"
+    assert conn.call("exit 4") == 4
+    assert conn.check_call("true") == 0
+    assert conn.run("cd; pwd", stdout=subprocess.PIPE, env={"X": "1"}).stdout.strip()
+    r = conn.run(
+        'echo "$A$B"; pwd', capture_output=True, text=True, env={"A": "x y", "B": "$z"}, cwd="/tmp"
+    )
+    assert r.stdout == "x y$z\n/tmp\n"
+    r = conn.run("echo merged >&2", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert r.stdout == b"merged\n" and r.stderr is None
+
+
+def test_check_raises_called_process_error(conn: Connection) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        conn.run("echo no >&2; exit 7", capture_output=True, check=True)
+    assert isinstance(info.value, CalledProcessError) and isinstance(info.value, SSHWrapError)
+    assert info.value.returncode == 7
+    assert info.value.stderr == b"no\n"
+    assert info.value.host == conn.host
+
+
+def test_remote_signal_death_is_exact(conn: Connection) -> None:
+    assert conn.run("kill -9 $$").returncode == -9
+    assert conn.run("kill -TERM $$").returncode == -15
+    assert conn.run("kill -USR1 $$").returncode == -signal.SIGUSR1
+    with pytest.raises(CalledProcessError, match="SIGKILL"):
+        conn.run("kill -KILL $$", check=True)
+
+
+def test_stdin_default_is_devnull_and_files_work(conn: Connection, tmp_path: object) -> None:
+    assert conn.run("cat", capture_output=True).stdout == b""
+    src = os.path.join(str(tmp_path), "in")
+    dst = os.path.join(str(tmp_path), "out")
+    with open(src, "wb") as f:
+        f.write(os.urandom(300_000))
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        assert conn.run("cat", stdin=fin, stdout=fout).returncode == 0
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_big_data_both_ways(conn: Connection) -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    r = conn.run("cat", input=data, capture_output=True)
+    assert r.stdout == data
+    r = conn.run("head -c 20000000 /dev/zero", capture_output=True)
+    assert r.stdout == bytes(20_000_000)
+
+
+def test_popen_pipes_line_by_line(conn: Connection) -> None:
+    with conn.Popen(
+        "echo a; read x; echo got $x", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as p:
+        assert p.pid is None
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline() == "a\n"  # arrives before the command ends
+        p.stdin.write("b\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "got b\n"
+        p.stdin.close()
+    assert p.returncode == 0
+
+
+def test_popen_communicate_no_deadlock(conn: Connection) -> None:
+    data = os.urandom(16 * 1024 * 1024)
+    with conn.Popen(
+        ["sh", "-c", "cat; cat /dev/null >&2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as p:
+        out, err = p.communicate(data, timeout=120)
+    assert out == data and err == b"" and p.returncode == 0
+
+
+def test_popen_send_signal_sigint_stops_remote_sleep(
+    conn: Connection, local_sshd: LocalSSHD
+) -> None:
+    p = conn.Popen(["sleep", "1001"])
+    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1001")), 10, "the remote sleep")
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=10) == -2
+    _wait_for(lambda: not _remote(local_sshd, "sleep 1001"), 5, "the remote sleep to go")
+
+
+def test_popen_terminate_and_kill(conn: Connection, local_sshd: LocalSSHD) -> None:
+    p = conn.Popen(["sleep", "1002"])
+    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1002")), 10, "the remote sleep")
+    p.terminate()
+    assert p.wait(timeout=10) == -15
+    p = conn.Popen(["sleep", "1003"])
+    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1003")), 10, "the remote sleep")
+    p.kill()
+    assert p.wait(timeout=10) == -9
+    assert p.poll() == -9
+
+
+def test_timeout_stops_remote_command(conn: Connection, local_sshd: LocalSSHD) -> None:
+    t = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        conn.run("echo started; exec sleep 1004", timeout=1, capture_output=True)
+    assert time.monotonic() - t < 4
+    assert isinstance(info.value, TimeoutExpired)
+    assert info.value.output == b"started\n"
+    assert info.value.host == conn.host
+    _wait_for(lambda: not _remote(local_sshd, "sleep 1004"), 5, "the remote sleep to go")
+
+
+def test_timeout_then_kill_when_term_is_ignored(conn: Connection, local_sshd: LocalSSHD) -> None:
+    with pytest.raises(TimeoutExpired):
+        conn.run("trap '' TERM; sleep 1005; :", timeout=0.5, kill_after=0.5)
+    _wait_for(lambda: not _remote(local_sshd, "sleep 1005"), 5, "the remote command to go")
+
+
+def test_popen_wait_timeout(conn: Connection) -> None:
+    with conn.Popen(["sleep", "1006"]) as p:
+        with pytest.raises(TimeoutExpired):
+            p.wait(timeout=0.2)
+        assert p.poll() is None
+        p.kill()
+    assert p.returncode == -9
+
+
+def test_socket_dir_private_then_removed(local_sshd: LocalSSHD) -> None:
+    c = connect(local_sshd.host, config=local_sshd.config)
+    try:
+        d = os.path.dirname(c.control_path)
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert stat.S_ISSOCK(os.stat(c.control_path).st_mode)
+        assert len(os.fsencode(c.control_path)) + 17 <= SUN_PATH_MAX
+        assert c.alive and _pid_alive(c.master_pid)
+        pid = c.master_pid
+        # The master holds no pipe of ours: its stdio is /dev/null or its log.
+        for fd in ("0", "1"):
+            assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+    finally:
+        c.close()
+    assert not os.path.exists(d)
+    assert not c.alive
+    _wait_for(lambda: not _pid_alive(pid), 5, "the master to exit")
+    with pytest.raises(ValueError):
+        c.run("true")
+
+
+def test_hundred_runs_one_master_no_other_ssh(local_sshd: LocalSSHD) -> None:
+    with connect(local_sshd.host, config=local_sshd.config) as c:
+        me = os.getpid()
+        for _ in range(100):
+            assert c.run("true").returncode == 0
+            ssh_kids = [
+                p for p in _descendants(me) if os.path.basename(_cmdline(p).split(" ")[0]) == "ssh"
+            ]
+            assert not ssh_kids
+        masters = [p for p in _all_pids() if c.control_path in _cmdline(p)]
+        assert masters == [c.master_pid]
+
+
+def test_killed_master_reconnects(local_sshd: LocalSSHD) -> None:
+    with connect(local_sshd.host, config=local_sshd.config) as c:
+        old = c.master_pid
+        os.kill(old, signal.SIGKILL)
+        _wait_for(lambda: not _pid_alive(old), 5, "the master to die")
+        t = time.monotonic()
+        assert c.run("echo back", capture_output=True).stdout == b"back\n"
+        assert time.monotonic() - t < 5
+        assert c.master_pid != old and _pid_alive(c.master_pid)
+        assert c.restarts == 1
+
+
+def test_killed_master_raises_without_reconnect(local_sshd: LocalSSHD) -> None:
+    with connect(local_sshd.host, config=local_sshd.config, reconnect=False) as c:
+        p = c.Popen(["sleep", "1007"])
+        _wait_for(lambda: bool(_remote(local_sshd, "sleep 1007")), 10, "the remote sleep")
+        os.kill(c.master_pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(SSHConnectionError):
+            p.wait(timeout=5)
+        assert p.returncode == 255 and isinstance(p.ssh_error, SSHConnectionError)
+        with pytest.raises(SSHConnectionError):
+            c.run("true")
+        assert time.monotonic() - t < 5
+        assert not c.alive
+
+
+def test_many_threads_at_once(conn: Connection) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(15):
+                r = conn.run(["echo", f"{n}-{i}"], capture_output=True, text=True)
+                assert r.stdout == f"{n}-{i}\n", r
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+
+
+def test_concurrent_popen_streams_do_not_mix(conn: Connection) -> None:
+    procs = [
+        conn.Popen(
+            ["sh", "-c", f"head -c 3000000 /dev/zero | tr '\\0' {c}"], stdout=subprocess.PIPE
+        )
+        for c in "abcd"
+    ]
+    # Read them in turn, so three of them are throttled by their full pipes meanwhile.
+    for c, p in zip("abcd", procs, strict=True):
+        out, _ = p.communicate(timeout=60)
+        assert out == c.encode() * 3_000_000
+        assert p.returncode == 0
+
+
+def test_fallback_ssh_s_when_proxy_is_off(local_sshd: LocalSSHD) -> None:
+    with connect(local_sshd.host, config=local_sshd.config, proxy=False) as c:
+        assert not c.uses_proxy
+        r = c.run(["printf", "%s", "a b"], capture_output=True)
+        assert (r.returncode, r.stdout) == (0, b"a b")
+        assert c.run("exit 5").returncode == 5
+        masters = [p for p in _all_pids() if c.control_path in _cmdline(p)]
+        assert c.master_pid in masters
+
+
+def test_connect_failure_is_typed(local_sshd: LocalSSHD) -> None:
+    with pytest.raises(SSHConnectionError):
+        connect(local_sshd.host, config=local_sshd.config, port=1)
+    assert issubclass(sshwrap.SSHConnectionError, sshwrap.SSHError)
+
+
+def test_exports() -> None:
+    assert sshwrap.connect is connect
+    assert sshwrap.Connection is Connection
