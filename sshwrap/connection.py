@@ -122,41 +122,34 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-class Forward(int):
-    """A port forward over a Connection's master.  It *is* the port number (an ``int``):
-    the local port for ``forward_local``/``forward_dynamic``, the server's port for
-    ``forward_remote``, the one picked when 0 was asked for.
+class Forward:
+    """A port forward over a Connection's master: ``port`` is the listening port (the local
+    one for ``forward_local``/``forward_dynamic``, the server's for ``forward_remote``; the one
+    picked when 0 was asked for).  ``int(fwd)`` is the port too.
 
     ``cancel()`` removes it (``ssh -O cancel``); as a context manager it cancels on exit.
     """
 
-    kind: str
-    listen_host: str
-    connect_host: str
-    connect_port: int
-    _conn: Connection | None
-    _spec: tuple[int, str, int, str, int]
-
-    def __new__(
-        cls,
+    def __init__(
+        self,
         port: int,
         conn: Connection,
         kind: str,
         spec: tuple[int, str, int, str, int],
-    ) -> Forward:
-        self = super().__new__(cls, port)
+    ) -> None:
+        self.port = port
         self.kind = kind
-        self._conn = conn
+        self._conn: Connection | None = conn
         self._spec = spec
         self.listen_host = spec[1]
         self.connect_host = spec[3]
         self.connect_port = spec[4]
-        return self
 
-    @property
-    def port(self) -> int:
-        """The listening port."""
-        return int(self)
+    def __int__(self) -> int:
+        return self.port
+
+    def __index__(self) -> int:
+        return self.port
 
     @property
     def active(self) -> bool:
@@ -182,7 +175,7 @@ class Forward(int):
 
     def __repr__(self) -> str:
         target = "socks" if self.kind == "dynamic" else f"{self.connect_host}:{self.connect_port}"
-        return f"<Forward {self.kind} {self.listen_host}:{int(self)} -> {target}>"
+        return f"<Forward {self.kind} {self.listen_host}:{self.port} -> {target}>"
 
 
 class Connection:
@@ -647,7 +640,10 @@ class Connection:
 
     def forward_dynamic(self, listen_port: int = 0, *, listen_host: str = "127.0.0.1") -> Forward:
         """``ssh -D``: a SOCKS4/5 proxy here whose connections leave from the server."""
-        return self._open_local_like(MUX_FWD_DYNAMIC, "dynamic", listen_host, listen_port, "", 0)
+        # ssh -D names the target "socks" (readconf.c); the master requires a name.
+        return self._open_local_like(
+            MUX_FWD_DYNAMIC, "dynamic", listen_host, listen_port, "socks", 0
+        )
 
     def forward_remote(
         self, listen_port: int, host: str, port: int, *, listen_host: str = "127.0.0.1"
