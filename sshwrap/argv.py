@@ -300,14 +300,14 @@ def build_ssh_argv(
     """The full ssh argv for one call.
 
     ``-T`` (pipes) or ``-tt -e none`` (tty: no escape character, so data cannot trigger
-    ``~.``), then ``-E log -o LogLevel=DEBUG1`` when ``log_path`` is given (ssh's log goes to
+    ``~.``), then ``-E log -o LogLevel=DEBUG2`` when ``log_path`` is given (ssh's log goes to
     that file instead of stderr; sshwrap reads the remote exit status or signal from it and
     passes ssh's ordinary messages on), then ``settings``, then ``-- host command``.
     """
     argv = [ssh]
     argv += ["-tt", "-e", "none"] if tty else ["-T"]
     if log_path is not None:
-        argv += ["-E", log_path, "-o", "LogLevel=DEBUG1"]
+        argv += ["-E", log_path, "-o", "LogLevel=DEBUG2"]
     argv += settings
     argv += ["--", host]
     if remote is not None:

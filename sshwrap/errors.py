@@ -12,10 +12,13 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
 
 The ssh client exits 255 both when it fails and when the remote command was killed by a
 signal (and for a genuine ``exit 255``).  sshwrap runs ssh with ``-E <private file> -o
-LogLevel=DEBUG1`` and reads that log with :func:`interpret_exit`: ``rtype exit-status`` means
+LogLevel=DEBUG2`` and reads that log with :func:`interpret_exit`: ``rtype exit-status`` means
 the remote command exited (255 is then its own status), ``rtype exit-signal`` means it was
 killed by a signal, and neither means no remote command ever finished: an ssh failure, then
-classified by :func:`classify_ssh_failure`.
+classified by :func:`classify_ssh_failure`.  (DEBUG2 rather than DEBUG1 because a client that
+goes through the user's ControlMaster logs the master's answer only there: ``Received exit
+status from master N``, or ``Control master terminated unexpectedly`` when the session ended
+without a status, i.e. by a signal.)
 """
 
 from __future__ import annotations
@@ -187,7 +190,7 @@ _DEBUG = re.compile(r"^debug\d: ")
 
 
 def ssh_messages(log: str) -> str:
-    """What ssh would have printed on stderr at its default log level, from its DEBUG1 log.
+    """What ssh would have printed on stderr at its default log level, from its debug log.
 
     ssh ends every log message with ``\\r\\n``; a message may itself contain plain newlines
     (``Sending command: ...`` with a multi-line command), so messages are split on ``\\r\\n``.
@@ -257,14 +260,18 @@ def classify_ssh_failure(host: str, text: str, returncode: int = 255) -> SSHErro
 
 
 _EXIT_STATUS = re.compile(
-    r"rtype exit-status|^debug1: Exit status \d+$|Received exit status from master", re.M
+    r"rtype exit-status|^debug1: Exit status \d+\r?$|Received exit status from master", re.M
 )
 _EXIT_SIGNAL = re.compile(r"rtype exit-signal")
+# Through a ControlMaster (the user's ControlMaster/ControlPath config), the mux client only
+# learns an exit status; for a signal the master closes the session without one.
+_MUX_SESSION = re.compile(r"mux_client_request_session: master session id")
+_MUX_NO_STATUS = re.compile(r"Control master terminated unexpectedly")
 
 
 @dataclass
 class ExitInfo:
-    """How one ssh call ended, from ssh's exit status and its DEBUG1 log.
+    """How one ssh call ended, from ssh's exit status and its debug log.
 
     ``returncode`` is the remote command's (negative for a signal), or ssh's own when it
     failed; ``error`` is set when ssh failed; ``messages`` is what ssh would have printed.
@@ -285,7 +292,7 @@ def interpret_exit(host: str, ssh_returncode: int, log: str, sent_signal: int = 
     messages = ssh_messages(log)
     if ssh_returncode != 255:
         return ExitInfo(ssh_returncode, None, messages)
-    if _EXIT_SIGNAL.search(log):
+    if _EXIT_SIGNAL.search(log) or (_MUX_SESSION.search(log) and _MUX_NO_STATUS.search(log)):
         return ExitInfo(-sent_signal if sent_signal else UNKNOWN_SIGNAL, None, messages)
     if _EXIT_STATUS.search(log):
         return ExitInfo(255, None, messages)

@@ -25,7 +25,7 @@ multiplexes).  What sshwrap adds, and why:
   remote terminal), ``-e none`` so data cannot trigger ssh's ``~.`` escapes.
 - **returncode** is the remote command's exit status.  ssh exits 255 for its own failures,
   for a remote ``exit 255`` and for a remote command killed by a signal; sshwrap tells them
-  apart from ssh's DEBUG1 log (``-E`` into a private file, never shown to the user; ssh's
+  apart from ssh's debug log (``-E`` into a private file, never shown to the user; ssh's
   ordinary messages from it still go where ssh's stderr would go): an ssh failure raises an
   :class:`~sshwrap.errors.SSHError` subclass, a remote signal gives a negative returncode: minus
   the signal sshwrap sent when it sent one (timeout, ``terminate``, ``kill``,
@@ -247,7 +247,7 @@ class _PtyReader(io.RawIOBase):
     """The pty master as a raw stream: EIO (Linux's end of a pty) reads as EOF.
 
     It also drops ssh's own ``Connection to HOST closed.`` line, which ssh -tt writes into the
-    terminal after the remote output when its log level is INFO or more (sshwrap needs DEBUG1).
+    terminal after the remote output when its log level is INFO or more (sshwrap needs DEBUG2).
     """
 
     def __init__(self, fd: int) -> None:
