@@ -126,7 +126,7 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                 ww / ws,
                 "<= 1.10x",
                 ww / ws <= 1.10,
-                note=f"sshwrap's own CPU: {min(wrap_cpus) / gb:.2f} s/GB (both under one outer pty)",
+                note=f"sshwrap's own CPU: {min(wrap_cpus) / gb:.2f} s/GB (both under an outer pty)",
             )
         )
         # -- keystroke echo --------------------------------------------------------------
