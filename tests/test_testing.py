@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 from sshwrap.testing import LocalSSHD
 
@@ -73,3 +78,45 @@ def test_strict_host_key_checking_stays_on(local_sshd: LocalSSHD) -> None:
 def test_fixture_is_the_plugin(local_sshd: LocalSSHD) -> None:
     assert isinstance(local_sshd, LocalSSHD)
     assert os.path.exists(local_sshd.config)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to become an ordinary user"
+)
+def test_works_as_an_ordinary_user() -> None:
+    """An unprivileged sshd logs in as the user that started it."""
+    from sshwrap.testing import ensure_test_user
+
+    user = ensure_test_user()
+    probe = textwrap.dedent(
+        """
+        import subprocess
+        from sshwrap.testing import LocalSSHD
+        with LocalSSHD() as s:
+            out = subprocess.run(s.ssh(s.host, "id -un"), capture_output=True, timeout=60)
+            print(s.user, out.returncode, out.stdout.decode().strip(), s.dir)
+        """
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": root, "HOME": user.pw_dir}
+    out = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            probe,
+        ],
+        capture_output=True,
+        timeout=120,
+        env=env,
+        cwd="/",
+    )
+    if out.returncode != 0 and b"Permission denied" in out.stderr:
+        pytest.skip(f"this checkout is not readable by {user.pw_name}: {out.stderr[-300:]!r}")
+    assert out.returncode == 0, out.stderr
+    name, rc, who, directory = out.stdout.decode().split()
+    assert (name, rc, who) == (user.pw_name, "0", user.pw_name)
+    assert not os.path.exists(directory)
