@@ -38,6 +38,14 @@ _EXPORTS: dict[str, str] = {
     "Connection": "connection",
     "Forward": "connection",
     "ForwardError": "connection",
+    "PromptServer": "prompts",
+    "Spawned": "spawn",
+    "ExpectError": "spawn",
+    "ExpectTimeout": "spawn",
+    "ExpectEOF": "spawn",
+    "TransferError": "transfer",
+    "RemoteFileNotFoundError": "transfer",
+    "RemotePermissionError": "transfer",
 }
 
 # submodules reachable as attributes without an explicit import (``sshwrap.aio.run``)
@@ -67,7 +75,15 @@ if TYPE_CHECKING:
     from .process import check_call as check_call
     from .process import check_output as check_output
     from .process import run as run
+    from .prompts import PromptServer as PromptServer
+    from .spawn import ExpectEOF as ExpectEOF
+    from .spawn import ExpectError as ExpectError
+    from .spawn import ExpectTimeout as ExpectTimeout
+    from .spawn import Spawned as Spawned
     from .testing import LocalSSHD as LocalSSHD
+    from .transfer import RemoteFileNotFoundError as RemoteFileNotFoundError
+    from .transfer import RemotePermissionError as RemotePermissionError
+    from .transfer import TransferError as TransferError
 
 
 def __getattr__(name: str) -> Any:
