@@ -20,7 +20,6 @@ sshd:
 	    echo "sshwrap needs OpenSSH: install openssh-client and openssh-server (e.g. sudo apt-get install openssh-client openssh-server)" >&2; exit 1; \
 	  fi; \
 	fi
-	@for t in tmux; do command -v $$t >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$t >/dev/null; }; } || true; done
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
