@@ -38,6 +38,7 @@ from .mux import Reader, pack_string, pack_u32
 __all__ = [
     "ChannelError",
     "ChannelLost",
+    "ChannelOpenTimeout",
     "ProxyCore",
     "Session",
     "Sink",
@@ -72,6 +73,10 @@ _U32 = struct.Struct(">I")
 
 class ChannelError(OSError):
     """A channel could not be opened or a request on it failed."""
+
+
+class ChannelOpenTimeout(ChannelError):
+    """The server did not confirm a channel open in time."""
 
 
 class ChannelLost(ChannelError):
@@ -164,6 +169,7 @@ class Session:
         self.exit_core_dumped = False
         self.exit_message = ""
         self.lost = False
+        self.abandoned = False
         self.remote_eof = False
         self.eof_sent = False
         self.close_sent = False
@@ -296,12 +302,17 @@ class ProxyCore:
         """Open a ``session`` channel and wait for the server's confirmation."""
         ch = self.start_session()
         if not ch.opened.wait(timeout):
-            with self.lock:
-                ch.open_error = "timed out opening a channel"
-                self._channels.pop(ch.local_id, None)
-            raise ChannelError("timed out waiting for the server to open a session channel")
+            self.abandon(ch)
+            raise ChannelOpenTimeout("timed out waiting for the server to open a session channel")
         self.check_opened(ch)
         return ch
+
+    def abandon(self, ch: Session) -> None:
+        """Give up on a channel nobody waits for: closed as soon as it is open."""
+        with self.lock:
+            ch.abandoned = True
+            if ch.remote_id >= 0:
+                ch._send_close_locked()
 
     def check_opened(self, ch: Session) -> None:
         """Raise if the channel could not be opened (after ``ch.opened`` is set)."""
@@ -531,6 +542,8 @@ class ProxyCore:
             ch.remote_id = r.u32()
             ch.remote_window = r.u32()
             ch.remote_max_packet = r.u32()
+            if ch.abandoned:
+                ch._send_close_locked()
             ch.opened.set()
             if ch.notify is not None:
                 ch.notify()

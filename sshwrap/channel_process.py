@@ -23,6 +23,7 @@ once); ``stdin=None`` reads this process's own stdin (from the I/O thread).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import io
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any, cast
 
-from .channel import ProxyCore, Session, Sink, Source
+from .channel import ChannelOpenTimeout, ProxyCore, Session, Sink, Source
 from .errors import (
     CalledProcessError,
     SSHConnectionError,
@@ -44,7 +45,7 @@ from .errors import (
     TimeoutExpired,
 )
 
-__all__ = ["KILL_AFTER", "ChannelPopen", "run_channel"]
+__all__ = ["KILL_AFTER", "ChannelPopen", "run_channel", "run_channel_async"]
 
 PIPE = subprocess.PIPE
 STDOUT = subprocess.STDOUT
@@ -156,6 +157,76 @@ def _stop(ch: Session, kill_after: float, deadline_extra: float = 5.0) -> None:
         ch.closed.wait(deadline_extra)
 
 
+class _RunPlan:
+    """The streams of one ``run``: prepared before the channel opens, read after it ends."""
+
+    def __init__(
+        self,
+        host: str,
+        args: object,
+        *,
+        input: bytes | str | None,
+        stdin: Stream,
+        stdout: Stream,
+        stderr: Stream,
+        capture_output: bool,
+        text: bool | None,
+        encoding: str | None,
+        errors: str | None,
+    ) -> None:
+        if capture_output:
+            if stdout is not None or stderr is not None:
+                raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+            stdout = stderr = PIPE
+        self.host, self.args = host, args
+        self.stdout_spec, self.stderr_spec = stdout, stderr
+        self.textual = _text_mode(text, encoding, errors)
+        self.encoding, self.errors = encoding, errors
+        data: bytes | None
+        if isinstance(input, str):
+            enc = encoding or locale.getpreferredencoding(False)
+            data = input.encode(enc, errors or "strict")
+        else:
+            data = input
+        self.src = _source(stdin, data)
+        try:
+            self.out, _ = _sink(stdout, collect_pipe=True)
+            self.err, _ = _stderr_sink(stderr, self.out, collect_pipe=True)
+        except BaseException:
+            _release(self.src, [])
+            raise
+
+    def release(self) -> None:
+        """Close our descriptors when the channel never started."""
+        _release(self.src, [self.out, self.err])
+
+    def outputs(self) -> tuple[Any, Any]:
+        return _outputs(
+            self.out,
+            self.err,
+            self.stdout_spec,
+            self.stderr_spec,
+            self.textual,
+            self.encoding,
+            self.errors,
+        )
+
+    def timed_out(self, timeout: float) -> TimeoutExpired:
+        o, e = self.outputs()
+        return TimeoutExpired(cast(Any, self.args), timeout, o, e, host=self.host)
+
+    def result(self, ch: Session, check: bool, make_result: Callable[..., Any]) -> Any:
+        failure = _ended_error(self.host, ch)
+        if failure is not None:
+            raise failure
+        rc = ch.returncode
+        assert rc is not None
+        o, e = self.outputs()
+        if check and rc != 0:
+            raise CalledProcessError(rc, cast(Any, self.args), o, e, host=self.host)
+        return make_result(self.args, rc, o, e)
+
+
 def run_channel(
     core: ProxyCore,
     host: str,
@@ -176,42 +247,127 @@ def run_channel(
     make_result: Callable[..., Any] = subprocess.CompletedProcess,
 ) -> Any:
     """Run ``command`` on a new session channel and wait for it; see the module docstring."""
-    if capture_output:
-        if stdout is not None or stderr is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
-        stdout = stderr = PIPE
-    textual = _text_mode(text, encoding, errors)
-    data: bytes | None
-    if isinstance(input, str):
-        data = input.encode(encoding or locale.getpreferredencoding(False), errors or "strict")
-    else:
-        data = input
     deadline = None if timeout is None else time.monotonic() + timeout
-    src = _source(stdin, data)
-    out, _ = _sink(stdout, collect_pipe=True)
-    err, _ = _stderr_sink(stderr, out, collect_pipe=True)
+    plan = _RunPlan(
+        host,
+        args,
+        input=input,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        capture_output=capture_output,
+        text=text,
+        encoding=encoding,
+        errors=errors,
+    )
     try:
-        ch = core.open_session(_OPEN_TIMEOUT if timeout is None else max(timeout, 0.001))
+        ch = core.open_session(_OPEN_TIMEOUT if timeout is None else timeout)
+    except ChannelOpenTimeout:
+        plan.release()
+        if timeout is None:
+            raise
+        raise plan.timed_out(timeout) from None
     except BaseException:
-        _release(src, [out, err])
+        plan.release()
         raise
-    ch.setup_io(src, out, err)
+    ch.setup_io(plan.src, plan.out, plan.err)
     ch.exec(command)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     if not ch.closed.wait(remaining):
         _stop(ch, kill_after)
-        o, e = _outputs(out, err, stdout, stderr, textual, encoding, errors)
         assert timeout is not None
-        raise TimeoutExpired(cast(Any, args), timeout, o, e, host=host)
-    failure = _ended_error(host, ch)
-    if failure is not None:
-        raise failure
-    rc = ch.returncode
-    assert rc is not None
-    o, e = _outputs(out, err, stdout, stderr, textual, encoding, errors)
-    if check and rc != 0:
-        raise CalledProcessError(rc, cast(Any, args), o, e, host=host)
-    return make_result(args, rc, o, e)
+        raise plan.timed_out(timeout)
+    return plan.result(ch, check, make_result)
+
+
+async def run_channel_async(
+    core: ProxyCore,
+    host: str,
+    args: object,
+    command: str,
+    *,
+    input: bytes | str | None = None,
+    stdin: Stream = DEVNULL,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    text: bool | None = None,
+    encoding: str | None = None,
+    errors: str | None = None,
+    kill_after: float = KILL_AFTER,
+    make_result: Callable[..., Any] = subprocess.CompletedProcess,
+) -> Any:
+    """``run_channel`` for asyncio: no thread waits; the pump wakes the loop.
+
+    Cancelling it stops the remote command (TERM, then the channel is closed).
+    """
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def notify() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(event.set)
+
+    async def until(cond: Callable[[], bool]) -> None:
+        while True:
+            event.clear()
+            if cond():
+                return
+            await event.wait()
+
+    deadline = None if timeout is None else loop.time() + timeout
+    plan = _RunPlan(
+        host,
+        args,
+        input=input,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        capture_output=capture_output,
+        text=text,
+        encoding=encoding,
+        errors=errors,
+    )
+    try:
+        ch = core.start_session(notify)
+    except BaseException:
+        plan.release()
+        raise
+    try:
+        try:
+            await asyncio.wait_for(
+                until(ch.opened.is_set), _OPEN_TIMEOUT if timeout is None else timeout
+            )
+        except TimeoutError:
+            core.abandon(ch)
+            plan.release()
+            if timeout is None:
+                raise ChannelOpenTimeout("timed out opening a session channel") from None
+            raise plan.timed_out(timeout) from None
+        try:
+            core.check_opened(ch)
+        except BaseException:
+            plan.release()
+            raise
+        ch.setup_io(plan.src, plan.out, plan.err)
+        ch.exec(command)
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            await asyncio.wait_for(until(ch.closed.is_set), remaining)
+        except TimeoutError:
+            await asyncio.to_thread(_stop, ch, kill_after)
+            assert timeout is not None
+            raise plan.timed_out(timeout) from None
+    except asyncio.CancelledError:
+        if ch.opened.is_set() and not ch.closed.is_set():
+            ch.send_signal(signal.SIGTERM)
+            ch.close()
+        else:
+            core.abandon(ch)
+        raise
+    return plan.result(ch, check, make_result)
 
 
 def _outputs(

@@ -1,0 +1,88 @@
+"""The asyncio face of Connection, against the real sshd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from sshwrap.aio_connection import AsyncConnection, connect
+from sshwrap.errors import CalledProcessError, TimeoutExpired
+from sshwrap.testing import LocalSSHD
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _remote(sshd: LocalSSHD, needle: str) -> list[int]:
+    return [p for p in sshd.session_pids() if needle in _cmdline(p)]
+
+
+async def _wait_for_remote(sshd: LocalSSHD, needle: str, present: bool, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while bool(_remote(sshd, needle)) != present:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} present={not present} after {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def test_async_run_results_and_concurrency(local_sshd: LocalSSHD) -> None:
+    async def main() -> None:
+        async with await connect(local_sshd.host, config=local_sshd.config) as c:
+            assert isinstance(c, AsyncConnection)
+            r = await c.run(["printf", "%s", "a b"], capture_output=True, text=True)
+            assert (r.returncode, r.stdout, r.host) == (0, "a b", local_sshd.host)
+            assert (await c.run("kill -9 $$")).returncode == -9
+            assert (await c.run("kill -TERM $$")).returncode == -15
+            assert await c.check_output(["cat"], input=b"xyz") == b"xyz"
+            with pytest.raises(subprocess.CalledProcessError) as info:
+                await c.run("exit 3", check=True)
+            assert isinstance(info.value, CalledProcessError)
+            rs = await asyncio.gather(
+                *(c.run(["echo", str(i)], capture_output=True) for i in range(100))
+            )
+            assert [x.stdout for x in rs] == [f"{i}\n".encode() for i in range(100)]
+            assert await c.alive()
+            path = c.control_path
+        assert not os.path.exists(path)
+
+    asyncio.run(main())
+
+
+def test_async_timeout_and_cancel_stop_the_remote_command(local_sshd: LocalSSHD) -> None:
+    async def main() -> None:
+        async with await connect(local_sshd.host, config=local_sshd.config) as c:
+            t = time.monotonic()
+            with pytest.raises(TimeoutExpired):
+                await c.run(["sleep", "2001"], timeout=0.5)
+            assert time.monotonic() - t < 4
+            await _wait_for_remote(local_sshd, "sleep 2001", False, 5)
+            task = asyncio.ensure_future(c.run(["sleep", "2002"]))
+            await _wait_for_remote(local_sshd, "sleep 2002", True, 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await _wait_for_remote(local_sshd, "sleep 2002", False, 5)
+
+    asyncio.run(main())
+
+
+def test_async_reconnects_after_master_death(local_sshd: LocalSSHD) -> None:
+    async def main() -> None:
+        async with await connect(local_sshd.host, config=local_sshd.config) as c:
+            old = c.master_pid
+            os.kill(old, signal.SIGKILL)
+            r = await c.run("echo again", capture_output=True)
+            assert r.stdout == b"again\n"
+            assert c.master_pid != old
+
+    asyncio.run(main())
