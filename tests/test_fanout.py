@@ -1,0 +1,366 @@
+"""Fan-out (``sshwrap.run_many`` / ``sshwrap.aio.run_many``) against real sshds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_fanout_helpers import (
+    ALIAS_ENV,
+    Hosts,
+    alive,
+    comm,
+    descendants,
+    mixed_config,
+    wait_until,
+    write_config,
+)
+
+import sshwrap
+from sshwrap.errors import AuthenticationError, SSHConnectionError
+from sshwrap.fanout import (
+    FDS_PER_HOST,
+    FanoutInterrupted,
+    FdBudgetError,
+    HostResult,
+    check_fd_budget,
+    run_many,
+    run_many_async,
+)
+from sshwrap.testing import LocalSSHD
+
+N = 24  # aliases, over the 8 addresses of one sshd
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalSSHD]:
+    with LocalSSHD(hosts=8) as sshd:
+        yield sshd
+
+
+@pytest.fixture(scope="module")
+def many(server: LocalSSHD, tmp_path_factory: pytest.TempPathFactory) -> Hosts:
+    return write_config(server, N, tmp_path_factory.mktemp("fanout"))
+
+
+@pytest.fixture
+def mixed(server: LocalSSHD, tmp_path: Path) -> Iterator[Hosts]:
+    with LocalSSHD() as hang, mixed_config(server, hang, 20, tmp_path) as m:
+        hang.suspend()
+        try:
+            yield m
+        finally:
+            hang.resume()
+
+
+def _ssh_children() -> list[int]:
+    return [p for p in descendants(os.getpid()) if comm(p) == "ssh"]
+
+
+def _by_host(results: list[HostResult]) -> dict[str, HostResult]:
+    return {r.host: r for r in results}
+
+
+def test_mixed_hosts_each_get_their_own_result(mixed: Hosts) -> None:
+    """20 good hosts + refused + hanging + wrong key: each right, run bounded by the timeout."""
+    good = mixed.hosts
+    hosts = [mixed.hang, *good[:10], mixed.refused, *good[10:], mixed.badkey]
+    connect_timeout = 4.0
+    t0 = time.monotonic()
+    results = run_many(
+        hosts,
+        f'echo "${ALIAS_ENV}"',
+        config=mixed.config,
+        concurrency=8,  # fewer slots than hosts: the hanging one must not hold the others up
+        connect_timeout=connect_timeout,
+        timeout=30,
+    )
+    elapsed = time.monotonic() - t0
+    assert [r.host for r in results] == hosts  # input order
+    by = _by_host(results)
+    for alias in good:
+        r = by[alias]
+        assert r.status == "ok", (alias, r)
+        assert r.returncode == 0 and r.error is None
+        # Each host's output is its own (the alias its ssh config sent along).
+        assert r.stdout == f"{alias}\n".encode()
+        assert r.stderr == b""
+        assert r.duration < connect_timeout, (alias, r.duration)
+        assert r.connect_time is not None and r.connect_time <= r.duration
+    refused = by[mixed.refused]
+    assert refused.status == "ssh_error" and isinstance(refused.error, SSHConnectionError)
+    assert "refused" in refused.error.message
+    assert refused.returncode is None
+    assert refused.duration < connect_timeout
+    bad = by[mixed.badkey]
+    assert bad.status == "ssh_error" and isinstance(bad.error, AuthenticationError)
+    assert "Permission denied" in bad.error.message
+    hang = by[mixed.hang]
+    assert hang.status == "ssh_error" and isinstance(hang.error, SSHConnectionError)
+    assert "timed out" in str(hang.error).lower() or "connect_timeout" in str(hang.error)
+    assert connect_timeout - 0.5 <= hang.duration <= connect_timeout + 2.0
+    # The whole run: the hanging host's own timeout plus a small margin.
+    assert elapsed < connect_timeout + 3.0
+    assert _ssh_children() == []
+
+
+def test_returncodes_signal_and_exit_255(many: Hosts) -> None:
+    cmd = (
+        f'case "${ALIAS_ENV}" in h2) exit 255;; h3) kill -9 $$;;'
+        " h4) echo out; echo err >&2; exit 0;; esac; exit 3"
+    )
+    results = run_many(many.hosts[:4], cmd, config=many.config)
+    r1, r2, r3, r4 = results
+    assert (r1.status, r1.returncode, r1.error) == ("failed", 3, None)
+    assert (r2.status, r2.returncode, r2.error) == ("failed", 255, None)
+    assert r3.status == "failed" and r3.returncode is not None and r3.returncode < 0
+    assert r3.signalled and r3.error is None
+    assert (r4.status, r4.returncode, r4.stdout, r4.stderr) == ("ok", 0, b"out\n", b"err\n")
+    assert not r1.signalled and not r2.signalled
+
+
+def test_list_commands_are_quoted_and_bytes_are_exact(many: Hosts) -> None:
+    results = run_many(
+        many.hosts[:3],
+        ["printf", "%s|", "a b", "$HOME", "", "it's"],
+        config=many.config,
+    )
+    assert all(r.stdout == b"a b|$HOME||it's|" for r in results)
+    big = run_many(
+        many.hosts[:3],
+        "head -c 3000000 /dev/zero | tr '\\0' '\\377'; printf '\\000x' >&2",
+        config=many.config,
+    )
+    for r in big:
+        assert r.ok
+        assert r.stdout == b"\xff" * 3_000_000
+        assert r.stderr == b"\x00x"
+
+
+def test_input_goes_to_every_host(many: Hosts) -> None:
+    data = bytes(range(256)) * 1000
+    results = run_many(many.hosts[:5], ["cat"], config=many.config, input=data)
+    assert all(r.ok and r.stdout == data for r in results)
+    # Without input, stdin is /dev/null: a reading command sees EOF at once.
+    results = run_many(many.hosts[:2], "wc -c", config=many.config)
+    assert [r.stdout.strip() for r in results] == [b"0", b"0"]
+
+
+def test_command_timeout_stops_local_and_remote(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    sshd = local_sshd_factory(hosts=3)
+    t0 = time.monotonic()
+    results = run_many(sshd.hosts, ["sleep", "60"], config=sshd.config, timeout=1)
+    elapsed = time.monotonic() - t0
+    for r in results:
+        assert r.status == "timeout" and r.timed_out and r.returncode is None
+        assert r.connect_time is not None
+        assert r.duration - r.connect_time < 1 + 1.5  # the timeout, then TERM's grace at most
+    assert elapsed < 6
+    assert _ssh_children() == []
+    # The remote sleeps are gone too (the remote kill), within a few seconds.
+    wait_until(lambda: sshd.session_pids() == [], 8, "remote sessions to end")
+
+
+def test_deadline_bounds_the_whole_run(many: Hosts) -> None:
+    t0 = time.monotonic()
+    results = run_many(many.hosts[:3], "sleep 60", config=many.config, concurrency=1, deadline=2)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2 + 2.5
+    assert [r.status for r in results] == ["timeout"] * 3
+    assert results[0].started is not None
+    assert results[1].started is None and results[2].started is None
+
+
+def test_async_yields_as_hosts_finish(many: Hosts) -> None:
+    cmd = f'case "${ALIAS_ENV}" in h1) sleep 2;; esac; echo done'
+
+    async def main() -> list[str]:
+        order = []
+        async for r in run_many_async(many.hosts[:4], cmd, config=many.config):
+            assert r.ok and r.stdout == b"done\n"
+            order.append(r.host)
+        return order
+
+    order = asyncio.run(main())
+    assert sorted(order) == many.hosts[:4]
+    assert order[-1] == many.hosts[0]
+
+
+def test_aio_exposes_run_many() -> None:
+    import sshwrap.aio
+
+    if not hasattr(sshwrap.aio, "run_many"):
+        pytest.xfail("sshwrap/aio.py does not re-export fanout.run_many_async as run_many yet")
+    assert sshwrap.aio.run_many is run_many_async
+
+
+def test_cancelling_the_task_ends_every_ssh(many: Hosts) -> None:
+    hosts = many.hosts[:10]
+
+    async def main() -> tuple[list[int], float]:
+        up: set[str] = set()
+        all_up = asyncio.Event()
+        pids: list[int] = []
+
+        def on_output(host: str, stream: int, data: bytes) -> None:
+            up.add(host)
+            if len(up) == len(hosts):
+                all_up.set()
+
+        async def consume() -> None:
+            async for _ in run_many_async(
+                hosts, "echo up; sleep 60", config=many.config, on_output=on_output
+            ):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.wait_for(all_up.wait(), 30)
+        pids += _ssh_children()
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pids, time.monotonic() - t0
+
+    pids, took = asyncio.run(main())
+    assert len(pids) == len(hosts)
+    assert took < 3
+    assert not any(alive(p) for p in pids)
+    assert _ssh_children() == []
+    assert not [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("sshwrap-many-")]
+
+
+def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
+    hosts = many.hosts[:6]
+    cmd = f'case "${ALIAS_ENV}" in h1) echo quick; exit 0;; esac; echo up; sleep 60'
+    seen: set[str] = set()
+    ready = threading.Event()
+
+    def on_output(host: str, stream: int, data: bytes) -> None:
+        seen.add(host)
+        if len(seen) == len(hosts):
+            ready.set()
+
+    def interrupt() -> None:
+        if ready.wait(30):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=interrupt)
+    t.start()
+    try:
+        with pytest.raises(FanoutInterrupted) as info:
+            run_many(hosts, cmd, config=many.config, on_output=on_output)
+    finally:
+        t.join()
+    results = info.value.results
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert [r.host for r in results] == hosts
+    assert results[0].status == "ok" and results[0].stdout == b"quick\n"
+    for r in results[1:]:
+        assert r.status == "cancelled" and r.stdout == b"up\n"
+    assert _ssh_children() == []
+
+
+@dataclass
+class _Conn:
+    destination: str
+    control_path: str
+
+
+def test_reuses_a_control_master(many: Hosts) -> None:
+    d = tempfile.mkdtemp(prefix="sshwrap-t-")
+    path = os.path.join(d, "m")
+    base = ["ssh", "-F", many.config, "-o", f"ControlPath={path}"]
+    subprocess.run(
+        [*base, "-M", "-N", "-f", many.hosts[1]],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
+    try:
+        results = run_many(
+            [_Conn(many.hosts[1], path), many.hosts[2]],
+            ["echo", "hi"],
+            config=many.config,
+        )
+        assert [r.stdout for r in results] == [b"hi\n", b"hi\n"]
+        assert "master session id" in results[0].ssh_log  # went through the master
+        assert "master session id" not in results[1].ssh_log
+    finally:
+        subprocess.run([*base, "-O", "exit", many.hosts[1]], capture_output=True, timeout=30)
+        os.rmdir(d) if not os.listdir(d) else None
+
+
+def test_fd_budget_refuses_what_the_limit_cannot_hold() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    too_many = hard // FDS_PER_HOST + 100
+    with pytest.raises(FdBudgetError) as info:
+        check_fd_budget(too_many)
+    e = info.value
+    assert isinstance(e, sshwrap.SSHWrapError) and isinstance(e, ValueError)
+    assert e.max_concurrency < too_many
+    assert "open-files limit" in str(e) and str(e.max_concurrency) in str(e)
+    # The largest concurrency it names does fit.
+    check_fd_budget(max(1, e.max_concurrency))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[1] == hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_fd_budget_refusal_happens_before_any_ssh(many: Hosts) -> None:
+    code = (
+        "import resource, sshwrap\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        f"hosts = {many.hosts!r}\n"
+        "try:\n"
+        f"    sshwrap.run_many(hosts, 'true', config={many.config!r}, concurrency=20)\n"
+        "except sshwrap.FdBudgetError as e:\n"
+        "    print('refused', e.max_concurrency)\n"
+        "r = sshwrap.run_many(hosts, 'true', config="
+        f"{many.config!r}, concurrency=5)\n"
+        "print(sum(x.ok for x in r))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = out.stdout.split("\n")
+    assert lines[0].startswith("refused ")
+    assert 0 < int(lines[0].split()[1]) < 20
+    assert lines[1] == str(N)
+
+
+def test_fd_budget_raises_the_soft_limit_when_the_hard_one_allows() -> None:
+    code = (
+        "import resource\n"
+        "from sshwrap.fanout import check_fd_budget\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))\n"
+        "check_fd_budget(100)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert int(out.stdout) >= 100 * FDS_PER_HOST
+
+
+def test_no_fd_or_child_leak(many: Hosts) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        results = run_many(many.hosts, "true", config=many.config, concurrency=N)
+        assert all(r.ok for r in results)
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert _ssh_children() == []
