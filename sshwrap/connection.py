@@ -71,6 +71,9 @@ from .mux import (
 
 if TYPE_CHECKING:
     from .prompts import OnPrompt
+    from .relay import RelayResult
+    from .spawn import Spawned
+    from .transfer import ProgressCallback
 
 __all__ = ["SUN_PATH_MAX", "Connection", "Forward", "ForwardError", "connect"]
 
@@ -707,6 +710,83 @@ class Connection:
         """The forwards opened through this Connection and not cancelled."""
         with self._lock:
             return list(self._forwards)
+
+    # -- files and terminals (sshwrap.transfer, sshwrap.spawn) over the master ------------
+    def put(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        progress: ProgressCallback | None = None,
+        preserve_times: bool = True,
+    ) -> None:
+        """Copy a local file or directory (recursively, modes kept) to ``remote`` over the
+        master (SFTP; see ``sshwrap.transfer.put``).  ``progress(done, total)`` in bytes."""
+        from .transfer import put
+
+        put(
+            local,
+            remote,
+            destination=self.destination,
+            ssh_args=self.ssh_args(),
+            progress=progress,
+            preserve_times=preserve_times,
+        )
+
+    def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+        preserve_times: bool = True,
+    ) -> None:
+        """Copy a remote file or directory to ``local`` over the master
+        (see ``sshwrap.transfer.get``)."""
+        from .transfer import get
+
+        get(
+            remote,
+            local,
+            destination=self.destination,
+            ssh_args=self.ssh_args(),
+            progress=progress,
+            preserve_times=preserve_times,
+        )
+
+    def spawn(
+        self,
+        command: str | Sequence[str] | None,
+        *,
+        tty: bool = True,
+        dimensions: tuple[int, int] = (24, 80),
+        timeout: float | None = 30.0,
+        encoding: str = "utf-8",
+        errors: str = "replace",
+    ) -> Spawned:
+        """An expect-style ``Spawned`` program (``ssh -tt -e none`` in a local pty) over the
+        master; ``command`` None starts a login shell.  See ``sshwrap.spawn.Spawned``."""
+        from .spawn import Spawned
+
+        return Spawned(
+            command,
+            destination=self.destination,
+            ssh_args=self.ssh_args(),
+            tty=tty,
+            dimensions=dimensions,
+            timeout=timeout,
+            encoding=encoding,
+            errors=errors,
+        )
+
+    def interact(
+        self, escape: bytes | None = b"\x1d", *, stdin_fd: int = 0, stdout_fd: int = 1
+    ) -> RelayResult:
+        """Hand the user's terminal to a login shell over the master until it exits or the
+        user types ``escape`` (default ``^]``; the shell is then hung up).  Raw mode, resizes
+        and signals as in ``Spawned.interact``."""
+        with self.spawn(None, tty=True, timeout=None) as s:
+            return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
 
     # -- ssh argv for other tools ------------------------------------------------------
     def ssh_args(self) -> list[str]:

@@ -327,3 +327,18 @@ def test_connect_failure_is_typed(local_sshd: LocalSSHD) -> None:
 def test_exports() -> None:
     assert sshwrap.connect is connect
     assert sshwrap.Connection is Connection
+
+
+def test_no_fd_or_thread_leaks(conn: Connection) -> None:
+    conn.run("true")
+    before = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for _ in range(500):
+        conn.run("echo x", capture_output=True)
+    for _ in range(100):
+        with conn.Popen(
+            "cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as p:
+            p.communicate(b"y")
+    _wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before, 5, "fds to be closed")
+    assert threading.active_count() == threads
