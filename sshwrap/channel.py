@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -94,6 +95,12 @@ def signal_number(name: str) -> int | None:
         return int(signal.Signals["SIG" + name.split("@", 1)[0]])
     except KeyError:
         return None
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _packet(msg: int, body: bytes) -> bytes:
@@ -292,6 +299,9 @@ class ProxyCore:
         self.dead = False
         self.dead_reason = ""
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Closed when this object goes away, never while a caller might still wake the pump
+        # (a closed fd number can be reused by another file).
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._poll = select.poll()
         self._reg: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="sshwrap-mux-pump", daemon=True)
@@ -355,9 +365,18 @@ class ProxyCore:
         with self.lock:
             if not self.dead:
                 self._die_locked("closed")
+            # Nobody will read what the closed channels still had for their pipes.
+            self._drop_draining_locked()
         self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(5)
+
+    def _drop_draining_locked(self) -> None:
+        for ch in list(self._draining):
+            for sink in (ch.out, ch.err):
+                sink.pending.clear()
+                self._finish_sink_locked(sink)
+        self._draining.clear()
 
     # -- sending (lock held) -----------------------------------------------------------
     def _send_locked(self, data: bytes) -> None:
@@ -622,15 +641,7 @@ class ProxyCore:
                 self._die_locked(f"internal error in the channel pump: {e!r}")
         finally:
             with self.lock:
-                for ch in list(self._draining):
-                    for sink in (ch.out, ch.err):
-                        sink.pending.clear()
-                        self._finish_sink_locked(sink)
-                self._draining.clear()
-            with contextlib.suppress(OSError):
-                os.close(self._wake_r)
-            with contextlib.suppress(OSError):
-                os.close(self._wake_w)
+                self._drop_draining_locked()
 
     def _loop(self) -> None:
         sockfd = self.sock.fileno()
