@@ -1,0 +1,214 @@
+"""The ``sshwrap-many`` command against real sshds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ptyprocess import PtyProcess
+from test_fanout_helpers import (
+    ALIAS_ENV,
+    Hosts,
+    alive,
+    comm,
+    descendants,
+    mixed_config,
+    write_config,
+)
+
+from sshwrap.testing import LocalSSHD
+
+EXE = str(Path(sys.executable).with_name("sshwrap-many"))
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LocalSSHD]:
+    with LocalSSHD(hosts=4) as sshd:
+        yield sshd
+
+
+@pytest.fixture(scope="module")
+def many(server: LocalSSHD, tmp_path_factory: pytest.TempPathFactory) -> Hosts:
+    return write_config(server, 12, tmp_path_factory.mktemp("manycli"))
+
+
+def run_cli(
+    many: Hosts, *args: str, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, "-F", many.config, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_live_lines_are_prefixed_and_summary_says_what_happened(many: Hosts) -> None:
+    hosts = ",".join(many.hosts[:5])
+    cmd = f'case "${ALIAS_ENV}" in h2) echo bad >&2; exit 3;; esac; echo "hello ${ALIAS_ENV}"'
+    p = run_cli(many, "-H", hosts, "-p", "3", "--", cmd)
+    assert p.returncode == 1  # a command failed
+    out = sorted(p.stdout.splitlines())
+    assert out == sorted(f"{h} | hello {h}" for h in many.hosts[:5] if h != "h2")
+    assert "h2 | bad" in p.stderr.splitlines()
+    assert "h2 | [exit 3]" in p.stderr.splitlines()
+    assert "5 hosts in" in p.stderr and "4 ok, 1 failed, 0 timed out, 0 ssh errors" in p.stderr
+    assert "\x1b" not in p.stderr + p.stdout  # no progress bar, no colours when piped
+
+
+def test_words_after_dashdash_go_to_the_remote_shell_like_ssh(many: Hosts) -> None:
+    p = run_cli(many, "-H", "h1", "--", "echo", "$((1+2))", "a  b")
+    assert p.returncode == 0
+    assert p.stdout == "h1 | 3 a b\n"
+
+
+def test_hosts_from_file_and_stdin(many: Hosts, tmp_path: Path) -> None:
+    f = tmp_path / "hosts.txt"
+    f.write_text("# web tier\nh1\nh2  # second\n\nh3\nh1\n")
+    p = run_cli(many, "-H", str(f), "--json", "--", "true")
+    assert p.returncode == 0
+    assert sorted(json.loads(line)["host"] for line in p.stdout.splitlines()) == ["h1", "h2", "h3"]
+    p = run_cli(many, "-H", "-", "--json", "--", "true", input="h4\nh5\n")
+    assert p.returncode == 0
+    assert sorted(json.loads(line)["host"] for line in p.stdout.splitlines()) == ["h4", "h5"]
+
+
+def test_json_lines(many: Hosts) -> None:
+    cmd = f"case \"${ALIAS_ENV}\" in h2) printf '\\377';; esac; echo out; echo err >&2"
+    p = run_cli(many, "-H", "h1,h2", "--json", "--", cmd)
+    assert p.returncode == 0
+    objs = {o["host"]: o for o in map(json.loads, p.stdout.splitlines())}
+    h1 = objs["h1"]
+    assert h1["status"] == "ok" and h1["returncode"] == 0
+    assert h1["stdout"] == "out\n" and h1["stderr"] == "err\n" and h1["error"] is None
+    assert h1["duration"] > 0 and h1["connect_time"] > 0
+    h2 = objs["h2"]
+    assert h2["stdout"] is None and h2["stdout_base64"] == "/291dAo="  # b"\xffout\n"
+
+
+def test_group_identical_outputs(many: Hosts) -> None:
+    cmd = f'case "${ALIAS_ENV}" in h3|h5) echo other;; *) echo same;; esac'
+    p = run_cli(many, "-H", ",".join(many.hosts[:6]), "--group", "--", cmd)
+    assert p.returncode == 0
+    assert p.stdout == (
+        "==== h1,h2,h4,h6 (4 hosts): exit 0\nsame\n==== h3,h5 (2 hosts): exit 0\nother\n"
+    )
+
+
+def test_outdir_writes_a_file_per_host(many: Hosts, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = f'echo "o ${ALIAS_ENV}"; echo "e ${ALIAS_ENV}" >&2'
+    p = run_cli(many, "-H", "h1,h2,h3", "--outdir", str(out), "--", cmd)
+    assert p.returncode == 0
+    for h in ("h1", "h2", "h3"):
+        assert (out / f"{h}.out").read_text() == f"o {h}\n"
+        assert (out / f"{h}.err").read_text() == f"e {h}\n"
+    assert p.stdout == ""
+
+
+def test_exit_status_bits_for_ssh_errors_and_timeouts(server: LocalSSHD, tmp_path: Path) -> None:
+    with LocalSSHD() as hang, mixed_config(server, hang, 3, tmp_path) as m:
+        hang.suspend()
+        try:
+            t0 = time.monotonic()
+            cmd = f'case "${ALIAS_ENV}" in h1) sleep 30;; h2) exit 1;; esac'
+            hosts = "h1,h2,h3,refused,badkey,hang"
+            p = run_cli(m, "-H", hosts, "-t", "2", "--connect-timeout", "3", "--", cmd)
+            elapsed = time.monotonic() - t0
+        finally:
+            hang.resume()
+    assert p.returncode == 1 | 2 | 4
+    assert elapsed < 3 + 4
+    err = re.sub(r" +\|", " |", p.stderr)  # the host column is padded
+    assert "1 ok, 1 failed, 1 timed out, 3 ssh errors" in err
+    assert "h1 | [timed out]" in err
+    assert "refused | [ssh error: SSHConnectionError:" in err
+    assert "badkey | [ssh error: AuthenticationError:" in err
+    assert "hang | [ssh error: SSHConnectionError:" in err
+
+
+def test_usage_errors(many: Hosts) -> None:
+    p = run_cli(many, "-H", "h1")
+    assert p.returncode == 2 and "no command" in p.stderr
+    p = run_cli(many, "-H", "h1", "-o", "NoEquals", "--", "true")
+    assert p.returncode == 2 and "KEY=VALUE" in p.stderr
+
+
+def test_refuses_a_parallelism_the_fd_limit_cannot_hold(many: Hosts) -> None:
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    p = subprocess.run(
+        [EXE, "-F", many.config, "-H", ",".join(many.hosts), "-p", "50", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=low_limit,
+    )
+    assert p.returncode == 64
+    assert "open-files limit is 64" in p.stderr and "concurrency of at most" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_progress_bar_on_a_terminal(many: Hosts) -> None:
+    proc = PtyProcess.spawn(
+        [EXE, "-F", many.config, "-H", ",".join(many.hosts), "-p", "4", "--", "sleep 0.3"],
+        dimensions=(24, 100),
+    )
+    chunks = []
+    while True:
+        try:
+            chunks.append(proc.read(65536))
+        except EOFError:
+            break
+    proc.wait()
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.exitstatus == 0
+    assert "\x1b[" in text  # rich drew (and then cleared) a live display
+    assert "/12" in text  # its "done/total" column
+    assert "12 hosts in" in text
+
+
+def test_ctrl_c_ends_every_ssh_and_prints_partial_results(many: Hosts) -> None:
+    hosts = many.hosts[:10]
+    cmd = f'case "${ALIAS_ENV}" in h1) echo quick; exit 0;; esac; echo up; sleep 60'
+    p = subprocess.Popen(
+        [EXE, "-F", many.config, "-H", ",".join(hosts), "-p", "20", "--", cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 60
+    while seen.count(b"| up\n") < len(hosts) - 1:
+        left = deadline - time.monotonic()
+        assert left > 0, seen
+        if select.select([p.stdout], [], [], left)[0]:
+            chunk = os.read(p.stdout.fileno(), 65536)
+            assert chunk, seen
+            seen += chunk
+    ssh_pids = [d for d in descendants(p.pid) if comm(d) == "ssh"]
+    assert len(ssh_pids) == len(hosts) - 1
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    took = time.monotonic() - t0
+    assert p.returncode == 130
+    assert took < 5
+    assert not any(alive(pid) for pid in ssh_pids)
+    text = err.decode()
+    assert "interrupted: 10 hosts" in text
+    assert "1 ok, 0 failed, 0 timed out, 0 ssh errors, 9 cancelled" in text
+    assert b"h1  | quick\n" in seen + out
