@@ -202,6 +202,7 @@ async def connect(
     start_timeout: float | None = 60.0,
     reconnect: bool = True,
     proxy: bool = True,
+    ssh: str | None = None,
 ) -> AsyncConnection:
     """Start an sshwrap-owned master (in a worker thread); the async twin of ``connect``."""
     conn = Connection(
@@ -218,6 +219,7 @@ async def connect(
         start_timeout=start_timeout,
         reconnect=reconnect,
         proxy=proxy,
+        ssh=ssh,
     )
     await asyncio.to_thread(conn.open)
     return AsyncConnection(conn)

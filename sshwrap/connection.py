@@ -187,9 +187,11 @@ class Connection:
     Create it with ``sshwrap.connect(...)`` (started) or ``Connection(...)`` + ``open()`` or a
     ``with``.  See the module docstring for the design.  Settings are those of
     ``sshwrap.run``: ``config`` (``-F``), ``user``, ``port``, ``identity``, ``jump``,
-    ``options`` (each ``-o Key=Value``); ``password``, ``passphrase`` and ``on_prompt`` answer
-    ssh's prompts (``sshwrap.prompts``); ``start_timeout`` bounds the master's start
-    (connection and authentication); ``reconnect`` restarts a master that died.
+    ``options`` (each ``-o Key=Value``), ``ssh`` (the client binary); ``password``,
+    ``passphrase`` and ``on_prompt`` answer ssh's prompts (``sshwrap.prompts``);
+    ``start_timeout`` bounds the master's start (connection and authentication);
+    ``reconnect`` restarts a master that died; ``proxy=False`` runs commands as ``ssh -S``
+    subprocesses instead of mux proxy channels.
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class Connection:
         start_timeout: float | None = 60.0,
         reconnect: bool = True,
         proxy: bool = True,
+        ssh: str | None = None,
     ) -> None:
         if not destination or destination.startswith("-"):
             raise ValueError(f"invalid destination: {destination!r}")
@@ -225,6 +228,7 @@ class Connection:
         self.start_timeout = start_timeout
         self.reconnect = reconnect
         self._want_proxy = proxy
+        self._ssh = ssh
         self._lock = threading.RLock()
         self._dir: str | None = None
         self.control_path = ""
@@ -289,7 +293,7 @@ class Connection:
             prompts.start()
             prompt_opts = prompts.ssh_options()
         argv = [
-            find_ssh(),
+            self._ssh or find_ssh(),
             "-M",
             "-N",
             "-o",
@@ -466,6 +470,8 @@ class Connection:
                     opts.setdefault(k, v)
         kw = {k: v for k, v in self._settings.items() if k != "options" and v is not None}
         kw["options"] = opts
+        if self._ssh is not None:
+            kw["ssh"] = self._ssh
         return kw
 
     # -- commands ----------------------------------------------------------------------
@@ -729,6 +735,7 @@ class Connection:
             remote,
             destination=self.destination,
             ssh_args=self.ssh_args(),
+            ssh=self._ssh,
             progress=progress,
             preserve_times=preserve_times,
         )
@@ -750,6 +757,7 @@ class Connection:
             local,
             destination=self.destination,
             ssh_args=self.ssh_args(),
+            ssh=self._ssh,
             progress=progress,
             preserve_times=preserve_times,
         )
@@ -772,6 +780,7 @@ class Connection:
             command,
             destination=self.destination,
             ssh_args=self.ssh_args(),
+            ssh=self._ssh,
             tty=tty,
             dimensions=dimensions,
             timeout=timeout,
@@ -829,6 +838,7 @@ def connect(
     start_timeout: float | None = 60.0,
     reconnect: bool = True,
     proxy: bool = True,
+    ssh: str | None = None,
 ) -> Connection:
     """Start an OpenSSH master to ``destination`` owned by sshwrap; return the ``Connection``.
 
@@ -850,4 +860,5 @@ def connect(
         start_timeout=start_timeout,
         reconnect=reconnect,
         proxy=proxy,
+        ssh=ssh,
     ).open()
