@@ -48,6 +48,7 @@ import locale
 import os
 import re
 import secrets
+import select
 import selectors
 import signal
 import struct
@@ -55,9 +56,9 @@ import subprocess
 import termios
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import IO, Any, TypedDict, Unpack
+from typing import IO, Any, TypedDict, Unpack, cast
 
 from .argv import (
     OptionValue,
@@ -267,7 +268,9 @@ class _PtyReader(io.RawIOBase):
         while True:
             try:
                 return os.read(self._fd, n)
-            except InterruptedError:
+            except BlockingIOError:
+                # communicate() made the shared file description non-blocking: wait for data
+                select.select([self._fd], [], [])
                 continue
             except OSError as e:
                 if e.errno == errno.EIO:
@@ -310,6 +313,46 @@ class _PtyReader(io.RawIOBase):
                 os.close(self._fd)
             self._fd = -1
         super().close()
+
+
+class _PtyWriter(io.RawIOBase):
+    """Writes to the pty master, but only once ssh has put the terminal in raw mode.
+
+    Before that, the local terminal is still cooked: it would echo the bytes back and eat
+    ``^D``/``^C``/``^U``, so what the remote side received would depend on timing.  (ssh takes
+    the remote terminal's modes from this cooked state, so sshwrap cannot simply start raw.)
+    """
+
+    def __init__(self, fd: int, ready: Callable[[float], bool]) -> None:
+        super().__init__()
+        self._fd = fd
+        self._ready = ready
+        self._raw = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if not self._raw:
+            self._raw = self._ready(_RAW_WAIT)
+        while True:
+            try:
+                return os.write(self._fd, data)
+            except BlockingIOError:
+                select.select([], [self._fd], [])
+
+    def close(self) -> None:
+        if not self.closed and self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+
+_RAW_WAIT = 60.0  # how long a write waits for ssh to reach its session (and raw mode)
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -385,6 +428,7 @@ class Popen(subprocess.Popen[Any]):
         self._stderr_arg = stderr
         self._quiet = False
         self._killed_local = False
+        self._master = -1  # the pty master (tty=True)
         try:
             if tty:
                 self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
@@ -436,20 +480,41 @@ class Popen(subprocess.Popen[Any]):
         self.encoding = encoding
         self.errors = errors
         raw = _PtyReader(master)
-        reader: IO[Any] = io.BufferedReader(raw, buffer_size=65536 if bufsize < 0 else bufsize)
+        self._master = master
+        reader: IO[Any] = io.BufferedReader(raw, buffer_size=bufsize if bufsize > 1 else 65536)
         writer: IO[Any] | None = None
         if stdin == PIPE:
-            writer = open(os.dup(master), "wb", buffering=0)  # noqa: SIM115 - owned by Popen
+            pty_writer = _PtyWriter(os.dup(master), self._ssh_in_raw_mode)
+            writer = cast(IO[Any], pty_writer)
+            if self.text_mode:
+                writer = io.TextIOWrapper(
+                    io.BufferedWriter(pty_writer),
+                    encoding=encoding,
+                    errors=errors,
+                    write_through=True,
+                )
         if self.text_mode:
             reader = io.TextIOWrapper(reader, encoding=encoding, errors=errors)
-            if writer is not None:
-                writer = io.TextIOWrapper(
-                    writer, encoding=encoding, errors=errors, write_through=True
-                )
         self.stdout = reader
         self.stdin = writer
         self.stderr = None
-        self._master = master
+
+    def _is_raw(self) -> bool:
+        try:
+            lflag = termios.tcgetattr(self._master)[3]
+        except termios.error:
+            return True
+        return not lflag & termios.ICANON
+
+    def _ssh_in_raw_mode(self, timeout: float) -> bool:
+        """Wait until ssh has put the local terminal in raw mode (or exited); True if raw."""
+        deadline = time.monotonic() + timeout
+        while not self._is_raw():
+            if self.poll() is not None or time.monotonic() > deadline:
+                return False
+            # termios changes raise no event to wait on; this bounds the check rate.
+            time.sleep(0.005)
+        return True
 
     # -- exit status ------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -535,17 +600,26 @@ class Popen(subprocess.Popen[Any]):
         with selectors.DefaultSelector() as sel:
             sel.register(self._master, selectors.EVENT_READ)
             wfd = -1
-            if pending and self.stdin is not None:
+            waiting_raw = bool(pending) and self.stdin is not None
+            if waiting_raw:
+                assert self.stdin is not None
                 self.stdin.flush()
-                wfd = self.stdin.fileno()
-                os.set_blocking(wfd, False)
-                sel.register(wfd, selectors.EVENT_WRITE)
             while True:
                 remaining = None if endtime is None else endtime - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutExpired(
                         self.args, timeout or 0.0, b"".join(chunks), None, host=self.host
                     )
+                if waiting_raw:
+                    if self._is_raw() or self.poll() is not None:
+                        waiting_raw = False
+                        assert self.stdin is not None
+                        wfd = self.stdin.fileno()
+                        os.set_blocking(wfd, False)
+                        sel.register(wfd, selectors.EVENT_WRITE)
+                    else:
+                        # no event for a termios change: re-check every 5 ms meanwhile
+                        remaining = 0.005 if remaining is None else min(remaining, 0.005)
                 for key, _events in sel.select(remaining):
                     if key.fd == wfd:
                         try:
