@@ -30,10 +30,12 @@ is left running locally.  Hosts that had finished keep their results; the synchr
 ``run_many`` raises ``FanoutInterrupted`` (a ``KeyboardInterrupt``) carrying every result,
 the unfinished ones marked ``cancelled``.
 
-Connections: a host given as a ``Connection`` (or as any object with ``destination`` and
-``control_path`` attributes) runs through that connection's ControlMaster
-(``-o ControlPath=... -o ControlMaster=no``): no new key exchange.  A ControlMaster the
-user's own ssh config sets up is reused by ssh itself.
+Connections: a host given as sshwrap's own ``Connection`` (``sshwrap.connect``, or its aio
+twin) runs as a channel of that connection's ControlMaster (OpenSSH's mux proxy mode, see
+``sshwrap.connection``): no new ssh process, no key exchange, and the exact ``-signum`` for a
+remote signal death.  Any other object with ``destination`` and ``control_path`` attributes
+runs as ``ssh -o ControlPath=... -o ControlMaster=no``.  A ControlMaster that the user's own
+ssh config sets up is reused by ssh itself.
 
 Resources: ``concurrency`` caps the ssh processes in flight, and so the file descriptors;
 ``check_fd_budget`` refuses, before anything starts, a concurrency that ``RLIMIT_NOFILE``
@@ -246,6 +248,7 @@ class _Spec:
     host: str
     argv: list[str]  # without -E (added per start)
     kill_argv: list[str] | None  # the remote kill, when kill_remote is on
+    conn: Any = None  # an AsyncConnection: the command runs as a channel of its master
 
 
 OutputCallback = Callable[[str, int, bytes], None]
@@ -513,6 +516,18 @@ def _status(returncode: int | None, error: SSHError | None) -> Status:
 # -- the run ------------------------------------------------------------------------------
 
 
+def _as_async_connection(host: object) -> Any:
+    """sshwrap's own Connection (or its aio twin) as an ``AsyncConnection``, else None."""
+    from .aio_connection import AsyncConnection
+    from .connection import Connection
+
+    if isinstance(host, AsyncConnection):
+        return host
+    if isinstance(host, Connection):
+        return AsyncConnection(host)
+    return None
+
+
 def _destination(host: str | ConnectionLike) -> tuple[str, list[str]]:
     if isinstance(host, str):
         return host, []
@@ -578,7 +593,15 @@ class _Runner:
         if connect_timeout is not None:
             fixed += ["-o", f"ConnectTimeout={max(1, round(connect_timeout))}"]
         self.specs: list[_Spec] = []
+        self.command = command
+        self.env = env
+        self.cwd = cwd
         for i, h in enumerate(hosts):
+            if not isinstance(h, str):
+                aconn = _as_async_connection(h)
+                if aconn is not None:
+                    self.specs.append(_Spec(i, aconn.destination, [], None, aconn))
+                    continue
             dest, extra = _destination(h)
             sid = secrets.token_hex(8) if kill_remote else None
             text = remote_command(command, env=env, cwd=cwd, session_id=sid)
@@ -608,11 +631,15 @@ class _Runner:
                     if t_end is not None and time.monotonic() >= t_end:
                         break
                     spec = todo.pop()
-                    run = _HostRun(spec, fifo_dir, loop, self.on_output, self.input)
-                    self.running[spec.index] = run
                     if self.on_start is not None:
                         self.on_start(spec.host)
-                    tasks[asyncio.ensure_future(self._host(run, t_end))] = spec.index
+                    if spec.conn is not None:
+                        coro = self._host_conn(spec, t_end)
+                    else:
+                        run = _HostRun(spec, fifo_dir, loop, self.on_output, self.input)
+                        self.running[spec.index] = run
+                        coro = self._host(run, t_end)
+                    tasks[asyncio.ensure_future(coro)] = spec.index
                 if not tasks:
                     break  # the deadline passed before the rest could start
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -653,6 +680,12 @@ class _Runner:
             for r in runs:
                 r.kill_now()
                 self.partial[r.spec.index] = r.result("cancelled")
+            for t, idx in tasks.items():  # hosts over a Connection
+                if idx not in self.partial and (t.cancelled() or not t.done()):
+                    spec = self.specs[idx]
+                    self.partial[idx] = HostResult(
+                        spec.host, None, b"", b"", None, None, 0.0, "cancelled", index=idx
+                    )
 
     async def _host(self, run: _HostRun, t_end: float | None) -> HostResult:
         host = run.spec.host
@@ -692,6 +725,53 @@ class _Runner:
         finally:
             exit_wait.cancel()
             up_wait.cancel()
+
+    async def _host_conn(self, spec: _Spec, t_end: float | None) -> HostResult:
+        """A host given as a Connection: the command is a channel of its master."""
+        from .errors import TimeoutExpired
+
+        started = time.time()
+        t0 = time.monotonic()
+        returncode: int | None = None
+        error: SSHError | None = None
+        out: bytes = b""
+        err: bytes = b""
+        status: Status
+        try:
+            cp = await spec.conn.run(
+                self.command,
+                input=self.input,
+                capture_output=True,
+                timeout=_left(self.timeout, t_end),
+                env=self.env,
+                cwd=self.cwd,
+            )
+        except TimeoutExpired as e:
+            status = "timeout"
+            out = e.output if isinstance(e.output, bytes) else b""
+            err = e.stderr if isinstance(e.stderr, bytes) else b""
+        except SSHError as e:
+            status, error = "ssh_error", e
+        else:
+            returncode, out, err = cp.returncode, cp.stdout or b"", cp.stderr or b""
+            status = _status(returncode, None)
+        if self.on_output is not None:
+            for stream, data in ((1, out), (2, err)):
+                if data:
+                    self.on_output(spec.host, stream, data)
+        return HostResult(
+            host=spec.host,
+            returncode=returncode,
+            stdout=out,
+            stderr=err,
+            error=error,
+            started=started,
+            duration=time.monotonic() - t0,
+            status=status,
+            connect_time=0.0 if error is None else None,
+            signalled=returncode is not None and returncode < 0,
+            index=spec.index,
+        )
 
     def _kill_remote(self, run: _HostRun) -> None:
         argv = run.spec.kill_argv

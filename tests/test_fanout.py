@@ -306,6 +306,24 @@ def test_reuses_a_control_master(many: Hosts) -> None:
         os.rmdir(d) if not os.listdir(d) else None
 
 
+def test_runs_over_sshwrap_connections(many: Hosts) -> None:
+    conns = [sshwrap.connect(h, config=many.config) for h in many.hosts[:3]]
+    try:
+        results = run_many([*conns, many.hosts[3]], "echo hi; kill -9 $$", config=many.config)
+        for conn, r in zip(conns, results[:3], strict=False):
+            assert r.host == conn.destination and r.stdout == b"hi\n"
+            assert r.returncode == -9 and r.signalled  # exact over a Connection
+            assert r.ssh_log == ""  # no ssh process of its own
+        assert results[3].signalled and results[3].returncode is not None
+        timed = run_many(conns, "sleep 30", timeout=1)
+        assert [r.status for r in timed] == ["timeout"] * 3
+        assert all(r.duration < 3 for r in timed)
+    finally:
+        for c in conns:
+            c.close()
+    assert _ssh_children() == []
+
+
 def test_fd_budget_refuses_what_the_limit_cannot_hold() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     too_many = hard // FDS_PER_HOST + 100
