@@ -27,6 +27,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import socket
 import stat
 import struct
 import subprocess
@@ -63,7 +64,7 @@ _O_READ, _O_WRITE, _O_CREAT, _O_TRUNC = 0x1, 0x2, 0x8, 0x10
 _DEFAULT_CHUNK = 32768  # what every SFTP server must accept
 _MAX_CHUNK = 255 * 1024
 _IN_FLIGHT = 4 << 20  # bytes requested but not yet acknowledged
-_READ_SIZE = 1 << 18
+_RBUF_SIZE = 4 << 20  # the receive buffer; replies are at most ~256 KiB
 
 
 class TransferError(SSHWrapError):
@@ -196,19 +197,30 @@ class SFTPSession:
             "sftp",
         ]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            bufsize=0,
-            start_new_session=True,
-        )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._wfd = self._proc.stdin.fileno()
-        self._rfd = self._proc.stdout.fileno()
-        self._buf = bytearray()
-        self._pos = 0  # start of the unread part of _buf
+        # A socketpair, as OpenSSH's sftp/scp use: its buffers are larger than a pipe's, so
+        # ssh (or the master, which receives these fds) and we block each other less.
+        self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=child.fileno(),
+                stdout=child.fileno(),
+                stderr=self._stderr,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._sock.close()
+            self._stderr.close()
+            raise
+        finally:
+            child.close()
+        self._wfd = self._rfd = self._sock.fileno()
+        # Replies are received into one fixed buffer and handed out as views of it (no copy
+        # per packet); a view is valid until the next receive.
+        self._rbuf = bytearray(_RBUF_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._start = 0  # unread bytes are _rbuf[_start:_end]
+        self._end = 0
         self._next_id = 0
         self.read_chunk = _DEFAULT_CHUNK
         self.write_chunk = _DEFAULT_CHUNK
@@ -234,10 +246,9 @@ class SFTPSession:
     def close(self) -> None:
         """End the session (closing stdin ends sftp-server) and reap ssh."""
         proc = self._proc
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+        self._sock.close()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -268,7 +279,7 @@ class SFTPSession:
         while bufs:
             try:
                 n = os.writev(self._wfd, bufs)
-            except BrokenPipeError:
+            except OSError:  # EPIPE / ECONNRESET: ssh went away
                 raise self._ssh_failure("the connection closed") from None
             while n:
                 if n >= len(bufs[0]):
@@ -279,27 +290,36 @@ class SFTPSession:
                     n = 0
 
     def _fill(self, want: int) -> None:
-        """Make ``want`` unread bytes available in the read buffer."""
-        buf = self._buf
-        if self._pos and len(buf) - self._pos < want:
-            del buf[: self._pos]  # compact only when more must be read anyway
-            self._pos = 0
-        while len(buf) - self._pos < want:
-            data = os.read(self._rfd, max(_READ_SIZE, want - (len(buf) - self._pos)))
-            if not data:
+        """Make ``want`` unread bytes available in the receive buffer."""
+        if self._end - self._start >= want:
+            return
+        if want > _RBUF_SIZE:
+            raise TransferError(f"{self.destination}: SFTP reply too large ({want} bytes)")
+        if self._start + want > _RBUF_SIZE:  # no room after the unread part: move it first
+            left = bytes(self._rview[self._start : self._end])
+            self._rbuf[: len(left)] = left
+            self._start, self._end = 0, len(left)
+        while self._end - self._start < want:
+            try:
+                n = self._sock.recv_into(self._rview[self._end :])
+            except OSError:
+                n = 0
+            if not n:
                 raise self._ssh_failure("the connection closed")
-            buf += data
+            self._end += n
 
     def _recv(self) -> tuple[int, memoryview]:
-        """Next reply: (type, payload after the type byte)."""
+        """Next reply: (type, payload after the type byte), a view valid until the next one."""
         self._fill(4)
-        (n,) = struct.unpack_from(">I", self._buf, self._pos)
+        (n,) = struct.unpack_from(">I", self._rbuf, self._start)
+        if n < 5:
+            raise TransferError(f"{self.destination}: malformed SFTP reply")
         self._fill(4 + n)
-        start = self._pos + 4
-        with memoryview(self._buf) as view:
-            packet = bytes(view[start : start + n])
-        self._pos = start + n
-        return packet[0], memoryview(packet)[1:]
+        p = self._start + 4
+        self._start = p + n
+        if self._start == self._end:
+            self._start = self._end = 0  # empty: start over at the front
+        return self._rbuf[p], self._rview[p + 1 : p + n]
 
     def _request(self, ptype: int, *parts: bytes | memoryview) -> int:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
@@ -398,10 +418,12 @@ class SFTPSession:
                     if e.code == _FX_EOF:
                         break
                     raise self.error(e, path, "listing") from None
+                batch = []
                 for _ in range(r.u32()):
                     name = os.fsdecode(bytes(r.string()))
                     r.string()
-                    attrs = r.attrs()
+                    batch.append((name, r.attrs()))
+                for name, attrs in batch:  # (parsed first: a stat reuses the reply buffer)
                     if name in (".", ".."):
                         continue
                     if attrs.is_link():
@@ -460,15 +482,16 @@ class SFTPSession:
         offset = 0
         eof = False
         first_error: _StatusError | None = None
+        block = memoryview(bytearray(chunk))  # reused: writev has copied it on return
         while True:
             while not eof and len(pending) < depth:
-                data = os.read(fd, chunk)
-                if not data:
+                got = os.readv(fd, [block])
+                if not got:
                     eof = True
                     break
-                rid = self._request(_WRITE, hs, struct.pack(">QI", offset, len(data)), data)
-                pending[rid] = len(data)
-                offset += len(data)
+                rid = self._request(_WRITE, hs, struct.pack(">QI", offset, got), block[:got])
+                pending[rid] = got
+                offset += got
             if not pending:
                 break
             ptype, payload = self._recv()
