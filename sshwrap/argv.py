@@ -348,6 +348,9 @@ class SSHLog:
             offset += len(data)
         return b"".join(chunks).decode("utf-8", "replace")
 
+    def __del__(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Release the file (idempotent)."""
         if self.fd >= 0:

@@ -1,0 +1,188 @@
+"""sshwrap.aio against the real sshd: the same semantics as the sync API, on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import time
+
+import pytest
+from test_process_helpers import Watcher, user_processes, wait_gone
+
+import sshwrap
+import sshwrap.aio
+from sshwrap.aio import PIPE
+from sshwrap.errors import UNKNOWN_SIGNAL
+from sshwrap.testing import LocalSSHD
+
+
+def test_importable_as_attribute() -> None:
+    assert sshwrap.aio.run is not None
+    import importlib
+
+    assert importlib.import_module("sshwrap").aio is sshwrap.aio
+
+
+def test_run(local_sshd: LocalSSHD) -> None:
+    async def main() -> sshwrap.CompletedProcess:
+        return await sshwrap.aio.run(
+            local_sshd.host,
+            ["printf", "%s\n", "a b", "$HOME"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            config=local_sshd.config,
+        )
+
+    r = asyncio.run(main())
+    assert (r.args, r.returncode, r.stdout, r.stderr, r.host) == (
+        ["printf", "%s\n", "a b", "$HOME"], 0, "a b\n$HOME\n", "", local_sshd.host
+    )  # fmt: skip
+
+
+def test_exit_status_signal_and_errors(local_sshd: LocalSSHD) -> None:
+    cfg = local_sshd.config
+
+    async def main() -> None:
+        r = await sshwrap.aio.run(local_sshd.host, "exit 255", config=cfg)
+        assert r.returncode == 255
+        r = await sshwrap.aio.run(local_sshd.host, "kill -9 $$", config=cfg)
+        assert r.returncode == UNKNOWN_SIGNAL
+        with pytest.raises(subprocess.CalledProcessError) as info:
+            await sshwrap.aio.run(
+                local_sshd.host, "echo x; exit 3", config=cfg, check=True, capture_output=True
+            )
+        assert info.value.returncode == 3 and info.value.output == b"x\n"
+        with pytest.raises(sshwrap.SSHConnectionError) as err:
+            await sshwrap.aio.run(local_sshd.host, "true", config=cfg, port=1, capture_output=True)
+        assert "Connection refused" in err.value.message
+
+    asyncio.run(main())
+
+
+def test_input_and_env_cwd(local_sshd: LocalSSHD) -> None:
+    async def main() -> sshwrap.CompletedProcess:
+        return await sshwrap.aio.run(
+            local_sshd.host,
+            'cd "$D" && pwd && cat',
+            input=b"in",
+            env={"D": "/tmp"},
+            cwd="/",
+            capture_output=True,
+            config=local_sshd.config,
+        )
+
+    r = asyncio.run(main())
+    assert r.stdout == b"/tmp\nin"
+
+
+def test_timeout_stops_remote(local_sshd: LocalSSHD) -> None:
+    marker = f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
+    watcher = Watcher(local_sshd.user, marker)
+    watcher.start()
+
+    async def main() -> None:
+        await sshwrap.aio.run(
+            local_sshd.host,
+            f"echo started; exec sleep {marker}",
+            timeout=1,
+            capture_output=True,
+            config=local_sshd.config,
+        )
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(sshwrap.TimeoutExpired) as info:
+            asyncio.run(main())
+        assert time.monotonic() - start < 2
+        assert info.value.output == b"started\n"
+        assert info.value.host == local_sshd.host
+        assert watcher.seen.wait(5)
+    finally:
+        watcher.stop()
+    assert wait_gone(watcher.pids, 5) == []
+
+
+def test_create_process_line_by_line_and_terminate(local_sshd: LocalSSHD) -> None:
+    marker = f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
+
+    async def main() -> tuple[float, int, list[int]]:
+        start = time.monotonic()
+        p = await sshwrap.aio.create_process(
+            local_sshd.host, f"echo a; exec sleep {marker}", stdout=PIPE, config=local_sshd.config
+        )
+        assert p.stdout is not None
+        assert await p.stdout.readline() == b"a\n"
+        first = time.monotonic() - start
+        pids = user_processes(local_sshd.user, marker)
+        await p.terminate()
+        rc = await asyncio.wait_for(p.wait(), 30)
+        return first, rc, pids
+
+    first, rc, pids = asyncio.run(main())
+    assert first < 1.0
+    assert rc == -15
+    assert pids and wait_gone(pids, 5) == []
+
+
+def test_kill(local_sshd: LocalSSHD) -> None:
+    async def main() -> int:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host, "echo a; exec sleep 60", stdout=PIPE, config=local_sshd.config
+        )
+        assert p.stdout is not None
+        await p.stdout.readline()
+        p.kill()
+        return await asyncio.wait_for(p.wait(), 10)
+
+    assert asyncio.run(main()) == -9
+
+
+def test_twenty_at_once(local_sshd: LocalSSHD) -> None:
+    async def main() -> list[sshwrap.CompletedProcess]:
+        sem = asyncio.Semaphore(20)
+
+        async def one(i: int) -> sshwrap.CompletedProcess:
+            async with sem:
+                return await sshwrap.aio.run(
+                    local_sshd.host,
+                    ["echo", str(i)],
+                    capture_output=True,
+                    config=local_sshd.config,
+                    timeout=120,
+                )
+
+        return await asyncio.gather(*(one(i) for i in range(40)))
+
+    results = asyncio.run(main())
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(40)]
+
+
+def test_same_core_as_sync(local_sshd: LocalSSHD) -> None:
+    async def main() -> list[str]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host, ["echo", "x y"], env={"A": "1"}, config=local_sshd.config, stdout=PIPE
+        )
+        await p.communicate()
+        return p.ssh_args
+
+    aio_argv = asyncio.run(main())
+    with sshwrap.Popen(
+        local_sshd.host, ["echo", "x y"], env={"A": "1"}, config=local_sshd.config, stdout=PIPE
+    ) as p:
+        p.communicate()
+        sync_argv = p.ssh_args
+
+    def norm(argv: list[str]) -> list[str]:
+        # the private log path and the random session id differ per call
+        return [
+            a.split("SSHWRAP_SESSION=")[0]
+            if "SSHWRAP_SESSION=" in a
+            else ("LOG" if a.endswith(".log") else a)
+            for a in argv
+        ]
+
+    assert norm(aio_argv) == norm(sync_argv)
+    assert aio_argv[-1].endswith("\nexport A=1\necho 'x y'")
