@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -309,3 +310,158 @@ def test_classify_prompt_texts() -> None:
     )
     assert classify_prompt("Allow shared connection to web1? ", "confirm") == "confirm"
     assert classify_prompt("anything", "none") == "notify"
+
+
+# -- keyboard-interactive (an OTP-style challenge) through PAM -------------------------------
+
+
+def _pam_unix() -> str | None:
+    for d in (
+        "/lib/x86_64-linux-gnu/security",
+        "/usr/lib/x86_64-linux-gnu/security",
+        "/lib/security",
+        "/usr/lib/security",
+        "/lib64/security",
+        "/usr/lib64/security",
+    ):
+        if os.path.exists(f"{d}/pam_unix.so"):
+            return f"{d}/pam_unix.so"
+    return None
+
+
+@pytest.fixture
+def kbdint_sshd(
+    local_sshd_factory: SSHDFactory, tmp_path: Path
+) -> Iterator[tuple[LocalSSHD, list[str], str]]:
+    """An sshd that offers only keyboard-interactive auth (PAM: the user's password).
+
+    LocalSSHD runs with ``UsePAM no`` (no keyboard-interactive device then), so this starts a
+    second sshd from its config with PAM on, under a PAM service of its own: sshd names its
+    PAM service after its program name, so it runs through a symlink with a unique name and a
+    matching ``/etc/pam.d`` file exists for the test only.  Yields (sshd, ssh args, password).
+    """
+    if os.geteuid() != 0:
+        pytest.skip("keyboard-interactive needs root (PAM service file, test user's password)")
+    if _pam_unix() is None:
+        pytest.skip("pam_unix.so not found")
+    password = "otp-" + secrets.token_hex(10)
+    base = local_sshd_factory(password=password)
+    name = "sshwrap-kbd-" + secrets.token_hex(4)
+    pam_file = Path("/etc/pam.d") / name
+    pam_file.write_text(
+        "auth required pam_unix.so nodelay\naccount required pam_permit.so\n"
+        "session required pam_permit.so\npassword required pam_deny.so\n"
+    )
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        lines = []
+        for line in (base.dir / "sshd_config").read_text().splitlines():
+            key = line.split(" ", 1)[0]
+            if key == "ListenAddress":
+                line = f"ListenAddress 127.0.0.1:{port}"
+            elif key == "PidFile":
+                line = f"PidFile {tmp_path / 'kbd.pid'}"
+            elif key == "UsePAM":
+                line = "UsePAM yes"
+            elif key == "PasswordAuthentication":
+                line = "PasswordAuthentication no"
+            lines.append(line)
+        lines.append("AuthenticationMethods keyboard-interactive")
+        cfg = tmp_path / "sshd_kbd_config"
+        cfg.write_text("\n".join(lines) + "\n")
+        prog = tmp_path / name
+        prog.symlink_to("/usr/sbin/sshd")
+        log = open(tmp_path / "kbd-sshd.log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [str(prog), "-D", "-e", "-f", str(cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                    if c.recv(64).startswith(b"SSH-"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    "kbd-int sshd did not start: "
+                    + (tmp_path / "kbd-sshd.log").read_text(errors="replace")
+                )
+            time.sleep(0.02)  # bounds the retry rate while waiting for the banner
+        kh = tmp_path / "kbd_known_hosts"
+        hostkey = (base.dir / "host_ed25519.pub").read_text().split()
+        kh.write_text(f"[127.0.0.1]:{port} {hostkey[0]} {hostkey[1]}\n")
+        args = [
+            "-o",
+            f"Port={port}",
+            "-o",
+            f"UserKnownHostsFile={kh}",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "KbdInteractiveAuthentication=yes",
+        ]
+        yield base, args, password
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        pam_file.unlink(missing_ok=True)
+
+
+def test_keyboard_interactive_answered_by_on_prompt(
+    kbdint_sshd: tuple[LocalSSHD, list[str], str], masters: Callable[..., Master]
+) -> None:
+    sshd, args, code = kbdint_sshd
+    m = masters(sshd, *args)
+    asked: list[tuple[str, str]] = []
+
+    def on_prompt(text: str, kind: str) -> str | None:
+        asked.append((text, kind))
+        assert _processes_holding(code.encode()) == []  # not even while ssh waits for it
+        return code if kind == "keyboard-interactive" else None
+
+    with PromptServer(on_prompt=on_prompt) as ps:
+        assert m.start(ps).returncode == 0, m.log_text()
+        assert [(p.kind, p.answered) for p in ps.prompts] == [("keyboard-interactive", True)]
+    assert [k for _, k in asked] == ["keyboard-interactive"]
+    assert asked[0][0].startswith(f"({sshd.user}@")  # OpenSSH's prefix for server prompts
+    assert m.run("echo kbd-ok") == "kbd-ok\n"
+    assert _processes_holding(code.encode()) == []
+
+
+def test_keyboard_interactive_wrong_answer(
+    kbdint_sshd: tuple[LocalSSHD, list[str], str], masters: Callable[..., Master]
+) -> None:
+    sshd, args, _code = kbdint_sshd
+    m = masters(sshd, *args)
+    with PromptServer(on_prompt=lambda text, kind: "000000") as ps:
+        t0 = time.monotonic()
+        proc = m.start(ps, timeout=20)
+        with pytest.raises(AuthenticationError):
+            ps.raise_for_failure(proc.returncode, m.log_text(), sshd.host)
+        assert time.monotonic() - t0 < 5
+
+
+def test_keyboard_interactive_password_prompt_gets_password(
+    kbdint_sshd: tuple[LocalSSHD, list[str], str], masters: Callable[..., Master]
+) -> None:
+    # PAM asks "Password: " through keyboard-interactive: password= answers it (once)
+    sshd, args, password = kbdint_sshd
+    m = masters(sshd, *args)
+    with PromptServer(password=password) as ps:
+        assert m.start(ps).returncode == 0, m.log_text()
+        assert [(p.kind, p.answered) for p in ps.prompts] == [("keyboard-interactive", True)]
