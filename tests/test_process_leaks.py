@@ -1,0 +1,168 @@
+"""No leaks: 1,000 calls leave our fd count and child count unchanged, and no zombies.
+
+The 1,000 calls go through a ControlMaster set up by ssh options (``ControlMaster=auto``),
+as a user's ssh_config would, so each call is a full sshwrap call (argv, private log, pipes,
+exit interpretation) at ~10 ms rather than a fresh key exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+import sshwrap
+import sshwrap.aio
+from sshwrap.process import PIPE
+from sshwrap.testing import LocalSSHD
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _children() -> tuple[int, int]:
+    """(children of this process, of which zombies)."""
+    me = os.getpid()
+    kids = zombies = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(b")") + 2 :].split()
+        if int(rest[1]) == me:
+            kids += 1
+            zombies += rest[0] == b"Z"
+    return kids, zombies
+
+
+@pytest.fixture
+def mux(local_sshd: LocalSSHD) -> Iterator[dict[str, str | int]]:
+    d = tempfile.mkdtemp(prefix="swl")  # short: ControlPath must fit sun_path
+    os.chmod(d, 0o700)
+    options: dict[str, str | int] = {
+        "ControlMaster": "auto",
+        "ControlPath": f"{d}/%C",
+        "ControlPersist": 60,
+    }
+    try:
+        yield options
+    finally:
+        subprocess.run(
+            [
+                "ssh",
+                "-F",
+                local_sshd.config,
+                "-o",
+                f"ControlPath={d}/%C",
+                "-O",
+                "exit",
+                local_sshd.host,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _one(sshd: LocalSSHD, i: int, options: dict[str, str | int]) -> None:
+    kind = i % 5
+    cfg = sshd.config
+    if kind == 0:
+        r = sshwrap.run(
+            sshd.host, ["echo", str(i)], capture_output=True, config=cfg, options=options
+        )
+        assert r.stdout == f"{i}\n".encode()
+    elif kind == 1:
+        with sshwrap.Popen(
+            sshd.host, "cat", stdin=PIPE, stdout=PIPE, stderr=PIPE, config=cfg, options=options
+        ) as p:
+            assert p.communicate(b"x", timeout=60) == (b"x", b"")
+    elif kind == 2:
+        assert sshwrap.call(sshd.host, "exit 3", config=cfg, options=options) == 3
+    elif kind == 3:
+        r = sshwrap.run(sshd.host, "kill -9 $$", config=cfg, options=options)
+        assert r.returncode < 0
+    else:
+        out = sshwrap.check_output(sshd.host, "echo ok", text=True, config=cfg, options=options)
+        assert out == "ok\n"
+
+
+def test_thousand_calls_leak_nothing(local_sshd: LocalSSHD, mux: dict[str, str | int]) -> None:
+    for i in range(5):  # warm up: the master, the private log directory, lazy imports
+        _one(local_sshd, i, mux)
+    fds, (kids, zombies) = _fds(), _children()
+    for i in range(1000):
+        _one(local_sshd, i, mux)
+    assert _fds() == fds
+    assert _children() == (kids, zombies)
+    assert zombies == 0
+
+
+def test_aio_calls_leak_nothing(local_sshd: LocalSSHD, mux: dict[str, str | int]) -> None:
+    async def batch(n: int) -> None:
+        sem = asyncio.Semaphore(20)
+
+        async def one(i: int) -> None:
+            async with sem:
+                r = await sshwrap.aio.run(
+                    local_sshd.host,
+                    ["echo", str(i)],
+                    capture_output=True,
+                    config=local_sshd.config,
+                    options=mux,
+                    timeout=120,
+                )
+                assert r.stdout == f"{i}\n".encode()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+    async def main() -> tuple[int, tuple[int, int], int, tuple[int, int]]:
+        await batch(5)
+        before = _fds(), _children()
+        await batch(300)
+        return (*before, _fds(), _children())
+
+    fds, kids, fds_after, kids_after = asyncio.run(main())
+    assert fds_after == fds
+    assert kids_after == kids and kids[1] == 0
+
+
+def test_timeouts_and_errors_leak_nothing(local_sshd: LocalSSHD) -> None:
+    def once() -> None:
+        with pytest.raises(sshwrap.TimeoutExpired):
+            sshwrap.run(
+                local_sshd.host,
+                "exec sleep 30",
+                timeout=0.5,
+                capture_output=True,
+                config=local_sshd.config,
+            )
+        with pytest.raises(sshwrap.SSHConnectionError):
+            sshwrap.run(
+                local_sshd.host, "true", port=1, capture_output=True, config=local_sshd.config
+            )
+
+    def join_cleanups() -> None:
+        for t in threading.enumerate():
+            if t.name == "sshwrap-remote-signal":
+                t.join(60)
+
+    once()
+    join_cleanups()
+    fds, kids = _fds(), _children()
+    for _ in range(10):
+        once()
+    join_cleanups()
+    assert _fds() == fds
+    assert _children() == kids and kids[1] == 0
