@@ -536,16 +536,26 @@ class SFTPSession:
         eof_at: int | None = None
         first_error: _StatusError | None = None
         while True:
-            while first_error is None and len(pending) < depth:
-                if retry:
-                    off, length = retry.pop()
-                elif eof_at is None:
-                    off, length = next_offset, chunk
-                    next_offset += chunk
-                else:
-                    break
-                rid = self._request(_READ, hs, struct.pack(">QI", off, length))
-                pending[rid] = (off, length)
+            # Refill in batches, one write for several requests: fewer wake-ups for the master
+            # and sftp-server than a request per reply.
+            if first_error is None and len(pending) <= depth // 2:
+                batch: list[bytes] = []
+                while len(pending) < depth:
+                    if retry:
+                        off, length = retry.pop()
+                    elif eof_at is None:
+                        off, length = next_offset, chunk
+                        next_offset += chunk
+                    else:
+                        break
+                    self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+                    rid = self._next_id
+                    batch.append(struct.pack(">IBI", 1 + 4 + len(hs) + 12, _READ, rid))
+                    batch.append(hs)
+                    batch.append(struct.pack(">QI", off, length))
+                    pending[rid] = (off, length)
+                if batch:
+                    self._send(b"".join(batch))
             if not pending:
                 break
             ptype, payload = self._recv()
