@@ -64,7 +64,7 @@ PromptKind = Literal[
     "password", "passphrase", "keyboard-interactive", "hostkey", "confirm", "notify", "unknown"
 ]
 #: ``on_prompt(prompt_text, kind)``: a str answers, True/False say yes/no, None declines.
-OnPrompt = Callable[[str, str], "str | bool | None"]
+OnPrompt = Callable[[str, str], str | bool | None]
 
 SOCKET_ENV = "SSHWRAP_ASKPASS_SOCKET"
 _MAX_REQUEST = 1 << 16

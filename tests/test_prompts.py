@@ -465,3 +465,36 @@ def test_keyboard_interactive_password_prompt_gets_password(
     with PromptServer(password=password) as ps:
         assert m.start(ps).returncode == 0, m.log_text()
         assert [(p.kind, p.answered) for p in ps.prompts] == [("keyboard-interactive", True)]
+
+
+@needs_root
+def test_repeated_question_is_refused_not_answered_again(
+    local_sshd_factory: SSHDFactory, tmp_path: Path
+) -> None:
+    # Even without ssh_options() (NumberOfPasswordPrompts=1), the same wrong answer is never
+    # sent twice: ssh asking again means the answer was wrong.
+    sshd = local_sshd_factory(password="pw-" + secrets.token_hex(12))
+    with PromptServer(password="wrong-" + secrets.token_hex(8)) as ps:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [
+                "ssh",
+                *sshd.ssh_args,
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "NumberOfPasswordPrompts=3",
+                sshd.host,
+                "true",
+            ],
+            env=ps.env(),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+        assert proc.returncode == 255
+        with pytest.raises(AuthenticationError):
+            ps.raise_for_failure(proc.returncode, proc.stderr.decode(), sshd.host)
+        assert time.monotonic() - t0 < 5
+    answered = [p.answered for p in ps.prompts]
+    assert answered[0] is True and len(answered) >= 2 and not any(answered[1:])
