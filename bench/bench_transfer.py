@@ -2,7 +2,7 @@
 
 All tools go through the same master (``-o ControlPath=...``), so the comparison is the client
 side only: sshwrap speaking SFTP from Python against OpenSSH's own scp (SFTP protocol too,
-since OpenSSH 9.0) and ``sftp -b -``.  Runs are interleaved and the median is reported.
+since OpenSSH 9.0) and ``sftp -b -``.  Runs are interleaved (the order alternating) and the median is reported.
 Goal (issue 4): at least 0.95x their speed, i.e. a time ratio of at most 1.05.
 """
 
@@ -36,7 +36,7 @@ def _ssh(args: list[str], host: str, command: str) -> str:
 def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
     """Rows for put and get against scp and sftp."""
     mb = 16 if quick else 100
-    reps = 2 if quick else 5
+    reps = 2 if quick else 7
     local_dir = tempfile.mkdtemp(prefix="sshwrap-bx-")
     args = [*sshd.ssh_args, "-o", f"ControlPath={local_dir}/s"]
     host = sshd.host
@@ -81,9 +81,11 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
             "get sftp": lambda: sftp(f"get {rsrc} {back}\n"),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
+        order = list(cases)
         for _ in range(reps):
-            for name, fn in cases.items():
-                times[name].append(timed(fn))
+            for name in order:
+                times[name].append(timed(cases[name]))
+            order.reverse()  # alternate the order: no tool always runs right after another
         med = {k: median(v) for k, v in times.items()}
         rows = []
         for op in ("put", "get"):
