@@ -32,11 +32,11 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from .fanout import FdBudgetError, HostResult, _Runner
 
-__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main", "read_hosts"]
+__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "fold_hosts", "main", "read_hosts"]
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
@@ -45,8 +45,16 @@ EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 64 (2 is the "timed out" bit of the exit status)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="sshwrap-many",
         description="Run one command on many hosts with the system's ssh.",
         epilog="Exit status: 0 all ok; +1 a command failed; +2 a host timed out; "
@@ -120,6 +128,40 @@ def _options(items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"-o wants KEY=VALUE, not {item!r}")
         opts.setdefault(key.strip(), value.strip())  # ssh takes the first value given
     return opts
+
+
+_NUMBERED = re.compile(r"(.*?)(\d+)\Z")
+
+
+def fold_hosts(hosts: Sequence[str]) -> str:
+    """Compact host list: ``web1,web2,web3,web7,db`` -> ``web[1-3,7],db`` (clush style)."""
+    groups: dict[str, list[str]] = {}
+    order: list[str] = []
+    for h in hosts:
+        m = _NUMBERED.match(h)
+        key = m.group(1) if m and not m.group(2).startswith("0") else "\0" + h
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(m.group(2) if m and not key.startswith("\0") else h)
+    parts = []
+    for key in order:
+        items = groups[key]
+        if key.startswith("\0") or len(items) == 1:
+            parts += [key[1:] if key.startswith("\0") else key + items[0]]
+            continue
+        nums = sorted({int(x) for x in items})
+        ranges = []
+        start = prev = nums[0]
+        for n in [*nums[1:], None]:
+            if n is not None and n == prev + 1:
+                prev = n
+                continue
+            ranges.append(str(start) if start == prev else f"{start}-{prev}")
+            if n is not None:
+                start = prev = n
+        parts.append(f"{key}[{','.join(ranges)}]")
+    return ",".join(parts)
 
 
 def _safe_name(host: str) -> str:
@@ -342,7 +384,7 @@ class _Output:
             groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0].index)
         ):
             members.sort(key=lambda r: r.index)
-            names = ",".join(r.host for r in members)
+            names = fold_hosts([r.host for r in members])
             n = len(members)
             out.write(f"==== {names} ({n} host{'s' if n != 1 else ''}): {what}\n".encode())
             out.write(stdout)

@@ -25,6 +25,7 @@ from test_fanout_helpers import (
     write_config,
 )
 
+from sshwrap.many_cli import fold_hosts
 from sshwrap.testing import LocalSSHD
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
@@ -101,8 +102,15 @@ def test_group_identical_outputs(many: Hosts) -> None:
     p = run_cli(many, "-H", ",".join(many.hosts[:6]), "--group", "--", cmd)
     assert p.returncode == 0
     assert p.stdout == (
-        "==== h1,h2,h4,h6 (4 hosts): exit 0\nsame\n==== h3,h5 (2 hosts): exit 0\nother\n"
+        "==== h[1-2,4,6] (4 hosts): exit 0\nsame\n==== h[3,5] (2 hosts): exit 0\nother\n"
     )
+
+
+def test_fold_hosts() -> None:
+    assert fold_hosts(["web1", "web2", "web3", "web7", "db", "web10"]) == "web[1-3,7,10],db"
+    assert fold_hosts(["a1"]) == "a1"
+    assert fold_hosts(["n01", "n02", "x"]) == "n01,n02,x"  # zero-padded: kept as they are
+    assert fold_hosts(["u@h1", "u@h2"]) == "u@h[1-2]"
 
 
 def test_outdir_writes_a_file_per_host(many: Hosts, tmp_path: Path) -> None:
@@ -139,9 +147,11 @@ def test_exit_status_bits_for_ssh_errors_and_timeouts(server: LocalSSHD, tmp_pat
 
 def test_usage_errors(many: Hosts) -> None:
     p = run_cli(many, "-H", "h1")
-    assert p.returncode == 2 and "no command" in p.stderr
+    assert p.returncode == 64 and "no command" in p.stderr
     p = run_cli(many, "-H", "h1", "-o", "NoEquals", "--", "true")
-    assert p.returncode == 2 and "KEY=VALUE" in p.stderr
+    assert p.returncode == 64 and "KEY=VALUE" in p.stderr
+    p = run_cli(many, "--bogus", "-H", "h1", "--", "true")
+    assert p.returncode == 64
 
 
 def test_refuses_a_parallelism_the_fd_limit_cannot_hold(many: Hosts) -> None:
