@@ -2,7 +2,8 @@
 
 All tools go through the same master (``-o ControlPath=...``), so the comparison is the client
 side only: sshwrap speaking SFTP from Python against OpenSSH's own scp (SFTP protocol too,
-since OpenSSH 9.0) and ``sftp -b -``.  Runs are interleaved (the order alternating) and the median is reported.
+since OpenSSH 9.0) and ``sftp -b -``.  Runs are interleaved (the order alternating) and the
+median is reported.
 Goal (issue 4): at least 0.95x their speed, i.e. a time ratio of at most 1.05.
 """
 
