@@ -18,7 +18,7 @@ chose this over driving ``sftp -b -`` or ``scp`` because:
 Semantics (close to ``scp -rp``): a directory is copied recursively; when the destination is an
 existing directory the source goes inside it under its own name; permission bits (and, by
 default, modification times) are kept; symbolic links are followed.  Remote relative paths are
-relative to the login directory.
+relative to the login directory, and so are ``~`` and ``~/...``.
 """
 
 from __future__ import annotations
@@ -628,6 +628,15 @@ def _walk_remote(sftp: SFTPSession, src: str, dst: str, attrs: _Attrs) -> Iterat
         yield _Item(src, dst, False, attrs.size or 0, remote_attrs=attrs)
 
 
+def _remote_path(path: str) -> str:
+    """SFTP paths are relative to the login directory: ``~`` and ``~/x`` mean just that."""
+    if path in ("", "~", "~/"):
+        return "."
+    if path.startswith("~/"):
+        return path[2:]
+    return path
+
+
 def _ticker(total: int, progress: ProgressCallback | None) -> Callable[[int], None]:
     done = 0
     if progress is not None:
@@ -670,7 +679,7 @@ def put(
     os.stat(src)  # a missing source fails before any connection is made
     with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh) as sftp:
         sftp.preserve_times = preserve_times
-        target = remote or "."
+        target = _remote_path(remote)
         st = sftp.stat(target)
         if st is not None and st.is_dir():
             target = posixpath.join(target, os.path.basename(os.path.normpath(src)))
@@ -712,7 +721,7 @@ def get(
     dst = os.fspath(local)
     with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh) as sftp:
         sftp.preserve_times = preserve_times
-        src = remote or "."
+        src = _remote_path(remote)
         attrs = sftp.stat(src)
         if attrs is None:
             where = f"{destination}:{src}"

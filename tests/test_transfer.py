@@ -189,6 +189,20 @@ def test_put_file_into_existing_dir_and_overwrite(
     assert master.ssh(f"cat {remote_dir}/f.txt") == "second\n"  # truncated, not patched
 
 
+def test_home_relative_paths(master: Master, tmp_path: Path) -> None:
+    name = f"sshwrap-home-{os.getpid()}.txt"
+    src = tmp_path / name
+    src.write_text("home\n")
+    try:
+        put(src, "~/", destination=master.host, ssh_args=master.args)
+        assert master.ssh(f"cat ~/{name}") == "home\n"
+        get(f"~/{name}", tmp_path / "a", destination=master.host, ssh_args=master.args)
+        get(name, tmp_path / "b", destination=master.host, ssh_args=master.args)
+        assert (tmp_path / "a").read_text() == (tmp_path / "b").read_text() == "home\n"
+    finally:
+        master.ssh(f"rm -f ~/{name}")
+
+
 def test_missing_local_file(master: Master, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         put(tmp_path / "nope", "/tmp/x", destination=master.host, ssh_args=master.args)
