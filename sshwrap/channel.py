@@ -30,6 +30,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -42,6 +43,7 @@ __all__ = [
     "ChannelOpenTimeout",
     "ProxyCore",
     "Session",
+    "SessionPacer",
     "Sink",
     "Source",
     "signal_name",
@@ -62,6 +64,12 @@ MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
 MSG_CHANNEL_SUCCESS = 99
 MSG_CHANNEL_FAILURE = 100
+
+OPEN_ADMINISTRATIVELY_PROHIBITED = 1
+OPEN_CONNECT_FAILED = 2
+# What sshd answers a session open beyond MaxSessions ("open failed"): 9.x sends
+# CONNECT_FAILED, older servers ADMINISTRATIVELY_PROHIBITED.
+_SESSION_LIMIT_CODES = (OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED)
 
 # What OpenSSH's client grants a session: 64 packets of 32 KiB.
 WINDOW = 2 * 1024 * 1024
@@ -170,6 +178,7 @@ class Session:
         self.opened = threading.Event()
         self.closed = threading.Event()
         self.open_error: str | None = None
+        self.open_code = 0
         self.exec_failed = False
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
@@ -284,6 +293,41 @@ class Session:
         self.core._close_source_locked(self)
 
 
+class SessionPacer:
+    """When to try a session open again after the server refused it for its session limit.
+
+    sshd refuses a session beyond ``MaxSessions`` ("open failed") and frees a slot only once
+    it has our CLOSE for a finished channel, a moment after we learn the channel ended.  So a
+    refused open is tried again when one of our channels closes or after a delay growing
+    from 10 ms to 250 ms, whichever comes first.  With no channel of ours open, the refusal
+    is taken as final after ``patience`` seconds (someone else holds the sessions, or the
+    server refuses sessions for another reason).
+    """
+
+    def __init__(self, core: ProxyCore, patience: float = 2.0) -> None:
+        self.core = core
+        self.patience = patience
+        self._delay = 0.01
+        self._alone_since: float | None = None
+
+    def pause(self, ch: Session) -> float | None:
+        """Seconds to wait at most before trying again, or None: do not try again."""
+        if ch.open_code not in _SESSION_LIMIT_CODES or ch.lost or ch.open_error is None:
+            return None
+        with self.core.lock:
+            ours = bool(self.core._channels)
+        now = time.monotonic()
+        if ours:
+            self._alone_since = None
+        elif self._alone_since is None:
+            self._alone_since = now
+        elif now - self._alone_since > self.patience:
+            return None
+        delay = self._delay
+        self._delay = min(self._delay * 2, 0.25)
+        return delay
+
+
 class ProxyCore:
     """One proxy-mode socket to a ControlMaster and the thread that pumps its channels."""
 
@@ -298,6 +342,9 @@ class ProxyCore:
         self._next_id = 0
         self.dead = False
         self.dead_reason = ""
+        self.close_generation = 0  # counts channel closes (and the end of the socket)
+        self._changed = threading.Condition(self.lock)
+        self._close_waiters: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Closed when this object goes away, never while a caller might still wake the pump
         # (a closed fd number can be reused by another file).
@@ -309,13 +356,45 @@ class ProxyCore:
 
     # -- public ------------------------------------------------------------------------
     def open_session(self, timeout: float | None = None) -> Session:
-        """Open a ``session`` channel and wait for the server's confirmation."""
-        ch = self.start_session()
-        if not ch.opened.wait(timeout):
-            self.abandon(ch)
-            raise ChannelOpenTimeout("timed out waiting for the server to open a session channel")
+        """Open a ``session`` channel and wait for the server's confirmation.
+
+        When the server refuses because the connection already has as many sessions as it
+        allows (sshd's ``MaxSessions``, 10 by default), the open is tried again when one of
+        our channels closes or after a short growing delay (see ``SessionPacer``), until
+        ``timeout`` (``ChannelOpenTimeout``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pacer = SessionPacer(self)
+        while True:
+            with self.lock:
+                generation = self.close_generation
+            ch = self.start_session()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ch.opened.wait(remaining):
+                self.abandon(ch)
+                raise ChannelOpenTimeout(
+                    "timed out waiting for the server to open a session channel"
+                )
+            pause = pacer.pause(ch)
+            if pause is None:
+                break
+            with self.lock:
+                if self.close_generation == generation and not self.dead:
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise ChannelOpenTimeout(
+                                "timed out waiting for the server to allow another session"
+                            )
+                        pause = min(pause, remaining)
+                    self._changed.wait(pause)
         self.check_opened(ch)
         return ch
+
+    def add_close_waiter(self, cb: Callable[[], None]) -> None:
+        """Call ``cb`` once (pump thread, lock held) when any channel closes next."""
+        with self.lock:
+            self._close_waiters.append(cb)
 
     def abandon(self, ch: Session) -> None:
         """Give up on a channel nobody waits for: closed as soon as it is open."""
@@ -557,6 +636,7 @@ class ProxyCore:
             ch.closed.set()
             if ch.notify is not None:
                 ch.notify()
+            self._closed_one_locked()
         elif msg == MSG_CHANNEL_OPEN_CONFIRMATION:
             ch.remote_id = r.u32()
             ch.remote_window = r.u32()
@@ -568,6 +648,7 @@ class ProxyCore:
                 ch.notify()
         elif msg == MSG_CHANNEL_OPEN_FAILURE:
             code = r.u32()
+            ch.open_code = code
             ch.open_error = r.text() or f"reason code {code}"
             self._channels.pop(ch.local_id, None)
             ch.opened.set()
@@ -595,6 +676,14 @@ class ProxyCore:
                 if ch.notify is not None:
                     ch.notify()
         self._channels.clear()
+        self._closed_one_locked()
+
+    def _closed_one_locked(self) -> None:
+        self.close_generation += 1
+        self._changed.notify_all()
+        waiters, self._close_waiters = self._close_waiters, []
+        for cb in waiters:
+            cb()
 
     # -- the pump ----------------------------------------------------------------------
     def _interest_locked(self) -> dict[int, int]:

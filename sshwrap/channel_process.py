@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import io
 import locale
 import os
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any, cast
 
-from .channel import ChannelOpenTimeout, ProxyCore, Session, Sink, Source
+from .channel import ChannelOpenTimeout, ProxyCore, Session, SessionPacer, Sink, Source
 from .errors import (
     CalledProcessError,
     SSHConnectionError,
@@ -130,6 +131,12 @@ def _text_mode(text: bool | None, encoding: str | None, errors: str | None) -> b
 def _decode(data: bytes, encoding: str | None, errors: str | None) -> str:
     s = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
     return s.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def notify_event(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Set ``event`` from another thread (ignored once the loop is closed)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(event.set)
 
 
 def _ended_error(host: str, ch: Session) -> SSHError | None:
@@ -330,27 +337,44 @@ async def run_channel_async(
         encoding=encoding,
         errors=errors,
     )
+    open_deadline = loop.time() + (_OPEN_TIMEOUT if timeout is None else timeout)
+    pacer = SessionPacer(core)
+    ch: Session | None = None
     try:
-        ch = core.start_session(notify)
+        while True:
+            generation = core.close_generation
+            ch = core.start_session(notify)
+            try:
+                await asyncio.wait_for(until(ch.opened.is_set), open_deadline - loop.time())
+            except TimeoutError:
+                core.abandon(ch)
+                if timeout is None:
+                    raise ChannelOpenTimeout("timed out opening a session channel") from None
+                raise plan.timed_out(timeout) from None
+            pause = pacer.pause(ch)
+            if pause is None:
+                break
+            # The server's MaxSessions is reached: try again when one of ours closes (or soon).
+            left = open_deadline - loop.time()
+            if left <= 0:
+                if timeout is None:
+                    raise ChannelOpenTimeout("timed out waiting for a session slot")
+                raise plan.timed_out(timeout)
+            freed = asyncio.Event()
+            core.add_close_waiter(functools.partial(notify_event, loop, freed))
+            if core.close_generation == generation:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), min(pause, left))
+        core.check_opened(ch)
+    except asyncio.CancelledError:
+        plan.release()
+        if ch is not None:
+            core.abandon(ch)
+        raise
     except BaseException:
         plan.release()
         raise
     try:
-        try:
-            await asyncio.wait_for(
-                until(ch.opened.is_set), _OPEN_TIMEOUT if timeout is None else timeout
-            )
-        except TimeoutError:
-            core.abandon(ch)
-            plan.release()
-            if timeout is None:
-                raise ChannelOpenTimeout("timed out opening a session channel") from None
-            raise plan.timed_out(timeout) from None
-        try:
-            core.check_opened(ch)
-        except BaseException:
-            plan.release()
-            raise
         ch.setup_io(plan.src, plan.out, plan.err)
         ch.exec(command)
         remaining = None if deadline is None else max(0.0, deadline - loop.time())

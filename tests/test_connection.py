@@ -40,9 +40,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _remote(sshd: LocalSSHD, needle: str) -> list[int]:
-    """Pids of the sshd's session processes whose command line contains ``needle``."""
-    return [p for p in sshd.session_pids() if needle in _cmdline(p)]
+def _remote(sshd: LocalSSHD, needle: str, *, anywhere: bool = False) -> list[int]:
+    """Pids of the sshd's session processes whose command line starts with ``needle``
+    (or contains it).  Starts with: the remote shell has exec'd the program; a signal that
+    reached ``sh -c`` before that exec would be caught by dash and lost in the exec."""
+    return [
+        p
+        for p in sshd.session_pids()
+        if ((needle in _cmdline(p)) if anywhere else _cmdline(p).startswith(needle))
+    ]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -202,7 +208,9 @@ def test_timeout_stops_remote_command(conn: Connection, local_sshd: LocalSSHD) -
 def test_timeout_then_kill_when_term_is_ignored(conn: Connection, local_sshd: LocalSSHD) -> None:
     with pytest.raises(TimeoutExpired):
         conn.run("trap '' TERM; sleep 1005; :", timeout=0.5, kill_after=0.5)
-    _wait_for(lambda: not _remote(local_sshd, "sleep 1005"), 5, "the remote command to go")
+    _wait_for(
+        lambda: not _remote(local_sshd, "sleep 1005", anywhere=True), 5, "the remote command to go"
+    )
 
 
 def test_popen_wait_timeout(conn: Connection) -> None:
@@ -342,3 +350,39 @@ def test_no_fd_or_thread_leaks(conn: Connection) -> None:
             p.communicate(b"y")
     _wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before, 5, "fds to be closed")
     assert threading.active_count() == threads
+
+
+def test_more_concurrent_commands_than_server_max_sessions(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    # sshd's MaxSessions (10 by default) caps the channels of one connection: sshwrap waits
+    # for one of its channels to close and tries again instead of failing.
+    sshd = local_sshd_factory(extra_sshd_config=["Match all", "MaxSessions 3"])
+    with connect(sshd.host, config=sshd.config) as c:
+        held = [c.Popen(["sleep", "1008"]) for _ in range(3)]
+        with pytest.raises(TimeoutExpired):  # the limit is real: a 4th session must wait
+            c.run("true", timeout=0.5)
+        result: list[object] = []
+        t = threading.Thread(target=lambda: result.append(c.check_output(["echo", "ok"])))
+        t.start()
+        held[0].kill()
+        t.join(30)
+        assert result == [b"ok\n"]
+        for p in held[1:]:
+            p.kill()
+        for p in held:
+            assert p.wait(10) == -9
+        outs: list[bytes] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            out = c.check_output(["sh", "-c", "sleep 0.2; echo $0", str(i)])
+            with lock:
+                outs.append(out)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert sorted(outs) == sorted(f"{i}\n".encode() for i in range(12))

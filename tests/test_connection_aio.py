@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -24,7 +25,8 @@ def _cmdline(pid: int) -> str:
 
 
 def _remote(sshd: LocalSSHD, needle: str) -> list[int]:
-    return [p for p in sshd.session_pids() if needle in _cmdline(p)]
+    # Starts with: the remote shell has exec'd the program (see test_connection._remote).
+    return [p for p in sshd.session_pids() if _cmdline(p).startswith(needle)]
 
 
 async def _wait_for_remote(sshd: LocalSSHD, needle: str, present: bool, timeout: float) -> None:
@@ -84,5 +86,23 @@ def test_async_reconnects_after_master_death(local_sshd: LocalSSHD) -> None:
             r = await c.run("echo again", capture_output=True)
             assert r.stdout == b"again\n"
             assert c.master_pid != old
+
+    asyncio.run(main())
+
+
+def test_async_gather_beyond_server_max_sessions(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    sshd = local_sshd_factory(extra_sshd_config=["Match all", "MaxSessions 3"])
+
+    async def main() -> None:
+        async with await connect(sshd.host, config=sshd.config) as c:
+            rs = await asyncio.gather(
+                *(
+                    c.run(["sh", "-c", "sleep 0.1; echo $0", str(i)], capture_output=True)
+                    for i in range(15)
+                )
+            )
+            assert [r.stdout for r in rs] == [f"{i}\n".encode() for i in range(15)]
 
     asyncio.run(main())
