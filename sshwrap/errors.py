@@ -267,6 +267,7 @@ _EXIT_SIGNAL = re.compile(r"rtype exit-signal")
 # learns an exit status; for a signal the master closes the session without one.
 _MUX_SESSION = re.compile(r"mux_client_request_session: master session id")
 _MUX_NO_STATUS = re.compile(r"Control master terminated unexpectedly")
+_KILLED = re.compile(r"^Killed by signal (\d+)\.", re.M)
 
 
 @dataclass
@@ -280,6 +281,7 @@ class ExitInfo:
     returncode: int
     error: SSHError | None
     messages: str
+    local_signal: int = 0  # the local ssh was stopped by this signal (it says "Killed by")
 
 
 def interpret_exit(host: str, ssh_returncode: int, log: str, sent_signal: int = 0) -> ExitInfo:
@@ -287,13 +289,22 @@ def interpret_exit(host: str, ssh_returncode: int, log: str, sent_signal: int = 
 
     ``sent_signal`` is the signal sshwrap last sent to the remote command (0 if none): it is
     what a ``rtype exit-signal`` is reported as; otherwise :data:`UNKNOWN_SIGNAL`.
-    A negative ``ssh_returncode`` (the local ssh process itself was killed) is kept as is.
+    A negative ``ssh_returncode`` (the local ssh process itself was killed) is kept as is, and
+    so is a signal ssh caught itself (``Killed by signal N.``, exit 255): ``-N``, with
+    ``local_signal`` set, since the remote command may still be running.
     """
     messages = ssh_messages(log)
+    if ssh_returncode < 0:
+        return ExitInfo(ssh_returncode, None, messages, -ssh_returncode)
     if ssh_returncode != 255:
         return ExitInfo(ssh_returncode, None, messages)
     if _EXIT_SIGNAL.search(log) or (_MUX_SESSION.search(log) and _MUX_NO_STATUS.search(log)):
         return ExitInfo(-sent_signal if sent_signal else UNKNOWN_SIGNAL, None, messages)
     if _EXIT_STATUS.search(log):
         return ExitInfo(255, None, messages)
+    killed = _KILLED.search(log)
+    if killed is not None:
+        # ssh caught SIGINT/SIGTERM/SIGHUP itself and exited 255: a local signal, not a failure
+        sig = int(killed.group(1))
+        return ExitInfo(-sig, None, messages, sig)
     return ExitInfo(255, classify_ssh_failure(host, log, 255), messages)

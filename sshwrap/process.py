@@ -170,18 +170,26 @@ class Invocation:
         )
         self.sent_signal = 0
         self.returncode: int | None = None
+        self.ssh_returncode: int | None = None  # the local ssh's own exit status
+        self.stopping = False  # a background stop of the remote command has been started
         self.error: SSHError | None = None
         self.messages = ""
 
     def finish(self, ssh_returncode: int) -> int:
         """Record ssh's exit status; set ``returncode``, ``error``, ``messages`` (once)."""
         if self.returncode is None:
+            self.ssh_returncode = ssh_returncode
             log = self.log.read()
             self.log.close()
             info = interpret_exit(self.host, ssh_returncode, log, self.sent_signal)
             self.returncode = info.returncode
             self.error = info.error
             self.messages = info.messages
+            if info.local_signal and not self.stopping:
+                # The local ssh was killed by a signal nobody sent through sshwrap (the
+                # user's ^C reaches ssh too): without a terminal the remote command would run
+                # on.  Hang it up, as a terminal would: SIGHUP (nohup'd commands survive).
+                self.signal_remote(signal.SIGHUP, wait=False)
         return self.returncode
 
     def signal_argv(self, sig: int, *, escalate: bool = False) -> list[str]:
@@ -193,6 +201,8 @@ class Invocation:
     def signal_remote(self, sig: int, *, escalate: bool = False, wait: bool = True) -> None:
         """Send ``sig`` to the remote command; in the background unless ``wait``."""
         self.sent_signal = sig
+        if not wait:
+            self.stopping = True
         argv = self.signal_argv(sig, escalate=escalate)
 
         def go() -> None:
@@ -241,7 +251,7 @@ def _write_to(target: StdSpec, data: bytes, stdout_target: StdSpec = None) -> No
             view = view[n:]
 
 
-_QUIT_MESSAGE = re.compile(rb"(?:\A|\n)(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
+_QUIT_MESSAGE = re.compile(rb"(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
 
 
 class _PtyReader(io.RawIOBase):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -396,3 +397,27 @@ def test_reading_stdout_object_directly(local_sshd: LocalSSHD) -> None:
         assert isinstance(p.stdout, io.TextIOWrapper)
         assert list(p.stdout) == ["1\n", "2\n", "3\n"]
     assert p.returncode == 0
+
+
+def test_local_ssh_killed_hangs_up_remote(local_sshd: LocalSSHD) -> None:
+    """^C reaches the local ssh too: the remote command is hung up, as a terminal would."""
+    marker = _marker_seconds()
+    with sshwrap.Popen(
+        local_sshd.host, f"echo up; exec sleep {marker}", stdout=PIPE, config=local_sshd.config
+    ) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"up\n"
+        pids = user_processes(local_sshd.user, marker)
+        assert pids
+        os.kill(p.pid, signal.SIGINT)
+        assert p.wait(timeout=30) == -signal.SIGINT
+    assert wait_gone(pids, 5) == []
+
+
+def test_host_is_never_an_option(local_sshd: LocalSSHD, tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    with pytest.raises(sshwrap.SSHError):
+        sshwrap.run(
+            f"-oProxyCommand=touch {target}", "true", config=local_sshd.config, capture_output=True
+        )
+    assert not target.exists()
