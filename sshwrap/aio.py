@@ -260,7 +260,7 @@ async def run(
     data: bytes | None
     data = input.encode(enc, err_mode) if isinstance(input, str) else input
     if data is not None:
-        if options.get("stdin", DEVNULL) not in (DEVNULL, PIPE):
+        if options.get("stdin", DEVNULL) not in (None, DEVNULL, PIPE):
             raise ValueError("stdin and input arguments may not both be used.")
         options["stdin"] = PIPE
     if capture_output:

@@ -261,7 +261,7 @@ def remote_signal_script(session_id: str, sig: int, *, escalate: bool = False) -
     name = signal.Signals(sig).name.removeprefix("SIG")
     script = f"""t={SESSION_ENV}={session_id}
 ps=
-for f in $(grep -l -a -F -e "$t" /proc/[0-9]*/environ 2>/dev/null); do
+for f in $(grep -l -F -e "$t" /proc/[0-9]*/environ 2>/dev/null); do
   p=${{f#/proc/}}; ps="$ps ${{p%/environ}}"
 done
 [ -n "$ps" ] || exit 0

@@ -36,6 +36,12 @@ multiplexes).  What sshwrap adds, and why:
   of every command; on a timeout (and for ``send_signal``/``terminate``/``kill``) a second
   ssh finds the processes carrying it (``/proc/*/environ``, Linux remotes) and signals their
   process group: SIGTERM, then SIGKILL after 2 s.  With ``tty=True`` the hang-up does it too.
+  When the local ssh is stopped by a signal sshwrap did not send (the user's ^C reaches ssh
+  as well: ``returncode`` is then ``-SIGINT``), the remote command gets SIGHUP the same way,
+  as a closing terminal would give it (``nohup``'d commands survive).
+- **ssh's own messages** (warnings, errors) still reach the caller: written where ``stderr``
+  goes, or appended to the ``stderr`` that ``communicate()``/``run()`` return with
+  ``stderr=PIPE``, and kept in ``Popen.ssh_messages``.  ssh's debug lines never appear.
 """
 
 from __future__ import annotations
@@ -767,7 +773,7 @@ def run(
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
     """
     if input is not None:
-        if kwargs.get("stdin", DEVNULL) not in (DEVNULL, PIPE):
+        if kwargs.get("stdin", DEVNULL) not in (None, DEVNULL, PIPE):
             raise ValueError("stdin and input arguments may not both be used.")
         kwargs["stdin"] = PIPE
     if capture_output:
