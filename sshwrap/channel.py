@@ -17,7 +17,13 @@ several proxy clients never collide.  ``ProxyCore`` is one such socket plus one 
   >= 7.9 delivers them with ``killpg`` to the session).
 
 All shared state is guarded by one lock; waiting is done on ``threading.Event`` objects.
-The pump never blocks on a user's pipe: pipe ends it owns are non-blocking and polled.
+The pump never blocks on a pipe it made: those ends are non-blocking and polled.  Descriptors
+a caller hands over as they are (``stdout=some_file``, or ``None`` for this process's own
+stdout) are written with blocking writes, as a child process would: a pipe there that nobody
+reads stalls every channel of the connection.
+
+Sessions beyond the server's ``MaxSessions`` (10 by default) are refused by sshd;
+``SessionPacer`` makes opens wait for a slot instead of failing.
 """
 
 from __future__ import annotations
