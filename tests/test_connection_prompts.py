@@ -6,7 +6,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,26 @@ def _processes_showing(secret: str) -> list[str]:
     return hits
 
 
+@pytest.fixture
+def throwaway_user() -> Iterator[str]:
+    """A local user created for this test only (so parallel test runs never share a
+    password), removed afterwards."""
+    name = "swpw" + secrets.token_hex(4)
+    subprocess.run(
+        ["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True
+    )
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", "--remove", "--force", name], capture_output=True)
+
+
 @needs_root
 def test_password_login_and_secret_never_exposed(
-    local_sshd_factory: Callable[..., LocalSSHD],
+    local_sshd_factory: Callable[..., LocalSSHD], throwaway_user: str
 ) -> None:
     pw = "pw-" + secrets.token_hex(12)
-    sshd = local_sshd_factory(password=pw)
+    sshd = local_sshd_factory(password=pw, user=throwaway_user)
     opts = {"PubkeyAuthentication": "no", "PreferredAuthentications": "password"}
     with connect(sshd.host, config=sshd.config, options=opts, password=pw) as c:
         assert c.run("echo in", capture_output=True).stdout == b"in\n"
@@ -56,9 +70,9 @@ def test_password_login_and_secret_never_exposed(
 
 @needs_root
 def test_wrong_password_is_authentication_error_quickly(
-    local_sshd_factory: Callable[..., LocalSSHD],
+    local_sshd_factory: Callable[..., LocalSSHD], throwaway_user: str
 ) -> None:
-    sshd = local_sshd_factory(password="right-" + secrets.token_hex(8))
+    sshd = local_sshd_factory(password="right-" + secrets.token_hex(8), user=throwaway_user)
     wrong = "wrong-" + secrets.token_hex(8)
     opts = {"PubkeyAuthentication": "no", "PreferredAuthentications": "password"}
     t = time.monotonic()
