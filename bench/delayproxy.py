@@ -46,9 +46,13 @@ async def _handle(
     except OSError:
         writer.close()
         return
-    await asyncio.gather(_pipe(reader, up_w, delay), _pipe(up_r, writer, delay))
-    for w in (writer, up_w):
-        w.close()
+    try:
+        await asyncio.gather(_pipe(reader, up_w, delay), _pipe(up_r, writer, delay))
+    except asyncio.CancelledError:
+        pass  # shutting down
+    finally:
+        for w in (writer, up_w):
+            w.close()
 
 
 async def _main(addresses: list[str], port: int, target_port: int, delay: float) -> None:
