@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import subprocess
 import time
 
 import pytest
-from test_process_helpers import Watcher, user_processes, wait_gone
+from test_process_helpers import (
+    control_master,
+    marker_seconds,
+    timeout_case,
+    user_processes,
+    wait_gone,
+)
 
 import sshwrap
 import sshwrap.aio
@@ -79,39 +84,53 @@ def test_input_and_env_cwd(local_sshd: LocalSSHD) -> None:
 
 
 def test_timeout_stops_remote(local_sshd: LocalSSHD) -> None:
-    marker = f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
-    watcher = Watcher(local_sshd.user, marker)
-    watcher.start()
-
-    async def main() -> None:
-        await sshwrap.aio.run(
-            local_sshd.host,
-            f"echo started; exec sleep {marker}",
-            timeout=1,
-            capture_output=True,
-            config=local_sshd.config,
+    def call(marker: str) -> None:
+        asyncio.run(
+            sshwrap.aio.run(
+                local_sshd.host,
+                f"exec sleep {marker}",
+                timeout=1,
+                capture_output=True,
+                config=local_sshd.config,
+            )
         )
 
-    start = time.monotonic()
-    try:
+    elapsed, pids = timeout_case(call, local_sshd.user)
+    assert elapsed < 2
+    assert wait_gone(pids, 5) == []
+
+
+def test_timeout_output_so_far(local_sshd: LocalSSHD) -> None:
+    with control_master(local_sshd.config, local_sshd.host) as mux:
+
+        async def main() -> None:
+            await sshwrap.aio.run(
+                local_sshd.host,
+                "echo started; exec sleep 30",
+                timeout=1,
+                capture_output=True,
+                config=local_sshd.config,
+                options=mux,
+            )
+
         with pytest.raises(sshwrap.TimeoutExpired) as info:
             asyncio.run(main())
-        assert time.monotonic() - start < 2
-        assert info.value.output == b"started\n"
-        assert info.value.host == local_sshd.host
-        assert watcher.seen.wait(5)
-    finally:
-        watcher.stop()
-    assert wait_gone(watcher.pids, 5) == []
+    assert info.value.output == b"started\n"
+    assert info.value.stderr == b""
+    assert info.value.host == local_sshd.host
 
 
 def test_create_process_line_by_line_and_terminate(local_sshd: LocalSSHD) -> None:
-    marker = f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
+    marker = marker_seconds()
 
-    async def main() -> tuple[float, int, list[int]]:
+    async def main(mux: dict[str, str | int]) -> tuple[float, int, list[int]]:
         start = time.monotonic()
         p = await sshwrap.aio.create_process(
-            local_sshd.host, f"echo a; exec sleep {marker}", stdout=PIPE, config=local_sshd.config
+            local_sshd.host,
+            f"echo a; exec sleep {marker}",
+            stdout=PIPE,
+            config=local_sshd.config,
+            options=mux,
         )
         assert p.stdout is not None
         assert await p.stdout.readline() == b"a\n"
@@ -121,7 +140,8 @@ def test_create_process_line_by_line_and_terminate(local_sshd: LocalSSHD) -> Non
         rc = await asyncio.wait_for(p.wait(), 30)
         return first, rc, pids
 
-    first, rc, pids = asyncio.run(main())
+    with control_master(local_sshd.config, local_sshd.host) as mux:
+        first, rc, pids = asyncio.run(main(mux))
     assert first < 1.0
     assert rc == -15
     assert pids and wait_gone(pids, 5) == []

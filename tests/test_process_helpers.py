@@ -5,9 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import select
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+
+from sshwrap.errors import TimeoutExpired
 
 
 def user_processes(user: str, marker: str) -> list[int]:
@@ -80,3 +87,72 @@ class Watcher(threading.Thread):
         self._stop_event.set()
         with contextlib.suppress(RuntimeError):
             self.join(5)
+
+
+@contextlib.contextmanager
+def control_master(config: str, host: str) -> Iterator[dict[str, str | int]]:
+    """ssh options that share one ControlMaster (as a user's ssh_config could), then stop it.
+
+    Time-sensitive tests use it so that a key exchange on a loaded machine is not what they
+    measure.
+    """
+    d = tempfile.mkdtemp(prefix="swm")  # short: ControlPath must fit sun_path
+    os.chmod(d, 0o700)
+    options: dict[str, str | int] = {
+        "ControlMaster": "auto",
+        "ControlPath": f"{d}/%C",
+        "ControlPersist": 120,
+    }
+    try:
+        # Start the master now, so the first measured call does not pay for it.
+        subprocess.run(
+            ["ssh", "-F", config, *(f"-o{k}={v}" for k, v in options.items()), host, "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        yield options
+    finally:
+        subprocess.run(
+            ["ssh", "-F", config, "-o", f"ControlPath={d}/%C", "-O", "exit", host],
+            capture_output=True,
+            timeout=30,
+        )
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def marker_seconds() -> str:
+    """A unique ``sleep`` argument, so a test finds exactly its own remote process."""
+    return f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
+
+
+def timeout_case(
+    call: Callable[[str], object], user: str, attempts: int = 3
+) -> tuple[float, list[int]]:
+    """Run ``call(marker)`` (which must raise TimeoutExpired) while watching for the remote
+    process tagged by ``marker``; return (seconds until the exception, pids seen).
+
+    On a loaded machine a fresh connection can take longer than the timeout, and then no
+    remote command ever started: such an attempt proves nothing, so it is repeated.
+    """
+    for _ in range(attempts):
+        marker = marker_seconds()
+        watcher = Watcher(user, marker)
+        watcher.start()
+        start = time.monotonic()
+        try:
+            try:
+                call(marker)
+            except TimeoutExpired:
+                elapsed = time.monotonic() - start
+            else:
+                raise AssertionError("no TimeoutExpired")
+            # The process appears within the timeout if the command started at all.
+            seen = watcher.seen.wait(1)
+        finally:
+            watcher.stop()
+        if seen:
+            return elapsed, watcher.pids
+        assert elapsed < 2
+    raise AssertionError(f"the remote command never started in {attempts} attempts")

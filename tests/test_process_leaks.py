@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 
 import pytest
+from test_process_helpers import control_master
 
 import sshwrap
 import sshwrap.aio
@@ -48,31 +46,8 @@ def _children() -> tuple[int, int]:
 
 @pytest.fixture
 def mux(local_sshd: LocalSSHD) -> Iterator[dict[str, str | int]]:
-    d = tempfile.mkdtemp(prefix="swl")  # short: ControlPath must fit sun_path
-    os.chmod(d, 0o700)
-    options: dict[str, str | int] = {
-        "ControlMaster": "auto",
-        "ControlPath": f"{d}/%C",
-        "ControlPersist": 60,
-    }
-    try:
+    with control_master(local_sshd.config, local_sshd.host) as options:
         yield options
-    finally:
-        subprocess.run(
-            [
-                "ssh",
-                "-F",
-                local_sshd.config,
-                "-o",
-                f"ControlPath={d}/%C",
-                "-O",
-                "exit",
-                local_sshd.host,
-            ],
-            capture_output=True,
-            timeout=30,
-        )
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _one(sshd: LocalSSHD, i: int, options: dict[str, str | int]) -> None:

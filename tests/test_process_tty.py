@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
-import time
-
 import pytest
-from test_process_helpers import Watcher, wait_gone
+from test_process_helpers import timeout_case, wait_gone
 
 import sshwrap
 from sshwrap.process import PIPE
@@ -111,25 +108,19 @@ def test_line_by_line_and_resize(local_sshd: LocalSSHD) -> None:
 
 
 def test_timeout_hangs_up(local_sshd: LocalSSHD) -> None:
-    marker = f"{100 + secrets.randbelow(10**6) / 10**7:.7f}"
-    watcher = Watcher(local_sshd.user, marker)
-    watcher.start()
-    start = time.monotonic()
-    try:
-        with pytest.raises(sshwrap.TimeoutExpired):
-            sshwrap.run(
-                local_sshd.host,
-                ["sleep", marker],
-                tty=True,
-                timeout=1,
-                capture_output=True,
-                config=local_sshd.config,
-            )
-        assert time.monotonic() - start < 2
-        assert watcher.seen.wait(5)
-    finally:
-        watcher.stop()
-    assert wait_gone(watcher.pids, 5) == []
+    elapsed, pids = timeout_case(
+        lambda m: sshwrap.run(
+            local_sshd.host,
+            ["sleep", m],
+            tty=True,
+            timeout=1,
+            capture_output=True,
+            config=local_sshd.config,
+        ),
+        local_sshd.user,
+    )
+    assert elapsed < 2
+    assert wait_gone(pids, 5) == []
 
 
 def test_tty_ssh_error(local_sshd: LocalSSHD) -> None:
