@@ -17,6 +17,7 @@ restarting a dead one, forwards and ``Popen``-style processes run in a worker th
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -25,14 +26,108 @@ from typing import TYPE_CHECKING, Any
 
 from .argv import OptionValue, remote_command
 from .channel import ChannelError, ChannelLost
-from .channel_process import KILL_AFTER, run_channel_async
+from .channel_process import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
 from .connection import Connection, Forward, Stream
 from .errors import SSHConnectionError, SSHError
 
 if TYPE_CHECKING:
     from .prompts import OnPrompt
 
-__all__ = ["AsyncConnection", "connect"]
+__all__ = ["AsyncChannelProcess", "AsyncConnection", "connect"]
+
+
+class AsyncChannelProcess:
+    """A remote command on a channel of an ``AsyncConnection``, like asyncio's ``Process``.
+
+    ``stdin`` is an ``asyncio.StreamWriter`` and ``stdout``/``stderr`` are
+    ``asyncio.StreamReader`` objects for ``PIPE``, else None.  ``returncode`` is exact
+    (``-signum`` for a remote signal death); ``send_signal``/``terminate``/``kill`` reach the
+    remote process group.
+    """
+
+    def __init__(self, popen: ChannelPopen) -> None:
+        self._popen = popen
+        self.args = popen.args
+        self.host = popen.host
+        self.stdin: asyncio.StreamWriter | None = None
+        self.stdout: asyncio.StreamReader | None = None
+        self.stderr: asyncio.StreamReader | None = None
+
+    async def _connect_pipes(self) -> None:
+        loop = asyncio.get_running_loop()
+        p = self._popen
+        for name in ("stdout", "stderr"):
+            f = getattr(p, name)
+            if f is not None:
+                reader = asyncio.StreamReader(limit=2**16)
+                await loop.connect_read_pipe(
+                    functools.partial(asyncio.StreamReaderProtocol, reader), f
+                )
+                setattr(self, name, reader)
+        if p.stdin is not None:
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, p.stdin
+            )
+            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    @property
+    def returncode(self) -> int | None:
+        """The remote returncode once the command ended, else None."""
+        return self._popen.poll()
+
+    @property
+    def ssh_error(self) -> SSHError | None:
+        """Set when the channel ended without an exit status (the master went away)."""
+        return self._popen.ssh_error
+
+    async def wait(self) -> int:
+        """Wait for the command to end; raises ``SSHError`` when it ended without a status."""
+        ch = self._popen._ch
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with ch.core.lock:
+            ch.notify = functools.partial(notify_event, loop, event)
+        while True:
+            event.clear()
+            if ch.closed.is_set():
+                break
+            await event.wait()
+        rc: int = self._popen.wait(0)
+        return rc
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+        """Send ``input``, read stdout and stderr to their end, wait for the command."""
+
+        async def feed() -> None:
+            if self.stdin is None:
+                return
+            try:
+                if input:
+                    self.stdin.write(input)
+                    await self.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                self.stdin.close()
+
+        async def read(r: asyncio.StreamReader | None) -> bytes | None:
+            return None if r is None else await r.read()
+
+        _, out, err = await asyncio.gather(feed(), read(self.stdout), read(self.stderr))
+        await self.wait()
+        return out, err
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the remote command's process group."""
+        self._popen.send_signal(sig)
+
+    def terminate(self) -> None:
+        """SIGTERM to the remote command."""
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL to the remote command."""
+        self._popen.kill()
 
 
 class AsyncConnection:
@@ -149,6 +244,46 @@ class AsyncConnection:
                     raise SSHConnectionError(self.host, "the control master is gone") from None
             except ChannelError as e:
                 raise SSHError(self.host, str(e)) from None
+        raise AssertionError("unreachable")
+
+    async def create_process(
+        self,
+        args: str | Sequence[str],
+        *,
+        stdin: Stream = subprocess.DEVNULL,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> AsyncChannelProcess:
+        """Start a command on a channel; ``PIPE`` streams are asyncio streams (binary)."""
+        command = remote_command(args, env=env, cwd=cwd)
+        conn = self.sync
+        for attempt in (0, 1):
+            core = await asyncio.to_thread(conn._ensure)
+            if core is None:
+                raise SSHError(self.host, "create_process needs a master that speaks proxy mode")
+            try:
+                popen = await asyncio.to_thread(
+                    ChannelPopen,
+                    core,
+                    self.host,
+                    args,
+                    command,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    bufsize=0,
+                )
+            except ChannelLost:
+                if attempt:
+                    raise SSHConnectionError(self.host, "the control master is gone") from None
+                continue
+            except ChannelError as e:
+                raise SSHError(self.host, str(e)) from None
+            proc = AsyncChannelProcess(popen)
+            await proc._connect_pipes()
+            return proc
         raise AssertionError("unreachable")
 
     async def call(self, args: str | Sequence[str], **kwargs: Any) -> int:

@@ -106,3 +106,32 @@ def test_async_gather_beyond_server_max_sessions(
             assert [r.stdout for r in rs] == [f"{i}\n".encode() for i in range(15)]
 
     asyncio.run(main())
+
+
+def test_async_create_process_streams_and_signals(local_sshd: LocalSSHD) -> None:
+    async def main() -> None:
+        async with await connect(local_sshd.host, config=local_sshd.config) as c:
+            p = await c.create_process(
+                "echo first; read x; echo got $x", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            assert p.stdout is not None and p.stdin is not None
+            assert await p.stdout.readline() == b"first\n"  # before the command ends
+            p.stdin.write(b"abc\n")
+            await p.stdin.drain()
+            assert await p.stdout.readline() == b"got abc\n"
+            assert await p.wait() == 0 and p.returncode == 0
+            data = os.urandom(4 * 1024 * 1024)
+            p = await c.create_process(
+                "cat; echo done >&2",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            out, err = await p.communicate(data)
+            assert (out, err, p.returncode) == (data, b"done\n", 0)
+            p = await c.create_process(["sleep", "2003"])
+            await _wait_for_remote(local_sshd, "sleep 2003", True, 10)
+            p.send_signal(signal.SIGINT)
+            assert await p.wait() == -2
+
+    asyncio.run(main())
