@@ -434,7 +434,9 @@ class _HostRun:
         self.loop.remove_reader(fd)
         os.close(fd)
         del self.fds[fd]
-        if not self.fds:
+        # Only stdout and stderr count: a ControlPersist master that this ssh forked keeps
+        # the log open (it keeps logging there); its last lines are drained after the exit.
+        if not any(stream != 3 for stream in self.fds.values()) and not self.pipes_closed.is_set():
             self.pipes_closed.set()
             if self.pidfd is None and not self.exited.is_set():
                 self.loop.create_task(self._poll_exit())
@@ -754,7 +756,7 @@ class _Runner:
                 return run.result("timeout")
             # ssh has exited: collect what is still in the pipes.
             run.log_writer_close()
-            if run.fds:
+            if not run.pipes_closed.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(run.pipes_closed.wait(), _EOF_GRACE)
             run.kill_now()

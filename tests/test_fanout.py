@@ -306,6 +306,30 @@ def test_reuses_a_control_master(many: Hosts) -> None:
         os.rmdir(d) if not os.listdir(d) else None
 
 
+def test_reuses_masters_from_the_users_ssh_config(many: Hosts) -> None:
+    """ControlMaster=auto + ControlPersist: the forked master keeps ssh's log open; the run
+    must not wait on it, and the next run goes through the masters."""
+    d = tempfile.mkdtemp(prefix="sshwrap-t-")
+    opts = {"ControlMaster": "auto", "ControlPath": f"{d}/%C", "ControlPersist": "60"}
+    hosts = many.hosts[:3]
+    try:
+        first = run_many(hosts, "echo hi", config=many.config, options=opts)
+        assert [r.stdout for r in first] == [b"hi\n"] * 3
+        assert all(r.duration < 2 for r in first)  # no wait for the master's log to close
+        assert sorted(os.listdir(d)) and len(os.listdir(d)) == 3  # three masters up
+        again = run_many(hosts, "echo hi", config=many.config, options=opts)
+        assert all(r.ok and "master session id" in r.ssh_log for r in again)
+    finally:
+        for h in hosts:
+            subprocess.run(
+                ["ssh", "-F", many.config, "-o", f"ControlPath={d}/%C", "-O", "exit", h],
+                capture_output=True,
+                timeout=30,
+            )
+    wait_until(lambda: not os.listdir(d), 10, "the masters to exit")
+    os.rmdir(d)
+
+
 def test_runs_over_sshwrap_connections(many: Hosts) -> None:
     conns = [sshwrap.connect(h, config=many.config) for h in many.hosts[:3]]
     try:

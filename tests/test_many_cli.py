@@ -145,6 +145,14 @@ def test_exit_status_bits_for_ssh_errors_and_timeouts(server: LocalSSHD, tmp_pat
     assert "hang | [ssh error: SSHConnectionError:" in err
 
 
+def test_ssh_options_reach_every_ssh(many: Hosts) -> None:
+    p = run_cli(many, "-H", "h1,h2", "-l", "nosuchuser", "--", "true")
+    assert p.returncode == 4
+    assert p.stderr.count("AuthenticationError") >= 2
+    p = run_cli(many, "-H", "h1", "-o", "Port=1", "--", "true")
+    assert p.returncode == 4 and "Connection refused" in p.stderr
+
+
 def test_usage_errors(many: Hosts) -> None:
     p = run_cli(many, "-H", "h1")
     assert p.returncode == 64 and "no command" in p.stderr
