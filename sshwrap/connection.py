@@ -51,6 +51,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
@@ -106,6 +107,21 @@ def _socket_dir() -> str:
             os.chmod(d, 0o700)
             return d
     raise OSError("no temporary directory short enough for a control socket (sun_path)")
+
+
+def _stop_master(control_path: str, pid: int, directory: str | None) -> None:
+    """``-O exit``, wait for the master's pid to go (SIGKILL after a while), remove its dir."""
+    with contextlib.suppress(MuxError), MuxControl(control_path, timeout=5) as m:
+        m.terminate()
+    if pid:
+        deadline = time.monotonic() + _STOP_WAIT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -238,6 +254,7 @@ class Connection:
         self._opened = False
         self._closed = False
         self._forwards: list[Forward] = []
+        self._finalizer: weakref.finalize[[str, int, str | None], Connection] | None = None
         self.restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -261,11 +278,6 @@ class Connection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_opened", False) and not getattr(self, "_closed", True):
-            with contextlib.suppress(Exception):
-                self.close()
 
     @property
     def log_path(self) -> str:
@@ -346,6 +358,13 @@ class Connection:
         try:
             with MuxControl(self.control_path) as m:
                 self.master_pid = m.alive_check()
+            # A Connection dropped without close() (or still open at exit) stops its master:
+            # a ControlPersist master would otherwise outlive the program.
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(
+                self, _stop_master, self.control_path, self.master_pid, self._dir
+            )
         except MuxError as e:
             raise SSHConnectionError(
                 self.host, f"the master started but does not answer: {e}", self._read_log()
@@ -387,17 +406,9 @@ class Connection:
             core, self._core = self._core, None
             if core is not None:
                 core.close()
-            if self._opened:
-                with contextlib.suppress(MuxError), MuxControl(self.control_path, timeout=5) as m:
-                    m.terminate()
-                pid = self.master_pid
-                if pid:
-                    deadline = time.monotonic() + _STOP_WAIT
-                    while _pid_alive(pid) and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                    if _pid_alive(pid):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
+            if self._finalizer is not None:
+                self._finalizer()  # -O exit, wait for the master, remove the directory
+                self._finalizer = None
             self._forwards.clear()
             self._remove_dir()
 

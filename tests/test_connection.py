@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -386,3 +388,31 @@ def test_more_concurrent_commands_than_server_max_sessions(
         for th in threads:
             th.join(60)
         assert sorted(outs) == sorted(f"{i}\n".encode() for i in range(12))
+
+
+def test_master_stopped_when_program_exits_without_close(
+    local_sshd: LocalSSHD, tmp_path: object
+) -> None:
+    script = os.path.join(str(tmp_path), "leave.py")
+    with open(script, "w") as f:
+        f.write(
+            "import sshwrap\n"
+            f"c = sshwrap.connect({local_sshd.host!r}, config={local_sshd.config!r})\n"
+            "print(c.master_pid, c.control_path, flush=True)\n"
+        )
+    out = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=60, check=True
+    )
+    pid_s, path = out.stdout.split()
+    _wait_for(lambda: not _pid_alive(int(pid_s)), 5, "the master to exit")
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_master_stopped_when_connection_is_dropped(local_sshd: LocalSSHD) -> None:
+    c = connect(local_sshd.host, config=local_sshd.config)
+    c.run("true")
+    pid, d = c.master_pid, os.path.dirname(c.control_path)
+    del c
+    gc.collect()
+    _wait_for(lambda: not _pid_alive(pid), 5, "the master to exit")
+    assert not os.path.exists(d)
