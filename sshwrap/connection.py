@@ -11,7 +11,9 @@ given), then forks into the background and the first process exits: 0 means the 
 smallest, macOS's) *including* the ``.XXXXXXXXXXXXXXXX`` suffix OpenSSH appends while binding;
 a too-long temporary directory falls back to ``/tmp``.  An alive check (``ssh -O check``) gives
 the master's pid before anything is used.  ``close()`` sends ``-O exit`` (``MUX_C_TERMINATE``),
-waits for that pid to go and removes the directory.
+waits for that pid to go and removes the directory; so does dropping the Connection or
+leaving the program with it open (``weakref.finalize``), since a ControlPersist master would
+otherwise outlive us.
 
 **Commands.**  sshwrap speaks OpenSSH's mux protocol itself (``sshwrap.mux``) and asks for
 *proxy mode* (``MUX_C_PROXY``, OpenSSH >= 7.4): the control socket then carries the SSH
