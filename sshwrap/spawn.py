@@ -207,7 +207,10 @@ class Spawned:
 
     def expect(
         self,
-        pattern: str | re.Pattern[str] | Sequence[str | re.Pattern[str]],
+        pattern: str
+        | re.Pattern[str]
+        | type[ExpectError]
+        | Sequence[str | re.Pattern[str] | type[ExpectError]],
         timeout: float | None = -1,
     ) -> int:
         """Wait until one of the regular expressions matches the output; return its index.
@@ -216,17 +219,29 @@ class Spawned:
         output before the match, ``after`` the matched text, ``match`` the ``re.Match``; the
         output up to the end of the match is consumed.  Raises ``ExpectTimeout`` after
         ``timeout`` seconds (-1, the default: the instance's ``timeout``; None: no limit)
-        and ``ExpectEOF`` when the output ends first (``before`` then holds the rest).
+        and ``ExpectEOF`` when the output ends first (``before`` then holds the rest) -
+        unless the class ``ExpectEOF`` / ``ExpectTimeout`` is itself one of the patterns:
+        then its index is returned instead (``s.expect(["[$#] ", ExpectEOF])``).
         """
-        if isinstance(pattern, (str, re.Pattern)):
-            patterns = [self._compile(pattern)]
-        else:
-            patterns = [self._compile(p) for p in pattern]
+        items = [pattern] if isinstance(pattern, (str, re.Pattern, type)) else list(pattern)
+        patterns: list[tuple[int, re.Pattern[str]]] = []
+        on_eof = on_timeout = -1
+        for i, p in enumerate(items):
+            if isinstance(p, type):
+                if issubclass(p, ExpectEOF):
+                    on_eof = i
+                elif issubclass(p, ExpectTimeout):
+                    on_timeout = i
+                else:
+                    raise TypeError(f"not a pattern: {p!r}")
+            else:
+                patterns.append((i, self._compile(p)))
+        wanted = " | ".join(repr(rx.pattern) for _, rx in patterns) or "nothing"
         limit = self.timeout if timeout == -1 else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
             best: tuple[int, int, re.Match[str]] | None = None
-            for i, rx in enumerate(patterns):
+            for i, rx in patterns:
                 m = rx.search(self._buffer)
                 if m is not None and (best is None or m.start() < best[0]):
                     best = (m.start(), i, m)
@@ -242,21 +257,20 @@ class Spawned:
                 self.after = ""
                 self.match = None
                 self._reap()
+                if on_eof >= 0:
+                    return on_eof
                 raise ExpectEOF(
-                    f"{self.destination}: output ended before "
-                    + " | ".join(repr(p.pattern) for p in patterns)
-                    + " matched",
-                    self.before,
+                    f"{self.destination}: output ended before {wanted} matched", self.before
                 )
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self.before = self._buffer
+                self.after = ""
                 self.match = None
+                if on_timeout >= 0:
+                    return on_timeout
                 raise ExpectTimeout(
-                    f"{self.destination}: none of "
-                    + " | ".join(repr(p.pattern) for p in patterns)
-                    + f" seen within {limit} s",
-                    self._buffer,
+                    f"{self.destination}: none of {wanted} seen within {limit} s", self._buffer
                 )
             self._read_some(left)
 

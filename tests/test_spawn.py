@@ -105,6 +105,15 @@ def test_eof_is_typed(master: Master) -> None:
         assert s.wait(10) == 2
 
 
+def test_eof_and_timeout_as_patterns(master: Master) -> None:
+    with spawn(master, "echo one; sleep 2; echo two") as s:
+        assert s.expect(["two", ExpectTimeout], timeout=0.5) == 1  # no exception
+        assert "one" in s.before
+        assert s.expect([ExpectEOF, "never"], timeout=30) == 0
+        assert "two" in s.before
+        assert s.wait(10) == 0
+
+
 def test_resize_reaches_remote(master: Master) -> None:
     script = "stty size; trap 'stty size' WINCH; echo TRAPPED; while :; do sleep 0.05; done"
     with spawn(master, script, dimensions=(33, 111)) as s:
@@ -210,10 +219,19 @@ def test_interact_until_remote_exits(master: Master, tmp_path: Path) -> None:
         t.send("echo typed-$((2+3))\r")
         screen = t.wait_screen("typed-5")
         assert screen.count("echo typed-$((2+3))") == 1  # echoed once, by the remote pty
+        # a resize reaches the remote program by itself (SIGWINCH there), no keypress needed
+        t.send(
+            'sh -c \'trap "stty size; echo WINCHED" WINCH; echo TRAPPED; '
+            "while :; do sleep 0.05; done'\r"
+        )
+        t.wait_raw(b"\nTRAPPED")
         mark = len(t.raw)
         t.resize(40, 120)
-        t.send("stty size\r")
         t.wait_raw(b"40 120", start=mark)
+        t.wait_raw(b"WINCHED", start=mark)
+        mark = len(t.raw)
+        t.send("\x03")
+        t.wait_raw(b"rsh$ ", start=mark)
         t.send("exit 4\r")
         t.wait_raw(b"BACK eof=True escaped=False rc=4 echo=True")
         assert t.wait_exit() == (0, None)
