@@ -232,15 +232,21 @@ class Invocation:
         self.log.close()
 
 
-def _write_to(target: StdSpec, data: bytes, stdout_target: StdSpec = None) -> None:
-    """Write ssh's messages where ssh's stderr would have gone (PIPE is handled by callers)."""
+def _write_to(
+    target: StdSpec, data: bytes, stdout_target: StdSpec = None, default_fd: int = 2
+) -> None:
+    """Write ``data`` where a child's stream given as ``target`` would have gone.
+
+    For ssh's messages (``target`` is the stderr argument; None means this process's stderr)
+    and for tty output (``default_fd=1``).  PIPE is handled by the callers.
+    """
     if not data or target in (PIPE, DEVNULL):
         return
     if target == STDOUT:
-        _write_to(stdout_target if stdout_target != STDOUT else None, data)
+        _write_to(stdout_target if stdout_target != STDOUT else None, data, default_fd=1)
         return
     if target is None:
-        fd = 2
+        fd = default_fd
     elif isinstance(target, int):
         fd = target
     else:
@@ -445,6 +451,7 @@ class Popen(subprocess.Popen[Any]):
         self._quiet = False
         self._killed_local = False
         self._master = -1  # the pty master (tty=True)
+        self._pty_out: io.BufferedReader[Any] | None = None  # its reader
         try:
             if tty:
                 self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
@@ -497,7 +504,8 @@ class Popen(subprocess.Popen[Any]):
         self.errors = errors
         raw = _PtyReader(master)
         self._master = master
-        reader: IO[Any] = io.BufferedReader(raw, buffer_size=bufsize if bufsize > 1 else 65536)
+        buffered = io.BufferedReader(raw, buffer_size=bufsize if bufsize > 1 else 65536)
+        reader: IO[Any] = buffered
         writer: IO[Any] | None = None
         if stdin == PIPE:
             pty_writer = _PtyWriter(os.dup(master), self._ssh_in_raw_mode)
@@ -509,9 +517,12 @@ class Popen(subprocess.Popen[Any]):
                     errors=errors,
                     write_through=True,
                 )
+        self._pty_out = buffered
         if self.text_mode:
             reader = io.TextIOWrapper(reader, encoding=encoding, errors=errors)
-        self.stdout = reader
+        # Like subprocess, ``stdout`` is there only with stdout=PIPE; otherwise communicate()
+        # copies the terminal's output to where stdout goes (inherited: this stdout).
+        self.stdout = reader if stdout == PIPE else None
         self.stdin = writer
         self.stderr = None
 
@@ -608,9 +619,9 @@ class Popen(subprocess.Popen[Any]):
                 data = bytes(input)
             # End of input for the remote terminal: ^D at the start of a line.
             data += b"\x04" if data.endswith(b"\n") else b"\x04\x04"
-        reader = self.stdout
-        assert reader is not None
-        raw_reader: Any = reader.buffer if isinstance(reader, io.TextIOWrapper) else reader
+        raw_reader = self._pty_out
+        assert raw_reader is not None
+        collect = self._stdout_arg == PIPE
         chunks: list[bytes] = []
         pending = memoryview(data)
         with selectors.DefaultSelector() as sel:
@@ -624,7 +635,11 @@ class Popen(subprocess.Popen[Any]):
                 remaining = None if endtime is None else endtime - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutExpired(
-                        self.args, timeout or 0.0, b"".join(chunks), None, host=self.host
+                        self.args,
+                        timeout or 0.0,
+                        b"".join(chunks) if collect else None,
+                        None,
+                        host=self.host,
                     )
                 if waiting_raw:
                     if self._is_raw() or self.poll() is not None:
@@ -651,9 +666,14 @@ class Popen(subprocess.Popen[Any]):
                         continue
                     chunk = raw_reader.read1(65536)
                     if chunk:
-                        chunks.append(chunk)
+                        if collect:
+                            chunks.append(chunk)
+                        else:
+                            _write_to(self._stdout_arg, chunk, default_fd=1)
                         continue
                     self._tty_wait(endtime, timeout, chunks)
+                    if not collect:
+                        return None, None
                     out = b"".join(chunks)
                     if not self.text_mode:
                         return out, None
@@ -666,7 +686,7 @@ class Popen(subprocess.Popen[Any]):
         try:
             self.wait(remaining)
         except TimeoutExpired as e:
-            e.output = b"".join(chunks)
+            e.output = b"".join(chunks) if self._stdout_arg == PIPE else None
             e.timeout = timeout or 0.0
             raise
 
@@ -716,6 +736,8 @@ class Popen(subprocess.Popen[Any]):
         finally:
             self._quiet = False
             self._call.close()
+            if self._pty_out is not None:
+                self._pty_out.close()
 
     def __del__(self, *args: Any, **kwargs: Any) -> None:
         call = getattr(self, "_call", None)

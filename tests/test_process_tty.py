@@ -143,3 +143,11 @@ def test_text_input_through_terminal(local_sshd: LocalSSHD) -> None:
     )
     assert r.returncode == 0
     assert r.stdout.endswith("[héllo]\n")
+
+
+def test_output_to_inherited_stdout(
+    local_sshd: LocalSSHD, capfd: pytest.CaptureFixture[str]
+) -> None:
+    r = sshwrap.run(local_sshd.host, "echo shown", tty=True, config=local_sshd.config)
+    assert r.returncode == 0 and r.stdout is None
+    assert capfd.readouterr().out == "shown\r\n"
