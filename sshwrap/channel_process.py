@@ -280,7 +280,14 @@ def run_channel(
     ch.setup_io(plan.src, plan.out, plan.err)
     ch.exec(command)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not ch.closed.wait(remaining):
+    try:
+        ended = ch.closed.wait(remaining)
+    except BaseException:
+        # KeyboardInterrupt and the like: like subprocess.run, do not leave the command running.
+        ch.send_signal(signal.SIGTERM)
+        ch.close()
+        raise
+    if not ended:
         _stop(ch, kill_after)
         assert timeout is not None
         raise plan.timed_out(timeout)

@@ -416,3 +416,36 @@ def test_master_stopped_when_connection_is_dropped(local_sshd: LocalSSHD) -> Non
     gc.collect()
     _wait_for(lambda: not _pid_alive(pid), 5, "the master to exit")
     assert not os.path.exists(d)
+
+
+def test_keyboard_interrupt_in_run_stops_the_remote_command(
+    local_sshd: LocalSSHD, tmp_path: object
+) -> None:
+    script = os.path.join(str(tmp_path), "interrupted.py")
+    with open(script, "w") as f:
+        f.write(
+            "import sshwrap\n"
+            f"with sshwrap.connect({local_sshd.host!r}, config={local_sshd.config!r}) as c:\n"
+            "    try:\n"
+            "        c.run(['sleep', '1009'])\n"
+            "    except KeyboardInterrupt:\n"
+            "        print('interrupted', flush=True)\n"
+            "    import sys\n"
+            "    sys.stdin.read()  # keep the connection up until the test has looked\n"
+        )
+    p = subprocess.Popen(
+        [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: bool(_remote(local_sshd, "sleep 1009")), 20, "the remote sleep")
+        p.send_signal(signal.SIGINT)
+        assert p.stdout is not None
+        assert p.stdout.readline() == "interrupted\n"
+        # The connection is still up: only sshwrap's signal can have stopped the command.
+        _wait_for(lambda: not _remote(local_sshd, "sleep 1009"), 5, "the remote sleep to go")
+        p.communicate("", timeout=20)
+        assert p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
