@@ -445,3 +445,33 @@ def test_host_is_never_an_option(local_sshd: LocalSSHD, tmp_path: Path) -> None:
             f"-oProxyCommand=touch {target}", "true", config=local_sshd.config, capture_output=True
         )
     assert not target.exists()
+
+
+def test_send_any_signal(local_sshd: LocalSSHD) -> None:
+    script = "trap 'echo got-usr1; exit 0' USR1; echo ready; while :; do sleep 1; done"
+    with sshwrap.Popen(local_sshd.host, script, stdout=PIPE, config=local_sshd.config) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"ready\n"
+        p.send_signal(signal.SIGUSR1)
+        assert p.stdout.readline() == b"got-usr1\n"
+        assert p.wait(timeout=30) == 0
+
+
+def test_communicate_timeout_then_kill_and_collect(local_sshd: LocalSSHD) -> None:
+    """The subprocess idiom: on TimeoutExpired, kill() and communicate() again."""
+    with (
+        control_master(local_sshd.config, local_sshd.host) as mux,
+        sshwrap.Popen(
+            local_sshd.host,
+            "echo first; exec sleep 60",
+            stdout=PIPE,
+            config=local_sshd.config,
+            options=mux,
+        ) as p,
+    ):
+        with pytest.raises(sshwrap.TimeoutExpired):
+            p.communicate(timeout=1.5)
+        p.kill()
+        out, _ = p.communicate(timeout=30)
+    assert out == b"first\n"
+    assert p.returncode == -signal.SIGKILL
