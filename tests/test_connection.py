@@ -449,3 +449,18 @@ def test_keyboard_interrupt_in_run_stops_the_remote_command(
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_connect_through_a_jump_host(local_sshd_factory: Callable[..., LocalSSHD]) -> None:
+    sshd = local_sshd_factory(hosts=2)
+    with connect(sshd.hosts[1], config=sshd.config, jump=sshd.hosts[0]) as c:
+        r = c.run("set -- $SSH_CONNECTION; echo $3; kill -TERM $$", capture_output=True)
+        assert r.stdout == b"127.0.0.2\n"  # the server address seen by the session
+        assert r.returncode == -15  # exact through the jump too
+        # The master reaches host2 through a ProxyJump helper (ssh -W ... host1).
+        helpers = [
+            p
+            for p in _all_pids()
+            if " -W " in _cmdline(p) and sshd.config in _cmdline(p) and sshd.hosts[0] in _cmdline(p)
+        ]
+        assert len(helpers) == 1, [_cmdline(p) for p in _all_pids() if " -W " in _cmdline(p)]
