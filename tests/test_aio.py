@@ -206,3 +206,21 @@ def test_same_core_as_sync(local_sshd: LocalSSHD) -> None:
 
     assert norm(aio_argv) == norm(sync_argv)
     assert aio_argv[-1].endswith("\nexport A=1\necho 'x y'")
+
+
+def test_other_async_faces_are_wired(local_sshd: LocalSSHD) -> None:
+    from sshwrap import aio_connection, fanout
+
+    assert sshwrap.aio.connect is aio_connection.connect
+    assert sshwrap.aio.AsyncConnection is aio_connection.AsyncConnection
+    assert sshwrap.aio.run_many is fanout.run_many_async
+
+    async def main() -> list[tuple[str, bytes]]:
+        return [
+            (r.host, r.stdout)
+            async for r in sshwrap.aio.run_many(
+                [local_sshd.host], ["echo", "a b"], config=local_sshd.config
+            )
+        ]
+
+    assert asyncio.run(main()) == [(local_sshd.host, b"a b\n")]
