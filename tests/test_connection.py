@@ -234,8 +234,10 @@ def test_socket_dir_private_then_removed(local_sshd: LocalSSHD) -> None:
         assert c.alive and _pid_alive(c.master_pid)
         pid = c.master_pid
         # The master holds no pipe of ours: its stdio is /dev/null or its log.
-        for fd in ("0", "1"):
+        for fd in ("0", "1", "2"):
             assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert not [t for t in targets if t.startswith("pipe:")], targets
     finally:
         c.close()
     assert not os.path.exists(d)
