@@ -36,7 +36,9 @@ OpenSSH, ``ControlMaster ask``) is used through ``ssh -S P`` subprocesses
 socket closes: the next call starts a new master, with the same settings and prompt answers
 (``reconnect=True``, the default), or raises ``SSHConnectionError`` (``reconnect=False``).
 Commands running when it died end with ``SSHConnectionError`` (``run``) or returncode 255 with
-``Popen.error`` set.  Forwards do not survive a restart.
+``Popen.ssh_error`` set.  The new master is asked for the same forwards (same ports; a remote
+forward of port 0 gets the server's new choice in ``Forward.port``; one that cannot be
+restored becomes inactive).
 
 **Threads.**  Every method may be called from several threads at once; commands run
 concurrently over the one master.
@@ -462,14 +464,29 @@ class Connection:
             if core is not None:
                 core.close()
             self._core = None
-            self._forwards.clear()
             old = self.master_pid
             if old and _pid_alive(old):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(old, signal.SIGTERM)
             self.restarts += 1
             self._start_master()
+            self._restore_forwards()
             return self._core
+
+    def _restore_forwards(self) -> None:
+        """Ask the new master for the forwards the old one had (lock held)."""
+        kept: list[Forward] = []
+        for fwd in self._forwards:
+            try:
+                with MuxControl(self.control_path) as m:
+                    got = m.open_forward(*fwd._spec)
+            except MuxError:
+                fwd._conn = None  # its port is taken now, or the server refuses: gone
+                continue
+            if got is not None:
+                fwd.port = got  # a remote forward of port 0: the server's new choice
+            kept.append(fwd)
+        self._forwards = kept
 
     def _fallback_kwargs(self) -> dict[str, Any]:
         opts: dict[str, OptionValue] = {

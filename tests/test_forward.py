@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import threading
@@ -179,3 +180,19 @@ def test_forwards_go_with_the_connection(local_sshd: LocalSSHD, echo: EchoServer
             assert _roundtrip(s, b"x") == b"x"
     _wait_refused(fwd.port)
     fwd.cancel()  # harmless after close
+
+
+def test_forwards_come_back_after_a_master_restart(local_sshd: LocalSSHD, echo: EchoServer) -> None:
+    with connect(local_sshd.host, config=local_sshd.config) as c:
+        local = c.forward_local(0, "127.0.0.1", echo.port)
+        remote = c.forward_remote(0, "127.0.0.1", echo.port)
+        old = c.master_pid
+        os.kill(old, signal.SIGKILL)
+        _wait_refused(local.port)
+        assert c.run("true").returncode == 0  # the next call restarts the master
+        assert c.master_pid != old and c.restarts == 1
+        assert local.active and remote.active
+        with socket.create_connection(("127.0.0.1", local.port)) as s:
+            assert _roundtrip(s, b"local again") == b"local again"
+        with socket.create_connection(("127.0.0.1", remote.port)) as s:
+            assert _roundtrip(s, b"remote again") == b"remote again"
