@@ -135,3 +135,11 @@ def test_async_create_process_streams_and_signals(local_sshd: LocalSSHD) -> None
             assert await p.wait() == -2
 
     asyncio.run(main())
+
+
+def test_exposed_as_sshwrap_aio_connect() -> None:
+    import sshwrap
+    import sshwrap.aio_connection
+
+    assert sshwrap.aio.connect is sshwrap.aio_connection.connect
+    assert sshwrap.aio.AsyncConnection is AsyncConnection
