@@ -73,6 +73,11 @@ async def _main(addresses: list[str], port: int, target_port: int, delay: float)
     await stop.wait()
     for s in servers:
         s.close()
+    current = asyncio.current_task()
+    rest = [t for t in asyncio.all_tasks() if t is not current]
+    for t in rest:
+        t.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def main() -> int:

@@ -28,7 +28,10 @@ Cancelling (task cancellation, Ctrl-C, leaving the ``async for`` through ``aclos
 every ssh child by process group, waits for each one, and removes the FIFO directory: nothing
 is left running locally.  Hosts that had finished keep their results; the synchronous
 ``run_many`` raises ``FanoutInterrupted`` (a ``KeyboardInterrupt``) carrying every result,
-the unfinished ones marked ``cancelled``.
+the unfinished ones marked ``cancelled``.  A remote command that runs without a terminal is
+not stopped by a cancellation (that would take a new connection per host, and a prompt stop
+cannot wait for them): sshd closes its session, and the command ends when it next writes,
+or when it is done.  Over a ``Connection`` (below) cancelling stops the remote command too.
 
 Connections: a host given as sshwrap's own ``Connection`` (``sshwrap.connect``, or its aio
 twin) runs as a channel of that connection's ControlMaster (OpenSSH's mux proxy mode, see
@@ -242,24 +245,10 @@ def check_fd_budget(concurrency: int, *, extra: int = 0) -> int:
 # -- one host -----------------------------------------------------------------------------
 
 
-class _Child(Protocol):
-    """What the run needs of a started ssh: its pid, and reaping it."""
-
-    @property
-    def pid(self) -> int: ...  # pragma: no cover - protocol
-
-    @property
-    def returncode(self) -> int | None: ...  # pragma: no cover - protocol
-
-    def poll(self) -> int | None: ...  # pragma: no cover - protocol
-
-    def wait(self) -> int: ...  # pragma: no cover - protocol
-
-
 _DEVNULL: int | None = None
 
 
-def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> _Child:
+def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
     """Start ssh in a session of its own with these fds as its stdio (-1: /dev/null).
 
     (A plain fork without waiting for the exec was measured too: no faster here, since on a
@@ -306,7 +295,7 @@ class _HostRun:
         self.on_output = on_output
         self.input = input
         self.fifo = os.path.join(fifo_dir, str(spec.index))
-        self.proc: _Child | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.out: list[bytes] = []
         self.err: list[bytes] = []
         self.log = bytearray()
