@@ -189,7 +189,7 @@ def test_async_yields_as_hosts_finish(many: Hosts) -> None:
 
     async def main() -> list[str]:
         order = []
-        async for r in run_many_async(many.hosts[:4], cmd, config=many.config):
+        async for r in sshwrap.aio.run_many(many.hosts[:4], cmd, config=many.config):
             assert r.ok and r.stdout == b"done\n"
             order.append(r.host)
         return order
@@ -202,8 +202,6 @@ def test_async_yields_as_hosts_finish(many: Hosts) -> None:
 def test_aio_exposes_run_many() -> None:
     import sshwrap.aio
 
-    if not hasattr(sshwrap.aio, "run_many"):
-        pytest.xfail("sshwrap/aio.py does not re-export fanout.run_many_async as run_many yet")
     assert sshwrap.aio.run_many is run_many_async
 
 
