@@ -186,6 +186,7 @@ class Session:
         self.open_error: str | None = None
         self.open_code = 0
         self.exec_failed = False
+        self.pty_refused = False
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
         self.exit_core_dumped = False
@@ -230,6 +231,32 @@ class Session:
         if not ok:
             self.exec_failed = True
             self._send_close_locked()
+
+    def request_pty(self, term: str, rows: int, cols: int) -> None:
+        """Ask for a remote terminal (``pty-req``, before ``exec``).  Not awaited: a refusal
+        only means the command runs without a terminal, as with ``ssh -t``."""
+        body = (
+            pack_string(term)
+            + pack_u32(cols)
+            + pack_u32(rows)
+            + pack_u32(0)
+            + pack_u32(0)
+            + pack_string(b"\x00")  # no terminal modes: TTY_OP_END
+        )
+        with self.core.lock:
+            self._check_open()
+            self._request_locked("pty-req", body, want_reply=True, cb=self._on_pty)
+
+    def _on_pty(self, ok: bool) -> None:
+        self.pty_refused = not ok
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Tell the remote terminal its new size (``window-change``)."""
+        body = pack_u32(cols) + pack_u32(rows) + pack_u32(0) + pack_u32(0)
+        with self.core.lock:
+            if self.closed.is_set() or self.close_sent:
+                return
+            self._request_locked("window-change", body, want_reply=False)
 
     def send_signal(self, sig: int) -> None:
         """Send a ``signal`` request (delivered by sshd >= 7.9 to the session's process group)."""

@@ -15,6 +15,11 @@ the server refused the command) ``run`` raises an ``SSHError`` and ``Popen.retur
 with the error kept in ``Popen.ssh_error`` (``wait`` and ``communicate`` raise it), as
 ``sshwrap.Popen`` does when ssh itself fails.
 
+``tty=True`` asks sshd for a terminal (``pty-req``, ``size=(rows, cols)``, ``$TERM``) without
+any local pty: the command's output (stdout and stderr merged by the remote terminal, line
+ends sent as CR LF) arrives on stdout, input is typed into it, ``Popen.resize`` sends
+``window-change``; the returncode stays exact.
+
 A timeout sends ``TERM`` to the remote process group, then ``KILL`` after ``kill_after`` seconds,
 then closes the channel; the remote command is gone when ``TimeoutExpired`` is raised.
 stdin defaults to ``DEVNULL`` as in ``sshwrap.run`` (the remote command reads end-of-file at
@@ -139,6 +144,14 @@ def notify_event(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
         loop.call_soon_threadsafe(event.set)
 
 
+def _start(ch: Session, command: str, tty: bool, size: tuple[int, int] | None) -> None:
+    """``exec`` the command, after asking for a remote terminal when ``tty``."""
+    if tty:
+        rows, cols = size or (24, 80)
+        ch.request_pty(os.environ.get("TERM") or "xterm", rows, cols)
+    ch.exec(command)
+
+
 def _ended_error(host: str, ch: Session) -> SSHError | None:
     """The SSHError for a channel that ended without an exit status, else None."""
     if ch.returncode is not None:
@@ -251,6 +264,8 @@ def run_channel(
     encoding: str | None = None,
     errors: str | None = None,
     kill_after: float = KILL_AFTER,
+    tty: bool = False,
+    size: tuple[int, int] | None = None,
     make_result: Callable[..., Any] = subprocess.CompletedProcess,
 ) -> Any:
     """Run ``command`` on a new session channel and wait for it; see the module docstring."""
@@ -278,7 +293,7 @@ def run_channel(
         plan.release()
         raise
     ch.setup_io(plan.src, plan.out, plan.err)
-    ch.exec(command)
+    _start(ch, command, tty, size)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         ended = ch.closed.wait(remaining)
@@ -311,6 +326,8 @@ async def run_channel_async(
     encoding: str | None = None,
     errors: str | None = None,
     kill_after: float = KILL_AFTER,
+    tty: bool = False,
+    size: tuple[int, int] | None = None,
     make_result: Callable[..., Any] = subprocess.CompletedProcess,
 ) -> Any:
     """``run_channel`` for asyncio: no thread waits; the pump wakes the loop.
@@ -383,7 +400,7 @@ async def run_channel_async(
         raise
     try:
         ch.setup_io(plan.src, plan.out, plan.err)
-        ch.exec(command)
+        _start(ch, command, tty, size)
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
         try:
             await asyncio.wait_for(until(ch.closed.is_set), remaining)
@@ -442,6 +459,8 @@ class ChannelPopen:
         errors: str | None = None,
         bufsize: int = -1,
         kill_after: float = KILL_AFTER,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> None:
         self.args = args
         self.host = host
@@ -475,7 +494,7 @@ class ChannelPopen:
                 os.close(fd)
             raise
         self._ch.setup_io(src, out, err)
-        self._ch.exec(command)
+        _start(self._ch, command, tty, size)
         if stdin_w is not None:
             self.stdin = self._wrap(stdin_w, "wb", bufsize)
         if out_r is not None:
@@ -525,6 +544,10 @@ class ChannelPopen:
         if self.ssh_error is not None:
             raise self.ssh_error
         return rc
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Change the remote terminal's size (``tty=True``): the command gets SIGWINCH."""
+        self._ch.resize(rows, cols)
 
     def send_signal(self, sig: int) -> None:
         """Send signal ``sig`` to the remote command's process group (if still running)."""

@@ -530,15 +530,15 @@ class Connection:
         Returns a ``CompletedProcess`` (with ``host``).  ``returncode`` is the remote exit
         status, or ``-signum`` if a signal killed the command.  A timeout sends TERM, then
         KILL after ``kill_after`` seconds, and raises ``TimeoutExpired`` with the output so far.
-        stdin defaults to DEVNULL, as in ``sshwrap.run``.  ``tty=True`` runs ``ssh -tt``
-        through the master (``sshwrap.run`` semantics).
+        stdin defaults to DEVNULL, as in ``sshwrap.run``.  ``tty=True`` asks for a remote
+        terminal of ``size=(rows, cols)``: output merged on stdout, CR LF line ends.
         """
         from .process import CompletedProcess
 
         command = remote_command(args, env=env, cwd=cwd)
         for attempt in (0, 1):
             core = self._ensure()
-            if core is None or tty:
+            if core is None:
                 from .process import run as process_run
 
                 return process_run(
@@ -577,6 +577,8 @@ class Connection:
                     encoding=encoding,
                     errors=errors,
                     kill_after=kill_after,
+                    tty=tty,
+                    size=size,
                     make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
                 )
             except ChannelLost:
@@ -607,13 +609,13 @@ class Connection:
 
         Returns a ``ChannelPopen`` (``stdin``/``stdout``/``stderr`` pipes, ``poll``, ``wait``,
         ``communicate``, ``send_signal``/``terminate``/``kill`` reaching the remote process
-        group), or with ``tty=True`` or the ``ssh -S`` fallback an ``sshwrap.Popen`` running
-        ``ssh`` through the master.
+        group; ``tty=True``: a remote terminal, ``resize(rows, cols)``), or with the ``ssh -S``
+        fallback an ``sshwrap.Popen`` running ``ssh`` through the master.
         """
         command = remote_command(args, env=env, cwd=cwd)
         for attempt in (0, 1):
             core = self._ensure()
-            if core is None or tty:
+            if core is None:
                 from .process import Popen as ProcessPopen
 
                 return ProcessPopen(
@@ -645,6 +647,8 @@ class Connection:
                     encoding=encoding,
                     errors=errors,
                     bufsize=bufsize,
+                    tty=tty,
+                    size=size,
                 )
             except ChannelLost:
                 if attempt:

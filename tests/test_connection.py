@@ -466,3 +466,27 @@ def test_connect_through_a_jump_host(local_sshd_factory: Callable[..., LocalSSHD
             if " -W " in _cmdline(p) and sshd.config in _cmdline(p) and sshd.hosts[0] in _cmdline(p)
         ]
         assert len(helpers) == 1, [_cmdline(p) for p in _all_pids() if " -W " in _cmdline(p)]
+
+
+def test_tty_run_and_popen_over_the_channel(conn: Connection) -> None:
+    r = conn.run("tty; echo out; echo err >&2", tty=True, capture_output=True)
+    lines = r.stdout.split(b"\r\n")
+    assert lines[0].startswith(b"/dev/pts/"), r.stdout  # the remote side has a terminal
+    assert lines[1:3] == [b"out", b"err"]  # merged by it, CR LF line ends
+    assert conn.run("kill -9 $$", tty=True).returncode == -9  # still exact with a tty
+    r = conn.run("stty size", tty=True, size=(33, 111), capture_output=True)
+    assert r.stdout == b"33 111\r\n"
+    with conn.Popen(
+        "stty -echo; echo ready; read x; stty size",
+        tty=True,
+        size=(20, 70),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as p:
+        assert p.stdin is not None and p.stdout is not None
+        assert p.stdout.readline() == b"ready\r\n"
+        p.resize(40, 120)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"40 120\r\n"
+    assert p.returncode == 0
