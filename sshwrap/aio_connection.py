@@ -185,6 +185,8 @@ class AsyncConnection:
         errors: str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
         kill_after: float = KILL_AFTER,
     ) -> Any:
         """``Connection.run`` without blocking the loop; same arguments and results.
@@ -201,6 +203,8 @@ class AsyncConnection:
             if core is None or not core.alive or not conn._opened:
                 core = await asyncio.to_thread(conn._ensure)
             if core is None:
+                if tty:
+                    raise ValueError("tty=True needs a master that speaks proxy mode")
                 from .aio import run as aio_run
 
                 return await aio_run(
@@ -237,6 +241,8 @@ class AsyncConnection:
                     encoding=encoding,
                     errors=errors,
                     kill_after=kill_after,
+                    tty=tty,
+                    size=size,
                     make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
                 )
             except ChannelLost:

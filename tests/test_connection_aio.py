@@ -45,6 +45,9 @@ def test_async_run_results_and_concurrency(local_sshd: LocalSSHD) -> None:
             assert (r.returncode, r.stdout, r.host) == (0, "a b", local_sshd.host)
             assert (await c.run("kill -9 $$")).returncode == -9
             assert (await c.run("kill -TERM $$")).returncode == -15
+            r = await c.run("tty", tty=True, capture_output=True)
+            assert r.stdout.startswith(b"/dev/pts/")
+            assert (await c.run("kill -9 $$", tty=True)).returncode == -9
             assert await c.check_output(["cat"], input=b"xyz") == b"xyz"
             with pytest.raises(subprocess.CalledProcessError) as info:
                 await c.run("exit 3", check=True)
