@@ -550,7 +550,13 @@ class ChannelPopen:
         self._ch.resize(rows, cols)
 
     def send_signal(self, sig: int) -> None:
-        """Send signal ``sig`` to the remote command's process group (if still running)."""
+        """Send signal ``sig`` to the remote command's process group (if still running).
+
+        sshd signals the session's process group, which is first the remote shell that
+        starts the command: a signal sent in that first instant meets the shell, not the
+        command (dash, Debian's ``sh``, catches SIGINT there and may lose it when it execs
+        the command).  Signal a command once it runs (e.g. after its first output).
+        """
         if self.poll() is None:
             self._ch.send_signal(sig)
 
