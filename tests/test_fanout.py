@@ -397,6 +397,25 @@ def test_fd_budget_raises_the_soft_limit_when_the_hard_one_allows() -> None:
     assert int(out.stdout) >= 100 * FDS_PER_HOST
 
 
+def test_concurrency_caps_processes_and_fds(many: Hosts) -> None:
+    base_fds = len(os.listdir("/proc/self/fd"))
+    seen_ssh: list[int] = []
+    seen_fds: list[int] = []
+
+    def on_start(host: str) -> None:  # just before each new ssh starts
+        seen_ssh.append(len(_ssh_children()))
+        seen_fds.append(len(os.listdir("/proc/self/fd")))
+
+    results = run_many(
+        many.hosts[:12], "sleep 0.3", config=many.config, concurrency=3, on_start=on_start
+    )
+    assert all(r.ok for r in results)
+    assert len(seen_ssh) == 12
+    assert max(seen_ssh) <= 2  # never more than 3 at once, counting the one starting
+    assert max(seen_ssh) >= 1  # and the run did overlap them
+    assert max(seen_fds) <= base_fds + 3 * FDS_PER_HOST + 4
+
+
 def test_no_fd_or_child_leak(many: Hosts) -> None:
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
