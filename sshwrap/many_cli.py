@@ -369,9 +369,12 @@ class _Output:
             ("ssh_error", "ssh errors"),
             ("cancelled", "cancelled"),
         ):
-            bad = [r for r in tally.results if r.status == status]
+            bad = sorted((r for r in tally.results if r.status == status), key=lambda r: r.index)
             if bad:
-                err.write(f"  {label}: " + ", ".join(f"{r.host} ({_describe(r)})" for r in bad))
+                if status == "cancelled":
+                    err.write(f"  {label}: " + fold_hosts([r.host for r in bad]))
+                else:
+                    err.write(f"  {label}: " + ", ".join(f"{r.host} ({_describe(r)})" for r in bad))
                 err.write("\n")
         err.flush()
 
