@@ -15,7 +15,8 @@ Exit status (the bits add up): 0 every host ran the command and it exited 0; 1 s
 exited non-zero or died of a signal; 2 some host timed out (``-t`` or ``--deadline``); 4
 some host had an ssh error (refused, unreachable, authentication, host key, connect
 timeout).  64: bad usage (including a ``-p`` the open-files limit cannot hold); 130:
-interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every ssh and printing what finished.
+interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every ssh and printing what finished;
+141: stdout was closed by its reader (``| head``), so the run was stopped the same way.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import json
 import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
@@ -43,6 +45,7 @@ EXIT_TIMEOUT = 2
 EXIT_SSH_ERROR = 4
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -239,6 +242,8 @@ class _Output:
         self.outdir: str | None = args.outdir
         self.width = max((len(h) for h in hosts), default=0)
         self.partial: dict[tuple[str, int], bytearray] = {}
+        self.broken = False  # stdout's reader went away
+        self.on_broken: Callable[[], None] | None = None
         self.bar: Any = None
         self.task: Any = None
         self.console: Any = None
@@ -277,9 +282,27 @@ class _Output:
 
             self.console.print(Text(line.decode(errors="replace").rstrip("\n")), soft_wrap=True)
             return
-        out = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
-        out.write(line)
-        out.flush()
+        if stream == 1:
+            self.write_out(line)
+            return
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+
+    def write_out(self, data: bytes) -> None:
+        """Write to stdout; when its reader has gone (``| head``), stop the run instead."""
+        if self.broken:
+            return
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            self.broken = True
+            # Nothing more can be written there, and Python must not try again at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            if self.on_broken is not None:
+                self.on_broken()
 
     def on_output(self, host: str, stream: int, data: bytes) -> None:
         if self.mode != "live":
@@ -343,8 +366,7 @@ class _Output:
         if self.console is not None and sys.stdout.isatty():
             self.console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
         else:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+            self.write_out(line.encode())
 
     def _files(self, r: HostResult) -> None:
         assert self.outdir is not None
@@ -361,7 +383,7 @@ class _Output:
         if self.mode == "group":
             self._groups(tally.results)
         err = sys.stderr
-        head = "interrupted: " if interrupted else ""
+        head = "stdout closed: " if self.broken else "interrupted: " if interrupted else ""
         err.write(f"{head}{tally.total} hosts in {elapsed:.2f} s: {tally.line()}\n")
         for status, label in (
             ("failed", "failed"),
@@ -382,7 +404,7 @@ class _Output:
         groups: dict[tuple[bytes, bytes, str], list[HostResult]] = {}
         for r in results:
             groups.setdefault((r.stdout, r.stderr, _describe(r)), []).append(r)
-        out = sys.stdout.buffer
+        out = io.BytesIO()
         for (stdout, stderr, what), members in sorted(
             groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0].index)
         ):
@@ -397,7 +419,7 @@ class _Output:
                 out.write(b"---- stderr\n" + stderr)
                 if not stderr.endswith(b"\n"):
                     out.write(b"\n")
-        out.flush()
+        self.write_out(out.getvalue())
 
 
 # -- main --------------------------------------------------------------------------------
@@ -418,6 +440,7 @@ async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for s in sigs:
         loop.add_signal_handler(s, stop)
+    output.on_broken = stop
     gen = runner.run()
     try:
         async for r in gen:
@@ -501,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     with output.context():
         interrupted = asyncio.run(_run(runner, output, tally))
     output.finish(tally, time.monotonic() - t0, interrupted)
+    if output.broken:
+        return EXIT_BROKEN_PIPE
     if interrupted:
         return EXIT_INTERRUPTED
     return tally.exit_status()

@@ -153,6 +153,19 @@ def test_ssh_options_reach_every_ssh(many: Hosts) -> None:
     assert p.returncode == 4 and "Connection refused" in p.stderr
 
 
+def test_a_closed_stdout_stops_the_run_quietly(many: Hosts) -> None:
+    argv = [EXE, "-F", many.config, "-H", ",".join(many.hosts), "--", "seq 100000; sleep 30"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    first = p.stdout.readline()
+    assert first.endswith(b"| 1\n")
+    p.stdout.close()  # the reader goes away, as with `| head -1`
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 141
+    assert b"Traceback" not in err and b"Exception" not in err
+    assert b"stdout closed: 12 hosts" in err
+
+
 def test_usage_errors(many: Hosts) -> None:
     p = run_cli(many, "-H", "h1")
     assert p.returncode == 64 and "no command" in p.stderr
