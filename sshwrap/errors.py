@@ -236,11 +236,11 @@ def _pick(lines: list[str], pattern: re.Pattern[str]) -> str | None:
 def classify_ssh_failure(host: str, text: str, returncode: int = 255) -> SSHError:
     """The :class:`SSHError` subclass for ssh's messages ``text`` (its stderr, or its log).
 
-    Debug lines in ``text`` are ignored for the message, but help to classify.
+    Only what ssh shows at its normal log level counts (debug lines are ignored: they mention
+    "Broken pipe" and the like on perfectly good connections).
     """
     messages = ssh_messages(text)
     shown = [ln.strip() for ln in messages.split("\r\n") if ln.strip()]
-    everything = [ln.strip() for ln in text.split("\r\n") if ln.strip()]
     cls: type[SSHError]
     line = _pick(shown, _HOSTKEY)
     if line is not None:
@@ -252,8 +252,6 @@ def classify_ssh_failure(host: str, text: str, returncode: int = 255) -> SSHErro
         else:
             line = _pick(shown, _CONNECT)
             cls = SSHConnectionError if line is not None else SSHError
-            if line is None and _pick(everything, _CONNECT) is not None:
-                cls = SSHConnectionError
     if line is None:
         line = shown[-1] if shown else f"ssh exited with status {returncode} and said nothing"
     return cls(host, line, messages, returncode)
