@@ -937,6 +937,12 @@ def run_many(
     ``results``: the finished hosts, and the others marked ``cancelled`` with their output
     so far.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("run_many() inside a running event loop: use sshwrap.aio.run_many")
     runner = _Runner(
         hosts,
         command,

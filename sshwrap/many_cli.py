@@ -425,6 +425,10 @@ class _Output:
 # -- main --------------------------------------------------------------------------------
 
 
+def _ignored(sig: int) -> bool:
+    return signal.getsignal(sig) is signal.SIG_IGN
+
+
 async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
@@ -437,7 +441,8 @@ async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
         interrupted = True
         task.cancel()
 
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # Signals that are ignored (nohup, a background job without job control) stay ignored.
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if not _ignored(s)]
     for s in sigs:
         loop.add_signal_handler(s, stop)
     output.on_broken = stop

@@ -205,7 +205,19 @@ def test_aio_exposes_run_many() -> None:
     assert sshwrap.aio.run_many is run_many_async
 
 
-def test_cancelling_the_task_ends_every_ssh(many: Hosts) -> None:
+def test_sync_run_many_inside_a_loop_points_to_the_async_one(many: Hosts) -> None:
+    async def main() -> None:
+        run_many(many.hosts[:1], "true", config=many.config)
+
+    with pytest.raises(RuntimeError, match=r"sshwrap\.aio\.run_many"):
+        asyncio.run(main())
+    assert run_many([], "true") == []
+
+
+def test_cancelling_the_task_ends_every_ssh(
+    many: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the FIFO dir goes
     hosts = many.hosts[:10]
 
     async def main() -> tuple[list[int], float]:
@@ -238,7 +250,7 @@ def test_cancelling_the_task_ends_every_ssh(many: Hosts) -> None:
     assert took < 3
     assert not any(alive(p) for p in pids)
     assert _ssh_children() == []
-    assert not [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("sshwrap-many-")]
+    assert os.listdir(tmp_path) == []  # the FIFO directory is gone
 
 
 def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
@@ -256,6 +268,9 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
         if ready.wait(30):
             os.kill(os.getpid(), signal.SIGINT)
 
+    # Ctrl-C must reach Python as KeyboardInterrupt (a runner started in the background by
+    # a shell without job control inherits SIGINT ignored).
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=interrupt)
     t.start()
     try:
@@ -263,6 +278,7 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
             run_many(hosts, cmd, config=many.config, on_output=on_output)
     finally:
         t.join()
+        signal.signal(signal.SIGINT, old)
     results = info.value.results
     assert isinstance(info.value, KeyboardInterrupt)
     assert [r.host for r in results] == hosts

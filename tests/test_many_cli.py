@@ -219,6 +219,8 @@ def test_ctrl_c_ends_every_ssh_and_prints_partial_results(many: Hosts) -> None:
         [EXE, "-F", many.config, "-H", ",".join(hosts), "-p", "20", "--", cmd],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # as from an interactive shell: SIGINT not ignored (sshwrap-many keeps an ignored one)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert p.stdout is not None and p.stderr is not None
     seen = b""
