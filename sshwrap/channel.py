@@ -364,8 +364,10 @@ class SessionPacer:
 class ProxyCore:
     """One proxy-mode socket to a ControlMaster and the thread that pumps its channels."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, prestart: bool = True) -> None:
         self.sock = sock
+        self.prestart = prestart
+        self._spare: Session | None = None
         sock.setblocking(False)
         self.lock = threading.Lock()
         self._out = bytearray()
@@ -448,23 +450,46 @@ class ProxyCore:
 
         ``notify`` is called from the pump thread (lock held) when the channel opens, fails,
         closes or is lost: it must only schedule work (e.g. ``loop.call_soon_threadsafe``).
+
+        With ``prestart`` (the default) one spare session channel is kept opening ahead: a
+        call takes it (already open, or on its way) and asks for the next spare, so a command
+        waits for no channel-open round trip.  An open session costs sshd nothing until
+        ``exec`` (no process), but it counts towards ``MaxSessions``.
         """
         with self.lock:
             if self.dead:
                 raise ChannelLost(self.dead_reason or "the control master connection is closed")
-            self._next_id = (self._next_id + 1) & 0x7FFFFFFF
-            ch = Session(self, self._next_id)
+            ch = self._take_spare_locked()
+            if ch is None:
+                ch = self._send_open_locked()
             ch.notify = notify
-            self._channels[ch.local_id] = ch
-            self._send_locked(
-                _packet(
-                    MSG_CHANNEL_OPEN,
-                    pack_string("session")
-                    + pack_u32(ch.local_id)
-                    + pack_u32(WINDOW)
-                    + pack_u32(MAX_PACKET),
-                )
+            if self.prestart and self._spare is None:
+                self._spare = self._send_open_locked()
+            if notify is not None and ch.opened.is_set():
+                notify()
+        return ch
+
+    def _take_spare_locked(self) -> Session | None:
+        spare, self._spare = self._spare, None
+        if spare is None or spare.lost or spare.closed.is_set() or spare.close_sent:
+            return None
+        if spare.opened.is_set() and spare.open_error is not None:
+            return None  # refused (session limit): open a fresh one
+        return spare
+
+    def _send_open_locked(self) -> Session:
+        self._next_id = (self._next_id + 1) & 0x7FFFFFFF
+        ch = Session(self, self._next_id)
+        self._channels[ch.local_id] = ch
+        self._send_locked(
+            _packet(
+                MSG_CHANNEL_OPEN,
+                pack_string("session")
+                + pack_u32(ch.local_id)
+                + pack_u32(WINDOW)
+                + pack_u32(MAX_PACKET),
             )
+        )
         return ch
 
     @property

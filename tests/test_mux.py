@@ -81,9 +81,10 @@ def test_forward_open_close_and_refusals(master: str) -> None:
                 mux.open_forward(MUX_FWD_LOCAL, "127.0.0.1", 1, "127.0.0.1", 0)  # bad target
 
 
-def test_proxy_mode_channels(master: str) -> None:
+@pytest.mark.parametrize("prestart", [True, False])
+def test_proxy_mode_channels(master: str, prestart: bool) -> None:
     with MuxControl(master) as mux:
-        core = ProxyCore(mux.enter_proxy())
+        core = ProxyCore(mux.enter_proxy(), prestart=prestart)
     try:
         ch = core.open_session(30)
         out, err = Sink(collect=True), Sink(collect=True)
