@@ -20,9 +20,10 @@ otherwise outlive us.
 connection protocol (RFC 4254) in the clear while the master keeps transport, crypto and keys.
 ``sshwrap.channel`` opens one ``session`` channel per command on one shared socket, with one
 I/O thread for all of them.  So a command costs no new process, no fd passing and no new
-authentication: one channel open (done ahead: a spare channel is kept open), one ``exec``.  And it knows exactly how the command ended:
-``exit-status``, or ``exit-signal`` with the signal's name (``returncode == -signum``), which
-neither ``ssh -S`` nor passenger mode can report.  ``Popen.send_signal``/``terminate``/``kill``
+authentication: one channel open (done ahead: a spare channel is kept open), one ``exec``.
+And it knows exactly how the command ended: ``exit-status``, or ``exit-signal`` with the
+signal's name (``returncode == -signum``), which neither ``ssh -S`` nor passenger mode can
+report.  ``Popen.send_signal``/``terminate``/``kill``
 send ``signal`` requests, which sshd (>= 7.9) delivers with ``killpg`` to the command's session,
 and a timeout sends TERM, then KILL.  We chose proxy over passenger mode
 (``MUX_C_NEW_SESSION`` with stdio fds passed over the socket) because passenger mode reports an
