@@ -32,6 +32,7 @@ from .errors import SSHConnectionError, SSHError
 
 if TYPE_CHECKING:
     from .prompts import OnPrompt
+    from .transfer import ProgressCallback
 
 __all__ = ["AsyncChannelProcess", "AsyncConnection", "connect"]
 
@@ -302,6 +303,32 @@ class AsyncConnection:
         if "stdout" in kwargs:
             raise ValueError("stdout argument not allowed, it will be overridden.")
         return (await self.run(args, stdout=subprocess.PIPE, check=True, **kwargs)).stdout
+
+    async def put(
+        self,
+        local: str | os.PathLike[str],
+        remote: str,
+        *,
+        progress: ProgressCallback | None = None,
+        preserve_times: bool = True,
+    ) -> None:
+        """``Connection.put`` in a worker thread (``progress`` is called from that thread)."""
+        await asyncio.to_thread(
+            self.sync.put, local, remote, progress=progress, preserve_times=preserve_times
+        )
+
+    async def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+        preserve_times: bool = True,
+    ) -> None:
+        """``Connection.get`` in a worker thread (``progress`` is called from that thread)."""
+        await asyncio.to_thread(
+            self.sync.get, remote, local, progress=progress, preserve_times=preserve_times
+        )
 
     async def forward_local(
         self, listen_port: int, host: str, port: int, *, listen_host: str = "127.0.0.1"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,18 @@ def test_exposed_as_sshwrap_aio_connect() -> None:
 
     assert sshwrap.aio.connect is sshwrap.aio_connection.connect
     assert sshwrap.aio.AsyncConnection is AsyncConnection
+
+
+def test_async_put_get(local_sshd: LocalSSHD, tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(100_000))
+
+    async def main() -> None:
+        async with await connect(local_sshd.host, config=local_sshd.config) as c:
+            remote = (await c.check_output("mktemp", text=True)).strip()
+            await c.put(src, remote)
+            await c.get(remote, tmp_path / "back.bin")
+            await c.run(["rm", "-f", remote], check=True)
+
+    asyncio.run(main())
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
