@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -250,6 +252,22 @@ def test_interact_escape_key_hands_back(master: Master, tmp_path: Path) -> None:
         t.wait_raw(b"BACK eof=False escaped=True rc=None echo=True")
         t.wait_raw(b"STILL-ALIVE")  # the remote shell survived the hand-back
         t.wait_raw(b"FINAL 6")
+        assert t.wait_exit() == (0, None)
+    finally:
+        t.close()
+
+
+def test_interact_passes_sigterm_on_and_restores_terminal(master: Master, tmp_path: Path) -> None:
+    t = _interact_term(master, tmp_path)
+    try:
+        t.wait_raw(b"INTERACT-START")
+        t.wait_screen("rsh$")
+        t.send("echo alive-$((4+4))\r")
+        t.wait_screen("alive-8")
+        os.kill(t.proc.pid, signal.SIGTERM)  # to the program that is inside interact()
+        # relayed to ssh, which ends; interact() returns and the terminal is cooked again
+        m = t.wait_raw(re.compile(rb"BACK eof=True escaped=False rc=(-?\d+) echo=True"))
+        assert int(m.group(1)) < 0  # the session ended by a signal (the hang-up), not an exit
         assert t.wait_exit() == (0, None)
     finally:
         t.close()
