@@ -251,25 +251,38 @@ def remote_command(
 def remote_signal_script(session_id: str, sig: int, *, escalate: bool = False) -> str:
     """A remote sh script that sends ``sig`` to every process tagged with ``session_id``.
 
-    It finds the tagged processes through ``/proc/<pid>/environ`` (Linux remotes; elsewhere it
-    finds nothing and does nothing), signals their process groups (sshd makes each session its
-    own session and process group) and the processes themselves.  With ``escalate`` it waits up
+    The tagged processes (Linux remotes: through ``/proc``; elsewhere it finds nothing and does
+    nothing) are those whose environment holds ``SSHWRAP_SESSION=<id>`` (everything the
+    command started or exec'd), plus the session's own shell, which sshd started as
+    ``$SHELL -c "<command>"`` before that export ran: a session leader with ``-c`` as its
+    first argument and the tag in its command line.  (A local ssh client on the same machine
+    carries the tag in its command line too, but is no ``-c`` session leader.)  The script
+    skips its own session, signals the process groups (sshd makes each session its own
+    session and process group) and the processes themselves.  With ``escalate`` it waits up
     to ~2 s for them to go and then sends SIGKILL.
     """
     if not re.fullmatch(r"[0-9a-f]+", session_id):
         raise ValueError("session_id must be hex")
     name = signal.Signals(sig).name.removeprefix("SIG")
-    script = f"""t={SESSION_ENV}={session_id}
-ps=
-for f in $(grep -l -F -e "$t" /proc/[0-9]*/environ 2>/dev/null); do
-  p=${{f#/proc/}}; ps="$ps ${{p%/environ}}"
+    # The tag is put together at run time, so this script's own command line does not hold it.
+    script = f"""t={SESSION_ENV}; t="$t={session_id}"
+me=$(sed 's/.*) //' /proc/$$/stat 2>/dev/null | cut -d' ' -f4)
+ps=; gs=
+for f in $(grep -l -F -e "$t" /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null); do
+  p=${{f#/proc/}}; p=${{p%/*}}
+  case " $ps " in *" $p "*) continue;; esac
+  st=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null) || continue
+  set -- $st
+  [ -n "$4" ] && [ "$4" != "$me" ] || continue
+  case $f in
+    */cmdline)
+      [ "$4" = "$p" ] || continue
+      [ "$(tr '\\0' '\\n' < /proc/$p/cmdline | sed -n 2p)" = "-c" ] || continue;;
+  esac
+  ps="$ps $p"
+  [ "$3" != 0 ] && gs="$gs $3"
 done
 [ -n "$ps" ] || exit 0
-gs=
-for p in $ps; do
-  g=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f3)
-  [ -n "$g" ] && [ "$g" != 0 ] && gs="$gs $g"
-done
 sig() {{ for g in $gs; do kill -s "$1" -- "-$g" 2>/dev/null; done; kill -s "$1" $ps 2>/dev/null; }}
 sig {name}
 """

@@ -475,3 +475,14 @@ def test_communicate_timeout_then_kill_and_collect(local_sshd: LocalSSHD) -> Non
         out, _ = p.communicate(timeout=30)
     assert out == b"first\n"
     assert p.returncode == -signal.SIGKILL
+
+
+def test_terminate_reaches_a_shell_running_builtins_only(local_sshd: LocalSSHD) -> None:
+    """The session's shell has no child to carry the tag: it is found by its command line."""
+    with sshwrap.Popen(
+        local_sshd.host, "echo up; while :; do :; done", stdout=PIPE, config=local_sshd.config
+    ) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"up\n"
+        p.terminate()
+        assert p.wait(timeout=30) == -signal.SIGTERM
