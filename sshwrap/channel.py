@@ -37,7 +37,6 @@ import stat
 import struct
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -381,9 +380,9 @@ class ProxyCore:
         self._changed = threading.Condition(self.lock)
         self._close_waiters: list[Callable[[], None]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Closed when this object goes away, never while a caller might still wake the pump
-        # (a closed fd number can be reused by another file).
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        # The pump closes its wake pipe when it ends; ``_wake`` checks under this lock, so it
+        # never writes to a closed descriptor number (which another file may have reused).
+        self._wake_lock = threading.Lock()
         self._poll = select.poll()
         self._reg: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="sshwrap-mux-pump", daemon=True)
@@ -534,8 +533,10 @@ class ProxyCore:
             self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.write(self._wake_w, b"x")
 
     def _service_source_locked(self, ch: Session) -> None:
         """Send what input is available within the peer's window (bytes sources; EOF)."""
@@ -789,6 +790,9 @@ class ProxyCore:
         finally:
             with self.lock:
                 self._drop_draining_locked()
+            with self._wake_lock:
+                _close_fds(self._wake_r, self._wake_w)
+                self._wake_r = self._wake_w = -1
 
     def _loop(self) -> None:
         sockfd = self.sock.fileno()

@@ -490,3 +490,19 @@ def test_tty_run_and_popen_over_the_channel(conn: Connection) -> None:
         p.stdin.flush()
         assert p.stdout.readline() == b"40 120\r\n"
     assert p.returncode == 0
+
+
+def test_close_releases_every_fd_without_gc(local_sshd: LocalSSHD) -> None:
+    fds = sorted(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    gc.disable()  # nothing may depend on the garbage collector
+    try:
+        with connect(local_sshd.host, config=local_sshd.config) as c:
+            c.run("echo x", capture_output=True)
+            with c.Popen("cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE) as p:
+                p.communicate(b"y")
+            c.forward_local(0, "127.0.0.1", 9).cancel()
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+        assert threading.active_count() == threads
+    finally:
+        gc.enable()
