@@ -309,12 +309,13 @@ class _Output:
             return
         buf = self.partial.setdefault((host, stream), bytearray())
         buf += data
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            self._emit(stream, self._prefix(host) + bytes(buf[: nl + 1]))
-            del buf[: nl + 1]
+        end = buf.rfind(b"\n") + 1
+        if not end:
+            return
+        prefix = self._prefix(host)
+        lines = bytes(buf[: end - 1]).split(b"\n")
+        del buf[:end]
+        self._emit(stream, b"".join(prefix + line + b"\n" for line in lines))  # one write
 
     def _prefix(self, host: str) -> bytes:
         return (host.ljust(self.width) + " | ").encode()
