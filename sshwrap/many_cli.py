@@ -74,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
     ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
     ap.add_argument(
-        "--connect-timeout", type=float, default=30.0, metavar="S", help="seconds to connect"
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to connect (default: -o ConnectTimeout, else 30)",
     )
     ap.add_argument("--deadline", type=float, metavar="S", help="seconds for the whole run")
     out = ap.add_mutually_exclusive_group()
@@ -486,9 +489,18 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("-p must be at least 1")
     if args.input == "-" and "-" in args.hosts:
         ap.error("stdin cannot be both the host list and the input")
+    batch_mode = True
     try:
         hosts = read_hosts(args.hosts)
         options = _options(args.options)
+        # ssh's own spellings of what sshwrap-many controls itself.
+        connect_timeout = args.connect_timeout
+        for key in [k for k in options if k.lower() in ("connecttimeout", "batchmode")]:
+            value = options.pop(key)
+            if key.lower() == "batchmode":
+                batch_mode = value.lower() in ("yes", "true")
+            elif connect_timeout is None:
+                connect_timeout = float(value)
         data = None
         if args.input is not None:
             if args.input == "-":
@@ -510,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             " ".join(command),
             concurrency=args.parallel,
             timeout=args.timeout,
-            connect_timeout=args.connect_timeout,
+            connect_timeout=30.0 if connect_timeout is None else connect_timeout,
+            batch_mode=batch_mode,
             deadline=args.deadline,
             input=data,
             config=args.config,

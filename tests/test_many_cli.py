@@ -151,6 +151,21 @@ def test_ssh_options_reach_every_ssh(many: Hosts) -> None:
     assert p.stderr.count("AuthenticationError") >= 2
     p = run_cli(many, "-H", "h1", "-o", "Port=1", "--", "true")
     assert p.returncode == 4 and "Connection refused" in p.stderr
+    # -o ConnectTimeout is sshwrap-many's own --connect-timeout (a hung host: a suspended sshd)
+    with LocalSSHD() as hang:
+        hang.suspend()
+        try:
+            t0 = time.monotonic()
+            p = subprocess.run(
+                [EXE, *hang.ssh_args, "-H", hang.host, "-o", "ConnectTimeout=2", "--", "true"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            took = time.monotonic() - t0
+        finally:
+            hang.resume()
+    assert p.returncode == 4 and took < 2 + 3
 
 
 def test_a_closed_stdout_stops_the_run_quietly(many: Hosts) -> None:
