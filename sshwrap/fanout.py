@@ -880,9 +880,11 @@ async def run_many_async(
     ``/dev/null``, so no host reads the caller's stdin).  ssh settings (``config``, ``user``,
     ``port``, ``identity``, ``jump``, ``options``) go to every ssh as ``-F/-l/-p/-i/-J/-o``.
     ``batch_mode`` (default on) sets ``BatchMode=yes``: a fan-out cannot answer prompts, so
-    a host that would ask fails at once instead of hanging.  ``kill_remote`` (default on)
-    stops a timed-out command on the remote side too.  ``on_output(host, stream, data)``
-    (stream 1 or 2) sees the bytes as they arrive; ``on_start(host)`` each host as it starts.
+    a host that would ask fails at once instead of hanging (each ssh has no terminal, so
+    with ``batch_mode=False`` it can only ask through ``SSH_ASKPASS``).  ``kill_remote``
+    (default on) stops a timed-out command on the remote side too.
+    ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
+    ``on_start(host)`` each host as it starts.
     A host may be a ``Connection``: its ControlMaster is reused.
 
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
