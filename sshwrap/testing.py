@@ -39,6 +39,7 @@ __all__ = ["TEST_USER", "LocalSSHD", "SSHDError"]
 
 TEST_USER = "sshwrap-test"
 SSHD = os.environ.get("SSHWRAP_SSHD", "/usr/sbin/sshd")
+_LISTEN_MAX = 16  # sshd's MAX_LISTEN_SOCKS
 
 
 class SSHDError(RuntimeError):
@@ -123,7 +124,8 @@ class LocalSSHD:
     - ``config``: path of the client ``ssh_config`` (pass it as ``ssh -F``).
     - ``known_hosts``, ``identity`` (private user key), ``user`` (login name).
     - ``ssh_args``: ``["-F", config]``, to put in front of ssh's other arguments.
-    - ``pid``: sshd's pid; ``log``: path of sshd's log.
+    - ``pid``: sshd's pid (``pids``: one sshd per 16 addresses, sshd's listen-socket limit);
+      ``log``: path of sshd's log; ``sshd_config``: the (first) server config.
     """
 
     def __init__(
@@ -136,8 +138,8 @@ class LocalSSHD:
         user: str | None = None,
         start_timeout: float = 20.0,
     ) -> None:
-        if not 1 <= hosts <= 250:
-            raise ValueError("hosts must be between 1 and 250")
+        if not 1 <= hosts <= 254:
+            raise ValueError("hosts must be between 1 and 254")
         self.nhosts = hosts
         self.password = password
         self.extra_sshd_config = list(extra_sshd_config)
@@ -154,7 +156,9 @@ class LocalSSHD:
         self.known_hosts = ""
         self.identity = ""
         self.log = ""
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.pids: list[int] = []
+        self.sshd_config = ""
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._stopped_pids: set[int] = set()
 
     # -- convenience -------------------------------------------------------------------
@@ -261,10 +265,8 @@ class LocalSSHD:
                 f.write(f"[{addr}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         self.log = str(d / "sshd.log")
         pw = "yes" if self.password is not None else "no"
-        lines = [
-            *(f"ListenAddress {a}:{self.port}" for a in self.addresses),
+        common = [
             f"HostKey {d / 'host_ed25519'}",
-            f"PidFile {d / 'sshd.pid'}",
             f"AuthorizedKeysFile {auth}",
             f"AllowUsers {self.user}",
             "StrictModes no",  # the key file sits under /tmp, which StrictModes rejects
@@ -287,8 +289,19 @@ class LocalSSHD:
             "Subsystem sftp internal-sftp",
             *self.extra_sshd_config,
         ]
-        sshd_config = d / "sshd_config"
-        sshd_config.write_text("\n".join(lines) + "\n")
+        # sshd listens on at most 16 sockets (MAX_LISTEN_SOCKS): one sshd per 16 addresses.
+        configs: list[Path] = []
+        for i in range(0, len(self.addresses), _LISTEN_MAX):
+            suffix = "" if i == 0 else f"-{i // _LISTEN_MAX}"
+            lines = [
+                *(f"ListenAddress {a}:{self.port}" for a in self.addresses[i : i + _LISTEN_MAX]),
+                f"PidFile {d / f'sshd{suffix}.pid'}",
+                *common,
+            ]
+            path = d / f"sshd_config{suffix}"
+            path.write_text("\n".join(lines) + "\n")
+            configs.append(path)
+        self.sshd_config = str(configs[0])
         self.config = str(client / "ssh_config")
         client_lines: list[str] = []
         for alias, addr in zip(self.hosts, self.addresses, strict=True):
@@ -311,18 +324,21 @@ class LocalSSHD:
             f.write("\n".join(client_lines) + "\n")
         os.chmod(self.config, 0o600)
         # Check the config first, so a bad option gives sshd's message, not a timeout.
-        check = subprocess.run([SSHD, "-t", "-f", str(sshd_config)], capture_output=True)
+        check = subprocess.run([SSHD, "-t", "-f", str(configs[0])], capture_output=True)
         if check.returncode != 0:
             raise SSHDError("sshd rejected its config: " + check.stderr.decode(errors="replace"))
-        self._proc = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(sshd_config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.log, "wb"),  # noqa: SIM115 - handed to the child, closed below
-            start_new_session=True,
-        )
-        assert self._proc.stderr is None
-        self.pid = self._proc.pid
+        with open(self.log, "ab") as log:
+            for path in configs:
+                proc = subprocess.Popen(
+                    [SSHD, "-D", "-e", "-f", str(path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    start_new_session=True,
+                )
+                self._procs.append(proc)
+        self.pids = [p.pid for p in self._procs]
+        self.pid = self.pids[0]
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -330,8 +346,9 @@ class LocalSSHD:
         last = ""
         for addr in self.addresses:
             while True:
-                if self._proc is not None and self._proc.poll() is not None:
-                    raise SSHDError(f"sshd exited with {self._proc.returncode}: {self.read_log()}")
+                for proc in self._procs:
+                    if proc.poll() is not None:
+                        raise SSHDError(f"sshd exited with {proc.returncode}: {self.read_log()}")
                 try:
                     with socket.create_connection((addr, self.port), timeout=2) as s:
                         if s.recv(64).startswith(b"SSH-"):
@@ -361,20 +378,23 @@ class LocalSSHD:
 
     def session_pids(self) -> list[int]:
         """Pids of every process sshd has forked that is still running (its sessions)."""
-        return _descendants(self.pid) if self.pid else []
+        return [kid for pid in self.pids for kid in _descendants(pid)]
 
     def suspend(self) -> None:
-        """Stop the listener with SIGSTOP: new connections hang (a host that does not answer)."""
-        os.kill(self.pid, signal.SIGSTOP)
+        """Stop the listeners with SIGSTOP: new connections hang (hosts that do not answer)."""
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
 
     def resume(self) -> None:
         """Undo ``suspend()``."""
-        os.kill(self.pid, signal.SIGCONT)
+        for pid in self.pids:
+            os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop sshd and every process it forked, by pid, and remove the directory."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
+        for proc in self._procs:
+            if proc.poll() is not None:
+                continue
             kids = _descendants(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
@@ -385,7 +405,7 @@ class LocalSSHD:
                 proc.kill()
                 proc.wait()
             self._kill_all(kids)
-        self._proc = None
+        self._procs = []
         if self.dir != Path() and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
 

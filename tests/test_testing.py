@@ -75,6 +75,18 @@ def test_strict_host_key_checking_stays_on(local_sshd: LocalSSHD) -> None:
         Path(local_sshd.known_hosts).write_text(other)
 
 
+def test_more_hosts_than_one_sshd_can_listen_for() -> None:
+    with LocalSSHD(hosts=20) as sshd:
+        assert len(sshd.pids) == 2
+        last = subprocess.run(
+            sshd.ssh(sshd.hosts[-1], "echo $SSH_CONNECTION"),
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+        assert last.stdout.split()[2] == b"127.0.0.20"
+
+
 def test_fixture_is_the_plugin(local_sshd: LocalSSHD) -> None:
     assert isinstance(local_sshd, LocalSSHD)
     assert os.path.exists(local_sshd.config)
