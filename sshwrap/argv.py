@@ -152,7 +152,7 @@ SESSION_ENV = "SSHWRAP_SESSION"
 """Remote environment variable that tags the processes of one sshwrap call.
 
 sshwrap exports it (a random hex id) in front of every remote command, so a second ssh can
-find the call's processes (``/proc/*/environ``) and signal their process group: without a
+find the call's processes (``/proc``) and signal their process group: without a
 remote terminal, nothing else stops a remote command when the local side gives up.
 """
 

@@ -34,7 +34,7 @@ multiplexes).  What sshwrap adds, and why:
 - **Timeouts and signals reach the remote command.**  Without a terminal, sshd does not stop a
   command when the client goes away.  sshwrap exports a random ``SSHWRAP_SESSION`` id in front
   of every command; on a timeout (and for ``send_signal``/``terminate``/``kill``) a second
-  ssh finds the processes carrying it (``/proc/*/environ``, Linux remotes) and signals their
+  ssh finds the processes carrying it (``/proc``, Linux remotes) and signals their
   process group: SIGTERM, then SIGKILL after 2 s.  With ``tty=True`` the hang-up does it too.
   When the local ssh is stopped by a signal sshwrap did not send (the user's ^C reaches ssh
   as well: ``returncode`` is then ``-SIGINT``), the remote command gets SIGHUP the same way,
