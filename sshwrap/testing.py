@@ -265,7 +265,14 @@ class LocalSSHD:
                 f.write(f"[{addr}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         self.log = str(d / "sshd.log")
         pw = "yes" if self.password is not None else "no"
+        # sshd keeps the first value of an option: extra lines go first so they override our
+        # defaults; a Match block (which runs to the end of the file) goes last.
+        extra = self.extra_sshd_config
+        cut = next(
+            (i for i, x in enumerate(extra) if x.strip().lower().startswith("match ")), len(extra)
+        )
         common = [
+            *extra[:cut],
             f"HostKey {d / 'host_ed25519'}",
             f"AuthorizedKeysFile {auth}",
             f"AllowUsers {self.user}",
@@ -287,7 +294,7 @@ class LocalSSHD:
             "MaxStartups 2000:100:2000",
             "LoginGraceTime 60",
             "Subsystem sftp internal-sftp",
-            *self.extra_sshd_config,
+            *extra[cut:],
         ]
         # sshd listens on at most 16 sockets (MAX_LISTEN_SOCKS): one sshd per 16 addresses.
         configs: list[Path] = []
