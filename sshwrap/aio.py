@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from .errors import CalledProcessError, SSHError, TimeoutExpired
 from .process import (
+    _CLEANUP_TIMEOUT,
     DEVNULL,
     PIPE,
     STDOUT,
@@ -193,7 +194,12 @@ class Process:
             stderr=asyncio.subprocess.DEVNULL,
             start_new_session=True,
         )
-        await cleaner.wait()
+        try:
+            await asyncio.wait_for(cleaner.wait(), _CLEANUP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                cleaner.kill()
+            await cleaner.wait()
 
     async def terminate(self) -> None:
         """SIGTERM to the remote command."""
