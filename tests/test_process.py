@@ -486,3 +486,21 @@ def test_terminate_reaches_a_shell_running_builtins_only(local_sshd: LocalSSHD) 
         assert p.stdout.readline() == b"up\n"
         p.terminate()
         assert p.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_stdin_from_file_and_fd(local_sshd: LocalSSHD, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.write_bytes(b"from a file\n")
+    with open(src, "rb") as f:
+        r = sshwrap.run(
+            local_sshd.host, "cat", stdin=f, capture_output=True, config=local_sshd.config
+        )
+    assert r.stdout == b"from a file\n"
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        r = sshwrap.run(
+            local_sshd.host, "wc -c", stdin=fd, capture_output=True, config=local_sshd.config
+        )
+    finally:
+        os.close(fd)
+    assert r.stdout.strip() == b"12"
