@@ -11,8 +11,8 @@ from test_process_helpers import (
     control_master,
     marker_seconds,
     timeout_case,
-    user_processes,
     wait_gone,
+    wait_user_processes,
 )
 
 import sshwrap
@@ -135,7 +135,7 @@ def test_create_process_line_by_line_and_terminate(local_sshd: LocalSSHD) -> Non
         assert p.stdout is not None
         assert await p.stdout.readline() == b"a\n"
         first = time.monotonic() - start
-        pids = user_processes(local_sshd.user, marker)
+        pids = wait_user_processes(local_sshd.user, marker)
         await p.terminate()
         rc = await asyncio.wait_for(p.wait(), 30)
         return first, rc, pids

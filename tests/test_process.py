@@ -15,8 +15,8 @@ from test_process_helpers import (
     control_master,
     marker_seconds,
     timeout_case,
-    user_processes,
     wait_gone,
+    wait_user_processes,
 )
 
 import sshwrap
@@ -334,7 +334,7 @@ def test_terminate_reaches_remote(local_sshd: LocalSSHD) -> None:
     ) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == b"up\n"
-        pids = user_processes(local_sshd.user, marker)
+        pids = wait_user_processes(local_sshd.user, marker)
         assert pids
         p.terminate()
         assert p.wait(timeout=30) == -15
@@ -348,7 +348,7 @@ def test_kill_stops_remote_and_local(local_sshd: LocalSSHD) -> None:
     ) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == b"up\n"
-        pids = user_processes(local_sshd.user, marker)
+        pids = wait_user_processes(local_sshd.user, marker)
         assert pids
         t = time.monotonic()
         p.kill()
@@ -431,7 +431,7 @@ def test_local_ssh_killed_hangs_up_remote(local_sshd: LocalSSHD) -> None:
     ) as p:
         assert p.stdout is not None
         assert p.stdout.readline() == b"up\n"
-        pids = user_processes(local_sshd.user, marker)
+        pids = wait_user_processes(local_sshd.user, marker)
         assert pids
         os.kill(p.pid, signal.SIGINT)
         assert p.wait(timeout=30) == -signal.SIGINT

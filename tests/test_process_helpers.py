@@ -40,6 +40,17 @@ def user_processes(user: str, marker: str) -> list[int]:
     return out
 
 
+def wait_user_processes(user: str, marker: str, timeout: float = 10.0) -> list[int]:
+    """``user_processes``, waiting (bounded) until there is one: the remote shell may be
+    between its fork and the ``exec`` of the marked command, when no command line matches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = user_processes(user, marker)
+        if pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.01)
+
+
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait (on pidfds, no polling) until every pid has exited; return those still alive."""
     deadline = time.monotonic() + timeout
