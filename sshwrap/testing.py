@@ -40,6 +40,7 @@ __all__ = ["TEST_USER", "LocalSSHD", "SSHDError"]
 TEST_USER = "sshwrap-test"
 SSHD = os.environ.get("SSHWRAP_SSHD", "/usr/sbin/sshd")
 _LISTEN_MAX = 16  # sshd's MAX_LISTEN_SOCKS
+_MARK_VAR = "SSHWRAP_LOCALSSHD"
 
 
 class SSHDError(RuntimeError):
@@ -159,6 +160,7 @@ class LocalSSHD:
         self.pids: list[int] = []
         self.sshd_config = ""
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._mark = os.urandom(8).hex()
         self._stopped_pids: set[int] = set()
 
     # -- convenience -------------------------------------------------------------------
@@ -274,6 +276,8 @@ class LocalSSHD:
         common = [
             *extra[:cut],
             f"HostKey {d / 'host_ed25519'}",
+            # Marks every session process, so stop() also finds those that left sshd's tree.
+            f"SetEnv {_MARK_VAR}={self._mark}",
             f"AuthorizedKeysFile {auth}",
             f"AllowUsers {self.user}",
             "StrictModes no",  # the key file sits under /tmp, which StrictModes rejects
@@ -387,6 +391,24 @@ class LocalSSHD:
         """Pids of every process sshd has forked that is still running (its sessions)."""
         return [kid for pid in self.pids for kid in _descendants(pid)]
 
+    def stray_pids(self) -> list[int]:
+        """Session processes that left sshd's process tree (reparented after their connection
+        closed): found by the variable sshd sets in every session's environment."""
+        needle = f"{_MARK_VAR}={self._mark}".encode()
+        own = set(self.session_pids())
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in own:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read()
+            except OSError:
+                continue
+            if needle in env.split(b"\0") and _exists(int(entry)):
+                out.append(int(entry))
+        return out
+
     def suspend(self) -> None:
         """Stop the listeners with SIGSTOP: new connections hang (hosts that do not answer)."""
         for pid in self.pids:
@@ -412,6 +434,8 @@ class LocalSSHD:
                 proc.kill()
                 proc.wait()
             self._kill_all(kids)
+        if self._procs:
+            self._kill_all(self.stray_pids())
         self._procs = []
         if self.dir != Path() and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -132,3 +132,22 @@ def test_works_as_an_ordinary_user() -> None:
     name, rc, who, directory = out.stdout.decode().split()
     assert (name, rc, who) == (user.pw_name, "0", user.pw_name)
     assert not os.path.exists(directory)
+
+
+def test_stray_session_processes_are_stopped_too() -> None:
+    with LocalSSHD() as sshd:
+        # A process that outlives its connection leaves sshd's tree (reparented to init).
+        subprocess.run(
+            sshd.ssh(sshd.host, "sleep 311 </dev/null >/dev/null 2>&1 & echo $!"),
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+        strays = sshd.stray_pids()
+        assert strays
+        assert not set(strays) & set(sshd.session_pids())
+    for pid in strays:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+        )
