@@ -1,9 +1,7 @@
-"""ssh's command line: reading it the way ssh(1) does, and building it from Python settings.
+"""ssh's command line: building it from Python settings (and re-exporting the reader).
 
-Reading (``parse_ssh_argv``) follows OpenSSH's ``ssh.c``: POSIX getopt with ssh's option
-string, where options may also follow the destination (ssh restarts getopt once after it),
-and ``--`` ends the options.  sshwrap reads only what it needs to decide whether ssh would
-use a terminal; everything else goes to ssh untouched.
+Reading (``parse_ssh_argv``, ``find_ssh``) is in ``sshparse``, which follows OpenSSH's
+``ssh.c``; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 __all__ = [
     "SESSION_ENV",
@@ -34,111 +31,14 @@ __all__ = [
     "ssh_settings_args",
 ]
 
-# OpenSSH 9.x ssh.c getopt string: a letter followed by ':' takes an argument.
-SSH_OPTSTRING = "1246ab:c:e:fgi:kl:m:no:p:qstvxAB:CD:E:F:GI:J:KL:MNO:PQ:R:S:TVw:W:XYy"
-
-
-def _takes_arg() -> set[str]:
-    out = set()
-    for i, ch in enumerate(SSH_OPTSTRING):
-        if ch != ":" and i + 1 < len(SSH_OPTSTRING) and SSH_OPTSTRING[i + 1] == ":":
-            out.add(ch)
-    return out
-
-
-_WITH_ARG = _takes_arg()
-_FLAGS = set(SSH_OPTSTRING.replace(":", "")) - _WITH_ARG
-
-
-@dataclass
-class ParsedSSHArgv:
-    """What ssh would make of its arguments, as far as sshwrap needs to know."""
-
-    options: list[tuple[str, str | None]] = field(default_factory=list)
-    destination: str | None = None
-    command: list[str] = field(default_factory=list)
-    error: bool = False  # an argument ssh itself would reject (ssh prints its usage)
-
-    def has(self, letter: str) -> bool:
-        """True if option ``-letter`` was given."""
-        return any(o == letter for o, _ in self.options)
-
-    def values(self, letter: str) -> list[str]:
-        """The arguments given to option ``-letter``, in order."""
-        return [v for o, v in self.options if o == letter and v is not None]
-
-    def o_option(self, key: str) -> str | None:
-        """The first ``-o Key=Value`` for ``key`` (case-insensitive), as ssh takes the first."""
-        want = key.lower()
-        for value in self.values("o"):
-            k, sep, v = value.replace("=", " ", 1).partition(" ")
-            if sep and k.strip().lower() == want:
-                return v.strip()
-        return None
-
-
-def _getopt(args: list[str], out: ParsedSSHArgv) -> tuple[int, bool]:
-    """Parse options from ``args``; return (index of first non-option, saw ``--``)."""
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            return i + 1, True
-        if not arg.startswith("-") or arg == "-":
-            return i, False
-        j = 1
-        while j < len(arg):
-            ch = arg[j]
-            if ch in _WITH_ARG:
-                if j + 1 < len(arg):
-                    out.options.append((ch, arg[j + 1 :]))
-                elif i + 1 < len(args):
-                    i += 1
-                    out.options.append((ch, args[i]))
-                else:
-                    out.error = True
-                    out.options.append((ch, None))
-                break
-            if ch not in _FLAGS:
-                out.error = True
-            out.options.append((ch, None))
-            j += 1
-        i += 1
-    return i, False
-
-
-def parse_ssh_argv(argv: list[str]) -> ParsedSSHArgv:
-    """Split ssh's arguments (without the program name) like ssh.c does."""
-    out = ParsedSSHArgv()
-    n, terminated = _getopt(argv, out)
-    rest = argv[n:]
-    if rest:
-        out.destination = rest[0]
-        rest = rest[1:]
-        if rest and not terminated:
-            # ssh restarts getopt once after the destination (``ssh host -t cmd``).
-            m, _ = _getopt(rest, out)
-            rest = rest[m:]
-        out.command = rest
-    return out
-
-
-class SSHNotFound(FileNotFoundError):
-    """No ssh client binary could be found."""
-
-
-def find_ssh() -> str:
-    """The ssh binary to run: ``$SSHWRAP_SSH`` if set, else ``ssh`` from ``PATH``."""
-    name = os.environ.get("SSHWRAP_SSH") or "ssh"
-    if os.sep in name:
-        if os.access(name, os.X_OK) and not os.path.isdir(name):
-            return name
-        raise SSHNotFound(f"ssh client not found or not executable: {name}")
-    path = shutil.which(name)
-    if path is None:
-        raise SSHNotFound(f"ssh client {name!r} not found on PATH; install OpenSSH's client")
-    return path
-
+# Reading ssh's own command line lives in ``sshparse`` (kept light for the command's start-up).
+from .sshparse import (
+    SSH_OPTSTRING,
+    ParsedSSHArgv,
+    SSHNotFound,
+    find_ssh,
+    parse_ssh_argv,
+)
 
 # -- building ssh's argv from Python settings ---------------------------------------------------
 
