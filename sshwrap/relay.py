@@ -40,6 +40,8 @@ __all__ = ["RelayResult", "relay"]
 
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 _READ = 65536
+_BURST = 16  # reads in a row before looking at the keyboard again (<= ~64 KiB of output)
+_SMALL = 1024  # a read shorter than this means the program is not streaming
 _QUEUE_LIMIT = 1 << 20  # stop reading the keyboard while this much waits for the pty
 _DRAIN_QUIET = 0.3  # seconds of silence after the program exited before we stop draining
 _IN = select.POLLIN | select.POLLPRI
@@ -174,22 +176,27 @@ def relay(
             for fd, ev in events:
                 if fd == master_fd:
                     if ev & _IN or ev & _ERR:
-                        try:
-                            data = os.read(master_fd, _READ)
-                        except BlockingIOError:
-                            data = None
-                        except OSError as e:
-                            if e.errno != errno.EIO:
-                                raise
-                            data = b""
-                        if data == b"":
-                            result.eof = True
-                            return result
-                        if data is not None and stdout_ok:
+                        # Bulk output: while the pty has more, keep reading without going
+                        # back to poll (a read gives at most ~4 KiB, the tty layer's buffer).
+                        for _ in range(_BURST):
                             try:
-                                _write_all(stdout_fd, data)
-                            except OSError:
-                                stdout_ok = False  # the terminal hung up: keep draining
+                                data = os.read(master_fd, _READ)
+                            except BlockingIOError:
+                                break
+                            except OSError as e:
+                                if e.errno != errno.EIO:
+                                    raise
+                                data = b""
+                            if not data:
+                                result.eof = True
+                                return result
+                            if stdout_ok:
+                                try:
+                                    _write_all(stdout_fd, data)
+                                except OSError:
+                                    stdout_ok = False  # the terminal hung up: keep draining
+                            if len(data) < _SMALL:
+                                break  # interactive output: back to the keyboard at once
                     if ev & select.POLLOUT and queue:
                         try:
                             n = os.write(master_fd, queue)
