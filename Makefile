@@ -34,7 +34,7 @@ $(BENCH_STAMP): $(STAMP)
 test: install
 	$(PY) -m pytest -q -p no:randomly $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(BENCH_STAMP)
 	$(VENV)/bin/ruff check sshwrap tests bench
 	$(VENV)/bin/ruff format --check sshwrap tests bench
 	$(VENV)/bin/mypy --strict sshwrap tests bench
