@@ -17,6 +17,11 @@ channels of each master) against the peers' cold runs, and against ``xargs -P`` 
 ``ssh`` over the same kind of warm masters.  50 ms RTT: the same through ``delayproxy.py``
 (25 ms each way) in front of sshd, cold and with warm masters.
 
+Cold runs are CPU bound on a small machine, so one sample says little: each cold case runs
+``SSHWRAP_BENCH_FANOUT_REPS`` times (default 3, 1 with ``--quick``), the contenders
+interleaved within each round, and the table shows each one's median wall time (the note
+gives every sample).
+
 The aliases spread over the 16 loopback addresses one sshd can listen on.  Set
 ``SSHWRAP_BENCH_FANOUT_HOSTS=1000`` for the 1,000-host variant (it takes several minutes,
 and the warm case then holds 1,000 masters).
@@ -367,6 +372,16 @@ def _start_proxy(sshd: LocalSSHD, delay: float) -> tuple[subprocess.Popen[str], 
     return proxy, port
 
 
+def _median(rs: list[Result]) -> Result:
+    """The run with the median wall time (the lower middle one for an even count)."""
+    ordered = sorted(rs, key=lambda r: r.wall)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _samples(rs: list[Result]) -> str:
+    return "/".join(f"{r.wall:.2f}" for r in rs)
+
+
 def _mb(r: Result, conc: int) -> str:
     per = (r.peak_mb - r.idle_mb) / conc
     return f"{r.peak_mb:.0f} MB ({per:.2f} MB/host)"
@@ -377,14 +392,20 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
     n = 20 if quick else int(os.environ.get("SSHWRAP_BENCH_FANOUT_HOSTS", "200"))
     concs = (10, 20) if quick else (50, 100)
     cmds = ("true",) if quick else ("true", "uname -a")
+    reps = 1 if quick else max(1, int(os.environ.get("SSHWRAP_BENCH_FANOUT_REPS", "3")))
     rows: list[Row] = []
     with LocalSSHD(hosts=16) as farm_sshd, tempfile.TemporaryDirectory() as d:
         farm = make_farm(farm_sshd, n, d)
         cold: dict[tuple[str, str, int], Result] = {}
         for cmd in cmds:
             for conc in concs:
-                for name in ("sshwrap", *PEERS):
-                    cold[(name, cmd, conc)] = measure(name, farm, cmd, conc, KEX, False)
+                runs: dict[str, list[Result]] = {}
+                for _ in range(reps):
+                    for name in ("sshwrap", *PEERS):
+                        r = measure(name, farm, cmd, conc, KEX, False)
+                        runs.setdefault(name, []).append(r)
+                for name, rs in runs.items():
+                    cold[(name, cmd, conc)] = _median(rs)
                 cold[("sshwrap-default", cmd, conc)] = measure(
                     "sshwrap", farm, cmd, conc, None, False
                 )
@@ -400,7 +421,13 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                             ratio,
                             "fastest (<1.0x)",
                             ratio < 1.0 and me.ok == n and other.ok == n,
-                            "" if other.ok == n else f"{peer}: only {other.ok}/{n} ok",
+                            (
+                                f"median of {reps}: sshwrap {_samples(runs['sshwrap'])} s, "
+                                f"{peer} {_samples(runs[peer])} s"
+                                if reps > 1
+                                else ""
+                            )
+                            + ("" if other.ok == n else f"; {peer}: only {other.ok}/{n} ok"),
                         )
                     )
                 dflt = cold[("sshwrap-default", cmd, conc)]
