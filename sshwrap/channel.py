@@ -366,6 +366,9 @@ class ProxyCore:
     def __init__(self, sock: socket.socket, *, prestart: bool = True) -> None:
         self.sock = sock
         self.prestart = prestart
+        # SetEnv / SendEnv of the user's ssh config: the master does not send them for
+        # channels we open ourselves, so each session sends them as ``env`` requests.
+        self.session_env: dict[str, str] = {}
         self._spare: Session | None = None
         sock.setblocking(False)
         self.lock = threading.Lock()

@@ -149,7 +149,7 @@ def _start(ch: Session, command: str, tty: bool, size: tuple[int, int] | None) -
     if tty:
         rows, cols = size or (24, 80)
         ch.request_pty(os.environ.get("TERM") or "xterm", rows, cols)
-    ch.exec(command)
+    ch.exec(command, env=ch.core.session_env or None)
 
 
 def _ended_error(host: str, ch: Session) -> SSHError | None:

@@ -48,6 +48,7 @@ concurrently over the one master.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import shutil
 import signal
@@ -388,7 +389,37 @@ class Connection:
             self._core = None
             return
         self._core = ProxyCore(sock)
+        self._core.session_env = self._config_env()
         self._proxy = True
+
+    def _config_env(self) -> dict[str, str]:
+        """What ssh itself would send as ``env`` for a session: ``SendEnv`` matches from our
+        environment, then ``SetEnv`` values, as ``ssh -G`` resolves them from the config."""
+        try:
+            out = subprocess.run(
+                [self._ssh or find_ssh(), "-G", *self._settings_args, "--", self.destination],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        send: list[str] = []
+        env: dict[str, str] = {}
+        for line in out.stdout.decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "sendenv":
+                send.append(value)
+            elif key == "setenv":
+                name, eq, val = value.partition("=")
+                if eq:
+                    env[name] = val
+        sent = {
+            k: v
+            for k, v in os.environ.items()
+            if any(fnmatch.fnmatchcase(k, pattern) for pattern in send)
+        }
+        return {**sent, **env}
 
     def _read_log(self) -> str:
         try:
