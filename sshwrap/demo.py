@@ -101,7 +101,33 @@ def _scripted(sshd: LocalSSHD) -> int:
     for line in screen.out.decode(errors="replace").replace("\r\n", "\n").splitlines():
         print("  | " + line)
     _say(f"session ended with status {status} (the remote 'exit 3')")
-    return 0 if status == 3 and done.returncode == 7 else 1
+    ok = status == 3 and done.returncode == 7
+    return 0 if _python_api(sshd) and ok else 1
+
+
+def _python_api(sshd: LocalSSHD) -> bool:
+    """The same server through the Python API: run, a Connection, and a fan-out."""
+    import sshwrap
+
+    _say("the Python API:")
+    r = sshwrap.run(
+        sshd.host,
+        ["printf", "%s|", "a b", "$HOME"],
+        capture_output=True,
+        text=True,
+        config=sshd.config,
+    )
+    print(f">>> sshwrap.run(host, ['printf', '%s|', 'a b', '$HOME']).stdout  ->  {r.stdout!r}")
+    with sshwrap.connect(sshd.host, config=sshd.config) as c:
+        killed = c.run("kill -9 $$").returncode
+        print(f">>> c.run('kill -9 $$').returncode  ->  {killed}   (over one ControlMaster)")
+    results = sshwrap.run_many(sshd.hosts, "echo $SSH_CONNECTION", config=sshd.config)
+    for res in results:
+        print(
+            f">>> run_many: {res.host}: {res.status}, server address "
+            f"{res.stdout.decode().split()[2]}"
+        )
+    return r.stdout == "a b|$HOME|" and killed == -9 and all(x.ok for x in results)
 
 
 def main() -> int:

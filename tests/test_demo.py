@@ -20,6 +20,7 @@ def test_demo_scripted_without_tty() -> None:
     assert "status: 7" in text
     assert "24 80" in text
     assert "session ended with status 3" in text
+    assert "'a b|$HOME|'" in text and "->  -9" in text and "127.0.0.2" in text
 
 
 def test_demo_interactive_with_tty() -> None:
