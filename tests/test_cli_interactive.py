@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -191,5 +192,23 @@ def test_escape_sequences_work(local_sshd: LocalSSHD) -> None:
         status = t.wait_exit()
         assert b"Connection to" in t.raw and b"closed" in t.raw
         assert status == (255, None)
+    finally:
+        t.close()
+
+
+def test_killed_sshd_gives_ssh_message_and_restores(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    sshd = local_sshd_factory()
+    t, _ = _runner([*sshd.ssh_args, sshd.host])
+    try:
+        _prompt(t)
+        for pid in sshd.session_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        code, same = _result(t)
+        assert (code, same) == ("255", "True"), bytes(t.raw[-500:])
+        assert b"closed by remote host" in t.raw
+        t.read_to_eof()
     finally:
         t.close()
