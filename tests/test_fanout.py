@@ -442,3 +442,42 @@ def test_no_fd_or_child_leak(many: Hosts) -> None:
         assert all(r.ok for r in results)
     assert set(os.listdir("/proc/self/fd")) - before == set()
     assert _ssh_children() == []
+
+
+def test_log_through_a_fifo_where_proc_fd_cannot_be_reopened(
+    many: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The non-Linux path: ssh's DEBUG1 log through a FIFO still tells 255 from a signal."""
+    from sshwrap import fanout
+
+    monkeypatch.setattr(fanout, "_PROC_FD", False)
+    made: list[str] = []
+    real_mkfifo = os.mkfifo
+
+    def mkfifo(path: str, mode: int = 0o666) -> None:
+        made.append(path)
+        real_mkfifo(path, mode)
+
+    monkeypatch.setattr(os, "mkfifo", mkfifo)
+    cmd = f'case "${ALIAS_ENV}" in h2) exit 255;; h3) kill -9 $$;; esac; echo up; exit 3'
+    r1, r2, r3 = run_many(many.hosts[:3], cmd, config=many.config)
+    assert len(made) == 3
+    assert not any(os.path.exists(p) for p in made)  # removed with their directory
+    assert (r1.status, r1.returncode, r1.stdout) == ("failed", 3, b"up\n")
+    assert r1.connect_time is not None and "Sending command" in r1.ssh_log
+    assert (r2.returncode, r2.error, r2.signalled) == (255, None, False)
+    assert r3.signalled and r3.returncode is not None and r3.returncode < 0
+    assert _ssh_children() == []
+
+
+def test_remote_command_untagged_without_timeout(many: Hosts) -> None:
+    """No timeout/deadline: the remote shell gets the command exactly as plain ssh sends it."""
+    cmd = "cat /proc/$$/cmdline"
+    plain, timed = (
+        run_many(many.hosts[:1], cmd, config=many.config, timeout=t)[0] for t in (None, 30.0)
+    )
+    assert plain.ok and timed.ok
+    # The session's shell ran as ``$SHELL -c <what ssh sent>``.
+    assert plain.stdout.split(b"\0")[1:3] == [b"-c", cmd.encode()]
+    sent = timed.stdout.split(b"\0")[2]
+    assert sent.startswith(b"export SSHWRAP_SESSION=") and sent.endswith(b"\n" + cmd.encode())
