@@ -6,12 +6,10 @@ Reading (``parse_ssh_argv``, ``find_ssh``) is in ``sshparse``, which follows Ope
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -231,18 +229,14 @@ def build_ssh_argv(
 class SSHLog:
     """A private file for ssh's ``-E`` log, read back after ssh exits.
 
-    A ``mkstemp`` file (mode 0600, in a private 0700 directory per process) that :meth:`close`
-    removes.  (ssh closes every inherited descriptor above 2 at start, so the log cannot be an
-    anonymous file passed by descriptor.)
+    A ``mkstemp`` file (mode 0600, an unguessable name) that :meth:`close` removes; no
+    directory is left behind even if the process dies between calls.  (ssh closes every
+    inherited descriptor above 2 at start, so the log cannot be an anonymous file passed by
+    descriptor.)
     """
 
-    _dir: str | None = None  # one private directory per process
-
     def __init__(self) -> None:
-        if SSHLog._dir is None or not os.path.isdir(SSHLog._dir):
-            SSHLog._dir = tempfile.mkdtemp(prefix="sshwrap-")
-            atexit.register(shutil.rmtree, SSHLog._dir, True)
-        self.fd, path = tempfile.mkstemp(suffix=".log", dir=SSHLog._dir)
+        self.fd, path = tempfile.mkstemp(prefix="sshwrap-", suffix=".log")
         self._tmp: str | None = path
         self.path: str = path
         self.pass_fds: tuple[int, ...] = ()
