@@ -92,5 +92,14 @@ def test_interact_hands_the_terminal_over(local_sshd: LocalSSHD, tmp_path: Path)
         until(b"hi-42")
         p.write(b"exit\n")
         until(b"RESULT eof")
+        # Let the script leave its ``with`` (stopping the master, removing its directory)
+        # instead of killing it halfway.
+        deadline = time.monotonic() + 30
+        while p.isalive() and time.monotonic() < deadline:
+            try:
+                buf += p.read(4096)
+            except EOFError:
+                break
+        assert p.wait() == 0
     finally:
         p.close(force=True)

@@ -158,23 +158,27 @@ def test_stdout_to_file_and_stderr_to_stdout(local_sshd: LocalSSHD, tmp_path: Pa
 
 def test_env_and_cwd(local_sshd: LocalSSHD) -> None:
     weird = "d i r'$`;\n-x"
-    sshwrap.check_call(
-        local_sshd.host,
-        ["mkdir", "-p", "--", f"/tmp/sshwrap-cwd/{weird}"],
-        config=local_sshd.config,
-    )
-    env = {"A": "x y'z$HOME`id`", "B": "", "C_1": "é\nline"}
-    r = sshwrap.run(
-        local_sshd.host,
-        'pwd; printf "%s|" "$A" "$B" "$C_1"',
-        env=env,
-        cwd=f"/tmp/sshwrap-cwd/{weird}",
-        capture_output=True,
-        text=True,
-        config=local_sshd.config,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == f"/tmp/sshwrap-cwd/{weird}\n" + "x y'z$HOME`id`||é\nline|"
+    base = sshwrap.check_output(
+        local_sshd.host, "mktemp -d", text=True, config=local_sshd.config
+    ).strip()
+    try:
+        sshwrap.check_call(
+            local_sshd.host, ["mkdir", "--", f"{base}/{weird}"], config=local_sshd.config
+        )
+        env = {"A": "x y'z$HOME`id`", "B": "", "C_1": "é\nline"}
+        r = sshwrap.run(
+            local_sshd.host,
+            'pwd; printf "%s|" "$A" "$B" "$C_1"',
+            env=env,
+            cwd=f"{base}/{weird}",
+            capture_output=True,
+            text=True,
+            config=local_sshd.config,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == f"{base}/{weird}\n" + "x y'z$HOME`id`||é\nline|"
+    finally:
+        sshwrap.run(local_sshd.host, ["rm", "-rf", "--", base], config=local_sshd.config)
     with pytest.raises(ValueError):
         sshwrap.run(local_sshd.host, "true", env={"A=B": "x"}, config=local_sshd.config)
 
