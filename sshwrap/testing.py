@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -35,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["TEST_USER", "LocalSSHD", "SSHDError"]
+__all__ = ["TEST_USER", "LocalSSHD", "SSHDError", "descendants", "is_running", "wait_exited"]
 
 TEST_USER = "sshwrap-test"
 SSHD = os.environ.get("SSHWRAP_SSHD", "/usr/sbin/sshd")
@@ -87,31 +88,54 @@ def _free_port(addresses: Sequence[str]) -> int:
     raise SSHDError("no free port found on " + ", ".join(addresses))
 
 
-def _children_map() -> dict[int, list[int]]:
+def _stat(pid: int) -> tuple[bytes, int] | None:
+    """(state letter, ppid) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    after = stat[stat.rindex(b")") + 2 :].split()
+    return after[0], int(after[1])
+
+
+def is_running(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a zombie is gone for our purposes)."""
+    st = _stat(pid)
+    return st is not None and st[0] != b"Z"
+
+
+def descendants(pid: int) -> list[int]:
+    """Running (non-zombie) descendants of ``pid``, from /proc."""
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def _descendants(pid: int) -> list[int]:
-    kids = _children_map()
+        if entry.isdigit() and (st := _stat(int(entry))) is not None and st[0] != b"Z":
+            kids.setdefault(st[1], []).append(int(entry))
     out: list[int] = []
     todo = [pid]
     while todo:
-        p = todo.pop()
-        for c in kids.get(p, []):
+        for c in kids.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
     return out
+
+
+def wait_exited(pids: list[int], timeout: float) -> list[int]:
+    """Wait on pidfds until every pid has exited (or is a zombie); return those still running."""
+    deadline = time.monotonic() + timeout
+    left = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready and is_running(pid):
+                left.append(pid)
+        finally:
+            os.close(fd)
+    return left
 
 
 class LocalSSHD:
@@ -389,7 +413,7 @@ class LocalSSHD:
 
     def session_pids(self) -> list[int]:
         """Pids of every process sshd has forked that is still running (its sessions)."""
-        return [kid for pid in self.pids for kid in _descendants(pid)]
+        return [kid for pid in self.pids for kid in descendants(pid)]
 
     def stray_pids(self) -> list[int]:
         """Session processes that left sshd's process tree (reparented after their connection
@@ -405,7 +429,7 @@ class LocalSSHD:
                     env = f.read()
             except OSError:
                 continue
-            if needle in env.split(b"\0") and _exists(int(entry)):
+            if needle in env.split(b"\0") and is_running(int(entry)):
                 out.append(int(entry))
         return out
 
@@ -424,7 +448,7 @@ class LocalSSHD:
         for proc in self._procs:
             if proc.poll() is not None:
                 continue
-            kids = _descendants(proc.pid)
+            kids = descendants(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGCONT)
                 os.kill(proc.pid, signal.SIGTERM)
@@ -450,24 +474,9 @@ class LocalSSHD:
                     alive.append(pid)
                 except ProcessLookupError:
                     pass
-            if not alive:
+            pids = wait_exited(alive, 2)
+            if not pids:
                 return
-            deadline = time.monotonic() + 2
-            while alive and time.monotonic() < deadline:
-                alive = [p for p in alive if _exists(p)]
-                if alive:
-                    time.sleep(0.01)
-            pids = alive
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # A zombie is gone for our purposes: its parent (not us) reaps it.
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
 
 
 @contextlib.contextmanager

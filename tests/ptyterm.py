@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import pyte
 from ptyprocess import PtyProcess
 
+from sshwrap.testing import wait_exited
+
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -134,11 +136,9 @@ class Term:
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int | None, int | None]:
         """Read to EOF, reap, return (exitstatus, signalstatus)."""
         self.read_to_eof(timeout)
-        deadline = time.monotonic() + timeout
-        while self.proc.isalive():
-            if time.monotonic() > deadline:
-                raise AssertionError("program did not exit")
-            time.sleep(0.01)  # bounded reap poll after EOF
+        if wait_exited([self.proc.pid], timeout):
+            raise AssertionError("program did not exit")
+        self.proc.wait()
         return self.proc.exitstatus, self.proc.signalstatus
 
     def close(self) -> None:
@@ -152,28 +152,3 @@ class Term:
 def sshwrap_argv(*args: str) -> list[str]:
     """argv that runs this checkout's ``sshwrap`` command."""
     return [sys.executable, "-m", "sshwrap", *args]
-
-
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def wait_for(pred: object, timeout: float = DEFAULT_TIMEOUT, what: str = "condition") -> None:
-    """Wait until ``pred()`` is true (polling a cheap local condition, bounded)."""
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timeout waiting for {what}")
-        time.sleep(0.01)

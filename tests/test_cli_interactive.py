@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ptyterm import Term, children_of, sshwrap_argv, wait_for
+from ptyterm import Term, sshwrap_argv
+from waiting import wait_until
 
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, descendants
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_terminal_restored(local_sshd: LocalSSHD, how: str) -> None:
             os.kill(pid, getattr(signal, how))
             expect = "255"  # ssh's status when it is told to quit
         else:
-            (ssh_pid,) = children_of(pid)
+            (ssh_pid,) = descendants(pid)
             os.kill(ssh_pid, signal.SIGKILL)
             expect = str(-signal.SIGKILL)  # sshwrap dies of ssh's signal, as ssh did
         code, same = _result(t)
@@ -148,9 +149,9 @@ def test_ctrl_c_interrupts_remote_command(local_sshd: LocalSSHD) -> None:
                     pass
             return out
 
-        wait_for(lambda: bool(sleep_pids()), what="remote sleep to start")
+        wait_until(lambda: bool(sleep_pids()), what="remote sleep to start")
         t.send("\x03")
-        wait_for(lambda: not sleep_pids(), timeout=10, what="remote sleep to stop")
+        wait_until(lambda: not sleep_pids(), timeout=10, what="remote sleep to stop")
         t.send("echo rc=$?\r")
         t.wait_raw(b"rc=130")
         t.send("exit\r")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from waiting import wait_until
 
 import sshwrap
 from sshwrap.connection import SUN_PATH_MAX, Connection, connect
@@ -22,16 +23,7 @@ from sshwrap.errors import (
     SSHWrapError,
     TimeoutExpired,
 )
-from sshwrap.testing import LocalSSHD
-
-
-def _wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``pred`` until it holds (bounded); the event is what we wait on, not a delay."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+from sshwrap.testing import LocalSSHD, descendants, is_running, wait_exited
 
 
 def _cmdline(pid: int) -> str:
@@ -53,35 +45,8 @@ def _remote(sshd: LocalSSHD, needle: str, *, anywhere: bool = False) -> list[int
     ]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-    except OSError:
-        return False
-    return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] != b"Z"
-
-
 def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in _all_pids():
-        try:
-            with open(f"/proc/{p}/stat", "rb") as f:
-                st = f.read()
-        except OSError:
-            continue
-        ppid = int(st[st.rindex(b")") + 2 :].split()[1])
-        kids.setdefault(ppid, []).append(p)
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -178,19 +143,19 @@ def test_popen_send_signal_sigint_stops_remote_sleep(
     conn: Connection, local_sshd: LocalSSHD
 ) -> None:
     p = conn.Popen(["sleep", "1001"])
-    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1001")), 10, "the remote sleep")
+    wait_until(lambda: bool(_remote(local_sshd, "sleep 1001")), 10, "the remote sleep")
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=10) == -2
-    _wait_for(lambda: not _remote(local_sshd, "sleep 1001"), 5, "the remote sleep to go")
+    wait_until(lambda: not _remote(local_sshd, "sleep 1001"), 5, "the remote sleep to go")
 
 
 def test_popen_terminate_and_kill(conn: Connection, local_sshd: LocalSSHD) -> None:
     p = conn.Popen(["sleep", "1002"])
-    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1002")), 10, "the remote sleep")
+    wait_until(lambda: bool(_remote(local_sshd, "sleep 1002")), 10, "the remote sleep")
     p.terminate()
     assert p.wait(timeout=10) == -15
     p = conn.Popen(["sleep", "1003"])
-    _wait_for(lambda: bool(_remote(local_sshd, "sleep 1003")), 10, "the remote sleep")
+    wait_until(lambda: bool(_remote(local_sshd, "sleep 1003")), 10, "the remote sleep")
     p.kill()
     assert p.wait(timeout=10) == -9
     assert p.poll() == -9
@@ -204,13 +169,13 @@ def test_timeout_stops_remote_command(conn: Connection, local_sshd: LocalSSHD) -
     assert isinstance(info.value, TimeoutExpired)
     assert info.value.output == b"started\n"
     assert info.value.host == conn.host
-    _wait_for(lambda: not _remote(local_sshd, "sleep 1004"), 5, "the remote sleep to go")
+    wait_until(lambda: not _remote(local_sshd, "sleep 1004"), 5, "the remote sleep to go")
 
 
 def test_timeout_then_kill_when_term_is_ignored(conn: Connection, local_sshd: LocalSSHD) -> None:
     with pytest.raises(TimeoutExpired):
         conn.run("trap '' TERM; sleep 1005; :", timeout=0.5, kill_after=0.5)
-    _wait_for(
+    wait_until(
         lambda: not _remote(local_sshd, "sleep 1005", anywhere=True), 5, "the remote command to go"
     )
 
@@ -231,7 +196,7 @@ def test_socket_dir_private_then_removed(local_sshd: LocalSSHD) -> None:
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
         assert stat.S_ISSOCK(os.stat(c.control_path).st_mode)
         assert len(os.fsencode(c.control_path)) + 17 <= SUN_PATH_MAX
-        assert c.alive and _pid_alive(c.master_pid)
+        assert c.alive and is_running(c.master_pid)
         pid = c.master_pid
         # The master holds no pipe of ours: its stdio is /dev/null or its log.
         for fd in ("0", "1", "2"):
@@ -242,7 +207,7 @@ def test_socket_dir_private_then_removed(local_sshd: LocalSSHD) -> None:
         c.close()
     assert not os.path.exists(d)
     assert not c.alive
-    _wait_for(lambda: not _pid_alive(pid), 5, "the master to exit")
+    assert wait_exited([pid], 5) == [], "the master to exit"
     with pytest.raises(ValueError):
         c.run("true")
 
@@ -253,7 +218,7 @@ def test_hundred_runs_one_master_no_other_ssh(local_sshd: LocalSSHD) -> None:
         for _ in range(100):
             assert c.run("true").returncode == 0
             ssh_kids = [
-                p for p in _descendants(me) if os.path.basename(_cmdline(p).split(" ")[0]) == "ssh"
+                p for p in descendants(me) if os.path.basename(_cmdline(p).split(" ")[0]) == "ssh"
             ]
             assert not ssh_kids
         masters = [p for p in _all_pids() if c.control_path in _cmdline(p)]
@@ -264,18 +229,18 @@ def test_killed_master_reconnects(local_sshd: LocalSSHD) -> None:
     with connect(local_sshd.host, config=local_sshd.config) as c:
         old = c.master_pid
         os.kill(old, signal.SIGKILL)
-        _wait_for(lambda: not _pid_alive(old), 5, "the master to die")
+        assert wait_exited([old], 5) == [], "the master to die"
         t = time.monotonic()
         assert c.run("echo back", capture_output=True).stdout == b"back\n"
         assert time.monotonic() - t < 5
-        assert c.master_pid != old and _pid_alive(c.master_pid)
+        assert c.master_pid != old and is_running(c.master_pid)
         assert c.restarts == 1
 
 
 def test_killed_master_raises_without_reconnect(local_sshd: LocalSSHD) -> None:
     with connect(local_sshd.host, config=local_sshd.config, reconnect=False) as c:
         p = c.Popen(["sleep", "1007"])
-        _wait_for(lambda: bool(_remote(local_sshd, "sleep 1007")), 10, "the remote sleep")
+        wait_until(lambda: bool(_remote(local_sshd, "sleep 1007")), 10, "the remote sleep")
         os.kill(c.master_pid, signal.SIGKILL)
         t = time.monotonic()
         with pytest.raises(SSHConnectionError):
@@ -352,7 +317,7 @@ def test_no_fd_or_thread_leaks(conn: Connection) -> None:
             "cat", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         ) as p:
             p.communicate(b"y")
-    _wait_for(lambda: len(os.listdir("/proc/self/fd")) <= before, 5, "fds to be closed")
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, 5, "fds to be closed")
     assert threading.active_count() == threads
 
 
@@ -406,7 +371,7 @@ def test_master_stopped_when_program_exits_without_close(
         [sys.executable, script], capture_output=True, text=True, timeout=60, check=True
     )
     pid_s, path = out.stdout.split()
-    _wait_for(lambda: not _pid_alive(int(pid_s)), 5, "the master to exit")
+    assert wait_exited([int(pid_s)], 5) == [], "the master to exit"
     assert not os.path.exists(os.path.dirname(path))
 
 
@@ -416,7 +381,7 @@ def test_master_stopped_when_connection_is_dropped(local_sshd: LocalSSHD) -> Non
     pid, d = c.master_pid, os.path.dirname(c.control_path)
     del c
     gc.collect()
-    _wait_for(lambda: not _pid_alive(pid), 5, "the master to exit")
+    assert wait_exited([pid], 5) == [], "the master to exit"
     assert not os.path.exists(d)
 
 
@@ -439,12 +404,12 @@ def test_keyboard_interrupt_in_run_stops_the_remote_command(
         [sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        _wait_for(lambda: bool(_remote(local_sshd, "sleep 1009")), 20, "the remote sleep")
+        wait_until(lambda: bool(_remote(local_sshd, "sleep 1009")), 20, "the remote sleep")
         p.send_signal(signal.SIGINT)
         assert p.stdout is not None
         assert p.stdout.readline() == "interrupted\n"
         # The connection is still up: only sshwrap's signal can have stopped the command.
-        _wait_for(lambda: not _remote(local_sshd, "sleep 1009"), 5, "the remote sleep to go")
+        wait_until(lambda: not _remote(local_sshd, "sleep 1009"), 5, "the remote sleep to go")
         p.communicate("", timeout=20)
         assert p.returncode == 0
     finally:

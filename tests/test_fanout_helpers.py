@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sshwrap.testing import LocalSSHD
+from waiting import wait_until
+
+from sshwrap.testing import LocalSSHD, descendants
+from sshwrap.testing import is_running as alive
+
+__all__ = ["alive", "descendants", "wait_until"]  # shared helpers, re-exported for the tests
 
 ALIAS_ENV = "LC_SSHWRAP_ALIAS"
 """Each alias sends its own name in this variable (``SetEnv``; sshd accepts ``LC_*``), so a
@@ -107,34 +111,6 @@ def mixed_config(sshd: LocalSSHD, hang: LocalSSHD, n: int, tmp: Path) -> Iterato
         )
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        after = stat[stat.rindex(b")") + 2 :].split()
-        if int(after[1]) == pid and after[0] != b"Z":
-            kids.append(int(entry))
-    return kids
-
-
-def descendants(pid: int) -> list[int]:
-    """Live (non-zombie) descendants of ``pid``."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        for c in _children(p):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def comm(pid: int) -> str:
     """The process's command name ('' if gone)."""
     try:
@@ -142,22 +118,3 @@ def comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``cond`` (an observable event) until true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)

@@ -7,10 +7,10 @@ import signal
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
+from waiting import wait_until
 
 from sshwrap.connection import Connection, Forward, ForwardError, connect
 from sshwrap.testing import LocalSSHD
@@ -93,11 +93,7 @@ def _refused(port: int) -> bool:
 
 
 def _wait_refused(port: int, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not _refused(port):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"port {port} still forwards")
-        time.sleep(0.02)
+    wait_until(lambda: _refused(port), timeout, f"port {port} to stop forwarding")
 
 
 def test_local_forward_port_zero_moves_bytes(conn: Connection, echo: EchoServer) -> None:

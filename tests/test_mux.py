@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from sshwrap.channel import ChannelError, ProxyCore, Sink, Source, signal_name, signal_number
 from sshwrap.mux import MUX_FWD_LOCAL, MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, wait_exited
 
 
 @pytest.fixture
@@ -108,12 +107,7 @@ def test_terminate_stops_the_master(master: str) -> None:
     with MuxControl(master) as mux:
         pid = mux.alive_check()
         mux.terminate()
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            if b") Z " in f.read():
-                break
-        time.sleep(0.01)
+    assert wait_exited([pid], 10) == []
     with pytest.raises(MuxError):
         MuxControl(master).alive_check()
 

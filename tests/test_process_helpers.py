@@ -6,7 +6,6 @@ import contextlib
 import os
 import pwd
 import secrets
-import select
 import shutil
 import subprocess
 import tempfile
@@ -14,7 +13,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from waiting import wait_until
+
 from sshwrap.errors import TimeoutExpired
+from sshwrap.testing import wait_exited
 
 
 def user_processes(user: str, marker: str) -> list[int]:
@@ -43,31 +45,14 @@ def user_processes(user: str, marker: str) -> list[int]:
 def wait_user_processes(user: str, marker: str, timeout: float = 10.0) -> list[int]:
     """``user_processes``, waiting (bounded) until there is one: the remote shell may be
     between its fork and the ``exec`` of the marked command, when no command line matches."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = user_processes(user, marker)
-        if pids or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.01)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: user_processes(user, marker), timeout, "the remote process")
+    return user_processes(user, marker)
 
 
 def wait_gone(pids: list[int], timeout: float) -> list[int]:
     """Wait (on pidfds, no polling) until every pid has exited; return those still alive."""
-    deadline = time.monotonic() + timeout
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            left = max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    return alive
+    return wait_exited(pids, timeout)
 
 
 class Watcher(threading.Thread):

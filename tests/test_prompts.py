@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from sshwrap.errors import AuthenticationError, HostKeyError
 from sshwrap.prompts import PromptServer, classify_prompt
@@ -383,20 +384,20 @@ def kbdint_sshd(
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
-                    if c.recv(64).startswith(b"SSH-"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
+
+        def banner() -> bool:
+            if proc.poll() is not None:
                 pytest.fail(
                     "kbd-int sshd did not start: "
                     + (tmp_path / "kbd-sshd.log").read_text(errors="replace")
                 )
-            time.sleep(0.02)  # bounds the retry rate while waiting for the banner
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                    return c.recv(64).startswith(b"SSH-")
+            except OSError:
+                return False
+
+        wait_until(banner, 20, "the kbd-int sshd's banner")
         kh = tmp_path / "kbd_known_hosts"
         hostkey = (base.dir / "host_ed25519.pub").read_text().split()
         kh.write_text(f"[127.0.0.1]:{port} {hostkey[0]} {hostkey[1]}\n")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ptyterm import Term, wait_for
+from ptyterm import Term
+from waiting import wait_until
 
 from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHWrapError
 from sshwrap.spawn import ExpectEOF, ExpectTimeout, Spawned
@@ -173,11 +174,11 @@ def test_leaving_the_with_stops_the_remote_program(master: Master, local_sshd: L
     marker = "sleep 4711"
     with spawn(master, f"echo STARTED; {marker}") as s:
         s.expect("STARTED")
-        wait_for(lambda: _remote_pids_running(local_sshd, marker), 10, "remote sleep")
+        wait_until(lambda: _remote_pids_running(local_sshd, marker), 10, "remote sleep")
         pid = s.pid
     assert not s.isalive()
     assert not os.path.exists(f"/proc/{pid}") or s.returncode is not None
-    wait_for(lambda: not _remote_pids_running(local_sshd, marker), 10, "remote sleep to end")
+    wait_until(lambda: not _remote_pids_running(local_sshd, marker), 10, "remote sleep to end")
 
 
 # -- interact() through a real outer terminal ---------------------------------------------

@@ -1,0 +1,21 @@
+"""Bounded waits for tests.
+
+Process exits are waited on with pidfds (``sshwrap.testing.wait_exited``).  What has no file
+descriptor to wait on (a /proc entry appearing, a port refusing, a banner) is re-checked by
+``wait_until`` at a short fixed interval until it holds or the bound runs out: the condition,
+not the interval, ends the wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    """Re-check ``cond`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)  # the re-check interval; the condition ends the wait
