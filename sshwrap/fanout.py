@@ -58,7 +58,9 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1004,17 +1006,42 @@ def run_many(
     )
     results: dict[int, HostResult] = {}
 
+    interrupted = False
+    # (Decided before asyncio.run, which installs a SIGINT handler of its own.)
+    watch = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+
     async def main() -> None:
+        nonlocal interrupted
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        # Through the loop's own wakeup fd: a plain handler would not wake the selector when
+        # the kernel delivers SIGINT to another thread, and Ctrl-C would wait for the hosts.
+        if watch:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
         gen = runner.run()
         try:
             async for r in gen:
                 results[r.index] = r
         finally:
             await gen.aclose()
+            if watch:
+                loop.remove_signal_handler(signal.SIGINT)
 
     try:
         asyncio.run(main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if not interrupted and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            raise
         raise FanoutInterrupted(_complete(runner.specs, {**runner.partial, **results})) from None
     return _complete(runner.specs, results)
 

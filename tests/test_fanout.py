@@ -265,8 +265,11 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
         if len(seen) == len(hosts):
             ready.set()
 
+    sent: list[float] = []
+
     def interrupt() -> None:
         if ready.wait(30):
+            sent.append(time.monotonic())
             os.kill(os.getpid(), signal.SIGINT)
 
     # Ctrl-C must reach Python as KeyboardInterrupt (a runner started in the background by
@@ -277,9 +280,12 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
     try:
         with pytest.raises(FanoutInterrupted) as info:
             run_many(hosts, cmd, config=many.config, on_output=on_output)
+        stopped = time.monotonic()
     finally:
         t.join()
         signal.signal(signal.SIGINT, old)
+    # Promptly: not when the remote `sleep 60` ends (the SIGINT may reach another thread).
+    assert stopped - sent[0] < 15
     results = info.value.results
     assert isinstance(info.value, KeyboardInterrupt)
     assert [r.host for r in results] == hosts
