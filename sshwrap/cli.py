@@ -96,11 +96,13 @@ def _exec_ssh(ssh: str, argv: list[str]) -> int:
 def _interactive(ssh: str, argv: list[str]) -> int:
     import contextlib
     import signal
+    import termios
 
     from ptyprocess import PtyProcess
 
+    from .jobcontrol import child_stopped, resume_child, supervised_preexec
     from .relay import relay
-    from .terminal import get_attrs, get_size, raw_mode
+    from .terminal import Attrs, get_attrs, get_size, raw_mode, set_size
 
     stdin_fd, stdout_fd = 0, 1
     size = get_size(stdin_fd) or get_size(stdout_fd) or (24, 80)
@@ -109,13 +111,14 @@ def _interactive(ssh: str, argv: list[str]) -> int:
     def copy_modes() -> None:
         # The pty starts with the user's terminal modes, so ssh sends the remote the same
         # modes (erase char, iutf8 ...) it would send from the user's own terminal.
-        import termios
-
         if attrs is not None:
             termios.tcsetattr(0, termios.TCSANOW, attrs)
 
     try:
-        proc = PtyProcess.spawn([ssh, "-tt", *argv], dimensions=size, preexec_fn=copy_modes)
+        # ssh runs under a job-control supervisor (see sshwrap.jobcontrol) so ~^Z works.
+        proc = PtyProcess.spawn(
+            [ssh, "-tt", *argv], dimensions=size, preexec_fn=supervised_preexec(copy_modes)
+        )
     except OSError as e:
         sys.stderr.write(f"sshwrap: cannot run {ssh}: {e.strerror or e}\n")
         return 255
@@ -127,10 +130,36 @@ def _interactive(ssh: str, argv: list[str]) -> int:
     def alive() -> bool:
         return bool(proc.isalive())
 
+    saved: Attrs | None = None
+
+    def on_child() -> None:
+        # ssh stopped itself (~^Z): give the user the terminal back and stop as ssh would
+        # have; once continued (fg), go raw again and let ssh go on at the current size.
+        if not child_stopped(proc.pid):
+            return
+        raw = get_attrs(stdin_fd)
+        if saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        if raw is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, raw)
+        now = get_size(stdin_fd)
+        if now is not None:
+            with contextlib.suppress(OSError):
+                set_size(proc.fd, *now)
+        resume_child(proc.pid)
+
     try:
-        with raw_mode(stdin_fd):
+        with raw_mode(stdin_fd) as saved:
             relay(
-                proc.fd, stdin_fd=stdin_fd, stdout_fd=stdout_fd, is_alive=alive, on_signal=forward
+                proc.fd,
+                stdin_fd=stdin_fd,
+                stdout_fd=stdout_fd,
+                is_alive=alive,
+                on_signal=forward,
+                on_child=on_child,
             )
         # ssh has gone (EOF); collect its status.
         status: int | None = proc.wait() if proc.isalive() else proc.exitstatus

@@ -82,6 +82,7 @@ def relay(
     resize: Callable[[int, int], None] | None = None,
     escape: bytes | None = None,
     pending_output: bytes = b"",
+    on_child: Callable[[], None] | None = None,
 ) -> RelayResult:
     """Relay between the user's terminal and ``master_fd`` until the pty program is gone.
 
@@ -93,6 +94,8 @@ def relay(
       ``master_fd``.
     - ``escape``: a byte that, typed by the user, ends the relay and hands control back.
     - ``pending_output``: bytes already read from the pty, written to stdout first.
+    - ``on_child()``: called on SIGCHLD (and when idle without signals) before ``is_alive``,
+      e.g. to notice that the program has stopped (``~^Z``) and suspend the caller too.
     """
     result = RelayResult()
     if pending_output:
@@ -169,6 +172,8 @@ def relay(
                 if child_gone:
                     break  # the program is gone and nothing more came: a stray holds the slave
                 check_size()
+                if on_child is not None:
+                    on_child()
                 if is_alive is not None and not is_alive():
                     child_gone = True
                     stop_stdin()
@@ -253,6 +258,8 @@ def relay(
                         if signum == signal.SIGWINCH:
                             check_size()
                         elif signum == signal.SIGCHLD:
+                            if on_child is not None:
+                                on_child()
                             if is_alive is not None and not is_alive():
                                 child_gone = True
                                 stop_stdin()

@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +100,13 @@ def _runner(args: list[str]) -> tuple[Term, int]:
     return t, int(m.group(1))
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _result(t: Term) -> tuple[str, str]:
     m = t.wait_raw(re.compile(rb"EXIT=(-?\d+) SAME=(\w+);"))
     return m.group(1).decode(), m.group(2).decode()
@@ -123,7 +132,7 @@ def test_terminal_restored(local_sshd: LocalSSHD, how: str) -> None:
             os.kill(pid, getattr(signal, how))
             expect = "255"  # ssh's status when it is told to quit
         else:
-            (ssh_pid,) = descendants(pid)
+            (ssh_pid,) = [p for p in descendants(pid) if _comm(p) == "ssh"]
             os.kill(ssh_pid, signal.SIGKILL)
             expect = str(-signal.SIGKILL)  # sshwrap dies of ssh's signal, as ssh did
         code, same = _result(t)
@@ -211,5 +220,89 @@ def test_killed_sshd_gives_ssh_message_and_restores(
         assert (code, same) == ("255", "True"), bytes(t.raw[-500:])
         assert b"closed by remote host" in t.raw
         t.read_to_eof()
+    finally:
+        t.close()
+
+
+def test_escape_suspend_and_fg(local_sshd: LocalSSHD) -> None:
+    """``~^Z`` stops the session and gives the shell back; ``fg`` resumes it."""
+    shell = shutil.which("bash")
+    if shell is None:
+        pytest.skip("needs bash for job control")
+    env = {**os.environ, "PS1": "LOCAL> ", "TERM": "xterm"}
+    t = Term([shell, "--norc", "--noprofile", "-i"], screen=False, env=env)
+    try:
+        t.wait_raw(b"LOCAL> ")
+        mark = len(t.raw)
+        argv = " ".join(shlex.quote(a) for a in sshwrap_argv(*local_sshd.ssh_args, local_sshd.host))
+        t.send(f"{argv}\r")
+        t.wait_raw(b"$ ", start=mark)
+        t.send("echo remote-$((6*7))\r")
+        t.wait_raw(b"remote-42", start=mark)
+        mark = len(t.raw)
+        t.send("\r~\x1a")
+        # The local shell reports the job stopped and prompts again.
+        t.wait_raw(re.compile(rb"Stopped.*\n.*LOCAL> "), start=mark)
+        mark = len(t.raw)
+        t.send("echo local-$((1+1))\r")
+        t.wait_raw(b"local-2", start=mark)
+        mark = len(t.raw)
+        t.send("fg\r")
+        t.send("\recho back-$((40+2))\r")
+        t.wait_raw(b"back-42", start=mark)
+        mark = len(t.raw)
+        t.send("exit 7\r")
+        t.wait_raw(b"LOCAL> ", start=mark)
+        t.send("echo status=$?\r")
+        t.wait_raw(b"status=7", start=mark)
+        t.send("exit\r")
+        t.wait_exit()
+    finally:
+        t.close()
+
+
+# A minimal job-control shell: sshwrap in a foreground process group of its own; reports the
+# terminal's modes at the moment sshwrap stops (no shell restores them for it here).
+_JOB_RUNNER = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, termios
+    before = termios.tcgetattr(0)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    def foreground():
+        os.setpgid(0, 0)
+        os.tcsetpgrp(0, os.getpid())
+        signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    p = subprocess.Popen([sys.executable, "-m", "sshwrap", *sys.argv[1:]], preexec_fn=foreground)
+    _, st = os.waitpid(p.pid, os.WUNTRACED)
+    os.tcsetpgrp(0, os.getpgrp())
+    stop = signal.Signals(os.WSTOPSIG(st)).name if os.WIFSTOPPED(st) else "none"
+    print(f"STOP={stop} SAME={before == termios.tcgetattr(0)};", flush=True)
+    sys.stdin.readline()
+    os.tcsetpgrp(0, p.pid)
+    os.kill(p.pid, signal.SIGCONT)
+    _, st = os.waitpid(p.pid, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    code = os.waitstatus_to_exitcode(st)
+    print(f"EXIT={code} SAME={before == termios.tcgetattr(0)};", flush=True)
+    """
+)
+
+
+def test_escape_suspend_restores_modes_then_resumes_raw(local_sshd: LocalSSHD) -> None:
+    """At the stop the terminal has the user's modes back; after SIGCONT it is raw again."""
+    t = Term([sys.executable, "-c", _JOB_RUNNER, *local_sshd.ssh_args, local_sshd.host])
+    try:
+        _prompt(t)
+        t.send("\r~\x1a")
+        m = t.wait_raw(re.compile(rb"STOP=(\w+) SAME=(\w+);"))
+        assert (m.group(1), m.group(2)) == (b"SIGTSTP", b"True"), bytes(t.raw[-500:])
+        mark = len(t.raw)
+        t.send("go\r")
+        # Raw again: the remote shell echoes what is typed, and runs it.
+        t.send("\recho back-$((40+2))\r")
+        t.wait_raw(b"back-42", start=mark)
+        t.send("exit 3\r")
+        code, same = _result(t)
+        assert (code, same) == ("3", "True"), bytes(t.raw[-500:])
     finally:
         t.close()
