@@ -119,15 +119,40 @@ def _child(spec: dict[str, Any]) -> None:
     setup()
     print("ready", flush=True)
     sys.stdin.readline()
+    c0 = _cpu_self_and_children()
     t0 = time.perf_counter()
     ok = go()
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall": wall, "ok": ok}), flush=True)
+    cpu = _cpu_self_and_children() - c0
+    print(json.dumps({"wall": wall, "ok": ok, "cpu": cpu}), flush=True)
     teardown()
 
 
 def _nothing() -> None:
     pass
+
+
+def _cpu_self_and_children() -> float:
+    """CPU seconds of this process and its reaped descendants (the ssh children, xargs)."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def sshd_cpu(pids: list[int]) -> float:
+    """CPU seconds of the sshd listeners and their reaped per-connection children."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _contender(
@@ -314,10 +339,27 @@ class Result:
     peak_mb: float = 0.0
     idle_mb: float = 0.0
     maxrss_mb: float = 0.0
+    cpu: float = 0.0  # the contender's own CPU seconds during the run, ssh children included
+    sshd_cpu: float = 0.0  # sshd's CPU seconds during the run
+
+    def per_host_ms(self, n: int) -> str:
+        """CPU per host: the client side (driver and ssh) + sshd, in ms."""
+        return f"{1000 * self.cpu / n:.1f}+{1000 * self.sshd_cpu / n:.1f}"
 
 
-def measure(name: str, farm: Farm, cmd: str, conc: int, kex: str | None, mem: bool) -> Result:
-    """Run one contender in a child process; time it (and sample its memory if ``mem``)."""
+def measure(
+    name: str,
+    farm: Farm,
+    cmd: str,
+    conc: int,
+    kex: str | None,
+    mem: bool,
+    sshd_pids: list[int] | None = None,
+) -> Result:
+    """Run one contender in a child process; time it (and sample its memory if ``mem``).
+
+    With ``sshd_pids``, sshd's CPU during the run is recorded too.
+    """
     spec = {"name": name, "farm": asdict(farm), "cmd": cmd, "concurrency": conc, "kex": kex}
     p = subprocess.Popen(
         [sys.executable, __file__, "child", json.dumps(spec)],
@@ -341,9 +383,11 @@ def measure(name: str, farm: Farm, cmd: str, conc: int, kex: str | None, mem: bo
         sampler = threading.Thread(target=sample, daemon=True)
         if mem:
             sampler.start()
+        s0 = sshd_cpu(sshd_pids or [])
         p.stdin.write("go\n")
         p.stdin.flush()
         line = p.stdout.readline()
+        s1 = sshd_cpu(sshd_pids or [])
         stop.set()
         if mem:
             sampler.join()
@@ -357,7 +401,7 @@ def measure(name: str, farm: Farm, cmd: str, conc: int, kex: str | None, mem: bo
         if p.returncode is None:
             p.kill()
             p.wait()
-    return Result(res["wall"], res["ok"], peak, idle, usage.ru_maxrss / 1024)
+    return Result(res["wall"], res["ok"], peak, idle, usage.ru_maxrss / 1024, res["cpu"], s1 - s0)
 
 
 # -- the table ----------------------------------------------------------------------------
@@ -421,7 +465,7 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                 runs: dict[str, list[Result]] = {}
                 for _ in range(reps):
                     for name in ("sshwrap", *PEERS):
-                        r = measure(name, farm, cmd, conc, KEX, False)
+                        r = measure(name, farm, cmd, conc, KEX, False, farm_sshd.pids)
                         runs.setdefault(name, []).append(r)
                 for name, rs in runs.items():
                     cold[(name, cmd, conc)] = _best(rs)
@@ -442,10 +486,12 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                             ratio < 1.0 and me.ok == n and other.ok == n,
                             (
                                 f"best of {reps}: sshwrap {_samples(runs['sshwrap'])} s, "
-                                f"{peer} {_samples(runs[peer])} s"
+                                f"{peer} {_samples(runs[peer])} s; "
                                 if reps > 1
                                 else ""
                             )
+                            + f"CPU ms/host client+sshd: sshwrap {me.per_host_ms(n)}, "
+                            f"{peer} {other.per_host_ms(n)}"
                             + ("" if other.ok == n else f"; {peer}: only {other.ok}/{n} ok"),
                         )
                     )

@@ -34,12 +34,21 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         pass
 
 
+_HANDLERS: set[asyncio.Task[None]] = set()
+
+
 async def _handle(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     target_port: int,
     delay: float,
 ) -> None:
+    # A strong reference: a task whose streams were closed under it is otherwise garbage
+    # collected while pending ("Task was destroyed but it is pending!"); shutdown cancels it.
+    task = asyncio.current_task()
+    assert task is not None
+    _HANDLERS.add(task)
+    task.add_done_callback(_HANDLERS.discard)
     host = writer.get_extra_info("sockname")[0]
     try:
         up_r, up_w = await asyncio.open_connection(host, target_port)
