@@ -493,6 +493,15 @@ class _HostRun:
         self.exited.set()
 
     # -- stopping -------------------------------------------------------------------------
+    def has_exited(self) -> bool:
+        """True if ssh has exited (reaping it if its exit was not yet seen by the loop)."""
+        if self.proc is None:
+            return False
+        if self.proc.returncode is None and self.proc.poll() is None:
+            return False
+        self._exited()
+        return True
+
     def signal_group(self, sig: int) -> None:
         """Signal ssh's process group (ssh and any ProxyCommand it runs), while unreaped."""
         proc = self.proc
@@ -739,6 +748,9 @@ class _Runner:
     async def _shutdown(self, tasks: Mapping[asyncio.Future[HostResult], int]) -> None:
         runs = list(self.running.values())
         self.running.clear()
+        # A host whose ssh had already exited when the run was cancelled is done: it keeps
+        # its real result (only the loop had not yet seen the exit), not "cancelled".
+        finished = {r.spec.index for r in runs if r.has_exited()}
         try:
             for t in tasks:
                 t.cancel()
@@ -757,7 +769,8 @@ class _Runner:
         finally:
             for r in runs:
                 r.kill_now()
-                self.partial[r.spec.index] = r.result("cancelled")
+                done = r.spec.index in finished
+                self.partial[r.spec.index] = r.result(None if done else "cancelled")
             for t, idx in tasks.items():  # hosts over a Connection
                 if idx not in self.partial and (t.cancelled() or not t.done()):
                     spec = self.specs[idx]

@@ -69,6 +69,15 @@ def _ssh_children() -> list[int]:
     return [p for p in descendants(os.getpid()) if comm(p) == "ssh"]
 
 
+def _destination(pid: int) -> str:
+    """The last argument but one of an ``ssh ... destination command`` process."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return ""
+    return args[-2].decode() if len(args) >= 2 else ""
+
+
 def _by_host(results: list[HostResult]) -> dict[str, HostResult]:
     return {r.host: r for r in results}
 
@@ -267,8 +276,14 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
 
     sent: list[float] = []
 
+    def h1_running() -> bool:
+        return any(_destination(p) == hosts[0] for p in _ssh_children())
+
     def interrupt() -> None:
+        # Every host has printed, and h1's ssh has exited (the loop may not have seen it yet:
+        # it must still count as done, not cancelled).
         if ready.wait(30):
+            wait_until(lambda: not h1_running(), what="h1's ssh to exit")
             sent.append(time.monotonic())
             os.kill(os.getpid(), signal.SIGINT)
 
@@ -290,6 +305,49 @@ def test_ctrl_c_in_sync_run_many_returns_partial_results(many: Hosts) -> None:
     assert isinstance(info.value, KeyboardInterrupt)
     assert [r.host for r in results] == hosts
     assert results[0].status == "ok" and results[0].stdout == b"quick\n"
+    for r in results[1:]:
+        assert r.status == "cancelled" and r.stdout == b"up\n"
+    assert _ssh_children() == []
+
+
+def test_host_done_before_the_interrupt_keeps_its_result(many: Hosts) -> None:
+    """A host whose ssh exited just before Ctrl-C (unseen by the loop) is done, not cancelled."""
+    shared = tempfile.mkdtemp(prefix="sshwrap-go-")  # the remote user must see it
+    os.chmod(shared, 0o755)
+    go = Path(shared) / "go"
+    try:
+        _interrupt_after_h1_exits(many, go)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _interrupt_after_h1_exits(many: Hosts, go: Path) -> None:
+    hosts = many.hosts[:3]
+    cmd = (
+        f'case "${ALIAS_ENV}" in h1) while [ ! -e {go} ]; do sleep 0.05; done; echo quick; '
+        "exit 0;; esac; echo up; sleep 60"
+    )
+    seen: set[str] = set()
+
+    def h1_running() -> bool:
+        return any(_destination(p) == hosts[0] for p in _ssh_children())
+
+    def on_output(host: str, stream: int, data: bytes) -> None:
+        if host != hosts[0]:
+            seen.add(host)
+            if len(seen) == len(hosts) - 1:
+                go.touch()  # the others run: now h1 may finish
+            return
+        # h1's output, inside the loop: wait for its ssh to exit, then Ctrl-C before the
+        # loop can see that exit.
+        wait_until(lambda: not h1_running(), what="h1's ssh to exit")
+        raise KeyboardInterrupt
+
+    with pytest.raises(FanoutInterrupted) as info:
+        run_many(hosts, cmd, config=many.config, on_output=on_output, deadline=60)
+    results = info.value.results
+    assert results[0].status == "ok" and results[0].stdout == b"quick\n", results[0]
+    assert results[0].returncode == 0
     for r in results[1:]:
         assert r.status == "cancelled" and r.stdout == b"up\n"
     assert _ssh_children() == []
