@@ -25,10 +25,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .argv import OptionValue, remote_command
-from .channel import ChannelError, ChannelLost
 from .channel_process import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
-from .connection import Connection, Forward, Stream
-from .errors import SSHConnectionError, SSHError
+from .connection import Connection, Forward, Stream, channel_errors
+from .errors import SSHError
 
 if TYPE_CHECKING:
     from .prompts import OnPrompt
@@ -225,7 +224,7 @@ class AsyncConnection:
                     cwd=cwd,
                     **conn._fallback_kwargs(),
                 )
-            try:
+            with channel_errors(self.host, last_attempt=attempt == 1):
                 return await run_channel_async(
                     core,
                     self.host,
@@ -246,11 +245,6 @@ class AsyncConnection:
                     size=size,
                     make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
                 )
-            except ChannelLost:
-                if attempt:
-                    raise SSHConnectionError(self.host, "the control master is gone") from None
-            except ChannelError as e:
-                raise SSHError(self.host, str(e)) from None
         raise AssertionError("unreachable")
 
     async def create_process(
@@ -270,7 +264,8 @@ class AsyncConnection:
             core = await asyncio.to_thread(conn._ensure)
             if core is None:
                 raise SSHError(self.host, "create_process needs a master that speaks proxy mode")
-            try:
+            popen: ChannelPopen | None = None
+            with channel_errors(self.host, last_attempt=attempt == 1):
                 popen = await asyncio.to_thread(
                     ChannelPopen,
                     core,
@@ -282,12 +277,8 @@ class AsyncConnection:
                     stderr=stderr,
                     bufsize=0,
                 )
-            except ChannelLost:
-                if attempt:
-                    raise SSHConnectionError(self.host, "the control master is gone") from None
-                continue
-            except ChannelError as e:
-                raise SSHError(self.host, str(e)) from None
+            if popen is None:
+                continue  # the master was gone: start it again, once
             proc = AsyncChannelProcess(popen)
             await proc._connect_pipes()
             return proc

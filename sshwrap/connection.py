@@ -58,7 +58,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
@@ -90,6 +90,23 @@ _BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
 _STOP_WAIT = 5.0
 
 Stream = int | IO[Any] | None
+
+
+@contextlib.contextmanager
+def channel_errors(host: str, last_attempt: bool) -> Iterator[None]:
+    """Map channel failures to sshwrap's errors around one attempt on the master.
+
+    ``ChannelLost`` (the master died before the channel opened: nothing ran) is swallowed so
+    that the caller can start the master again and retry, except on the ``last_attempt``,
+    where it becomes ``SSHConnectionError``; any other ``ChannelError`` is an ``SSHError``.
+    """
+    try:
+        yield
+    except ChannelLost:
+        if last_attempt:
+            raise SSHConnectionError(host, "the control master is gone") from None
+    except ChannelError as e:
+        raise SSHError(host, str(e)) from None
 
 
 class ForwardError(SSHError):
@@ -592,7 +609,7 @@ class Connection:
                     size=size,
                     **self._fallback_kwargs(),
                 )
-            try:
+            with channel_errors(self.host, last_attempt=attempt == 1):
                 return run_channel(
                     core,
                     self.host,
@@ -613,12 +630,6 @@ class Connection:
                     size=size,
                     make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
                 )
-            except ChannelLost:
-                # The master died before the channel opened: nothing ran; start again once.
-                if attempt:
-                    raise SSHConnectionError(self.host, "the control master is gone") from None
-            except ChannelError as e:
-                raise SSHError(self.host, str(e)) from None
         raise AssertionError("unreachable")
 
     def Popen(
@@ -666,7 +677,7 @@ class Connection:
                     size=size,
                     **self._fallback_kwargs(),
                 )
-            try:
+            with channel_errors(self.host, last_attempt=attempt == 1):
                 return ChannelPopen(
                     core,
                     self.host,
@@ -682,11 +693,6 @@ class Connection:
                     tty=tty,
                     size=size,
                 )
-            except ChannelLost:
-                if attempt:
-                    raise SSHConnectionError(self.host, "the control master is gone") from None
-            except ChannelError as e:
-                raise SSHError(self.host, str(e)) from None
         raise AssertionError("unreachable")
 
     def call(self, args: str | Sequence[str], **kwargs: Any) -> int:
