@@ -50,7 +50,7 @@ if str(HERE) not in sys.path:
 
 from common import Row, fmt_s  # noqa: E402
 
-from sshwrap.testing import LocalSSHD  # noqa: E402
+from sshwrap.testing import LocalSSHD, proc_stat  # noqa: E402
 
 KEX = "curve25519-sha256"
 PEERS = ("pssh", "asyncssh", "xargs")
@@ -145,13 +145,9 @@ def sshd_cpu(pids: list[int]) -> float:
     """CPU seconds of the sshd listeners and their reaped per-connection children."""
     total = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        fields = proc_stat(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 

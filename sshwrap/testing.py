@@ -88,15 +88,24 @@ def _free_port(addresses: Sequence[str]) -> int:
     raise SSHDError("no free port found on " + ", ".join(addresses))
 
 
-def _stat(pid: int) -> tuple[bytes, int] | None:
-    """(state letter, ppid) of ``pid`` from /proc, or None if it is gone."""
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...), or None.
+
+    Index ``i`` here is field ``i + 3`` of proc(5): 0 state, 1 ppid, 11-14 utime, stime,
+    cutime, cstime (in clock ticks).
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    after = stat[stat.rindex(b")") + 2 :].split()
-    return after[0], int(after[1])
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def _stat(pid: int) -> tuple[bytes, int] | None:
+    """(state letter, ppid) of ``pid`` from /proc, or None if it is gone."""
+    fields = proc_stat(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
 
 
 def is_running(pid: int) -> bool:

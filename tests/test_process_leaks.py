@@ -19,7 +19,7 @@ from test_process_helpers import control_master
 import sshwrap
 import sshwrap.aio
 from sshwrap.process import PIPE
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, proc_stat
 
 
 def _settle() -> None:
@@ -41,14 +41,8 @@ def _children() -> tuple[int, int]:
     me = os.getpid()
     kids = zombies = 0
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or (rest := proc_stat(int(entry))) is None:
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rindex(b")") + 2 :].split()
         if int(rest[1]) == me:
             kids += 1
             zombies += rest[0] == b"Z"
