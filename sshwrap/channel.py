@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .mux import Reader, pack_string, pack_u32
+from .threads import start_daemon
 
 __all__ = [
     "ChannelError",
@@ -388,8 +389,7 @@ class ProxyCore:
         self._wake_lock = threading.Lock()
         self._poll = select.poll()
         self._reg: dict[int, int] = {}
-        self._thread = threading.Thread(target=self._run, name="sshwrap-mux-pump", daemon=True)
-        self._thread.start()
+        self._thread = start_daemon(self._run, "sshwrap-mux-pump")
 
     # -- public ------------------------------------------------------------------------
     def open_session(self, timeout: float | None = None) -> Session:

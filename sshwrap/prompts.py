@@ -57,6 +57,7 @@ from types import TracebackType
 from typing import Literal
 
 from .errors import AuthenticationError, HostKeyError, classify_ssh_failure
+from .threads import signals_unblocked, start_daemon
 
 __all__ = ["OnPrompt", "Prompt", "PromptKind", "PromptServer", "classify_prompt"]
 
@@ -208,8 +209,7 @@ class PromptServer:
             listener.setblocking(False)
             self._listener = listener
             self._wake_r, self._wake_w = os.pipe()
-            self._thread = threading.Thread(target=self._serve, name="sshwrap-askpass", daemon=True)
-            self._thread.start()
+            self._thread = start_daemon(self._serve, "sshwrap-askpass")
         except BaseException:
             self.close()
             raise
@@ -338,7 +338,8 @@ class PromptServer:
         if self._on_prompt is None:
             return None
         try:
-            return self._on_prompt(prompt, kind)
+            with signals_unblocked():  # the user's code, in our signal-blocking thread
+                return self._on_prompt(prompt, kind)
         except BaseException as e:  # kept for the caller; the prompt is declined
             self.callback_error = e
             return None

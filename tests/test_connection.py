@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from waiting import wait_until
+from waiting import blocked_signals, wait_until
 
 import sshwrap
 from sshwrap.connection import SUN_PATH_MAX, Connection, connect
@@ -385,6 +386,19 @@ def test_master_stopped_when_connection_is_dropped(local_sshd: LocalSSHD) -> Non
     assert not os.path.exists(d)
 
 
+def test_helper_threads_leave_signals_to_the_callers_threads(conn: Connection) -> None:
+    """Ctrl-C must reach the thread waiting in ``run``: the mux pump blocks async signals."""
+    assert conn.run("true").returncode == 0
+    pumps = [t for t in threading.enumerate() if t.name == "sshwrap-mux-pump"]
+    assert pumps
+    for t in pumps:
+        assert t.native_id is not None
+        blocked = blocked_signals(t.native_id)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+            assert sig in blocked, (t.name, sorted(blocked))
+    assert signal.SIGINT not in blocked_signals(threading.get_native_id())
+
+
 def test_keyboard_interrupt_in_run_stops_the_remote_command(
     local_sshd: LocalSSHD, tmp_path: object
 ) -> None:
@@ -407,6 +421,8 @@ def test_keyboard_interrupt_in_run_stops_the_remote_command(
         wait_until(lambda: bool(_remote(local_sshd, "sleep 1009")), 20, "the remote sleep")
         p.send_signal(signal.SIGINT)
         assert p.stdout is not None
+        readable, _, _ = select.select([p.stdout], [], [], 20)
+        assert readable, "no KeyboardInterrupt in the script within 20 s"
         assert p.stdout.readline() == "interrupted\n"
         # The connection is still up: only sshwrap's signal can have stopped the command.
         wait_until(lambda: not _remote(local_sshd, "sleep 1009"), 5, "the remote sleep to go")

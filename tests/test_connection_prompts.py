@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from waiting import blocked_signals
 
 from sshwrap.connection import connect
 from sshwrap.errors import AuthenticationError, HostKeyError
@@ -116,14 +119,19 @@ def test_unknown_host_key_needs_on_prompt_yes(local_sshd: LocalSSHD, tmp_path: P
             on_prompt=lambda text, kind: False,
         )
     seen: list[str] = []
+    masks: list[set[int]] = []
 
     def yes(text: str, kind: str) -> bool | None:
         seen.append(kind)
+        masks.append(blocked_signals(threading.get_native_id()))
         return kind == "hostkey"
 
     with connect(local_sshd.host, config=local_sshd.config, options=opts, on_prompt=yes) as c:
         assert c.run("true").returncode == 0
     assert "hostkey" in seen
+    # The callback runs in sshwrap's askpass thread, but with the usual signal mask (what it
+    # starts must not inherit blocked signals).
+    assert all(signal.SIGINT not in m and signal.SIGTERM not in m for m in masks), masks
 
 
 def test_host_key_rejected_by_config_stays_rejected(local_sshd: LocalSSHD, tmp_path: Path) -> None:

@@ -19,3 +19,14 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)  # the re-check interval; the condition ends the wait
+
+
+def blocked_signals(tid: int) -> set[int]:
+    """Signal numbers a thread of this process blocks, from the kernel's ``SigBlk`` mask."""
+    from pathlib import Path
+
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise AssertionError(f"no SigBlk for thread {tid}")
