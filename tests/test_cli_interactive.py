@@ -225,7 +225,7 @@ def test_killed_sshd_gives_ssh_message_and_restores(
 
 
 def test_escape_suspend_and_fg(local_sshd: LocalSSHD) -> None:
-    """``~^Z`` stops the session and gives the shell back; ``fg`` resumes it."""
+    """``~^Z`` stops the session and gives the shell back; ``fg`` resumes it (at the new size)."""
     shell = shutil.which("bash")
     if shell is None:
         pytest.skip("needs bash for job control")
@@ -246,10 +246,13 @@ def test_escape_suspend_and_fg(local_sshd: LocalSSHD) -> None:
         mark = len(t.raw)
         t.send("echo local-$((1+1))\r")
         t.wait_raw(b"local-2", start=mark)
+        # The window changes while the session is stopped: fg resumes it at the new size.
+        t.resize(33, 101)
         mark = len(t.raw)
         t.send("fg\r")
-        t.send("\recho back-$((40+2))\r")
+        t.send("\recho back-$((40+2)); stty size\r")
         t.wait_raw(b"back-42", start=mark)
+        t.wait_raw(b"33 101", start=mark)
         mark = len(t.raw)
         t.send("exit 7\r")
         t.wait_raw(b"LOCAL> ", start=mark)
