@@ -36,7 +36,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["TEST_USER", "LocalSSHD", "SSHDError", "descendants", "is_running", "wait_exited"]
+__all__ = [
+    "TEST_USER",
+    "LocalSSHD",
+    "SSHDError",
+    "comm",
+    "descendants",
+    "is_running",
+    "proc_stat",
+    "wait_exited",
+]
 
 TEST_USER = "sshwrap-test"
 SSHD = os.environ.get("SSHWRAP_SSHD", "/usr/sbin/sshd")
@@ -112,6 +121,15 @@ def is_running(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie (a zombie is gone for our purposes)."""
     st = _stat(pid)
     return st is not None and st[0] != b"Z"
+
+
+def comm(pid: int) -> str:
+    """The process's command name (``/proc/PID/comm``), or "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def descendants(pid: int) -> list[int]:

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from ptyterm import Term, sshwrap_argv
 from waiting import wait_until
 
-from sshwrap.testing import LocalSSHD, descendants
+from sshwrap.testing import LocalSSHD, comm, descendants
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +99,6 @@ def _runner(args: list[str]) -> tuple[Term, int]:
     return t, int(m.group(1))
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _result(t: Term) -> tuple[str, str]:
     m = t.wait_raw(re.compile(rb"EXIT=(-?\d+) SAME=(\w+);"))
     return m.group(1).decode(), m.group(2).decode()
@@ -132,7 +124,7 @@ def test_terminal_restored(local_sshd: LocalSSHD, how: str) -> None:
             os.kill(pid, getattr(signal, how))
             expect = "255"  # ssh's status when it is told to quit
         else:
-            (ssh_pid,) = [p for p in descendants(pid) if _comm(p) == "ssh"]
+            (ssh_pid,) = [p for p in descendants(pid) if comm(p) == "ssh"]
             os.kill(ssh_pid, signal.SIGKILL)
             expect = str(-signal.SIGKILL)  # sshwrap dies of ssh's signal, as ssh did
         code, same = _result(t)
@@ -149,14 +141,7 @@ def test_ctrl_c_interrupts_remote_command(local_sshd: LocalSSHD) -> None:
         t.send("sleep 100\r")
 
         def sleep_pids() -> list[int]:
-            out = []
-            for pid in local_sshd.session_pids():
-                try:
-                    if Path(f"/proc/{pid}/comm").read_text().strip() == "sleep":
-                        out.append(pid)
-                except OSError:
-                    pass
-            return out
+            return [pid for pid in local_sshd.session_pids() if comm(pid) == "sleep"]
 
         wait_until(lambda: bool(sleep_pids()), what="remote sleep to start")
         t.send("\x03")

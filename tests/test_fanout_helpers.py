@@ -13,10 +13,11 @@ from pathlib import Path
 
 from waiting import wait_until
 
-from sshwrap.testing import LocalSSHD, descendants
+from sshwrap.testing import LocalSSHD, comm, descendants
 from sshwrap.testing import is_running as alive
 
-__all__ = ["alive", "descendants", "wait_until"]  # shared helpers, re-exported for the tests
+# Shared helpers, re-exported for the tests.
+__all__ = ["alive", "comm", "descendants", "wait_until"]
 
 ALIAS_ENV = "LC_SSHWRAP_ALIAS"
 """Each alias sends its own name in this variable (``SetEnv``; sshd accepts ``LC_*``), so a
@@ -109,12 +110,3 @@ def mixed_config(sshd: LocalSSHD, hang: LocalSSHD, n: int, tmp: Path) -> Iterato
             refused_port=closed.getsockname()[1],
             wrong_key=str(wrong),
         )
-
-
-def comm(pid: int) -> str:
-    """The process's command name ('' if gone)."""
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""

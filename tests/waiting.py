@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
@@ -23,8 +24,6 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "c
 
 def blocked_signals(tid: int) -> set[int]:
     """Signal numbers a thread of this process blocks, from the kernel's ``SigBlk`` mask."""
-    from pathlib import Path
-
     for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
         if line.startswith("SigBlk:"):
             mask = int(line.split()[1], 16)
