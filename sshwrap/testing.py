@@ -168,6 +168,10 @@ def wait_exited(pids: list[int], timeout: float) -> list[int]:
 class LocalSSHD:
     """A real OpenSSH sshd on loopback with throwaway keys; a context manager.
 
+    ``addresses`` replaces the 127.0.0.x addresses (one per host) and ``netns`` names an existing
+    network namespace (``ip netns``, root only) to run sshd in: with both, a test can put a host
+    behind a link it controls (see the fault-injection helpers in the test suite).
+
     Attributes after ``start()`` (or entering the ``with``):
 
     - ``hosts``: the Host aliases, one per simulated host (``host1`` ... ``hostN``);
@@ -177,6 +181,7 @@ class LocalSSHD:
     - ``known_hosts``, ``identity`` (private user key), ``user`` (login name).
     - ``ssh_args``: ``["-F", config]``, to put in front of ssh's other arguments.
     - ``pid``: sshd's pid (``pids``: one sshd per 16 addresses, sshd's listen-socket limit);
+      ``netns``: the network namespace sshd runs in (``None``: this one).
       ``log``: path of sshd's log; ``sshd_config``: the (first) server config.
     """
 
@@ -189,9 +194,13 @@ class LocalSSHD:
         extra_client_config: Sequence[str] = (),
         user: str | None = None,
         start_timeout: float = 20.0,
+        addresses: Sequence[str] | None = None,
+        netns: str | None = None,
     ) -> None:
         if not 1 <= hosts <= 254:
             raise ValueError("hosts must be between 1 and 254")
+        if addresses is not None and len(addresses) != hosts:
+            raise ValueError("addresses must give one address per host")
         self.nhosts = hosts
         self.password = password
         self.extra_sshd_config = list(extra_sshd_config)
@@ -199,7 +208,10 @@ class LocalSSHD:
         self.start_timeout = start_timeout
         self._want_user = user
         self.hosts: list[str] = [f"host{i + 1}" for i in range(hosts)]
-        self.addresses: list[str] = [f"127.0.0.{i + 1}" for i in range(hosts)]
+        self.addresses: list[str] = (
+            list(addresses) if addresses is not None else [f"127.0.0.{i + 1}" for i in range(hosts)]
+        )
+        self.netns = netns
         self.port = 0
         self.pid = 0
         self.user = ""
@@ -310,7 +322,7 @@ class LocalSSHD:
         auth = d / "authorized_keys"
         shutil.copyfile(self.identity + ".pub", auth)
         os.chmod(auth, 0o644)
-        self.port = _free_port(self.addresses)
+        self.port = self._free_port()
         host_pub = (d / "host_ed25519.pub").read_text().split()
         self.known_hosts = str(client / "known_hosts")
         with open(self.known_hosts, "w") as f:
@@ -386,13 +398,15 @@ class LocalSSHD:
             f.write("\n".join(client_lines) + "\n")
         os.chmod(self.config, 0o600)
         # Check the config first, so a bad option gives sshd's message, not a timeout.
-        check = subprocess.run([SSHD, "-t", "-f", str(configs[0])], capture_output=True)
+        check = subprocess.run(
+            [*self._prefix, SSHD, "-t", "-f", str(configs[0])], capture_output=True
+        )
         if check.returncode != 0:
             raise SSHDError("sshd rejected its config: " + check.stderr.decode(errors="replace"))
         with open(self.log, "ab") as log:
             for path in configs:
                 proc = subprocess.Popen(
-                    [SSHD, "-D", "-e", "-f", str(path)],
+                    [*self._prefix, SSHD, "-D", "-e", "-f", str(path)],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
@@ -402,6 +416,25 @@ class LocalSSHD:
         self.pids = [p.pid for p in self._procs]
         self.pid = self.pids[0]
         self._wait_ready()
+
+    @property
+    def _prefix(self) -> list[str]:
+        """What runs sshd inside ``netns`` (``ip netns exec`` execs it: the pid is sshd's)."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def _free_port(self) -> int:
+        if not self.netns:
+            return _free_port(self.addresses)
+        # The addresses live in the namespace: ask the kernel there for a free port.
+        probe = (
+            "import socket,sys\n"
+            "ss=[socket.socket() for a in sys.argv[1:]]\n"
+            "ss[0].bind((sys.argv[1],0)); p=ss[0].getsockname()[1]\n"
+            "[s.bind((a,p)) for s,a in zip(ss[1:],sys.argv[2:])]\n"
+            "print(p)\n"
+        )
+        out = _run([*self._prefix, "python3", "-c", probe, *self.addresses])
+        return int(out.stdout)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
