@@ -19,6 +19,28 @@ Semantics (close to ``scp -rp``): a directory is copied recursively; when the de
 existing directory the source goes inside it under its own name; permission bits (and, by
 default, modification times) are kept; symbolic links are followed.  Remote relative paths are
 relative to the login directory, and so are ``~`` and ``~/...``.
+
+Nothing lost (each file of a recursive copy on its own):
+
+- A download is written to a private temporary file in the destination's directory
+  (``.<name>.sshwrap-<random>.part``, mode 0600, same filesystem), every ``os.pwrite`` count is
+  checked (a short write is retried for the rest; a failure such as ENOSPC is raised), the
+  bytes received must cover the file contiguously up to the end-of-file the server agreed to, and
+  the file's size on disk must be that; only then are mode and times applied and the file
+  ``os.replace``-d into place.  On any failure the temporary file is removed, so nothing is left
+  under the destination's name and an existing copy there keeps its content and mode.
+- An upload is written to ``<dir>/.<name>.sshwrap-<random>.part`` on the remote side (created
+  exclusively, mode 0600), its size checked with ``fstat`` against the bytes sent, the handle's
+  close checked, then renamed into place with the ``posix-rename@openssh.com`` extension (an
+  atomic replace of an existing file).  A server without that extension gets the plain SFTP
+  rename, which refuses an existing target: the old file is then removed first (not atomic, a
+  window in which neither exists).  On failure the remote temporary file is removed, best effort
+  within a bounded time; if the connection itself is gone it may remain (the final name is
+  untouched either way).
+- ``KeyboardInterrupt`` and exceptions raised by the ``progress`` callback propagate as
+  themselves; the SFTP session is closed and its ssh reaped before they do.
+- The connection dying mid-session (the master or the remote sftp process killed: ssh then
+  exits 255 without a word) raises ``SSHConnectionError``.
 """
 
 from __future__ import annotations
@@ -27,22 +49,26 @@ import contextlib
 import errno
 import os
 import posixpath
+import secrets
+import select
 import socket
 import stat
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 from .argv import find_ssh
-from .errors import SSHError, SSHWrapError, classify_ssh_failure
+from .errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
 
 __all__ = [
     "ProgressCallback",
     "RemoteFileNotFoundError",
     "RemotePermissionError",
+    "SFTPProtocolError",
     "TransferError",
     "get",
     "put",
@@ -54,17 +80,34 @@ ProgressCallback = Callable[[int, int], None]
 # -- SFTP v3 (draft-ietf-secsh-filexfer-02) -------------------------------------------------
 _INIT, _VERSION, _OPEN, _CLOSE, _READ, _WRITE = 1, 2, 3, 4, 5, 6
 _LSTAT, _FSTAT, _SETSTAT, _FSETSTAT, _OPENDIR, _READDIR = 7, 8, 9, 10, 11, 12
-_MKDIR, _STAT = 14, 17
+_REMOVE, _MKDIR, _STAT, _RENAME = 13, 14, 17, 18
 _STATUS, _HANDLE, _DATA, _NAME, _ATTRS = 101, 102, 103, 104, 105
 _EXTENDED, _EXTENDED_REPLY = 200, 201
 _FX_OK, _FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED = 0, 1, 2, 3
 _A_SIZE, _A_UIDGID, _A_PERM, _A_TIME, _A_EXT = 0x1, 0x2, 0x4, 0x8, 0x80000000
-_O_READ, _O_WRITE, _O_CREAT, _O_TRUNC = 0x1, 0x2, 0x8, 0x10
+_O_READ, _O_WRITE, _O_CREAT, _O_TRUNC, _O_EXCL = 0x1, 0x2, 0x8, 0x10, 0x20
+_STATUS_NAMES = {
+    1: "SSH_FX_EOF",
+    2: "SSH_FX_NO_SUCH_FILE",
+    3: "SSH_FX_PERMISSION_DENIED",
+    4: "SSH_FX_FAILURE",
+    5: "SSH_FX_BAD_MESSAGE",
+    6: "SSH_FX_NO_CONNECTION",
+    7: "SSH_FX_CONNECTION_LOST",
+    8: "SSH_FX_OP_UNSUPPORTED",
+}
 
 _DEFAULT_CHUNK = 32768  # what every SFTP server must accept
 _MAX_CHUNK = 255 * 1024
 _IN_FLIGHT = 4 << 20  # bytes requested but not yet acknowledged
 _RBUF_SIZE = 4 << 20  # the receive buffer; replies are at most ~256 KiB
+# Cleanup after a failure (closing a handle, removing a remote temporary file) is bounded: after
+# an error, and (shorter) after KeyboardInterrupt or a callback's exception, which must take
+# effect promptly.  Then ssh gets _CLOSE_WAIT to exit on its own before it is killed.
+_CLEANUP_TIMEOUT = 2.0
+_INTERRUPT_CLEANUP_TIMEOUT = 0.4
+_CLOSE_WAIT = 2.0
+_ABORT_CLOSE_WAIT = 0.3
 
 
 class TransferError(SSHWrapError):
@@ -77,6 +120,11 @@ class RemoteFileNotFoundError(TransferError, FileNotFoundError):
 
 class RemotePermissionError(TransferError, PermissionError):
     """The remote side refused access to a path (``errno.EACCES``)."""
+
+
+class SFTPProtocolError(TransferError):
+    """The server's replies break the SFTP protocol (a malformed reply, or one answering a
+    request that was never sent): the session cannot be trusted and is closed."""
 
 
 @dataclass
@@ -112,29 +160,38 @@ def _s(b: bytes) -> bytes:
 
 
 class _Reader:
-    """Parses one SFTP reply payload."""
+    """Parses one SFTP reply payload; a truncated one raises ``SFTPProtocolError``."""
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, who: str = "") -> None:
         self.d = data
         self.i = 0
+        self.who = who
+
+    def _need(self, n: int) -> None:
+        if self.i + n > len(self.d):
+            raise SFTPProtocolError(f"{self.who}: malformed SFTP reply (truncated)")
 
     def u8(self) -> int:
+        self._need(1)
         v = self.d[self.i]
         self.i += 1
         return v
 
     def u32(self) -> int:
+        self._need(4)
         (v,) = struct.unpack_from(">I", self.d, self.i)
         self.i += 4
         return int(v)
 
     def u64(self) -> int:
+        self._need(8)
         (v,) = struct.unpack_from(">Q", self.d, self.i)
         self.i += 8
         return int(v)
 
     def string(self) -> memoryview:
         n = self.u32()
+        self._need(n)
         v = self.d[self.i : self.i + n]
         self.i += n
         return v
@@ -222,14 +279,24 @@ class SFTPSession:
         self._start = 0  # unread bytes are _rbuf[_start:_end]
         self._end = 0
         self._next_id = 0
+        # Requests whose replies nobody waits for any more (a pipeline cut short by an error):
+        # their replies are skipped when they come.  Any other unexpected id is a protocol error.
+        self._abandoned: set[int] = set()
+        self._deadline: float | None = None  # set while cleaning up: every wait is bounded
+        self.broken = False  # the byte stream can no longer be trusted (or ssh is gone)
+        self._closed = False
+        self.extensions: dict[str, bytes] = {}
         self.read_chunk = _DEFAULT_CHUNK
         self.write_chunk = _DEFAULT_CHUNK
         self.preserve_times = True
+        self._established = False
         try:
             self._init()
         except BaseException:
+            self.broken = True
             self.close()
             raise
+        self._established = True
 
     # -- plumbing ----------------------------------------------------------------------
     def __enter__(self) -> SFTPSession:
@@ -241,23 +308,41 @@ class SFTPSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None and not isinstance(exc, Exception):
+            self.broken = True  # KeyboardInterrupt & co: do not linger
         self.close()
 
     def close(self) -> None:
-        """End the session (closing stdin ends sftp-server) and reap ssh."""
+        """End the session (closing stdin ends sftp-server) and reap ssh.
+
+        ssh gets ``_CLOSE_WAIT`` seconds to exit on its own (``_ABORT_CLOSE_WAIT`` after a
+        failure or an interrupt) and is killed after that: every reply the caller needed has
+        been received by then, so nothing is lost by not waiting longer.
+        """
+        if self._closed:
+            return
+        self._closed = True
         proc = self._proc
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
-        self._sock.close()
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        self._stderr.close()
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+            self._sock.close()
+            try:
+                proc.wait(timeout=_ABORT_CLOSE_WAIT if self.broken else _CLOSE_WAIT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        finally:
+            proc.wait()  # SIGKILLed (or exited): prompt
+            self._stderr.close()
 
     def _ssh_failure(self, what: str) -> SSHWrapError:
-        """The error for ssh ending under us: typed from ssh's messages when ssh failed."""
+        """The error for ssh ending under us: typed from ssh's messages when ssh failed.
+
+        Once the session was up, ssh exiting 255 without a recognisable message means its
+        channel was cut from under it (the master or the remote sftp process died): that is
+        an ``SSHConnectionError``, whatever else ssh said is attached.
+        """
+        self.broken = True
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         try:
@@ -268,15 +353,33 @@ class SFTPSession:
         rc = self._proc.returncode
         if rc == 255:
             err: SSHError = classify_ssh_failure(self.destination, log, rc)
+            if self._established and type(err) is SSHError:
+                msg = "the ssh connection ended during the SFTP session"
+                if err.stderr.strip():
+                    msg += ": " + err.message
+                else:
+                    msg += " (ssh exited with status 255 and said nothing)"
+                err = SSHConnectionError(self.destination, msg, err.stderr, rc)
             return err
         msg = f"{self.destination}: {what} (ssh exit status {rc})"
         if log:
             msg += ": " + log.splitlines()[-1]
         return TransferError(msg)
 
+    def _wait_io(self, write: bool) -> None:
+        """While cleaning up, wait (bounded) until the socket is ready."""
+        if self._deadline is None:
+            return
+        left = self._deadline - time.monotonic()
+        r, w = ([], [self._sock]) if write else ([self._sock], [])
+        if left <= 0 or not any(select.select(r, w, [], left)[:2]):
+            self.broken = True
+            raise TransferError(f"{self.destination}: the SFTP server did not answer in time")
+
     def _send(self, *parts: bytes | memoryview) -> None:
         bufs = [memoryview(p) for p in parts]
         while bufs:
+            self._wait_io(write=True)
             try:
                 n = os.writev(self._wfd, bufs)
             except OSError:  # EPIPE / ECONNRESET: ssh went away
@@ -294,12 +397,14 @@ class SFTPSession:
         if self._end - self._start >= want:
             return
         if want > _RBUF_SIZE:
-            raise TransferError(f"{self.destination}: SFTP reply too large ({want} bytes)")
+            self.broken = True
+            raise SFTPProtocolError(f"{self.destination}: SFTP reply too large ({want} bytes)")
         if self._start + want > _RBUF_SIZE:  # no room after the unread part: move it first
             left = bytes(self._rview[self._start : self._end])
             self._rbuf[: len(left)] = left
             self._start, self._end = 0, len(left)
         while self._end - self._start < want:
+            self._wait_io(write=False)
             try:
                 n = self._sock.recv_into(self._rview[self._end :])
             except OSError:
@@ -313,7 +418,8 @@ class SFTPSession:
         self._fill(4)
         (n,) = struct.unpack_from(">I", self._rbuf, self._start)
         if n < 5:
-            raise TransferError(f"{self.destination}: malformed SFTP reply")
+            self.broken = True
+            raise SFTPProtocolError(f"{self.destination}: malformed SFTP reply")
         self._fill(4 + n)
         p = self._start + 4
         self._start = p + n
@@ -321,19 +427,46 @@ class SFTPSession:
             self._start = self._end = 0  # empty: start over at the front
         return self._rbuf[p], self._rview[p + 1 : p + n]
 
-    def _request(self, ptype: int, *parts: bytes | memoryview) -> int:
+    def _recv_for(self, pending: Container[int]) -> tuple[int, int, _Reader]:
+        """The next reply to one of ``pending``'s request ids: (type, id, reader after the id).
+
+        Replies to abandoned requests are skipped; a reply to anything else breaks the
+        protocol (``SFTPProtocolError``: never mistaken for success).
+        """
+        while True:
+            ptype, payload = self._recv()
+            r = _Reader(payload, self.destination)
+            rid = r.u32()
+            if rid in pending:
+                return ptype, rid, r
+            if rid in self._abandoned:
+                self._abandoned.discard(rid)
+                continue
+            self.broken = True
+            raise SFTPProtocolError(
+                f"{self.destination}: SFTP reply (type {ptype}) to request {rid}, "
+                "which was never sent or already answered"
+            )
+
+    def _abandon(self, ids: Iterable[int]) -> None:
+        self._abandoned.update(ids)
+
+    def _new_id(self) -> int:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-        rid = self._next_id
+        return self._next_id
+
+    def _request(self, ptype: int, *parts: bytes | memoryview) -> int:
+        rid = self._new_id()
         body_len = 1 + 4 + sum(len(p) for p in parts)
         self._send(struct.pack(">IBI", body_len, ptype, rid), *parts)
         return rid
 
     def _reply(self, rid: int) -> tuple[int, _Reader]:
-        ptype, payload = self._recv()
-        r = _Reader(payload)
-        got = r.u32()
-        if got != rid:
-            raise TransferError(f"{self.destination}: SFTP reply out of order")
+        try:
+            ptype, _, r = self._recv_for((rid,))
+        except BaseException:
+            self._abandon((rid,))
+            raise
         if ptype == _STATUS:
             code = r.u32()
             message = bytes(r.string()).decode(errors="replace")
@@ -349,9 +482,9 @@ class SFTPSession:
         ptype, payload = self._recv()
         if ptype != _VERSION:
             raise TransferError(f"{self.destination}: not an SFTP server")
-        r = _Reader(payload)
+        r = _Reader(payload, self.destination)
         r.u32()
-        exts: dict[str, bytes] = {}
+        exts = self.extensions
         while r.i < len(payload):
             name = bytes(r.string()).decode(errors="replace")
             exts[name] = bytes(r.string())
@@ -366,6 +499,29 @@ class SFTPSession:
                     if max_write:
                         self.write_chunk = max(_DEFAULT_CHUNK, min(_MAX_CHUNK, max_write))
 
+    @contextlib.contextmanager
+    def _cleaning_up(self, exc: BaseException | None) -> Iterator[bool]:
+        """Best-effort cleanup after ``exc`` (None: after success, errors propagate).
+
+        Yields whether to try at all (not when the stream is broken); every wait inside is
+        bounded, and any failure of the cleanup itself is swallowed so ``exc`` propagates.
+        """
+        if exc is None:
+            yield True
+            return
+        if self.broken:
+            yield False
+            return
+        interrupted = not isinstance(exc, Exception)
+        budget = _INTERRUPT_CLEANUP_TIMEOUT if interrupted else _CLEANUP_TIMEOUT
+        self._deadline = time.monotonic() + budget
+        try:
+            yield True
+        except Exception:
+            self.broken = True  # it may have left requests half-answered
+        finally:
+            self._deadline = None
+
     # -- operations --------------------------------------------------------------------
     def error(self, e: _StatusError, path: str, what: str) -> TransferError:
         """A typed exception for a failed SFTP request on ``path``."""
@@ -374,7 +530,8 @@ class SFTPSession:
             return RemoteFileNotFoundError(errno.ENOENT, f"{what}: no such remote file", where)
         if e.code == _FX_PERMISSION_DENIED:
             return RemotePermissionError(errno.EACCES, f"{what}: remote permission denied", where)
-        return TransferError(f"{where}: {what} failed: {e.message}")
+        name = _STATUS_NAMES.get(e.code, f"status {e.code}")
+        return TransferError(f"{where}: {what} failed: {e.message} ({name})")
 
     def stat(self, path: str) -> _Attrs | None:
         """Attributes of ``path`` (following links), None if it does not exist."""
@@ -401,6 +558,63 @@ class SFTPSession:
             self._call(_SETSTAT, _s(os.fsencode(path)), attrs.pack())
         except _StatusError as e:
             raise self.error(e, path, "setting attributes of") from None
+
+    def remove(self, path: str) -> None:
+        """Remove remote file ``path``."""
+        try:
+            self._call(_REMOVE, _s(os.fsencode(path)))
+        except _StatusError as e:
+            raise self.error(e, path, "removing") from None
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename ``old`` to ``new``, replacing an existing ``new``.
+
+        Atomic with the ``posix-rename@openssh.com`` extension.  Without it the plain SFTP
+        rename refuses an existing target, so that is removed first (not atomic).
+        """
+        o, n = _s(os.fsencode(old)), _s(os.fsencode(new))
+        try:
+            if "posix-rename@openssh.com" in self.extensions:
+                self._call(_EXTENDED, _s(b"posix-rename@openssh.com"), o, n)
+                return
+            if self.stat(new) is not None:
+                self.remove(new)
+            self._call(_RENAME, o, n)
+        except _StatusError as e:
+            raise self.error(e, new, f"renaming {old} to") from None
+
+    def fstat(self, handle: bytes, path: str) -> _Attrs:
+        """Attributes of an open handle."""
+        try:
+            _, r = self._call(_FSTAT, _s(handle))
+        except _StatusError as e:
+            raise self.error(e, path, "fstat") from None
+        return r.attrs()
+
+    def free_space(self, path: str) -> tuple[int, int] | None:
+        """(bytes, inodes) available to the user on ``path``'s filesystem, if the server says
+        (``statvfs@openssh.com``); None otherwise."""
+        if "statvfs@openssh.com" not in self.extensions:
+            return None
+        try:
+            ptype, r = self._call(_EXTENDED, _s(b"statvfs@openssh.com"), _s(os.fsencode(path)))
+        except _StatusError:
+            return None
+        if ptype != _EXTENDED_REPLY:
+            return None
+        _bsize, frsize, _blocks, _bfree, bavail = (r.u64() for _ in range(5))
+        _files, _ffree, favail = (r.u64() for _ in range(3))
+        return bavail * frsize, favail
+
+    def _no_space_hint(self, path: str) -> str:
+        """``'; no space left ...'`` when the remote filesystem of ``path`` is full."""
+        free = self.free_space(posixpath.dirname(path) or ".")
+        if free is None:
+            return ""
+        space, inodes = free
+        if space < 2 * self.write_chunk or inodes == 0:
+            return f" [No space left on device: {space} bytes, {inodes} inodes free remotely]"
+        return ""
 
     def listdir(self, path: str) -> list[tuple[str, _Attrs]]:
         """Entries of a remote directory (without ``.``/``..``), attributes follow links."""
@@ -432,33 +646,50 @@ class SFTPSession:
                             continue  # a dangling link: nothing to copy
                         attrs = followed
                     out.append((name, attrs))
-        finally:
-            self._close_handle(handle)
+        except BaseException as exc:
+            with self._cleaning_up(exc) as go:
+                if go:
+                    self._close_handle(handle)
+            raise
+        self._close_handle(handle)
         return out
 
     def _close_handle(self, handle: bytes) -> None:
         with contextlib.suppress(_StatusError):
             self._call(_CLOSE, _s(handle))
 
-    def _open(self, path: str, pflags: int, attrs: _Attrs, what: str) -> bytes:
+    def _open(self, path: str, pflags: int, attrs: _Attrs, what: str, where: str = "") -> bytes:
         try:
             _, r = self._call(_OPEN, _s(os.fsencode(path)), struct.pack(">I", pflags), attrs.pack())
         except _StatusError as e:
-            raise self.error(e, path, what) from None
+            raise self.error(e, where or path, what) from None
         return bytes(r.string())
 
     def upload(
         self, local: str, remote: str, st: os.stat_result, tick: Callable[[int], None]
     ) -> None:
-        """Copy local file ``local`` to ``remote`` (truncating), then set mode and times."""
-        fd = os.open(local, os.O_RDONLY)
+        """Copy local file ``local`` to ``remote`` atomically, with its mode (and times).
+
+        Written to a private temporary file next to ``remote``, checked (size), closed
+        (checked), renamed into place; the temporary file is removed on failure (best effort,
+        bounded: if the connection is gone it remains, and ``remote`` is untouched).
+        """
+        fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
         try:
             mode = stat.S_IMODE(st.st_mode)
-            handle = self._open(
-                remote, _O_WRITE | _O_CREAT | _O_TRUNC, _Attrs(perm=mode), "writing"
+            tmp = _temp_name(remote)
+            handle: bytes | None = self._open(
+                tmp, _O_WRITE | _O_CREAT | _O_EXCL | _O_TRUNC, _Attrs(perm=0o600), "writing", remote
             )
             try:
-                self._pump_upload(fd, remote, handle, tick)
+                assert handle is not None
+                sent = self._pump_upload(fd, remote, handle, tick)
+                size = self.fstat(handle, remote).size
+                if size is not None and size != sent:
+                    raise TransferError(
+                        f"{self.destination}:{remote}: wrote {sent} bytes but the remote file "
+                        f"has {size}"
+                    )
                 # the server's umask applied at open: set the exact mode afterwards
                 attrs = _Attrs(perm=mode)
                 if self.preserve_times:
@@ -467,14 +698,24 @@ class SFTPSession:
                     self._call(_FSETSTAT, _s(handle), attrs.pack())
                 except _StatusError as e:
                     raise self.error(e, remote, "setting attributes of") from None
-            finally:
-                self._close_handle(handle)
+                h, handle = handle, None
+                try:  # a close can report a write error the writes did not
+                    self._call(_CLOSE, _s(h))
+                except _StatusError as e:
+                    raise self.error(e, remote, "closing") from None
+                self.rename(tmp, remote)
+            except BaseException as exc:
+                with self._cleaning_up(exc) as go:
+                    if go:
+                        if handle is not None:
+                            self._close_handle(handle)
+                        self.remove(tmp)
+                raise
         finally:
             os.close(fd)
 
-    def _pump_upload(
-        self, fd: int, remote: str, handle: bytes, tick: Callable[[int], None]
-    ) -> None:
+    def _pump_upload(self, fd: int, remote: str, handle: bytes, tick: Callable[[int], None]) -> int:
+        """Write ``fd``'s content (to its end) through ``handle``; returns the bytes written."""
         chunk = self.write_chunk
         depth = max(4, _IN_FLIGHT // chunk)
         hs = _s(handle)
@@ -483,107 +724,210 @@ class SFTPSession:
         eof = False
         first_error: _StatusError | None = None
         block = memoryview(bytearray(chunk))  # reused: writev has copied it on return
-        while True:
-            while not eof and len(pending) < depth:
-                got = os.readv(fd, [block])
-                if not got:
-                    eof = True
+        try:
+            while True:
+                while not eof and len(pending) < depth:
+                    got = os.readv(fd, [block])
+                    if not got:
+                        eof = True
+                        break
+                    rid = self._new_id()
+                    pending[rid] = got  # before sending: a failed send abandons it too
+                    head = struct.pack(">IBI", 1 + 4 + len(hs) + 12 + got, _WRITE, rid)
+                    self._send(head, hs, struct.pack(">QI", offset, got), block[:got])
+                    offset += got
+                if not pending:
                     break
-                rid = self._request(_WRITE, hs, struct.pack(">QI", offset, got), block[:got])
-                pending[rid] = got
-                offset += got
-            if not pending:
-                break
-            ptype, payload = self._recv()
-            r = _Reader(payload)
-            rid = r.u32()
-            n = pending.pop(rid, 0)
-            if ptype == _STATUS:
+                ptype, rid, r = self._recv_for(pending)
+                n = pending.pop(rid)
+                if ptype != _STATUS:
+                    self.broken = True
+                    raise SFTPProtocolError(
+                        f"{self.destination}: SFTP reply of type {ptype} to a write"
+                    )
                 code = r.u32()
                 if code != _FX_OK and first_error is None:
                     first_error = _StatusError(code, bytes(r.string()).decode(errors="replace"))
                     eof = True  # stop sending; collect the replies still due
-            if first_error is None:
-                tick(n)
+                if first_error is None:
+                    tick(n)
+        except BaseException:
+            self._abandon(pending)
+            raise
         if first_error is not None:
-            raise self.error(first_error, remote, "writing")
+            err = self.error(first_error, remote, "writing")
+            if first_error.code == 4:  # SSH_FX_FAILURE: say so when the disk is full
+                hint = self._no_space_hint(remote)
+                if hint:
+                    err = TransferError(str(err) + hint)
+            raise err
+        return offset
 
     def download(self, remote: str, local: str, attrs: _Attrs, tick: Callable[[int], None]) -> None:
-        """Copy remote file ``remote`` to local path ``local``, then set mode and times."""
+        """Copy remote file ``remote`` to local path ``local`` atomically, with mode and times.
+
+        Written to a private temporary file in ``local``'s directory, verified (every byte up
+        to the end of file received and written), then mode and times set and the file
+        ``os.replace``-d over ``local``.  On failure the temporary file is removed and
+        ``local`` is untouched.  Local write errors (ENOSPC ...) raise ``OSError`` naming
+        ``local``.
+        """
         handle = self._open(remote, _O_READ, _Attrs(), "reading")
         try:
             mode = stat.S_IMODE(attrs.perm) if attrs.perm is not None else 0o644
-            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # write next to the file a symbolic link points to: the link itself stays
+            target = os.path.realpath(local) if os.path.islink(local) else local
+            fd, tmp = _local_temp(target)
             try:
-                self._pump_download(fd, remote, handle, tick)
-                os.fchmod(fd, mode)
-            finally:
-                os.close(fd)
-            if self.preserve_times and attrs.mtime is not None and attrs.atime is not None:
-                os.utime(local, (attrs.atime, attrs.mtime))
-        finally:
-            self._close_handle(handle)
+                try:
+                    self._pump_download(fd, remote, handle, tick, target)
+                    os.fchmod(fd, mode)
+                    if self.preserve_times and attrs.mtime is not None and attrs.atime is not None:
+                        os.utime(fd, (attrs.atime, attrs.mtime))
+                finally:
+                    os.close(fd)
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except BaseException as exc:
+            # (the session ends with this exception: the handle goes with it; no waiting for
+            # the replies still in flight)
+            if isinstance(exc, Exception) and not self.broken and not self._abandoned:
+                with self._cleaning_up(exc) as go:
+                    if go:
+                        self._close_handle(handle)
+            raise
+        self._close_handle(handle)
 
     def _pump_download(
-        self, fd: int, remote: str, handle: bytes, tick: Callable[[int], None]
-    ) -> None:
+        self, fd: int, remote: str, handle: bytes, tick: Callable[[int], None], local: str
+    ) -> int:
+        """Read ``handle`` to its end into ``fd``; returns the size (checked on disk)."""
         chunk = self.read_chunk
         depth = max(4, _IN_FLIGHT // chunk)
         hs = _s(handle)
         pending: dict[int, tuple[int, int]] = {}
         retry: list[tuple[int, int]] = []  # ranges a short read left over
+        got: list[tuple[int, int]] = []  # (offset, length) of every piece written
         next_offset = 0
         eof_at: int | None = None
         first_error: _StatusError | None = None
-        while True:
-            # Refill in batches, one write for several requests: fewer wake-ups for the master
-            # and sftp-server than a request per reply.
-            if first_error is None and len(pending) <= depth // 2:
-                batch: list[bytes] = []
-                while len(pending) < depth:
-                    if retry:
-                        off, length = retry.pop()
-                    elif eof_at is None:
-                        off, length = next_offset, chunk
-                        next_offset += chunk
-                    else:
-                        break
-                    self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-                    rid = self._next_id
-                    batch.append(struct.pack(">IBI", 1 + 4 + len(hs) + 12, _READ, rid))
-                    batch.append(hs)
-                    batch.append(struct.pack(">QI", off, length))
-                    pending[rid] = (off, length)
-                if batch:
-                    self._send(b"".join(batch))
-            if not pending:
-                break
-            ptype, payload = self._recv()
-            r = _Reader(payload)
-            rid = r.u32()
-            off, length = pending.pop(rid)
-            if ptype == _DATA:
-                data = r.string()
-                n = len(data)
-                if n:
-                    os.pwrite(fd, data, off)
-                    tick(n)
-                if 0 < n < length and (eof_at is None or off + n < eof_at):
-                    retry.append((off + n, length - n))
-                elif n == 0 and (eof_at is None or off < eof_at):
-                    eof_at = off
-            elif ptype == _STATUS:
-                code = r.u32()
-                if code == _FX_EOF:
-                    if eof_at is None or off < eof_at:
+        try:
+            while True:
+                # Refill in batches, one write for several requests: fewer wake-ups for the
+                # master and sftp-server than a request per reply.
+                if first_error is None and len(pending) <= depth // 2:
+                    batch: list[bytes] = []
+                    ids: list[int] = []
+                    while len(pending) + len(ids) < depth:
+                        if retry:
+                            off, length = retry.pop()
+                        elif eof_at is None:
+                            off, length = next_offset, chunk
+                            next_offset += chunk
+                        else:
+                            break
+                        rid = self._new_id()
+                        batch.append(struct.pack(">IBI", 1 + 4 + len(hs) + 12, _READ, rid))
+                        batch.append(hs)
+                        batch.append(struct.pack(">QI", off, length))
+                        pending[rid] = (off, length)
+                        ids.append(rid)
+                    if batch:
+                        self._send(b"".join(batch))
+                if not pending:
+                    break
+                ptype, rid, r = self._recv_for(pending)
+                off, length = pending.pop(rid)
+                if ptype == _DATA:
+                    data = r.string()
+                    n = len(data)
+                    if n > length:
+                        self.broken = True
+                        raise SFTPProtocolError(
+                            f"{self.destination}:{remote}: {n} bytes for a read of {length}"
+                        )
+                    if n:
+                        _pwrite_all(fd, data, off, local)
+                        got.append((off, n))
+                        tick(n)
+                    if 0 < n < length and (eof_at is None or off + n < eof_at):
+                        retry.append((off + n, length - n))
+                    elif n == 0 and (eof_at is None or off < eof_at):
                         eof_at = off
-                    retry = [(o, n) for o, n in retry if o < eof_at]
-                elif first_error is None:
-                    first_error = _StatusError(code, bytes(r.string()).decode(errors="replace"))
+                elif ptype == _STATUS:
+                    code = r.u32()
+                    if code == _FX_EOF:
+                        if eof_at is None or off < eof_at:
+                            eof_at = off
+                        retry = [(o, n) for o, n in retry if o < eof_at]
+                    elif first_error is None:
+                        first_error = _StatusError(code, bytes(r.string()).decode(errors="replace"))
+                else:
+                    self.broken = True
+                    raise SFTPProtocolError(
+                        f"{self.destination}: SFTP reply of type {ptype} to a read"
+                    )
+        except BaseException:
+            self._abandon(pending)
+            raise
         if first_error is not None:
             raise self.error(first_error, remote, "reading")
-        if eof_at is not None:
-            os.ftruncate(fd, eof_at)
+        assert eof_at is not None  # no request left and no error: the end was found
+        # Verify: the pieces cover [0, eof_at) without a gap, and the file is that long.
+        covered = 0
+        for o, n in sorted(got):
+            if o > covered:
+                break
+            covered = max(covered, o + n)
+        if covered < eof_at:
+            raise TransferError(
+                f"{self.destination}:{remote}: received {covered} contiguous bytes of {eof_at}"
+            )
+        size = os.fstat(fd).st_size
+        if size > eof_at:
+            os.ftruncate(fd, eof_at)  # only ever shrinks: the file shrank while read
+        elif size < eof_at:
+            raise TransferError(f"{local}: {size} bytes on disk, expected {eof_at}")
+        return eof_at
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: str) -> None:
+    """``os.pwrite`` all of ``data`` (a short count is retried for the rest); an error (ENOSPC
+    ...) is raised as ``OSError`` naming ``path``, the destination."""
+    while data:
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        data = data[n:]
+        offset += n
+
+
+def _temp_name(path: str) -> str:
+    """``<dir>/.<name>.sshwrap-<random>.part`` next to ``path`` (local and remote paths are
+    both POSIX paths); the name part is cut to stay within NAME_MAX."""
+    head, name = posixpath.split(path)
+    short = os.fsdecode(os.fsencode(name)[:200])
+    return posixpath.join(head, f".{short}.sshwrap-{secrets.token_hex(6)}.part")
+
+
+def _local_temp(path: str) -> tuple[int, str]:
+    """A new private (0600) file next to ``path``: (fd, its path)."""
+    for _ in range(10):
+        tmp = _temp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, path) from None
+        return fd, tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
 
 
 # -- planning and the public functions --------------------------------------------------------

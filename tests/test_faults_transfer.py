@@ -1,0 +1,423 @@
+"""Transfers under faults (issue 9 items 1, 2, 8): full disks, a killed master or sshd, Ctrl-C,
+a raising progress callback.  Nothing may be reported as success with data lost, nothing partial
+may appear under the destination's name, an old copy there survives any failure, and
+KeyboardInterrupt / the callback's own exception propagate as themselves.
+
+The sshd is local: the "remote" filesystem is this machine's, so the tests look at remote files
+directly (as root) instead of asking over a connection that the test may have just killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import stat
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from faults import InProcessLeaks, describe, freeze, leftovers, start_child, thaw, tmpfs
+from faults import small_disk as small_disk  # a fixture
+
+from sshwrap import aio
+from sshwrap.connection import Connection, connect
+from sshwrap.errors import SSHConnectionError
+from sshwrap.testing import LocalSSHD
+from sshwrap.transfer import TransferError
+
+MB = 1_000_000
+OLD = b"the old, good copy\n" * 100
+
+
+@pytest.fixture
+def conn(local_sshd: LocalSSHD) -> Iterator[Connection]:
+    """A Connection of its own (tests here kill masters)."""
+    with connect(local_sshd.host, config=local_sshd.config) as c:
+        yield c
+
+
+@pytest.fixture
+def remote_dir(local_sshd: LocalSSHD) -> Iterator[Path]:
+    """A directory the remote user owns (on this machine), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="sshwrap-remote-"))
+    os.chmod(d, 0o755)
+    os.chown(d, *_uid_gid(local_sshd.user))
+    yield d
+    subprocess.run(["rm", "-rf", "--", str(d)], check=False, timeout=60)
+
+
+def _uid_gid(user: str) -> tuple[int, int]:
+    import pwd
+
+    e = pwd.getpwnam(user)
+    return e.pw_uid, e.pw_gid
+
+
+def _remote_file(local_sshd: LocalSSHD, path: Path, size: int) -> None:
+    """A file of ``size`` random bytes owned by the remote user."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    os.chown(path, *_uid_gid(local_sshd.user))
+    os.chmod(path, 0o644)
+
+
+def _old_copy(path: Path, owner: tuple[int, int] | None = None) -> None:
+    path.write_bytes(OLD)
+    os.chmod(path, 0o640)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+def _assert_old_copy(path: Path) -> None:
+    assert path.read_bytes() == OLD
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def _temps(d: Path) -> list[str]:
+    return [n for n in os.listdir(d) if ".sshwrap-" in n]
+
+
+# -- item 1: full disks -------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [1_100_000, 3 * MB])
+@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+def test_get_into_a_full_disk_raises_enospc(
+    conn: Connection,
+    local_sshd: LocalSSHD,
+    remote_dir: Path,
+    small_disk: Path,
+    size: int,
+    old: bool,
+) -> None:
+    src = remote_dir / "big.bin"
+    _remote_file(local_sshd, src, size)
+    dst = small_disk / "big.bin"
+    if old:
+        _old_copy(dst)
+    conn.ssh_args()  # (the master is up before the snapshot)
+    with InProcessLeaks() as leaks:
+        with pytest.raises(OSError) as info:
+            conn.get(str(src), dst)
+        leaks.assert_clean(2)  # the session is closed and its ssh reaped
+    err = info.value
+    assert err.errno == errno.ENOSPC, repr(err)
+    assert "No space left on device" in str(err) and str(dst) in str(err)
+    if old:
+        _assert_old_copy(dst)
+    else:
+        assert not dst.exists()
+    assert _temps(small_disk) == []
+
+
+def test_put_to_a_full_remote_disk_raises_with_the_sftp_status(
+    conn: Connection, local_sshd: LocalSSHD, tmp_path: Path
+) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(3 * MB))
+    with tmpfs("1m", mode=0o777) as disk:
+        final = disk / "big.bin"
+        _old_copy(final, _uid_gid(local_sshd.user))
+        with pytest.raises(TransferError) as info:
+            conn.put(src, str(final))
+        msg = str(info.value)
+        assert "SSH_FX_FAILURE" in msg and "No space left on device" in msg, msg
+        assert str(final) in msg
+        _assert_old_copy(final)
+        assert _temps(disk) == []  # the connection lives: the temporary file was removed
+        final.unlink()
+        with pytest.raises(TransferError):
+            conn.put(src, str(final))
+        assert os.listdir(disk) == []
+
+
+# -- item 2: the master or sshd killed mid-transfer -----------------------------------------------
+def _victim(kind: str, conn: Connection, local_sshd: LocalSSHD, before: set[int]) -> int:
+    """The pid to SIGKILL: the master, the server's sftp process (the one that is new since
+    ``before``), or the server's process of the whole connection (that one's parent)."""
+    if kind == "master":
+        return conn.master_pid
+    sftp = [
+        p for p in local_sshd.session_pids() if p not in before and b"internal-sftp" in _cmdline(p)
+    ]
+    assert len(sftp) == 1, f"not one new internal-sftp process: {describe(sftp)}"
+    pid = sftp[0]
+    if kind == "sftp-server":
+        return pid
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _killer(pid_of: Callable[[], int]) -> Callable[[int, int], None]:
+    """A progress callback that SIGKILLs ``pid_of()`` once bytes are moving."""
+    done = False
+
+    def progress(n: int, total: int) -> None:
+        nonlocal done
+        if n and not done:
+            done = True
+            os.kill(pid_of(), signal.SIGKILL)
+
+    return progress
+
+
+VICTIMS = ["master", "sftp-server", "sshd-connection"]
+
+
+@pytest.mark.parametrize("victim", VICTIMS)
+@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+def test_get_when_the_connection_dies(
+    conn: Connection,
+    local_sshd: LocalSSHD,
+    remote_dir: Path,
+    tmp_path: Path,
+    victim: str,
+    old: bool,
+) -> None:
+    src = remote_dir / "big.bin"
+    _remote_file(local_sshd, src, 50 * MB)
+    dst = tmp_path / "out" / "big.bin"
+    dst.parent.mkdir()
+    if old:
+        _old_copy(dst)
+    conn.ssh_args()  # (the master is up)
+    before = set(local_sshd.session_pids())
+    kill = _killer(lambda: _victim(victim, conn, local_sshd, before))
+    with pytest.raises((SSHConnectionError, TransferError)) as info:
+        conn.get(str(src), dst, progress=kill)
+    if victim == "master":
+        assert type(info.value) is SSHConnectionError, repr(info.value)
+    assert "said nothing" not in str(info.value) or "connection ended" in str(info.value)
+    if old:
+        _assert_old_copy(dst)
+    else:
+        assert not dst.exists()
+    assert os.listdir(dst.parent) == ([dst.name] if old else [])
+
+
+@pytest.mark.parametrize("victim", VICTIMS)
+@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+def test_put_when_the_connection_dies(
+    conn: Connection,
+    local_sshd: LocalSSHD,
+    remote_dir: Path,
+    tmp_path: Path,
+    victim: str,
+    old: bool,
+) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(50 * MB))
+    final = remote_dir / "big.bin"
+    if old:
+        _old_copy(final, _uid_gid(local_sshd.user))
+    conn.ssh_args()  # (the master is up)
+    before = set(local_sshd.session_pids())
+    kill = _killer(lambda: _victim(victim, conn, local_sshd, before))
+    with pytest.raises((SSHConnectionError, TransferError)) as info:
+        conn.put(src, str(final), progress=kill)
+    if victim == "master":
+        assert type(info.value) is SSHConnectionError, repr(info.value)
+    if old:
+        _assert_old_copy(final)
+    else:
+        assert not final.exists()
+    # (the remote temporary file may remain: the link that would remove it is dead)
+    assert [n for n in os.listdir(remote_dir) if ".sshwrap-" not in n] == (
+        [final.name] if old else []
+    )
+
+
+# -- item 8: Ctrl-C and the progress callback -----------------------------------------------------
+class Boom(Exception):
+    pass
+
+
+def _raiser(exc: BaseException) -> Callable[[int, int], None]:
+    def progress(n: int, total: int) -> None:
+        if n:
+            raise exc
+
+    return progress
+
+
+@pytest.mark.parametrize("exc", [Boom("from the callback"), KeyboardInterrupt()])
+@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+def test_callback_exception_propagates_as_itself(
+    conn: Connection,
+    local_sshd: LocalSSHD,
+    remote_dir: Path,
+    tmp_path: Path,
+    exc: BaseException,
+    old: bool,
+) -> None:
+    src = remote_dir / "big.bin"
+    _remote_file(local_sshd, src, 20 * MB)
+    dst = tmp_path / "out" / "big.bin"
+    dst.parent.mkdir()
+    if old:
+        _old_copy(dst)
+    conn.ssh_args()  # (the master is up before the snapshot)
+    with InProcessLeaks() as leaks:
+        with pytest.raises(type(exc)) as info:
+            conn.get(str(src), dst, progress=_raiser(exc))
+        assert info.value is exc
+        leaks.assert_clean(2)
+    if old:
+        _assert_old_copy(dst)
+    else:
+        assert not dst.exists()
+    assert os.listdir(dst.parent) == ([dst.name] if old else [])
+
+    # and the other way
+    local = tmp_path / "up.bin"
+    local.write_bytes(os.urandom(20 * MB))
+    final = remote_dir / "up.bin"
+    if old:
+        _old_copy(final, _uid_gid(local_sshd.user))
+    with InProcessLeaks() as leaks:
+        with pytest.raises(type(exc)) as info:
+            conn.put(local, str(final), progress=_raiser(exc))
+        assert info.value is exc
+        leaks.assert_clean(2)
+    if old:
+        _assert_old_copy(final)
+    else:
+        assert not final.exists()
+    assert _temps(remote_dir) == []  # the link lives: the temporary file was removed
+
+
+CTRL_C_CHILD = """
+import os, sys, time
+from sshwrap.connection import connect
+host, config, op, src, dst = sys.argv[1:]
+with connect(host, config=config) as c:
+    said = False
+    def progress(n, total):
+        global said
+        if n and not said:
+            said = True
+            print("MOVING", flush=True)
+    try:
+        if op == "get":
+            c.get(src, dst, progress=progress)
+        else:
+            c.put(src, dst, progress=progress)
+        print("COMPLETED", flush=True)
+    except KeyboardInterrupt as e:
+        print("KI", time.monotonic(), type(e).__name__, repr(e.__context__), flush=True)
+    except BaseException as e:
+        print("OTHER", repr(e), flush=True)
+    def parent(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return 0
+    kids = [p for p in os.listdir("/proc") if p.isdigit() and parent(p) == os.getpid()]
+    print("SESSIONS", [p for p in kids if p != str(c.master_pid)], flush=True)
+print("EXITED", flush=True)
+"""
+
+
+def _sparse(path: Path, size: int) -> None:
+    """A sparse file: quick to make and to read, still ``size`` bytes to send."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    os.chmod(path, 0o644)
+
+
+@pytest.mark.parametrize("op", ["get", "put"])
+@pytest.mark.parametrize("stalled", [False, True], ids=["moving", "stalled"])
+def test_ctrl_c_during_a_transfer(
+    local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path, op: str, stalled: bool
+) -> None:
+    """SIGINT once bytes move (and, stalled: once the server is frozen mid-transfer too):
+    KeyboardInterrupt within ~1 s, nothing under the destination, no process left."""
+    if op == "get":
+        src = remote_dir / "big.bin"
+        _sparse(src, 400 * MB)
+        os.chown(src, *_uid_gid(local_sshd.user))
+        dst = tmp_path / "out" / "big.bin"
+        dst.parent.mkdir()
+        _old_copy(dst)
+        final_dir = dst.parent
+    else:
+        src = tmp_path / "big.bin"
+        _sparse(src, 400 * MB)
+        dst = remote_dir / "big.bin"
+        _old_copy(dst, _uid_gid(local_sshd.user))
+        final_dir = remote_dir
+    code = CTRL_C_CHILD.replace(
+        "sys.argv[1:]", repr([local_sshd.host, local_sshd.config, op, str(src), str(dst)])
+    )
+    frozen: list[int] = []
+    with start_child(textwrap.dedent(code)) as child:
+        try:
+            child.wait_line("MOVING", 60)
+            if stalled:
+                frozen = freeze(local_sshd)
+            sent = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            child.wait_line("SESSIONS", 10)
+        finally:
+            if frozen:
+                thaw(local_sshd, frozen)
+        child.wait(60)
+        out = child.stdout
+        assert "COMPLETED" not in out, "the transfer ended before the signal: make it longer"
+        ki = [ln for ln in out.splitlines() if ln.startswith("KI ")]
+        assert ki, out + child.stderr
+        elapsed = float(ki[0].split()[1]) - sent
+        assert elapsed < 1.5, f"KeyboardInterrupt {elapsed:.2f} s after SIGINT"
+        assert "SESSIONS []" in out, out
+        assert "EXITED" in out
+        left = leftovers(child.mark)
+        assert left == [], describe(left)
+    _assert_old_copy(dst)
+    if op == "get":
+        assert os.listdir(final_dir) == [dst.name]
+
+
+# -- the async face: the same code, the same guarantees ---------------------------------------
+def test_async_get_put_same_guarantees(
+    local_sshd: LocalSSHD, remote_dir: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    src = remote_dir / "big.bin"
+    _remote_file(local_sshd, src, 3 * MB)
+    dst = small_disk / "big.bin"
+    _old_copy(dst)
+    boom = Boom("async callback")
+
+    async def main() -> None:
+        async with await aio.connect(local_sshd.host, config=local_sshd.config) as c:
+            with pytest.raises(OSError) as info:
+                await c.get(str(src), dst)
+            assert info.value.errno == errno.ENOSPC and str(dst) in str(info.value)
+            _assert_old_copy(dst)
+            out = tmp_path / "out.bin"
+            with pytest.raises(Boom) as binfo:
+                await c.get(str(src), out, progress=_raiser(boom))
+            assert binfo.value is boom and not out.exists()
+            final = remote_dir / "up.bin"
+            with pytest.raises(Boom):
+                await c.put(src, str(final), progress=_raiser(boom))
+            assert not final.exists() and _temps(remote_dir) == []
+
+    asyncio.run(main())
+    assert _temps(small_disk) == []
