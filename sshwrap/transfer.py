@@ -56,8 +56,9 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -65,13 +66,16 @@ from .argv import find_ssh
 from .errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
 
 __all__ = [
+    "Abort",
     "ProgressCallback",
     "RemoteFileNotFoundError",
     "RemotePermissionError",
     "SFTPProtocolError",
+    "TransferCancelled",
     "TransferError",
     "get",
     "put",
+    "to_thread_abortable",
 ]
 
 #: ``progress(bytes_done, bytes_total)``, called as the server acknowledges data.
@@ -120,6 +124,10 @@ class RemoteFileNotFoundError(TransferError, FileNotFoundError):
 
 class RemotePermissionError(TransferError, PermissionError):
     """The remote side refused access to a path (``errno.EACCES``)."""
+
+
+class TransferCancelled(TransferError):
+    """The transfer was stopped by :meth:`Abort.abort` (from another thread)."""
 
 
 class SFTPProtocolError(TransferError):
@@ -230,7 +238,12 @@ class SFTPSession:
     """
 
     def __init__(
-        self, destination: str, *, ssh_args: Sequence[str] = (), ssh: str | None = None
+        self,
+        destination: str,
+        *,
+        ssh_args: Sequence[str] = (),
+        ssh: str | None = None,
+        abort: Abort | None = None,
     ) -> None:
         self.destination = destination
         argv = [
@@ -285,12 +298,17 @@ class SFTPSession:
         self._deadline: float | None = None  # set while cleaning up: every wait is bounded
         self.broken = False  # the byte stream can no longer be trusted (or ssh is gone)
         self._closed = False
+        self._sock_lock = threading.Lock()  # close() against interrupt() from another thread
+        self._interrupted = False
         self.extensions: dict[str, bytes] = {}
         self.read_chunk = _DEFAULT_CHUNK
         self.write_chunk = _DEFAULT_CHUNK
         self.preserve_times = True
         self._established = False
+        self._abort = abort
         try:
+            if abort is not None:
+                abort._attach(self)
             self._init()
         except BaseException:
             self.broken = True
@@ -322,11 +340,14 @@ class SFTPSession:
         if self._closed:
             return
         self._closed = True
+        if self._abort is not None:
+            self._abort._attach(None)
         proc = self._proc
         try:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)
-            self._sock.close()
+            with self._sock_lock:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_WR)
+                self._sock.close()
             try:
                 proc.wait(timeout=_ABORT_CLOSE_WAIT if self.broken else _CLOSE_WAIT)
             except subprocess.TimeoutExpired:
@@ -334,6 +355,15 @@ class SFTPSession:
         finally:
             proc.wait()  # SIGKILLed (or exited): prompt
             self._stderr.close()
+
+    def interrupt(self) -> None:
+        """Stop the session from another thread: what it is waiting for fails at once and it
+        raises ``TransferCancelled`` (with no remote cleanup: its byte stream is cut)."""
+        with self._sock_lock:
+            self._interrupted = True
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
 
     def _ssh_failure(self, what: str) -> SSHWrapError:
         """The error for ssh ending under us: typed from ssh's messages when ssh failed.
@@ -343,6 +373,8 @@ class SFTPSession:
         an ``SSHConnectionError``, whatever else ssh said is attached.
         """
         self.broken = True
+        if self._interrupted:
+            return TransferCancelled(f"{self.destination}: transfer cancelled")
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         try:
@@ -930,6 +962,50 @@ def _local_temp(path: str) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", path)
 
 
+class Abort:
+    """Lets another thread stop a ``put``/``get`` (pass it as ``abort=``): after ``abort()``
+    the transfer raises ``TransferCancelled`` within moments, even when it is waiting for a
+    server that does not answer, with the usual guarantee (nothing partial under the final
+    name; a remote temporary file of an upload may remain, its byte stream being cut)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._session: SFTPSession | None = None
+        self.requested = False
+
+    def abort(self) -> None:
+        """Stop the transfer (now, or as soon as it starts)."""
+        with self._lock:
+            self.requested = True
+            session = self._session
+        if session is not None:
+            session.interrupt()
+
+    def _attach(self, session: SFTPSession | None) -> None:
+        with self._lock:
+            self._session = session
+            requested = self.requested
+        if requested and session is not None:
+            session.interrupt()
+
+
+async def to_thread_abortable(func: Callable[[Abort], None]) -> None:
+    """Run ``func(abort)`` (a ``put``/``get`` passing ``abort=abort``) in a worker thread;
+    cancelling the awaiting task aborts it and waits for the thread to finish (promptly), so
+    a cancelled transfer neither completes later in the background nor keeps the thread."""
+    import asyncio
+
+    abort = Abort()
+    fut: Awaitable[None] = asyncio.ensure_future(asyncio.to_thread(func, abort))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        abort.abort()
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
+
+
 # -- planning and the public functions --------------------------------------------------------
 @dataclass
 class _Item:
@@ -1004,6 +1080,7 @@ def put(
     ssh: str | None = None,
     progress: ProgressCallback | None = None,
     preserve_times: bool = True,
+    abort: Abort | None = None,
 ) -> None:
     """Copy local file or directory ``local`` to ``remote`` on ``destination``.
 
@@ -1017,11 +1094,15 @@ def put(
     ``RemoteFileNotFoundError``/``RemotePermissionError`` (subclasses of those and of
     ``TransferError``) for remote ones, ``TransferError`` for other SFTP failures, and the
     ``SSHError`` subclass ``classify_ssh_failure`` picks (``SSHConnectionError``,
-    ``AuthenticationError`` ...) when ssh itself failed.
+    ``AuthenticationError`` ...) when ssh itself failed; ``SSHConnectionError`` also when the
+    connection ends mid-transfer.  Local write errors (ENOSPC ...) are ``OSError`` naming the
+    local path.  ``KeyboardInterrupt`` and exceptions from ``progress`` propagate as
+    themselves.  ``abort`` (an :class:`Abort`) lets another thread stop the transfer
+    (``TransferCancelled``).  See the module docstring for the atomicity guarantees.
     """
     src = os.fspath(local)
     os.stat(src)  # a missing source fails before any connection is made
-    with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh) as sftp:
+    with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh, abort=abort) as sftp:
         sftp.preserve_times = preserve_times
         target = _remote_path(remote)
         st = sftp.stat(target)
@@ -1056,6 +1137,7 @@ def get(
     ssh: str | None = None,
     progress: ProgressCallback | None = None,
     preserve_times: bool = True,
+    abort: Abort | None = None,
 ) -> None:
     """Copy remote file or directory ``remote`` on ``destination`` to ``local``.
 
@@ -1063,7 +1145,7 @@ def get(
     directory, modes (and times) kept, same progress callback and exceptions.
     """
     dst = os.fspath(local)
-    with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh) as sftp:
+    with SFTPSession(destination, ssh_args=ssh_args, ssh=ssh, abort=abort) as sftp:
         sftp.preserve_times = preserve_times
         src = _remote_path(remote)
         attrs = sftp.stat(src)
