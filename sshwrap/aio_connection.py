@@ -17,16 +17,20 @@ restarting a dead one, forwards and ``Popen``-style processes run in a worker th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .argv import OptionValue, remote_command
+from .channel import ProxyCore, check_exec_size
 from .channel_process import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
-from .connection import Connection, Forward, Stream, channel_errors
+from .connection import Connection, Forward, Stream, _start_deadline, channel_errors
 from .errors import SSHError
 
 if TYPE_CHECKING:
@@ -130,6 +134,9 @@ class AsyncChannelProcess:
         self._popen.kill()
 
 
+_ABORT_WAIT = 1.0  # how long a cancelled master start may take to be killed and reaped
+
+
 class AsyncConnection:
     """An sshwrap-owned ControlMaster used from asyncio; ``sync`` is the ``Connection``."""
 
@@ -140,8 +147,29 @@ class AsyncConnection:
 
     async def __aenter__(self) -> AsyncConnection:
         if not self.sync._opened:
-            await asyncio.to_thread(self.sync.open)
+            await self._ensure(None)
         return self
+
+    async def _ensure(self, deadline: float | None) -> ProxyCore | None:
+        """``Connection._ensure`` (start or restart the master) without blocking the loop.
+
+        Bounded by ``deadline`` (``time.monotonic()``) like the sync call.  Cancelling it
+        kills the ssh that is starting the master (it is reaped by the worker thread, which
+        ends at once) and waits up to 1 s for that thread, then lets the cancel through.
+        """
+        conn = self.sync
+        core = conn._core
+        if core is not None and core.alive and conn._opened and not conn._closed:
+            return core
+        abort = threading.Event()
+        work = asyncio.ensure_future(asyncio.to_thread(conn._ensure, deadline, abort))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            conn._abort_start(abort)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(work, _ABORT_WAIT)
+            raise
 
     async def __aexit__(
         self,
@@ -188,20 +216,24 @@ class AsyncConnection:
         tty: bool = False,
         size: tuple[int, int] | None = None,
         kill_after: float = KILL_AFTER,
+        connect_timeout: float | None = None,
     ) -> Any:
-        """``Connection.run`` without blocking the loop; same arguments and results.
+        """``Connection.run`` without blocking the loop; same arguments, results and bounds
+        (``timeout`` covers restarting a dead master too, within the same margin).
 
-        Cancelling it stops the remote command.  Falls back to ``sshwrap.aio.run`` through
-        the master when the master does not speak proxy mode.
+        Cancelling it stops the remote command, or the master's restart (its ssh killed and
+        reaped) within about 1 s.  Falls back to ``sshwrap.aio.run`` through the master when
+        the master does not speak proxy mode.
         """
         from .process import CompletedProcess
 
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start_deadline = _start_deadline(deadline, connect_timeout)
         command = remote_command(args, env=env, cwd=cwd)
+        check_exec_size(command)
         conn = self.sync
         for attempt in (0, 1):
-            core = conn._core
-            if core is None or not core.alive or not conn._opened:
-                core = await asyncio.to_thread(conn._ensure)
+            core = await self._ensure(start_deadline)
             if core is None:
                 if tty:
                     raise ValueError("tty=True needs a master that speaks proxy mode")
@@ -236,6 +268,7 @@ class AsyncConnection:
                     stderr=stderr,
                     capture_output=capture_output,
                     timeout=timeout,
+                    deadline=deadline,
                     check=check,
                     text=text,
                     encoding=encoding,
@@ -259,9 +292,9 @@ class AsyncConnection:
     ) -> AsyncChannelProcess:
         """Start a command on a channel; ``PIPE`` streams are asyncio streams (binary)."""
         command = remote_command(args, env=env, cwd=cwd)
-        conn = self.sync
+        check_exec_size(command)
         for attempt in (0, 1):
-            core = await asyncio.to_thread(conn._ensure)
+            core = await self._ensure(None)
             if core is None:
                 raise SSHError(self.host, "create_process needs a master that speaks proxy mode")
             popen: ChannelPopen | None = None
@@ -362,6 +395,7 @@ async def connect(
     reconnect: bool = True,
     proxy: bool = True,
     ssh: str | None = None,
+    connect_timeout: float | None = None,
 ) -> AsyncConnection:
     """Start an sshwrap-owned master (in a worker thread); the async twin of ``connect``."""
     conn = Connection(
@@ -379,6 +413,8 @@ async def connect(
         reconnect=reconnect,
         proxy=proxy,
         ssh=ssh,
+        connect_timeout=connect_timeout,
     )
-    await asyncio.to_thread(conn.open)
-    return AsyncConnection(conn)
+    ac = AsyncConnection(conn)
+    await ac._ensure(None)
+    return ac

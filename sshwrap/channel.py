@@ -44,6 +44,8 @@ from .mux import Reader, pack_string, pack_u32
 from .threads import start_daemon
 
 __all__ = [
+    "MAX_COMMAND",
+    "PACKET_LIMIT",
     "ChannelError",
     "ChannelLost",
     "ChannelOpenTimeout",
@@ -52,6 +54,7 @@ __all__ = [
     "SessionPacer",
     "Sink",
     "Source",
+    "check_exec_size",
     "signal_name",
     "signal_number",
 ]
@@ -83,6 +86,30 @@ MAX_PACKET = 32 * 1024
 _READ_CHUNK = 256 * 1024
 _OUT_HIGH = 4 * 1024 * 1024  # stop reading stdin sources while this much waits for the socket
 _HDR = struct.Struct(">IBB")
+
+PACKET_LIMIT = 256 * 1024
+"""OpenSSH's packet size limit, in bytes (measured against OpenSSH 9.2 and in its sources).
+
+Two limits of that size meet a channel request: the master drops a proxy client whose frame
+(``uint32 length`` then that many bytes) is longer than 256 KiB (``channels.c``,
+``CHANNEL_MUX_MAX_PACKET``), which loses *every* channel on that socket; and sshd drops the
+whole connection (the master with it) for a packet whose ``packet_length`` (padding-length
+byte + payload + 4 to ``block size + 3`` bytes of padding) exceeds 256 KiB (``packet.c``,
+``PACKET_MAX_SIZE``, "Bad packet length").  The second is the tighter one.
+"""
+_PAYLOAD_MAX = PACKET_LIMIT - 1 - 4 - 15  # padding: at least 4, up to 15 more (16-byte blocks)
+_EXEC_OVERHEAD = 1 + 4 + (4 + 4) + 1 + 4  # type, channel, string "exec", want-reply, length
+MAX_COMMAND = _PAYLOAD_MAX - _EXEC_OVERHEAD
+"""The longest command (bytes, UTF-8) one ``exec`` request can carry over a master: 262,106.
+
+Measured with OpenSSH 9.2 (chacha20-poly1305, 8-byte blocks): 262,121 bytes work, 262,122
+make sshd drop the connection ("Bad packet length") and from 262,126 on the master drops the
+proxy socket.  15 bytes are kept for ciphers with 16-byte blocks (aes-gcm, aes-ctr).
+Compression (``Compression yes``) could make an incompressible command grow past it.
+A Linux server also caps any single argument, and so the ``sh -c`` command string, at
+131,072 bytes (``MAX_ARG_STRLEN``): longer commands reach it and fail there with
+"Argument list too long" (exit status 1), on that channel only.
+"""
 _U32 = struct.Struct(">I")
 
 
@@ -96,6 +123,25 @@ class ChannelOpenTimeout(ChannelError):
 
 class ChannelLost(ChannelError):
     """The connection to the master ended while the channel was open (master gone)."""
+
+
+def check_exec_size(command: str, env: dict[str, str] | None = None) -> None:
+    """``ValueError`` naming the limit when ``command`` (or an ``env`` request) would not fit
+    in one packet (see :data:`MAX_COMMAND`); checked before anything is sent, since an
+    oversized request breaks every channel of the connection."""
+    size = len(command.encode("utf-8", "surrogateescape"))
+    if size > MAX_COMMAND:
+        raise ValueError(
+            f"the command is {size} bytes; one exec request over an OpenSSH master carries at "
+            f"most {MAX_COMMAND} bytes (its {PACKET_LIMIT // 1024} KiB packet limit)"
+        )
+    for k, v in (env or {}).items():
+        n = 1 + 4 + (4 + 3) + 1 + (4 + len(k.encode())) + (4 + len(v.encode()))
+        if n > _PAYLOAD_MAX:
+            raise ValueError(
+                f"the environment variable {k!r} is too long for one env request "
+                f"({n} bytes; at most {_PAYLOAD_MAX}, OpenSSH's packet limit)"
+            )
 
 
 def signal_name(sig: int) -> str:
@@ -216,6 +262,11 @@ class Session:
         The exec reply is not awaited (it comes before any output); a refusal marks the
         session ``exec_failed`` and closes it.
         """
+        try:
+            check_exec_size(command, env)
+        except ValueError:
+            self.close()
+            raise
         core = self.core
         with core.lock:
             self._check_open()

@@ -51,14 +51,22 @@ from .errors import (
     TimeoutExpired,
 )
 
-__all__ = ["KILL_AFTER", "ChannelPopen", "run_channel", "run_channel_async"]
+__all__ = [
+    "KILL_AFTER",
+    "ChannelPopen",
+    "CommandLostError",
+    "run_channel",
+    "run_channel_async",
+]
 
 PIPE = subprocess.PIPE
 STDOUT = subprocess.STDOUT
 DEVNULL = subprocess.DEVNULL
 
-KILL_AFTER = 2.0
-"""Seconds between the TERM and the KILL a timeout sends."""
+KILL_AFTER = 0.5
+"""Seconds between the TERM and the KILL a timeout sends (default)."""
+CLOSE_AFTER = 0.4
+"""Seconds after the KILL before the channel is closed without waiting any more."""
 
 _OPEN_TIMEOUT = 60.0
 _PIPE_SIZE = 1024 * 1024
@@ -152,13 +160,48 @@ def _start(ch: Session, command: str, tty: bool, size: tuple[int, int] | None) -
     ch.exec(command, env=ch.core.session_env or None)
 
 
-def _ended_error(host: str, ch: Session) -> SSHError | None:
-    """The SSHError for a channel that ended without an exit status, else None."""
+class CommandLostError(SSHConnectionError):
+    """The connection to the master ended before the command's end was known.
+
+    Raised (or kept in ``Popen.ssh_error``) when a channel was lost before it had both its
+    exit status (or signal) and the end of its output: whatever came is not the whole story,
+    so it is never reported as a returncode.  sshd may send ``exit-status`` before the last
+    of the output (the command has exited, its output still waits for window), which is why
+    an exit status alone is not enough.  ``stdout`` (alias ``output``) and ``command_stderr``
+    hold what did arrive, as ``run`` would have returned them (bytes or str for ``PIPE``, else
+    None); ``exit_status`` the status if it came (else None).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        message: str,
+        *,
+        stdout: Any = None,
+        command_stderr: Any = None,
+        exit_status: int | None = None,
+    ) -> None:
+        super().__init__(host, message)
+        self.stdout = self.output = stdout
+        self.command_stderr = command_stderr
+        self.exit_status = exit_status
+
+
+def _ended_error(
+    host: str, ch: Session, outputs: Callable[[], tuple[Any, Any]] | None = None
+) -> SSHError | None:
+    """The SSHError for a channel that ended without its exit status and all its output
+    (``outputs()`` gives what arrived, for the exception), else None."""
+    if ch.lost and not (ch.remote_eof and ch.returncode is not None):
+        reason = ch.core.dead_reason or "the connection to the control master was lost"
+        if ch.returncode is not None:
+            reason += " before the end of the command's output"
+        else:
+            reason += " before the command's exit status arrived"
+        o, e = outputs() if outputs is not None else (None, None)
+        return CommandLostError(host, reason, stdout=o, command_stderr=e, exit_status=ch.returncode)
     if ch.returncode is not None:
         return None
-    if ch.lost:
-        reason = ch.core.dead_reason or "the connection to the control master was lost"
-        return SSHConnectionError(host, reason)
     if ch.exec_failed:
         return SSHError(host, "the server refused to run the command (exec request failed)")
     if ch.exit_signal is not None:
@@ -166,15 +209,18 @@ def _ended_error(host: str, ch: Session) -> SSHError | None:
     return SSHError(host, "the remote command ended without an exit status")
 
 
-def _stop(ch: Session, kill_after: float, deadline_extra: float = 5.0) -> None:
-    """TERM, then KILL, then close: the remote command is gone afterwards."""
+def _stop(ch: Session, kill_after: float) -> None:
+    """TERM, then KILL after ``kill_after`` s, then close the channel after ``CLOSE_AFTER``.
+
+    Bounded: it returns within ``kill_after + CLOSE_AFTER`` seconds whatever the host does (a
+    frozen host or session never answers; the channel is closed on our side and the pump
+    forgets it when the peer's CLOSE comes, or the connection ends)."""
     ch.send_signal(signal.SIGTERM)
     if ch.closed.wait(kill_after):
         return
     ch.send_signal(signal.SIGKILL)
-    if not ch.closed.wait(deadline_extra):
+    if not ch.closed.wait(CLOSE_AFTER):
         ch.close()
-        ch.closed.wait(deadline_extra)
 
 
 class _RunPlan:
@@ -236,7 +282,7 @@ class _RunPlan:
         return TimeoutExpired(cast(Any, self.args), timeout, o, e, host=self.host)
 
     def result(self, ch: Session, check: bool, make_result: Callable[..., Any]) -> Any:
-        failure = _ended_error(self.host, ch)
+        failure = _ended_error(self.host, ch, self.outputs)
         if failure is not None:
             raise failure
         rc = ch.returncode
@@ -259,6 +305,7 @@ def run_channel(
     stderr: Stream = None,
     capture_output: bool = False,
     timeout: float | None = None,
+    deadline: float | None = None,
     check: bool = False,
     text: bool | None = None,
     encoding: str | None = None,
@@ -268,8 +315,12 @@ def run_channel(
     size: tuple[int, int] | None = None,
     make_result: Callable[..., Any] = subprocess.CompletedProcess,
 ) -> Any:
-    """Run ``command`` on a new session channel and wait for it; see the module docstring."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """Run ``command`` on a new session channel and wait for it; see the module docstring.
+
+    ``deadline`` (``time.monotonic()``; default: ``timeout`` from now) is when the timeout
+    runs out, when the caller already spent part of it (restarting the master)."""
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
     plan = _RunPlan(
         host,
         args,
@@ -283,7 +334,8 @@ def run_channel(
         errors=errors,
     )
     try:
-        ch = core.open_session(_OPEN_TIMEOUT if timeout is None else timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ch = core.open_session(_OPEN_TIMEOUT if left is None else left)
     except ChannelOpenTimeout:
         plan.release()
         if timeout is None:
@@ -321,6 +373,7 @@ async def run_channel_async(
     stderr: Stream = None,
     capture_output: bool = False,
     timeout: float | None = None,
+    deadline: float | None = None,
     check: bool = False,
     text: bool | None = None,
     encoding: str | None = None,
@@ -332,9 +385,14 @@ async def run_channel_async(
 ) -> Any:
     """``run_channel`` for asyncio: no thread waits; the pump wakes the loop.
 
-    Cancelling it stops the remote command (TERM, then the channel is closed).
+    Cancelling it stops the remote command (TERM, then the channel is closed).  ``deadline``
+    is in ``time.monotonic()`` terms, as for ``run_channel``.
     """
     loop = asyncio.get_running_loop()
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
+    # the same instant on the loop's clock
+    loop_deadline = None if deadline is None else loop.time() + (deadline - time.monotonic())
     event = asyncio.Event()
 
     def notify() -> None:
@@ -348,7 +406,6 @@ async def run_channel_async(
                 return
             await event.wait()
 
-    deadline = None if timeout is None else loop.time() + timeout
     plan = _RunPlan(
         host,
         args,
@@ -361,7 +418,7 @@ async def run_channel_async(
         encoding=encoding,
         errors=errors,
     )
-    open_deadline = loop.time() + (_OPEN_TIMEOUT if timeout is None else timeout)
+    open_deadline = (loop.time() + _OPEN_TIMEOUT) if loop_deadline is None else loop_deadline
     pacer = SessionPacer(core)
     ch: Session | None = None
     try:
@@ -401,7 +458,7 @@ async def run_channel_async(
     try:
         ch.setup_io(plan.src, plan.out, plan.err)
         _start(ch, command, tty, size)
-        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        remaining = None if loop_deadline is None else max(0.0, loop_deadline - loop.time())
         try:
             await asyncio.wait_for(until(ch.closed.is_set), remaining)
         except TimeoutError:
@@ -520,7 +577,7 @@ class ChannelPopen:
             ch = self._ch
             self.ssh_error = _ended_error(self.host, ch)
             rc = ch.returncode
-            self.returncode = 255 if rc is None else rc
+            self.returncode = 255 if rc is None or self.ssh_error is not None else rc
         return self.returncode
 
     def poll(self) -> int | None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import os
 import shutil
 import signal
@@ -63,7 +64,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from .argv import OptionValue, find_ssh, remote_command, ssh_settings_args
-from .channel import ChannelError, ChannelLost, ProxyCore
+from .channel import ChannelError, ChannelLost, ProxyCore, check_exec_size
 from .channel_process import KILL_AFTER, ChannelPopen, run_channel
 from .errors import SSHConnectionError, SSHError, classify_ssh_failure
 from .mux import (
@@ -87,7 +88,8 @@ __all__ = ["SUN_PATH_MAX", "Connection", "Forward", "ForwardError", "connect"]
 SUN_PATH_MAX = 104
 """Longest unix socket path sshwrap accepts (macOS's ``sun_path``; Linux allows 108)."""
 _BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
-_STOP_WAIT = 5.0
+_STOP_WAIT = 2.0  # -O exit, then SIGKILL: bounded, also in the finalizer at interpreter exit
+_MUX_TIMEOUT = 5.0  # longest wait for the (local) master's answer on its socket
 
 Stream = int | IO[Any] | None
 
@@ -132,9 +134,31 @@ def _socket_dir() -> str:
     raise OSError("no temporary directory short enough for a control socket (sun_path)")
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def _bounded(limit: float, deadline: float | None) -> float:
+    """``limit`` seconds, cut to what is left before ``deadline`` (at least a little)."""
+    left = _remaining(deadline)
+    return limit if left is None else max(0.01, min(limit, left))
+
+
+def _start_deadline(deadline: float | None, connect_timeout: float | None) -> float | None:
+    """When a (re)start of the master must be done: the call's deadline, or sooner with
+    ``connect_timeout``."""
+    if connect_timeout is None:
+        return deadline
+    t = time.monotonic() + connect_timeout
+    return t if deadline is None else min(t, deadline)
+
+
 def _stop_master(control_path: str, pid: int, directory: str | None) -> None:
-    """``-O exit``, wait for the master's pid to go (SIGKILL after a while), remove its dir."""
-    with contextlib.suppress(MuxError), MuxControl(control_path, timeout=5) as m:
+    """``-O exit``, wait for the master's pid to go (SIGKILL after 2 s), remove its dir.
+
+    Bounded (about 4 s at most: a master that does not answer on its socket within 2 s is
+    killed), so it may run from a finalizer at interpreter exit."""
+    with contextlib.suppress(MuxError), MuxControl(control_path, timeout=_STOP_WAIT) as m:
         m.terminate()
     if pid:
         deadline = time.monotonic() + _STOP_WAIT
@@ -228,9 +252,19 @@ class Connection:
     ``sshwrap.run``: ``config`` (``-F``), ``user``, ``port``, ``identity``, ``jump``,
     ``options`` (each ``-o Key=Value``), ``ssh`` (the client binary); ``password``,
     ``passphrase`` and ``on_prompt`` answer ssh's prompts (``sshwrap.prompts``);
-    ``start_timeout`` bounds the master's start (connection and authentication);
-    ``reconnect`` restarts a master that died; ``proxy=False`` runs commands as ``ssh -S``
-    subprocesses instead of mux proxy channels.
+    ``start_timeout`` bounds the master's start (connection and authentication: the ssh
+    that starts it is killed and reaped when it runs out, ``SSHConnectionError``);
+    ``connect_timeout`` is the same bound under run_many's name (the smaller of the two
+    applies); the bound, rounded up to whole seconds, is also given to ssh as
+    ``ConnectTimeout`` unless ``options`` set one.  ``reconnect`` restarts a master that died;
+    ``proxy=False`` runs commands as ``ssh -S`` subprocesses instead of mux proxy channels.
+
+    **Bounds.**  A command's ``timeout`` covers the whole call, including restarting a dead
+    master: the restart gets what is left of the timeout (ssh's ``ConnectTimeout`` derived
+    from it, the ssh killed and reaped when it runs out) and a master that is not back in
+    time raises ``SSHConnectionError`` (the command never started; a call waiting for another
+    thread's restart likewise).  Ctrl-C and asyncio cancellation stop a restart at once (the
+    starting ssh is killed and reaped).  The margin is documented on ``run``.
     """
 
     def __init__(
@@ -250,6 +284,7 @@ class Connection:
         reconnect: bool = True,
         proxy: bool = True,
         ssh: str | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         if not destination or destination.startswith("-"):
             raise ValueError(f"invalid destination: {destination!r}")
@@ -264,7 +299,14 @@ class Connection:
         self._password = password
         self._passphrase = passphrase
         self._on_prompt = on_prompt
+        if connect_timeout is not None:
+            start_timeout = (
+                connect_timeout if start_timeout is None else min(start_timeout, connect_timeout)
+            )
         self.start_timeout = start_timeout
+        self._user_connect_timeout = any(k.lower() == "connecttimeout" for k in (options or {}))
+        # The ssh starting a master now, and the abort flag of the call that started it.
+        self._starting: tuple[subprocess.Popen[bytes], threading.Event | None] | None = None
         self.reconnect = reconnect
         self._want_proxy = proxy
         self._ssh = ssh
@@ -284,12 +326,15 @@ class Connection:
     def open(self) -> Connection:
         """Start the master (if not started yet); returns self."""
         with self._lock:
-            if self._closed:
-                raise ValueError("the Connection is closed")
-            if not self._opened:
-                self._start_master()
-                self._opened = True
+            self._open_locked(None, None)
         return self
+
+    def _open_locked(self, deadline: float | None, abort: threading.Event | None) -> None:
+        if self._closed:
+            raise ValueError("the Connection is closed")
+        if not self._opened:
+            self._start_master(deadline, abort)
+            self._opened = True
 
     def __enter__(self) -> Connection:
         return self.open()
@@ -307,7 +352,44 @@ class Connection:
         """The master's own log (ssh ``-E``)."""
         return os.path.join(self._dir, "log") if self._dir else ""
 
-    def _start_master(self) -> None:
+    def _start_limit(self, deadline: float | None) -> float | None:
+        """Seconds the master's start may take: ``start_timeout`` cut to the caller's bound."""
+        left = _remaining(deadline)
+        if left is None:
+            return self.start_timeout
+        left = max(0.0, left)
+        return left if self.start_timeout is None else min(self.start_timeout, left)
+
+    def _late(self, limit: float | None) -> SSHConnectionError:
+        return SSHConnectionError(
+            self.host,
+            f"the control master did not connect within {limit:g} s"
+            if limit is not None
+            else "the control master did not connect",
+            self._read_log(),
+        )
+
+    def _abort_start(self, abort: threading.Event) -> None:
+        """Cancel the call that owns ``abort``: kill the ssh starting a master for it."""
+        abort.set()
+        starting = self._starting
+        if starting is not None and starting[1] is abort:
+            with contextlib.suppress(OSError):
+                starting[0].kill()
+
+    def _kill_forked_master(self) -> None:
+        """After killing a starting ssh: a master it had already forked is stopped too."""
+        with contextlib.suppress(MuxError, OSError):
+            with MuxControl(self.control_path, timeout=0.5) as m:
+                pid = m.alive_check()
+            os.kill(pid, signal.SIGKILL)
+
+    def _start_master(
+        self, deadline: float | None = None, abort: threading.Event | None = None
+    ) -> None:
+        limit = self._start_limit(deadline)
+        if limit is not None and limit <= 0:
+            raise self._late(0.0)
         if self._dir is None or not os.path.isdir(self._dir):
             self._dir = _socket_dir()
         d = self._dir
@@ -339,6 +421,11 @@ class Connection:
             log,
             *prompt_opts,
             *self._settings_args,
+            *(
+                ["-o", f"ConnectTimeout={max(1, math.ceil(limit))}"]
+                if limit is not None and not self._user_connect_timeout
+                else []
+            ),
             "--",
             self.destination,
         ]
@@ -352,20 +439,26 @@ class Connection:
                     stderr=errf,
                     env=env,
                 )
+            self._starting = (proc, abort)
             try:
-                rc = proc.wait(self.start_timeout)
+                if abort is not None and abort.is_set():
+                    proc.kill()
+                rc = proc.wait(limit)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-                raise SSHConnectionError(
-                    self.host,
-                    f"the master did not connect within {self.start_timeout} s",
-                    self._read_log(),
-                ) from None
+                self._kill_forked_master()
+                raise self._late(limit) from None
             except BaseException:
                 proc.kill()
                 proc.wait()
+                self._kill_forked_master()
                 raise
+            finally:
+                self._starting = None
+            if rc != 0 and abort is not None and abort.is_set():
+                self._kill_forked_master()
+                raise SSHConnectionError(self.host, "cancelled while starting the master")
             if rc != 0:
                 text = self._read_log()
                 if prompts is not None:
@@ -379,7 +472,7 @@ class Connection:
             if prompts is not None:
                 prompts.close()
         try:
-            with MuxControl(self.control_path) as m:
+            with MuxControl(self.control_path, timeout=_bounded(_MUX_TIMEOUT, deadline)) as m:
                 self.master_pid = m.alive_check()
             # A Connection dropped without close() (or still open at exit) stops its master:
             # a ControlPersist master would otherwise outlive the program.
@@ -395,21 +488,23 @@ class Connection:
         self._core = None
         self._proxy = False
         if self._want_proxy:
-            self._open_proxy()
+            self._open_proxy(deadline)
 
-    def _open_proxy(self) -> None:
+    def _open_proxy(self, deadline: float | None = None) -> None:
         try:
-            with MuxControl(self.control_path) as m:
+            with MuxControl(self.control_path, timeout=_bounded(_MUX_TIMEOUT, deadline)) as m:
                 sock = m.enter_proxy()
         except MuxUnsupported:
             self._proxy = False
             self._core = None
             return
+        except MuxError as e:
+            raise SSHConnectionError(self.host, str(e), self._read_log()) from None
         self._core = ProxyCore(sock)
-        self._core.session_env = self._config_env()
+        self._core.session_env = self._config_env(deadline)
         self._proxy = True
 
-    def _config_env(self) -> dict[str, str]:
+    def _config_env(self, deadline: float | None = None) -> dict[str, str]:
         """What ssh itself would send as ``env`` for a session: ``SendEnv`` matches from our
         environment, then ``SetEnv`` values, as ``ssh -G`` resolves them from the config."""
         try:
@@ -417,7 +512,7 @@ class Connection:
                 [self._ssh or find_ssh(), "-G", *self._settings_args, "--", self.destination],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
-                timeout=30,
+                timeout=_bounded(30.0, deadline),
             )
         except (OSError, subprocess.SubprocessError):
             return {}
@@ -472,12 +567,15 @@ class Connection:
 
     @property
     def alive(self) -> bool:
-        """True if the master answers an alive check now (``ssh -O check``)."""
+        """True if the master answers an alive check now (``ssh -O check``, 5 s at most)."""
         with self._lock:
             if not self._opened or self._closed:
                 return False
+        return self._answers(None)
+
+    def _answers(self, deadline: float | None) -> bool:
         try:
-            with MuxControl(self.control_path, timeout=5) as m:
+            with MuxControl(self.control_path, timeout=_bounded(_MUX_TIMEOUT, deadline)) as m:
                 m.alive_check()
         except MuxError:
             return False
@@ -489,45 +587,76 @@ class Connection:
         self._ensure()
         return self._proxy
 
-    def _ensure(self) -> ProxyCore | None:
-        """The proxy core to use (None: the ``ssh -S`` fallback); restarts a dead master."""
-        with self._lock:
-            if self._closed:
-                raise ValueError("the Connection is closed")
-            if not self._opened:
-                self.open()
-            core = self._core
-            if core is not None and core.alive:
-                return core
-            if not self._proxy and self.alive:
-                return None
-            if core is not None and self.alive:
-                self._open_proxy()  # the master lives: only our socket ended
-                return self._core
-            if not self.reconnect:
+    def _acquire(self, deadline: float | None, abort: threading.Event | None) -> None:
+        """Take the lock, giving up when ``deadline`` passes (``SSHConnectionError``: another
+        call is (re)starting the master and it is not up in time) or ``abort`` is set."""
+        while True:
+            left = _remaining(deadline)
+            if left is not None and left <= 0:
                 raise SSHConnectionError(
-                    self.host,
-                    "the control master is gone (reconnect=False)",
-                    self._read_log(),
+                    self.host, "the control master was not (re)started within the timeout"
                 )
-            if core is not None:
-                core.close()
-            self._core = None
-            old = self.master_pid
-            if old and _pid_alive(old):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(old, signal.SIGTERM)
-            self.restarts += 1
-            self._start_master()
-            self._restore_forwards()
-            return self._core
+            if abort is not None:
+                step = 0.05 if left is None else min(0.05, left)  # polls the abort flag
+            else:
+                step = -1 if left is None else left
+            if self._lock.acquire(timeout=step):
+                return
+            if abort is not None and abort.is_set():
+                raise SSHConnectionError(self.host, "cancelled while waiting for the master")
 
-    def _restore_forwards(self) -> None:
+    def _ensure(
+        self, deadline: float | None = None, abort: threading.Event | None = None
+    ) -> ProxyCore | None:
+        """The proxy core to use (None: the ``ssh -S`` fallback); restarts a dead master.
+
+        ``deadline`` (``time.monotonic()``) bounds everything, the restart included;
+        ``abort`` (set by ``_abort_start``) stops it early."""
+        self._acquire(deadline, abort)
+        try:
+            return self._ensure_locked(deadline, abort)
+        finally:
+            self._lock.release()
+
+    def _ensure_locked(
+        self, deadline: float | None, abort: threading.Event | None
+    ) -> ProxyCore | None:
+        if self._closed:
+            raise ValueError("the Connection is closed")
+        if not self._opened:
+            self._open_locked(deadline, abort)
+        core = self._core
+        if core is not None and core.alive:
+            return core
+        if not self._proxy and self._answers(deadline):
+            return None
+        if core is not None and self._answers(deadline):
+            self._open_proxy(deadline)  # the master lives: only our socket ended
+            return self._core
+        if not self.reconnect:
+            raise SSHConnectionError(
+                self.host,
+                "the control master is gone (reconnect=False)",
+                self._read_log(),
+            )
+        if core is not None:
+            core.close()
+        self._core = None
+        old = self.master_pid
+        if old and _pid_alive(old):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old, signal.SIGTERM)
+        self.restarts += 1
+        self._start_master(deadline, abort)
+        self._restore_forwards(deadline)
+        return self._core
+
+    def _restore_forwards(self, deadline: float | None = None) -> None:
         """Ask the new master for the forwards the old one had (lock held)."""
         kept: list[Forward] = []
         for fwd in self._forwards:
             try:
-                with MuxControl(self.control_path) as m:
+                with MuxControl(self.control_path, timeout=_bounded(10.0, deadline)) as m:
                     got = m.open_forward(*fwd._spec)
             except MuxError:
                 fwd._conn = None  # its port is taken now, or the server refuses: gone
@@ -573,20 +702,34 @@ class Connection:
         tty: bool = False,
         size: tuple[int, int] | None = None,
         kill_after: float = KILL_AFTER,
+        connect_timeout: float | None = None,
     ) -> Any:
         """Run a command over the master and wait for it, like ``sshwrap.run``.
 
         Returns a ``CompletedProcess`` (with ``host``).  ``returncode`` is the remote exit
         status, or ``-signum`` if a signal killed the command.  A timeout sends TERM, then
-        KILL after ``kill_after`` seconds, and raises ``TimeoutExpired`` with the output so far.
+        KILL after ``kill_after`` seconds, then closes the channel, and raises
+        ``TimeoutExpired`` with the output so far.  ``timeout`` bounds the whole call: a
+        dead master's restart comes out of it (``SSHConnectionError`` when the master is not
+        back in time), and so does the stop; the call returns within ``timeout + kill_after +
+        0.5`` seconds (1 s past the timeout with the default ``kill_after``), even when the
+        host or the session is frozen (the remote command may then outlive the call).
+        A connection lost before the command's exit status and the end of its output
+        arrived raises ``CommandLostError`` (an ``SSHConnectionError``; ``stdout`` and
+        ``command_stderr`` hold what came), never a returncode.  A command longer than
+        ``sshwrap.channel.MAX_COMMAND`` bytes raises ``ValueError`` before anything is sent.
+        ``connect_timeout`` bounds restarting a dead master (as ``run_many``'s does).
         stdin defaults to DEVNULL, as in ``sshwrap.run``.  ``tty=True`` asks for a remote
         terminal of ``size=(rows, cols)``: output merged on stdout, CR LF line ends.
         """
         from .process import CompletedProcess
 
+        deadline = None if timeout is None else time.monotonic() + timeout
+        start_deadline = _start_deadline(deadline, connect_timeout)
         command = remote_command(args, env=env, cwd=cwd)
+        check_exec_size(command)
         for attempt in (0, 1):
-            core = self._ensure()
+            core = self._ensure(start_deadline)
             if core is None:
                 from .process import run as process_run
 
@@ -621,6 +764,7 @@ class Connection:
                     stderr=stderr,
                     capture_output=capture_output,
                     timeout=timeout,
+                    deadline=deadline,
                     check=check,
                     text=text,
                     encoding=encoding,
@@ -656,6 +800,7 @@ class Connection:
         fallback an ``sshwrap.Popen`` running ``ssh`` through the master.
         """
         command = remote_command(args, env=env, cwd=cwd)
+        check_exec_size(command)
         for attempt in (0, 1):
             core = self._ensure()
             if core is None:
@@ -848,6 +993,8 @@ class Connection:
         master; ``command`` None starts a login shell.  See ``sshwrap.spawn.Spawned``."""
         from .spawn import Spawned
 
+        if command is not None:
+            check_exec_size(remote_command(command))
         return Spawned(
             command,
             destination=self.destination,
@@ -858,6 +1005,7 @@ class Connection:
             timeout=timeout,
             encoding=encoding,
             errors=errors,
+            control_path=self.control_path,
         )
 
     def interact(
@@ -911,6 +1059,7 @@ def connect(
     reconnect: bool = True,
     proxy: bool = True,
     ssh: str | None = None,
+    connect_timeout: float | None = None,
 ) -> Connection:
     """Start an OpenSSH master to ``destination`` owned by sshwrap; return the ``Connection``.
 
@@ -933,4 +1082,5 @@ def connect(
         reconnect=reconnect,
         proxy=proxy,
         ssh=ssh,
+        connect_timeout=connect_timeout,
     ).open()

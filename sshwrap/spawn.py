@@ -18,6 +18,14 @@ neither ssh nor an OpenSSH mux passenger is told which signal), ssh's own failur
 ``ssh_error`` (an ``SSHError``; ``returncode`` is then 255), and ssh's closing
 ``Connection to HOST closed.`` line is dropped from the end of the output.
 
+Over a master, a session that ends without an exit status is either a signal death or a lost
+connection (the master killed, or the server's end of its connection gone): a passenger is told
+neither.  Given the master's ``control_path`` (``Connection.spawn`` passes it), ``Spawned``
+asks the master whether it still answers (an alive check, 1 s at most): if it does, the program
+was killed by a signal (``-128``); if not, the connection was lost and ``wait()`` /
+``expect_eof()`` raise ``SSHConnectionError`` (also kept in ``ssh_error``; ``returncode`` 255),
+so a dropped connection never looks like a killed program.
+
 Timeouts and end of file raise :class:`ExpectTimeout` / :class:`ExpectEOF` (sshwrap errors, and
 also ``TimeoutError`` / ``EOFError``); ``before`` then holds what arrived.
 """
@@ -39,7 +47,14 @@ from types import TracebackType
 from ptyprocess import PtyProcess
 
 from .argv import SSHLog, find_ssh, remote_command
-from .errors import UNKNOWN_SIGNAL, SSHError, SSHWrapError, interpret_exit
+from .errors import (
+    UNKNOWN_SIGNAL,
+    SSHConnectionError,
+    SSHError,
+    SSHWrapError,
+    interpret_exit,
+)
+from .mux import MuxControl, MuxError
 from .relay import RelayResult, relay
 from .terminal import get_size, raw_mode
 
@@ -51,6 +66,7 @@ _READ = 65536
 _QUIT = re.compile(r"(?:Shared c|C)onnection to [^\r\n]{1,300} closed\.\r*\n\Z")
 _MUX_SESSION = "mux_client_request_session: master session id"
 _MUX_STATUS = "Received exit status from master"
+_ALIVE_CHECK = 1.0  # seconds the master gets to answer after a session without exit status
 
 
 class ExpectError(SSHWrapError):
@@ -82,6 +98,8 @@ class Spawned:
       matching.
     - ``timeout``: default for ``expect`` (seconds, None waits forever).
     - ``dimensions``: the pty's ``(rows, cols)`` from the start.
+    - ``control_path``: the master's socket when ``ssh_args`` use one, so that a lost
+      connection is told from a signal death (see the module docstring).
 
     A context manager: leaving it closes the program (SIGHUP, then SIGKILL) if still running.
     """
@@ -99,8 +117,11 @@ class Spawned:
         encoding: str = "utf-8",
         errors: str = "replace",
         env: Mapping[str, str] | None = None,
+        control_path: str | None = None,
     ) -> None:
         self.destination = destination
+        self.control_path = control_path
+        self._lost = False
         self.timeout = timeout
         self.tty = tty
         self.encoding = encoding
@@ -278,7 +299,7 @@ class Spawned:
         """Wait until the output ends and the program exits; return ``returncode``.
 
         ``before`` gets all remaining output.  Raises ``ExpectTimeout`` if that takes longer
-        than ``timeout``.
+        than ``timeout``, ``SSHConnectionError`` if the connection was lost (``wait``).
         """
         limit = self.timeout if timeout == -1 else timeout
         deadline = None if limit is None else time.monotonic() + limit
@@ -374,13 +395,33 @@ class Spawned:
         self._log.close()
         if rc == 255 and _MUX_SESSION in log:
             # a session over a master ran: 255 is the program's own status if the master
-            # reported one; without one the program was killed by a signal (or the master
-            # died), and a passenger is not told which
-            self.returncode = 255 if _MUX_STATUS in log else UNKNOWN_SIGNAL
+            # reported one; without one the program was killed by a signal or the master's
+            # connection was lost, and a passenger is not told which: ask the master
+            if _MUX_STATUS in log:
+                self.returncode = 255
+            elif self.control_path is not None and not self._master_answers():
+                self.returncode = 255
+                self._lost = True
+                self.ssh_error = SSHConnectionError(
+                    self.destination,
+                    "the connection was lost (the control master is gone) before the "
+                    "program's exit status arrived",
+                )
+            else:
+                self.returncode = UNKNOWN_SIGNAL
             return
         info = interpret_exit(self.destination, rc, log)
         self.returncode = info.returncode
         self.ssh_error = info.error
+
+    def _master_answers(self) -> bool:
+        assert self.control_path is not None
+        try:
+            with MuxControl(self.control_path, timeout=_ALIVE_CHECK) as m:
+                m.alive_check()
+        except MuxError:
+            return False
+        return True
 
     def poll(self) -> int | None:
         """``returncode`` if the program has exited (and ssh with it), else None."""
@@ -394,12 +435,16 @@ class Spawned:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for ssh to exit and return ``returncode``; output not read is discarded.
 
-        Raises ``ExpectTimeout`` if it has not exited within ``timeout``.
+        Raises ``ExpectTimeout`` if it has not exited within ``timeout``, and
+        ``SSHConnectionError`` if the connection was lost before the program's exit status
+        came (see the module docstring).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._reap()
             if self.returncode is not None:
+                if self._lost and self.ssh_error is not None:
+                    raise self.ssh_error
                 return self.returncode
             if deadline is not None and time.monotonic() > deadline:
                 raise ExpectTimeout(f"{self.destination}: ssh did not exit within {timeout} s")

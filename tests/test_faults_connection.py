@@ -1,0 +1,487 @@
+"""Faults under a Connection: its master killed under load, a host that hangs while a dead
+master is restarted, a frozen session, Ctrl-C and cancellation, oversized commands, spawn()
+over a lost connection (issue 9, items 3, 5, 6, 9, 10).  Real sshds, namespaces, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from faults import describe, frozen, leftovers, netns_sshd, ssh_descendants, start_child
+from waiting import wait_until
+
+import sshwrap
+from sshwrap.aio_connection import AsyncConnection
+from sshwrap.channel import MAX_COMMAND
+from sshwrap.channel_process import CommandLostError
+from sshwrap.connection import Connection, connect
+from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, TimeoutExpired
+from sshwrap.mux import pack_string
+from sshwrap.testing import LocalSSHD, comm, descendants, is_running, wait_exited
+
+MARGIN = 1.0  # what a bound may be overrun by (the documented margin)
+
+
+@pytest.fixture
+def sshd(local_sshd_factory: Callable[..., LocalSSHD]) -> LocalSSHD:
+    """A LocalSSHD of this test's own (these tests stop, freeze and kill its parts)."""
+    return local_sshd_factory()
+
+
+@pytest.fixture
+def conn(sshd: LocalSSHD) -> Iterator[Connection]:
+    with connect(sshd.host, config=sshd.config) as c:
+        yield c
+
+
+def _kill_master(c: Connection) -> int:
+    pid = c.master_pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_exited([pid], 10) == []
+    return pid
+
+
+def _no_ssh_left() -> None:
+    """No ssh below this process (the starting ssh was killed *and* reaped)."""
+    left = [p for p in ssh_descendants() if comm(p) == "ssh"]
+    assert left == [], f"ssh processes left: {describe(left)}"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+# -- item 3: nothing lost when the master dies ------------------------------------------------
+def test_status_before_the_end_of_output_then_master_lost_is_an_error(conn: Connection) -> None:
+    """Deterministic: sshd sends exit-status while output still waits for window (nobody
+    reads the pipe), then the master dies.  Before: wait() returned 0 with the output cut."""
+    n = 3 * 1024 * 1024 + 64 * 1024
+    p = conn.Popen(f"head -c {n} /dev/zero", stdout=subprocess.PIPE)
+    ch = p._ch
+    wait_until(lambda: ch.exit_status is not None, 30, "the exit status to arrive")
+    assert not ch.remote_eof  # the output is not all here: the race, held open
+    _kill_master(conn)
+    assert p.stdout is not None
+    got = p.stdout.read()
+    assert len(got) < n
+    with pytest.raises(SSHConnectionError) as info:
+        p.wait(10)
+    assert isinstance(info.value, CommandLostError)
+    assert info.value.exit_status == 0
+    assert p.returncode == 255 and p.ssh_error is info.value
+    p.stdout.close()
+
+
+def _check_results(results: list[object], kills: int) -> None:
+    ok = sum(1 for r in results if r == "ok")
+    lost = [r for r in results if isinstance(r, SSHConnectionError)]
+    bad = [r for r in results if r != "ok" and not isinstance(r, SSHConnectionError)]
+    assert bad == [], f"{len(bad)} calls returned something else: {bad[:5]}"
+    assert ok > kills  # the load went on over the restarted masters
+    for e in lost:
+        if isinstance(e, CommandLostError) and isinstance(e.stdout, bytes):
+            assert b"ok\n".startswith(e.stdout)  # what arrived, attached
+
+
+def _outcome(call: Callable[[], Any]) -> object:
+    try:
+        r = call()
+    except SSHConnectionError as e:
+        return e
+    except Exception as e:  # anything else is a wrong answer, reported by _check_results
+        return e
+    if r.returncode == 0 and r.stdout == b"ok\n" and r.stderr == b"":
+        return "ok"
+    return r  # a returncode without its full output
+
+
+def test_master_killed_20_times_under_20_threads(conn: Connection) -> None:
+    kills = 20
+    results: list[object] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            got = _outcome(lambda: conn.run("echo ok", capture_output=True, timeout=60))
+            with lock:
+                results.append(got)
+
+    threads = [threading.Thread(target=loop) for _ in range(20)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(kills):
+            before = len(results)
+
+            def busy_on_new_master(b: int = before) -> bool:
+                return is_running(conn.master_pid) and len(results) > b + 20
+
+            wait_until(
+                busy_on_new_master,
+                60,
+                "calls to succeed on the (new) master",
+            )
+            _kill_master(conn)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert conn.restarts >= kills
+    _check_results(results, kills)
+
+
+def test_master_killed_20_times_under_20_asyncio_tasks(conn: Connection) -> None:
+    kills = 20
+    results: list[object] = []
+
+    async def main() -> None:
+        ac = AsyncConnection(conn)
+        stop = asyncio.Event()
+
+        async def loop() -> None:
+            while not stop.is_set():
+                try:
+                    r = await ac.run("echo ok", capture_output=True, timeout=60)
+                except Exception as e:
+                    results.append(e)
+                    continue
+                results.append(_outcome(lambda: r))  # noqa: B023 (called at once)
+
+        tasks = [asyncio.ensure_future(loop()) for _ in range(20)]
+        try:
+            for _ in range(kills):
+                before = len(results)
+                t_end = time.monotonic() + 60
+                while not (
+                    conn.master_pid and is_running(conn.master_pid) and len(results) > before + 20
+                ):
+                    assert time.monotonic() < t_end, "no calls succeeded on the new master"
+                    await asyncio.sleep(0.01)  # the re-check interval
+                pid = conn.master_pid
+                os.kill(pid, signal.SIGKILL)
+                assert await asyncio.to_thread(wait_exited, [pid], 10) == []
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    asyncio.run(main())
+    assert conn.restarts >= kills
+    _check_results(results, kills)
+
+
+# -- item 9: one oversized command disturbs nothing -------------------------------------------
+def test_oversized_command_is_refused_before_anything_is_sent(conn: Connection) -> None:
+    stop = threading.Event()
+    results: list[object] = []
+    pid, core = conn.master_pid, conn._core
+
+    def loop() -> None:
+        while not stop.is_set():
+            results.append(_outcome(lambda: conn.run("echo ok", capture_output=True)))
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(results) > 8, 30, "calls in flight")
+        for _ in range(3):
+            with pytest.raises(ValueError, match=str(MAX_COMMAND)):
+                conn.run(["echo", "y" * 300_000], capture_output=True)
+        with pytest.raises(ValueError, match=str(MAX_COMMAND)):
+            conn.Popen(["echo", "y" * 300_000])
+        with pytest.raises(ValueError, match=str(MAX_COMMAND)):
+            asyncio.run(AsyncConnection(conn).run(["echo", "y" * 300_000]))
+        n = len(results)
+        wait_until(lambda: len(results) > n + 8, 30, "more calls after the refusals")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert all(r == "ok" for r in results), [r for r in results if r != "ok"][:3]
+    assert conn.master_pid == pid and conn._core is core and conn.restarts == 0
+
+
+@pytest.mark.parametrize("cipher", ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"])
+def test_command_size_limit_both_sides(sshd: LocalSSHD, cipher: str) -> None:
+    """MAX_COMMAND bytes reach the server and its answer comes back on that channel alone;
+    one byte more is refused locally.  (A Linux server cannot exec a ``sh -c`` string that
+    long, MAX_ARG_STRLEN: its answer is its own error, on that channel only.)"""
+    with connect(sshd.host, config=sshd.config, options={"Ciphers": cipher}) as c:
+        pid, core = c.master_pid, c._core
+        at_limit = "echo ok; #" + "y" * (MAX_COMMAND - 10)
+        assert len(at_limit) == MAX_COMMAND
+        r = c.run(at_limit, capture_output=True, timeout=60)
+        assert r.returncode == 1 and b"Argument list too long" in r.stderr  # the server's word
+        assert c.run("echo ok", capture_output=True).stdout == b"ok\n"
+        assert c.master_pid == pid and c._core is core and c.restarts == 0  # nothing broke
+        with pytest.raises(ValueError, match=f"at most {MAX_COMMAND} bytes"):
+            c.run(at_limit + "y", capture_output=True)
+        # under the shell's own limit the long command runs
+        long_ok = "echo ok; #" + "y" * 120_000
+        assert c.run(long_ok, capture_output=True).stdout == b"ok\n"
+
+
+def test_limit_measured_against_the_real_master(sshd: LocalSSHD) -> None:
+    """The measurement behind MAX_COMMAND (8-byte-block cipher): 15 bytes over it still fit
+    in one packet, 16 over make sshd drop the connection ("Bad packet length")."""
+    with connect(
+        sshd.host, config=sshd.config, options={"Ciphers": "chacha20-poly1305@openssh.com"}
+    ) as c:
+        core = c._core
+        assert core is not None
+
+        def raw_exec(size: int) -> Any:
+            ch = core.open_session(30)
+            cmd = "exit 7; #" + "y" * (size - 9)
+            ch.setup_io(*_discard())
+            with core.lock:
+                ch._request_locked("exec", pack_string(cmd), want_reply=True)
+            ch.closed.wait(30)
+            return ch
+
+        ch = raw_exec(MAX_COMMAND + 15)
+        assert not ch.lost and c.restarts == 0
+        pid = c.master_pid
+        ch = raw_exec(MAX_COMMAND + 16)
+        assert ch.lost
+        assert wait_exited([pid], 10) == []  # the server dropped the whole connection
+
+
+def _discard() -> tuple[Any, Any, Any]:
+    from sshwrap.channel import Sink, Source
+
+    return Source(), Sink(), Sink()
+
+
+# -- items 5/6: bounds with a dead master and a hung host -------------------------------------
+def _timed(call: Callable[[], object]) -> tuple[float, BaseException | None]:
+    t0 = time.monotonic()
+    try:
+        call()
+    except BaseException as e:
+        return time.monotonic() - t0, e
+    return time.monotonic() - t0, None
+
+
+def test_restart_against_a_hung_host_keeps_the_timeout(conn: Connection, sshd: LocalSSHD) -> None:
+    _kill_master(conn)
+    sshd.suspend()
+    try:
+        took, err = _timed(lambda: conn.run("true", timeout=3))
+        assert isinstance(err, SSHConnectionError), err
+        assert took < 3 + MARGIN, took
+        _no_ssh_left()
+        # again: the second restart is bounded the same way
+        took, err = _timed(lambda: conn.run("true", timeout=2))
+        assert isinstance(err, SSHConnectionError) and took < 2 + MARGIN, (err, took)
+        _no_ssh_left()
+    finally:
+        sshd.resume()
+    assert conn.run("echo back", capture_output=True, timeout=60).stdout == b"back\n"
+
+
+def test_restart_over_a_cut_link_keeps_the_timeout_sync_and_async() -> None:
+    with netns_sshd() as box:
+        c = connect(box.sshd.host, config=box.sshd.config)
+        try:
+            _kill_master(c)
+            box.cut()
+            took, err = _timed(lambda: c.run("true", timeout=3))
+            assert isinstance(err, SSHConnectionError) and took < 3 + MARGIN, (err, took)
+            _no_ssh_left()
+            took, err = _timed(lambda: asyncio.run(AsyncConnection(c).run("true", timeout=3)))
+            assert isinstance(err, SSHConnectionError) and took < 3 + MARGIN, (err, took)
+            _no_ssh_left()
+        finally:
+            c.close()
+
+
+def test_async_restart_against_a_hung_host_timeout_and_cancel(
+    conn: Connection, sshd: LocalSSHD
+) -> None:
+    _kill_master(conn)
+    sshd.suspend()
+
+    async def main() -> None:
+        ac = AsyncConnection(conn)
+        t0 = time.monotonic()
+        with pytest.raises(SSHConnectionError):
+            await ac.run("true", timeout=3)
+        assert time.monotonic() - t0 < 3 + MARGIN
+        _no_ssh_left()
+        # cancellation while the master's ssh hangs (no timeout at all)
+        task = asyncio.ensure_future(ac.run("true"))
+        t_end = time.monotonic() + 30
+        while conn._starting is None:
+            assert time.monotonic() < t_end, "the master's ssh never started"
+            await asyncio.sleep(0.01)  # the re-check interval
+        starting = conn._starting[0].pid
+        assert is_running(starting)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - t0 < MARGIN
+        assert not os.path.exists(f"/proc/{starting}")  # killed and reaped
+        _no_ssh_left()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sshd.resume()
+
+
+def test_run_many_over_dead_masters_of_a_hung_host_keeps_its_deadline(
+    sshd: LocalSSHD,
+) -> None:
+    conns = [connect(sshd.host, config=sshd.config) for _ in range(3)]
+    try:
+        for c in conns:
+            _kill_master(c)
+        sshd.suspend()
+        t0 = time.monotonic()
+        results = sshwrap.run_many(conns, "true", deadline=5)
+        took = time.monotonic() - t0
+        assert took < 5 + MARGIN, took
+        assert [r.status for r in results] in (["ssh_error"] * 3, ["timeout"] * 3), results
+        _no_ssh_left()
+    finally:
+        sshd.resume()
+        for c in conns:
+            c.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_frozen_session_timeout_includes_the_stop(
+    conn: Connection, sshd: LocalSSHD, face: str
+) -> None:
+    """TERM, KILL and close come out of the margin: before, 15 s past a 3 s timeout."""
+    outcome: list[tuple[float, BaseException | None]] = []
+
+    def call() -> None:
+        if face == "sync":
+            conn.run("echo hi; sleep 30", timeout=3, capture_output=True)
+        else:
+            asyncio.run(AsyncConnection(conn).run("echo hi; sleep 30", timeout=3))
+
+    t = threading.Thread(target=lambda: outcome.append(_timed(call)))
+    t.start()
+    try:
+        wait_until(
+            lambda: any(_cmdline(p).startswith(b"sleep\x0030") for p in sshd.session_pids()),
+            30,
+            "the remote sleep",
+        )
+        with frozen(sshd):
+            t.join(3 + MARGIN + 5)
+            assert outcome, "run() did not return"
+            took, err = outcome[0]
+            assert isinstance(err, TimeoutExpired), err
+            assert took < 3 + MARGIN, took
+    finally:
+        t.join(60)
+
+
+_CHILD_PRELUDE = """
+import os, select, sys
+import sshwrap
+c = sshwrap.connect({host!r}, config={config!r})
+pid = c.master_pid
+print("master", pid, flush=True)
+fd = os.pidfd_open(pid)
+select.select([fd], [], [], 60)  # the test kills the master
+print("running", flush=True)
+"""
+
+
+def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
+    code = textwrap.dedent(_CHILD_PRELUDE.format(host=sshd.host, config=str(sshd.config)))
+    code += "c.run('true')\n"
+    with start_child(code) as child:
+        child.wait_line("master ")
+        pid = int(child.stdout.split("master ")[1].split()[0])
+        sshd.suspend()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            child.wait_line("running")
+            wait_until(
+                lambda: any(b"-M" in _cmdline(p).split(b"\0") for p in descendants(child.proc.pid)),
+                30,
+                "the master's ssh to start",
+            )
+            t0 = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            child.wait(MARGIN + 5)
+            took = time.monotonic() - t0
+        finally:
+            sshd.resume()
+        assert "KeyboardInterrupt" in child.stderr, child.stderr
+        assert took < MARGIN + 1.5, took  # ~1 s, plus the interpreter's exit
+        assert leftovers(child.mark) == []
+
+
+@pytest.mark.parametrize("hang", ["frozen", "cut"])
+def test_connect_timeout_against_a_hung_host(sshd: LocalSSHD, hang: str) -> None:
+    def attempt(host: str, config: str) -> None:
+        took, err = _timed(lambda: connect(host, config=config, connect_timeout=3))
+        assert isinstance(err, SSHConnectionError), err
+        assert took < 3 + MARGIN, took
+        _no_ssh_left()
+
+    if hang == "frozen":
+        with frozen(sshd):
+            attempt(sshd.host, str(sshd.config))
+    else:
+        with netns_sshd() as box:
+            box.cut()
+            attempt(box.sshd.host, str(box.sshd.config))
+
+
+# -- item 10: spawn() over a lost connection --------------------------------------------------
+def _session_sshd(sshd: LocalSSHD) -> int:
+    """The sshd process that serves the master's connection (``sshd: user@...``)."""
+    found = [p for p in sshd.session_pids() if b"@" in _cmdline(p).split(b"\0")[0]]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("kill", ["master", "sshd", "program"])
+def test_spawn_lost_connection_is_not_a_signal_death(
+    conn: Connection, sshd: LocalSSHD, kill: str
+) -> None:
+    with conn.spawn("echo ready; exec sleep 1007", timeout=30) as s:
+        s.expect("ready")
+        if kill == "master":
+            _kill_master(conn)
+        elif kill == "sshd":
+            os.kill(_session_sshd(sshd), signal.SIGKILL)
+        else:
+            wait_until(
+                lambda: any(_cmdline(p).startswith(b"sleep\x001007") for p in sshd.session_pids()),
+                30,
+                "the remote sleep",
+            )
+            for p in sshd.session_pids():
+                if _cmdline(p).startswith(b"sleep\x001007"):
+                    os.kill(p, signal.SIGKILL)
+        if kill == "program":
+            assert s.expect_eof() == UNKNOWN_SIGNAL and s.ssh_error is None  # a real kill
+            return
+        with pytest.raises(SSHConnectionError):
+            s.expect_eof()
+        assert s.returncode == 255 and isinstance(s.ssh_error, SSHConnectionError)
+        with pytest.raises(SSHConnectionError):
+            s.wait(5)
