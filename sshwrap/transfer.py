@@ -348,11 +348,11 @@ class SFTPSession:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_WR)
                 self._sock.close()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=_ABORT_CLOSE_WAIT if self.broken else _CLOSE_WAIT)
-            except subprocess.TimeoutExpired:
+        finally:  # (also when a KeyboardInterrupt lands in the wait above)
+            if proc.poll() is None:
                 proc.kill()
-        finally:
             proc.wait()  # SIGKILLed (or exited): prompt
             self._stderr.close()
 
@@ -639,7 +639,7 @@ class SFTPSession:
         return bavail * frsize, favail
 
     def _no_space_hint(self, path: str) -> str:
-        """``'; no space left ...'`` when the remote filesystem of ``path`` is full."""
+        """`` [No space left on device: ...]`` when ``path``'s remote filesystem is full."""
         free = self.free_space(posixpath.dirname(path) or ".")
         if free is None:
             return ""

@@ -608,3 +608,31 @@ def test_replies_that_break_the_protocol(
     else:
         _assert_old_copy(dst)
     assert _temps(dst.parent) == []
+
+
+def test_recursive_copies_are_atomic_per_file(
+    conn: Connection, local_sshd: LocalSSHD, remote_dir: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    """A tree whose second file does not fit: the first arrives whole, the second not at all
+    (both ways)."""
+    tree = remote_dir / "tree"
+    tree.mkdir()
+    os.chown(tree, *_uid_gid(local_sshd.user))
+    _remote_file(local_sshd, tree / "a.bin", 100_000)
+    _remote_file(local_sshd, tree / "b.bin", 3 * MB)
+    with pytest.raises(OSError) as info:
+        conn.get(str(tree), small_disk)
+    assert info.value.errno == errno.ENOSPC
+    assert (small_disk / "tree" / "a.bin").read_bytes() == (tree / "a.bin").read_bytes()
+    assert sorted(os.listdir(small_disk / "tree")) == ["a.bin"]
+
+    local = tmp_path / "tree"
+    local.mkdir()
+    (local / "a.bin").write_bytes(os.urandom(100_000))
+    (local / "b.bin").write_bytes(os.urandom(3 * MB))
+    with tmpfs("1m", mode=0o777) as disk:
+        with pytest.raises(TransferError) as terr:
+            conn.put(local, str(disk))
+        assert "No space left on device" in str(terr.value)
+        assert (disk / "tree" / "a.bin").read_bytes() == (local / "a.bin").read_bytes()
+        assert sorted(os.listdir(disk / "tree")) == ["a.bin"]
