@@ -20,10 +20,13 @@ from the loop's thread (vfork + exec on Linux): the fan-out never forks from a t
 Timeouts: ``connect_timeout`` bounds the time from start until the session is up (it is
 also handed to ssh as ``ConnectTimeout``); ``timeout`` bounds the remote command from then
 on; ``deadline`` bounds the whole run.  A host over its limit has its ssh process group
-killed (TERM, then KILL after a grace period); the others do not notice.  A command that
+killed (TERM, then KILL after 0.5 s); the others do not notice.  A command that
 outlives ``timeout`` is also stopped on the remote side when ``kill_remote`` is on (the
 default): like ``sshwrap.run``, the command is tagged with a random session id in its
-environment, and a second, short ssh signals the processes so tagged (TERM, then KILL).
+environment, and a second, short ssh signals the processes so tagged (TERM, then KILL on
+the remote side).  That second ssh starts at once, alongside the local stop, with a
+``ConnectTimeout`` and a limit of 0.7 s: when the host does not answer in time (a cut link,
+a frozen sshd) it is killed and reaped, so every bound holds within 1 s, cleanup included.
 Without ``timeout`` or ``deadline`` nothing can need that stop, so the command then goes
 untagged, exactly as a plain ``ssh host cmd`` sends it.
 
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import resource
 import secrets
@@ -98,7 +102,12 @@ _SPAWN_FDS = 10
 _RESERVE_FDS = 16
 
 _READ = 65536
-_KILL_GRACE = 1.0  # seconds between TERM and KILL
+# Every bound (``timeout``, ``deadline``, ``connect_timeout``) covers the stop that follows it:
+# ssh gets TERM, then KILL after _KILL_GRACE; the remote stop (a second ssh) gets _STOP_BUDGET
+# from the moment the bound ran out, and is killed and reaped when that is over.  So a host
+# ends, cleanup included, within _STOP_BUDGET (0.7 s) of its bound: inside the 1 s promised.
+_KILL_GRACE = 0.5  # seconds between TERM and KILL
+_STOP_BUDGET = 0.7  # seconds the remote stop may take after a host's bound ran out
 _EOF_GRACE = 2.0  # seconds to wait for pipes to close once ssh has exited
 # Lines in ssh's DEBUG1 log that mean the remote session is up.
 _SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
@@ -276,7 +285,7 @@ def _proc_fd_ok() -> bool:
     return _PROC_FD
 
 
-def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int = -1) -> subprocess.Popen[bytes]:
     """Start ssh in a session of its own with these fds as its stdio (-1: /dev/null).
 
     (A plain fork without waiting for the exec was measured too: no faster here, since on a
@@ -288,8 +297,8 @@ def _spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> subprocess.
     return subprocess.Popen(
         argv,
         stdin=stdin if stdin >= 0 else _DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
+        stdout=stdout if stdout >= 0 else _DEVNULL,
+        stderr=stderr if stderr >= 0 else _DEVNULL,
         start_new_session=True,
     )
 
@@ -299,7 +308,8 @@ class _Spec:
     index: int
     host: str
     argv: list[str]  # without -E (added per start)
-    kill_argv: list[str] | None  # the remote kill, when kill_remote is on
+    sid: str | None  # the remote command's session tag, when kill_remote is on
+    kill_settings: list[str] | None = None  # ssh settings of the remote stop
     conn: Any = None  # an AsyncConnection: the command runs as a channel of its master
 
 
@@ -679,12 +689,14 @@ class _Runner:
         # (The ``export`` line costs no extra remote fork with the shells measured: bash
         # 5.2 execs the last command of ``-c`` either way, Debian's dash 0.5.12 never does.)
         tagged = kill_remote and (timeout is not None or deadline is not None)
+        self.ssh = ssh
+        kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
         for i, h in enumerate(hosts):
             if not isinstance(h, str):
                 aconn = _as_async_connection(h)
                 if aconn is not None:
-                    self.specs.append(_Spec(i, aconn.destination, [], None, aconn))
+                    self.specs.append(_Spec(i, aconn.destination, [], None, conn=aconn))
                     continue
             dest, extra = _destination(h)
             sid = secrets.token_hex(8) if tagged else None
@@ -694,11 +706,9 @@ class _Runner:
                 text = remote_command(command, env=env, cwd=cwd, session_id=sid)
             args = [*fixed, *settings, *extra]
             argv = build_ssh_argv(ssh, dest, text, settings=args)
-            kill = None
-            if sid is not None:
-                script = remote_signal_script(sid, signal.SIGTERM, escalate=True)
-                kill = build_ssh_argv(ssh, dest, script, settings=[*settings, *extra])
-            self.specs.append(_Spec(i, dest, argv, kill))
+            # The remote stop's argv is built only when a host needs it (see _kill_remote).
+            kill_settings = kill_base if not extra else [*kill_base, *extra]
+            self.specs.append(_Spec(i, dest, argv, sid, kill_settings))
         if check_budget:
             check_fd_budget(min(concurrency, max(1, len(self.specs))))
         self.running: dict[int, _HostRun] = {}
@@ -764,8 +774,17 @@ class _Runner:
                     p.cancel()
             if tasks:
                 await asyncio.wait(tasks)
-            if self.kill_tasks:
-                await asyncio.wait(self.kill_tasks, timeout=_KILL_REMOTE_LIMIT)
+            kills = list(self.kill_tasks)
+            if kills:
+                # Each remote stop ends (or is killed and reaped) within its own budget; a
+                # cancel now ends them at once (their ssh killed and reaped).
+                try:
+                    await asyncio.wait(kills)
+                except asyncio.CancelledError:
+                    for k in kills:
+                        k.cancel()
+                    await asyncio.wait(kills)
+                    raise
         finally:
             for r in runs:
                 r.kill_now()
@@ -803,14 +822,19 @@ class _Runner:
             if not run.exited.is_set():
                 await asyncio.wait({exit_wait}, timeout=_left(self.timeout, t_end))
             if not run.exited.is_set():
+                # The remote stop starts now, alongside the local one: both end within
+                # _STOP_BUDGET of the bound.
+                self._kill_remote(run, time.monotonic() + _STOP_BUDGET)
                 await run.stop()
-                self._kill_remote(run)
                 return run.result("timeout")
-            # ssh has exited: collect what is still in the pipes.
+            # ssh has exited: collect what is still in the pipes (not past the deadline).
             run.log_writer_close()
             if not run.pipes_closed.is_set():
+                grace = _EOF_GRACE
+                if t_end is not None:
+                    grace = min(grace, max(0.0, t_end - time.monotonic()) + _KILL_GRACE)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(run.pipes_closed.wait(), _EOF_GRACE)
+                    await asyncio.wait_for(run.pipes_closed.wait(), grace)
             run.kill_now()
             return run.result(None)
         finally:
@@ -864,34 +888,60 @@ class _Runner:
             index=spec.index,
         )
 
-    def _kill_remote(self, run: _HostRun) -> None:
-        argv = run.spec.kill_argv
-        if argv is None:
+    def _kill_remote(self, run: _HostRun, until: float) -> None:
+        """Start the remote stop of a timed-out host: a second ssh, bounded by ``until``.
+
+        Its ``ConnectTimeout`` is what is left until ``until`` (ssh's minimum is 1 s), and at
+        ``until`` (``time.monotonic()``) it is killed and reaped if still running.  The remote
+        script escalates to KILL on its own, so it finishes there even when the local side
+        has given up on it.
+        """
+        spec = run.spec
+        if spec.sid is None or spec.kill_settings is None:
             return
-        task = asyncio.ensure_future(_run_quiet(argv, _KILL_REMOTE_LIMIT))
+        script = remote_signal_script(spec.sid, signal.SIGTERM, escalate=True)
+        connect = max(1, math.ceil(until - time.monotonic()))
+        settings = ["-o", f"ConnectTimeout={connect}", *spec.kill_settings]
+        argv = build_ssh_argv(self.ssh, spec.host, script, settings=settings)
+        task = asyncio.ensure_future(_run_bounded(argv, until))
         self.kill_tasks.add(task)
         task.add_done_callback(self.kill_tasks.discard)
 
 
 _FIRST = asyncio.FIRST_COMPLETED
-_KILL_REMOTE_LIMIT = 15.0
 
 
-async def _run_quiet(argv: list[str], limit: float) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+async def _run_bounded(argv: list[str], until: float) -> None:
+    """Run a helper ssh (stdio on /dev/null, its own session) until it exits or ``until``.
+
+    Then (or when cancelled) its process group is killed and it is reaped: it never outlives
+    the call.  Its exit is watched with a pidfd (no thread); elsewhere than Linux, polled.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(proc.wait(), limit)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
+        proc = _spawn(argv, -1, -1)
+    except OSError:
+        return  # no ssh to run: the remote stop is best effort
+    exited = asyncio.Event()
+    pidfd: int | None = None
+    try:
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            while proc.poll() is None and time.monotonic() < until:
+                await asyncio.sleep(0.01)
+        else:
+            loop.add_reader(pidfd, exited.set)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), max(0.0, until - time.monotonic()))
+    finally:
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _left(limit: float | None, t_end: float | None) -> float | None:

@@ -1,0 +1,510 @@
+"""Fan-out under faults: every bound kept, nothing left running (issue 9, items 4, 5, 11).
+
+Real hosts only: healthy ones (one ``LocalSSHD`` with 19 aliases), one behind a veth link the
+test cuts (``netns_sshd``) and one whose sshd and sessions the test freezes (SIGSTOP).  The
+bad hosts are broken *after* their session is up (they print ``UP-NOW`` first), so the
+fan-out's timeout path (local stop plus the remote stop, a second ssh) is what is measured.
+
+Each face is checked: ``run_many`` (sync), ``sshwrap.aio.run_many`` (async) and
+``sshwrap-many`` in a child process.  A call must return within its bound + 1 s (the margin the
+fan-out documents), with the healthy hosts' full results; afterwards no ssh of the call is
+left (in this process: no child, thread or fd; for a child program: no marked process after
+it exited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faults import (
+    InProcessLeaks,
+    NetnsSSHD,
+    describe,
+    freeze,
+    leftovers,
+    netns_sshd,
+    ssh_descendants,
+    start_child,
+    thaw,
+)
+from test_fanout_helpers import ALIAS_ENV, write_config
+from waiting import wait_until
+
+from sshwrap.errors import SSHConnectionError
+from sshwrap.fanout import FanoutInterrupted, HostResult, run_many, run_many_async
+from sshwrap.testing import LocalSSHD, comm
+
+MARGIN = 1.0  # what the fan-out promises on top of every bound
+UP = "UP-NOW"
+# The bad hosts print UP-NOW and hang on; the healthy ones answer at once.
+CMD = f'case "${ALIAS_ENV}" in cut|frozen) echo {UP}; sleep 30;; esac; echo "ok ${ALIAS_ENV}"'
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSSHD]:
+    with LocalSSHD(hosts=19) as sshd:
+        # The first fan-out of a process opens what every later one shares (the /dev/null
+        # its children get as stdin): done here, so the leak checks see only the call's own.
+        cfg = write_config(sshd, 1, tmp_path_factory.mktemp("warm"))
+        assert run_many(cfg.hosts, "true", config=cfg.config)[0].ok
+        yield sshd
+
+
+@pytest.fixture
+def cut_host() -> Iterator[NetnsSSHD]:
+    with netns_sshd() as box:
+        yield box
+
+
+@pytest.fixture
+def frozen_host() -> Iterator[LocalSSHD]:
+    with LocalSSHD() as sshd:
+        try:
+            yield sshd
+        finally:
+            thaw(sshd)
+
+
+@dataclass
+class Fleet:
+    """One ssh config: 19 healthy aliases, and the bad ones (``cut``, ``frozen``) first."""
+
+    config: str
+    good: list[str]
+    bad: dict[str, Callable[[], object]]  # alias -> the fault to apply once it is up
+    up_at: dict[str, float] = field(default_factory=dict)  # alias -> when UP-NOW arrived
+    broken: threading.Event = field(default_factory=threading.Event)
+    done: set[str] = field(default_factory=set)  # healthy hosts that printed their line
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def hosts(self) -> list[str]:
+        return [*self.bad, *self.good]
+
+    def on_output(self, host: str, stream: int, data: bytes) -> None:
+        """Break a bad host as soon as it is up (in a thread: ``ip`` must not stall the loop)."""
+        if host not in self.bad:
+            if data == f"ok {host}\n".encode():
+                self.done.add(host)
+        elif host not in self.up_at and UP.encode() in data:
+            self.up_at[host] = time.monotonic()
+            self._start_fault(host)
+
+    def _start_fault(self, host: str) -> None:
+        def apply() -> None:
+            self.bad[host]()
+            if len(self.up_at) == len(self.bad):
+                self.broken.set()
+
+        t = threading.Thread(target=apply)
+        t.start()
+        self._threads.append(t)
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(30)
+        self._threads.clear()
+
+
+def _fleet(
+    tmp: Path,
+    healthy: LocalSSHD,
+    cut: NetnsSSHD | None = None,
+    frozen: LocalSSHD | None = None,
+) -> Fleet:
+    hosts = write_config(healthy, 19, tmp)
+    lines: list[str] = []
+    bad: dict[str, Callable[[], object]] = {}
+    bads: list[tuple[str, LocalSSHD, Callable[[], object]]] = []
+    if cut is not None:
+        bads.append(("cut", cut.sshd, cut.cut))
+    if frozen is not None:
+        bads.append(("frozen", frozen, lambda: freeze(frozen)))
+    for alias, sshd, fault in bads:
+        bad[alias] = fault
+        lines += [
+            f"Host {alias}",
+            f"    HostName {sshd.addresses[0]}",
+            f"    Port {sshd.port}",
+            f"    IdentityFile {sshd.identity}",
+            f"    UserKnownHostsFile {sshd.known_hosts}",
+            f"    SetEnv {ALIAS_ENV}={alias}",
+        ]
+    cfg = Path(hosts.config)
+    cfg.write_text("\n".join(lines) + "\n" + cfg.read_text())
+    return Fleet(str(cfg), hosts.hosts, bad)
+
+
+def _check(fleet: Fleet, results: list[HostResult], bad_status: str = "timeout") -> None:
+    """Healthy hosts: their full result; bad ones: a typed outcome, their output so far."""
+    assert [r.host for r in results] == fleet.hosts
+    for r in results:
+        if r.host in fleet.bad:
+            assert r.status == bad_status, r
+            assert r.returncode is None
+            assert r.stdout == f"{UP}\n".encode(), r
+        else:
+            assert r.status == "ok", r
+            assert r.stdout == f"ok {r.host}\n".encode() and r.stderr == b""
+
+
+def _run(face: str, fleet: Fleet, **kw: Any) -> tuple[list[HostResult], float]:
+    """One call of the sync or async face; (results, seconds it took)."""
+    t0 = time.monotonic()
+    if face == "sync":
+        results = run_many(fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **kw)
+    else:
+
+        async def main() -> list[HostResult]:
+            out = []
+            agen = run_many_async(
+                fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **kw
+            )
+            async for r in agen:
+                out.append(r)
+            return sorted(out, key=lambda r: r.index)
+
+        results = asyncio.run(main())
+    return results, time.monotonic() - t0
+
+
+def _ssh_children() -> list[int]:
+    return [p for p in ssh_descendants() if comm(p) == "ssh"]
+
+
+def _clean_after(leaks: InProcessLeaks) -> None:
+    assert _ssh_children() == [], describe(_ssh_children())
+    leaks.assert_clean(2)
+
+
+# -- run_many and aio.run_many: deadline, timeout, connect_timeout ----------------------------
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_deadline_with_a_cut_link(
+    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+) -> None:
+    """deadline=8, connect_timeout=4, one link cut mid-session: 23 s before the fix."""
+    fleet = _fleet(tmp_path, healthy, cut=cut_host)
+    with InProcessLeaks() as leaks:
+        results, took = _run(face, fleet, deadline=8, connect_timeout=4)
+        fleet.join()
+        assert fleet.broken.is_set()
+        assert took <= 8 + MARGIN, took
+        _check(fleet, results)
+        _clean_after(leaks)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_timeout_with_a_cut_link(
+    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+) -> None:
+    """timeout=6 (from the session being up), one link cut mid-session: 22 s before."""
+    fleet = _fleet(tmp_path, healthy, cut=cut_host)
+    with InProcessLeaks() as leaks:
+        t0 = time.monotonic()
+        results, took = _run(face, fleet, timeout=6)
+        end = t0 + took
+        fleet.join()
+        # The command's timeout runs from its session being up: UP-NOW came after that.
+        assert end - fleet.up_at["cut"] <= 6 + MARGIN, end - fleet.up_at["cut"]
+        _check(fleet, results)
+        _clean_after(leaks)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_deadline_with_a_frozen_sshd(
+    face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
+) -> None:
+    """deadline=6, the host's sshd and session SIGSTOPped once up: 21 s before."""
+    fleet = _fleet(tmp_path, healthy, frozen=frozen_host)
+    with InProcessLeaks() as leaks:
+        results, took = _run(face, fleet, deadline=6)
+        fleet.join()
+        assert fleet.broken.is_set()
+        assert took <= 6 + MARGIN, took
+        _check(fleet, results)
+        _clean_after(leaks)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_connect_timeout_with_a_cut_link_names_the_host(
+    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+) -> None:
+    """A link cut before the run: SSHConnectionError naming the host, within the bound."""
+    fleet = _fleet(tmp_path, healthy, cut=cut_host)
+    cut_host.cut()
+    with InProcessLeaks() as leaks:
+        results, took = _run(face, fleet, connect_timeout=4, deadline=8)
+        assert took <= 4 + MARGIN, took
+        bad = results[0]
+        assert bad.host == "cut" and bad.status == "ssh_error" and bad.stdout == b""
+        assert isinstance(bad.error, SSHConnectionError) and "cut" in str(bad.error)
+        assert all(r.ok and r.stdout == f"ok {r.host}\n".encode() for r in results[1:])
+        _clean_after(leaks)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_deadline_on_a_healthy_host_is_kept(face: str, healthy: LocalSSHD, tmp_path: Path) -> None:
+    """deadline=1 on ``sleep 30``: ~1 s (the remote stop used to add ~2 s on top)."""
+    hosts = write_config(healthy, 3, tmp_path)
+    with InProcessLeaks() as leaks:
+        t0 = time.monotonic()
+        if face == "sync":
+            results = run_many(hosts.hosts, "sleep 30", config=hosts.config, deadline=1)
+        else:
+
+            async def main() -> list[HostResult]:
+                return [
+                    r
+                    async for r in run_many_async(
+                        hosts.hosts, "sleep 30", config=hosts.config, deadline=1
+                    )
+                ]
+
+            results = asyncio.run(main())
+        took = time.monotonic() - t0
+        assert took <= 1 + MARGIN, took
+        assert [r.status for r in results] == ["timeout"] * 3
+        _clean_after(leaks)
+    # The remote sleeps were stopped too.
+    wait_until(lambda: healthy.session_pids() == [], 10, "remote sessions to end")
+
+
+# -- Ctrl-C and cancellation with a frozen host and a cut host --------------------------------
+
+
+STOP_SCRIPT = b"/proc/[0-9]*/environ"  # in the remote stop's script (not in the command's)
+
+
+def _remote_stops() -> list[int]:
+    """This process's helper ssh children that stop a remote command (the signal script)."""
+    out = []
+    for pid in _ssh_children():
+        with contextlib.suppress(OSError):
+            if STOP_SCRIPT in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+    return out
+
+
+def _second_stop_seen(stops: Callable[[], list[int]]) -> Callable[[], bool]:
+    """A condition: the remote stops of two hosts have started, the latter still running."""
+    seen: set[int] = set()
+
+    def cond() -> bool:
+        now = set(stops())
+        new = now - seen
+        seen.update(now)
+        return len(seen) >= 2 and bool(new)
+
+    return cond
+
+
+# Two hosts at a time, the bad ones first: when their remote stops are under way, the healthy
+# hosts are still running or waiting (the run is in full swing, not in its final cleanup).
+KW: dict[str, Any] = {"timeout": 2, "concurrency": 2}
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_interrupt_with_frozen_and_cut_hosts(
+    face: str,
+    healthy: LocalSSHD,
+    cut_host: NetnsSSHD,
+    frozen_host: LocalSSHD,
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C (sync) / task cancel (async) while the bad hosts' remote stops hang: <~1 s."""
+    fleet = _fleet(tmp_path, healthy, cut=cut_host, frozen=frozen_host)
+    caught: list[BaseException] = []
+    sent: list[float] = []
+
+    def when_stops_hang(act: Callable[[], None]) -> None:
+        # Both bad hosts timed out and their remote stops are under way (they cannot
+        # connect): interrupt now.
+        if fleet.broken.wait(60):
+            wait_until(_second_stop_seen(_remote_stops), 30, "both remote stops to start")
+            sent.append(time.monotonic())
+            act()
+
+    with InProcessLeaks() as leaks:
+        if face == "sync":
+            old = signal.signal(signal.SIGINT, signal.default_int_handler)
+            t = threading.Thread(
+                target=when_stops_hang, args=(lambda: os.kill(os.getpid(), signal.SIGINT),)
+            )
+            t.start()
+            try:
+                try:
+                    run_many(fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **KW)
+                except FanoutInterrupted as e:
+                    caught.append(e)
+                stopped = time.monotonic()
+            finally:
+                t.join(60)
+                signal.signal(signal.SIGINT, old)
+            assert caught and isinstance(caught[0], KeyboardInterrupt)
+            results = caught[0].results  # type: ignore[attr-defined]
+            # The bad hosts timed out (or, still being stopped, were cancelled); of the
+            # healthy ones, those still running or waiting were cancelled.
+            for r in results:
+                allowed = ("ok", "cancelled") if r.host in fleet.good else ("timeout", "cancelled")
+                assert r.status in allowed, r
+            assert any(r.status == "cancelled" for r in results)
+        else:
+
+            async def main() -> float:
+                loop = asyncio.get_running_loop()
+
+                async def consume() -> None:
+                    async for _ in run_many_async(
+                        fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **KW
+                    ):
+                        pass
+
+                task = asyncio.ensure_future(consume())
+                t = threading.Thread(
+                    target=when_stops_hang, args=(lambda: loop.call_soon_threadsafe(task.cancel),)
+                )
+                t.start()
+                try:
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                    return time.monotonic()
+                finally:
+                    await asyncio.to_thread(t.join, 60)
+
+            stopped = asyncio.run(main())
+        fleet.join()
+        assert sent, "never interrupted"
+        assert stopped - sent[0] <= MARGIN, stopped - sent[0]
+        _clean_after(leaks)
+
+
+# -- sshwrap-many in a child program ----------------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as from an interactive shell
+    from sshwrap.many_cli import main
+    rc = main({argv!r})
+    print("RETURNED", flush=True)
+    sys.exit(rc)
+    """
+)
+
+
+def _cli(fleet: Fleet, *args: str) -> str:
+    return CHILD.format(argv=["-F", fleet.config, "-H", ",".join(fleet.hosts), *args, "--", CMD])
+
+
+def _prefix(fleet: Fleet, host: str) -> str:
+    return host.ljust(max(len(h) for h in fleet.hosts)) + " | "
+
+
+def _summary_seconds(stderr: str) -> float:
+    m = re.search(r"(\d+) hosts in ([0-9.]+) s", stderr)
+    assert m, stderr
+    return float(m.group(2))
+
+
+@pytest.mark.parametrize(
+    ("fault", "args", "bound"),
+    [
+        ("cut", ("--deadline", "8", "--connect-timeout", "4"), 8.0),
+        ("cut", ("-t", "6"), 6.0),
+        ("frozen", ("--deadline", "6"), 6.0),
+    ],
+)
+def test_cli_bounds(
+    fault: str,
+    args: tuple[str, ...],
+    bound: float,
+    healthy: LocalSSHD,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    if fault == "cut":
+        fleet = _fleet(tmp_path, healthy, cut=request.getfixturevalue("cut_host"))
+    else:
+        fleet = _fleet(tmp_path, healthy, frozen=request.getfixturevalue("frozen_host"))
+    with start_child(_cli(fleet, *args)) as child:
+        child.wait_line(_prefix(fleet, fault) + UP, 60)
+        up = time.monotonic()
+        fleet.bad[fault]()
+        child.wait_line("RETURNED", 60)
+        returned = time.monotonic()
+        rc = child.wait(30)
+        assert rc == 2, child.stderr  # the "timed out" bit only
+        if args[0] == "-t":
+            assert returned - up <= bound + MARGIN, returned - up  # from the session being up
+        else:
+            assert _summary_seconds(child.stderr) <= bound + MARGIN, child.stderr
+        for h in fleet.good:
+            assert f"{_prefix(fleet, h)}ok {h}\n" in child.stdout
+        assert f"{_prefix(fleet, fault)}[timed out]" in child.stderr
+        assert leftovers(child.mark) == [], describe(leftovers(child.mark))
+
+
+def test_cli_timeout_on_a_healthy_host(healthy: LocalSSHD, tmp_path: Path) -> None:
+    """``sshwrap-many -t 1`` on ``sleep 30``: ~1 s, not ~2.9 s."""
+    hosts = write_config(healthy, 3, tmp_path)
+    code = CHILD.format(
+        argv=["-F", hosts.config, "-H", ",".join(hosts.hosts), "-t", "1", "--", "sleep 30"]
+    )
+    with start_child(code) as child:
+        assert child.wait(30) == 2, child.stderr
+        assert _summary_seconds(child.stderr) <= 1 + MARGIN, child.stderr
+        assert leftovers(child.mark) == [], describe(leftovers(child.mark))
+
+
+def test_cli_ctrl_c_with_frozen_and_cut_hosts(
+    healthy: LocalSSHD, cut_host: NetnsSSHD, frozen_host: LocalSSHD, tmp_path: Path
+) -> None:
+    fleet = _fleet(tmp_path, healthy, cut=cut_host, frozen=frozen_host)
+    with start_child(_cli(fleet, "-t", "2", "-p", "2")) as child:
+        for host in fleet.bad:
+            child.wait_line(_prefix(fleet, host) + UP, 60)
+        for fault in fleet.bad.values():
+            fault()
+
+        def stops() -> list[int]:
+            from sshwrap.testing import descendants
+
+            return [p for p in descendants(child.proc.pid) if STOP_SCRIPT in _cmdline(p)]
+
+        wait_until(_second_stop_seen(stops), 30, "both remote stops to start")
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        rc = child.wait(30)
+        took = time.monotonic() - t0
+        assert rc == 130, child.stderr
+        assert took <= MARGIN, took
+        assert "interrupted: 21 hosts" in child.stderr
+        assert leftovers(child.mark) == [], describe(leftovers(child.mark))
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
