@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -134,6 +135,26 @@ def _options(items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"-o wants KEY=VALUE, not {item!r}")
         opts.setdefault(key.strip(), value.strip())  # ssh takes the first value given
     return opts
+
+
+_TIME = re.compile(r"(\d+)([smhdw]?)", re.IGNORECASE)
+_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _ssh_time(value: str) -> float | None:
+    """Seconds in ssh's time format (``30``, ``1m``, ``1h30m``; a plain ``2.5`` too), or None."""
+    text = value.strip()
+    with contextlib.suppress(ValueError):
+        seconds = float(text)
+        return seconds if seconds > 0 else None
+    pos, total = 0, 0
+    while pos < len(text):
+        m = _TIME.match(text, pos)
+        if m is None:
+            return None
+        total += int(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
+        pos = m.end()
+    return float(total) if total > 0 else None
 
 
 _NUMBERED = re.compile(r"(.*?)(\d+)\Z")
@@ -490,17 +511,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.input == "-" and "-" in args.hosts:
         ap.error("stdin cannot be both the host list and the input")
     batch_mode = True
+    no_connect_timeout = False
     try:
         hosts = read_hosts(args.hosts)
         options = _options(args.options)
         # ssh's own spellings of what sshwrap-many controls itself.
         connect_timeout = args.connect_timeout
         for key in [k for k in options if k.lower() in ("connecttimeout", "batchmode")]:
-            value = options.pop(key)
+            value = options[key]
             if key.lower() == "batchmode":
+                del options[key]
                 batch_mode = value.lower() in ("yes", "true")
-            elif connect_timeout is None:
-                connect_timeout = float(value)
+            elif (seconds := _ssh_time(value)) is not None:
+                del options[key]
+                if connect_timeout is None:
+                    connect_timeout = seconds
+            else:
+                # Not a time ssh would take: it goes to ssh, which says what is wrong.
+                no_connect_timeout = connect_timeout is None
         data = None
         if args.input is not None:
             if args.input == "-":
@@ -522,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
             " ".join(command),
             concurrency=args.parallel,
             timeout=args.timeout,
-            connect_timeout=30.0 if connect_timeout is None else connect_timeout,
+            connect_timeout=(
+                None if no_connect_timeout else 30.0 if connect_timeout is None else connect_timeout
+            ),
             batch_mode=batch_mode,
             deadline=args.deadline,
             input=data,
