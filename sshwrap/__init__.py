@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
     "SSHConnectionError": "errors",
     "AuthenticationError": "errors",
     "HostKeyError": "errors",
+    "SSHConfigError": "errors",
+    "CommandTooLongError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
     "run_many": "fanout",
@@ -60,7 +62,9 @@ if TYPE_CHECKING:
     from .connection import connect as connect
     from .errors import AuthenticationError as AuthenticationError
     from .errors import CalledProcessError as CalledProcessError
+    from .errors import CommandTooLongError as CommandTooLongError
     from .errors import HostKeyError as HostKeyError
+    from .errors import SSHConfigError as SSHConfigError
     from .errors import SSHConnectionError as SSHConnectionError
     from .errors import SSHError as SSHError
     from .errors import SSHWrapError as SSHWrapError

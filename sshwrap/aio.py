@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib
 import locale
 import os
@@ -26,11 +27,12 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Unpack, cast
 
-from .errors import CalledProcessError, SSHError, TimeoutExpired
+from .errors import CalledProcessError, CommandTooLongError, SSHError, SSHStderr, TimeoutExpired
 from .process import (
-    _CLEANUP_TIMEOUT,
+    _TEE_GRACE,
     DEVNULL,
     PIPE,
+    SIGNAL_TIMEOUT,
     STDOUT,
     Command,
     CompletedProcess,
@@ -38,6 +40,7 @@ from .process import (
     SSHSettings,
     StdSpec,
     _write_to,
+    stop_failure,
 )
 
 __all__ = [
@@ -116,6 +119,7 @@ class Process:
         args: Command,
         stderr_arg: StdSpec,
         stdout_arg: StdSpec,
+        tee: asyncio.Task[None] | None = None,
     ) -> None:
         self._call = call
         self._proc = proc
@@ -124,11 +128,13 @@ class Process:
         self.ssh_args = call.argv
         self.stdin = proc.stdin
         self.stdout = proc.stdout
-        self.stderr = proc.stderr
+        # With stderr not PIPE, ssh's stderr goes through ``tee`` to where it was meant to go.
+        self.stderr = proc.stderr if tee is None else None
         self.ssh_error: SSHError | None = None
         self.ssh_messages = ""
         self._stderr_arg = stderr_arg
         self._stdout_arg = stdout_arg
+        self._tee = tee
 
     @property
     def pid(self) -> int:
@@ -144,8 +150,19 @@ class Process:
         self._finish(raw)
         return self._call.returncode
 
+    async def _settle(self) -> None:
+        """After ssh's exit: let its stderr relay reach EOF (bounded), so the error has it."""
+        if self._tee is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._tee), _TEE_GRACE)
+            # still open: something ssh started holds the pipe; stop relaying it
+            self._tee.cancel()
+            self._tee = None
+        self.ssh_error = self._call.error
+
     def _finish(self, raw: int) -> None:
         if self._call.returncode is not None:
+            self.ssh_error = self._call.error
             return
         self._call.finish(raw)
         self.ssh_error = self._call.error
@@ -158,19 +175,35 @@ class Process:
 
     async def wait(self) -> int:
         """Wait for ssh to exit; the remote returncode, or raise SSHError."""
-        raw = await self._proc.wait()
-        self._finish(raw)
+        await self._proc.wait()
+        await self._settle()
+        self._finish_now()
         if self.ssh_error is not None:
             raise self.ssh_error
         assert self._call.returncode is not None
         return self._call.returncode
 
-    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
-        """Send ``input``, read stdout and stderr to EOF, wait (no timeout: see :func:`run`)."""
-        out, err = await self._proc.communicate(input)
+    def _finish_now(self) -> None:
         raw = self._proc.returncode
         assert raw is not None
         self._finish(raw)
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
+        """Send ``input``, read stdout and stderr to EOF, wait (no timeout: see :func:`run`)."""
+        out_buf, err_buf = bytearray(), bytearray()
+        # not ``self._proc.communicate``: with a relayed stderr, the relay reads that pipe
+        await asyncio.gather(
+            _feed(self.stdin, input),
+            _read_all(self.stdout, out_buf),
+            _read_all(self.stderr, err_buf),
+        )
+        await self._proc.wait()
+        out = bytes(out_buf) if self.stdout is not None else None
+        err = bytes(err_buf) if self.stderr is not None else None
+        await self._settle()
+        if self._stderr_arg == PIPE:
+            self._call.stderr.feed(err or b"")
+        self._finish_now()
         if self.ssh_error is not None:
             raise self.ssh_error
         if self.ssh_messages:
@@ -181,35 +214,29 @@ class Process:
                 out += extra
         return out, err
 
-    async def send_signal(self, sig: int) -> None:
-        """Deliver ``sig`` to the remote command (through a second ssh; awaits it)."""
+    async def send_signal(self, sig: int, *, timeout: float = SIGNAL_TIMEOUT) -> None:
+        """Deliver ``sig`` to the remote command (through a second ssh; awaits it).
+
+        Returns within ``timeout`` (default :data:`~sshwrap.process.SIGNAL_TIMEOUT`, 5 s);
+        raises :class:`~sshwrap.errors.SSHConnectionError` with ssh's words when the signal
+        could not be delivered.
+        """
         if self._proc.returncode is not None:
             return
-        self._call.sent_signal = sig
-        argv = self._call.signal_argv(sig)
-        cleaner = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            await asyncio.wait_for(cleaner.wait(), _CLEANUP_TIMEOUT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                cleaner.kill()
-            await cleaner.wait()
+        error = await _remote_stop(self._call, sig, escalate=False, budget=timeout)
+        if error is not None and self._proc.returncode is None:
+            raise error
 
-    async def terminate(self) -> None:
-        """SIGTERM to the remote command."""
-        await self.send_signal(signal.SIGTERM)
+    async def terminate(self, *, timeout: float = SIGNAL_TIMEOUT) -> None:
+        """SIGTERM to the remote command (bounded and raising like :meth:`send_signal`)."""
+        await self.send_signal(signal.SIGTERM, timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: the local ssh now, the remote command in the background."""
         self._abandon(signal.SIGKILL, escalate=False)
 
     def _abandon(self, sig: int = signal.SIGTERM, *, escalate: bool = True) -> None:
+        """Kill the local ssh; stop the remote command in the background (STOP_MARGIN)."""
         if self._proc.returncode is not None:
             return
         self._call.signal_remote(sig, escalate=escalate, wait=False)
@@ -232,14 +259,68 @@ async def create_process(host: str, args: Command, **kwargs: Unpack[ProcessOptio
     limit = kwargs.get("limit", 2**16)
     settings = cast(SSHSettings, {k: v for k, v in kwargs.items() if k in _INVOCATION_KEYS})
     call = Invocation(host, args, **settings)
+    # ssh's stderr passes through sshwrap unless the caller reads it (PIPE) or merges it:
+    # ssh prints some failures there before its -E log opens.
+    tee = stderr not in (PIPE, STDOUT)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *call.argv, stdin=stdin, stdout=stdout, stderr=stderr, limit=limit
+            *call.argv, stdin=stdin, stdout=stdout, stderr=PIPE if tee else stderr, limit=limit
         )
-    except BaseException:
+    except BaseException as e:
         call.close()
+        if isinstance(e, OSError) and e.errno == errno.E2BIG:
+            raise CommandTooLongError(
+                f"the system refused ssh's command line as too long ({e.strerror})",
+                limit=0,
+                size=sum(len(a) + 1 for a in call.argv),
+            ) from e
         raise
-    return Process(call, proc, args, stderr, stdout)
+    task = None
+    if tee:
+        assert proc.stderr is not None
+        task = asyncio.ensure_future(_relay_stderr(proc.stderr, stderr, call.stderr))
+    return Process(call, proc, args, stderr, stdout, task)
+
+
+async def _relay_stderr(stream: asyncio.StreamReader, target: StdSpec, seen: SSHStderr) -> None:
+    """Copy ssh's stderr to where the caller's ``stderr`` goes, keeping a bounded copy."""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return
+        seen.feed(chunk)
+        _write_to(target, chunk)
+
+
+async def _remote_stop(
+    call: Invocation, sig: int, *, escalate: bool, budget: float
+) -> SSHError | None:
+    """Run the second ssh that delivers ``sig`` (see ``Invocation.signal_argv``), bounded by
+    ``budget``: killed and reaped when it runs out.  Returns why it failed, None if it worked."""
+    call.sent_signal = sig
+    argv = call.signal_argv(sig, escalate=escalate, budget=budget)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as e:
+        return stop_failure(call.host, 255, str(e), budget)
+    rc: int | None
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), budget)
+        rc = proc.returncode
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        if not isinstance(e, TimeoutError):
+            raise  # cancelled: the child watcher reaps the killed ssh
+        await proc.wait()
+        err, rc = b"", None
+    return stop_failure(call.host, rc, (err or b"").decode("utf-8", "replace"), budget)
 
 
 async def _read_all(stream: asyncio.StreamReader | None, sink: bytearray) -> None:
@@ -324,8 +405,10 @@ async def run(
         except TimeoutError:
             p._abandon()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(io_task), 5)
+                await asyncio.wait_for(asyncio.shield(io_task), _TEE_GRACE)
+            io_task.cancel()
             await p._proc.wait()
+            await p._settle()
             raise TimeoutExpired(
                 args,
                 timeout or 0.0,
@@ -336,9 +419,14 @@ async def run(
         except BaseException:
             p._abandon()
             io_task.cancel()
+            if p._tee is not None:
+                p._tee.cancel()
             with contextlib.suppress(BaseException):
                 await p._proc.wait()
             raise
+        await p._settle()
+        if p._stderr_arg == PIPE:
+            p._call.stderr.feed(err_buf)
         p._finish(raw)
         if p.ssh_error is not None:
             raise p.ssh_error

@@ -11,8 +11,11 @@ import os
 import re
 import shlex
 import signal
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+
+from .errors import CommandTooLongError
 
 __all__ = [
     "SESSION_ENV",
@@ -22,6 +25,8 @@ __all__ = [
     "SSHLog",
     "SSHNotFound",
     "build_ssh_argv",
+    "check_arg_sizes",
+    "check_destination",
     "find_ssh",
     "parse_ssh_argv",
     "remote_command",
@@ -64,6 +69,27 @@ def _opt_text(value: OptionValue) -> str:
     return text
 
 
+def check_destination(value: str, what: str = "destination") -> str:
+    """Refuse a destination, user or jump host that ssh could take as an option.
+
+    A value starting with ``-`` (``-oProxyCommand=...``) would reach ssh as an option in some
+    position (a jump host, for one, is handed to a second ssh), so it raises
+    :class:`ValueError` before anything runs.  For a jump list (``a,b``) and for
+    ``user@host`` every part is checked.  Returns ``value``; every face builds its ssh argv
+    through :func:`build_ssh_argv` and :func:`ssh_settings_args`, which call this.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    parts = value.split(",") if what == "jump host" else [value]
+    for part in parts:
+        for piece in (part, part.rpartition("@")[2]):
+            if piece.startswith("-"):
+                raise ValueError(
+                    f"{what} may not start with '-' (ssh would read an option): {value!r}"
+                )
+    return value
+
+
 def ssh_settings_args(
     *,
     config: str | os.PathLike[str] | None = None,
@@ -84,13 +110,13 @@ def ssh_settings_args(
     if config is not None:
         out += ["-F", _opt_text(config)]
     if user is not None:
-        out += ["-l", _opt_text(user)]
+        out += ["-l", check_destination(_opt_text(user), "user")]
     if port is not None:
         out += ["-p", _opt_text(port)]
     if identity is not None:
         out += ["-i", _opt_text(identity)]
     if jump is not None:
-        out += ["-J", _opt_text(jump)]
+        out += ["-J", check_destination(_opt_text(jump), "jump host")]
     for key, value in (options or {}).items():
         if not _OPTION_KEY.match(key):
             raise ValueError(f"not an ssh option name: {key!r}")
@@ -156,8 +182,9 @@ def remote_signal_script(session_id: str, sig: int, *, escalate: bool = False) -
     first argument and the tag in its command line.  (A local ssh client on the same machine
     carries the tag in its command line too, but is no ``-c`` session leader.)  The script
     skips its own session, signals the process groups (sshd makes each session its own
-    session and process group) and the processes themselves.  With ``escalate`` it waits up
-    to ~2 s for them to go and then sends SIGKILL.
+    session and process group) and the processes themselves.  With ``escalate`` it polls
+    every 0.1 s until they are gone (a zombie counts as gone: nothing reaps it where PID 1
+    does not) and exits at once then, or sends SIGKILL after ~2 s.
     """
     if not re.fullmatch(r"[0-9a-f]+", session_id):
         raise ValueError("session_id must be hex")
@@ -188,7 +215,10 @@ sig {name}
         script += """i=0
 while [ $i -lt 20 ]; do
   alive=
-  for p in $ps; do kill -0 "$p" 2>/dev/null && alive=1; done
+  for p in $ps; do
+    st=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null) || continue
+    case $st in Z*) ;; *) alive=1;; esac
+  done
   [ -n "$alive" ] || exit 0
   sleep 0.1 2>/dev/null || sleep 1
   i=$((i+1))
@@ -214,7 +244,11 @@ def build_ssh_argv(
     ``~.``), then ``-E log -o LogLevel=DEBUG2`` when ``log_path`` is given (ssh's log goes to
     that file instead of stderr; sshwrap reads the remote exit status or signal from it and
     passes ssh's ordinary messages on), then ``settings``, then ``-- host command``.
+
+    ``host`` goes through :func:`check_destination` and the result through
+    :func:`check_arg_sizes` (both raise before anything runs).
     """
+    check_destination(host)
     argv = [ssh]
     argv += ["-tt", "-e", "none"] if tty else ["-T"]
     if log_path is not None:
@@ -223,7 +257,60 @@ def build_ssh_argv(
     argv += ["--", host]
     if remote is not None:
         argv.append(remote)
+    check_arg_sizes(argv)
     return argv
+
+
+MAX_ARG_STRLEN = 131072
+"""Linux's limit on one argument or environment string, NUL included (32 pages)."""
+
+
+def _arg_max() -> int:
+    try:
+        value = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        return 0
+    return value if value > 0 else 0
+
+
+def check_arg_sizes(argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`~sshwrap.errors.CommandTooLongError` if ``argv`` cannot be exec'd.
+
+    The limits are the kernel's: on Linux one argument may hold at most
+    :data:`MAX_ARG_STRLEN` bytes including its NUL (the remote command is one argument of
+    ssh's, so this is the remote command's limit), and argv plus the environment (``env``, or
+    this process's) at most ``os.sysconf("SC_ARG_MAX")`` bytes, pointers included.  Without
+    this, ``exec`` fails with a bare ``OSError(E2BIG)``.
+    """
+    if sys.platform.startswith("linux"):
+        for arg in argv:
+            size = len(os.fsencode(arg)) + 1
+            if size > MAX_ARG_STRLEN:
+                what = "the remote command" if arg is argv[-1] else "an ssh argument"
+                raise CommandTooLongError(
+                    f"{what} is {size} bytes; one argument may hold at most {MAX_ARG_STRLEN} "
+                    "bytes (Linux MAX_ARG_STRLEN)",
+                    limit=MAX_ARG_STRLEN,
+                    size=size,
+                )
+    limit = _arg_max()
+    if not limit:
+        return
+    ptr = 8 if sys.maxsize > 2**32 else 4
+    total = sum(len(os.fsencode(a)) + 1 + ptr for a in argv)
+    if total * 2 < limit:  # far below: skip measuring the environment
+        return
+    environ = (
+        os.environb if env is None else {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+    )
+    total += sum(len(k) + len(v) + 2 + ptr for k, v in environ.items()) + 2 * ptr
+    if total > limit:
+        raise CommandTooLongError(
+            f"ssh's arguments and environment would be {total} bytes; the limit is {limit} "
+            "bytes (SC_ARG_MAX)",
+            limit=limit,
+            size=total,
+        )
 
 
 class SSHLog:

@@ -5,7 +5,11 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
 - :class:`SSHError` (ssh itself failed; nothing ran remotely, or the connection broke) with
   ``host``, ``message`` (ssh's own words) and ``stderr`` (everything ssh printed):
   :class:`SSHConnectionError` (refused, timed out, unreachable, name not resolved, closed),
-  :class:`AuthenticationError`, :class:`HostKeyError` (unknown or changed host key).
+  :class:`AuthenticationError`, :class:`HostKeyError` (unknown or changed host key),
+  :class:`SSHConfigError` (ssh refused to parse a setting: an option, a value, a port, a
+  config file, the destination's syntax).
+- :class:`CommandTooLongError` (also a :class:`ValueError`): a command or argument larger than
+  the operating system lets a program receive, refused before ssh starts.
 - :class:`CalledProcessError` and :class:`TimeoutExpired`: also subclasses of the
   :mod:`subprocess` ones, so ``except subprocess.CalledProcessError`` keeps working; they carry
   ``host``.
@@ -35,10 +39,13 @@ __all__ = [
     "UNKNOWN_SIGNAL",
     "AuthenticationError",
     "CalledProcessError",
+    "CommandTooLongError",
     "ExitInfo",
     "HostKeyError",
+    "SSHConfigError",
     "SSHConnectionError",
     "SSHError",
+    "SSHStderr",
     "SSHWrapError",
     "TimeoutExpired",
     "classify_ssh_failure",
@@ -105,6 +112,31 @@ class AuthenticationError(SSHError):
 
 class HostKeyError(SSHError):
     """The host key is unknown (with strict checking) or differs from the known one."""
+
+
+class SSHConfigError(SSHError):
+    """ssh refused a setting before connecting: nothing was sent to the host.
+
+    An unknown option, a bad value (``Bad port '99999'``, ``invalid time value``, an unknown
+    cipher, KEX or key algorithm, log level ...), a config file it cannot open or parse, a
+    destination or user name it rejects.  ``message`` is ssh's own line, e.g.
+    ``command-line: line 0: Bad configuration option: nosuchoption``.
+    """
+
+
+class CommandTooLongError(SSHWrapError, ValueError):
+    """A command (or one argument of ssh's) exceeds what the OS lets a program receive.
+
+    Raised before anything starts.  ``limit`` is the limit in bytes and ``size`` the size
+    asked for; on Linux one argument may hold at most 131,072 bytes (``MAX_ARG_STRLEN``, and the
+    whole remote command travels as one argument of ssh's) and all arguments plus the
+    environment at most ``os.sysconf("SC_ARG_MAX")``.
+    """
+
+    def __init__(self, message: str, *, limit: int, size: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.size = size
 
 
 class CalledProcessError(SSHWrapError, subprocess.CalledProcessError):
@@ -214,6 +246,21 @@ _AUTH = re.compile(
     r"No more authentication methods|Authentication failed",
     re.IGNORECASE,
 )
+# What OpenSSH 9.x prints when it refuses a setting (readconf.c, ssh.c, misc.c), as seen from
+# ssh itself: ``command-line: line 0: Bad configuration option: x``, ``command-line line 0:
+# invalid time value.``, ``/path/config line 3: Bad port '99999'.``, ``Bad port 'abc'``,
+# ``Unknown cipher type 'x'``, ``hostname contains invalid characters`` ...
+_CONFIG = re.compile(
+    r"^(?:command-line|\S*/\S*) line \d+: |^command-line: line \d+: |"
+    r": terminating, \d+ bad configuration options|"
+    r"Bad configuration option|^Bad port '|Can't open user config file|"
+    r"Bad owner or permissions on|Unknown cipher type|Unsupported KEX algorithm|"
+    r"Invalid number of ConnectionAttempts|hostname contains invalid characters|"
+    r"username contains invalid characters|Invalid -J argument|parse_jump: invalid|"
+    r"Bad escape character|Bad stdio forwarding specification|Bad forwarding specification|"
+    r"Cannot execute command-line and remote command|unsupported log level|Bad number '",
+    re.IGNORECASE,
+)
 _CONNECT = re.compile(
     r"Connection refused|Connection timed out|Operation timed out|No route to host|"
     r"Network is unreachable|Host is down|Could not resolve hostname|"
@@ -224,37 +271,112 @@ _CONNECT = re.compile(
     r"port forwarding failed|stdio forwarding failed|Could not resolve|connect to host",
     re.IGNORECASE,
 )
+_KINDS: tuple[tuple[re.Pattern[str], type[SSHError]], ...] = (
+    (_HOSTKEY, HostKeyError),
+    (_AUTH, AuthenticationError),
+    (_CONFIG, SSHConfigError),
+)
+
+# The log shows a session (so a remote command may have written to ssh's stderr).
+_SESSION = re.compile(
+    r"^Authenticated to |^debug\d: (?:Sending command|Sending subsystem|"
+    r"Entering interactive session)|mux_client_request_session: master session id",
+    re.M,
+)
+
+
+class SSHStderr:
+    """What ssh wrote on its own stderr, kept bounded (the first 64 KiB and the last 16 KiB).
+
+    ssh prints some failures (an unknown option, a bad port or value, the destination's syntax)
+    on stderr *before* it opens its ``-E`` log, so reading the log alone loses them.  Feed this
+    with the bytes of ssh's stderr as they pass (they still go where the caller wanted) and
+    give :meth:`text` to :func:`interpret_exit` / :func:`classify_ssh_failure` as ``stderr=``.
+    """
+
+    HEAD = 65536
+    TAIL = 16384
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._tail = bytearray()
+        self.dropped = 0
+
+    def feed(self, data: bytes | bytearray | memoryview | str) -> None:
+        """Record a chunk of ssh's stderr (a ``str`` is taken as UTF-8)."""
+        raw = data.encode("utf-8", "replace") if isinstance(data, str) else bytes(data)
+        room = self.HEAD - len(self._head)
+        if room > 0:
+            self._head += raw[:room]
+            raw = raw[room:]
+        if raw:
+            self._tail += raw
+            if len(self._tail) > self.TAIL:
+                cut = len(self._tail) - self.TAIL
+                self.dropped += cut
+                del self._tail[:cut]
+
+    def text(self) -> str:
+        """Everything kept, decoded (``[...]`` where the middle was dropped)."""
+        mid = b"\n[...]\n" if self.dropped else b""
+        return (bytes(self._head) + mid + bytes(self._tail)).decode("utf-8", "replace")
+
+    def __bool__(self) -> bool:
+        return bool(self._head)
+
+
+def _stderr_lines(stderr: str, log: str) -> list[str]:
+    """ssh's own lines from its stderr, when the log shows no session (else they may be the
+    remote command's)."""
+    if not stderr or _SESSION.search(log):
+        return []
+    return [ln.strip() for ln in stderr.splitlines() if ln.strip() and ln.strip() != "[...]"]
 
 
 def _pick(lines: list[str], pattern: re.Pattern[str]) -> str | None:
     for line in lines:
-        if pattern.search(line):
+        # the banner of ``@`` around a changed host key only says "warning"
+        if not line.startswith("@") and pattern.search(line):
             return line
     return None
 
 
-def classify_ssh_failure(host: str, text: str, returncode: int = 255) -> SSHError:
+def classify_ssh_failure(
+    host: str, text: str, returncode: int = 255, *, stderr: str = ""
+) -> SSHError:
     """The :class:`SSHError` subclass for ssh's messages ``text`` (its stderr, or its log).
 
     Only what ssh shows at its normal log level counts (debug lines are ignored: they mention
-    "Broken pipe" and the like on perfectly good connections).
+    "Broken pipe" and the like on perfectly good connections).  ``stderr`` is what ssh wrote
+    on its own stderr beside an ``-E`` log (:class:`SSHStderr`): used when the log shows no
+    session (then it is all ssh's: what it printed before the log opened, a ProxyCommand's or
+    jump host's words), put in front of the log's lines.
+
+    ``message`` is ssh's last line; when an earlier line tells more (a changed host key, an
+    unresolved jump host), it is that line followed by the last one in parentheses.
     """
-    messages = ssh_messages(text)
-    shown = [ln.strip() for ln in messages.split("\r\n") if ln.strip()]
-    cls: type[SSHError]
-    line = _pick(shown, _HOSTKEY)
-    if line is not None:
-        cls = HostKeyError
-    else:
-        line = _pick(shown, _AUTH)
+    log_messages = ssh_messages(text)
+    early = _stderr_lines(stderr, text)
+    shown = early + [ln.strip() for ln in log_messages.split("\r\n") if ln.strip()]
+    messages = "".join(ln + "\r\n" for ln in early) + log_messages
+    cls: type[SSHError] = SSHError
+    line: str | None = None
+    for pattern, kind in _KINDS:
+        line = _pick(shown, pattern)
         if line is not None:
-            cls = AuthenticationError
-        else:
-            line = _pick(shown, _CONNECT)
-            cls = SSHConnectionError if line is not None else SSHError
-    if line is None:
-        line = shown[-1] if shown else f"ssh exited with status {returncode} and said nothing"
-    return cls(host, line, messages, returncode)
+            cls = kind
+            break
+    else:
+        line = _pick(shown, _CONNECT)
+        if line is not None:
+            cls = SSHConnectionError
+    if not shown:
+        return cls(
+            host, f"ssh exited with status {returncode} and said nothing", messages, returncode
+        )
+    last = shown[-1]
+    message = last if line is None or line == last else f"{line} ({last})"
+    return cls(host, message, messages, returncode)
 
 
 _EXIT_STATUS = re.compile(
@@ -282,14 +404,17 @@ class ExitInfo:
     local_signal: int = 0  # the local ssh was stopped by this signal (it says "Killed by")
 
 
-def interpret_exit(host: str, ssh_returncode: int, log: str, sent_signal: int = 0) -> ExitInfo:
+def interpret_exit(
+    host: str, ssh_returncode: int, log: str, sent_signal: int = 0, *, stderr: str = ""
+) -> ExitInfo:
     """Turn ssh's exit status and log into the remote command's returncode or an SSHError.
 
     ``sent_signal`` is the signal sshwrap last sent to the remote command (0 if none): it is
     what a ``rtype exit-signal`` is reported as; otherwise :data:`UNKNOWN_SIGNAL`.
     A negative ``ssh_returncode`` (the local ssh process itself was killed) is kept as is, and
     so is a signal ssh caught itself (``Killed by signal N.``, exit 255): ``-N``, with
-    ``local_signal`` set, since the remote command may still be running.
+    ``local_signal`` set, since the remote command may still be running.  ``stderr``: what ssh
+    wrote on its own stderr (see :class:`SSHStderr` and :func:`classify_ssh_failure`).
     """
     messages = ssh_messages(log)
     if ssh_returncode < 0:
@@ -305,4 +430,4 @@ def interpret_exit(host: str, ssh_returncode: int, log: str, sent_signal: int = 
         # ssh caught SIGINT/SIGTERM/SIGHUP itself and exited 255: a local signal, not a failure
         sig = int(killed.group(1))
         return ExitInfo(-sig, None, messages, sig)
-    return ExitInfo(255, classify_ssh_failure(host, log, 255), messages)
+    return ExitInfo(255, classify_ssh_failure(host, log, 255, stderr=stderr), messages)

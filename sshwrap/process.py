@@ -46,11 +46,13 @@ multiplexes).  What sshwrap adds, and why:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
 import io
 import locale
+import math
 import os
 import re
 import secrets
@@ -77,10 +79,15 @@ from .argv import (
 )
 from .errors import (
     CalledProcessError,
+    CommandTooLongError,
+    SSHConnectionError,
     SSHError,
+    SSHStderr,
     TimeoutExpired,
+    classify_ssh_failure,
     interpret_exit,
 )
+from .threads import start_daemon
 
 __all__ = [
     "DEVNULL",
@@ -106,7 +113,115 @@ Command = str | Sequence[str]
 StdSpec = int | IO[Any] | None
 """Like subprocess: PIPE, DEVNULL, STDOUT, None (inherit), an fd, or a file object."""
 
-_CLEANUP_TIMEOUT = 60.0
+STOP_MARGIN = 2.0
+"""Seconds a background remote stop may live after the call that started it returned.
+
+A ``timeout`` (or a Ctrl-C, ``kill()``) returns at once; the second ssh that signals the remote
+command (SIGTERM, SIGKILL ~2 s later if it is still there; see
+:func:`~sshwrap.argv.remote_signal_script`) gets ``-o ConnectTimeout=2`` and is killed and
+reaped when this runs out (an unreachable host), by a helper thread that ends with it.  At
+interpreter exit, stops still in flight get the rest of their margin, then are killed: nothing
+is orphaned.  (A fresh connection to a healthy host takes ~0.3 s; the margin leaves room for
+a loaded machine.)
+"""
+
+SIGNAL_TIMEOUT = 5.0
+"""Default bound of ``Popen.send_signal``/``terminate`` (and the async ones): they return
+within it, and raise :class:`~sshwrap.errors.SSHConnectionError` when the signal could not
+be delivered (host unreachable, ssh failed)."""
+
+_TEE_GRACE = 0.5  # after ssh exits, how long its stderr relay may take to reach EOF
+
+_CLEANUP_TIMEOUT = STOP_MARGIN  # kept for importers
+
+
+class _RemoteStop:
+    """One second ssh delivering a signal to a call's remote processes, with its deadline."""
+
+    def __init__(self, host: str, argv: list[str], budget: float) -> None:
+        self.host = host
+        self.deadline = time.monotonic() + budget
+        self.budget = budget
+        self.returncode: int | None = None
+        self.stderr = ""
+        self.timed_out = False
+        self._done = False
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # the user's ^C is not for it
+        )
+        with _PENDING_LOCK:
+            _PENDING.add(self)
+
+    def finish(self) -> int | None:
+        """Wait until it exits or its deadline passes (then kill it); reap it.  Idempotent.
+
+        Returns ssh's exit status, or None when it was killed at the deadline.
+        """
+        with self._lock:
+            if not self._done:
+                left = max(0.0, self.deadline - time.monotonic())
+                try:
+                    _, err = self.proc.communicate(timeout=left)
+                except subprocess.TimeoutExpired:
+                    self.timed_out = True
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                    _, err = self.proc.communicate()
+                self.stderr = (err or b"").decode("utf-8", "replace")
+                self.returncode = None if self.timed_out else self.proc.returncode
+                self._done = True
+            with _PENDING_LOCK:
+                _PENDING.discard(self)
+            return self.returncode
+
+    def error(self) -> SSHError | None:
+        """Why the signal was not delivered (after :meth:`finish`), or None if it was."""
+        return stop_failure(self.host, self.returncode, self.stderr, self.budget)
+
+    def in_background(self) -> None:
+        """Let a helper thread (async signals blocked) finish it: at most the budget."""
+
+        def run() -> None:
+            self.finish()
+
+        start_daemon(run, "sshwrap-remote-signal")
+
+
+def stop_failure(
+    host: str, returncode: int | None, stderr: str, budget: float
+) -> SSHConnectionError | None:
+    """The error of a remote-stop ssh that exited with ``returncode`` (None: it was killed
+    when ``budget`` ran out), or None when it delivered its signal."""
+    if returncode is None:
+        return SSHConnectionError(
+            host,
+            f"could not deliver the signal: the remote stop did not finish within {budget:g} s",
+            stderr,
+        )
+    if returncode:
+        err = classify_ssh_failure(host, stderr, returncode)
+        cls = type(err) if isinstance(err, SSHConnectionError) else SSHConnectionError
+        return cls(host, f"could not deliver the signal: {err.message}", err.stderr, returncode)
+    return None
+
+
+_PENDING: set[_RemoteStop] = set()
+_PENDING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _finish_pending_stops() -> None:
+    """At interpreter exit: give every stop in flight the rest of its margin, then kill it."""
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+    for stop in pending:
+        with contextlib.suppress(Exception):
+            stop.finish()
 
 
 class SSHSettings(TypedDict, total=False):
@@ -180,14 +295,18 @@ class Invocation:
         self.stopping = False  # a background stop of the remote command has been started
         self.error: SSHError | None = None
         self.messages = ""
+        self.stderr = SSHStderr()  # what sshwrap saw of ssh's stderr (see SSHStderr)
+        self._log_text = ""
 
     def finish(self, ssh_returncode: int) -> int:
         """Record ssh's exit status; set ``returncode``, ``error``, ``messages`` (once)."""
         if self.returncode is None:
             self.ssh_returncode = ssh_returncode
-            log = self.log.read()
+            log = self._log_text = self.log.read()
             self.log.close()
-            info = interpret_exit(self.host, ssh_returncode, log, self.sent_signal)
+            info = interpret_exit(
+                self.host, ssh_returncode, log, self.sent_signal, stderr=self.stderr.text()
+            )
             self.returncode = info.returncode
             self.error = info.error
             self.messages = info.messages
@@ -198,34 +317,67 @@ class Invocation:
                 self.signal_remote(signal.SIGHUP, wait=False)
         return self.returncode
 
-    def signal_argv(self, sig: int, *, escalate: bool = False) -> list[str]:
-        """argv of the second ssh that delivers ``sig`` to this call's remote processes."""
+    def note_stderr(self, data: bytes | str | None) -> None:
+        """Record ssh's stderr seen after the fact (a PIPE read by ``communicate``).
+
+        If the call already ended in an ssh failure, its error is re-read with it, so the
+        message has what ssh printed before its log opened.
+        """
+        if not data:
+            return
+        self.stderr.feed(data)
+        if self.error is not None and self.ssh_returncode is not None:
+            self.error = classify_ssh_failure(
+                self.host, self._log_text, self.ssh_returncode, stderr=self.stderr.text()
+            )
+
+    def signal_argv(
+        self, sig: int, *, escalate: bool = False, budget: float = SIGNAL_TIMEOUT
+    ) -> list[str]:
+        """argv of the second ssh that delivers ``sig`` to this call's remote processes.
+
+        It gets ``-o ConnectTimeout`` from ``budget`` (whole seconds, at least 1; before the
+        user's settings, so it wins) and ``BatchMode=yes`` (it never prompts).
+        """
         script = remote_signal_script(self.session_id, sig, escalate=escalate)
-        settings = [*self.settings, "-o", "BatchMode=yes"]
+        connect = max(1, math.ceil(budget))
+        settings = ["-o", f"ConnectTimeout={connect}", *self.settings, "-o", "BatchMode=yes"]
         return build_ssh_argv(self.ssh, self.host, script, settings=settings)
 
-    def signal_remote(self, sig: int, *, escalate: bool = False, wait: bool = True) -> None:
-        """Send ``sig`` to the remote command; in the background unless ``wait``."""
+    def start_stop(self, sig: int, *, escalate: bool = False, budget: float) -> _RemoteStop:
+        """Start the second ssh for ``sig`` (see :meth:`signal_argv`), bounded by ``budget``."""
         self.sent_signal = sig
+        return _RemoteStop(
+            self.host, self.signal_argv(sig, escalate=escalate, budget=budget), budget
+        )
+
+    def signal_remote(
+        self,
+        sig: int,
+        *,
+        escalate: bool = False,
+        wait: bool = True,
+        budget: float | None = None,
+    ) -> SSHError | None:
+        """Send ``sig`` to the remote command within ``budget`` seconds.
+
+        ``wait``: block until delivered or the budget (default :data:`SIGNAL_TIMEOUT`) runs
+        out and return why it failed (None: delivered).  Otherwise a helper thread finishes
+        it within ``budget`` (default :data:`STOP_MARGIN`) and None is returned.
+        """
+        if budget is None:
+            budget = SIGNAL_TIMEOUT if wait else STOP_MARGIN
         if not wait:
             self.stopping = True
-        argv = self.signal_argv(sig, escalate=escalate)
-
-        def go() -> None:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    timeout=_CLEANUP_TIMEOUT,
-                    start_new_session=True,
-                )
-
-        if wait:
-            go()
-        else:
-            threading.Thread(target=go, name="sshwrap-remote-signal", daemon=True).start()
+        try:
+            stop = self.start_stop(sig, escalate=escalate, budget=budget)
+        except OSError as e:
+            return SSHConnectionError(self.host, f"could not deliver the signal: {e}")
+        if not wait:
+            stop.in_background()
+            return None
+        stop.finish()
+        return stop.error()
 
     def close(self) -> None:
         """Release the log file."""
@@ -261,6 +413,26 @@ def _write_to(
         while view:
             n = os.write(fd, view)
             view = view[n:]
+
+
+def _relay_stderr(fd: int, target: StdSpec, seen: SSHStderr) -> None:
+    """Copy ssh's stderr from the pipe ``fd`` to where the caller's ``stderr`` goes, as it
+    comes, keeping a bounded copy in ``seen`` (for the error message; see
+    :class:`~sshwrap.errors.SSHStderr`).  Runs until EOF, then closes ``fd``."""
+    try:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            seen.feed(data)
+            _write_to(target, data)
+    finally:
+        os.close(fd)
 
 
 _QUIT_MESSAGE = re.compile(rb"(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
@@ -452,22 +624,46 @@ class Popen(subprocess.Popen[Any]):
         self._killed_local = False
         self._master = -1  # the pty master (tty=True)
         self._pty_out: io.BufferedReader[Any] | None = None  # its reader
+        self._deferring = False  # inside communicate(): wait() leaves the error to it
+        self._tee: threading.Thread | None = None
+        tee_w = -1
         try:
             if tty:
                 self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
             else:
+                ssh_stderr: StdSpec = stderr
+                if stderr not in (PIPE, STDOUT):
+                    # ssh's stderr passes through sshwrap on its way to ``stderr``: ssh prints
+                    # some failures there before its -E log opens (see _relay_stderr).
+                    tee_r, tee_w = os.pipe()
+                    ssh_stderr = tee_w
                 super().__init__(
                     self._call.argv,
                     bufsize=bufsize,
                     stdin=stdin,
                     stdout=stdout,
-                    stderr=stderr,
+                    stderr=ssh_stderr,
                     text=text,
                     encoding=encoding,
                     errors=errors,
                 )
-        except BaseException:
+                if tee_w >= 0:
+                    os.close(tee_w)
+                    tee_w = -1
+                    self._tee = start_daemon(
+                        lambda: _relay_stderr(tee_r, stderr, self._call.stderr), "sshwrap-stderr"
+                    )
+        except BaseException as e:
+            if tee_w >= 0:
+                os.close(tee_w)
+                os.close(tee_r)
             self._call.close()
+            if isinstance(e, OSError) and e.errno == errno.E2BIG:
+                raise CommandTooLongError(
+                    f"the system refused ssh's command line as too long ({e.strerror})",
+                    limit=0,
+                    size=sum(len(a) + 1 for a in self._call.argv),
+                ) from e
             raise
         self.args = args
 
@@ -547,6 +743,11 @@ class Popen(subprocess.Popen[Any]):
     def _finish(self) -> None:
         if self._call.returncode is not None or self.returncode is None:
             return
+        if self._tee is not None:
+            # ssh has exited: its stderr relay reaches EOF at once (unless something ssh
+            # started still holds the pipe: then it goes on alone, to that EOF).
+            self._tee.join(_TEE_GRACE)
+            self._tee = None
         self.returncode = self._call.finish(self.returncode)
         self.ssh_error = self._call.error
         self.ssh_messages = self._call.messages
@@ -573,11 +774,13 @@ class Popen(subprocess.Popen[Any]):
     def wait(self, timeout: float | None = None) -> int:
         """Wait for ssh to exit; return the remote returncode or raise SSHError."""
         try:
-            super().wait(timeout)
+            raw = super().wait(timeout)
         except TimeoutExpired:
             raise
         except subprocess.TimeoutExpired:
             raise TimeoutExpired(self.args, timeout or 0.0, host=self.host) from None
+        if self._deferring:
+            return raw  # communicate() finishes once it has ssh's stderr
         self._finish()
         if self.ssh_error is not None and not self._quiet:
             raise self.ssh_error
@@ -589,6 +792,7 @@ class Popen(subprocess.Popen[Any]):
         if self._tty:
             out, err = self._tty_communicate(input, timeout)
         else:
+            self._deferring = True
             try:
                 out, err = super().communicate(input, timeout)
             except TimeoutExpired as e:
@@ -598,6 +802,14 @@ class Popen(subprocess.Popen[Any]):
                 raise TimeoutExpired(
                     self.args, timeout or 0.0, e.output, e.stderr, host=self.host
                 ) from None
+            finally:
+                self._deferring = False
+            if self._stderr_arg == PIPE:
+                self._call.stderr.feed(err or b"")
+            self._finish()
+            self.ssh_error = self._call.error
+            if self.ssh_error is not None and not self._quiet:
+                raise self.ssh_error
         if self.ssh_messages:
             if self._tty or (self._stderr_arg == STDOUT and self._stdout_arg == PIPE):
                 if out is not None:
@@ -691,28 +903,53 @@ class Popen(subprocess.Popen[Any]):
             raise
 
     # -- signals ----------------------------------------------------------------------------
-    def send_signal(self, sig: int) -> None:
-        """Deliver ``sig`` to the remote command (through a second ssh; waits for it)."""
+    def send_signal(self, sig: int, *, timeout: float = SIGNAL_TIMEOUT) -> None:
+        """Deliver ``sig`` to the remote command (through a second ssh; waits for it).
+
+        Returns within ``timeout`` (default :data:`SIGNAL_TIMEOUT`, 5 s); raises
+        :class:`~sshwrap.errors.SSHConnectionError` with ssh's words when the signal could not
+        be delivered (host unreachable or not answering in time, ssh failed).
+        """
         if self.poll() is not None:
             return
-        self._call.signal_remote(sig, wait=True)
+        error = self._call.signal_remote(sig, wait=True, budget=timeout)
+        if error is not None and self.poll() is None:
+            raise error
 
-    def terminate(self) -> None:
-        """SIGTERM to the remote command (the returncode will say -15 when it dies of it)."""
-        self.send_signal(signal.SIGTERM)
+    def terminate(self, *, timeout: float = SIGNAL_TIMEOUT) -> None:
+        """SIGTERM to the remote command (the returncode will say -15 when it dies of it).
+
+        Bounded and raising like :meth:`send_signal`.
+        """
+        self.send_signal(signal.SIGTERM, timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL to the remote command (in the background) and to the local ssh, at once."""
         self._abandon(signal.SIGKILL, escalate=False)
 
-    def _abandon(self, sig: int = signal.SIGTERM, *, escalate: bool = True) -> None:
-        """Stop the remote command (background ssh) and kill the local ssh now."""
+    def _abandon(
+        self, sig: int = signal.SIGTERM, *, escalate: bool = True, wait: bool = False
+    ) -> None:
+        """Stop the remote command and kill the local ssh now.
+
+        The remote stop gets :data:`STOP_MARGIN`: ``wait`` waits for it (then kills it),
+        otherwise a helper thread does.
+        """
         if self.poll() is not None:
             return
-        self._call.signal_remote(sig, escalate=escalate, wait=False)
+        self._call.stopping = True
+        try:
+            stop = self._call.start_stop(sig, escalate=escalate, budget=STOP_MARGIN)
+        except OSError:
+            stop = None
         self._killed_local = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
+        if stop is not None:
+            if wait:
+                stop.finish()
+            else:
+                stop.in_background()
 
     def resize(self, rows: int, cols: int) -> None:
         """Change the terminal size (``tty=True`` only); ssh forwards it to the remote pty."""

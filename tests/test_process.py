@@ -444,7 +444,7 @@ def test_local_ssh_killed_hangs_up_remote(local_sshd: LocalSSHD) -> None:
 
 def test_host_is_never_an_option(local_sshd: LocalSSHD, tmp_path: Path) -> None:
     target = tmp_path / "pwned"
-    with pytest.raises(sshwrap.SSHError):
+    with pytest.raises(ValueError, match="may not start with '-'"):
         sshwrap.run(
             f"-oProxyCommand=touch {target}", "true", config=local_sshd.config, capture_output=True
         )
