@@ -336,9 +336,16 @@ class AsyncConnection:
         progress: ProgressCallback | None = None,
         preserve_times: bool = True,
     ) -> None:
-        """``Connection.put`` in a worker thread (``progress`` is called from that thread)."""
-        await asyncio.to_thread(
-            self.sync.put, local, remote, progress=progress, preserve_times=preserve_times
+        """``Connection.put`` in a worker thread (``progress`` is called from that thread).
+
+        Cancelling it stops the transfer in its thread (``sshwrap.transfer.Abort``) and waits
+        for that, so a cancelled copy never completes later in the background."""
+        from .transfer import to_thread_abortable
+
+        await to_thread_abortable(
+            lambda abort: self.sync.put(
+                local, remote, progress=progress, preserve_times=preserve_times, abort=abort
+            )
         )
 
     async def get(
@@ -349,9 +356,14 @@ class AsyncConnection:
         progress: ProgressCallback | None = None,
         preserve_times: bool = True,
     ) -> None:
-        """``Connection.get`` in a worker thread (``progress`` is called from that thread)."""
-        await asyncio.to_thread(
-            self.sync.get, remote, local, progress=progress, preserve_times=preserve_times
+        """``Connection.get`` in a worker thread (``progress`` is called from that thread);
+        cancelling it stops the transfer as for ``put``."""
+        from .transfer import to_thread_abortable
+
+        await to_thread_abortable(
+            lambda abort: self.sync.get(
+                remote, local, progress=progress, preserve_times=preserve_times, abort=abort
+            )
         )
 
     async def forward_local(

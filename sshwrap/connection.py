@@ -63,7 +63,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from .argv import OptionValue, find_ssh, remote_command, ssh_settings_args
+from .argv import OptionValue, check_destination, find_ssh, remote_command, ssh_settings_args
 from .channel import ChannelError, ChannelLost, ProxyCore, check_exec_size
 from .channel_process import KILL_AFTER, ChannelPopen, run_channel
 from .errors import SSHConnectionError, SSHError, classify_ssh_failure
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from .prompts import OnPrompt
     from .relay import RelayResult
     from .spawn import Spawned
-    from .transfer import ProgressCallback
+    from .transfer import Abort, ProgressCallback
 
 __all__ = ["SUN_PATH_MAX", "Connection", "Forward", "ForwardError", "connect"]
 
@@ -286,8 +286,7 @@ class Connection:
         ssh: str | None = None,
         connect_timeout: float | None = None,
     ) -> None:
-        if not destination or destination.startswith("-"):
-            raise ValueError(f"invalid destination: {destination!r}")
+        check_destination(destination)  # ValueError for what ssh would take as an option
         self.destination = destination
         self.host = destination
         self._settings = dict(
@@ -397,8 +396,9 @@ class Connection:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)  # a dead master's socket: ssh would not replace it
         log = os.path.join(d, "log")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(log)
+        for name in (log, self._err_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
         prompts = None
         prompt_opts: list[str] = []
         if self._password is not None or self._passphrase is not None or self._on_prompt:
@@ -431,7 +431,9 @@ class Connection:
         ]
         try:
             env = prompts.env() if prompts is not None else None
-            with open(log, "ab") as errf:
+            # ssh's stderr apart from its -E log: what it prints before the log opens (a bad
+            # option, port or value) is only there.
+            with open(self._err_path, "ab") as errf:
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
@@ -460,10 +462,10 @@ class Connection:
                 self._kill_forked_master()
                 raise SSHConnectionError(self.host, "cancelled while starting the master")
             if rc != 0:
-                text = self._read_log()
+                text, err = self._read_log(), self._read_err()
                 if prompts is not None:
-                    prompts.raise_for_failure(rc, text, self.host)
-                raise classify_ssh_failure(self.host, text, rc)
+                    prompts.raise_for_failure(rc, text, self.host, stderr=err)
+                raise classify_ssh_failure(self.host, text, rc, stderr=err)
         except BaseException:
             if not self._opened:
                 self._remove_dir()
@@ -533,9 +535,22 @@ class Connection:
         }
         return {**sent, **env}
 
+    @property
+    def _err_path(self) -> str:
+        return os.path.join(self._dir, "err") if self._dir else ""
+
     def _read_log(self) -> str:
+        """The master's ``-E`` log as ssh wrote it (``\r\n`` ends each message: kept)."""
+        return self._read_text(self.log_path)
+
+    def _read_err(self) -> str:
+        """What the master's ssh wrote on its stderr (before its log opened)."""
+        return self._read_text(self._err_path)
+
+    @staticmethod
+    def _read_text(path: str) -> str:
         try:
-            with open(self.log_path, errors="replace") as f:
+            with open(path, errors="replace", newline="") as f:
                 return f.read()
         except OSError:
             return ""
@@ -942,9 +957,11 @@ class Connection:
         *,
         progress: ProgressCallback | None = None,
         preserve_times: bool = True,
+        abort: Abort | None = None,
     ) -> None:
         """Copy a local file or directory (recursively, modes kept) to ``remote`` over the
-        master (SFTP; see ``sshwrap.transfer.put``).  ``progress(done, total)`` in bytes."""
+        master (SFTP; see ``sshwrap.transfer.put``).  ``progress(done, total)`` in bytes;
+        ``abort`` (``sshwrap.transfer.Abort``) lets another thread stop it."""
         from .transfer import put
 
         put(
@@ -955,6 +972,7 @@ class Connection:
             ssh=self._ssh,
             progress=progress,
             preserve_times=preserve_times,
+            abort=abort,
         )
 
     def get(
@@ -964,9 +982,10 @@ class Connection:
         *,
         progress: ProgressCallback | None = None,
         preserve_times: bool = True,
+        abort: Abort | None = None,
     ) -> None:
         """Copy a remote file or directory to ``local`` over the master
-        (see ``sshwrap.transfer.get``)."""
+        (see ``sshwrap.transfer.get``); ``abort`` as for ``put``."""
         from .transfer import get
 
         get(
@@ -977,6 +996,7 @@ class Connection:
             ssh=self._ssh,
             progress=progress,
             preserve_times=preserve_times,
+            abort=abort,
         )
 
     def spawn(

@@ -262,16 +262,19 @@ class PromptServer:
         """True if a prompt (of ``kind``) was refused or left unanswered."""
         return any(not p.answered and (kind is None or p.kind == kind) for p in self.prompts)
 
-    def raise_for_failure(self, returncode: int, ssh_log: str, host: str = "") -> None:
+    def raise_for_failure(
+        self, returncode: int, ssh_log: str, host: str = "", *, stderr: str = ""
+    ) -> None:
         """Raise ``AuthenticationError`` / ``HostKeyError`` if ssh failed at a prompt.
 
-        ``ssh_log`` is ssh's stderr (or its ``-E`` log).  Does nothing when ssh succeeded or
-        failed for another reason (the caller classifies that, e.g. with
-        ``classify_ssh_failure``).  Messages never hold an answer, only the kinds of prompt.
+        ``ssh_log`` is ssh's stderr (or its ``-E`` log, with ``stderr`` what ssh wrote on its
+        stderr beside it).  Does nothing when ssh succeeded or failed for another reason (the
+        caller classifies that, e.g. with ``classify_ssh_failure``).  Messages never hold an
+        answer, only the kinds of prompt.
         """
         if returncode == 0:
             return
-        err = classify_ssh_failure(host, ssh_log, returncode)
+        err = classify_ssh_failure(host, ssh_log, returncode, stderr=stderr)
         if isinstance(err, HostKeyError) or self.refused("hostkey"):
             message = err.message
             if self.refused("hostkey"):

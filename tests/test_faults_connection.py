@@ -12,10 +12,18 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from faults import describe, frozen, leftovers, netns_sshd, ssh_descendants, start_child
+from faults import (
+    InProcessLeaks,
+    describe,
+    frozen,
+    leftovers,
+    netns_sshd,
+    ssh_descendants,
+    start_child,
+)
 from waiting import wait_until
 
 import sshwrap
@@ -278,16 +286,21 @@ def _timed(call: Callable[[], object]) -> tuple[float, BaseException | None]:
 
 def test_restart_against_a_hung_host_keeps_the_timeout(conn: Connection, sshd: LocalSSHD) -> None:
     _kill_master(conn)
+    conn.run("true", timeout=60)  # restarted: the dead core's thread and socket are gone now
+    _kill_master(conn)
     sshd.suspend()
     try:
-        took, err = _timed(lambda: conn.run("true", timeout=3))
-        assert isinstance(err, SSHConnectionError), err
-        assert took < 3 + MARGIN, took
-        _no_ssh_left()
-        # again: the second restart is bounded the same way
-        took, err = _timed(lambda: conn.run("true", timeout=2))
-        assert isinstance(err, SSHConnectionError) and took < 2 + MARGIN, (err, took)
-        _no_ssh_left()
+        with InProcessLeaks() as leaks:
+            took, err = _timed(lambda: conn.run("true", timeout=3))
+            assert isinstance(err, SSHConnectionError), err
+            assert took < 3 + MARGIN, took
+            _no_ssh_left()
+            # again: the second restart is bounded the same way
+            took, err = _timed(lambda: conn.run("true", timeout=2))
+            assert isinstance(err, SSHConnectionError) and took < 2 + MARGIN, (err, took)
+            _no_ssh_left()
+            # the first call closed the dead master's socket and pump: nothing else is left
+            leaks.assert_clean(2)
     finally:
         sshd.resume()
     assert conn.run("echo back", capture_output=True, timeout=60).stdout == b"back\n"
@@ -325,11 +338,10 @@ def test_async_restart_against_a_hung_host_timeout_and_cancel(
         # cancellation while the master's ssh hangs (no timeout at all)
         task = asyncio.ensure_future(ac.run("true"))
         t_end = time.monotonic() + 30
-        while conn._starting is None:
+        while not (found := _starting_masters(os.getpid())):
             assert time.monotonic() < t_end, "the master's ssh never started"
             await asyncio.sleep(0.01)  # the re-check interval
-        starting = conn._starting[0].pid
-        assert is_running(starting)
+        [starting] = found
         t0 = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -407,6 +419,11 @@ print("running", flush=True)
 """
 
 
+def _starting_masters(pid: int) -> list[int]:
+    """The ``ssh -M`` processes below ``pid`` (a master being started)."""
+    return [p for p in descendants(pid) if b"-M" in _cmdline(p).split(b"\0") and is_running(p)]
+
+
 def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
     code = textwrap.dedent(_CHILD_PRELUDE.format(host=sshd.host, config=str(sshd.config)))
     code += "c.run('true')\n"
@@ -417,11 +434,7 @@ def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
         try:
             os.kill(pid, signal.SIGKILL)
             child.wait_line("running")
-            wait_until(
-                lambda: any(b"-M" in _cmdline(p).split(b"\0") for p in descendants(child.proc.pid)),
-                30,
-                "the master's ssh to start",
-            )
+            wait_until(lambda: _starting_masters(child.proc.pid), 30, "the master's ssh to start")
             t0 = time.monotonic()
             child.send_signal(signal.SIGINT)
             child.wait(MARGIN + 5)
@@ -433,13 +446,67 @@ def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
         assert leftovers(child.mark) == []
 
 
+def test_ctrl_c_during_run_many_over_dead_masters_of_a_hung_host(sshd: LocalSSHD) -> None:
+    """Item 5: Ctrl-C came only after the 60 s start_timeout of a thread nobody could stop."""
+    code = textwrap.dedent(f"""
+        import os, select
+        import sshwrap
+        conns = [sshwrap.connect({sshd.host!r}, config={str(sshd.config)!r}) for _ in range(2)]
+        print("masters", *[c.master_pid for c in conns], flush=True)
+        for c in conns:
+            select.select([os.pidfd_open(c.master_pid)], [], [], 60)  # the test kills them
+        print("running", flush=True)
+        try:
+            sshwrap.run_many(conns, "true")
+        except sshwrap.FanoutInterrupted as e:
+            print("interrupted", [r.status for r in e.results], flush=True)
+            raise
+    """)
+    with start_child(code) as child:
+        child.wait_line("masters ")
+        pids = [int(p) for p in child.stdout.split("masters ")[1].split("\n")[0].split()]
+        sshd.suspend()
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            child.wait_line("running")
+            wait_until(lambda: len(_starting_masters(child.proc.pid)) == 2, 30, "the masters' ssh")
+            t0 = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            child.wait(MARGIN + 5)
+            took = time.monotonic() - t0
+        finally:
+            sshd.resume()
+        assert "interrupted ['cancelled', 'cancelled']" in child.stdout, (
+            child.stdout,
+            child.stderr,
+        )
+        assert "FanoutInterrupted" in child.stderr
+        assert took < MARGIN + 1.5, took
+        assert leftovers(child.mark) == []
+
+
 @pytest.mark.parametrize("hang", ["frozen", "cut"])
 def test_connect_timeout_against_a_hung_host(sshd: LocalSSHD, hang: str) -> None:
+    class Seen(Connection):
+        """Notes the socket directory when the failure is read from the master's log."""
+
+        dirs: ClassVar[list[str]] = []
+
+        def _read_log(self) -> str:
+            if self._dir is not None:
+                self.dirs.append(self._dir)
+            return super()._read_log()
+
     def attempt(host: str, config: str) -> None:
-        took, err = _timed(lambda: connect(host, config=config, connect_timeout=3))
-        assert isinstance(err, SSHConnectionError), err
-        assert took < 3 + MARGIN, took
-        _no_ssh_left()
+        with InProcessLeaks() as leaks:
+            c = Seen(host, config=config, connect_timeout=3)
+            took, err = _timed(c.open)
+            assert isinstance(err, SSHConnectionError), err
+            assert took < 3 + MARGIN, took
+            _no_ssh_left()
+            leaks.assert_clean(2)
+        assert Seen.dirs and not any(os.path.exists(d) for d in Seen.dirs)
 
     if hang == "frozen":
         with frozen(sshd):
@@ -485,3 +552,48 @@ def test_spawn_lost_connection_is_not_a_signal_death(
         assert s.returncode == 255 and isinstance(s.ssh_error, SSHConnectionError)
         with pytest.raises(SSHConnectionError):
             s.wait(5)
+
+
+# -- item 11: ssh's own words from connect() ------------------------------------------------
+def test_connect_changed_host_key_gives_the_line_that_says_so(
+    local_sshd: LocalSSHD, tmp_path: Any
+) -> None:
+    key = tmp_path / "fake_host_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        capture_output=True,
+    )
+    kind, blob = (tmp_path / "fake_host_key.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{local_sshd.addresses[0]}]:{local_sshd.port} {kind} {blob}\n")
+    for proxy in (True, False):
+        with pytest.raises(sshwrap.HostKeyError) as info:
+            connect(
+                local_sshd.host,
+                config=local_sshd.config,
+                options={"UserKnownHostsFile": str(known)},
+                proxy=proxy,
+            )
+        e = info.value
+        assert not e.message.startswith("@"), e.message
+        assert (
+            "REMOTE HOST IDENTIFICATION HAS CHANGED" in e.message
+            or "Host key verification failed." in e.message
+        ), e.message
+        assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in e.stderr
+    _no_ssh_left()
+
+
+def test_connect_refuses_option_like_destinations_before_any_ssh(local_sshd: LocalSSHD) -> None:
+    evil = "-oProxyCommand=touch /nonexistent"
+    for kw in (
+        {"destination": evil},
+        {"destination": f"user@{evil}"},
+        {"user": evil},
+        {"jump": evil},
+        {"jump": f"{local_sshd.host},{evil}"},
+    ):
+        dest = kw.pop("destination", local_sshd.host)
+        with pytest.raises(ValueError, match="-oProxyCommand"):
+            connect(dest, config=local_sshd.config, **kw)  # type: ignore[arg-type]
