@@ -10,18 +10,23 @@ local process: the command runs on a channel of ``sshwrap.channel.ProxyCore``.
   channel, so the pipes work with ``select``, ``readline`` and other threads.
 
 ``returncode`` is exact: the remote exit status, or ``-signum`` when the remote command was
-killed by a signal (``exit-signal``).  When the channel ends with neither (the master went away,
-the server refused the command) ``run`` raises an ``SSHError`` and ``Popen.returncode`` is 255
-with the error kept in ``Popen.ssh_error`` (``wait`` and ``communicate`` raise it), as
-``sshwrap.Popen`` does when ssh itself fails.
+killed by a signal (``exit-signal``).  When the channel ends with neither (the server refused
+the command), or the connection to the master is lost before both the status and the end of
+the output came (sshd may send ``exit-status`` while output still waits for window), ``run``
+raises an ``SSHError`` (``CommandLostError``, with what arrived, for a lost connection) and
+``Popen.returncode`` is 255 with the error kept in ``Popen.ssh_error`` (``wait`` and
+``communicate`` raise it), as ``sshwrap.Popen`` does when ssh itself fails.
 
 ``tty=True`` asks sshd for a terminal (``pty-req``, ``size=(rows, cols)``, ``$TERM``) without
 any local pty: the command's output (stdout and stderr merged by the remote terminal, line
 ends sent as CR LF) arrives on stdout, input is typed into it, ``Popen.resize`` sends
 ``window-change``; the returncode stays exact.
 
-A timeout sends ``TERM`` to the remote process group, then ``KILL`` after ``kill_after`` seconds,
-then closes the channel; the remote command is gone when ``TimeoutExpired`` is raised.
+A timeout sends ``TERM`` to the remote process group, then ``KILL`` after ``kill_after`` seconds
+(default 0.5), then closes the channel after ``CLOSE_AFTER`` (0.4 s) more, and raises
+``TimeoutExpired``: the call returns within ``timeout + kill_after + 0.5`` s whatever the host
+does.  On a host that answers, the remote command is gone by then; on a frozen one it may not
+be (nothing can reach it).
 stdin defaults to ``DEVNULL`` as in ``sshwrap.run`` (the remote command reads end-of-file at
 once); ``stdin=None`` reads this process's own stdin (from the I/O thread).
 """

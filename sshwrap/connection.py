@@ -36,8 +36,14 @@ OpenSSH, ``ControlMaster ask``) is used through ``ssh -S P`` subprocesses
 **A dead master** (killed, network gone, ``ServerAliveInterval`` expired) is noticed when its
 socket closes: the next call starts a new master, with the same settings and prompt answers
 (``reconnect=True``, the default), or raises ``SSHConnectionError`` (``reconnect=False``).
-Commands running when it died end with ``SSHConnectionError`` (``run``) or returncode 255 with
-``Popen.ssh_error`` set.  The new master is asked for the same forwards (same ports; a remote
+The restart is bounded by the call's ``timeout`` (and ``connect_timeout``): ssh gets a
+``ConnectTimeout`` derived from what is left and is killed and reaped when the bound runs out,
+on Ctrl-C, or when an asyncio caller is cancelled.  Commands running when it died end with
+``CommandLostError`` (an ``SSHConnectionError`` carrying the output that did arrive; ``run``)
+or returncode 255 with ``Popen.ssh_error`` set, unless both their exit status and the end of
+their output had arrived: never a returncode for a command whose end was not seen.  A
+command that cannot have started (the channel was not open yet) is tried once more on the
+new master.  The new master is asked for the same forwards (same ports; a remote
 forward of port 0 gets the server's new choice in ``Forward.port``; one that cannot be
 restored becomes inactive).
 
@@ -606,6 +612,8 @@ class Connection:
         """Take the lock, giving up when ``deadline`` passes (``SSHConnectionError``: another
         call is (re)starting the master and it is not up in time) or ``abort`` is set."""
         while True:
+            if abort is not None and abort.is_set():
+                raise SSHConnectionError(self.host, "cancelled while waiting for the master")
             left = _remaining(deadline)
             if left is not None and left <= 0:
                 raise SSHConnectionError(
@@ -617,8 +625,6 @@ class Connection:
                 step = -1 if left is None else left
             if self._lock.acquire(timeout=step):
                 return
-            if abort is not None and abort.is_set():
-                raise SSHConnectionError(self.host, "cancelled while waiting for the master")
 
     def _ensure(
         self, deadline: float | None = None, abort: threading.Event | None = None

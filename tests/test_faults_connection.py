@@ -597,3 +597,29 @@ def test_connect_refuses_option_like_destinations_before_any_ssh(local_sshd: Loc
         dest = kw.pop("destination", local_sshd.host)
         with pytest.raises(ValueError, match="-oProxyCommand"):
             connect(dest, config=local_sshd.config, **kw)  # type: ignore[arg-type]
+
+
+def test_program_exit_with_an_open_connection_to_a_frozen_host_leaves_nothing(
+    sshd: LocalSSHD,
+) -> None:
+    """The finalizer at interpreter exit stops the master, bounded, even when the host hangs."""
+    code = textwrap.dedent(f"""
+        import signal, sys
+        import sshwrap
+        c = sshwrap.connect({sshd.host!r}, config={str(sshd.config)!r})
+        c.run("true")
+        signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))  # a normal exit: finalizers run
+        print("up", c.master_pid, flush=True)
+        signal.pause()
+    """)
+    with start_child(code) as child:
+        child.wait_line("up ")
+        master = int(child.stdout.split("up ")[1].split()[0])
+        with frozen(sshd):
+            t0 = time.monotonic()
+            child.send_signal(signal.SIGUSR1)
+            assert child.wait(10) == 0, child.stderr
+            took = time.monotonic() - t0
+            assert wait_exited([master], 5) == []
+            assert leftovers(child.mark) == []
+        assert took < 5, took
