@@ -108,6 +108,7 @@ _READ = 65536
 # ends, cleanup included, within _STOP_BUDGET (0.7 s) of its bound: inside the 1 s promised.
 _KILL_GRACE = 0.5  # seconds between TERM and KILL
 _STOP_BUDGET = 0.7  # seconds the remote stop may take after a host's bound ran out
+_CONN_KILL_AFTER = 0.3  # TERM -> KILL over a Connection (which adds at most 0.5 s more)
 _EOF_GRACE = 2.0  # seconds to wait for pipes to close once ssh has exited
 # Lines in ssh's DEBUG1 log that mean the remote session is up.
 _SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
@@ -162,7 +163,9 @@ class HostResult:
       a signal killed it; ``None`` when there is no remote status (ssh failed, timed out,
       cancelled).
     - ``stdout`` / ``stderr``: the remote command's bytes (complete, or up to the moment the
-      host was stopped).  ssh's own messages are not mixed in: see ``error`` and ``ssh_log``.
+      host was stopped).  ssh's own messages are not mixed in (see ``error`` and
+      ``ssh_log``), except what ssh prints before its log opens (a setting it refuses):
+      that stays in ``stderr`` and is the ``error``'s message too.
     - ``error``: the typed ``SSHError`` when ssh itself failed (refused, timed out, name not
       resolved, authentication, host key).
     - ``status``: ``ok`` (exit 0), ``failed`` (non-zero exit or signal), ``timeout``
@@ -199,8 +202,15 @@ class HostResult:
 # -- ssh's exit, read from its log -------------------------------------------------------
 
 
-def _interpret(host: str, returncode: int, log: str) -> tuple[int | None, SSHError | None, bool]:
-    """(remote returncode, ssh error, signalled) from ssh's exit status and DEBUG1 log."""
+def _interpret(
+    host: str, returncode: int, log: str, stderr: Sequence[bytes] = ()
+) -> tuple[int | None, SSHError | None, bool]:
+    """(remote returncode, ssh error, signalled) from ssh's exit status and DEBUG1 log.
+
+    ``stderr`` is what came on ssh's stderr pipe: when no session was up, those are ssh's own
+    words (a refused option, a bad port: printed before its log opened), and the error says
+    them.
+    """
     if returncode < 0:
         # ssh itself died of a signal that sshwrap did not send.
         sig = signal.Signals(-returncode).name if -returncode in _SIGNALS else str(-returncode)
@@ -213,7 +223,8 @@ def _interpret(host: str, returncode: int, log: str) -> tuple[int | None, SSHErr
         # The remote command's own status (ssh exits 255 only for its own failure or a
         # remote signal): nothing in the log can change it.
         return returncode, None, False
-    info = interpret_exit(host, returncode, log)
+    text = b"".join(stderr).decode(errors="replace") if stderr else ""
+    info = interpret_exit(host, returncode, log, stderr=text)
     if info.error is not None:
         return None, info.error, False
     return info.returncode, None, info.returncode < 0
@@ -577,7 +588,9 @@ class _HostRun:
         signalled = False
         if status is None:
             assert self.proc is not None and self.proc.returncode is not None
-            returncode, error, signalled = _interpret(self.spec.host, self.proc.returncode, log)
+            returncode, error, signalled = _interpret(
+                self.spec.host, self.proc.returncode, log, self.err
+            )
             status = _status(returncode, error)
         return HostResult(
             host=self.spec.host,
@@ -853,11 +866,17 @@ class _Runner:
         err: bytes = b""
         status: Status
         try:
+            # The connection's own bounds do the work: ``timeout`` covers the whole call
+            # (a dead master's restart too) and returns within timeout + kill_after + 0.5 s;
+            # ``connect_timeout`` bounds the restart.  Cancelling it (Ctrl-C) stops the
+            # restart or the remote command within about 1 s.
             cp = await spec.conn.run(
                 self.command,
                 input=self.input,
                 capture_output=True,
                 timeout=_left(self.timeout, t_end),
+                connect_timeout=_left(self.connect_timeout, t_end),
+                kill_after=_CONN_KILL_AFTER,
                 env=self.env,
                 cwd=self.cwd,
             )

@@ -43,9 +43,10 @@ from faults import (
 from test_fanout_helpers import ALIAS_ENV, write_config
 from waiting import wait_until
 
+import sshwrap
 from sshwrap.errors import SSHConnectionError
 from sshwrap.fanout import FanoutInterrupted, HostResult, run_many, run_many_async
-from sshwrap.testing import LocalSSHD, comm
+from sshwrap.testing import LocalSSHD, comm, wait_exited
 
 MARGIN = 1.0  # what the fan-out promises on top of every bound
 UP = "UP-NOW"
@@ -367,7 +368,7 @@ def test_interrupt_with_frozen_and_cut_hosts(
             assert any(r.status == "cancelled" for r in results)
         else:
 
-            async def main() -> float:
+            async def main() -> None:
                 loop = asyncio.get_running_loop()
 
                 async def consume() -> None:
@@ -384,11 +385,12 @@ def test_interrupt_with_frozen_and_cut_hosts(
                 try:
                     with pytest.raises(asyncio.CancelledError):
                         await task
-                    return time.monotonic()
                 finally:
                     await asyncio.to_thread(t.join, 60)
 
-            stopped = asyncio.run(main())
+            asyncio.run(main())
+            # The cancel itself, and leaving the loop (no worker thread left to wait for).
+            stopped = time.monotonic()
         fleet.join()
         assert sent, "never interrupted"
         assert stopped - sent[0] <= MARGIN, stopped - sent[0]
@@ -508,3 +510,113 @@ def _cmdline(pid: int) -> bytes:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- hosts given as Connections whose master died and whose host hangs (item 5) ---------------
+
+
+@contextlib.contextmanager
+def _dead_master_on_a_hung_host(sshd: LocalSSHD) -> Iterator[sshwrap.Connection]:
+    """A Connection that worked, whose master was then SIGKILLed, to a host that now hangs."""
+    conn = sshwrap.connect(sshd.host, config=sshd.config)
+    try:
+        assert conn.run("true").returncode == 0
+        pid = conn.master_pid
+        os.kill(pid, signal.SIGKILL)
+        assert wait_exited([pid], 10) == []
+        pids = freeze(sshd)
+        try:
+            yield conn
+        finally:
+            thaw(sshd, pids)
+    finally:
+        conn.close()
+
+
+def _restarting(conn: sshwrap.Connection) -> Callable[[], bool]:
+    """A condition: an ssh of this process is (re)starting ``conn``'s master."""
+    needle = conn.control_path.encode()
+    return lambda: any(needle in _cmdline(p) for p in _ssh_children())
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_connection_with_a_dead_master_keeps_the_deadline(
+    face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
+) -> None:
+    """deadline=5 over a Connection whose master died on a hung host: 60 s before."""
+    cfg = write_config(healthy, 3, tmp_path)
+    with _dead_master_on_a_hung_host(frozen_host) as conn, InProcessLeaks() as leaks:
+        hosts: list[Any] = [conn, *cfg.hosts]
+        t0 = time.monotonic()
+        if face == "sync":
+            results = run_many(hosts, "echo hi", config=cfg.config, deadline=5)
+        else:
+
+            async def main() -> list[HostResult]:
+                agen = run_many_async(hosts, "echo hi", config=cfg.config, deadline=5)
+                return sorted([r async for r in agen], key=lambda r: r.index)
+
+            results = asyncio.run(main())
+        took = time.monotonic() - t0
+        assert took <= 5 + MARGIN, took
+        bad = results[0]
+        assert bad.host == conn.destination and bad.status in ("timeout", "ssh_error"), bad
+        if bad.error is not None:
+            assert isinstance(bad.error, SSHConnectionError) and conn.destination in str(bad.error)
+        assert all(r.ok and r.stdout == b"hi\n" for r in results[1:]), results
+        _clean_after(leaks)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_connection_with_a_dead_master_interrupt(
+    face: str, frozen_host: LocalSSHD, tmp_path: Path
+) -> None:
+    """Ctrl-C (sync) / cancel (async) while the master restarts on a hung host: 60 s before."""
+    sent: list[float] = []
+    with _dead_master_on_a_hung_host(frozen_host) as conn, InProcessLeaks() as leaks:
+
+        def when_restarting(act: Callable[[], None]) -> None:
+            wait_until(_restarting(conn), 30, "the master's restart")
+            sent.append(time.monotonic())
+            act()
+
+        if face == "sync":
+            old = signal.signal(signal.SIGINT, signal.default_int_handler)
+            t = threading.Thread(
+                target=when_restarting, args=(lambda: os.kill(os.getpid(), signal.SIGINT),)
+            )
+            t.start()
+            try:
+                with pytest.raises(FanoutInterrupted) as info:
+                    run_many([conn], "true")
+                stopped = time.monotonic()
+            finally:
+                t.join(60)
+                signal.signal(signal.SIGINT, old)
+            assert [r.status for r in info.value.results] == ["cancelled"]
+        else:
+
+            async def main() -> None:
+                loop = asyncio.get_running_loop()
+
+                async def consume() -> None:
+                    async for _ in run_many_async([conn], "true"):
+                        pass
+
+                task = asyncio.ensure_future(consume())
+                t = threading.Thread(
+                    target=when_restarting, args=(lambda: loop.call_soon_threadsafe(task.cancel),)
+                )
+                t.start()
+                try:
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                finally:
+                    await asyncio.to_thread(t.join, 60)
+
+            asyncio.run(main())
+            # The cancel itself, and leaving the loop (no worker thread left to wait for).
+            stopped = time.monotonic()
+        assert sent, "never interrupted"
+        assert stopped - sent[0] <= MARGIN, stopped - sent[0]
+        _clean_after(leaks)
