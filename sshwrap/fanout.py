@@ -1015,6 +1015,12 @@ async def run_many_async(
     a host that would ask fails at once instead of hanging (each ssh has no terminal, so
     with ``batch_mode=False`` it can only ask through ``SSH_ASKPASS``).  ``kill_remote``
     (default on) stops a timed-out command on the remote side too.
+    Every bound covers the cleanup it causes: a host over ``timeout``, ``connect_timeout``
+    or ``deadline`` is done within 1 s of it (its ssh: TERM, KILL 0.5 s later; the remote
+    stop: its own ssh with a ``ConnectTimeout``, killed and reaped 0.7 s after the bound
+    when the host does not answer, e.g. a cut link or a frozen sshd), so the whole run ends
+    within 1 s of its last bound and leaves no ssh behind.  Destinations, users and jump
+    hosts starting with ``-`` raise ``ValueError`` before any ssh runs.
     ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
     ``on_start(host)`` each host as it starts.
     A host may be a ``Connection``: its ControlMaster is reused.
@@ -1066,8 +1072,9 @@ def run_many(
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.
 
     ``sshwrap.run_many(["web1", "web2"], "uptime", concurrency=100, timeout=30)``.  The
-    keywords are those of ``sshwrap.aio.run_many``.  On Ctrl-C every ssh child is ended
-    first, then ``FanoutInterrupted`` (a ``KeyboardInterrupt``) is raised carrying
+    keywords are those of ``sshwrap.aio.run_many`` (bounds kept within 1 s, cleanup
+    included).  On Ctrl-C every ssh child is ended first (within about 1 s, remote stops in
+    flight included), then ``FanoutInterrupted`` (a ``KeyboardInterrupt``) is raised carrying
     ``results``: the finished hosts, and the others marked ``cancelled`` with their output
     so far.
     """

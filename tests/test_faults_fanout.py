@@ -620,3 +620,56 @@ def test_connection_with_a_dead_master_interrupt(
         assert sent, "never interrupted"
         assert stopped - sent[0] <= MARGIN, stopped - sent[0]
         _clean_after(leaks)
+
+
+# -- run_many and aio.run_many in a child program: nothing left after it exits ----------------
+
+LIB_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys, time
+    from sshwrap.fanout import run_many, run_many_async
+    from sshwrap.testing import comm, descendants
+
+    hosts, cmd, config, face = {hosts!r}, {cmd!r}, {config!r}, {face!r}
+    told = set()
+
+    def on_output(host, stream, data):
+        if host == "frozen" and b"{up}" in data and not told:
+            told.add(host)
+            print("FAULT-NOW", flush=True)
+
+    kw = dict(config=config, on_output=on_output, deadline=6)
+    t0 = time.monotonic()
+    if face == "sync":
+        results = run_many(hosts, cmd, **kw)
+    else:
+        async def main():
+            return [r async for r in run_many_async(hosts, cmd, **kw)]
+        results = asyncio.run(main())
+    took = time.monotonic() - t0
+    left = [p for p in descendants(os.getpid()) if comm(p) == "ssh"]
+    ok = sum(r.ok for r in results)
+    timeout = [r.host for r in results if r.status == "timeout"]
+    print("RETURNED", took, len(left), ok, ",".join(timeout), flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_library_in_a_child_program_leaves_nothing(
+    face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
+) -> None:
+    """deadline=6 with a frozen sshd: bounded, and no ssh left once the program has exited."""
+    fleet = _fleet(tmp_path, healthy, frozen=frozen_host)
+    code = LIB_CHILD.format(hosts=fleet.hosts, cmd=CMD, config=fleet.config, face=face, up=UP)
+    with start_child(code) as child:
+        child.wait_line("FAULT-NOW", 60)
+        fleet.bad["frozen"]()
+        child.wait_line("RETURNED", 60)
+        assert child.wait(30) == 0, child.stderr
+        line = child.stdout.split("RETURNED ", 1)[1].splitlines()[0].split()
+        took, left, ok, timed_out = float(line[0]), int(line[1]), int(line[2]), line[3]
+        assert took <= 6 + MARGIN, took
+        assert left == 0  # after the call returned
+        assert ok == len(fleet.good) and timed_out == "frozen"
+        assert leftovers(child.mark) == [], describe(leftovers(child.mark))  # after the exit
