@@ -103,6 +103,10 @@ def _check_results(results: list[object], kills: int) -> None:
             assert b"ok\n".startswith(e.stdout)  # what arrived, attached
 
 
+def _oks(results: list[object]) -> int:
+    return sum(1 for r in results if r == "ok")
+
+
 def _outcome(call: Callable[[], Any]) -> object:
     try:
         r = call()
@@ -131,18 +135,15 @@ def test_master_killed_20_times_under_20_threads(conn: Connection) -> None:
     for t in threads:
         t.start()
     try:
-        for _ in range(kills):
-            before = len(results)
+        for i in range(kills + 1):  # after the last kill too: the load goes on
+            before = _oks(results)
 
             def busy_on_new_master(b: int = before) -> bool:
-                return is_running(conn.master_pid) and len(results) > b + 20
+                return is_running(conn.master_pid) and _oks(results) > b + 20
 
-            wait_until(
-                busy_on_new_master,
-                60,
-                "calls to succeed on the (new) master",
-            )
-            _kill_master(conn)
+            wait_until(busy_on_new_master, 60, "calls to succeed on the (new) master")
+            if i < kills:
+                _kill_master(conn)
     finally:
         stop.set()
         for t in threads:
@@ -170,14 +171,14 @@ def test_master_killed_20_times_under_20_asyncio_tasks(conn: Connection) -> None
 
         tasks = [asyncio.ensure_future(loop()) for _ in range(20)]
         try:
-            for _ in range(kills):
-                before = len(results)
+            for i in range(kills + 1):  # after the last kill too: the load goes on
+                before = _oks(results)
                 t_end = time.monotonic() + 60
-                while not (
-                    conn.master_pid and is_running(conn.master_pid) and len(results) > before + 20
-                ):
+                while not (is_running(conn.master_pid) and _oks(results) > before + 20):
                     assert time.monotonic() < t_end, "no calls succeeded on the new master"
                     await asyncio.sleep(0.01)  # the re-check interval
+                if i == kills:
+                    break
                 pid = conn.master_pid
                 os.kill(pid, signal.SIGKILL)
                 assert await asyncio.to_thread(wait_exited, [pid], 10) == []
@@ -304,6 +305,22 @@ def test_restart_against_a_hung_host_keeps_the_timeout(conn: Connection, sshd: L
     finally:
         sshd.resume()
     assert conn.run("echo back", capture_output=True, timeout=60).stdout == b"back\n"
+
+
+def test_fallback_restart_against_a_hung_host_keeps_the_timeout(sshd: LocalSSHD) -> None:
+    """The ``ssh -S`` fallback (``proxy=False``) restarts its master under the same bound."""
+    with connect(sshd.host, config=sshd.config, proxy=False) as c:
+        assert not c.uses_proxy
+        assert c.run("echo ok", capture_output=True).stdout == b"ok\n"
+        _kill_master(c)
+        sshd.suspend()
+        try:
+            took, err = _timed(lambda: c.run("true", timeout=3))
+            assert isinstance(err, SSHConnectionError), err
+            assert took < 3 + MARGIN, took
+            _no_ssh_left()
+        finally:
+            sshd.resume()
 
 
 def test_restart_over_a_cut_link_keeps_the_timeout_sync_and_async() -> None:
