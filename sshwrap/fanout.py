@@ -832,20 +832,23 @@ class _Runner:
                     "ssh_error", _connect_timeout_error(host, self.connect_timeout, log)
                 )
             # Command phase: until ssh exits.
+            limit = _left(self.timeout, t_end)
+            cmd_end = None if limit is None else time.monotonic() + limit
             if not run.exited.is_set():
-                await asyncio.wait({exit_wait}, timeout=_left(self.timeout, t_end))
+                await asyncio.wait({exit_wait}, timeout=limit)
             if not run.exited.is_set():
                 # The remote stop starts now, alongside the local one: both end within
                 # _STOP_BUDGET of the bound.
                 self._kill_remote(run, time.monotonic() + _STOP_BUDGET)
                 await run.stop()
                 return run.result("timeout")
-            # ssh has exited: collect what is still in the pipes (not past the deadline).
+            # ssh has exited: collect what is still in the pipes (a child of ssh's may hold
+            # them), not past the host's bound.
             run.log_writer_close()
             if not run.pipes_closed.is_set():
                 grace = _EOF_GRACE
-                if t_end is not None:
-                    grace = min(grace, max(0.0, t_end - time.monotonic()) + _KILL_GRACE)
+                if cmd_end is not None:
+                    grace = min(grace, max(0.0, cmd_end - time.monotonic()) + _KILL_GRACE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(run.pipes_closed.wait(), grace)
             run.kill_now()
