@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 from .argv import OptionValue, remote_command
 from .channel import ProxyCore, check_exec_size
 from .channel_process import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
-from .connection import Connection, Forward, Stream, _start_deadline, channel_errors
+from .connection import (
+    Connection,
+    Forward,
+    Stream,
+    _start_deadline,
+    _time_left,
+    channel_errors,
+)
 from .errors import SSHError
 
 if TYPE_CHECKING:
@@ -247,7 +254,7 @@ class AsyncConnection:
                     stdout=stdout,
                     stderr=stderr,
                     capture_output=capture_output,
-                    timeout=timeout,
+                    timeout=_time_left(deadline),  # what a restart of the master left
                     check=check,
                     text=text,
                     encoding=encoding,

@@ -550,8 +550,10 @@ class ProxyCore:
         """False once the socket to the master has ended."""
         return not self.dead
 
-    def close(self) -> None:
-        """Stop the pump and close the socket; open channels are marked lost."""
+    def close(self, wait: float = 5.0) -> None:
+        """Stop the pump and close the socket; open channels are marked lost.  Waits up to
+        ``wait`` seconds for the pump thread to end (it ends at once unless it is stuck in a
+        blocking write to a descriptor the caller gave)."""
         with self.lock:
             if not self.dead:
                 self._die_locked("closed")
@@ -559,7 +561,7 @@ class ProxyCore:
             self._drop_draining_locked()
         self._wake()
         if threading.current_thread() is not self._thread:
-            self._thread.join(5)
+            self._thread.join(wait)
 
     def _drop_draining_locked(self) -> None:
         for ch in list(self._draining):

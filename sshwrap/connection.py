@@ -144,10 +144,21 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+_LOCAL_FLOOR = 0.5  # a step with the local master (or ssh -G) gets at least this much
+
+
 def _bounded(limit: float, deadline: float | None) -> float:
-    """``limit`` seconds, cut to what is left before ``deadline`` (at least a little)."""
+    """``limit`` seconds for a local step (the master's socket, ``ssh -G``), cut to what is
+    left before ``deadline`` but not below ``_LOCAL_FLOOR``: they take milliseconds, and one
+    cut short would leave a started master unused or its session environment unread."""
     left = _remaining(deadline)
-    return limit if left is None else max(0.01, min(limit, left))
+    return limit if left is None else min(limit, max(_LOCAL_FLOOR, left))
+
+
+def _time_left(deadline: float | None) -> float | None:
+    """A timeout for what is left before ``deadline`` (None: no deadline)."""
+    left = _remaining(deadline)
+    return None if left is None else max(0.01, left)
 
 
 def _start_deadline(deadline: float | None, connect_timeout: float | None) -> float | None:
@@ -546,7 +557,7 @@ class Connection:
         return os.path.join(self._dir, "err") if self._dir else ""
 
     def _read_log(self) -> str:
-        """The master's ``-E`` log as ssh wrote it (``\r\n`` ends each message: kept)."""
+        """The master's ``-E`` log as ssh wrote it (CR LF ends each message: kept)."""
         return self._read_text(self.log_path)
 
     def _read_err(self) -> str:
@@ -661,7 +672,7 @@ class Connection:
                 self._read_log(),
             )
         if core is not None:
-            core.close()
+            core.close(_bounded(5.0, deadline))
         self._core = None
         old = self.master_pid
         if old and _pid_alive(old):
@@ -762,7 +773,7 @@ class Connection:
                     stdout=stdout,
                     stderr=stderr,
                     capture_output=capture_output,
-                    timeout=timeout,
+                    timeout=_time_left(deadline),  # what a restart of the master left
                     check=check,
                     text=text,
                     encoding=encoding,
