@@ -46,7 +46,7 @@ from types import TracebackType
 
 from ptyprocess import PtyProcess
 
-from .argv import SSHLog, find_ssh, remote_command
+from .argv import SSHLog, check_destination, find_ssh, remote_command
 from .errors import (
     UNKNOWN_SIGNAL,
     SSHConnectionError,
@@ -119,6 +119,7 @@ class Spawned:
         env: Mapping[str, str] | None = None,
         control_path: str | None = None,
     ) -> None:
+        check_destination(destination)  # ValueError before any ssh: ssh would read an option
         self.destination = destination
         self.control_path = control_path
         self._lost = False
