@@ -35,13 +35,28 @@ multiplexes).  What sshwrap adds, and why:
   command when the client goes away.  sshwrap exports a random ``SSHWRAP_SESSION`` id in front
   of every command; on a timeout (and for ``send_signal``/``terminate``/``kill``) a second
   ssh finds the processes carrying it (``/proc``, Linux remotes) and signals their
-  process group: SIGTERM, then SIGKILL after 2 s.  With ``tty=True`` the hang-up does it too.
+  process group: SIGTERM, then SIGKILL after 2 s unless they are gone sooner (see
+  :data:`STOP_MARGIN` for its bound).  With ``tty=True`` the hang-up does it too.
   When the local ssh is stopped by a signal sshwrap did not send (the user's ^C reaches ssh
   as well: ``returncode`` is then ``-SIGINT``), the remote command gets SIGHUP the same way,
   as a closing terminal would give it (``nohup``'d commands survive).
 - **ssh's own messages** (warnings, errors) still reach the caller: written where ``stderr``
   goes, or appended to the ``stderr`` that ``communicate()``/``run()`` return with
   ``stderr=PIPE``, and kept in ``Popen.ssh_messages``.  ssh's debug lines never appear.
+  ssh prints some failures (an unknown option, a bad port or value, a destination it
+  rejects) on its stderr *before* its log opens: unless ``stderr=PIPE`` (then
+  ``communicate()``/``run()`` read it) or ``STDOUT``, ssh's stderr passes through a small
+  relay thread on its way to ``stderr`` (the user sees it as it comes) that keeps a bounded
+  copy, so the :class:`~sshwrap.errors.SSHError` message is ssh's own last words either way
+  (:class:`~sshwrap.errors.SSHConfigError` for a setting ssh refused).  Reading a
+  ``stderr=PIPE`` yourself and calling ``wait()``: those early words are in what you read,
+  and the message comes from the log alone.
+- **Bounds.**  ``timeout`` returns at once when it passes; the remote stop runs in the
+  background for at most :data:`STOP_MARGIN` (2 s) and is then killed and reaped, also at
+  interpreter exit.  ``send_signal``/``terminate`` return within :data:`SIGNAL_TIMEOUT` (5 s,
+  or their ``timeout=``) and raise :class:`~sshwrap.errors.SSHConnectionError` when the
+  signal could not be delivered.  A command over the kernel's argument limits raises
+  :class:`~sshwrap.errors.CommandTooLongError` (a ``ValueError``) before ssh starts.
 """
 
 from __future__ import annotations
@@ -286,9 +301,13 @@ class Invocation:
         self.session_id = secrets.token_hex(8)
         remote = remote_command(command, env=env, cwd=cwd, session_id=self.session_id)
         self.log = SSHLog()
-        self.argv = build_ssh_argv(
-            self.ssh, host, remote, settings=self.settings, tty=tty, log_path=self.log.path
-        )
+        try:
+            self.argv = build_ssh_argv(
+                self.ssh, host, remote, settings=self.settings, tty=tty, log_path=self.log.path
+            )
+        except BaseException:
+            self.log.close()
+            raise
         self.sent_signal = 0
         self.returncode: int | None = None
         self.ssh_returncode: int | None = None  # the local ssh's own exit status
@@ -632,6 +651,8 @@ class Popen(subprocess.Popen[Any]):
                 self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
             else:
                 ssh_stderr: StdSpec = stderr
+                if stderr is not None and not isinstance(stderr, int):
+                    stderr.fileno()  # a file object without one fails here, as in subprocess
                 if stderr not in (PIPE, STDOUT):
                     # ssh's stderr passes through sshwrap on its way to ``stderr``: ssh prints
                     # some failures there before its -E log opens (see _relay_stderr).
@@ -878,6 +899,8 @@ class Popen(subprocess.Popen[Any]):
                         continue
                     chunk = raw_reader.read1(65536)
                     if chunk:
+                        # ssh's own early words arrive through the terminal too
+                        self._call.stderr.feed(chunk)
                         if collect:
                             chunks.append(chunk)
                         else:

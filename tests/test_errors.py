@@ -7,6 +7,7 @@ the test sends nothing to any DNS server (checked with strace: no socket but nsc
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
@@ -99,6 +100,37 @@ def test_changed_host_key_is_host_key_error(local_sshd: LocalSSHD, tmp_path: Pat
     assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in e.stderr
     assert "Host key verification failed" in e.stderr
     assert e.message
+
+
+def test_changed_host_key_message_is_the_line_that_says_so(
+    local_sshd: LocalSSHD, tmp_path: Path
+) -> None:
+    """Not the banner of ``@`` (was: ``@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!``)."""
+    known = _known_hosts_with_other_key(local_sshd, tmp_path)
+    with pytest.raises(sshwrap.HostKeyError) as info:
+        sshwrap.run(
+            local_sshd.host,
+            "true",
+            config=local_sshd.config,
+            options={"UserKnownHostsFile": known},
+            capture_output=True,
+        )
+    m = info.value.message
+    assert not m.startswith("@"), m
+    assert re.search(r"Host key for \S+ has changed", m), m
+    assert m.endswith("(Host key verification failed.)"), m  # and ssh's last line
+
+
+def test_early_stderr_counts_only_without_a_session() -> None:
+    """ssh's own stderr lines are used when the log shows no session (else they may be the
+    remote command's)."""
+    e = classify_ssh_failure("h", "", stderr="Bad port '99999'\n")
+    assert type(e) is sshwrap.SSHConfigError and e.message == "Bad port '99999'"
+    session = 'Authenticated to h ([127.0.0.1]:22) using "publickey".\r\n'
+    e = classify_ssh_failure(
+        "h", session + "Connection to h closed by remote host.\r\n", stderr="Bad port 'x'\n"
+    )
+    assert type(e) is sshwrap.SSHConnectionError and "Bad port" not in e.message
 
 
 def test_unknown_host_key_is_host_key_error(local_sshd: LocalSSHD, tmp_path: Path) -> None:

@@ -236,32 +236,10 @@ FACES: dict[str, Callable[[Case], str]] = {
     "run_many": _face_run_many,
     "sshwrap-many": _face_many_cli,
 }
-OTHERS = {
-    "connect": "helper C (sshwrap.connect / Connection) is fixing this face",
-    "run_many": "helper F (fan-out) is fixing this face",
-    "sshwrap-many": "helper F (fan-out) is fixing this face",
-}
-
-
-# Faces owned by other helpers that still fail here; strict: they fail the run once fixed,
-# so the mark is removed then.
-PENDING: dict[tuple[str, str], str] = {
-    ("non-numeric ConnectTimeout", "sshwrap-many"): (
-        "helper F: sshwrap-many parses -o ConnectTimeout itself and says "
-        "'could not convert string to float', not ssh's words"
-    ),
-}
 
 
 def _cases() -> list[Any]:
-    out = []
-    for name in NAMES:
-        for face in FACES:
-            marks = []
-            if (name, face) in PENDING:
-                marks.append(pytest.mark.xfail(strict=True, reason=PENDING[name, face]))
-            out.append(pytest.param(name, face, id=f"{name}-{face}", marks=marks))
-    return out
+    return [pytest.param(n, f, id=f"{n}-{f}") for n in NAMES for f in FACES]
 
 
 @pytest.mark.parametrize(("name", "face"), _cases())
@@ -387,18 +365,7 @@ INJECT_FACES: dict[str, Callable[[str, dict[str, Any]], None]] = {
 
 
 def _injection_cases() -> list[Any]:
-    out = []
-    for where in INJECTIONS:
-        for face in INJECT_FACES:
-            marks = []
-            if (where, face) == ("destination", "spawn"):
-                reason = (
-                    "helper C: Spawned builds its argv by hand; it should call "
-                    "sshwrap.argv.check_destination(destination)"
-                )
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
-            out.append(pytest.param(where, face, id=f"{where}-{face}", marks=marks))
-    return out
+    return [pytest.param(w, f, id=f"{w}-{f}") for w in INJECTIONS for f in INJECT_FACES]
 
 
 @pytest.mark.parametrize(("where", "face"), _injection_cases())
