@@ -463,6 +463,43 @@ def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
         assert leftovers(child.mark) == []
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_ctrl_c_during_a_frozen_session(sshd: LocalSSHD, face: str) -> None:
+    """The master is up, the session frozen: Ctrl-C in run() (or the asyncio face) comes at
+    once, and leaving the program stops the master (nothing of the child's is left)."""
+    run = (
+        "c.run('echo started; sleep 1011')"
+        if face == "sync"
+        else "import asyncio\n"
+        "from sshwrap.aio_connection import AsyncConnection\n"
+        "asyncio.run(AsyncConnection(c).run('echo started; sleep 1011'))"
+    )
+    code = (
+        textwrap.dedent(f"""
+        import sshwrap
+        c = sshwrap.connect({sshd.host!r}, config={str(sshd.config)!r})
+        print("up", flush=True)
+    """)
+        + run
+        + "\n"
+    )
+    with start_child(code) as child:
+        child.wait_line("up")
+        wait_until(
+            lambda: any(_cmdline(p).startswith(b"sleep\x001011") for p in sshd.session_pids()),
+            30,
+            "the remote sleep",
+        )
+        with frozen(sshd):
+            t0 = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            child.wait(MARGIN + 8)
+            took = time.monotonic() - t0
+            assert "KeyboardInterrupt" in child.stderr, child.stderr
+            assert took < MARGIN + 2.5, took  # ~1 s, plus the exit's bounded master stop
+            assert leftovers(child.mark) == []
+
+
 def test_ctrl_c_during_run_many_over_dead_masters_of_a_hung_host(sshd: LocalSSHD) -> None:
     """Item 5: Ctrl-C came only after the 60 s start_timeout of a thread nobody could stop."""
     code = textwrap.dedent(f"""
