@@ -40,6 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .errors import CommandTooLongError
 from .mux import Reader, pack_string, pack_u32
 from .threads import start_daemon
 
@@ -126,21 +127,25 @@ class ChannelLost(ChannelError):
 
 
 def check_exec_size(command: str, env: dict[str, str] | None = None) -> None:
-    """``ValueError`` naming the limit when ``command`` (or an ``env`` request) would not fit
-    in one packet (see :data:`MAX_COMMAND`); checked before anything is sent, since an
-    oversized request breaks every channel of the connection."""
+    """``CommandTooLongError`` (a ``ValueError``) naming the limit when ``command`` (or an
+    ``env`` request) would not fit in one packet (see :data:`MAX_COMMAND`); checked before
+    anything is sent, since an oversized request breaks every channel of the connection."""
     size = len(command.encode("utf-8", "surrogateescape"))
     if size > MAX_COMMAND:
-        raise ValueError(
+        raise CommandTooLongError(
             f"the command is {size} bytes; one exec request over an OpenSSH master carries at "
-            f"most {MAX_COMMAND} bytes (its {PACKET_LIMIT // 1024} KiB packet limit)"
+            f"most {MAX_COMMAND} bytes (its {PACKET_LIMIT // 1024} KiB packet limit)",
+            limit=MAX_COMMAND,
+            size=size,
         )
     for k, v in (env or {}).items():
         n = 1 + 4 + (4 + 3) + 1 + (4 + len(k.encode())) + (4 + len(v.encode()))
         if n > _PAYLOAD_MAX:
-            raise ValueError(
+            raise CommandTooLongError(
                 f"the environment variable {k!r} is too long for one env request "
-                f"({n} bytes; at most {_PAYLOAD_MAX}, OpenSSH's packet limit)"
+                f"({n} bytes; at most {_PAYLOAD_MAX}, OpenSSH's packet limit)",
+                limit=_PAYLOAD_MAX,
+                size=n,
             )
 
 

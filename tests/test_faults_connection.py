@@ -207,8 +207,10 @@ def test_oversized_command_is_refused_before_anything_is_sent(conn: Connection) 
     try:
         wait_until(lambda: len(results) > 8, 30, "calls in flight")
         for _ in range(3):
-            with pytest.raises(ValueError, match=str(MAX_COMMAND)):
+            with pytest.raises(ValueError, match=str(MAX_COMMAND)) as info:
                 conn.run(["echo", "y" * 300_000], capture_output=True)
+            assert isinstance(info.value, sshwrap.SSHWrapError)  # CommandTooLongError
+            assert getattr(info.value, "limit", None) == MAX_COMMAND
         with pytest.raises(ValueError, match=str(MAX_COMMAND)):
             conn.Popen(["echo", "y" * 300_000])
         with pytest.raises(ValueError, match=str(MAX_COMMAND)):
