@@ -361,6 +361,7 @@ def test_async_restart_against_a_hung_host_timeout_and_cancel(
             assert time.monotonic() < t_end, "the master's ssh never started"
             await asyncio.sleep(0.01)  # the re-check interval
         [starting] = found
+        assert b"ConnectTimeout=60" in _cmdline(starting).split(b"\0")  # from start_timeout
         t0 = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
