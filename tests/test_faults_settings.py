@@ -98,6 +98,9 @@ def _table(sshd: LocalSSHD, tmp: Path) -> dict[str, Bad]:
         Bad("bad line in -F config", settings={"config": str(bad_config)}, config_error=True),
         Bad("unresolvable host name", host="bad..host"),
         Bad("destination with a space", host="bad host", config_error=True),
+        Bad("bad user@host syntax", host="x@bad;host", config_error=True),
+        Bad("user with shell characters", settings={"user": "bad;user"}, config_error=True),
+        Bad("user the server refuses", settings={"user": "no such user"}),
         Bad("refused port", settings={"port": _free_port()}),
         # it reads ssh's banner before it exits (else ssh's words race: EOF or EPIPE)
         Bad(
@@ -131,6 +134,9 @@ NAMES = [
     "bad line in -F config",
     "unresolvable host name",
     "destination with a space",
+    "bad user@host syntax",
+    "user with shell characters",
+    "user the server refuses",
     "refused port",
     "ProxyCommand that exits",
     "unresolvable jump host",
@@ -210,6 +216,8 @@ def _face_many_cli(case: Case) -> str:
         argv += ["-o", f"Port={s['port']}"]
     if "jump" in s:
         argv += ["-J", s["jump"]]
+    if "user" in s:
+        argv += ["-l", s["user"]]
     r = subprocess.run([*argv, "--", "true"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0, r
     obj = json.loads(r.stdout.splitlines()[0])
