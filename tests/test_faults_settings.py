@@ -183,6 +183,30 @@ def _face_run_uncaptured(case: Case) -> str:
     return _checked(info.value, case)
 
 
+def _face_popen_wait(case: Case) -> str:
+    with (
+        pytest.raises(sshwrap.SSHError) as info,
+        sshwrap.Popen(case.host, "true", stderr=subprocess.DEVNULL, **case.settings) as p,
+    ):
+        p.wait(60)
+    return _checked(info.value, case)
+
+
+def _face_aio_create_process(case: Case) -> str:
+    async def main() -> None:
+        p = await sshwrap.aio.create_process(
+            case.host, "true", stderr=subprocess.DEVNULL, **case.settings
+        )
+        try:
+            await p.wait()
+        finally:
+            p.close()
+
+    with pytest.raises(sshwrap.SSHError) as info:
+        asyncio.run(main())
+    return _checked(info.value, case)
+
+
 def _face_aio_run(case: Case) -> str:
     async def main() -> None:
         await sshwrap.aio.run(case.host, "true", capture_output=True, **case.settings)
@@ -239,7 +263,9 @@ def _checked(e: sshwrap.SSHError, case: Case) -> str:
 FACES: dict[str, Callable[[Case], str]] = {
     "run": _face_run,
     "run-uncaptured": _face_run_uncaptured,
+    "Popen.wait": _face_popen_wait,
     "aio.run": _face_aio_run,
+    "aio.create_process": _face_aio_create_process,
     "connect": _face_connect,
     "run_many": _face_run_many,
     "sshwrap-many": _face_many_cli,
