@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .errors import CommandTooLongError
+from .errors import UNKNOWN_SIGNAL, CommandTooLongError
 from .mux import Reader, pack_string, pack_u32
 from .threads import start_daemon
 
@@ -333,12 +333,13 @@ class Session:
 
     @property
     def returncode(self) -> int | None:
-        """``exit-status``, or ``-signum`` for ``exit-signal``; None when neither came."""
+        """``exit-status``, or ``-signum`` for ``exit-signal`` (``UNKNOWN_SIGNAL`` for a name
+        this system does not know); None when neither came."""
         if self.exit_status is not None:
             return self.exit_status
         if self.exit_signal is not None:
             num = signal_number(self.exit_signal)
-            return -num if num is not None else None
+            return -num if num is not None else UNKNOWN_SIGNAL
         return None
 
     # -- helpers (lock held) -----------------------------------------------------------
