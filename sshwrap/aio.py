@@ -158,6 +158,7 @@ class Process:
             # still open: something ssh started holds the pipe; stop relaying it
             self._tee.cancel()
             self._tee = None
+            self._call.note_stderr()  # the error, if already read, with what the relay saw
         self.ssh_error = self._call.error
 
     def _finish(self, raw: int) -> None:
@@ -202,7 +203,7 @@ class Process:
         err = bytes(err_buf) if self.stderr is not None else None
         await self._settle()
         if self._stderr_arg == PIPE:
-            self._call.stderr.feed(err or b"")
+            self._call.note_stderr(err)
         self._finish_now()
         if self.ssh_error is not None:
             raise self.ssh_error
@@ -426,7 +427,7 @@ async def run(
             raise
         await p._settle()
         if p._stderr_arg == PIPE:
-            p._call.stderr.feed(err_buf)
+            p._call.note_stderr(err_buf)
         p._finish(raw)
         if p.ssh_error is not None:
             raise p.ssh_error

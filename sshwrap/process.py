@@ -227,6 +227,8 @@ def stop_failure(
 
 _PENDING: set[_RemoteStop] = set()
 _PENDING_LOCK = threading.Lock()
+# a forked child's stops are its parent's: not to be waited for or killed at the child's exit
+os.register_at_fork(after_in_child=_PENDING.clear)
 
 
 @atexit.register
@@ -336,16 +338,16 @@ class Invocation:
                 self.signal_remote(signal.SIGHUP, wait=False)
         return self.returncode
 
-    def note_stderr(self, data: bytes | str | None) -> None:
-        """Record ssh's stderr seen after the fact (a PIPE read by ``communicate``).
+    def note_stderr(self, data: bytes | str | bytearray | None = None) -> None:
+        """Record ssh's stderr seen after the fact (a PIPE read by ``communicate``; None: the
+        relay has already recorded it).
 
         If the call already ended in an ssh failure, its error is re-read with it, so the
         message has what ssh printed before its log opened.
         """
-        if not data:
-            return
-        self.stderr.feed(data)
-        if self.error is not None and self.ssh_returncode is not None:
+        if data:
+            self.stderr.feed(data)
+        if self.error is not None and self.ssh_returncode is not None and self.stderr:
             self.error = classify_ssh_failure(
                 self.host, self._log_text, self.ssh_returncode, stderr=self.stderr.text()
             )
@@ -826,7 +828,7 @@ class Popen(subprocess.Popen[Any]):
             finally:
                 self._deferring = False
             if self._stderr_arg == PIPE:
-                self._call.stderr.feed(err or b"")
+                self._call.note_stderr(err)
             self._finish()
             self.ssh_error = self._call.error
             if self.ssh_error is not None and not self._quiet:
