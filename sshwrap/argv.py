@@ -74,15 +74,16 @@ def check_destination(value: str, what: str = "destination") -> str:
 
     A value starting with ``-`` (``-oProxyCommand=...``) would reach ssh as an option in some
     position (a jump host, for one, is handed to a second ssh), so it raises
-    :class:`ValueError` before anything runs.  For a jump list (``a,b``) and for
-    ``user@host`` every part is checked.  Returns ``value``; every face builds its ssh argv
+    :class:`ValueError` before anything runs.  For a jump list (``a,b``), ``user@host`` and
+    ``ssh://`` URIs every part is checked.  Returns ``value``; every face builds its ssh argv
     through :func:`build_ssh_argv` and :func:`ssh_settings_args`, which call this.
     """
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
     parts = value.split(",") if what == "jump host" else [value]
     for part in parts:
-        for piece in (part, part.rpartition("@")[2]):
+        bare = part.removeprefix("ssh://")
+        for piece in (part, bare, bare.rpartition("@")[2]):
             if piece.startswith("-"):
                 raise ValueError(
                     f"{what} may not start with '-' (ssh would read an option): {value!r}"
