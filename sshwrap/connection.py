@@ -188,6 +188,27 @@ def _stop_master(control_path: str, pid: int, directory: str | None) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _processes_with_arg(arg: str) -> list[int]:
+    """Pids of this user's processes that have ``arg`` as one of their arguments."""
+    want = arg.encode()
+    uid = os.getuid()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if want in args:
+                found.append(int(entry))
+    return found
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -394,11 +415,19 @@ class Connection:
                 starting[0].kill()
 
     def _kill_forked_master(self) -> None:
-        """After killing a starting ssh: a master it had already forked is stopped too."""
-        with contextlib.suppress(MuxError, OSError):
-            with MuxControl(self.control_path, timeout=0.5) as m:
-                pid = m.alive_check()
-            os.kill(pid, signal.SIGKILL)
+        """After killing a starting ssh: a master it had already forked is stopped too.
+
+        The master is asked for its pid; one that does not answer is found by its
+        ``ControlPath=`` argument (a path in this Connection's private directory, so no
+        process but the one this Connection started carries it)."""
+        pid = 0
+        path = self.control_path
+        with contextlib.suppress(MuxError, OSError), MuxControl(path, timeout=0.5) as m:
+            pid = m.alive_check()
+        pids = [pid] if pid else _processes_with_arg(f"ControlPath={self.control_path}")
+        for p in pids:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
 
     def _start_master(
         self, deadline: float | None = None, abort: threading.Event | None = None
@@ -501,6 +530,9 @@ class Connection:
                 self, _stop_master, self.control_path, self.master_pid, self._dir
             )
         except MuxError as e:
+            self._kill_forked_master()
+            if not self._opened:
+                self._remove_dir()
             raise SSHConnectionError(
                 self.host, f"the master started but does not answer: {e}", self._read_log()
             ) from None

@@ -5,6 +5,7 @@ over a lost connection (issue 9, items 3, 5, 6, 9, 10).  Real sshds, namespaces,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -680,3 +681,34 @@ def test_program_exit_with_an_open_connection_to_a_frozen_host_leaves_nothing(
             assert wait_exited([master], 5) == []
             assert leftovers(child.mark) == []
         assert took < 5, took
+
+
+def test_a_master_that_starts_but_does_not_answer_is_not_left_running(
+    sshd: LocalSSHD, tmp_path: Any
+) -> None:
+    """The ssh starting the master exits 0 (the master forked off), but the master is stopped
+    before it answers: connect() fails, and the master it forked is killed, not left behind."""
+    wrapper = tmp_path / "ssh"
+    wrapper.write_text(
+        textwrap.dedent(
+            """\
+            #!/bin/sh
+            ssh "$@" || exit $?
+            for a in "$@"; do
+              case "$a" in ControlPath=*) path="${a#ControlPath=}";; esac
+            done
+            pid=$(ssh -S "$path" -O check x 2>&1 | sed -n 's/.*pid=\\([0-9]*\\).*/\\1/p')
+            echo "$pid" > "$0.pid"
+            kill -STOP "$pid"
+            """
+        )
+    )
+    wrapper.chmod(0o755)
+    with pytest.raises(SSHConnectionError, match="does not answer"):
+        connect(sshd.host, config=sshd.config, ssh=str(wrapper), connect_timeout=3)
+    pid = int((tmp_path / "ssh.pid").read_text())
+    try:
+        assert wait_exited([pid], 5) == [], describe([pid])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
