@@ -588,8 +588,10 @@ class Popen(subprocess.Popen[Any]):
       printed at its normal log level (also written where ``stderr`` goes, or appended to the
       stderr that ``communicate()`` returns when ``stderr=PIPE``).
     - ``send_signal(sig)``/``terminate()`` deliver the signal to the remote command (through a
-      second ssh, waiting for it); ``kill()`` sends SIGKILL there (in the background) and kills
-      the local ssh at once.
+      second ssh, waiting for it at most :data:`SIGNAL_TIMEOUT` or ``timeout=``; raising
+      :class:`~sshwrap.errors.SSHConnectionError` when it could not be delivered); ``kill()``
+      sends SIGKILL there (in the background, at most :data:`STOP_MARGIN`) and kills the local
+      ssh at once.
     - ``stdin`` defaults to DEVNULL (see the module docs for why).
     - ``tty=True``: ``stdout`` reads the terminal (stdout and stderr merged), ``stdin`` (with
       ``stdin=PIPE``) writes to it, ``resize(rows, cols)`` changes its size.
@@ -1052,8 +1054,9 @@ def run(
 ) -> CompletedProcess:
     """Run ``args`` on ``host`` and wait; like :func:`subprocess.run`.
 
-    Raises :class:`~sshwrap.errors.SSHError` (a subclass) when ssh failed,
-    :class:`~sshwrap.errors.TimeoutExpired` after stopping the remote command,
+    Raises :class:`~sshwrap.errors.SSHError` (a subclass, its message ssh's own last words)
+    when ssh failed, :class:`~sshwrap.errors.TimeoutExpired` as soon as ``timeout`` passes
+    (the remote command is stopped in the background within :data:`STOP_MARGIN`),
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
     """
     if input is not None:
