@@ -34,6 +34,7 @@ from .process import (
     PIPE,
     SIGNAL_TIMEOUT,
     STDOUT,
+    STOP_MARGIN,
     Command,
     CompletedProcess,
     Invocation,
@@ -244,6 +245,19 @@ class Process:
         with contextlib.suppress(ProcessLookupError):
             self._proc.kill()
 
+    async def _stop_now(self) -> None:
+        """Kill the local ssh and stop the remote command (SIGTERM, then KILL), waiting for
+        the stop at most STOP_MARGIN: what a timed-out or cancelled ``run`` does."""
+        if self._proc.returncode is not None:
+            return
+        self._call.stopping = True
+        stop = asyncio.ensure_future(
+            _remote_stop(self._call, signal.SIGTERM, escalate=True, budget=STOP_MARGIN)
+        )
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+        await stop
+
     def close(self) -> None:
         """Release the private log file (done by :func:`run` and after ``wait``)."""
         self._call.close()
@@ -404,7 +418,7 @@ async def run(
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             raw = await asyncio.wait_for(p._proc.wait(), left)
         except TimeoutError:
-            p._abandon()
+            await p._stop_now()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(io_task), _TEE_GRACE)
             io_task.cancel()
@@ -418,10 +432,10 @@ async def run(
                 host=host,
             ) from None
         except BaseException:
-            p._abandon()
             io_task.cancel()
             if p._tee is not None:
                 p._tee.cancel()
+            p._abandon()  # cancelled: at once; the stop finishes in the background
             with contextlib.suppress(BaseException):
                 await p._proc.wait()
             raise

@@ -183,9 +183,10 @@ def remote_signal_script(session_id: str, sig: int, *, escalate: bool = False) -
     first argument and the tag in its command line.  (A local ssh client on the same machine
     carries the tag in its command line too, but is no ``-c`` session leader.)  The script
     skips its own session, signals the process groups (sshd makes each session its own
-    session and process group) and the processes themselves.  With ``escalate`` it polls
-    every 0.1 s until they are gone (a zombie counts as gone: nothing reaps it where PID 1
-    does not) and exits at once then, or sends SIGKILL after ~2 s.
+    session and process group) and the processes themselves.  With ``escalate`` it leaves a
+    watcher behind on the remote host (detached: the script, and so the local ssh, ends once
+    the first signal is sent) that polls every 0.1 s until they are gone (a zombie counts as
+    gone: nothing reaps it where PID 1 does not) and sends SIGKILL if they are not after ~2 s.
     """
     if not re.fullmatch(r"[0-9a-f]+", session_id):
         raise ValueError("session_id must be hex")
@@ -213,7 +214,10 @@ sig() {{ for g in $gs; do kill -s "$1" -- "-$g" 2>/dev/null; done; kill -s "$1" 
 sig {name}
 """
     if escalate:
-        script += """i=0
+        # The watcher runs on by itself on the remote host (stdio on /dev/null: sshd does not
+        # wait for it), so the local ssh is done once the first signal is sent.
+        script += """(
+i=0
 while [ $i -lt 20 ]; do
   alive=
   for p in $ps; do
@@ -225,6 +229,7 @@ while [ $i -lt 20 ]; do
   i=$((i+1))
 done
 sig KILL
+) </dev/null >/dev/null 2>&1 &
 """
     script += "exit 0\n"
     return script

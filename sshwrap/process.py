@@ -51,11 +51,12 @@ multiplexes).  What sshwrap adds, and why:
   (:class:`~sshwrap.errors.SSHConfigError` for a setting ssh refused).  Reading a
   ``stderr=PIPE`` yourself and calling ``wait()``: those early words are in what you read,
   and the message comes from the log alone.
-- **Bounds.**  ``timeout`` returns at once when it passes; the remote stop runs in the
-  background for at most :data:`STOP_MARGIN` (2 s) and is then killed and reaped, also at
-  interpreter exit.  ``send_signal``/``terminate`` return within :data:`SIGNAL_TIMEOUT` (5 s,
-  or their ``timeout=``) and raise :class:`~sshwrap.errors.SSHConnectionError` when the
-  signal could not be delivered.  A command over the kernel's argument limits raises
+- **Bounds.**  ``timeout`` bounds the call, its cleanup included: the call returns at most
+  :data:`STOP_MARGIN` (0.8 s) after it passes, having stopped the remote command or given up on
+  the unreachable host (the second ssh killed and reaped).  ``send_signal``/``terminate``
+  return within :data:`SIGNAL_TIMEOUT` (5 s, or their ``timeout=``) and raise
+  :class:`~sshwrap.errors.SSHConnectionError` when the signal could not be delivered.  A
+  command over the kernel's argument limits raises
   :class:`~sshwrap.errors.CommandTooLongError` (a ``ValueError``) before ssh starts.
 """
 
@@ -128,16 +129,20 @@ Command = str | Sequence[str]
 StdSpec = int | IO[Any] | None
 """Like subprocess: PIPE, DEVNULL, STDOUT, None (inherit), an fd, or a file object."""
 
-STOP_MARGIN = 2.0
-"""Seconds a background remote stop may live after the call that started it returned.
+STOP_MARGIN = 0.8
+"""Seconds the remote stop of a timed-out (or interrupted) call may take: the margin by which
+``run``/``call``/``check_*`` and ``aio.run`` may overrun their ``timeout``.
 
-A ``timeout`` (or a Ctrl-C, ``kill()``) returns at once; the second ssh that signals the remote
-command (SIGTERM, SIGKILL ~2 s later if it is still there; see
-:func:`~sshwrap.argv.remote_signal_script`) gets ``-o ConnectTimeout=2`` and is killed and
-reaped when this runs out (an unreachable host), by a helper thread that ends with it.  At
-interpreter exit, stops still in flight get the rest of their margin, then are killed: nothing
-is orphaned.  (A fresh connection to a healthy host takes ~0.3 s; the margin leaves room for
-a loaded machine.)
+On a timeout the local ssh is killed at once and a second ssh signals the remote command
+(SIGTERM; a watcher it leaves on the remote host sends SIGKILL ~2 s later if the command is
+still there; see :func:`~sshwrap.argv.remote_signal_script`).  That ssh gets ``-o
+ConnectTimeout=1`` and the call waits for it at most this long, then kills and reaps it (an
+unreachable host: the remote command may then run on, and nothing local is left).  A fresh
+connection to a healthy host takes ~0.3 s; over a ControlMaster far less.  Ctrl-C (and
+``Popen.kill()``, which returns at once like ``subprocess``'s) does not wait: the
+``KeyboardInterrupt`` propagates at once and the stop is left to a helper thread bounded the
+same way; at interpreter exit such stops get the rest of their margin, then are killed:
+nothing is orphaned.
 """
 
 SIGNAL_TIMEOUT = 5.0
@@ -182,10 +187,17 @@ class _RemoteStop:
                 left = max(0.0, self.deadline - time.monotonic())
                 try:
                     _, err = self.proc.communicate(timeout=left)
-                except subprocess.TimeoutExpired:
+                except BaseException as e:
+                    # over budget, or interrupted (a second ^C): killed and reaped either way
                     self.timed_out = True
                     with contextlib.suppress(ProcessLookupError):
                         self.proc.kill()
+                    if not isinstance(e, subprocess.TimeoutExpired):
+                        self.proc.wait()
+                        self._done = True
+                        with _PENDING_LOCK:
+                            _PENDING.discard(self)
+                        raise
                     _, err = self.proc.communicate()
                 self.stderr = (err or b"").decode("utf-8", "replace")
                 self.returncode = None if self.timed_out else self.proc.returncode
@@ -1055,8 +1067,8 @@ def run(
     """Run ``args`` on ``host`` and wait; like :func:`subprocess.run`.
 
     Raises :class:`~sshwrap.errors.SSHError` (a subclass, its message ssh's own last words)
-    when ssh failed, :class:`~sshwrap.errors.TimeoutExpired` as soon as ``timeout`` passes
-    (the remote command is stopped in the background within :data:`STOP_MARGIN`),
+    when ssh failed, :class:`~sshwrap.errors.TimeoutExpired` once ``timeout`` has passed and
+    the remote command is stopped (at most :data:`STOP_MARGIN` later),
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
     """
     if input is not None:
@@ -1072,14 +1084,14 @@ def run(
         try:
             stdout, stderr = process.communicate(input, timeout=timeout)
         except TimeoutExpired:
-            process._abandon()
+            process._abandon(wait=True)
             process._quiet = True
             process.wait()
             raise
         except SSHError:
             raise
         except BaseException:
-            process._abandon()
+            process._abandon()  # ^C: at once; the stop finishes in the background
             raise
         retcode = process.poll()
         assert retcode is not None
@@ -1096,14 +1108,14 @@ def call(
         try:
             return p.wait(timeout=timeout)
         except TimeoutExpired:
-            p._abandon()
+            p._abandon(wait=True)
             p._quiet = True
             p.wait()
             raise
         except SSHError:
             raise
         except BaseException:
-            p._abandon()
+            p._abandon()  # ^C: at once; the stop finishes in the background
             raise
 
 

@@ -149,7 +149,7 @@ def test_twenty_timeouts_leave_no_ssh_and_no_thread(own_sshd: LocalSSHD) -> None
             with pytest.raises(sshwrap.TimeoutExpired):
                 sshwrap.run(own_sshd.host, "true", timeout=0.5, config=own_sshd.config)
             assert time.monotonic() - t0 <= 0.5 + SLACK
-        leaks.assert_clean(STOP_MARGIN + SLACK)
+        leaks.assert_clean(0.5)  # the call reaped its stop before returning
 
 
 def test_aio_timeouts_leave_no_ssh_and_no_thread(own_sshd: LocalSSHD) -> None:
@@ -162,7 +162,7 @@ def test_aio_timeouts_leave_no_ssh_and_no_thread(own_sshd: LocalSSHD) -> None:
 
     with frozen(own_sshd), InProcessLeaks() as leaks:
         asyncio.run(main())
-        leaks.assert_clean(STOP_MARGIN + SLACK)
+        leaks.assert_clean(0.5)  # the call reaped its stop before returning
 
 
 # -- terminate() / send_signal() on a host that stopped answering ------------------------------
