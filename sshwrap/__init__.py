@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "HostKeyError": "errors",
     "SSHConfigError": "errors",
     "CommandTooLongError": "errors",
+    "CommandLostError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
     "run_many": "fanout",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from .connection import connect as connect
     from .errors import AuthenticationError as AuthenticationError
     from .errors import CalledProcessError as CalledProcessError
+    from .errors import CommandLostError as CommandLostError
     from .errors import CommandTooLongError as CommandTooLongError
     from .errors import HostKeyError as HostKeyError
     from .errors import SSHConfigError as SSHConfigError

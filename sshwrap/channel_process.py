@@ -51,7 +51,7 @@ from typing import IO, Any, cast
 from .channel import ChannelOpenTimeout, ProxyCore, Session, SessionPacer, Sink, Source
 from .errors import (
     CalledProcessError,
-    SSHConnectionError,
+    CommandLostError,
     SSHError,
     TimeoutExpired,
 )
@@ -163,33 +163,6 @@ def _start(ch: Session, command: str, tty: bool, size: tuple[int, int] | None) -
         rows, cols = size or (24, 80)
         ch.request_pty(os.environ.get("TERM") or "xterm", rows, cols)
     ch.exec(command, env=ch.core.session_env or None)
-
-
-class CommandLostError(SSHConnectionError):
-    """The connection to the master ended before the command's end was known.
-
-    Raised (or kept in ``Popen.ssh_error``) when a channel was lost before it had both its
-    exit status (or signal) and the end of its output: whatever came is not the whole story,
-    so it is never reported as a returncode.  sshd may send ``exit-status`` before the last
-    of the output (the command has exited, its output still waits for window), which is why
-    an exit status alone is not enough.  ``stdout`` (alias ``output``) and ``command_stderr``
-    hold what did arrive, as ``run`` would have returned them (bytes or str for ``PIPE``, else
-    None); ``exit_status`` the status if it came (else None).
-    """
-
-    def __init__(
-        self,
-        host: str,
-        message: str,
-        *,
-        stdout: Any = None,
-        command_stderr: Any = None,
-        exit_status: int | None = None,
-    ) -> None:
-        super().__init__(host, message)
-        self.stdout = self.output = stdout
-        self.command_stderr = command_stderr
-        self.exit_status = exit_status
 
 
 def _ended_error(

@@ -33,12 +33,13 @@ import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 __all__ = [
     "UNKNOWN_SIGNAL",
     "AuthenticationError",
     "CalledProcessError",
+    "CommandLostError",
     "CommandTooLongError",
     "ExitInfo",
     "HostKeyError",
@@ -104,6 +105,33 @@ class SSHError(SSHWrapError):
 
 class SSHConnectionError(SSHError):
     """No connection: refused, timed out, unreachable, name not resolved, or closed early."""
+
+
+class CommandLostError(SSHConnectionError):
+    """The connection to the master ended before the command's end was known.
+
+    Raised (or kept in ``Popen.ssh_error``) when a channel was lost before it had both its
+    exit status (or signal) and the end of its output: whatever came is not the whole story,
+    so it is never reported as a returncode.  sshd may send ``exit-status`` before the last
+    of the output (the command has exited, its output still waits for window), which is why
+    an exit status alone is not enough.  ``stdout`` (alias ``output``) and ``command_stderr``
+    hold what did arrive, as ``run`` would have returned them (bytes or str for ``PIPE``, else
+    None); ``exit_status`` the status if it came (else None).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        message: str,
+        *,
+        stdout: Any = None,
+        command_stderr: Any = None,
+        exit_status: int | None = None,
+    ) -> None:
+        super().__init__(host, message)
+        self.stdout = self.output = stdout
+        self.command_stderr = command_stderr
+        self.exit_status = exit_status
 
 
 class AuthenticationError(SSHError):
