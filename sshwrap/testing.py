@@ -32,7 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -43,6 +43,7 @@ __all__ = [
     "comm",
     "descendants",
     "is_running",
+    "pids_with_env",
     "proc_stat",
     "wait_exited",
 ]
@@ -144,6 +145,27 @@ def descendants(pid: int) -> list[int]:
         for c in kids.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
+    return out
+
+
+def pids_with_env(entry: str, exclude: Collection[int] = ()) -> list[int]:
+    """Pids of running (non-zombie) processes whose environment holds ``entry`` exactly.
+
+    ``entry`` is one ``NAME=value`` item of ``/proc/PID/environ``; processes whose environment
+    cannot be read (gone, or not ours to read) and the pids in ``exclude`` are passed over.
+    """
+    needle = entry.encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and is_running(int(name)):
+            out.append(int(name))
     return out
 
 
@@ -478,20 +500,7 @@ class LocalSSHD:
     def stray_pids(self) -> list[int]:
         """Session processes that left sshd's process tree (reparented after their connection
         closed): found by the variable sshd sets in every session's environment."""
-        needle = f"{_MARK_VAR}={self._mark}".encode()
-        own = set(self.session_pids())
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) in own:
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    env = f.read()
-            except OSError:
-                continue
-            if needle in env.split(b"\0") and is_running(int(entry)):
-                out.append(int(entry))
-        return out
+        return pids_with_env(f"{_MARK_VAR}={self._mark}", exclude=set(self.session_pids()))
 
     def suspend(self) -> None:
         """Stop the listeners with SIGSTOP: new connections hang (hosts that do not answer)."""

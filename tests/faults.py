@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 from waiting import wait_until
 
-from sshwrap.testing import LocalSSHD, descendants, is_running, proc_stat
+from sshwrap.testing import LocalSSHD, descendants, is_running, pids_with_env, proc_stat
 
 MARK_VAR = "SSHWRAP_FAULT_MARK"
 
@@ -351,19 +351,7 @@ def start_child(code: str, env: dict[str, str] | None = None) -> Iterator[ChildP
 
 def leftovers(mark: str) -> list[int]:
     """Pids of live (not zombie) processes whose environment carries ``mark``."""
-    needle = f"{MARK_VAR}={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if needle in env.split(b"\0") and is_running(int(entry)):
-            found.append(int(entry))
-    return found
+    return pids_with_env(f"{MARK_VAR}={mark}")
 
 
 def describe(pids: list[int]) -> str:
