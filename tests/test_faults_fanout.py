@@ -35,11 +35,11 @@ from faults import (
     describe,
     freeze,
     leftovers,
-    netns_sshd,
     ssh_descendants,
     start_child,
     thaw,
 )
+from faults import cut_sshd as cut_sshd  # a fixture
 from test_fanout_helpers import ALIAS_ENV, write_config
 from waiting import wait_until
 
@@ -64,12 +64,6 @@ def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSSHD]:
         cfg = write_config(sshd, 1, tmp_path_factory.mktemp("warm"))
         assert run_many(cfg.hosts, "true", config=cfg.config)[0].ok
         yield sshd
-
-
-@pytest.fixture
-def cut_host() -> Iterator[NetnsSSHD]:
-    with netns_sshd() as box:
-        yield box
 
 
 @pytest.fixture
@@ -198,10 +192,10 @@ def _clean_after(leaks: InProcessLeaks) -> None:
 
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_deadline_with_a_cut_link(
-    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+    face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
 ) -> None:
     """deadline=8, connect_timeout=4, one link cut mid-session: 23 s before the fix."""
-    fleet = _fleet(tmp_path, healthy, cut=cut_host)
+    fleet = _fleet(tmp_path, healthy, cut=cut_sshd)
     with InProcessLeaks() as leaks:
         results, took = _run(face, fleet, deadline=8, connect_timeout=4)
         fleet.join()
@@ -213,10 +207,10 @@ def test_deadline_with_a_cut_link(
 
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_timeout_with_a_cut_link(
-    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+    face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
 ) -> None:
     """timeout=6 (from the session being up), one link cut mid-session: 22 s before."""
-    fleet = _fleet(tmp_path, healthy, cut=cut_host)
+    fleet = _fleet(tmp_path, healthy, cut=cut_sshd)
     with InProcessLeaks() as leaks:
         t0 = time.monotonic()
         results, took = _run(face, fleet, timeout=6)
@@ -245,11 +239,11 @@ def test_deadline_with_a_frozen_sshd(
 
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_connect_timeout_with_a_cut_link_names_the_host(
-    face: str, healthy: LocalSSHD, cut_host: NetnsSSHD, tmp_path: Path
+    face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
 ) -> None:
     """A link cut before the run: SSHConnectionError naming the host, within the bound."""
-    fleet = _fleet(tmp_path, healthy, cut=cut_host)
-    cut_host.cut()
+    fleet = _fleet(tmp_path, healthy, cut=cut_sshd)
+    cut_sshd.cut()
     with InProcessLeaks() as leaks:
         results, took = _run(face, fleet, connect_timeout=4, deadline=8)
         assert took <= 4 + MARGIN, took
@@ -316,22 +310,64 @@ def _second_stop_seen(stops: Callable[[], list[int]]) -> Callable[[], bool]:
     return cond
 
 
+# ``when(act)`` runs in a thread: it waits for the moment to interrupt, then calls ``act()``.
+When = Callable[[Callable[[], None]], None]
+
+
+def _ctrl_c(when: When, hosts: list[Any], cmd: str, **kw: Any) -> tuple[FanoutInterrupted, float]:
+    """``run_many`` with ``when`` sending this process SIGINT: what it raised, and when."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    t = threading.Thread(target=when, args=(lambda: os.kill(os.getpid(), signal.SIGINT),))
+    t.start()
+    try:
+        with pytest.raises(FanoutInterrupted) as info:
+            run_many(hosts, cmd, **kw)
+        stopped = time.monotonic()
+    finally:
+        t.join(60)
+        signal.signal(signal.SIGINT, old)
+    return info.value, stopped
+
+
+def _cancel(when: When, hosts: list[Any], cmd: str, **kw: Any) -> float:
+    """``run_many_async`` in a task that ``when`` cancels: when ``asyncio.run`` returned."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def consume() -> None:
+            async for _ in run_many_async(hosts, cmd, **kw):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        t = threading.Thread(target=when, args=(lambda: loop.call_soon_threadsafe(task.cancel),))
+        t.start()
+        try:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await asyncio.to_thread(t.join, 60)
+
+    asyncio.run(main())
+    # The cancel itself, and leaving the loop (no worker thread left to wait for).
+    return time.monotonic()
+
+
 # Two hosts at a time, the bad ones first: when their remote stops are under way, the healthy
 # hosts are still running or waiting (the run is in full swing, not in its final cleanup).
 KW: dict[str, Any] = {"timeout": 2, "concurrency": 2}
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])
-def test_interrupt_with_frozen_and_cut_hosts(
+def test_interrupt_with_frozen_and_cut_sshds(
     face: str,
     healthy: LocalSSHD,
-    cut_host: NetnsSSHD,
+    cut_sshd: NetnsSSHD,
     frozen_host: LocalSSHD,
     tmp_path: Path,
 ) -> None:
     """Ctrl-C (sync) / task cancel (async) while the bad hosts' remote stops hang: <~1 s."""
-    fleet = _fleet(tmp_path, healthy, cut=cut_host, frozen=frozen_host)
-    caught: list[BaseException] = []
+    fleet = _fleet(tmp_path, healthy, cut=cut_sshd, frozen=frozen_host)
     sent: list[float] = []
 
     def when_stops_hang(act: Callable[[], None]) -> None:
@@ -342,24 +378,12 @@ def test_interrupt_with_frozen_and_cut_hosts(
             sent.append(time.monotonic())
             act()
 
+    kw: dict[str, Any] = {"config": fleet.config, "on_output": fleet.on_output, **KW}
     with InProcessLeaks() as leaks:
         if face == "sync":
-            old = signal.signal(signal.SIGINT, signal.default_int_handler)
-            t = threading.Thread(
-                target=when_stops_hang, args=(lambda: os.kill(os.getpid(), signal.SIGINT),)
-            )
-            t.start()
-            try:
-                try:
-                    run_many(fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **KW)
-                except FanoutInterrupted as e:
-                    caught.append(e)
-                stopped = time.monotonic()
-            finally:
-                t.join(60)
-                signal.signal(signal.SIGINT, old)
-            assert caught and isinstance(caught[0], KeyboardInterrupt)
-            results = caught[0].results  # type: ignore[attr-defined]
+            caught, stopped = _ctrl_c(when_stops_hang, fleet.hosts, CMD, **kw)
+            assert isinstance(caught, KeyboardInterrupt)
+            results = caught.results
             # The bad hosts timed out (or, still being stopped, were cancelled); of the
             # healthy ones, those still running or waiting were cancelled.
             for r in results:
@@ -367,30 +391,7 @@ def test_interrupt_with_frozen_and_cut_hosts(
                 assert r.status in allowed, r
             assert any(r.status == "cancelled" for r in results)
         else:
-
-            async def main() -> None:
-                loop = asyncio.get_running_loop()
-
-                async def consume() -> None:
-                    async for _ in run_many_async(
-                        fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **KW
-                    ):
-                        pass
-
-                task = asyncio.ensure_future(consume())
-                t = threading.Thread(
-                    target=when_stops_hang, args=(lambda: loop.call_soon_threadsafe(task.cancel),)
-                )
-                t.start()
-                try:
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
-                finally:
-                    await asyncio.to_thread(t.join, 60)
-
-            asyncio.run(main())
-            # The cancel itself, and leaving the loop (no worker thread left to wait for).
-            stopped = time.monotonic()
+            stopped = _cancel(when_stops_hang, fleet.hosts, CMD, **kw)
         fleet.join()
         assert sent, "never interrupted"
         assert stopped - sent[0] <= MARGIN, stopped - sent[0]
@@ -442,7 +443,7 @@ def test_cli_bounds(
     tmp_path: Path,
 ) -> None:
     if fault == "cut":
-        fleet = _fleet(tmp_path, healthy, cut=request.getfixturevalue("cut_host"))
+        fleet = _fleet(tmp_path, healthy, cut=request.getfixturevalue("cut_sshd"))
     else:
         fleet = _fleet(tmp_path, healthy, frozen=request.getfixturevalue("frozen_host"))
     with start_child(_cli(fleet, *args)) as child:
@@ -475,10 +476,10 @@ def test_cli_timeout_on_a_healthy_host(healthy: LocalSSHD, tmp_path: Path) -> No
         assert leftovers(child.mark) == [], describe(leftovers(child.mark))
 
 
-def test_cli_ctrl_c_with_frozen_and_cut_hosts(
-    healthy: LocalSSHD, cut_host: NetnsSSHD, frozen_host: LocalSSHD, tmp_path: Path
+def test_cli_ctrl_c_with_frozen_and_cut_sshds(
+    healthy: LocalSSHD, cut_sshd: NetnsSSHD, frozen_host: LocalSSHD, tmp_path: Path
 ) -> None:
-    fleet = _fleet(tmp_path, healthy, cut=cut_host, frozen=frozen_host)
+    fleet = _fleet(tmp_path, healthy, cut=cut_sshd, frozen=frozen_host)
     with start_child(_cli(fleet, "-t", "2", "-p", "2")) as child:
         for host in fleet.bad:
             child.wait_line(_prefix(fleet, host) + UP, 60)
@@ -581,42 +582,10 @@ def test_connection_with_a_dead_master_interrupt(
             act()
 
         if face == "sync":
-            old = signal.signal(signal.SIGINT, signal.default_int_handler)
-            t = threading.Thread(
-                target=when_restarting, args=(lambda: os.kill(os.getpid(), signal.SIGINT),)
-            )
-            t.start()
-            try:
-                with pytest.raises(FanoutInterrupted) as info:
-                    run_many([conn], "true")
-                stopped = time.monotonic()
-            finally:
-                t.join(60)
-                signal.signal(signal.SIGINT, old)
-            assert [r.status for r in info.value.results] == ["cancelled"]
+            caught, stopped = _ctrl_c(when_restarting, [conn], "true")
+            assert [r.status for r in caught.results] == ["cancelled"]
         else:
-
-            async def main() -> None:
-                loop = asyncio.get_running_loop()
-
-                async def consume() -> None:
-                    async for _ in run_many_async([conn], "true"):
-                        pass
-
-                task = asyncio.ensure_future(consume())
-                t = threading.Thread(
-                    target=when_restarting, args=(lambda: loop.call_soon_threadsafe(task.cancel),)
-                )
-                t.start()
-                try:
-                    with pytest.raises(asyncio.CancelledError):
-                        await task
-                finally:
-                    await asyncio.to_thread(t.join, 60)
-
-            asyncio.run(main())
-            # The cancel itself, and leaving the loop (no worker thread left to wait for).
-            stopped = time.monotonic()
+            stopped = _cancel(when_restarting, [conn], "true")
         assert sent, "never interrupted"
         assert stopped - sent[0] <= MARGIN, stopped - sent[0]
         _clean_after(leaks)
