@@ -9,11 +9,13 @@ Everything here uses real parts and removes what it made, also when the test fai
   reached from here over a veth pair; :meth:`NetnsSSHD.cut` pulls the cable (the far end goes
   down and the near end keeps a permanent neighbour entry, so packets vanish without an error,
   a RST or an ICMP reply: connects and sessions hang until their own timeouts).
+- :func:`known_hosts_with_other_key`: a known_hosts file in which a host's key has changed.
 - :func:`tmpfs`: a small tmpfs mounted on a fresh directory (a full disk).
 - :func:`run_child` / :func:`start_child`: a Python snippet in a fresh interpreter, marked with a
   random environment variable that every process it starts inherits; :func:`leftovers` finds
   the marked processes still alive (an ssh orphaned when the program exited).
-- :class:`InProcessLeaks`: this process's fds, threads and children before and after.
+- :class:`InProcessLeaks`: this process's fds, threads and children before and after;
+  :func:`cmdline` and :func:`describe` to look at (and name) processes.
 
 Namespaces, veths and mounts need root; the fixtures skip with the reason otherwise.
 """
@@ -198,6 +200,22 @@ def cut_sshd() -> Iterator[NetnsSSHD]:
         yield box
 
 
+# -- a changed host key -----------------------------------------------------------------------
+def known_hosts_with_other_key(sshd: LocalSSHD, directory: Path) -> Path:
+    """A known_hosts file in ``directory`` that gives ``sshd``'s first address and port a
+    fresh ed25519 key of another host (so ssh sees the host key as changed)."""
+    key = directory / "fake_host_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        capture_output=True,
+    )
+    kind, blob = (directory / "fake_host_key.pub").read_text().split()[:2]
+    known = directory / "known_hosts"
+    known.write_text(f"[{sshd.addresses[0]}]:{sshd.port} {kind} {blob}\n")
+    return known
+
+
 # -- full disks -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def tmpfs(size: str = "1m", mode: int = 0o777) -> Iterator[Path]:
@@ -352,6 +370,15 @@ def start_child(code: str, env: dict[str, str] | None = None) -> Iterator[ChildP
 def leftovers(mark: str) -> list[int]:
     """Pids of live (not zombie) processes whose environment carries ``mark``."""
     return pids_with_env(f"{MARK_VAR}={mark}")
+
+
+def cmdline(pid: int) -> bytes:
+    """``/proc/PID/cmdline`` (arguments separated by NUL bytes), or b"" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def describe(pids: list[int]) -> str:

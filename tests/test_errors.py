@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from faults import known_hosts_with_other_key
 
 import sshwrap
 from sshwrap.errors import UNKNOWN_SIGNAL, classify_ssh_failure, interpret_exit, ssh_messages
@@ -77,21 +78,8 @@ def test_wrong_key_is_authentication_error(local_sshd: LocalSSHD, tmp_path: Path
     assert info.value.host == local_sshd.host
 
 
-def _known_hosts_with_other_key(sshd: LocalSSHD, tmp_path: Path) -> Path:
-    key = tmp_path / "fake_host_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        check=True,
-        capture_output=True,
-    )
-    kind, blob = (tmp_path / "fake_host_key.pub").read_text().split()[:2]
-    known = tmp_path / "known_hosts"
-    known.write_text(f"[{sshd.addresses[0]}]:{sshd.port} {kind} {blob}\n")
-    return known
-
-
 def test_changed_host_key_is_host_key_error(local_sshd: LocalSSHD, tmp_path: Path) -> None:
-    known = _known_hosts_with_other_key(local_sshd, tmp_path)
+    known = known_hosts_with_other_key(local_sshd, tmp_path)
     with pytest.raises(sshwrap.HostKeyError) as info:
         sshwrap.run(
             local_sshd.host, "true", config=local_sshd.config, options={"UserKnownHostsFile": known}
@@ -106,7 +94,7 @@ def test_changed_host_key_message_is_the_line_that_says_so(
     local_sshd: LocalSSHD, tmp_path: Path
 ) -> None:
     """Not the banner of ``@`` (was: ``@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!``)."""
-    known = _known_hosts_with_other_key(local_sshd, tmp_path)
+    known = known_hosts_with_other_key(local_sshd, tmp_path)
     with pytest.raises(sshwrap.HostKeyError) as info:
         sshwrap.run(
             local_sshd.host,

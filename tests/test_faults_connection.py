@@ -17,9 +17,12 @@ from typing import Any, ClassVar
 
 import pytest
 from faults import (
+    ChildProc,
     InProcessLeaks,
+    cmdline,
     describe,
     frozen,
+    known_hosts_with_other_key,
     leftovers,
     netns_sshd,
     ssh_descendants,
@@ -62,14 +65,6 @@ def _no_ssh_left() -> None:
     """No ssh below this process (the starting ssh was killed *and* reaped)."""
     left = [p for p in ssh_descendants() if comm(p) == "ssh"]
     assert left == [], f"ssh processes left: {describe(left)}"
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 # -- item 3: nothing lost when the master dies ------------------------------------------------
@@ -362,7 +357,7 @@ def test_async_restart_against_a_hung_host_timeout_and_cancel(
             assert time.monotonic() < t_end, "the master's ssh never started"
             await asyncio.sleep(0.01)  # the re-check interval
         [starting] = found
-        assert b"ConnectTimeout=60" in _cmdline(starting).split(b"\0")  # from start_timeout
+        assert b"ConnectTimeout=60" in cmdline(starting).split(b"\0")  # from start_timeout
         t0 = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -414,7 +409,7 @@ def test_frozen_session_timeout_includes_the_stop(
     t.start()
     try:
         wait_until(
-            lambda: any(_cmdline(p).startswith(b"sleep\x0030") for p in sshd.session_pids()),
+            lambda: any(cmdline(p).startswith(b"sleep\x0030") for p in sshd.session_pids()),
             30,
             "the remote sleep",
         )
@@ -442,7 +437,28 @@ print("running", flush=True)
 
 def _starting_masters(pid: int) -> list[int]:
     """The ``ssh -M`` processes below ``pid`` (a master being started)."""
-    return [p for p in descendants(pid) if b"-M" in _cmdline(p).split(b"\0") and is_running(p)]
+    return [p for p in descendants(pid) if b"-M" in cmdline(p).split(b"\0") and is_running(p)]
+
+
+def _ctrl_c_while_masters_restart(child: ChildProc, sshd: LocalSSHD, masters: list[int]) -> float:
+    """With ``sshd`` hung (its listeners stopped), SIGKILL the child's ``masters``; once the
+    child says "running" and is restarting them all, SIGINT it: seconds until it exited."""
+    sshd.suspend()
+    try:
+        for pid in masters:
+            os.kill(pid, signal.SIGKILL)
+        child.wait_line("running")
+        wait_until(
+            lambda: len(_starting_masters(child.proc.pid)) >= len(masters),
+            30,
+            "the masters' ssh to start",
+        )
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        child.wait(MARGIN + 5)
+        return time.monotonic() - t0
+    finally:
+        sshd.resume()
 
 
 def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
@@ -451,17 +467,7 @@ def test_ctrl_c_during_restart_against_a_hung_host(sshd: LocalSSHD) -> None:
     with start_child(code) as child:
         child.wait_line("master ")
         pid = int(child.stdout.split("master ")[1].split()[0])
-        sshd.suspend()
-        try:
-            os.kill(pid, signal.SIGKILL)
-            child.wait_line("running")
-            wait_until(lambda: _starting_masters(child.proc.pid), 30, "the master's ssh to start")
-            t0 = time.monotonic()
-            child.send_signal(signal.SIGINT)
-            child.wait(MARGIN + 5)
-            took = time.monotonic() - t0
-        finally:
-            sshd.resume()
+        took = _ctrl_c_while_masters_restart(child, sshd, [pid])
         assert "KeyboardInterrupt" in child.stderr, child.stderr
         assert took < MARGIN + 1.5, took  # ~1 s, plus the interpreter's exit
         assert leftovers(child.mark) == []
@@ -490,7 +496,7 @@ def test_ctrl_c_during_a_frozen_session(sshd: LocalSSHD, face: str) -> None:
     with start_child(code) as child:
         child.wait_line("up")
         wait_until(
-            lambda: any(_cmdline(p).startswith(b"sleep\x001011") for p in sshd.session_pids()),
+            lambda: any(cmdline(p).startswith(b"sleep\x001011") for p in sshd.session_pids()),
             30,
             "the remote sleep",
         )
@@ -523,18 +529,7 @@ def test_ctrl_c_during_run_many_over_dead_masters_of_a_hung_host(sshd: LocalSSHD
     with start_child(code) as child:
         child.wait_line("masters ")
         pids = [int(p) for p in child.stdout.split("masters ")[1].split("\n")[0].split()]
-        sshd.suspend()
-        try:
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-            child.wait_line("running")
-            wait_until(lambda: len(_starting_masters(child.proc.pid)) == 2, 30, "the masters' ssh")
-            t0 = time.monotonic()
-            child.send_signal(signal.SIGINT)
-            child.wait(MARGIN + 5)
-            took = time.monotonic() - t0
-        finally:
-            sshd.resume()
+        took = _ctrl_c_while_masters_restart(child, sshd, pids)
         assert "interrupted ['cancelled', 'cancelled']" in child.stdout, (
             child.stdout,
             child.stderr,
@@ -578,7 +573,7 @@ def test_connect_timeout_against_a_hung_host(sshd: LocalSSHD, hang: str) -> None
 # -- item 10: spawn() over a lost connection --------------------------------------------------
 def _session_sshd(sshd: LocalSSHD) -> int:
     """The sshd process that serves the master's connection (``sshd: user@...``)."""
-    found = [p for p in sshd.session_pids() if b"@" in _cmdline(p).split(b"\0")[0]]
+    found = [p for p in sshd.session_pids() if b"@" in cmdline(p).split(b"\0")[0]]
     assert len(found) == 1, found
     return found[0]
 
@@ -595,12 +590,12 @@ def test_spawn_lost_connection_is_not_a_signal_death(
             os.kill(_session_sshd(sshd), signal.SIGKILL)
         else:
             wait_until(
-                lambda: any(_cmdline(p).startswith(b"sleep\x001007") for p in sshd.session_pids()),
+                lambda: any(cmdline(p).startswith(b"sleep\x001007") for p in sshd.session_pids()),
                 30,
                 "the remote sleep",
             )
             for p in sshd.session_pids():
-                if _cmdline(p).startswith(b"sleep\x001007"):
+                if cmdline(p).startswith(b"sleep\x001007"):
                     os.kill(p, signal.SIGKILL)
         if kill == "program":
             assert s.expect_eof() == UNKNOWN_SIGNAL and s.ssh_error is None  # a real kill
@@ -616,15 +611,7 @@ def test_spawn_lost_connection_is_not_a_signal_death(
 def test_connect_changed_host_key_gives_the_line_that_says_so(
     local_sshd: LocalSSHD, tmp_path: Any
 ) -> None:
-    key = tmp_path / "fake_host_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        check=True,
-        capture_output=True,
-    )
-    kind, blob = (tmp_path / "fake_host_key.pub").read_text().split()[:2]
-    known = tmp_path / "known_hosts"
-    known.write_text(f"[{local_sshd.addresses[0]}]:{local_sshd.port} {kind} {blob}\n")
+    known = known_hosts_with_other_key(local_sshd, tmp_path)
     for proxy in (True, False):
         with pytest.raises(sshwrap.HostKeyError) as info:
             connect(

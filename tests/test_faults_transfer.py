@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from faults import InProcessLeaks, describe, freeze, leftovers, start_child, thaw, tmpfs
+from faults import InProcessLeaks, cmdline, describe, freeze, leftovers, start_child, thaw, tmpfs
 from faults import small_disk as small_disk  # a fixture
 
 from sshwrap import aio, transfer
@@ -34,7 +34,10 @@ from sshwrap.testing import LocalSSHD
 from sshwrap.transfer import SFTPProtocolError, TransferError
 
 MB = 1_000_000
+Progress = Callable[[int, int], None]  # a transfer's progress callback
 OLD = b"the old, good copy\n" * 100
+# Each failure twice: with no file at the destination, and with an old copy there to keep.
+OLD_OR_NOT = pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
 
 
 @pytest.fixture
@@ -73,6 +76,20 @@ def _remote_file(local_sshd: LocalSSHD, path: Path, size: int) -> None:
     os.chmod(path, 0o644)
 
 
+def _get_setup(
+    local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path, size: int, old: bool
+) -> tuple[Path, Path]:
+    """(source, destination) of a get: a remote file of ``size`` random bytes, and a path in a
+    fresh local directory (holding the old copy if ``old``)."""
+    src = remote_dir / "big.bin"
+    _remote_file(local_sshd, src, size)
+    dst = tmp_path / "out" / "big.bin"
+    dst.parent.mkdir()
+    if old:
+        _old_copy(dst)
+    return src, dst
+
+
 def _old_copy(path: Path, owner: tuple[int, int] | None = None) -> None:
     path.write_bytes(OLD)
     os.chmod(path, 0o640)
@@ -85,13 +102,21 @@ def _assert_old_copy(path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
+def _assert_old_copy_or_none(path: Path, old: bool) -> None:
+    """After a failure: the old copy intact if there was one, else nothing under ``path``."""
+    if old:
+        _assert_old_copy(path)
+    else:
+        assert not path.exists()
+
+
 def _temps(d: Path) -> list[str]:
     return [n for n in os.listdir(d) if ".sshwrap-" in n]
 
 
 # -- item 1: full disks -------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [1_100_000, 3 * MB])
-@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+@OLD_OR_NOT
 def test_get_into_a_full_disk_raises_enospc(
     conn: Connection,
     local_sshd: LocalSSHD,
@@ -113,10 +138,7 @@ def test_get_into_a_full_disk_raises_enospc(
     err = info.value
     assert err.errno == errno.ENOSPC, repr(err)
     assert "No space left on device" in str(err) and str(dst) in str(err)
-    if old:
-        _assert_old_copy(dst)
-    else:
-        assert not dst.exists()
+    _assert_old_copy_or_none(dst, old)
     assert _temps(small_disk) == []
 
 
@@ -148,7 +170,7 @@ def _victim(kind: str, conn: Connection, local_sshd: LocalSSHD, before: set[int]
     if kind == "master":
         return conn.master_pid
     sftp = [
-        p for p in local_sshd.session_pids() if p not in before and b"internal-sftp" in _cmdline(p)
+        p for p in local_sshd.session_pids() if p not in before and b"internal-sftp" in cmdline(p)
     ]
     assert len(sftp) == 1, f"not one new internal-sftp process: {describe(sftp)}"
     pid = sftp[0]
@@ -156,14 +178,6 @@ def _victim(kind: str, conn: Connection, local_sshd: LocalSSHD, before: set[int]
         return pid
     with open(f"/proc/{pid}/stat", "rb") as f:
         return int(f.read().rsplit(b")", 1)[1].split()[1])
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _killer(pid_of: Callable[[], int]) -> Callable[[int, int], None]:
@@ -179,11 +193,29 @@ def _killer(pid_of: Callable[[], int]) -> Callable[[int, int], None]:
     return progress
 
 
+def _killed_mid_transfer(
+    victim: str,
+    conn: Connection,
+    local_sshd: LocalSSHD,
+    move: Callable[[Progress], object],
+) -> Exception:
+    """``move(progress)`` (a get or put) with ``victim`` SIGKILLed once bytes are moving: the
+    error it raised (an ``SSHConnectionError`` when the master was killed)."""
+    conn.ssh_args()  # (the master is up)
+    before = set(local_sshd.session_pids())
+    kill = _killer(lambda: _victim(victim, conn, local_sshd, before))
+    with pytest.raises((SSHConnectionError, TransferError)) as info:
+        move(kill)
+    if victim == "master":
+        assert type(info.value) is SSHConnectionError, repr(info.value)
+    return info.value
+
+
 VICTIMS = ["master", "sftp-server", "sshd-connection"]
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
-@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+@OLD_OR_NOT
 def test_get_when_the_connection_dies(
     conn: Connection,
     local_sshd: LocalSSHD,
@@ -192,29 +224,17 @@ def test_get_when_the_connection_dies(
     victim: str,
     old: bool,
 ) -> None:
-    src = remote_dir / "big.bin"
-    _remote_file(local_sshd, src, 50 * MB)
-    dst = tmp_path / "out" / "big.bin"
-    dst.parent.mkdir()
-    if old:
-        _old_copy(dst)
-    conn.ssh_args()  # (the master is up)
-    before = set(local_sshd.session_pids())
-    kill = _killer(lambda: _victim(victim, conn, local_sshd, before))
-    with pytest.raises((SSHConnectionError, TransferError)) as info:
-        conn.get(str(src), dst, progress=kill)
-    if victim == "master":
-        assert type(info.value) is SSHConnectionError, repr(info.value)
-    assert "said nothing" not in str(info.value) or "connection ended" in str(info.value)
-    if old:
-        _assert_old_copy(dst)
-    else:
-        assert not dst.exists()
+    src, dst = _get_setup(local_sshd, remote_dir, tmp_path, 50 * MB, old)
+    err = _killed_mid_transfer(
+        victim, conn, local_sshd, lambda kill: conn.get(str(src), dst, progress=kill)
+    )
+    assert "said nothing" not in str(err) or "connection ended" in str(err)
+    _assert_old_copy_or_none(dst, old)
     assert os.listdir(dst.parent) == ([dst.name] if old else [])
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
-@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+@OLD_OR_NOT
 def test_put_when_the_connection_dies(
     conn: Connection,
     local_sshd: LocalSSHD,
@@ -228,17 +248,10 @@ def test_put_when_the_connection_dies(
     final = remote_dir / "big.bin"
     if old:
         _old_copy(final, _uid_gid(local_sshd.user))
-    conn.ssh_args()  # (the master is up)
-    before = set(local_sshd.session_pids())
-    kill = _killer(lambda: _victim(victim, conn, local_sshd, before))
-    with pytest.raises((SSHConnectionError, TransferError)) as info:
-        conn.put(src, str(final), progress=kill)
-    if victim == "master":
-        assert type(info.value) is SSHConnectionError, repr(info.value)
-    if old:
-        _assert_old_copy(final)
-    else:
-        assert not final.exists()
+    _killed_mid_transfer(
+        victim, conn, local_sshd, lambda kill: conn.put(src, str(final), progress=kill)
+    )
+    _assert_old_copy_or_none(final, old)
     # (the remote temporary file may remain: the link that would remove it is dead)
     assert [n for n in os.listdir(remote_dir) if ".sshwrap-" not in n] == (
         [final.name] if old else []
@@ -258,8 +271,17 @@ def _raiser(exc: BaseException) -> Callable[[int, int], None]:
     return progress
 
 
+def _raises_itself(exc: BaseException, move: Callable[[Progress], object]) -> None:
+    """``move(progress)`` with a callback raising ``exc``: ``exc`` itself, nothing left."""
+    with InProcessLeaks() as leaks:
+        with pytest.raises(type(exc)) as info:
+            move(_raiser(exc))
+        assert info.value is exc
+        leaks.assert_clean(2)
+
+
 @pytest.mark.parametrize("exc", [Boom("from the callback"), KeyboardInterrupt()])
-@pytest.mark.parametrize("old", [False, True], ids=["no-old-copy", "old-copy"])
+@OLD_OR_NOT
 def test_callback_exception_propagates_as_itself(
     conn: Connection,
     local_sshd: LocalSSHD,
@@ -268,22 +290,10 @@ def test_callback_exception_propagates_as_itself(
     exc: BaseException,
     old: bool,
 ) -> None:
-    src = remote_dir / "big.bin"
-    _remote_file(local_sshd, src, 20 * MB)
-    dst = tmp_path / "out" / "big.bin"
-    dst.parent.mkdir()
-    if old:
-        _old_copy(dst)
+    src, dst = _get_setup(local_sshd, remote_dir, tmp_path, 20 * MB, old)
     conn.ssh_args()  # (the master is up before the snapshot)
-    with InProcessLeaks() as leaks:
-        with pytest.raises(type(exc)) as info:
-            conn.get(str(src), dst, progress=_raiser(exc))
-        assert info.value is exc
-        leaks.assert_clean(2)
-    if old:
-        _assert_old_copy(dst)
-    else:
-        assert not dst.exists()
+    _raises_itself(exc, lambda progress: conn.get(str(src), dst, progress=progress))
+    _assert_old_copy_or_none(dst, old)
     assert os.listdir(dst.parent) == ([dst.name] if old else [])
 
     # and the other way
@@ -292,15 +302,8 @@ def test_callback_exception_propagates_as_itself(
     final = remote_dir / "up.bin"
     if old:
         _old_copy(final, _uid_gid(local_sshd.user))
-    with InProcessLeaks() as leaks:
-        with pytest.raises(type(exc)) as info:
-            conn.put(local, str(final), progress=_raiser(exc))
-        assert info.value is exc
-        leaks.assert_clean(2)
-    if old:
-        _assert_old_copy(final)
-    else:
-        assert not final.exists()
+    _raises_itself(exc, lambda progress: conn.put(local, str(final), progress=progress))
+    _assert_old_copy_or_none(final, old)
     assert _temps(remote_dir) == []  # the link lives: the temporary file was removed
 
 
@@ -344,13 +347,10 @@ def _sparse(path: Path, size: int) -> None:
     os.chmod(path, 0o644)
 
 
-@pytest.mark.parametrize("op", ["get", "put"])
-@pytest.mark.parametrize("stalled", [False, True], ids=["moving", "stalled"])
-def test_ctrl_c_during_a_transfer(
-    local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path, op: str, stalled: bool
-) -> None:
-    """SIGINT once bytes move (and, stalled: once the server is frozen mid-transfer too):
-    KeyboardInterrupt within ~1 s, nothing under the destination, no process left."""
+def _abortable_setup(
+    op: str, local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path
+) -> tuple[Path, Path]:
+    """(source, destination) of a 400 MB transfer; the destination holds an old copy."""
     if op == "get":
         src = remote_dir / "big.bin"
         _sparse(src, 400 * MB)
@@ -358,13 +358,22 @@ def test_ctrl_c_during_a_transfer(
         dst = tmp_path / "out" / "big.bin"
         dst.parent.mkdir()
         _old_copy(dst)
-        final_dir = dst.parent
     else:
         src = tmp_path / "big.bin"
         _sparse(src, 400 * MB)
         dst = remote_dir / "big.bin"
         _old_copy(dst, _uid_gid(local_sshd.user))
-        final_dir = remote_dir
+    return src, dst
+
+
+@pytest.mark.parametrize("op", ["get", "put"])
+@pytest.mark.parametrize("stalled", [False, True], ids=["moving", "stalled"])
+def test_ctrl_c_during_a_transfer(
+    local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path, op: str, stalled: bool
+) -> None:
+    """SIGINT once bytes move (and, stalled: once the server is frozen mid-transfer too):
+    KeyboardInterrupt within ~1 s, nothing under the destination, no process left."""
+    src, dst = _abortable_setup(op, local_sshd, remote_dir, tmp_path)
     code = CTRL_C_CHILD.replace(
         "sys.argv[1:]", repr([local_sshd.host, local_sshd.config, op, str(src), str(dst)])
     )
@@ -394,7 +403,7 @@ def test_ctrl_c_during_a_transfer(
         assert left == [], describe(left)
     _assert_old_copy(dst)
     if op == "get":
-        assert os.listdir(final_dir) == [dst.name]
+        assert os.listdir(dst.parent) == [dst.name]
 
 
 # -- the async face: the same code, the same guarantees ---------------------------------------
@@ -424,25 +433,6 @@ def test_async_get_put_same_guarantees(
 
     asyncio.run(main())
     assert _temps(small_disk) == []
-
-
-def _abortable_setup(
-    op: str, local_sshd: LocalSSHD, remote_dir: Path, tmp_path: Path
-) -> tuple[Path, Path]:
-    """(source, destination) of a 400 MB transfer; the destination holds an old copy."""
-    if op == "get":
-        src = remote_dir / "big.bin"
-        _sparse(src, 400 * MB)
-        os.chown(src, *_uid_gid(local_sshd.user))
-        dst = tmp_path / "out" / "big.bin"
-        dst.parent.mkdir()
-        _old_copy(dst)
-    else:
-        src = tmp_path / "big.bin"
-        _sparse(src, 400 * MB)
-        dst = remote_dir / "big.bin"
-        _old_copy(dst, _uid_gid(local_sshd.user))
-    return src, dst
 
 
 @pytest.mark.parametrize("op", ["get", "put"])
