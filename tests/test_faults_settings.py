@@ -21,7 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,47 +53,32 @@ class Bad:
     config_error: bool = False  # ssh refused to parse it: SSHConfigError
 
 
+def _bad_option(name: str, key: str, value: object) -> Bad:
+    """A row for ``options={key: value}``, an option value ssh refuses to parse."""
+    return Bad(name, settings={"options": {key: value}}, config_error=True)
+
+
 def _table(sshd: LocalSSHD, tmp: Path) -> dict[str, Bad]:
     bad_config = tmp / "bad_config"
     bad_config.write_text(
         Path(sshd.config).read_text() + "\nHost *\n    NoSuchKeyword yes\n    Port 99999\n"
     )
     rows = [
-        Bad("unknown option", settings={"options": {"NoSuchOption": "x"}}, config_error=True),
+        _bad_option("unknown option", "NoSuchOption", "x"),
         Bad("bad port", settings={"port": 99999}, config_error=True),
         Bad("non-numeric port", settings={"port": "abc"}, config_error=True),
-        Bad("port 0 as option", settings={"options": {"Port": 0}}, config_error=True),
-        Bad(
-            "non-numeric ConnectTimeout",
-            settings={"options": {"ConnectTimeout": "abc"}},
-            config_error=True,
-        ),
-        Bad("bad Ciphers", settings={"options": {"Ciphers": "nosuch-cipher"}}, config_error=True),
-        Bad("bad MACs", settings={"options": {"MACs": "nosuch-mac"}}, config_error=True),
-        Bad(
-            "bad KexAlgorithms",
-            settings={"options": {"KexAlgorithms": "nosuch-kex"}},
-            config_error=True,
-        ),
-        Bad(
-            "bad HostKeyAlgorithms",
-            settings={"options": {"HostKeyAlgorithms": "nosuch-hk"}},
-            config_error=True,
-        ),
-        Bad("bad LogLevel", settings={"options": {"LogLevel": "LOUD"}}, config_error=True),
-        Bad("bad RequestTTY", settings={"options": {"RequestTTY": "maybe"}}, config_error=True),
-        Bad(
-            "bad StrictHostKeyChecking",
-            settings={"options": {"StrictHostKeyChecking": "perhaps"}},
-            config_error=True,
-        ),
-        Bad("bad IPQoS", settings={"options": {"IPQoS": "bogus"}}, config_error=True),
-        Bad("bad RekeyLimit", settings={"options": {"RekeyLimit": "bogus"}}, config_error=True),
-        Bad(
-            "bad ConnectionAttempts",
-            settings={"options": {"ConnectionAttempts": 0}},
-            config_error=True,
-        ),
+        _bad_option("port 0 as option", "Port", 0),
+        _bad_option("non-numeric ConnectTimeout", "ConnectTimeout", "abc"),
+        _bad_option("bad Ciphers", "Ciphers", "nosuch-cipher"),
+        _bad_option("bad MACs", "MACs", "nosuch-mac"),
+        _bad_option("bad KexAlgorithms", "KexAlgorithms", "nosuch-kex"),
+        _bad_option("bad HostKeyAlgorithms", "HostKeyAlgorithms", "nosuch-hk"),
+        _bad_option("bad LogLevel", "LogLevel", "LOUD"),
+        _bad_option("bad RequestTTY", "RequestTTY", "maybe"),
+        _bad_option("bad StrictHostKeyChecking", "StrictHostKeyChecking", "perhaps"),
+        _bad_option("bad IPQoS", "IPQoS", "bogus"),
+        _bad_option("bad RekeyLimit", "RekeyLimit", "bogus"),
+        _bad_option("bad ConnectionAttempts", "ConnectionAttempts", 0),
         Bad("missing -F config", settings={"config": str(tmp / "no-such-config")}),
         Bad("bad line in -F config", settings={"config": str(bad_config)}, config_error=True),
         Bad("unresolvable host name", host="bad..host"),
@@ -272,11 +257,12 @@ FACES: dict[str, Callable[[Case], str]] = {
 }
 
 
-def _cases() -> list[Any]:
-    return [pytest.param(n, f, id=f"{n}-{f}") for n in NAMES for f in FACES]
+def _grid(rows: list[str], faces: Iterable[str]) -> list[Any]:
+    """One ``pytest.param(row, face)`` per pair, with the id ``row-face``."""
+    return [pytest.param(r, f, id=f"{r}-{f}") for r in rows for f in faces]
 
 
-@pytest.mark.parametrize(("name", "face"), _cases())
+@pytest.mark.parametrize(("name", "face"), _grid(NAMES, FACES))
 def test_message_holds_ssh_last_line(table: dict[str, Case], name: str, face: str) -> None:
     if name == "destination with a space" and face == "sshwrap-many":
         pytest.skip("sshwrap-many -H splits its host lists on whitespace")
@@ -398,11 +384,7 @@ INJECT_FACES: dict[str, Callable[[str, dict[str, Any]], None]] = {
 }
 
 
-def _injection_cases() -> list[Any]:
-    return [pytest.param(w, f, id=f"{w}-{f}") for w in INJECTIONS for f in INJECT_FACES]
-
-
-@pytest.mark.parametrize(("where", "face"), _injection_cases())
+@pytest.mark.parametrize(("where", "face"), _grid(INJECTIONS, INJECT_FACES))
 def test_option_injection_runs_nothing(
     local_sshd: LocalSSHD, spy_ssh: Path, tmp_path: Path, where: str, face: str
 ) -> None:
