@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .errors import UNKNOWN_SIGNAL, CommandTooLongError
-from .mux import Reader, pack_string, pack_u32
+from .protocol.wire import Reader, pack_string, pack_u32
 from .threads import start_daemon
 
 __all__ = [

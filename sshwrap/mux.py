@@ -19,8 +19,10 @@ Everything here is blocking and owns its socket; one ``MuxControl`` per thread.
 from __future__ import annotations
 
 import socket
-import struct
 from types import TracebackType
+
+from .protocol import wire
+from .protocol.wire import pack_string, pack_u32
 
 __all__ = [
     "MUX_FWD_DYNAMIC",
@@ -62,7 +64,6 @@ MUX_FWD_DYNAMIC = 3
 # A listen or connect "port" of (uint32)-2 means the host field is a unix socket path.
 PORT_STREAMLOCAL = 0xFFFFFFFE
 
-_U32 = struct.Struct(">I")
 _MAX_PACKET = 256 * 1024
 
 
@@ -78,66 +79,14 @@ class MuxUnsupported(MuxError):
     """The master speaks a protocol version or lacks a request sshwrap needs."""
 
 
-def pack_u32(n: int) -> bytes:
-    """SSH ``uint32``."""
-    return _U32.pack(n & 0xFFFFFFFF)
+class Reader(wire.Reader):
+    """Reads SSH wire types from one mux message; a truncated one raises ``MuxError``."""
 
+    __slots__ = ()
 
-def pack_string(s: bytes | str) -> bytes:
-    """SSH ``string``: uint32 length + bytes (str is encoded as UTF-8)."""
-    b = s.encode() if isinstance(s, str) else s
-    return _U32.pack(len(b)) + b
-
-
-class Reader:
-    """Reads SSH wire types from a bytes buffer."""
-
-    __slots__ = ("buf", "pos")
-
-    def __init__(self, buf: bytes | memoryview, pos: int = 0) -> None:
-        self.buf = bytes(buf)
-        self.pos = pos
-
-    def u32(self) -> int:
-        """Next ``uint32``."""
-        if self.pos + 4 > len(self.buf):
-            raise MuxError("truncated mux message")
-        (v,) = _U32.unpack_from(self.buf, self.pos)
-        self.pos += 4
-        return int(v)
-
-    def byte(self) -> int:
-        """Next ``byte``."""
-        if self.pos >= len(self.buf):
-            raise MuxError("truncated mux message")
-        v = self.buf[self.pos]
-        self.pos += 1
-        return v
-
-    def boolean(self) -> bool:
-        """Next ``boolean``."""
-        return self.byte() != 0
-
-    def string(self) -> bytes:
-        """Next ``string``."""
-        n = self.u32()
-        if self.pos + n > len(self.buf):
-            raise MuxError("truncated mux message")
-        v = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return v
-
-    def text(self) -> str:
-        """Next ``string``, decoded as UTF-8 (invalid bytes replaced)."""
-        return self.string().decode("utf-8", "replace")
-
-    def rest(self) -> bytes:
-        """Everything not read yet."""
-        return self.buf[self.pos :]
-
-    def at_end(self) -> bool:
-        """True when everything was read."""
-        return self.pos >= len(self.buf)
+    def truncated(self) -> Exception:
+        """``MuxError("truncated mux message")``."""
+        return MuxError("truncated mux message")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -178,13 +127,13 @@ class MuxControl:
     # -- framing -----------------------------------------------------------------------
     def _send(self, payload: bytes) -> None:
         try:
-            self.sock.sendall(_U32.pack(len(payload)) + payload)
+            self.sock.sendall(pack_u32(len(payload)) + payload)
         except OSError as e:
             raise MuxError(f"control master connection failed: {e}") from None
 
     def _recv(self) -> Reader:
         try:
-            (n,) = _U32.unpack(_recv_exact(self.sock, 4))
+            n = Reader(_recv_exact(self.sock, 4)).u32()
             if n > _MAX_PACKET:
                 raise MuxError(f"oversized mux message ({n} bytes)")
             return Reader(_recv_exact(self.sock, n))

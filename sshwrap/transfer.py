@@ -64,6 +64,8 @@ from types import TracebackType
 
 from .argv import find_ssh
 from .errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
+from .protocol import wire
+from .protocol.wire import pack_string, pack_u32, pack_u64
 
 __all__ = [
     "Abort",
@@ -153,56 +155,36 @@ class _Attrs:
         out = b""
         if self.size is not None:
             flags |= _A_SIZE
-            out += struct.pack(">Q", self.size)
+            out += pack_u64(self.size)
         if self.perm is not None:
             flags |= _A_PERM
-            out += struct.pack(">I", self.perm)
+            out += pack_u32(self.perm)
         if self.atime is not None and self.mtime is not None:
             flags |= _A_TIME
-            out += struct.pack(">II", self.atime, self.mtime)
-        return struct.pack(">I", flags) + out
+            out += pack_u32(self.atime) + pack_u32(self.mtime)
+        return pack_u32(flags) + out
 
 
-def _s(b: bytes) -> bytes:
-    return struct.pack(">I", len(b)) + b
+# The per-request headers of the upload and download pumps, packed in one call each.
+_HEAD = struct.Struct(">IBI")  # uint32 length, byte type, uint32 request id
+_OFFSET_LEN = struct.Struct(">QI")  # uint64 offset, uint32 length
+_U32 = struct.Struct(">I")
 
 
-class _Reader:
+class _Reader(wire.Reader):
     """Parses one SFTP reply payload; a truncated one raises ``SFTPProtocolError``."""
 
-    def __init__(self, data: memoryview, who: str = "") -> None:
-        self.d = data
-        self.i = 0
+    __slots__ = ("who",)
+
+    def __init__(self, data: bytes | memoryview, who: str = "") -> None:
+        # (wire.Reader's fields set directly: one reader per reply, no super() call per reply)
+        self.buf = data
+        self.pos = 0
         self.who = who
 
-    def _need(self, n: int) -> None:
-        if self.i + n > len(self.d):
-            raise SFTPProtocolError(f"{self.who}: malformed SFTP reply (truncated)")
-
-    def u8(self) -> int:
-        self._need(1)
-        v = self.d[self.i]
-        self.i += 1
-        return v
-
-    def u32(self) -> int:
-        self._need(4)
-        (v,) = struct.unpack_from(">I", self.d, self.i)
-        self.i += 4
-        return int(v)
-
-    def u64(self) -> int:
-        self._need(8)
-        (v,) = struct.unpack_from(">Q", self.d, self.i)
-        self.i += 8
-        return int(v)
-
-    def string(self) -> memoryview:
-        n = self.u32()
-        self._need(n)
-        v = self.d[self.i : self.i + n]
-        self.i += n
-        return v
+    def truncated(self) -> Exception:
+        """``SFTPProtocolError`` naming the destination."""
+        return SFTPProtocolError(f"{self.who}: malformed SFTP reply (truncated)")
 
     def attrs(self) -> _Attrs:
         a = _Attrs()
@@ -219,8 +201,8 @@ class _Reader:
             a.mtime = self.u32()
         if flags & _A_EXT:
             for _ in range(self.u32()):
-                self.string()
-                self.string()
+                self.view()
+                self.view()
         return a
 
 
@@ -448,7 +430,7 @@ class SFTPSession:
     def _recv(self) -> tuple[int, memoryview]:
         """Next reply: (type, payload after the type byte), a view valid until the next one."""
         self._fill(4)
-        (n,) = struct.unpack_from(">I", self._rbuf, self._start)
+        (n,) = _U32.unpack_from(self._rbuf, self._start)
         if n < 5:
             self.broken = True
             raise SFTPProtocolError(f"{self.destination}: malformed SFTP reply")
@@ -490,7 +472,7 @@ class SFTPSession:
     def _request(self, ptype: int, *parts: bytes | memoryview) -> int:
         rid = self._new_id()
         body_len = 1 + 4 + sum(len(p) for p in parts)
-        self._send(struct.pack(">IBI", body_len, ptype, rid), *parts)
+        self._send(_HEAD.pack(body_len, ptype, rid), *parts)
         return rid
 
     def _reply(self, rid: int) -> tuple[int, _Reader]:
@@ -501,7 +483,7 @@ class SFTPSession:
             raise
         if ptype == _STATUS:
             code = r.u32()
-            message = bytes(r.string()).decode(errors="replace")
+            message = r.text()
             if code != _FX_OK:
                 raise _StatusError(code, message)
         return ptype, r
@@ -510,19 +492,19 @@ class SFTPSession:
         return self._reply(self._request(ptype, *parts))
 
     def _init(self) -> None:
-        self._send(struct.pack(">IBI", 5, _INIT, 3))
+        self._send(_HEAD.pack(5, _INIT, 3))
         ptype, payload = self._recv()
         if ptype != _VERSION:
             raise TransferError(f"{self.destination}: not an SFTP server")
         r = _Reader(payload, self.destination)
         r.u32()
         exts = self.extensions
-        while r.i < len(payload):
-            name = bytes(r.string()).decode(errors="replace")
-            exts[name] = bytes(r.string())
+        while not r.at_end():
+            name = r.text()
+            exts[name] = r.string()
         if "limits@openssh.com" in exts:
             with contextlib.suppress(_StatusError):
-                ptype, rr = self._call(_EXTENDED, _s(b"limits@openssh.com"))
+                ptype, rr = self._call(_EXTENDED, pack_string(b"limits@openssh.com"))
                 if ptype == _EXTENDED_REPLY:
                     rr.u64()  # max packet length
                     max_read, max_write = rr.u64(), rr.u64()
@@ -568,7 +550,7 @@ class SFTPSession:
     def stat(self, path: str) -> _Attrs | None:
         """Attributes of ``path`` (following links), None if it does not exist."""
         try:
-            _, r = self._call(_STAT, _s(os.fsencode(path)))
+            _, r = self._call(_STAT, pack_string(os.fsencode(path)))
         except _StatusError as e:
             if e.code == _FX_NO_SUCH_FILE:
                 return None
@@ -578,7 +560,7 @@ class SFTPSession:
     def mkdir(self, path: str) -> None:
         """Create directory ``path`` (an existing directory is fine)."""
         try:
-            self._call(_MKDIR, _s(os.fsencode(path)), _Attrs(perm=0o700).pack())
+            self._call(_MKDIR, pack_string(os.fsencode(path)), _Attrs(perm=0o700).pack())
         except _StatusError as e:
             st = self.stat(path)
             if st is None or not st.is_dir():
@@ -587,14 +569,14 @@ class SFTPSession:
     def setstat(self, path: str, attrs: _Attrs) -> None:
         """Set permissions/times of ``path``."""
         try:
-            self._call(_SETSTAT, _s(os.fsencode(path)), attrs.pack())
+            self._call(_SETSTAT, pack_string(os.fsencode(path)), attrs.pack())
         except _StatusError as e:
             raise self.error(e, path, "setting attributes of") from None
 
     def remove(self, path: str) -> None:
         """Remove remote file ``path``."""
         try:
-            self._call(_REMOVE, _s(os.fsencode(path)))
+            self._call(_REMOVE, pack_string(os.fsencode(path)))
         except _StatusError as e:
             raise self.error(e, path, "removing") from None
 
@@ -604,10 +586,10 @@ class SFTPSession:
         Atomic with the ``posix-rename@openssh.com`` extension.  Without it the plain SFTP
         rename refuses an existing target, so that is removed first (not atomic).
         """
-        o, n = _s(os.fsencode(old)), _s(os.fsencode(new))
+        o, n = pack_string(os.fsencode(old)), pack_string(os.fsencode(new))
         try:
             if "posix-rename@openssh.com" in self.extensions:
-                self._call(_EXTENDED, _s(b"posix-rename@openssh.com"), o, n)
+                self._call(_EXTENDED, pack_string(b"posix-rename@openssh.com"), o, n)
                 return
             if self.stat(new) is not None:
                 self.remove(new)
@@ -618,7 +600,7 @@ class SFTPSession:
     def fstat(self, handle: bytes, path: str) -> _Attrs:
         """Attributes of an open handle."""
         try:
-            _, r = self._call(_FSTAT, _s(handle))
+            _, r = self._call(_FSTAT, pack_string(handle))
         except _StatusError as e:
             raise self.error(e, path, "fstat") from None
         return r.attrs()
@@ -629,7 +611,9 @@ class SFTPSession:
         if "statvfs@openssh.com" not in self.extensions:
             return None
         try:
-            ptype, r = self._call(_EXTENDED, _s(b"statvfs@openssh.com"), _s(os.fsencode(path)))
+            ptype, r = self._call(
+                _EXTENDED, pack_string(b"statvfs@openssh.com"), pack_string(os.fsencode(path))
+            )
         except _StatusError:
             return None
         if ptype != _EXTENDED_REPLY:
@@ -651,23 +635,23 @@ class SFTPSession:
     def listdir(self, path: str) -> list[tuple[str, _Attrs]]:
         """Entries of a remote directory (without ``.``/``..``), attributes follow links."""
         try:
-            _, r = self._call(_OPENDIR, _s(os.fsencode(path)))
+            _, r = self._call(_OPENDIR, pack_string(os.fsencode(path)))
         except _StatusError as e:
             raise self.error(e, path, "listing") from None
-        handle = bytes(r.string())
+        handle = r.string()
         out: list[tuple[str, _Attrs]] = []
         try:
             while True:
                 try:
-                    _, r = self._call(_READDIR, _s(handle))
+                    _, r = self._call(_READDIR, pack_string(handle))
                 except _StatusError as e:
                     if e.code == _FX_EOF:
                         break
                     raise self.error(e, path, "listing") from None
                 batch = []
                 for _ in range(r.u32()):
-                    name = os.fsdecode(bytes(r.string()))
-                    r.string()
+                    name = os.fsdecode(r.string())
+                    r.view()  # the longname
                     batch.append((name, r.attrs()))
                 for name, attrs in batch:  # (parsed first: a stat reuses the reply buffer)
                     if name in (".", ".."):
@@ -688,14 +672,14 @@ class SFTPSession:
 
     def _close_handle(self, handle: bytes) -> None:
         with contextlib.suppress(_StatusError):
-            self._call(_CLOSE, _s(handle))
+            self._call(_CLOSE, pack_string(handle))
 
     def _open(self, path: str, pflags: int, attrs: _Attrs, what: str, where: str = "") -> bytes:
         try:
-            _, r = self._call(_OPEN, _s(os.fsencode(path)), struct.pack(">I", pflags), attrs.pack())
+            _, r = self._call(_OPEN, pack_string(os.fsencode(path)), pack_u32(pflags), attrs.pack())
         except _StatusError as e:
             raise self.error(e, where or path, what) from None
-        return bytes(r.string())
+        return r.string()
 
     def upload(
         self, local: str, remote: str, st: os.stat_result, tick: Callable[[int], None]
@@ -727,12 +711,12 @@ class SFTPSession:
                 if self.preserve_times:
                     attrs.atime, attrs.mtime = int(st.st_atime), int(st.st_mtime)
                 try:
-                    self._call(_FSETSTAT, _s(handle), attrs.pack())
+                    self._call(_FSETSTAT, pack_string(handle), attrs.pack())
                 except _StatusError as e:
                     raise self.error(e, remote, "setting attributes of") from None
                 h, handle = handle, None
                 try:  # a close can report a write error the writes did not
-                    self._call(_CLOSE, _s(h))
+                    self._call(_CLOSE, pack_string(h))
                 except _StatusError as e:
                     raise self.error(e, remote, "closing") from None
                 self.rename(tmp, remote)
@@ -750,7 +734,7 @@ class SFTPSession:
         """Write ``fd``'s content (to its end) through ``handle``; returns the bytes written."""
         chunk = self.write_chunk
         depth = max(4, _IN_FLIGHT // chunk)
-        hs = _s(handle)
+        hs = pack_string(handle)
         pending: dict[int, int] = {}
         offset = 0
         eof = False
@@ -765,8 +749,8 @@ class SFTPSession:
                         break
                     rid = self._new_id()
                     pending[rid] = got  # before sending: a failed send abandons it too
-                    head = struct.pack(">IBI", 1 + 4 + len(hs) + 12 + got, _WRITE, rid)
-                    self._send(head, hs, struct.pack(">QI", offset, got), block[:got])
+                    head = _HEAD.pack(1 + 4 + len(hs) + 12 + got, _WRITE, rid)
+                    self._send(head, hs, _OFFSET_LEN.pack(offset, got), block[:got])
                     offset += got
                 if not pending:
                     break
@@ -779,7 +763,7 @@ class SFTPSession:
                     )
                 code = r.u32()
                 if code != _FX_OK and first_error is None:
-                    first_error = _StatusError(code, bytes(r.string()).decode(errors="replace"))
+                    first_error = _StatusError(code, r.text())
                     eof = True  # stop sending; collect the replies still due
                 if first_error is None:
                     tick(n)
@@ -839,7 +823,7 @@ class SFTPSession:
         """Read ``handle`` to its end into ``fd``; returns the size (checked on disk)."""
         chunk = self.read_chunk
         depth = max(4, _IN_FLIGHT // chunk)
-        hs = _s(handle)
+        hs = pack_string(handle)
         pending: dict[int, tuple[int, int]] = {}
         retry: list[tuple[int, int]] = []  # ranges a short read left over
         got: list[tuple[int, int]] = []  # (offset, length) of every piece written
@@ -862,9 +846,9 @@ class SFTPSession:
                         else:
                             break
                         rid = self._new_id()
-                        batch.append(struct.pack(">IBI", 1 + 4 + len(hs) + 12, _READ, rid))
+                        batch.append(_HEAD.pack(1 + 4 + len(hs) + 12, _READ, rid))
                         batch.append(hs)
-                        batch.append(struct.pack(">QI", off, length))
+                        batch.append(_OFFSET_LEN.pack(off, length))
                         pending[rid] = (off, length)
                         ids.append(rid)
                     if batch:
@@ -874,7 +858,7 @@ class SFTPSession:
                 ptype, rid, r = self._recv_for(pending)
                 off, length = pending.pop(rid)
                 if ptype == _DATA:
-                    data = r.string()
+                    data = r.view()  # zero-copy: written out before the next reply
                     n = len(data)
                     if n > length:
                         self.broken = True
@@ -896,7 +880,7 @@ class SFTPSession:
                             eof_at = off
                         retry = [(o, n) for o, n in retry if o < eof_at]
                     elif first_error is None:
-                        first_error = _StatusError(code, bytes(r.string()).decode(errors="replace"))
+                        first_error = _StatusError(code, r.text())
                 else:
                     self.broken = True
                     raise SFTPProtocolError(
