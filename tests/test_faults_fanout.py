@@ -32,6 +32,7 @@ import pytest
 from faults import (
     InProcessLeaks,
     NetnsSSHD,
+    cmdline,
     describe,
     freeze,
     leftovers,
@@ -54,6 +55,7 @@ UP = "UP-NOW"
 CMD = f'case "${ALIAS_ENV}" in cut|frozen) echo {UP}; sleep 30;; esac; echo "ok ${ALIAS_ENV}"'
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+EACH_FACE = pytest.mark.parametrize("face", ["sync", "async"])  # run_many, aio.run_many
 
 
 @pytest.fixture(scope="module")
@@ -158,23 +160,21 @@ def _check(fleet: Fleet, results: list[HostResult], bad_status: str = "timeout")
             assert r.stdout == f"ok {r.host}\n".encode() and r.stderr == b""
 
 
+def _many(face: str, hosts: list[Any], cmd: str, **kw: Any) -> list[HostResult]:
+    """``run_many`` (sync) or all that ``run_many_async`` yields (async), in input order."""
+    if face == "sync":
+        return run_many(hosts, cmd, **kw)
+
+    async def main() -> list[HostResult]:
+        return sorted([r async for r in run_many_async(hosts, cmd, **kw)], key=lambda r: r.index)
+
+    return asyncio.run(main())
+
+
 def _run(face: str, fleet: Fleet, **kw: Any) -> tuple[list[HostResult], float]:
     """One call of the sync or async face; (results, seconds it took)."""
     t0 = time.monotonic()
-    if face == "sync":
-        results = run_many(fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **kw)
-    else:
-
-        async def main() -> list[HostResult]:
-            out = []
-            agen = run_many_async(
-                fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **kw
-            )
-            async for r in agen:
-                out.append(r)
-            return sorted(out, key=lambda r: r.index)
-
-        results = asyncio.run(main())
+    results = _many(face, fleet.hosts, CMD, config=fleet.config, on_output=fleet.on_output, **kw)
     return results, time.monotonic() - t0
 
 
@@ -190,22 +190,27 @@ def _clean_after(leaks: InProcessLeaks) -> None:
 # -- run_many and aio.run_many: deadline, timeout, connect_timeout ----------------------------
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
-def test_deadline_with_a_cut_link(
-    face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
-) -> None:
-    """deadline=8, connect_timeout=4, one link cut mid-session: 23 s before the fix."""
-    fleet = _fleet(tmp_path, healthy, cut=cut_sshd)
+def _deadline_kept(face: str, fleet: Fleet, deadline: float, **kw: Any) -> None:
+    """A call with ``deadline``, its bad hosts broken once up: back within the deadline +
+    MARGIN, with the healthy hosts' full results and nothing of the call left."""
     with InProcessLeaks() as leaks:
-        results, took = _run(face, fleet, deadline=8, connect_timeout=4)
+        results, took = _run(face, fleet, deadline=deadline, **kw)
         fleet.join()
         assert fleet.broken.is_set()
-        assert took <= 8 + MARGIN, took
+        assert took <= deadline + MARGIN, took
         _check(fleet, results)
         _clean_after(leaks)
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
+def test_deadline_with_a_cut_link(
+    face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
+) -> None:
+    """deadline=8, connect_timeout=4, one link cut mid-session: 23 s before the fix."""
+    _deadline_kept(face, _fleet(tmp_path, healthy, cut=cut_sshd), 8, connect_timeout=4)
+
+
+@EACH_FACE
 def test_timeout_with_a_cut_link(
     face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
 ) -> None:
@@ -222,22 +227,15 @@ def test_timeout_with_a_cut_link(
         _clean_after(leaks)
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_deadline_with_a_frozen_sshd(
     face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
 ) -> None:
     """deadline=6, the host's sshd and session SIGSTOPped once up: 21 s before."""
-    fleet = _fleet(tmp_path, healthy, frozen=frozen_host)
-    with InProcessLeaks() as leaks:
-        results, took = _run(face, fleet, deadline=6)
-        fleet.join()
-        assert fleet.broken.is_set()
-        assert took <= 6 + MARGIN, took
-        _check(fleet, results)
-        _clean_after(leaks)
+    _deadline_kept(face, _fleet(tmp_path, healthy, frozen=frozen_host), 6)
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_connect_timeout_with_a_cut_link_names_the_host(
     face: str, healthy: LocalSSHD, cut_sshd: NetnsSSHD, tmp_path: Path
 ) -> None:
@@ -254,25 +252,13 @@ def test_connect_timeout_with_a_cut_link_names_the_host(
         _clean_after(leaks)
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_deadline_on_a_healthy_host_is_kept(face: str, healthy: LocalSSHD, tmp_path: Path) -> None:
     """deadline=1 on ``sleep 30``: ~1 s (the remote stop used to add ~2 s on top)."""
     hosts = write_config(healthy, 3, tmp_path)
     with InProcessLeaks() as leaks:
         t0 = time.monotonic()
-        if face == "sync":
-            results = run_many(hosts.hosts, "sleep 30", config=hosts.config, deadline=1)
-        else:
-
-            async def main() -> list[HostResult]:
-                return [
-                    r
-                    async for r in run_many_async(
-                        hosts.hosts, "sleep 30", config=hosts.config, deadline=1
-                    )
-                ]
-
-            results = asyncio.run(main())
+        results = _many(face, hosts.hosts, "sleep 30", config=hosts.config, deadline=1)
         took = time.monotonic() - t0
         assert took <= 1 + MARGIN, took
         assert [r.status for r in results] == ["timeout"] * 3
@@ -289,12 +275,7 @@ STOP_SCRIPT = b"/proc/[0-9]*/environ"  # in the remote stop's script (not in the
 
 def _remote_stops() -> list[int]:
     """This process's helper ssh children that stop a remote command (the signal script)."""
-    out = []
-    for pid in _ssh_children():
-        with contextlib.suppress(OSError):
-            if STOP_SCRIPT in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-    return out
+    return [pid for pid in _ssh_children() if STOP_SCRIPT in cmdline(pid)]
 
 
 def _second_stop_seen(stops: Callable[[], list[int]]) -> Callable[[], bool]:
@@ -358,7 +339,7 @@ def _cancel(when: When, hosts: list[Any], cmd: str, **kw: Any) -> float:
 KW: dict[str, Any] = {"timeout": 2, "concurrency": 2}
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_interrupt_with_frozen_and_cut_sshds(
     face: str,
     healthy: LocalSSHD,
@@ -489,7 +470,7 @@ def test_cli_ctrl_c_with_frozen_and_cut_sshds(
         def stops() -> list[int]:
             from sshwrap.testing import descendants
 
-            return [p for p in descendants(child.proc.pid) if STOP_SCRIPT in _cmdline(p)]
+            return [p for p in descendants(child.proc.pid) if STOP_SCRIPT in cmdline(p)]
 
         wait_until(_second_stop_seen(stops), 30, "both remote stops to start")
         t0 = time.monotonic()
@@ -500,13 +481,6 @@ def test_cli_ctrl_c_with_frozen_and_cut_sshds(
         assert took <= MARGIN, took
         assert "interrupted: 21 hosts" in child.stderr
         assert leftovers(child.mark) == [], describe(leftovers(child.mark))
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -537,10 +511,10 @@ def _dead_master_on_a_hung_host(sshd: LocalSSHD) -> Iterator[sshwrap.Connection]
 def _restarting(conn: sshwrap.Connection) -> Callable[[], bool]:
     """A condition: an ssh of this process is (re)starting ``conn``'s master."""
     needle = conn.control_path.encode()
-    return lambda: any(needle in _cmdline(p) for p in _ssh_children())
+    return lambda: any(needle in cmdline(p) for p in _ssh_children())
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_connection_with_a_dead_master_keeps_the_deadline(
     face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
 ) -> None:
@@ -549,15 +523,7 @@ def test_connection_with_a_dead_master_keeps_the_deadline(
     with _dead_master_on_a_hung_host(frozen_host) as conn, InProcessLeaks() as leaks:
         hosts: list[Any] = [conn, *cfg.hosts]
         t0 = time.monotonic()
-        if face == "sync":
-            results = run_many(hosts, "echo hi", config=cfg.config, deadline=5)
-        else:
-
-            async def main() -> list[HostResult]:
-                agen = run_many_async(hosts, "echo hi", config=cfg.config, deadline=5)
-                return sorted([r async for r in agen], key=lambda r: r.index)
-
-            results = asyncio.run(main())
+        results = _many(face, hosts, "echo hi", config=cfg.config, deadline=5)
         took = time.monotonic() - t0
         assert took <= 5 + MARGIN, took
         bad = results[0]
@@ -568,7 +534,7 @@ def test_connection_with_a_dead_master_keeps_the_deadline(
         _clean_after(leaks)
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_connection_with_a_dead_master_interrupt(
     face: str, frozen_host: LocalSSHD, tmp_path: Path
 ) -> None:
@@ -624,7 +590,7 @@ LIB_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
+@EACH_FACE
 def test_library_in_a_child_program_leaves_nothing(
     face: str, healthy: LocalSSHD, frozen_host: LocalSSHD, tmp_path: Path
 ) -> None:
