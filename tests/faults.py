@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 from waiting import wait_until
 
-from sshwrap.testing import LocalSSHD, descendants, is_running, pids_with_env, proc_stat
+from sshwrap.testing import LocalSSHD, comm, descendants, is_running, pids_with_env, proc_stat
 
 MARK_VAR = "SSHWRAP_FAULT_MARK"
 
@@ -438,4 +438,4 @@ class InProcessLeaks:
 
 def ssh_descendants() -> list[int]:
     """Live ssh processes below this one."""
-    return [p for p in descendants(os.getpid()) if is_running(p)]
+    return [p for p in descendants(os.getpid()) if is_running(p) and comm(p) == "ssh"]

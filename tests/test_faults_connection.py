@@ -37,7 +37,7 @@ from sshwrap.channel_process import CommandLostError
 from sshwrap.connection import Connection, connect
 from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, TimeoutExpired
 from sshwrap.mux import pack_string
-from sshwrap.testing import LocalSSHD, comm, descendants, is_running, wait_exited
+from sshwrap.testing import LocalSSHD, descendants, is_running, wait_exited
 
 MARGIN = 1.0  # what a bound may be overrun by (the documented margin)
 
@@ -63,7 +63,7 @@ def _kill_master(c: Connection) -> int:
 
 def _no_ssh_left() -> None:
     """No ssh below this process (the starting ssh was killed *and* reaped)."""
-    left = [p for p in ssh_descendants() if comm(p) == "ssh"]
+    left = ssh_descendants()
     assert left == [], f"ssh processes left: {describe(left)}"
 
 

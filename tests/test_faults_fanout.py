@@ -47,7 +47,7 @@ from waiting import wait_until
 import sshwrap
 from sshwrap.errors import SSHConnectionError
 from sshwrap.fanout import FanoutInterrupted, HostResult, run_many, run_many_async
-from sshwrap.testing import LocalSSHD, comm, wait_exited
+from sshwrap.testing import LocalSSHD, wait_exited
 
 MARGIN = 1.0  # what the fan-out promises on top of every bound
 UP = "UP-NOW"
@@ -179,7 +179,7 @@ def _run(face: str, fleet: Fleet, **kw: Any) -> tuple[list[HostResult], float]:
 
 
 def _ssh_children() -> list[int]:
-    return [p for p in ssh_descendants() if comm(p) == "ssh"]
+    return ssh_descendants()
 
 
 def _clean_after(leaks: InProcessLeaks) -> None:

@@ -7,22 +7,26 @@ it waits leaves no ssh behind once it has exited.  (Lost connections over a Conn
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
 
 import pytest
-from faults import describe, freeze, frozen, leftovers, netns_sshd, start_child, thaw
+from faults import (
+    describe,
+    freeze,
+    frozen,
+    leftovers,
+    netns_sshd,
+    ssh_descendants,
+    start_child,
+    thaw,
+)
 
 from sshwrap.spawn import ExpectTimeout, Spawned
-from sshwrap.testing import LocalSSHD, comm, descendants, is_running
+from sshwrap.testing import LocalSSHD
 
 MARGIN = 1.0
-
-
-def _ssh_children() -> list[int]:
-    return [p for p in descendants(os.getpid()) if is_running(p) and comm(p) == "ssh"]
 
 
 @pytest.fixture
@@ -39,7 +43,7 @@ def _expect_times_out_then_close(sp: Spawned) -> None:
     t0 = time.monotonic()
     sp.close()
     assert time.monotonic() - t0 <= 2 + MARGIN  # SIGHUP, SIGKILL after 2 s at the latest
-    assert _ssh_children() == [], describe(_ssh_children())
+    assert ssh_descendants() == [], describe(ssh_descendants())
 
 
 def test_expect_timeout_and_close_against_a_frozen_host(sshd: LocalSSHD) -> None:
