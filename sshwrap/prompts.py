@@ -11,12 +11,12 @@ sshwrap answers on its stdout, which ssh reads through a pipe.  So:
 - the socket lives in a 0700 directory and the server also checks the peer's uid
   (``SO_PEERCRED``), so no other user can ask it anything;
 - prompts are told apart by ssh's own (local) prompt strings, never by screen scraping: banners
-  and MOTD go to ssh's stderr, not to the askpass helper (DESIGN pitfall 11).  Keyboard-
+  and MOTD go to ssh's stderr, not to the askpass helper (they can look like prompts).  Keyboard-
   interactive prompts come from the server, but OpenSSH prefixes them with ``(user@host)``, so a
   server cannot pass one off as ssh's own password or host-key prompt.
 
 We chose askpass over a pty on the master: a pty would need prompt scraping, would tie the
-master's lifetime to a pty (pitfall 17) and could not tell a server's text from ssh's.
+master's lifetime to a pty (a master started in a pty dies with it) and could not tell a server's text from ssh's.
 
 Every static answer (``password=`` / ``passphrase=``) is given once per prompt text: when ssh asks
 the same question again the previous answer was wrong, so the helper refuses (exit status 1) and

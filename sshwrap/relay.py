@@ -4,7 +4,7 @@
 arrive (no buffering beyond what a full pty forces), forwards window-size changes, and returns
 when the program in the pty has gone and every byte it wrote has reached stdout.
 
-Design points (see DESIGN.md's pitfalls):
+Design points (each one a bug that relays like this one have had):
 
 - Signals wake the loop through ``signal.set_wakeup_fd`` on a socketpair (a flag-only handler
   would not interrupt ``poll``); previous handlers and wakeup fd are restored afterwards.  Off

@@ -5,7 +5,7 @@ terminal (sudo, passwd, REPLs, curses programs), and lets Python wait for text w
 ``expect()``, type with ``send()``/``sendline()``, and finally hand the user's own terminal to it
 with ``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command).
 
-What the remote pty does to the data (DESIGN pitfall 13): output arrives with ``\\r\\n`` line
+What the remote pty does to the data (a pty is not a byte-exact channel): output arrives with ``\\r\\n`` line
 ends and stderr merged into stdout; what you send is "typed": echoed back unless the program
 turns echo off, line-edited in canonical mode, and control characters act (``\\x03`` interrupts,
 ``\\x04`` at the start of a line is end-of-file).  ``-e none`` turns off ssh's escape character,
