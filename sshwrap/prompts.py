@@ -16,7 +16,8 @@ sshwrap answers on its stdout, which ssh reads through a pipe.  So:
   server cannot pass one off as ssh's own password or host-key prompt.
 
 We chose askpass over a pty on the master: a pty would need prompt scraping, would tie the
-master's lifetime to a pty (a master started in a pty dies with it) and could not tell a server's text from ssh's.
+master's lifetime to a pty (a master started in a pty dies with it) and could not tell a
+server's text from ssh's.
 
 Every static answer (``password=`` / ``passphrase=``) is given once per prompt text: when ssh asks
 the same question again the previous answer was wrong, so the helper refuses (exit status 1) and

@@ -5,10 +5,11 @@ terminal (sudo, passwd, REPLs, curses programs), and lets Python wait for text w
 ``expect()``, type with ``send()``/``sendline()``, and finally hand the user's own terminal to it
 with ``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command).
 
-What the remote pty does to the data (a pty is not a byte-exact channel): output arrives with ``\\r\\n`` line
-ends and stderr merged into stdout; what you send is "typed": echoed back unless the program
-turns echo off, line-edited in canonical mode, and control characters act (``\\x03`` interrupts,
-``\\x04`` at the start of a line is end-of-file).  ``-e none`` turns off ssh's escape character,
+What the remote pty does to the data (a pty is not a byte-exact channel): output arrives
+with ``\\r\\n`` line ends and stderr merged into stdout; what you send is "typed": echoed
+back unless the program turns echo off, line-edited in canonical mode, and control
+characters act (``\\x03`` interrupts, ``\\x04`` at the start of a line is end-of-file). ``-e
+none`` turns off ssh's escape character,
 so a ``~.`` in your data does not disconnect.  With ``tty=False`` the program runs under
 ``ssh -T`` with pipes instead: byte exact, stderr still merged into the stream ``expect`` reads.
 
