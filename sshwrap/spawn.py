@@ -8,10 +8,10 @@ with ``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command
 What the remote pty does to the data (a pty is not a byte-exact channel): output arrives
 with ``\\r\\n`` line ends and stderr merged into stdout; what you send is "typed": echoed
 back unless the program turns echo off, line-edited in canonical mode, and control
-characters act (``\\x03`` interrupts, ``\\x04`` at the start of a line is end-of-file). ``-e
-none`` turns off ssh's escape character,
-so a ``~.`` in your data does not disconnect.  With ``tty=False`` the program runs under
-``ssh -T`` with pipes instead: byte exact, stderr still merged into the stream ``expect`` reads.
+characters act (``\\x03`` interrupts, ``\\x04`` at the start of a line is end-of-file).
+``-e none`` turns off ssh's escape character, so a ``~.`` in your data does not disconnect.
+With ``tty=False`` the program runs under ``ssh -T`` with pipes instead: byte exact, stderr
+still merged into the stream ``expect`` reads.
 
 ssh's log goes to a private file (``-E``, LogLevel DEBUG2) so that ``returncode`` is the remote
 program's exit status (or ``-128``, :data:`sshwrap.errors.UNKNOWN_SIGNAL`, for a signal death:
