@@ -13,6 +13,7 @@ import asyncio
 import errno
 import inspect
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -576,8 +577,11 @@ def test_replies_that_break_the_protocol(
     the old copy intact); a short read (legal) is completed by asking for the rest."""
     src = remote_dir / "data.bin"
     _remote_file(local_sshd, src, 5 * MB)
+    relay = tmp_path / "ssh-relay.py"
+    relay.write_text(TAMPER.replace("{mode!r}", repr(mode)))
     fake = tmp_path / "ssh-relay"
-    fake.write_text(f"#!{sys.executable}\n" + TAMPER.replace("{mode!r}", repr(mode)))
+    # sh, not a #! line naming the interpreter: its path may hold spaces (a checkout's venv)
+    fake.write_text("#!/bin/sh\nexec " + shlex.join([sys.executable, str(relay)]) + ' "$@"\n')
     fake.chmod(0o755)
     dst = tmp_path / "out" / "data.bin"
     dst.parent.mkdir()
