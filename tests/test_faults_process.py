@@ -299,7 +299,10 @@ def test_messages_reach_the_users_stderr_as_they_come(local_sshd: LocalSSHD) -> 
         while b"early" not in child.err:
             assert time.monotonic() < deadline, child.stderr
             child._pump(deadline)
-        child.close()
+        # ^C, not a SIGKILL: the program ends its ssh (a killed one would orphan it)
+        child.send_signal(signal.SIGINT)
+        child.wait(10)
+        assert leftovers(child.mark) == [], describe(leftovers(child.mark))
 
 
 def test_timeout_still_kills_a_command_that_ignores_sigterm(own_sshd: LocalSSHD) -> None:
