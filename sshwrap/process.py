@@ -152,8 +152,6 @@ be delivered (host unreachable, ssh failed)."""
 
 _TEE_GRACE = 0.5  # after ssh exits, how long its stderr relay may take to reach EOF
 
-_CLEANUP_TIMEOUT = STOP_MARGIN  # kept for importers
-
 
 class _RemoteStop:
     """One second ssh delivering a signal to a call's remote processes, with its deadline."""
