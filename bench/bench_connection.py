@@ -4,7 +4,7 @@
   a master of its own), a fresh ``ssh host true``, paramiko ``exec_command`` on an open client
   (TCP_NODELAY set: its best case) and asyncssh ``conn.run`` on an open connection;
 - 100 concurrent ``c.run("true")`` over one Connection, from threads and from
-  ``sshwrap.aio_connection`` (``asyncio.gather``), against 100 concurrent asyncssh
+  ``sshwrap.aio.connection`` (``asyncio.gather``), against 100 concurrent asyncssh
   ``conn.run`` on one connection.
 
 All against the same LocalSSHD.  This machine is shared, so its load changes during a run: the
@@ -27,7 +27,7 @@ from typing import Any
 
 from common import Row, fmt_s, median
 
-from sshwrap.aio_connection import connect as aconnect
+from sshwrap.aio.connection import connect as aconnect
 from sshwrap.connection import Connection, connect
 from sshwrap.testing import LocalSSHD
 
@@ -279,7 +279,7 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                 ours_aio / acc,
                 "< 1.00x",
                 ours_aio < acc,
-                note="sshwrap.aio_connection on one Connection vs asyncssh on one connection",
+                note="sshwrap.aio.connection on one Connection vs asyncssh on one connection",
             )
         )
         rows.append(

@@ -41,7 +41,7 @@ _EXPORTS: dict[str, str] = {
     "Connection": "connection",
     "Forward": "connection",
     "ForwardError": "connection",
-    "PromptServer": "prompts",
+    "PromptServer": "io.prompts",
     "Spawned": "spawn",
     "ExpectError": "spawn",
     "ExpectTimeout": "spawn",
@@ -75,13 +75,13 @@ if TYPE_CHECKING:
     from .fanout import FdBudgetError as FdBudgetError
     from .fanout import HostResult as HostResult
     from .fanout import run_many as run_many
+    from .io.prompts import PromptServer as PromptServer
     from .process import CompletedProcess as CompletedProcess
     from .process import Popen as Popen
     from .process import call as call
     from .process import check_call as check_call
     from .process import check_output as check_output
     from .process import run as run
-    from .prompts import PromptServer as PromptServer
     from .spawn import ExpectEOF as ExpectEOF
     from .spawn import ExpectError as ExpectError
     from .spawn import ExpectTimeout as ExpectTimeout

@@ -50,7 +50,7 @@ def _ssh_G(ssh: str, argv: list[str]) -> dict[str, str]:
 
 def wants_tty(ssh: str, argv: list[str], stdin_is_tty: bool) -> bool:
     """Would ssh, given ``argv`` and this stdin, allocate a terminal we should relay?"""
-    from .sshparse import parse_ssh_argv
+    from .core.sshparse import parse_ssh_argv
 
     if not stdin_is_tty:
         return False
@@ -100,9 +100,9 @@ def _interactive(ssh: str, argv: list[str]) -> int:
 
     from ptyprocess import PtyProcess
 
-    from .jobcontrol import child_stopped, resume_child, supervised_preexec
-    from .relay import relay
-    from .terminal import Attrs, get_attrs, get_size, raw_mode, set_size
+    from .terminal.jobcontrol import child_stopped, resume_child, supervised_preexec
+    from .terminal.modes import Attrs, get_attrs, get_size, raw_mode, set_size
+    from .terminal.relay import relay
 
     stdin_fd, stdout_fd = 0, 1
     size = get_size(stdin_fd) or get_size(stdout_fd) or (24, 80)
@@ -115,7 +115,7 @@ def _interactive(ssh: str, argv: list[str]) -> int:
             termios.tcsetattr(0, termios.TCSANOW, attrs)
 
     try:
-        # ssh runs under a job-control supervisor (see sshwrap.jobcontrol) so ~^Z works.
+        # ssh runs under a job-control supervisor (see sshwrap.terminal.jobcontrol) so ~^Z works.
         proc = PtyProcess.spawn(
             [ssh, "-tt", *argv], dimensions=size, preexec_fn=supervised_preexec(copy_modes)
         )
@@ -183,14 +183,14 @@ def _interactive(ssh: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sshwrap`` command; returns (or exits with) ssh's status."""
     args = sys.argv[1:] if argv is None else argv
-    from .sshparse import SSHNotFound, find_ssh
+    from .core.sshparse import SSHNotFound, find_ssh
 
     try:
         ssh = find_ssh()
     except SSHNotFound as e:
         sys.stderr.write(f"sshwrap: {e}\n")
         return 255
-    from .terminal import isatty
+    from .terminal.modes import isatty
 
     if wants_tty(ssh, args, isatty(0)):
         return _interactive(ssh, args)

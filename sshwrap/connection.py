@@ -5,7 +5,7 @@ Design
 **The master.**  ``connect()`` starts ``ssh -M -N -o ControlPersist=yes -o ControlPath=P`` with
 its stdin and stdout on ``/dev/null`` and its log in its own file (``-E``), so it holds no pipe
 of ours (a ControlPersist master that inherits a pipe keeps it open forever).  ssh authenticates
-(prompts answered by ``sshwrap.prompts`` when ``password``/``passphrase``/``on_prompt`` are
+(prompts answered by ``sshwrap.io.prompts`` when ``password``/``passphrase``/``on_prompt`` are
 given), then forks into the background and the first process exits: 0 means the master is up.
 ``P`` lives in a fresh private directory (mode 0700) and must fit ``sun_path`` (104 bytes, the
 smallest, macOS's) *including* the ``.XXXXXXXXXXXXXXXX`` suffix OpenSSH appends while binding;
@@ -15,10 +15,10 @@ waits for that pid to go and removes the directory; so does dropping the Connect
 leaving the program with it open (``weakref.finalize``), since a ControlPersist master would
 otherwise outlive us.
 
-**Commands.**  sshwrap speaks OpenSSH's mux protocol itself (``sshwrap.mux``) and asks for
-*proxy mode* (``MUX_C_PROXY``, OpenSSH >= 7.4): the control socket then carries the SSH
+**Commands.**  sshwrap speaks OpenSSH's mux protocol itself (``sshwrap.io.mux_control``) and asks
+for *proxy mode* (``MUX_C_PROXY``, OpenSSH >= 7.4): the control socket then carries the SSH
 connection protocol (RFC 4254) in the clear while the master keeps transport, crypto and keys.
-``sshwrap.channel`` opens one ``session`` channel per command on one shared socket, with one
+``sshwrap.io.pump`` opens one ``session`` channel per command on one shared socket, with one
 I/O thread for all of them.  So a command costs no new process, no fd passing and no new
 authentication: one channel open (done ahead: a spare channel is kept open), one ``exec``.
 And it knows exactly how the command ended: ``exit-status``, or ``exit-signal`` with the
@@ -69,11 +69,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from .argv import OptionValue, check_destination, find_ssh, remote_command, ssh_settings_args
-from .channel import ChannelError, ChannelLost, ProxyCore, check_exec_size
-from .channel_process import KILL_AFTER, ChannelPopen, run_channel
+from .core.argv import OptionValue, check_destination, find_ssh, remote_command, ssh_settings_args
+from .core.channel_run import KILL_AFTER, ChannelPopen, run_channel
 from .errors import SSHConnectionError, SSHError, classify_ssh_failure
-from .mux import (
+from .io.mux_control import (
     MUX_FWD_DYNAMIC,
     MUX_FWD_LOCAL,
     MUX_FWD_REMOTE,
@@ -82,11 +81,12 @@ from .mux import (
     MuxRefused,
     MuxUnsupported,
 )
+from .io.pump import ChannelError, ChannelLost, ProxyCore, check_exec_size
 
 if TYPE_CHECKING:
-    from .prompts import OnPrompt
-    from .relay import RelayResult
+    from .io.prompts import OnPrompt
     from .spawn import Spawned
+    from .terminal.relay import RelayResult
     from .transfer import Abort, ProgressCallback
 
 __all__ = ["SUN_PATH_MAX", "Connection", "Forward", "ForwardError", "connect"]
@@ -289,7 +289,7 @@ class Connection:
     ``with``.  See the module docstring for the design.  Settings are those of
     ``sshwrap.run``: ``config`` (``-F``), ``user``, ``port``, ``identity``, ``jump``,
     ``options`` (each ``-o Key=Value``), ``ssh`` (the client binary); ``password``,
-    ``passphrase`` and ``on_prompt`` answer ssh's prompts (``sshwrap.prompts``);
+    ``passphrase`` and ``on_prompt`` answer ssh's prompts (``sshwrap.io.prompts``);
     ``start_timeout`` bounds the master's start (connection and authentication: the ssh
     that starts it is killed and reaped when it runs out, ``SSHConnectionError``);
     ``connect_timeout`` is the same bound under run_many's name (the smaller of the two
@@ -448,7 +448,7 @@ class Connection:
         prompts = None
         prompt_opts: list[str] = []
         if self._password is not None or self._passphrase is not None or self._on_prompt:
-            from .prompts import PromptServer
+            from .io.prompts import PromptServer
 
             prompts = PromptServer(
                 password=self._password, passphrase=self._passphrase, on_prompt=self._on_prompt
@@ -781,7 +781,7 @@ class Connection:
         A connection lost before the command's exit status and the end of its output
         arrived raises ``CommandLostError`` (an ``SSHConnectionError``; ``stdout`` and
         ``command_stderr`` hold what came), never a returncode.  A command longer than
-        ``sshwrap.channel.MAX_COMMAND`` bytes raises ``ValueError`` before anything is sent.
+        ``sshwrap.io.pump.MAX_COMMAND`` bytes raises ``ValueError`` before anything is sent.
         ``connect_timeout`` bounds restarting a dead master (as ``run_many``'s does).
         stdin defaults to DEVNULL, as in ``sshwrap.run``.  ``tty=True`` asks for a remote
         terminal of ``size=(rows, cols)``: output merged on stdout, CR LF line ends.

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from .terminal import isatty
+from .terminal.modes import isatty
 from .testing import LocalSSHD
 
 

@@ -70,7 +70,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .argv import (
+from .core.argv import (
     OptionValue,
     build_ssh_argv,
     find_ssh,
@@ -619,7 +619,7 @@ def _status(returncode: int | None, error: SSHError | None) -> Status:
 
 def _as_async_connection(host: object) -> Any:
     """sshwrap's own Connection (or its aio twin) as an ``AsyncConnection``, else None."""
-    from .aio_connection import AsyncConnection
+    from .aio.connection import AsyncConnection
     from .connection import Connection
 
     if isinstance(host, AsyncConnection):

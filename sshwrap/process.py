@@ -84,7 +84,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, TypedDict, Unpack, cast
 
-from .argv import (
+from .core.argv import (
     OptionValue,
     SSHLog,
     build_ssh_argv,
@@ -103,7 +103,7 @@ from .errors import (
     classify_ssh_failure,
     interpret_exit,
 )
-from .threads import start_daemon
+from .io.threads import start_daemon
 
 __all__ = [
     "DEVNULL",
@@ -135,7 +135,7 @@ STOP_MARGIN = 0.8
 
 On a timeout the local ssh is killed at once and a second ssh signals the remote command
 (SIGTERM; a watcher it leaves on the remote host sends SIGKILL ~2 s later if the command is
-still there; see :func:`~sshwrap.argv.remote_signal_script`).  That ssh gets ``-o
+still there; see :func:`~sshwrap.core.argv.remote_signal_script`).  That ssh gets ``-o
 ConnectTimeout=1`` and the call waits for it at most this long, then kills and reaps it (an
 unreachable host: the remote command may then run on, and nothing local is left).  A fresh
 connection to a healthy host takes ~0.3 s; over a ControlMaster far less.  Ctrl-C (and
@@ -252,7 +252,7 @@ def _finish_pending_stops() -> None:
 
 
 class SSHSettings(TypedDict, total=False):
-    """ssh settings accepted by every call (see :func:`sshwrap.argv.ssh_settings_args`)."""
+    """ssh settings accepted by every call (see :func:`sshwrap.core.argv.ssh_settings_args`)."""
 
     config: str | os.PathLike[str] | None
     user: str | None

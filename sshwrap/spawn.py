@@ -47,7 +47,7 @@ from types import TracebackType
 
 from ptyprocess import PtyProcess
 
-from .argv import SSHLog, check_destination, find_ssh, remote_command
+from .core.argv import SSHLog, check_destination, find_ssh, remote_command
 from .errors import (
     UNKNOWN_SIGNAL,
     SSHConnectionError,
@@ -55,9 +55,9 @@ from .errors import (
     SSHWrapError,
     interpret_exit,
 )
-from .mux import MuxControl, MuxError
-from .relay import RelayResult, relay
-from .terminal import get_size, raw_mode
+from .io.mux_control import MuxControl, MuxError
+from .terminal.modes import get_size, raw_mode
+from .terminal.relay import RelayResult, relay
 
 __all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "Spawned"]
 
@@ -494,7 +494,7 @@ class Spawned:
 
         The terminal on ``stdin_fd`` goes to raw mode (restored on every exit path), the pty
         gets its size and follows its resizes, output not yet consumed by ``expect`` is shown
-        first, and keys and signals are relayed (``sshwrap.relay.relay``).  ``escape``
+        first, and keys and signals are relayed (``sshwrap.terminal.relay.relay``).  ``escape``
         (default ``^]``; None: no escape key) returns control to Python with the program still
         running.  Returns the relay's result: ``eof`` (the program ended: ``returncode`` is
         set) or ``escaped``.

@@ -62,7 +62,7 @@ from collections.abc import Awaitable, Callable, Container, Iterable, Iterator, 
 from dataclasses import dataclass
 from types import TracebackType
 
-from .argv import find_ssh
+from .core.argv import find_ssh
 from .errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
 from .protocol import wire
 from .protocol.wire import pack_string, pack_u32, pack_u64

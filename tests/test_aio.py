@@ -209,7 +209,8 @@ def test_same_core_as_sync(local_sshd: LocalSSHD) -> None:
 
 
 def test_other_async_faces_are_wired(local_sshd: LocalSSHD) -> None:
-    from sshwrap import aio_connection, fanout
+    from sshwrap import fanout
+    from sshwrap.aio import connection as aio_connection
 
     assert sshwrap.aio.connect is aio_connection.connect
     assert sshwrap.aio.AsyncConnection is aio_connection.AsyncConnection

@@ -13,7 +13,7 @@ import pytest
 from ptyterm import Term, sshwrap_argv
 
 from sshwrap.cli import wants_tty
-from sshwrap.sshparse import parse_ssh_argv
+from sshwrap.core.sshparse import parse_ssh_argv
 from sshwrap.testing import LocalSSHD
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sshwrap.aio_connection import AsyncConnection, connect
+from sshwrap.aio.connection import AsyncConnection, connect
 from sshwrap.errors import CalledProcessError, TimeoutExpired
 from sshwrap.testing import LocalSSHD
 
@@ -143,9 +143,9 @@ def test_async_create_process_streams_and_signals(local_sshd: LocalSSHD) -> None
 
 def test_exposed_as_sshwrap_aio_connect() -> None:
     import sshwrap
-    import sshwrap.aio_connection
+    import sshwrap.aio.connection
 
-    assert sshwrap.aio.connect is sshwrap.aio_connection.connect
+    assert sshwrap.aio.connect is sshwrap.aio.connection.connect
     assert sshwrap.aio.AsyncConnection is AsyncConnection
 
 

@@ -31,12 +31,12 @@ from faults import (
 from waiting import wait_until
 
 import sshwrap
-from sshwrap.aio_connection import AsyncConnection
-from sshwrap.channel import MAX_COMMAND
-from sshwrap.channel_process import CommandLostError
+from sshwrap.aio.connection import AsyncConnection
 from sshwrap.connection import Connection, connect
+from sshwrap.core.channel_run import CommandLostError
 from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, TimeoutExpired
-from sshwrap.mux import pack_string
+from sshwrap.io.mux_control import pack_string
+from sshwrap.io.pump import MAX_COMMAND
 from sshwrap.testing import LocalSSHD, descendants, is_running, wait_exited
 
 MARGIN = 1.0  # what a bound may be overrun by (the documented margin)
@@ -268,7 +268,7 @@ def test_limit_measured_against_the_real_master(sshd: LocalSSHD) -> None:
 
 
 def _discard() -> tuple[Any, Any, Any]:
-    from sshwrap.channel import Sink, Source
+    from sshwrap.io.pump import Sink, Source
 
     return Source(), Sink(), Sink()
 
@@ -481,7 +481,7 @@ def test_ctrl_c_during_a_frozen_session(sshd: LocalSSHD, face: str) -> None:
         "c.run('echo started; sleep 1011')"
         if face == "sync"
         else "import asyncio\n"
-        "from sshwrap.aio_connection import AsyncConnection\n"
+        "from sshwrap.aio.connection import AsyncConnection\n"
         "asyncio.run(AsyncConnection(c).run('echo started; sleep 1011'))"
     )
     code = (

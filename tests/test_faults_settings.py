@@ -1,8 +1,8 @@
 """ssh's own words for settings ssh refuses, in every face; option injection runs nothing.
 
 For each bad setting of the table, plain ``ssh`` runs first with the same settings (its argv
-built by sshwrap's own builder, ``sshwrap.argv``), and its last stderr line, computed here, must
-be in the message of the error that each face raises (or reports): ``run``, ``aio.run``,
+built by sshwrap's own builder, ``sshwrap.core.argv``), and its last stderr line, computed here,
+must be in the message of the error that each face raises (or reports): ``run``, ``aio.run``,
 ``sshwrap.connect``, ``run_many`` and ``sshwrap-many --json``.  Many of these lines are
 printed by ssh before it opens its ``-E`` log, where a log-only reader saw nothing ("ssh
 exited with status 255 and said nothing").
@@ -30,7 +30,7 @@ import pytest
 
 import sshwrap
 import sshwrap.aio
-from sshwrap.argv import build_ssh_argv, find_ssh, ssh_settings_args
+from sshwrap.core.argv import build_ssh_argv, find_ssh, ssh_settings_args
 from sshwrap.testing import LocalSSHD
 
 MANY = str(Path(sys.executable).with_name("sshwrap-many"))

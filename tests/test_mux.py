@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sshwrap.channel import ChannelError, ProxyCore, Sink, Source, signal_name, signal_number
-from sshwrap.mux import MUX_FWD_LOCAL, MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
+from sshwrap.io.mux_control import MUX_FWD_LOCAL, MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
+from sshwrap.io.pump import ChannelError, ProxyCore, Sink, Source, signal_name, signal_number
 from sshwrap.testing import LocalSSHD, wait_exited
 
 

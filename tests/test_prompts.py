@@ -14,7 +14,7 @@ import pytest
 from waiting import wait_until
 
 from sshwrap.errors import AuthenticationError, HostKeyError
-from sshwrap.prompts import PromptServer, classify_prompt
+from sshwrap.io.prompts import PromptServer, classify_prompt
 from sshwrap.testing import LocalSSHD
 
 SSHDFactory = Callable[..., LocalSSHD]

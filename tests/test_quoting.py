@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sshwrap
-from sshwrap.argv import remote_command, ssh_settings_args
+from sshwrap.core.argv import remote_command, ssh_settings_args
 from sshwrap.testing import LocalSSHD
 
 # Any text an argv can carry: no NUL (C strings), no lone surrogates (not encodable).

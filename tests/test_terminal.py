@@ -11,7 +11,7 @@ from ptyterm import Term
 _PROBE = textwrap.dedent(
     """
     import sys, termios
-    from sshwrap.terminal import raw_mode, get_size
+    from sshwrap.terminal.modes import raw_mode, get_size
     before = termios.tcgetattr(0)
     try:
         with raw_mode(0) as saved:
@@ -41,8 +41,8 @@ _RELAY = textwrap.dedent(
     """
     import os, sys
     from ptyprocess import PtyProcess
-    from sshwrap.relay import relay
-    from sshwrap.terminal import raw_mode
+    from sshwrap.terminal.relay import relay
+    from sshwrap.terminal.modes import raw_mode
     inner = PtyProcess.spawn([sys.executable, "-c",
         "import sys; sys.stdout.write('A' * 200000 + 'END'); sys.stdout.flush()"])
     with raw_mode(0):

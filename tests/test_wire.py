@@ -1,6 +1,6 @@
 """The SSH wire codec (``sshwrap.protocol.wire``) byte by byte, with no sshd.
 
-The same codec reads mux messages (``sshwrap.mux.Reader``: ``MuxError``), channel packets
+The same codec reads mux messages (``sshwrap.io.mux_control.Reader``: ``MuxError``), channel packets
 and SFTP replies (``sshwrap.transfer``'s reader: ``SFTPProtocolError``); each protocol's
 reader only chooses the exception a truncated message raises.
 """
@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sshwrap import transfer
-from sshwrap.mux import MuxError
-from sshwrap.mux import Reader as MuxReader
+from sshwrap.io.mux_control import MuxError
+from sshwrap.io.mux_control import Reader as MuxReader
 from sshwrap.protocol.wire import (
     Reader,
     WireError,

@@ -7,6 +7,6 @@ the sync and async drivers above them share one copy.
 
 - ``sshwrap.protocol.wire``: the SSH wire codec (RFC 4251 section 5 types: ``byte``,
   ``boolean``, ``uint32``, ``uint64``, ``string``, ``name-list``), used by the mux protocol
-  (``sshwrap.mux``), the session channels (``sshwrap.channel``) and SFTP
+  (``sshwrap.io.mux_control``), the session channels (``sshwrap.io.pump``) and SFTP
   (``sshwrap.transfer``).
 """

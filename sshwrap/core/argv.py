@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 
-from .errors import CommandTooLongError
+from ..errors import CommandTooLongError
 
 __all__ = [
     "SESSION_ENV",

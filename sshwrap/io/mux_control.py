@@ -11,7 +11,7 @@ This module implements the control requests sshwrap needs:
   port the server allocated for a remote forward of port 0;
 - ``enter_proxy()`` (``MUX_C_PROXY``, OpenSSH >= 7.4): after it the socket stops speaking the
   mux protocol and carries unencrypted, unpadded SSH connection-protocol packets (RFC 4254);
-  ``sshwrap.channel`` speaks that.
+  ``sshwrap.io.pump`` speaks that.
 
 Everything here is blocking and owns its socket; one ``MuxControl`` per thread.
 """
@@ -21,8 +21,8 @@ from __future__ import annotations
 import socket
 from types import TracebackType
 
-from .protocol import wire
-from .protocol.wire import pack_string, pack_u32
+from ..protocol import wire
+from ..protocol.wire import pack_string, pack_u32
 
 __all__ = [
     "MUX_FWD_DYNAMIC",

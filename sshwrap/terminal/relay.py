@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from .terminal import get_size
+from .modes import get_size
 
 __all__ = ["RelayResult", "relay"]
 
@@ -102,7 +102,7 @@ def relay(
         _write_all(stdout_fd, pending_output)
 
     def default_resize(rows: int, cols: int) -> None:
-        from .terminal import set_size
+        from .modes import set_size
 
         set_size(master_fd, rows, cols)
 

@@ -57,7 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from .errors import AuthenticationError, HostKeyError, classify_ssh_failure
+from ..errors import AuthenticationError, HostKeyError, classify_ssh_failure
 from .threads import signals_unblocked, start_daemon
 
 __all__ = ["OnPrompt", "Prompt", "PromptKind", "PromptServer", "classify_prompt"]

@@ -1,7 +1,7 @@
 """``run`` and ``Popen`` for commands on session channels of a ``Connection``'s master.
 
 Same keywords and results as ``sshwrap.run`` / ``sshwrap.Popen`` (and ``subprocess``), but no
-local process: the command runs on a channel of ``sshwrap.channel.ProxyCore``.
+local process: the command runs on a channel of ``sshwrap.io.pump.ProxyCore``.
 
 - ``run_channel`` needs no pipes at all: ``PIPE`` output is collected straight into memory by
   the pump, ``input`` is sent from memory, files and fds are read or written directly;
@@ -48,13 +48,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any, cast
 
-from .channel import ChannelOpenTimeout, ProxyCore, Session, SessionPacer, Sink, Source
-from .errors import (
+from ..errors import (
     CalledProcessError,
     CommandLostError,
     SSHError,
     TimeoutExpired,
 )
+from ..io.pump import ChannelOpenTimeout, ProxyCore, Session, SessionPacer, Sink, Source
 
 __all__ = [
     "KILL_AFTER",

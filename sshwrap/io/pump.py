@@ -1,10 +1,10 @@
 """RFC 4254 session channels over a ControlMaster's proxy-mode socket.
 
-After ``MUX_C_PROXY`` (see ``sshwrap.mux``) the control socket carries SSH connection-protocol
-packets, unencrypted and unpadded (``uint32 length, byte 0, byte type, payload``); the master
-keeps the transport, crypto, keys and authentication, and renumbers our channel ids so that
-several proxy clients never collide.  ``ProxyCore`` is one such socket plus one I/O thread
-(the *pump*) that serves every channel opened over it:
+After ``MUX_C_PROXY`` (see ``sshwrap.io.mux_control``) the control socket carries SSH
+connection-protocol packets, unencrypted and unpadded (``uint32 length, byte 0, byte type,
+payload``); the master keeps the transport, crypto, keys and authentication, and renumbers
+our channel ids so that several proxy clients never collide.  ``ProxyCore`` is one such
+socket plus one I/O thread (the *pump*) that serves every channel opened over it:
 
 - callers (any thread) open channels and send requests; a packet is written straight to the
   socket when nothing is queued (no thread hop on the fast path), else queued for the pump;
@@ -40,8 +40,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from .errors import UNKNOWN_SIGNAL, CommandTooLongError
-from .protocol.wire import Reader, pack_string, pack_u32
+from ..errors import UNKNOWN_SIGNAL, CommandTooLongError
+from ..protocol.wire import Reader, pack_string, pack_u32
 from .threads import start_daemon
 
 __all__ = [

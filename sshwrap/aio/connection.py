@@ -27,10 +27,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .argv import OptionValue, remote_command
-from .channel import ProxyCore, check_exec_size
-from .channel_process import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
-from .connection import (
+from ..connection import (
     Connection,
     Forward,
     Stream,
@@ -38,11 +35,14 @@ from .connection import (
     _time_left,
     channel_errors,
 )
-from .errors import SSHError
+from ..core.argv import OptionValue, remote_command
+from ..core.channel_run import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
+from ..errors import SSHError
+from ..io.pump import ProxyCore, check_exec_size
 
 if TYPE_CHECKING:
-    from .prompts import OnPrompt
-    from .transfer import ProgressCallback
+    from ..io.prompts import OnPrompt
+    from ..transfer import ProgressCallback
 
 __all__ = ["AsyncChannelProcess", "AsyncConnection", "connect"]
 
@@ -232,7 +232,7 @@ class AsyncConnection:
         reaped) within about 1 s.  Falls back to ``sshwrap.aio.run`` through the master when
         the master does not speak proxy mode.
         """
-        from .process import CompletedProcess
+        from ..process import CompletedProcess
 
         deadline = None if timeout is None else time.monotonic() + timeout
         start_deadline = _start_deadline(deadline, connect_timeout)
@@ -244,7 +244,7 @@ class AsyncConnection:
             if core is None:
                 if tty:
                     raise ValueError("tty=True needs a master that speaks proxy mode")
-                from .aio import run as aio_run
+                from .process import run as aio_run
 
                 return await aio_run(
                     self.destination,
@@ -347,7 +347,7 @@ class AsyncConnection:
 
         Cancelling it stops the transfer in its thread (``sshwrap.transfer.Abort``) and waits
         for that, so a cancelled copy never completes later in the background."""
-        from .transfer import to_thread_abortable
+        from ..transfer import to_thread_abortable
 
         await to_thread_abortable(
             lambda abort: self.sync.put(
@@ -365,7 +365,7 @@ class AsyncConnection:
     ) -> None:
         """``Connection.get`` in a worker thread (``progress`` is called from that thread);
         cancelling it stops the transfer as for ``put``."""
-        from .transfer import to_thread_abortable
+        from ..transfer import to_thread_abortable
 
         await to_thread_abortable(
             lambda abort: self.sync.get(

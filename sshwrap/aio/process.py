@@ -19,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib
 import locale
 import os
 import signal
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Unpack, cast
+from typing import Unpack, cast
 
-from .errors import CalledProcessError, CommandTooLongError, SSHError, SSHStderr, TimeoutExpired
-from .process import (
+from ..errors import CalledProcessError, CommandTooLongError, SSHError, SSHStderr, TimeoutExpired
+from ..process import (
     _TEE_GRACE,
     DEVNULL,
     PIPE,
@@ -44,41 +43,7 @@ from .process import (
     stop_failure,
 )
 
-__all__ = [
-    "DEVNULL",
-    "PIPE",
-    "STDOUT",
-    "AsyncConnection",
-    "Process",
-    "ProcessOptions",
-    "connect",
-    "create_process",
-    "run",
-    "run_many",
-]
-
-# The async faces that live with their sync cores, imported on first use:
-# ``sshwrap.aio.connect`` (issue 4, Connection) and ``sshwrap.aio.run_many`` (issue 5, fan-out).
-_LAZY: dict[str, tuple[str, str]] = {
-    "connect": ("aio_connection", "connect"),
-    "AsyncConnection": ("aio_connection", "AsyncConnection"),
-    "run_many": ("fanout", "run_many_async"),
-}
-
-if TYPE_CHECKING:
-    from .aio_connection import AsyncConnection as AsyncConnection
-    from .aio_connection import connect as connect
-    from .fanout import run_many_async as run_many
-
-
-def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'sshwrap.aio' has no attribute {name!r}")
-    module, attr = target
-    value = getattr(importlib.import_module(f".{module}", __package__), attr)
-    globals()[name] = value
-    return value
+__all__ = ["DEVNULL", "PIPE", "STDOUT", "Process", "ProcessOptions", "create_process", "run"]
 
 
 class _InvocationOptions(SSHSettings, total=False):

@@ -1,0 +1,59 @@
+"""The asyncio face of sshwrap: ``await sshwrap.aio.run(host, cmd)``.
+
+A facade: nothing inside the library imports it.  Each name is the async twin of a sync one,
+with the same arguments, results, errors and bounds:
+
+- :func:`run`, :func:`create_process`, :class:`Process`: :mod:`sshwrap.process` over asyncio
+  (:mod:`sshwrap.aio.process`);
+- :func:`connect`, :class:`AsyncConnection`: :class:`sshwrap.Connection`
+  (:mod:`sshwrap.aio.connection`);
+- :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``).
+
+::
+
+    r = await sshwrap.aio.run("web1", ["uname", "-a"], capture_output=True, text=True)
+    async with await sshwrap.aio.connect("web1") as c:
+        r = await c.run("uptime", capture_output=True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .process import DEVNULL, PIPE, STDOUT, Process, ProcessOptions, create_process, run
+
+__all__ = [
+    "DEVNULL",
+    "PIPE",
+    "STDOUT",
+    "AsyncConnection",
+    "Process",
+    "ProcessOptions",
+    "connect",
+    "create_process",
+    "run",
+    "run_many",
+]
+
+# imported on first use: a script that only runs commands does not load the Connection code
+_LAZY: dict[str, tuple[str, str]] = {
+    "connect": (".connection", "connect"),
+    "AsyncConnection": (".connection", "AsyncConnection"),
+    "run_many": ("..fanout", "run_many_async"),
+}
+
+if TYPE_CHECKING:
+    from ..fanout import run_many_async as run_many
+    from .connection import AsyncConnection as AsyncConnection
+    from .connection import connect as connect
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'sshwrap.aio' has no attribute {name!r}")
+    module, attr = target
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
