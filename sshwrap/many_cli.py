@@ -37,7 +37,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import IO, Any, NoReturn
 
-from .fanout import FdBudgetError, HostResult, _Runner
+from .core.fanout_run import FanoutRun
+from .fanout import FdBudgetError, HostResult
 
 __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "fold_hosts", "main", "read_hosts"]
 
@@ -454,7 +455,7 @@ def _ignored(sig: int) -> bool:
     return signal.getsignal(sig) is signal.SIG_IGN
 
 
-async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
+async def _run(run: FanoutRun, output: _Output, tally: _Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -471,7 +472,7 @@ async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
     for s in sigs:
         loop.add_signal_handler(s, stop)
     output.on_broken = stop
-    gen = runner.run()
+    gen = run.results()
     try:
         async for r in gen:
             tally.add(r)
@@ -485,15 +486,13 @@ async def _run(runner: _Runner, output: _Output, tally: _Tally) -> bool:
         for s in sigs:
             loop.remove_signal_handler(s)
     if interrupted:
-        for r in sorted(runner.partial.values(), key=lambda r: r.index):
+        for r in run.stopped_results():
             tally.add(r)
             output.result(r, tally)
         seen = {r.index for r in tally.results}
-        for spec in runner.specs:
-            if spec.index not in seen:
-                r = HostResult(spec.host, None, b"", b"", None, None, 0.0, "cancelled")
-                r.index = spec.index
-                tally.add(r)
+        for r in run.complete({}):
+            if r.index not in seen:
+                tally.add(r)  # never started
     return interrupted
 
 
@@ -545,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     output = _Output(args, hosts, progress)
     try:
-        runner = _Runner(
+        run = FanoutRun(
             hosts,
             " ".join(command),
             concurrency=args.parallel,
@@ -571,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     tally = _Tally(total=len(hosts))
     t0 = time.monotonic()
     with output.context():
-        interrupted = asyncio.run(_run(runner, output, tally))
+        interrupted = asyncio.run(_run(run, output, tally))
     output.finish(tally, time.monotonic() - t0, interrupted)
     if output.broken:
         return EXIT_BROKEN_PIPE

@@ -513,9 +513,9 @@ def test_log_through_a_fifo_where_proc_fd_cannot_be_reopened(
     many: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The non-Linux path: ssh's DEBUG1 log through a FIFO still tells 255 from a signal."""
-    from sshwrap import fanout
+    from sshwrap.io.host_process import HostProcess
 
-    monkeypatch.setattr(fanout, "_PROC_FD", False)
+    monkeypatch.setattr(HostProcess, "log_through_proc_fd", False)
     made: list[str] = []
     real_mkfifo = os.mkfifo
 

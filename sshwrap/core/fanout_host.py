@@ -1,0 +1,278 @@
+"""One host of a fan-out: its bounds, its stop, its result.
+
+Timeouts: ``connect_timeout`` bounds the time from start until the session is up (it is
+also handed to ssh as ``ConnectTimeout``); ``timeout`` bounds the remote command from then
+on; the run's deadline bounds everything.  A host over its limit has its ssh process group
+killed (TERM, then KILL after :data:`KILL_GRACE`); the others do not notice.  A command that
+outlives ``timeout`` is also stopped on the remote side when the plan carries a session tag
+(``kill_remote``): a second, short ssh signals the processes so tagged (TERM, then KILL on
+the remote side).  That second ssh starts at once, alongside the local stop, with a
+``ConnectTimeout`` and a limit of :data:`STOP_BUDGET`: when the host does not answer in time
+(a cut link, a frozen sshd) it is killed and reaped, so every bound holds within 1 s,
+cleanup included.
+
+A host given as a connection runs as a channel of that connection's ControlMaster: its own
+bounds (``timeout``, ``connect_timeout``, ``kill_after``) do the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ..errors import SSHError, TimeoutExpired
+from ..io.host_process import HostProcess, run_bounded
+from .argv import build_ssh_argv, remote_signal_script
+from .deadline import capped
+from .host_result import (
+    HostResult,
+    Status,
+    connect_timeout_error,
+    interpret_ssh_exit,
+    result_status,
+)
+
+__all__ = [
+    "KILL_GRACE",
+    "STOP_BUDGET",
+    "FanoutJob",
+    "HostPlan",
+    "OutputCallback",
+    "host_process",
+    "process_result",
+    "run_host",
+    "run_over_connection",
+]
+
+# Every bound (``timeout``, ``deadline``, ``connect_timeout``) covers the stop that follows it:
+# ssh gets TERM, then KILL after KILL_GRACE; the remote stop (a second ssh) gets STOP_BUDGET
+# from the moment the bound ran out, and is killed and reaped when that is over.  So a host
+# ends, cleanup included, within STOP_BUDGET (0.7 s) of its bound: inside the 1 s promised.
+KILL_GRACE = 0.5
+"""Seconds between TERM and KILL for a host's ssh."""
+STOP_BUDGET = 0.7
+"""Seconds the remote stop may take after a host's bound ran out."""
+_CONN_KILL_AFTER = 0.3  # TERM -> KILL over a connection (which adds at most 0.5 s more)
+_EOF_GRACE = 2.0  # seconds to wait for pipes to close once ssh has exited
+
+OutputCallback = Callable[[str, int, bytes], None]
+"""``on_output(host, stream, data)``: stream 1 is stdout, 2 is stderr."""
+
+
+@dataclass(frozen=True)
+class FanoutJob:
+    """What every host runs, and the bounds each host gets."""
+
+    command: str | Sequence[str]
+    ssh: str
+    timeout: float | None
+    connect_timeout: float | None
+    input: bytes | None = None
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    on_output: OutputCallback | None = None
+
+
+@dataclass
+class HostPlan:
+    """One host's part: its index in the input, its name, and how its command goes."""
+
+    index: int
+    host: str
+    argv: list[str]
+    """The ssh command line (without ``-E``, which each start adds)."""
+    sid: str | None = None
+    """The remote command's session tag, when ``kill_remote`` is on."""
+    kill_settings: list[str] | None = None
+    """ssh settings of the remote stop."""
+    conn: Any = None
+    """A connection: the command runs as a channel of its master (``argv`` unused)."""
+
+
+def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool:
+    if t_end is None:
+        return False
+    return limit is None or t_end <= t0 + limit
+
+
+def host_process(
+    job: FanoutJob, plan: HostPlan, loop: asyncio.AbstractEventLoop, fifo_dir: str
+) -> HostProcess:
+    """The (not yet started) ssh child of ``plan``, its log FIFO (if any) in ``fifo_dir``."""
+    on_output = None if job.on_output is None else partial(job.on_output, plan.host)
+    return HostProcess(
+        plan.argv,
+        loop=loop,
+        fifo_path=f"{fifo_dir}/{plan.index}",
+        input=job.input,
+        on_output=on_output,
+    )
+
+
+def process_result(
+    plan: HostPlan, proc: HostProcess, status: Status | None, error: SSHError | None = None
+) -> HostResult:
+    """The host's result; a ``status`` given forces timeout/cancelled/ssh_error."""
+    end = proc.t_end if proc.t_end is not None else time.monotonic()
+    log = proc.log.decode(errors="replace")
+    returncode: int | None = None
+    signalled = False
+    if status is None:
+        assert proc.returncode is not None
+        returncode, error, signalled = interpret_ssh_exit(plan.host, proc.returncode, log, proc.err)
+        status = result_status(returncode, error)
+    return HostResult(
+        host=plan.host,
+        returncode=returncode,
+        stdout=b"".join(proc.out),
+        stderr=b"".join(proc.err),
+        error=error,
+        started=proc.started_wall,
+        duration=(end - proc.t0) if proc.started_wall is not None else 0.0,
+        status=status,
+        connect_time=None if proc.t_up is None else proc.t_up - proc.t0,
+        signalled=signalled,
+        ssh_log=log,
+        index=plan.index,
+    )
+
+
+async def run_host(
+    job: FanoutJob,
+    plan: HostPlan,
+    proc: HostProcess,
+    t_end: float | None,
+    remote_stops: set[asyncio.Task[None]],
+) -> HostResult:
+    """Start ``proc`` and see it through its bounds; its result.
+
+    ``t_end`` is the run's deadline (``time.monotonic()``); a remote stop started for a
+    timed-out host goes into ``remote_stops`` (and leaves it when done).
+    """
+    host = plan.host
+    try:
+        proc.start()
+    except OSError as e:
+        return process_result(plan, proc, "ssh_error", SSHError(host, f"cannot run ssh: {e}"))
+    exit_wait = asyncio.ensure_future(proc.exited.wait())
+    up_wait = asyncio.ensure_future(proc.session_up.wait())
+    try:
+        # Connect phase: until the session is up (or ssh exits).
+        limit = capped(job.connect_timeout, t_end)
+        await asyncio.wait({up_wait, exit_wait}, timeout=limit, return_when=_FIRST)
+        if not proc.session_up.is_set() and not proc.exited.is_set():
+            await proc.stop(KILL_GRACE)
+            if _deadline_first(job.connect_timeout, t_end, proc.t0):
+                return process_result(plan, proc, "timeout")
+            assert job.connect_timeout is not None
+            log = proc.log.decode(errors="replace")
+            error = connect_timeout_error(host, job.connect_timeout, log)
+            return process_result(plan, proc, "ssh_error", error)
+        # Command phase: until ssh exits.
+        limit = capped(job.timeout, t_end)
+        cmd_end = None if limit is None else time.monotonic() + limit
+        if not proc.exited.is_set():
+            await asyncio.wait({exit_wait}, timeout=limit)
+        if not proc.exited.is_set():
+            # The remote stop starts now, alongside the local one: both end within
+            # STOP_BUDGET of the bound.
+            _remote_stop(job, plan, time.monotonic() + STOP_BUDGET, remote_stops)
+            await proc.stop(KILL_GRACE)
+            return process_result(plan, proc, "timeout")
+        # ssh has exited: collect what is still in the pipes (a child of ssh's may hold
+        # them), not past the host's bound.
+        proc.log_writer_close()
+        if not proc.pipes_closed.is_set():
+            grace = _EOF_GRACE
+            if cmd_end is not None:
+                grace = min(grace, max(0.0, cmd_end - time.monotonic()) + KILL_GRACE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.pipes_closed.wait(), grace)
+        proc.kill_now()
+        return process_result(plan, proc, None)
+    finally:
+        exit_wait.cancel()
+        up_wait.cancel()
+
+
+_FIRST = asyncio.FIRST_COMPLETED
+
+
+def _remote_stop(
+    job: FanoutJob, plan: HostPlan, until: float, remote_stops: set[asyncio.Task[None]]
+) -> None:
+    """Start the remote stop of a timed-out host: a second ssh, bounded by ``until``.
+
+    Its ``ConnectTimeout`` is what is left until ``until`` (ssh's minimum is 1 s), and at
+    ``until`` (``time.monotonic()``) it is killed and reaped if still running.  The remote
+    script escalates to KILL on its own, so it finishes there even when the local side
+    has given up on it.
+    """
+    if plan.sid is None or plan.kill_settings is None:
+        return
+    script = remote_signal_script(plan.sid, signal.SIGTERM, escalate=True)
+    connect = max(1, math.ceil(until - time.monotonic()))
+    settings = ["-o", f"ConnectTimeout={connect}", *plan.kill_settings]
+    argv = build_ssh_argv(job.ssh, plan.host, script, settings=settings)
+    task = asyncio.ensure_future(run_bounded(argv, until))
+    remote_stops.add(task)
+    task.add_done_callback(remote_stops.discard)
+
+
+async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | None) -> HostResult:
+    """A host given as a connection: the command is a channel of its master."""
+    started = time.time()
+    t0 = time.monotonic()
+    returncode: int | None = None
+    error: SSHError | None = None
+    out: bytes = b""
+    err: bytes = b""
+    status: Status
+    try:
+        # The connection's own bounds do the work: ``timeout`` covers the whole call
+        # (a dead master's restart too) and returns within timeout + kill_after + 0.5 s;
+        # ``connect_timeout`` bounds the restart.  Cancelling it (Ctrl-C) stops the
+        # restart or the remote command within about 1 s.
+        cp = await plan.conn.run(
+            job.command,
+            input=job.input,
+            capture_output=True,
+            timeout=capped(job.timeout, t_end),
+            connect_timeout=capped(job.connect_timeout, t_end),
+            kill_after=_CONN_KILL_AFTER,
+            env=job.env,
+            cwd=job.cwd,
+        )
+    except TimeoutExpired as e:
+        status = "timeout"
+        out = e.output if isinstance(e.output, bytes) else b""
+        err = e.stderr if isinstance(e.stderr, bytes) else b""
+    except SSHError as e:
+        status, error = "ssh_error", e
+    else:
+        returncode, out, err = cp.returncode, cp.stdout or b"", cp.stderr or b""
+        status = result_status(returncode, None)
+    if job.on_output is not None:
+        for stream, data in ((1, out), (2, err)):
+            if data:
+                job.on_output(plan.host, stream, data)
+    return HostResult(
+        host=plan.host,
+        returncode=returncode,
+        stdout=out,
+        stderr=err,
+        error=error,
+        started=started,
+        duration=time.monotonic() - t0,
+        status=status,
+        connect_time=0.0 if error is None else None,
+        signalled=returncode is not None and returncode < 0,
+        index=plan.index,
+    )

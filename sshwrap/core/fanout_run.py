@@ -1,0 +1,269 @@
+"""The fan-out scheduler: one command on many hosts, at most ``concurrency`` in flight.
+
+:class:`FanoutRun` plans every host (its ssh command line, its remote session tag), then
+:meth:`FanoutRun.results` runs them on the running loop and yields each host's
+:class:`~sshwrap.core.host_result.HostResult` as it finishes.  Leaving the generator (the
+end, ``aclose()``, a cancelled task) ends every ssh child by process group, waits for each
+one and removes the run's FIFO directory: nothing is left running locally.  Hosts that had
+finished keep their results (:meth:`FanoutRun.complete`), the others are ``cancelled``
+(:meth:`FanoutRun.stopped_results` holds what those in flight had produced).
+
+Hosts start in input order, from the loop's thread; a result is taken from a done callback,
+so a host's end costs the scheduler the same whatever the concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ..io.fd_budget import check_fd_budget
+from ..io.host_process import HostProcess
+from .argv import OptionValue, build_ssh_argv, find_ssh, remote_command, ssh_settings_args
+from .fanout_host import (
+    KILL_GRACE,
+    FanoutJob,
+    HostPlan,
+    OutputCallback,
+    host_process,
+    process_result,
+    run_host,
+    run_over_connection,
+)
+from .host_result import HostResult, unfinished_result
+
+__all__ = ["ControlPathHost", "FanoutRun"]
+
+
+@runtime_checkable
+class ControlPathHost(Protocol):
+    """A host reached through an existing ControlMaster (``ssh -o ControlPath=...``)."""
+
+    @property
+    def destination(self) -> str: ...  # pragma: no cover - protocol
+
+    @property
+    def control_path(self) -> str: ...  # pragma: no cover - protocol
+
+
+def _check_bounds(concurrency: int, **bounds: float | None) -> None:
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    for name, value in bounds.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive")
+
+
+class FanoutRun:
+    """One command on many hosts: the plan, then :meth:`results` runs it.
+
+    The keywords are those of ``sshwrap.aio.run_many`` (see there); ``check_budget`` (default
+    on) refuses with ``FdBudgetError``, before anything starts, a concurrency the open-files
+    limit cannot hold.  ``as_channel_host(host)`` may turn a host object into one whose
+    command runs as a channel of its master (None: it is not one).
+    """
+
+    def __init__(
+        self,
+        hosts: Iterable[str | ControlPathHost],
+        command: str | Sequence[str],
+        *,
+        concurrency: int,
+        timeout: float | None,
+        connect_timeout: float | None,
+        deadline: float | None,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        user: str | None = None,
+        port: int | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        jump: str | None = None,
+        options: Mapping[str, OptionValue] | None = None,
+        ssh: str | None = None,
+        batch_mode: bool = True,
+        kill_remote: bool = True,
+        on_output: OutputCallback | None = None,
+        on_start: Callable[[str], None] | None = None,
+        check_budget: bool = True,
+        as_channel_host: Callable[[object], Any] | None = None,
+    ) -> None:
+        _check_bounds(
+            concurrency, timeout=timeout, connect_timeout=connect_timeout, deadline=deadline
+        )
+        self.concurrency = concurrency
+        self.deadline = deadline
+        self.on_start = on_start
+        self.job = FanoutJob(
+            command, ssh or find_ssh(), timeout, connect_timeout, input, env, cwd, on_output
+        )
+        settings = ssh_settings_args(
+            config=config, user=user, port=port, identity=identity, jump=jump, options=options
+        )
+        fixed = ["-o", "LogLevel=DEBUG1"]
+        if batch_mode:
+            fixed += ["-o", "BatchMode=yes"]
+        if connect_timeout is not None:
+            fixed += ["-o", f"ConnectTimeout={max(1, round(connect_timeout))}"]
+        # The session tag only serves the remote stop after ``timeout`` / ``deadline``.
+        # Without either, the command goes exactly as a plain ``ssh host cmd`` sends it.
+        # (The ``export`` line costs no extra remote fork with the shells measured: bash
+        # 5.2 execs the last command of ``-c`` either way, Debian's dash 0.5.12 never does.)
+        tagged = kill_remote and (timeout is not None or deadline is not None)
+        kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
+        untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
+        self.plans: list[HostPlan] = []
+        for i, h in enumerate(hosts):
+            if not isinstance(h, str) and as_channel_host is not None:
+                conn = as_channel_host(h)
+                if conn is not None:
+                    self.plans.append(HostPlan(i, conn.destination, [], conn=conn))
+                    continue
+            dest, extra = _destination(h)
+            sid = secrets.token_hex(8) if tagged else None
+            if untagged_text is not None:
+                text = untagged_text
+            else:
+                text = remote_command(command, env=env, cwd=cwd, session_id=sid)
+            argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*fixed, *settings, *extra])
+            # The remote stop's argv is built only when a host needs it.
+            kill_settings = kill_base if not extra else [*kill_base, *extra]
+            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
+        if check_budget:
+            check_fd_budget(min(concurrency, max(1, len(self.plans))))
+        self._running: dict[int, HostProcess] = {}
+        self._stopped: dict[int, HostResult] = {}
+        self._remote_stops: set[asyncio.Task[None]] = set()
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every host's name (its destination), in input order."""
+        return [p.host for p in self.plans]
+
+    def stopped_results(self) -> list[HostResult]:
+        """In input order, the results of the hosts that were in flight when the run was left
+        early: ``cancelled`` with their output so far, or their own result when they had just
+        finished."""
+        return [self._stopped[i] for i in sorted(self._stopped)]
+
+    def complete(self, results: Mapping[int, HostResult]) -> list[HostResult]:
+        """One result per host in input order: ``results`` (by index), else the host's stopped
+        result, else ``cancelled``."""
+        out = []
+        for p in self.plans:
+            r = results.get(p.index) or self._stopped.get(p.index)
+            out.append(r or unfinished_result(p.host, p.index, "cancelled"))
+        return out
+
+    async def results(self) -> AsyncGenerator[HostResult, None]:
+        """Yield each host's result as it finishes; on exit (even cancelled) end every child."""
+        loop = asyncio.get_running_loop()
+        t_end = None if self.deadline is None else time.monotonic() + self.deadline
+        fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
+        todo = list(reversed(self.plans))
+        tasks: dict[asyncio.Future[HostResult], int] = {}
+        done: collections.deque[asyncio.Future[HostResult]] = collections.deque()
+        wake: list[asyncio.Future[None]] = []
+
+        def finished(task: asyncio.Future[HostResult]) -> None:
+            done.append(task)
+            if wake and not wake[0].done():
+                wake[0].set_result(None)
+
+        try:
+            while todo or tasks:
+                while todo and len(tasks) < self.concurrency:
+                    if t_end is not None and time.monotonic() >= t_end:
+                        break
+                    plan = todo.pop()
+                    if self.on_start is not None:
+                        self.on_start(plan.host)
+                    if plan.conn is not None:
+                        coro = run_over_connection(self.job, plan, t_end)
+                    else:
+                        proc = host_process(self.job, plan, loop, fifo_dir)
+                        self._running[plan.index] = proc
+                        coro = run_host(self.job, plan, proc, t_end, self._remote_stops)
+                    task = asyncio.ensure_future(coro)
+                    task.add_done_callback(finished)
+                    tasks[task] = plan.index
+                if not tasks:
+                    break  # the deadline passed before the rest could start
+                if not done:
+                    wake.append(loop.create_future())
+                    try:
+                        await wake[0]
+                    finally:
+                        wake.clear()
+                ended = done.popleft()
+                idx = tasks.pop(ended)
+                self._running.pop(idx, None)
+                yield ended.result()
+            while todo:  # never started: the total deadline ran out first
+                plan = todo.pop()
+                yield unfinished_result(plan.host, plan.index, "timeout")
+        finally:
+            try:
+                await self._shutdown(tasks)
+            finally:
+                shutil.rmtree(fifo_dir, ignore_errors=True)
+
+    async def _shutdown(self, tasks: Mapping[asyncio.Future[HostResult], int]) -> None:
+        # A host whose task had finished (only its result was not yet taken) keeps it.
+        for t, idx in tasks.items():
+            if t.done() and not t.cancelled() and t.exception() is None:
+                self._stopped[idx] = t.result()
+        runs = [(i, p) for i, p in self._running.items() if i not in self._stopped]
+        self._running.clear()
+        # A host whose ssh had already exited when the run was cancelled is done: it keeps
+        # its real result (only the loop had not yet seen the exit), not "cancelled".
+        exited = {i for i, p in runs if p.has_exited()}
+        try:
+            for t in tasks:
+                t.cancel()
+            # Signal every group at once, then wait for all of them together.
+            for _, p in runs:
+                p.signal_group(signal.SIGTERM)
+            waits = [asyncio.ensure_future(p.exited.wait()) for _, p in runs if p.proc]
+            if waits:
+                _, pending = await asyncio.wait(waits, timeout=KILL_GRACE)
+                for w in pending:
+                    w.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            stops = list(self._remote_stops)
+            if stops:
+                # Each remote stop ends (or is killed and reaped) within its own budget; a
+                # cancel now ends them at once (their ssh killed and reaped).
+                try:
+                    await asyncio.wait(stops)
+                except asyncio.CancelledError:
+                    for s in stops:
+                        s.cancel()
+                    await asyncio.wait(stops)
+                    raise
+        finally:
+            for i, p in runs:
+                p.kill_now()
+                plan = self.plans[i]
+                self._stopped[i] = process_result(plan, p, None if i in exited else "cancelled")
+            for t, i in tasks.items():  # hosts over a connection
+                if i not in self._stopped and (t.cancelled() or not t.done()):
+                    plan = self.plans[i]
+                    self._stopped[i] = unfinished_result(plan.host, i, "cancelled")
+
+
+def _destination(host: str | ControlPathHost) -> tuple[str, list[str]]:
+    if isinstance(host, str):
+        return host, []
+    settings = ["-o", f"ControlPath={host.control_path}", "-o", "ControlMaster=no"]
+    return host.destination, settings

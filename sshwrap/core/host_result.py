@@ -1,0 +1,138 @@
+"""What a fan-out reports per host: ``HostResult``, and how ssh's exit turns into one.
+
+ssh exits 255 for its own failure, for a remote command that exited 255 and for one killed
+by a signal; its ``LogLevel=DEBUG1`` log tells them apart (:func:`interpret_ssh_exit`).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import SSHConnectionError, SSHError, interpret_exit, ssh_messages
+
+__all__ = [
+    "FanoutInterrupted",
+    "HostResult",
+    "Status",
+    "connect_timeout_error",
+    "in_input_order",
+    "interpret_ssh_exit",
+    "result_status",
+    "unfinished_result",
+]
+
+Status = Literal["ok", "failed", "timeout", "ssh_error", "cancelled"]
+
+
+@dataclass
+class HostResult:
+    """What happened on one host.
+
+    - ``returncode``: the remote command's exit status; ``-signum`` (see ``signalled``) when
+      a signal killed it; ``None`` when there is no remote status (ssh failed, timed out,
+      cancelled).
+    - ``stdout`` / ``stderr``: the remote command's bytes (complete, or up to the moment the
+      host was stopped).  ssh's own messages are not mixed in (see ``error`` and
+      ``ssh_log``), except what ssh prints before its log opens (a setting it refuses):
+      that stays in ``stderr`` and is the ``error``'s message too.
+    - ``error``: the typed ``SSHError`` when ssh itself failed (refused, timed out, name not
+      resolved, authentication, host key).
+    - ``status``: ``ok`` (exit 0), ``failed`` (non-zero exit or signal), ``timeout``
+      (``timeout`` or ``deadline`` ran out), ``ssh_error``, ``cancelled``.
+    - ``started``: wall clock (``time.time()``) when its ssh started (``None`` if it never
+      did); ``duration``: seconds until it ended; ``connect_time``: seconds until the
+      session was up (``None`` if it never was).
+    """
+
+    host: str
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    error: SSHError | None
+    started: float | None
+    duration: float
+    status: Status = "ok"
+    connect_time: float | None = None
+    signalled: bool = False
+    ssh_log: str = field(default="", repr=False)
+    index: int = field(default=0, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the remote command ran and exited 0."""
+        return self.status == "ok"
+
+    @property
+    def timed_out(self) -> bool:
+        """True when ``timeout`` or ``deadline`` stopped this host."""
+        return self.status == "timeout"
+
+
+class FanoutInterrupted(KeyboardInterrupt):
+    """Raised by ``run_many`` on Ctrl-C, after every ssh child has ended.
+
+    ``results`` holds one ``HostResult`` per host, in input order: those that finished, and
+    the others with status ``cancelled`` and whatever output they had produced.
+    """
+
+    def __init__(self, results: list[HostResult]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def unfinished_result(host: str, index: int, status: Status) -> HostResult:
+    """The result of a host that never ran: ``cancelled``, or ``timeout`` (the deadline)."""
+    return HostResult(host, None, b"", b"", None, None, 0.0, status, index=index)
+
+
+def in_input_order(hosts: Sequence[str], results: Mapping[int, HostResult]) -> list[HostResult]:
+    """One result per host of ``hosts`` (by index), those missing marked ``cancelled``."""
+    return [results.get(i) or unfinished_result(h, i, "cancelled") for i, h in enumerate(hosts)]
+
+
+def result_status(returncode: int | None, error: SSHError | None) -> Status:
+    """``ssh_error`` with an error, else ``ok`` for exit 0 and ``failed`` for the rest."""
+    if error is not None:
+        return "ssh_error"
+    return "ok" if returncode == 0 else "failed"
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+def interpret_ssh_exit(
+    host: str, returncode: int, log: str, stderr: Sequence[bytes] = ()
+) -> tuple[int | None, SSHError | None, bool]:
+    """(remote returncode, ssh error, signalled) from ssh's exit status and DEBUG1 log.
+
+    ``stderr`` is what came on ssh's stderr pipe: when no session was up, those are ssh's own
+    words (a refused option, a bad port: printed before its log opened), and the error says
+    them.
+    """
+    if returncode < 0:
+        # ssh itself died of a signal that sshwrap did not send.
+        sig = signal.Signals(-returncode).name if -returncode in _SIGNALS else str(-returncode)
+        return (
+            None,
+            SSHError(host, f"ssh was killed by {sig}", ssh_messages(log), returncode),
+            False,
+        )
+    if returncode != 255:
+        # The remote command's own status (ssh exits 255 only for its own failure or a
+        # remote signal): nothing in the log can change it.
+        return returncode, None, False
+    text = b"".join(stderr).decode(errors="replace") if stderr else ""
+    info = interpret_exit(host, returncode, log, stderr=text)
+    if info.error is not None:
+        return None, info.error, False
+    return info.returncode, None, info.returncode < 0
+
+
+def connect_timeout_error(host: str, seconds: float, log: str) -> SSHError:
+    """The error of a host whose session was not up within ``connect_timeout``."""
+    return SSHConnectionError(
+        host, f"connection not up after {seconds:g} s (connect_timeout)", ssh_messages(log)
+    )

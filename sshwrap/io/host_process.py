@@ -1,0 +1,380 @@
+"""One ssh child per host, in pipes mode, watched by the event loop (no thread per host).
+
+Every host of a fan-out is one plain ``ssh -T`` child: its stdout and stderr are pipes, its
+stdin is ``/dev/null`` (or a pipe when there is input to send), and it runs in a session of
+its own (``start_new_session``), so a Ctrl-C typed at the terminal reaches sshwrap only and
+sshwrap decides how every child ends.  ssh's own log goes into a pipe (``ssh -E
+/proc/PID/fd/N``; elsewhere than Linux a FIFO the caller names, in a private directory): it
+never reaches the caller's stderr, and its lines tell when the session is up.
+
+The loop watches the pipes with ``loop.add_reader`` and the child's exit with a pidfd
+(Linux; elsewhere a short poll once the pipes are closed), so a host costs a handful of file
+descriptors and no thread.  Children are started with ``subprocess.Popen`` from the loop's
+thread (vfork + exec on Linux): the fan-out never forks from a thread pool.
+
+Stopping signals the child's whole process group (ssh and any ProxyCommand it runs), and
+every path ends with the child reaped and every fd closed.  What the bounds are, and what an
+exit means, is the core's business (:mod:`sshwrap.core.fanout_host`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import ClassVar
+
+__all__ = ["SESSION_UP", "HostProcess", "run_bounded", "spawn_in_session"]
+
+_READ = 65536
+
+SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
+"""Lines of ssh's ``LogLevel=DEBUG1`` log that mean the remote session is up."""
+
+_devnull: int | None = None
+
+
+def spawn_in_session(
+    argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own with these fds as its stdio (-1: /dev/null).
+
+    (A plain fork without waiting for the exec was measured too: no faster here, since on a
+    busy machine the time goes to waiting for a CPU, not to the spawn itself.)
+    """
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return subprocess.Popen(
+        argv,
+        stdin=stdin if stdin >= 0 else _devnull,
+        stdout=stdout if stdout >= 0 else _devnull,
+        stderr=stderr if stderr >= 0 else _devnull,
+        start_new_session=True,
+    )
+
+
+def _proc_fd_reopenable() -> bool:
+    """Whether a pipe can be reopened by its ``/proc/PID/fd/N`` path (Linux)."""
+    r, w = os.pipe()
+    try:
+        fd = os.open(f"/proc/{os.getpid()}/fd/{w}", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    else:
+        os.close(fd)
+        return True
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+class HostProcess:
+    """One ssh child and its pipes, driven by the event loop's readers.
+
+    ``argv`` is the ssh command line without ``-E`` (added by :meth:`start`); ``input`` goes
+    to its stdin (None: ``/dev/null``); ``on_output(stream, data)`` (1 stdout, 2 stderr) sees
+    the bytes as they arrive.  After :meth:`start`: ``out``/``err`` collect the output,
+    ``log`` ssh's log; the events ``session_up``, ``exited`` and ``pipes_closed`` tell the
+    progress, ``t0``/``t_up``/``t_end`` (``time.monotonic()``) and ``started_wall``
+    (``time.time()``) when.
+    """
+
+    log_through_proc_fd: ClassVar[bool | None] = None
+    """Whether ssh's log goes by a ``/proc/PID/fd/N`` path (None: not checked yet; checked
+    once).  False forces the FIFO path used where ``/proc`` cannot reopen a pipe."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        loop: asyncio.AbstractEventLoop,
+        fifo_path: str,
+        input: bytes | None = None,
+        on_output: Callable[[int, bytes], None] | None = None,
+    ) -> None:
+        self.argv = argv
+        self.loop = loop
+        self.on_output = on_output
+        self.input = input
+        self.fifo: str | None = fifo_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.log = bytearray()
+        self.fds: dict[int, int] = {}  # fd -> stream (1 stdout, 2 stderr, 3 ssh's log)
+        self.log_writer: int | None = None
+        self.pidfd: int | None = None
+        self.stdin_fd: int | None = None
+        self.stdin_pos = 0
+        self.session_up = asyncio.Event()
+        self.exited = asyncio.Event()
+        self.pipes_closed = asyncio.Event()
+        self.started_wall: float | None = None
+        self.t0 = 0.0
+        self.t_up: float | None = None
+        self.t_end: float | None = None
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create ssh's log pipe (or FIFO) and start ssh; register the fds with the loop."""
+        opened: list[int] = []
+        try:
+            # Our own write end keeps the log from reading as EOF before ssh opens it; it is
+            # closed at ssh's first log line (or when ssh exits).
+            if HostProcess.log_through_proc_fd is None:
+                HostProcess.log_through_proc_fd = _proc_fd_reopenable()
+            if HostProcess.log_through_proc_fd:
+                # A pipe that ssh opens by its /proc path: no FIFO to create and remove (a
+                # directory operation on the temp file system: ~0.2 ms of CPU per host on
+                # ext4, a tenth of that through the pipe).
+                self.fifo = None
+                log_r, self.log_writer = os.pipe()
+                self.fds[log_r] = 3
+                log_path = f"/proc/{os.getpid()}/fd/{self.log_writer}"
+                os.set_blocking(log_r, False)
+            else:
+                assert self.fifo is not None
+                log_path = self.fifo
+                os.mkfifo(log_path, 0o600)
+                log_r = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.fds[log_r] = 3
+                self.log_writer = os.open(log_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            out_r, out_w = os.pipe()
+            opened += [out_r, out_w]
+            err_r, err_w = os.pipe()
+            opened += [err_r, err_w]
+            if self.input is not None:
+                in_r, in_w = os.pipe()
+                opened += [in_r, in_w]
+            else:
+                in_r = in_w = -1
+            self.started_wall = time.time()
+            self.t0 = time.monotonic()
+            argv = [self.argv[0], "-E", log_path, *self.argv[1:]]
+            self.proc = spawn_in_session(argv, in_r, out_w, err_w)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            self.close_fds()
+            raise
+        for fd in (out_w, err_w, in_r):
+            if fd >= 0:
+                os.close(fd)
+        for fd, stream in ((out_r, 1), (err_r, 2)):
+            os.set_blocking(fd, False)
+            self.fds[fd] = stream
+        if in_w >= 0:
+            self.stdin_fd = in_w
+            os.set_blocking(in_w, False)
+            self.loop.add_writer(in_w, self._writable)
+        for fd in self.fds:
+            self.loop.add_reader(fd, self._readable, fd)
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            self.pidfd = None  # not Linux: exit is polled once the pipes close
+        else:
+            self.loop.add_reader(self.pidfd, self._reap)
+
+    @property
+    def returncode(self) -> int | None:
+        """ssh's exit status once reaped (``-signum`` for a signal), else None."""
+        return None if self.proc is None else self.proc.returncode
+
+    # -- I/O callbacks --------------------------------------------------------------------
+    def _writable(self) -> None:
+        assert self.stdin_fd is not None and self.input is not None
+        chunk = memoryview(self.input)[self.stdin_pos : self.stdin_pos + _READ]
+        try:
+            n = os.write(self.stdin_fd, chunk)
+        except BlockingIOError:
+            return
+        except OSError:
+            n = len(self.input)  # the remote side stopped reading: give up on input
+        self.stdin_pos += n
+        if self.stdin_pos >= len(self.input):
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            self.loop.remove_writer(self.stdin_fd)
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def _readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._got(fd, data)
+
+    def _got(self, fd: int, data: bytes) -> None:
+        if not data:
+            self._close_fd(fd)
+            return
+        stream = self.fds[fd]
+        if stream == 3:
+            self.log_writer_close()
+            start = max(0, len(self.log) - 64)
+            self.log += data
+            if not self.session_up.is_set():
+                window = bytes(self.log[start:])
+                if any(m in window for m in SESSION_UP):
+                    self._up()
+            return
+        if not self.session_up.is_set():
+            self._up()
+        (self.out if stream == 1 else self.err).append(data)
+        if self.on_output is not None:
+            self.on_output(stream, data)
+
+    def log_writer_close(self) -> None:
+        """Close sshwrap's own write end of the log FIFO (once ssh has it, or has exited)."""
+        if self.log_writer is not None:
+            os.close(self.log_writer)
+            self.log_writer = None
+
+    def _up(self) -> None:
+        self.t_up = time.monotonic()
+        self.session_up.set()
+
+    def _close_fd(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+        os.close(fd)
+        del self.fds[fd]
+        # Only stdout and stderr count: a ControlPersist master that this ssh forked keeps
+        # the log open (it keeps logging there); its last lines are drained after the exit.
+        if not any(stream != 3 for stream in self.fds.values()) and not self.pipes_closed.is_set():
+            self.pipes_closed.set()
+            if self.pidfd is None and not self.exited.is_set():
+                self.loop.create_task(self._poll_exit())
+
+    async def _poll_exit(self) -> None:
+        # No pidfd (not Linux): the pipes are closed, so ssh is exiting; poll briefly.
+        assert self.proc is not None
+        while self.proc.poll() is None:
+            await asyncio.sleep(0.005)
+        self._exited()
+
+    def _reap(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            return
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        self._exited()
+
+    def _exited(self) -> None:
+        if self.t_end is None:
+            self.t_end = time.monotonic()
+        self.exited.set()
+
+    # -- stopping -------------------------------------------------------------------------
+    def has_exited(self) -> bool:
+        """True if ssh has exited (reaping it if its exit was not yet seen by the loop)."""
+        if self.proc is None:
+            return False
+        if self.proc.returncode is None and self.proc.poll() is None:
+            return False
+        self._exited()
+        return True
+
+    def signal_group(self, sig: int) -> None:
+        """Signal ssh's process group (ssh and any ProxyCommand it runs), while unreaped."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    async def stop(self, grace: float) -> None:
+        """TERM, then KILL after ``grace`` seconds; returns once ssh is reaped."""
+        if self.proc is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.exited.wait(), grace)
+        except TimeoutError:
+            pass
+        finally:
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        """Synchronous end: KILL the group if still there, reap it, drain and close the fds."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            self.signal_group(signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                proc.wait()
+            self._exited()
+        self.log_writer_close()
+        for fd in list(self.fds):
+            while fd in self.fds:
+                try:
+                    data = os.read(fd, _READ)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                self._got(fd, data)
+        self.close_fds()
+
+    def close_fds(self) -> None:
+        """Close everything this host holds and remove its FIFO (idempotent)."""
+        for fd in list(self.fds):
+            self.loop.remove_reader(fd)
+            os.close(fd)
+        self.fds.clear()
+        self.log_writer_close()
+        if self.pidfd is not None:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
+        self._close_stdin()
+        if self.fifo is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.fifo)
+
+
+async def run_bounded(argv: list[str], until: float) -> None:
+    """Run a helper command (stdio on /dev/null, its own session) until it exits or ``until``.
+
+    ``until`` is a ``time.monotonic()`` time.  Then (or when cancelled) its process group is
+    killed and it is reaped: it never outlives the call.  Its exit is watched with a pidfd
+    (no thread); elsewhere than Linux, polled.  A command that cannot start is ignored (the
+    caller's step is best effort).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        proc = spawn_in_session(argv)
+    except OSError:
+        return
+    exited = asyncio.Event()
+    pidfd: int | None = None
+    try:
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            while proc.poll() is None and time.monotonic() < until:
+                await asyncio.sleep(0.01)
+        else:
+            loop.add_reader(pidfd, exited.set)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), max(0.0, until - time.monotonic()))
+    finally:
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
