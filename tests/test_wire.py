@@ -1,8 +1,9 @@
 """The SSH wire codec (``sshwrap.protocol.wire``) byte by byte, with no sshd.
 
 The same codec reads mux messages (``sshwrap.io.mux_control.Reader``: ``MuxError``), channel packets
-and SFTP replies (``sshwrap.transfer``'s reader: ``SFTPProtocolError``); each protocol's
-reader only chooses the exception a truncated message raises.
+and SFTP replies (``sshwrap.protocol.sftp.Reader``: ``SFTPReplyError``); each protocol's
+reader only chooses the exception a truncated message raises.  The SFTP codec's own tests
+(requests, replies, ATTRS) are in ``tests/test_protocol_sftp.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sshwrap import transfer
 from sshwrap.io.mux_control import MuxError
 from sshwrap.io.mux_control import Reader as MuxReader
+from sshwrap.protocol import sftp
 from sshwrap.protocol.wire import (
     Reader,
     WireError,
@@ -26,7 +27,6 @@ from sshwrap.protocol.wire import (
     pack_u32,
     pack_u64,
 )
-from sshwrap.transfer import SFTPProtocolError
 
 # -- packers: exact bytes ------------------------------------------------------------------
 
@@ -133,8 +133,8 @@ _READERS: list[tuple[Callable[[bytes | memoryview], Reader], type[Exception], st
     (Reader, WireError, "truncated message"),
     (MuxReader, MuxError, "truncated mux message"),
     (
-        lambda b: transfer._Reader(b, "host.example"),
-        SFTPProtocolError,
+        lambda b: sftp.Reader(b, "host.example"),
+        sftp.SFTPReplyError,
         "host.example: malformed SFTP reply (truncated)",
     ),
 ]
@@ -171,11 +171,12 @@ def test_truncation_at_every_offset_raises_the_readers_error(
 
 
 def test_protocol_errors_are_their_own_types() -> None:
-    """A mux protocol error stays a MuxError (an OSError), an SFTP one a TransferError."""
+    """A mux protocol error stays a MuxError (an OSError), an SFTP one an SFTPReplyError."""
     assert issubclass(WireError, ValueError)
     assert not issubclass(MuxError, WireError)
     assert isinstance(MuxReader(b"").truncated(), MuxError)
-    assert isinstance(transfer._Reader(b"", "h").truncated(), transfer.TransferError)
+    assert isinstance(sftp.Reader(b"", "h").truncated(), sftp.SFTPReplyError)
+    assert not issubclass(sftp.SFTPReplyError, WireError)
 
 
 def test_a_subclass_chooses_the_exception() -> None:
@@ -190,33 +191,6 @@ def test_a_subclass_chooses_the_exception() -> None:
 
     with pytest.raises(Oops, match="mine"):
         MyReader(b"\0\0\0\x05abc").string()
-
-
-# -- SFTP attributes through the codec -----------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "attrs",
-    [
-        transfer._Attrs(),
-        transfer._Attrs(perm=0o100644),
-        transfer._Attrs(size=2**40, perm=0o40755, atime=1, mtime=2**31),
-    ],
-)
-def test_sftp_attrs_round_trip(attrs: transfer._Attrs) -> None:
-    packed = attrs.pack()
-    r = transfer._Reader(packed, "h")
-    assert r.attrs() == attrs
-    assert r.at_end()
-    for cut in range(len(packed)):
-        with pytest.raises(SFTPProtocolError, match="truncated"):
-            transfer._Reader(packed[:cut], "h").attrs()
-
-
-def test_sftp_attrs_bytes() -> None:
-    a = transfer._Attrs(size=5, perm=0o644, atime=7, mtime=8)
-    flags = 0x1 | 0x4 | 0x8  # SIZE, PERMISSIONS, ACMODTIME
-    assert a.pack() == pack_u32(flags) + pack_u64(5) + pack_u32(0o644) + pack_u32(7) + pack_u32(8)
 
 
 # -- property tests ------------------------------------------------------------------------
