@@ -1,9 +1,12 @@
 """Expect-style control of a remote program: ``Spawned``.
 
-``Spawned`` runs ``ssh -tt -e none`` in a local pty (ptyprocess), so the remote program sees a
-terminal (sudo, passwd, REPLs, curses programs), and lets Python wait for text with
-``expect()``, type with ``send()``/``sendline()``, and finally hand the user's own terminal to it
-with ``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command).
+``Spawned`` runs ``ssh -tt -e none`` in a local pty, so the remote program sees a terminal
+(sudo, passwd, REPLs, curses programs), and lets Python wait for text with ``expect()``, type
+with ``send()``/``sendline()``, and finally hand the user's own terminal to it with
+``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command).  The pty is
+ssh's controlling terminal (resizes, ssh's own prompts and the hang-up on ``close()`` work as
+in a terminal window) and no Python runs in the child, so spawning is safe while a
+Connection's pump thread runs (:func:`sshwrap.io.pty.spawn_in_pty`).
 
 What the remote pty does to the data (a pty is not a byte-exact channel): output arrives
 with ``\\r\\n`` line ends and stderr merged into stdout; what you send is "typed": echoed
@@ -36,6 +39,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import errno
+import io
 import os
 import re
 import select
@@ -44,8 +48,6 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-
-from ptyprocess import PtyProcess
 
 from .core.argv import SSHLog, check_destination, find_ssh, remote_command
 from .errors import (
@@ -56,7 +58,8 @@ from .errors import (
     interpret_exit,
 )
 from .io.mux_control import MuxControl, MuxError
-from .terminal.modes import get_size, raw_mode
+from .io.pty import spawn_in_pty
+from .terminal.modes import get_size, raw_mode, set_size
 from .terminal.relay import RelayResult, relay
 
 __all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "Spawned"]
@@ -148,13 +151,15 @@ class Spawned:
             destination,
             *([remote] if remote is not None else []),
         ]
-        self._pty: PtyProcess | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
+        # tty mode: the pty master (a FileIO, so closing twice is safe and GC closes it)
+        self._master: io.FileIO | None = None
+        self._popen: subprocess.Popen[bytes]
         spawn_env = dict(os.environ if env is None else env)
         try:
             if tty:
-                self._pty = PtyProcess.spawn(self.argv, env=spawn_env, dimensions=dimensions)
-                self._rfd = self._wfd = int(self._pty.fd)
+                self._popen, master = spawn_in_pty(self.argv, env=spawn_env, size=dimensions)
+                self._master = io.FileIO(master, "rb+")
+                self._rfd = self._wfd = master
             else:
                 self._popen = subprocess.Popen(
                     self.argv,
@@ -187,9 +192,6 @@ class Spawned:
     @property
     def pid(self) -> int:
         """The local ssh process's pid."""
-        if self._pty is not None:
-            return int(self._pty.pid)
-        assert self._popen is not None
         return self._popen.pid
 
     @property
@@ -354,9 +356,9 @@ class Spawned:
 
     def sendeof(self) -> None:
         """End of input: ``^D`` into the pty (at a line start), or close stdin in pipes mode."""
-        if self._pty is not None:
+        if self._master is not None:
             self.send(b"\x04")
-        elif self._popen is not None and self._popen.stdin is not None:
+        elif self._popen.stdin is not None:
             self._popen.stdin.close()
 
     def sendintr(self) -> None:
@@ -365,26 +367,19 @@ class Spawned:
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the pty's size; ssh tells the remote side (window-change), it gets SIGWINCH."""
-        if self._pty is None:
+        if self._master is None:
             raise ValueError("resize() needs tty=True")
-        self._pty.setwinsize(rows, cols)
+        set_size(self._rfd, rows, cols)  # the kernel sends SIGWINCH to ssh (its terminal)
 
     def getwinsize(self) -> tuple[int, int]:
         """The pty's ``(rows, cols)``."""
-        if self._pty is None:
+        size = None if self._master is None else get_size(self._rfd)
+        if size is None:
             raise ValueError("getwinsize() needs tty=True")
-        rows, cols = self._pty.getwinsize()
-        return int(rows), int(cols)
+        return size
 
     # -- the process -------------------------------------------------------------------
     def _ssh_returncode(self) -> int | None:
-        if self._pty is not None:
-            if self._pty.isalive():
-                return None
-            if self._pty.signalstatus is not None:
-                return -int(self._pty.signalstatus)
-            return int(self._pty.exitstatus)
-        assert self._popen is not None
         return self._popen.poll()
 
     def _reap(self) -> None:
@@ -452,11 +447,8 @@ class Spawned:
                 raise ExpectTimeout(f"{self.destination}: ssh did not exit within {timeout} s")
             # keep the pty drained so ssh can finish writing and exit
             if not self._read_some(0.05):
-                if self._popen is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self._popen.wait(0.05)
-                else:
-                    time.sleep(0.01)  # EOF seen: ssh is exiting; poll its status briefly
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._popen.wait(0.05)
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         """Send ``sig`` to the local ssh (SIGHUP/SIGTERM make it close the session)."""
@@ -473,16 +465,12 @@ class Spawned:
                 self._read_some(0.05)
             if self.isalive():
                 self.kill(signal.SIGKILL)
-        if self._pty is not None:
-            with contextlib.suppress(Exception):
-                self._pty.close(force=True)
-        elif self._popen is not None:
-            for f in (self._popen.stdin, self._popen.stdout):
-                if f is not None:
-                    with contextlib.suppress(OSError):
-                        f.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._popen.wait(5)
+        for f in (self._master, self._popen.stdin, self._popen.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()  # the master's close hangs up ssh's terminal (SIGHUP)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(5)
         self._reap()
         self._log.close()
 
@@ -499,27 +487,26 @@ class Spawned:
         running.  Returns the relay's result: ``eof`` (the program ended: ``returncode`` is
         set) or ``escaped``.
         """
-        if self._pty is None:
+        if self._master is None:
             raise ValueError("interact() needs tty=True")
         size = get_size(stdin_fd)
         if size is None:
             size = get_size(stdout_fd)
         if size is not None and size[0] > 0 and size[1] > 0:
             with contextlib.suppress(OSError):
-                self._pty.setwinsize(*size)
+                set_size(self._rfd, *size)
         pending = self._pending_bytes()
-        pty = self._pty
 
         def forward(signum: int) -> None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pty.pid, signum)
+                os.kill(self.pid, signum)
 
         with raw_mode(stdin_fd):
             result = relay(
                 self._rfd,
                 stdin_fd=stdin_fd,
                 stdout_fd=stdout_fd,
-                is_alive=pty.isalive,
+                is_alive=self.isalive,
                 on_signal=forward,
                 escape=escape,
                 pending_output=pending,
