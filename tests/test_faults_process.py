@@ -220,7 +220,7 @@ def test_aio_terminate_on_a_frozen_host_is_bounded(own_sshd: LocalSSHD) -> None:
         finally:
             thaw(own_sshd, pids)
         p.kill()
-        await p._proc.wait()
+        await p.wait()
         p.close()
 
     asyncio.run(main())

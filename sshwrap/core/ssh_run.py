@@ -1,0 +1,279 @@
+"""Running ssh once, as one procedure for both faces: ``sshwrap.run`` and ``sshwrap.aio.run``.
+
+:func:`run_ssh` is a generator (see :mod:`sshwrap.core.waiting`): ``sshwrap.run`` is
+``run_sync(run_ssh(...))``, ``sshwrap.aio.run`` is ``await run_async(run_ssh(...))``, and a
+Connection's ``ssh -S`` fallback ``yield from``'s it.  Its steps:
+
+1. start: the argv and the private ``-E`` log (:class:`~sshwrap.core.invocation.Invocation`),
+   ssh spawned by ``subprocess.Popen`` (exec-only, safe with threads), with pipes (``ssh -T``)
+   or in a local pty (``tty=True``: ``ssh -tt``, a terminal of ``size``);
+2. communicate: feed the input, drain stdout and stderr together, relay ssh's stderr (its
+   early words, printed before the log opens, are kept for the error message), wait for
+   ssh's exit (a pidfd): all on one fd (:class:`~sshwrap.io.ssh_child.ChildPipes`);
+   with a tty the input waits until ssh has put the terminal in raw mode, and ends with ^D;
+3. on the deadline: the local ssh is killed, a second ssh stops the remote command
+   (SIGTERM, SIGKILL ~2 s later), bounded by :data:`~sshwrap.core.invocation.STOP_MARGIN`,
+   then :class:`~sshwrap.errors.TimeoutExpired` with the output so far; on Ctrl-C or a
+   cancel (thrown in at a wait) the same stop is left to a helper thread and the local ssh
+   is killed and reaped at once;
+4. the result: the remote returncode (negative for a signal) or the typed
+   :class:`~sshwrap.errors.SSHError` (ssh's own words), ssh's messages where ``stderr`` goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import locale
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any, Unpack, cast
+
+from ..errors import CalledProcessError, TimeoutExpired
+from ..io.ssh_child import (
+    ChildPipes,
+    TtyOutput,
+    start_in_pty,
+    start_with_pipes,
+    terminal_is_raw,
+    write_to,
+)
+from .child_steps import Expired, exchange, reap_killed
+from .completed import CompletedProcess
+from .deadline import deadline_after
+from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
+from .options import Command, CommandOptions, PopenOptions, SSHSettings
+from .waiting import Procedure
+
+__all__ = ["decode_output", "prepare_run", "run_ssh", "serve_terminal", "tty_input"]
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+
+
+def prepare_run(input: Any, capture_output: bool, kwargs: dict[str, Any]) -> None:
+    """``run``'s ``input`` and ``capture_output`` as stream arguments in ``kwargs``, refusing
+    the combinations :func:`subprocess.run` refuses."""
+    if input is not None:
+        if kwargs.get("stdin", DEVNULL) not in (None, DEVNULL, PIPE):
+            raise ValueError("stdin and input arguments may not both be used.")
+        kwargs["stdin"] = PIPE
+    if capture_output:
+        if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        kwargs["stdout"] = PIPE
+        kwargs["stderr"] = PIPE
+
+
+def tty_input(data: bytes) -> bytes:
+    """Input typed into a terminal, ended by ^D at the start of a line (nothing: nothing)."""
+    if not data:
+        return b""
+    return data + (b"\x04" if data.endswith(b"\n") else b"\x04\x04")
+
+
+def decode_output(data: bytes, encoding: str | None, errors: str | None) -> str:
+    """Text mode's output: decoded, with universal newlines (as :mod:`subprocess` does)."""
+    enc = encoding or locale.getpreferredencoding(False)
+    text = data.decode(enc, errors or "strict")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def serve_terminal(
+    pipes: ChildPipes,
+    master: int,
+    sink: Callable[[bytes], None],
+    data: bytes,
+    read: Callable[[], bytes | None] | None = None,
+) -> None:
+    """Let ``pipes`` read the terminal of ``master`` into ``sink`` (with ``read``, see
+    :meth:`~sshwrap.io.ssh_child.ChildPipes.read_into`) and type ``data`` into it, ended by
+    ^D, once ssh has put it in raw mode: before that the terminal is still cooked, would echo
+    the bytes and eat ^D/^C/^U (ssh takes the remote terminal's modes from that state, so it
+    cannot simply start raw)."""
+    pipes.read_into(master, sink, read=read)
+    if data:
+        typed = os.dup(master)
+        pipes.feed(
+            typed, tty_input(data), lambda: os.close(typed), gate=lambda: terminal_is_raw(master)
+        )
+
+
+class _Child:
+    """ssh as :func:`run_ssh` runs it: the process, its pipes, what they collected."""
+
+    def __init__(
+        self, call: Invocation, stdin: Any, stdout: Any, stderr: Any, size: Any, data: bytes
+    ) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self._fds: list[int] = []
+        started: list[subprocess.Popen[bytes]] = []
+
+        def spawn(argv: list[str], **kw: Any) -> None:
+            started.append(subprocess.Popen(argv, **kw))
+
+        if call.tty:
+            master = start_in_pty(spawn, call.argv, size)
+            self._fds.append(master)
+            self.proc = started[0]
+            self.collect_out = stdout == PIPE
+            self.collect_err = False
+            self.pipes = ChildPipes(self.proc)
+            shown = TtyOutput()
+
+            def terminal(chunk: bytes) -> None:
+                chunk = shown.feed(chunk)
+                call.stderr.feed(chunk)  # ssh's own early words arrive through it too
+                if self.collect_out:
+                    self.out += chunk
+                else:
+                    write_to(stdout, chunk, default_fd=1)
+
+            serve_terminal(self.pipes, master, terminal, data)
+            return
+        relay, _ = start_with_pipes(
+            spawn,
+            call.argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            seen=call.stderr,
+            relay_thread=False,
+        )
+        if relay >= 0:
+            self._fds.append(relay)
+        self.proc = proc = started[0]
+        self.collect_out = proc.stdout is not None
+        self.collect_err = proc.stderr is not None
+        self.pipes = ChildPipes(proc)
+        if proc.stdin is not None:
+            self.pipes.feed(proc.stdin.fileno(), data, proc.stdin.close)
+        if proc.stdout is not None:
+            self.pipes.read_into(proc.stdout.fileno(), self.out.extend)
+        if proc.stderr is not None:
+            self.pipes.read_into(proc.stderr.fileno(), self.err.extend)
+        if relay >= 0:
+
+            def relayed(chunk: bytes) -> None:
+                call.stderr.feed(chunk)
+                write_to(stderr, chunk)
+
+            self.pipes.read_into(relay, relayed, required=False)
+
+    def output(self) -> tuple[bytes | None, bytes | None]:
+        """What stdout and stderr collected (None for a stream not read)."""
+        return (
+            bytes(self.out) if self.collect_out else None,
+            bytes(self.err) if self.collect_err else None,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL to the local ssh (if not reaped yet)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    def close(self) -> None:
+        """Kill and reap ssh if it still runs; release every fd."""
+        self.kill()
+        self.proc.wait()
+        self.pipes.close()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _stop_now(call: Invocation, child: _Child) -> Procedure[None]:
+    """The local ssh killed, the remote command stopped (SIGTERM, then SIGKILL), waiting for
+    the stop at most :data:`STOP_MARGIN`: what a timed-out call does."""
+    call.stopping = True
+    try:
+        stop = call.start_stop(signal.SIGTERM, escalate=True, budget=STOP_MARGIN)
+    except OSError:
+        stop = None
+    child.kill()
+    drain_until = time.monotonic() + TEE_GRACE
+    if stop is not None:
+        drain_until = min(drain_until, stop.deadline)
+    with contextlib.suppress(Expired):  # the last output, and the killed ssh's exit
+        yield from exchange(child.pipes, drain_until)
+    if stop is not None:
+        yield from stop.wait()
+    yield from reap_killed(child.pipes)
+
+
+def run_ssh(
+    host: str,
+    args: Command,
+    *,
+    input: Any = None,
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    **kwargs: Unpack[PopenOptions],
+) -> Procedure[CompletedProcess]:
+    """Run ``args`` on ``host`` with a fresh ssh and wait: the procedure of ``sshwrap.run``
+    (same arguments, results, errors and bounds; ``bufsize`` is accepted and unused)."""
+    options = cast(dict[str, Any], dict(kwargs))
+    prepare_run(input, capture_output, options)
+    stdin = options.pop("stdin", DEVNULL)
+    stdout = options.pop("stdout", None)
+    stderr = options.pop("stderr", None)
+    text, encoding, errors = (options.pop(k, None) for k in ("text", "encoding", "errors"))
+    tty = bool(options.pop("tty", False))
+    size = options.pop("size", None)
+    options.pop("bufsize", None)
+    text_mode = bool(text or encoding or errors)
+    if isinstance(input, str):
+        input = input.encode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    data = b"" if input is None else bytes(input)
+    settings = cast(SSHSettings | CommandOptions, options)
+    deadline = deadline_after(timeout)
+    call = Invocation(host, args, tty=tty, **settings)
+    try:
+        child = _Child(call, stdin, stdout, stderr, size, data)
+    except BaseException:
+        call.close()
+        raise
+    try:
+        try:
+            yield from exchange(child.pipes, deadline, TEE_GRACE)
+        except Expired:
+            yield from _stop_now(call, child)
+            call.finish(cast(int, child.proc.returncode))
+            call.write_messages(stdout, stderr, tty)
+            out, err = child.output()
+            raise TimeoutExpired(args, timeout or 0.0, out, err, host=host) from None
+        except BaseException:
+            if not child.pipes.exited:  # ^C or cancelled: at once, the stop in the background
+                call.stop_in_background()
+                child.kill()
+            raise
+        out, err = child.output()
+        if stderr == PIPE:
+            call.note_stderr(err)
+        returncode = call.finish(cast(int, child.proc.returncode))
+        call.write_messages(stdout, stderr, tty)
+        if call.error is not None:
+            raise call.error
+    finally:
+        child.close()
+        call.close()
+    out, err = call.append_messages(out, err, stdout, stderr, tty)
+    result_out: Any = out
+    result_err: Any = err
+    if text_mode:
+        if out is not None:
+            result_out = decode_output(out, encoding, errors)
+        if err is not None:
+            result_err = decode_output(err, encoding, errors)
+    if check and returncode:
+        raise CalledProcessError(returncode, args, result_out, result_err, host=host)
+    return CompletedProcess(args, returncode, result_out, result_err, host=host)
