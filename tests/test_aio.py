@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from faults import InProcessLeaks
 from test_process_helpers import (
     control_master,
     marker_seconds,
@@ -19,6 +20,7 @@ import sshwrap
 import sshwrap.aio
 from sshwrap.aio import PIPE
 from sshwrap.errors import UNKNOWN_SIGNAL
+from sshwrap.process import STOP_MARGIN
 from sshwrap.testing import LocalSSHD
 
 
@@ -225,3 +227,32 @@ def test_other_async_faces_are_wired(local_sshd: LocalSSHD) -> None:
         ]
 
     assert asyncio.run(main()) == [(local_sshd.host, b"a b\n")]
+
+
+def test_cancel_stops_the_remote_command_and_leaves_nothing(local_sshd: LocalSSHD) -> None:
+    """A cancelled aio.run is ^C of the sync one: the local ssh killed and reaped at once, the
+    remote command stopped within the stop's margin, no fd, thread or child left."""
+    marker = marker_seconds()
+
+    async def main() -> tuple[float, list[int]]:
+        task = asyncio.ensure_future(
+            sshwrap.aio.run(
+                local_sshd.host,
+                f"exec sleep {marker}",
+                capture_output=True,
+                config=local_sshd.config,
+            )
+        )
+        pids = await asyncio.to_thread(wait_user_processes, local_sshd.user, marker)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - t0, pids
+
+    with InProcessLeaks() as leaks:
+        took, pids = asyncio.run(main())
+        assert took < 0.5, took
+        assert pids
+        leaks.assert_clean(STOP_MARGIN + 1.0)
+    assert wait_gone(pids, 5) == []

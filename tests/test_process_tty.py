@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from test_process_helpers import timeout_case, wait_gone
 
 import sshwrap
+import sshwrap.aio
 from sshwrap.process import PIPE
 from sshwrap.testing import LocalSSHD
 
@@ -151,3 +155,69 @@ def test_output_to_inherited_stdout(
     r = sshwrap.run(local_sshd.host, "echo shown", tty=True, config=local_sshd.config)
     assert r.returncode == 0 and r.stdout is None
     assert capfd.readouterr().out == "shown\r\n"
+
+
+# -- both faces: sshwrap.aio.run(tty=True) is the same procedure as sshwrap.run(tty=True) -------
+def _run_face(face: str, host: str, cmd: str, **kw: Any) -> sshwrap.CompletedProcess:
+    if face == "sync":
+        return sshwrap.run(host, cmd, **kw)
+    return asyncio.run(sshwrap.aio.run(host, cmd, **kw))
+
+
+@pytest.mark.parametrize("face", ["sync", "aio"])
+def test_tty_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
+        local_sshd.host,
+        'stty size; test -t 0 && test -t 1 && echo both; read x; echo "[$x]" >&2',
+        tty=True,
+        size=(33, 101),
+        input="héllo\n",
+        text=True,
+        capture_output=True,
+        config=local_sshd.config,
+        timeout=30,
+    )
+    assert r.returncode == 0
+    assert r.stderr is None
+    # the size, a terminal on both ends, the typed input (echoed by the remote terminal as it
+    # arrives) and stderr merged on stdout
+    assert "33 101\nboth\n" in r.stdout
+    assert r.stdout.endswith("[héllo]\n")
+    assert "Connection to" not in r.stdout
+
+
+@pytest.mark.parametrize("face", ["sync", "aio"])
+def test_tty_timeout_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
+    elapsed, pids = timeout_case(
+        lambda m: _run_face(
+            face,
+            local_sshd.host,
+            f"echo started; exec sleep {m}",
+            tty=True,
+            timeout=1,
+            capture_output=True,
+            config=local_sshd.config,
+        ),
+        local_sshd.user,
+    )
+    assert elapsed < 2
+    assert wait_gone(pids, 5) == []
+
+
+@pytest.mark.parametrize("face", ["sync", "aio"])
+def test_tty_exit_status_and_error_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face, local_sshd.host, "exit 7", tty=True, capture_output=True, config=local_sshd.config
+    )
+    assert r.returncode == 7
+    with pytest.raises(sshwrap.SSHConnectionError):
+        _run_face(
+            face,
+            local_sshd.host,
+            "true",
+            tty=True,
+            port=1,
+            capture_output=True,
+            config=local_sshd.config,
+        )
