@@ -28,7 +28,7 @@ import pytest
 from ptyprocess import PtyProcess
 
 from sshwrap import connect
-from sshwrap.io.pty import SETSID, open_pty, spawn_in_pty
+from sshwrap.io.pty import SETSID, PtyReader, TtyOutput, open_pty, spawn_in_pty
 from sshwrap.terminal.modes import set_size
 from sshwrap.testing import LocalSSHD
 
@@ -175,6 +175,19 @@ def test_ssh_asks_its_question_on_the_pty(local_sshd: LocalSSHD, tmp_path: Path)
     with _reaped(control, master):
         read_until(master, rb"Host key verification failed")
         assert control.wait(WAIT) == 255
+
+
+@pytest.mark.parametrize("closing", [b"Connection", b"Shared connection"])
+def test_the_reader_drops_ssh_closing_line_and_reads_eio_as_eof(closing: bytes) -> None:
+    line = closing + b" to host1 closed."
+    script = f"printf 'out\\n'; printf '%s\\n' '{line.decode()}'"
+    proc, master = spawn_in_pty(["sh", "-c", script])
+    with PtyReader(master) as reader, _reaped(proc, -1):
+        assert reader.readall() == b"out\r\n"  # the program's output, then EOF (EIO)
+    # only at the very end: the same line followed by more output is output
+    assert TtyOutput().feed(line + b"\r\n") == b""
+    out = TtyOutput()
+    assert out.feed(line + b"\r\n") + out.feed(b"more") == line + b"\r\nmore"
 
 
 def test_a_missing_program_raises_like_subprocess() -> None:

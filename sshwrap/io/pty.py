@@ -50,6 +50,7 @@ __all__ = [
     "SETSID",
     "PtyReader",
     "PtyWriter",
+    "TtyOutput",
     "controlling_tty_argv",
     "open_pty",
     "spawn_in_pty",
@@ -105,8 +106,8 @@ def _resolve(program: str, env: Mapping[str, str] | None) -> str:
 def start_in_pty(
     start: Callable[..., _T],
     argv: Sequence[str],
+    size: tuple[int, int] | None = None,
     *,
-    size: tuple[int, int] = (24, 80),
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     setsid: str | None = SETSID,
@@ -118,11 +119,12 @@ def start_in_pty(
     subclass's ``__init__`` bound to the instance): it is called as ``start(args,
     stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)`` and must not add
     ``start_new_session``, ``process_group`` or ``preexec_fn`` (see the module docstring).
-    The pty is ``size`` (rows, cols) from the start; the caller owns ``master`` (close it to
-    hang the program up).  ``FileNotFoundError`` if ``argv[0]`` is not found.
+    The pty is ``size`` (rows, cols; None: 24 x 80) from the start; the caller owns
+    ``master`` (close it to hang the program up).  ``FileNotFoundError`` if ``argv[0]`` is
+    not found.
     """
     args = controlling_tty_argv([_resolve(argv[0], env), *argv[1:]], setsid)
-    master, slave = open_pty(size)
+    master, slave = open_pty(size or (24, 80))
     try:
         started = start(args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd)
     except BaseException:
@@ -135,8 +137,8 @@ def start_in_pty(
 
 def spawn_in_pty(
     argv: Sequence[str],
+    size: tuple[int, int] | None = None,
     *,
-    size: tuple[int, int] = (24, 80),
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     setsid: str | None = SETSID,
@@ -149,72 +151,42 @@ def spawn_in_pty(
     return started
 
 
-_QUIT_MESSAGE = re.compile(rb"(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
+# "Shared connection to HOST closed." when the session went over a master (ssh -S)
+_QUIT_MESSAGE = re.compile(rb"((?:Shared c|C)onnection to [^\r\n]{1,300} closed\.\r*\n)\Z")
 
 
-class PtyReader(io.RawIOBase):
-    """The pty master as a raw stream: EIO (Linux's end of a pty) reads as EOF.
+class TtyOutput:
+    """Drops ssh's own ``Connection to HOST closed.`` line (``Shared connection ...`` over a
+    master) from a terminal's output.
 
-    It also drops ssh's own ``Connection to HOST closed.`` line, which ssh -tt writes into the
-    terminal after the remote output when its log level is INFO or more (sshwrap needs DEBUG2).
-    Closing it closes ``fd``.
+    ssh -tt writes it into the terminal after the remote output when its log level is INFO or
+    more (sshwrap needs DEBUG2); it comes last, so a chunk ending with it is held back until
+    more output (then passed on) or the end (then dropped).
     """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The output to pass on for ``data``."""
+        data = self._pending + data
+        self._pending = b""
+        m = _QUIT_MESSAGE.search(data)
+        if m is not None:
+            self._pending = data[m.start(1) :]
+            data = data[: m.start(1)]
+        return data
+
+
+class _MasterStream(io.RawIOBase):
+    """A raw stream over a pty master fd; closing it closes the fd."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self._fd = fd
-        self._eof = False
-        self._pending = b""
-        self._extra = b""
 
     def fileno(self) -> int:
         return self._fd
-
-    def readable(self) -> bool:
-        return True
-
-    def _read_raw(self, n: int) -> bytes:
-        while True:
-            try:
-                return os.read(self._fd, n)
-            except BlockingIOError:
-                # communicate() made the shared file description non-blocking: wait for data
-                select.select([self._fd], [], [])
-                continue
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    return b""
-                raise
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        want = len(view)
-        if want == 0:
-            return 0
-        if self._extra:
-            data, self._extra = self._extra[:want], self._extra[want:]
-            view[: len(data)] = data
-            return len(data)
-        if self._eof:
-            return 0
-        while True:
-            data = self._read_raw(max(want, 65536))
-            if not data:
-                self._eof = True
-                self._pending = b""  # ssh's closing message, at the very end: dropped
-                return 0
-            data = self._pending + data
-            self._pending = b""
-            m = _QUIT_MESSAGE.search(data)
-            if m is not None:
-                self._pending = data[m.start(1) :]
-                data = data[: m.start(1)]
-                if not data:
-                    continue
-            break
-        data, self._extra = data[:want], data[want:]
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed and self._fd >= 0:
@@ -224,11 +196,46 @@ class PtyReader(io.RawIOBase):
         super().close()
 
 
+class PtyReader(_MasterStream):
+    """The pty master as a raw stream: EIO (Linux's end of a pty) reads as EOF; ssh's own
+    ``Connection to HOST closed.`` line is dropped (:class:`TtyOutput`).  Closing it closes
+    ``fd``."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self._eof = False
+        self._shown = TtyOutput()
+        self._extra = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while not self._extra and not self._eof:
+            try:
+                data = os.read(self._fd, max(len(view), 65536))
+            except BlockingIOError:
+                select.select([self._fd], [], [])  # made non-blocking elsewhere: wait for data
+                continue
+            except OSError as e:
+                if e.errno != errno.EIO:  # EIO: the end of a pty on Linux
+                    raise
+                data = b""
+            if not data:
+                self._eof = True
+            else:
+                self._extra = self._shown.feed(data)
+        data, self._extra = self._extra[: len(view)], self._extra[len(view) :]
+        view[: len(data)] = data
+        return len(data)
+
+
 RAW_WAIT = 60.0
 """Seconds a :class:`PtyWriter`'s first write waits for ssh to reach its session (raw mode)."""
 
 
-class PtyWriter(io.RawIOBase):
+class PtyWriter(_MasterStream):
     """Writes to the pty master, but only once ssh has put the terminal in raw mode.
 
     Before that, the local terminal is still cooked: it would echo the bytes back and eat
@@ -239,14 +246,10 @@ class PtyWriter(io.RawIOBase):
     """
 
     def __init__(self, fd: int, ready: Callable[[float], bool], wait: float = RAW_WAIT) -> None:
-        super().__init__()
-        self._fd = fd
+        super().__init__(fd)
         self._ready = ready
         self._wait = wait
         self._raw = False
-
-    def fileno(self) -> int:
-        return self._fd
 
     def writable(self) -> bool:
         return True
@@ -257,12 +260,5 @@ class PtyWriter(io.RawIOBase):
         while True:
             try:
                 return os.write(self._fd, data)
-            except BlockingIOError:
+            except BlockingIOError:  # made non-blocking by communicate(): wait for room
                 select.select([], [self._fd], [])
-
-    def close(self) -> None:
-        if not self.closed and self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        super().close()
