@@ -8,6 +8,6 @@ the sync and async drivers above them share one copy.
 - ``sshwrap.protocol.wire``: the SSH wire codec (RFC 4251 section 5 types: ``byte``,
   ``boolean``, ``uint32``, ``uint64``, ``string``, ``name-list``), used by the mux protocol
   (``sshwrap.io.mux_control``), the session channels (``sshwrap.io.pump``) and SFTP
-  (``sshwrap.transfer``).
+  (``sshwrap.protocol.sftp``).
 - ``sshwrap.protocol.sftp``: the SFTP v3 codec (packets, ATTRS, requests, replies), no IO.
 """
