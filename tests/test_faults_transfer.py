@@ -318,7 +318,8 @@ with connect(host, config=config) as c:
         global said
         if n and not said:
             said = True
-            print("MOVING", flush=True)
+            sys.stdout.write("MOVING\n")  # one write: a SIGINT cannot land inside the line
+            sys.stdout.flush()
     try:
         if op == "get":
             c.get(src, dst, progress=progress)
