@@ -22,8 +22,10 @@ at-fork handlers run, no bytecode), and it execs ``setsid -c`` (util-linux or bu
 calls ``setsid()`` and makes its stdin, the pty, the controlling terminal (``TIOCSCTTY``)
 before it execs the program in the same process: the pid is the program's.  The child must
 therefore not be a process-group leader (no ``start_new_session``/``process_group``: then
-``setsid`` would fork and its parent exit at once).  Without a ``setsid`` on the system, a
-fresh interpreter (exec'd, not forked: ``python -I -S -c``) does the same two calls.
+``setsid`` would fork and its parent exit at once); until its ``setsid()``, about a
+millisecond, it is in the caller's process group, so a ^C typed just then stops the start
+along with the caller.  Without a ``setsid`` on the system, a fresh interpreter (exec'd, not
+forked: ``python -I -S -c``, some 10 ms) does the same two calls.
 
 Reading and writing the master: :class:`PtyReader` (EIO reads as end of file; drops ssh's
 closing line) and :class:`PtyWriter` (waits for ssh's raw mode before the first write).
