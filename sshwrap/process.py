@@ -70,15 +70,13 @@ pipes and exit are waited for together through epoll and a pidfd.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import os
-import select
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any, Unpack, cast
 
@@ -94,12 +92,12 @@ from .core.invocation import (
     stop_failure,
 )
 from .core.options import Command, PopenOptions, SSHSettings, StdSpec
-from .core.ssh_run import decode_output, run_ssh, serve_terminal
+from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reader
 from .core.waiting import run_sync
 from .errors import CalledProcessError, SSHError, TimeoutExpired
+from .io.pty import PtyWriter
 from .io.ssh_child import (
     ChildPipes,
-    TtyOutput,
     start_in_pty,
     start_with_pipes,
     terminal_is_raw,
@@ -130,88 +128,6 @@ __all__ = [
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
-
-
-class _PtyReader(io.RawIOBase):
-    """The pty master as a raw stream: EIO (Linux's end of a pty) reads as EOF; ssh's own
-    ``Connection to HOST closed.`` line is dropped (:class:`~sshwrap.io.ssh_child.TtyOutput`).
-    """
-
-    def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._eof = False
-        self._shown = TtyOutput()
-        self._extra = b""
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while not self._extra and not self._eof:
-            try:
-                data = os.read(self._fd, max(len(view), 65536))
-            except BlockingIOError:
-                select.select([self._fd], [], [])  # made non-blocking elsewhere: wait for data
-                continue
-            except OSError as e:
-                if e.errno != errno.EIO:  # EIO: the end of a pty on Linux
-                    raise
-                data = b""
-            if not data:
-                self._eof = True
-            else:
-                self._extra = self._shown.feed(data)
-        data, self._extra = self._extra[: len(view)], self._extra[len(view) :]
-        view[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed and self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        super().close()
-
-
-class _PtyWriter(io.RawIOBase):
-    """Writes to the pty master, but only once ssh has put the terminal in raw mode (see
-    :func:`~sshwrap.core.ssh_run.serve_terminal` for why)."""
-
-    def __init__(self, fd: int, ready: Callable[[float], bool]) -> None:
-        super().__init__()
-        self._fd = fd
-        self._ready = ready
-        self._raw = False
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        if not self._raw:
-            self._raw = self._ready(_RAW_WAIT)
-        while True:
-            try:
-                return os.write(self._fd, data)
-            except BlockingIOError:  # made non-blocking by communicate(): wait for room
-                select.select([], [self._fd], [])
-
-    def close(self) -> None:
-        if not self.closed and self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
-        super().close()
-
-
-_RAW_WAIT = 60.0  # how long a write waits for ssh to reach its session (and raw mode)
 
 
 class Popen(subprocess.Popen[Any]):
@@ -324,11 +240,11 @@ class Popen(subprocess.Popen[Any]):
         self.encoding = encoding
         self.errors = errors
         self._master = master
-        buffered = io.BufferedReader(_PtyReader(master), bufsize if bufsize > 1 else 65536)
+        buffered = terminal_reader(master, bufsize)
         reader: IO[Any] = buffered
         writer: IO[Any] | None = None
         if stdin == PIPE:
-            pty_writer = _PtyWriter(os.dup(master), self._ssh_in_raw_mode)
+            pty_writer = PtyWriter(os.dup(master), self._ssh_in_raw_mode)
             writer = cast(IO[Any], pty_writer)
             if self.text_mode:
                 writer = io.TextIOWrapper(
@@ -441,7 +357,7 @@ class Popen(subprocess.Popen[Any]):
                 write_to(self._stdout_arg, chunk, default_fd=1)
 
         pipes = ChildPipes(self)
-        serve_terminal(pipes, self._master, seen, data, read=lambda: reader.read1(65536))
+        serve_terminal(pipes, reader, seen, data)
         try:
             run_sync(exchange(pipes, deadline_after(timeout)))
         except Expired:

@@ -23,6 +23,7 @@ Connection's ``ssh -S`` fallback ``yield from``'s it.  Its steps:
 from __future__ import annotations
 
 import contextlib
+import io
 import locale
 import os
 import signal
@@ -32,9 +33,9 @@ from collections.abc import Callable
 from typing import Any, Unpack, cast
 
 from ..errors import CalledProcessError, TimeoutExpired
+from ..io.pty import PtyReader
 from ..io.ssh_child import (
     ChildPipes,
-    TtyOutput,
     start_in_pty,
     start_with_pipes,
     terminal_is_raw,
@@ -47,7 +48,14 @@ from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
 from .options import Command, CommandOptions, PopenOptions, SSHSettings
 from .waiting import Procedure
 
-__all__ = ["decode_output", "prepare_run", "run_ssh", "serve_terminal", "tty_input"]
+__all__ = [
+    "decode_output",
+    "prepare_run",
+    "run_ssh",
+    "serve_terminal",
+    "terminal_reader",
+    "tty_input",
+]
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -81,19 +89,21 @@ def decode_output(data: bytes, encoding: str | None, errors: str | None) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def terminal_reader(master: int, buffer_size: int = 65536) -> io.BufferedReader[Any]:
+    """A buffered reader of the terminal of ``master`` (:class:`~sshwrap.io.pty.PtyReader`:
+    EIO is its end, ssh's closing line dropped); closing it closes ``master``."""
+    return io.BufferedReader(PtyReader(master), buffer_size if buffer_size > 1 else 65536)
+
+
 def serve_terminal(
-    pipes: ChildPipes,
-    master: int,
-    sink: Callable[[bytes], None],
-    data: bytes,
-    read: Callable[[], bytes | None] | None = None,
+    pipes: ChildPipes, reader: io.BufferedReader[Any], sink: Callable[[bytes], None], data: bytes
 ) -> None:
-    """Let ``pipes`` read the terminal of ``master`` into ``sink`` (with ``read``, see
-    :meth:`~sshwrap.io.ssh_child.ChildPipes.read_into`) and type ``data`` into it, ended by
-    ^D, once ssh has put it in raw mode: before that the terminal is still cooked, would echo
-    the bytes and eat ^D/^C/^U (ssh takes the remote terminal's modes from that state, so it
-    cannot simply start raw)."""
-    pipes.read_into(master, sink, read=read)
+    """Let ``pipes`` read the terminal of ``reader`` (see :func:`terminal_reader`) into
+    ``sink`` and type ``data`` into it, ended by ^D, once ssh has put it in raw mode: before
+    that the terminal is still cooked, would echo the bytes and eat ^D/^C/^U (ssh takes the
+    remote terminal's modes from that state, so it cannot simply start raw)."""
+    master = reader.fileno()
+    pipes.read_into(master, sink, read=lambda: reader.read1(65536))
     if data:
         typed = os.dup(master)
         pipes.feed(
@@ -110,6 +120,7 @@ class _Child:
         self.out = bytearray()
         self.err = bytearray()
         self._fds: list[int] = []
+        self._terminal: io.BufferedReader[Any] | None = None
         started: list[subprocess.Popen[bytes]] = []
 
         def spawn(argv: list[str], **kw: Any) -> None:
@@ -117,22 +128,20 @@ class _Child:
 
         if call.tty:
             master = start_in_pty(spawn, call.argv, size)
-            self._fds.append(master)
+            self._terminal = terminal_reader(master)
             self.proc = started[0]
             self.collect_out = stdout == PIPE
             self.collect_err = False
             self.pipes = ChildPipes(self.proc)
-            shown = TtyOutput()
 
             def terminal(chunk: bytes) -> None:
-                chunk = shown.feed(chunk)
                 call.stderr.feed(chunk)  # ssh's own early words arrive through it too
                 if self.collect_out:
                     self.out += chunk
                 else:
                     write_to(stdout, chunk, default_fd=1)
 
-            serve_terminal(self.pipes, master, terminal, data)
+            serve_terminal(self.pipes, self._terminal, terminal, data)
             return
         relay, _ = start_with_pipes(
             spawn,
@@ -188,6 +197,8 @@ class _Child:
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self._terminal is not None:
+            self._terminal.close()
 
 
 def _stop_now(call: Invocation, child: _Child) -> Procedure[None]:

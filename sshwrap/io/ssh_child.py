@@ -9,8 +9,7 @@
   non-blocking reads and writes when they are ready (Linux: epoll and ``pidfd_open``);
 - :func:`relay_stderr` copies ssh's stderr to where the caller's ``stderr`` goes (a thread's
   body, for the ``Popen`` objects whose streams the user reads), keeping a bounded copy;
-- :func:`write_to` writes where a child's stream given as a subprocess argument would go;
-- :class:`TtyOutput` drops ssh's ``Connection to HOST closed.`` line from a terminal's output.
+- :func:`write_to` writes where a child's stream given as a subprocess argument would go.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import contextlib
 import errno
 import io
 import os
-import re
 import select
 import subprocess
 import threading
@@ -27,13 +25,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import CommandTooLongError, SSHStderr
-from ..terminal.modes import set_size
+from . import pty
 from .threads import start_daemon
 
 __all__ = [
     "ChildPipes",
     "Spawner",
-    "TtyOutput",
     "relay_stderr",
     "start_in_pty",
     "start_with_pipes",
@@ -155,21 +152,15 @@ def start_with_pipes(
 
 
 def start_in_pty(spawn: Spawner, argv: Sequence[str], size: tuple[int, int] | None) -> int:
-    """Start ssh (``ssh -tt``) with a new pty of ``size`` (rows, cols; default 24 x 80) as its
-    stdin, stdout and stderr, in a new session (the user's ^C reaches only what sshwrap
-    decides); returns the pty master."""
-    rows, cols = size or (24, 80)
-    master, slave = os.openpty()
+    """Start ssh (``ssh -tt``) on a new pty of ``size`` (rows, cols; default 24 x 80) that is
+    its stdin, stdout, stderr and controlling terminal (:func:`sshwrap.io.pty.start_in_pty`:
+    no Python in the child); returns the pty master."""
     try:
-        set_size(slave, rows, cols)
-        spawn(list(argv), stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-    except BaseException as e:
-        os.close(master)
-        if isinstance(e, OSError) and e.errno == errno.E2BIG:
+        _, master = pty.start_in_pty(spawn, argv, size=size or (24, 80))
+    except OSError as e:
+        if e.errno == errno.E2BIG:
             raise _too_long(e, argv) from e
         raise
-    finally:
-        os.close(slave)
     return master
 
 
@@ -182,31 +173,6 @@ def terminal_is_raw(master: int) -> bool:
     except termios.error:
         return True
     return not lflag & termios.ICANON
-
-
-_QUIT_MESSAGE = re.compile(rb"(Connection to [^\r\n]{1,300} closed\.\r*\n)\Z")
-
-
-class TtyOutput:
-    """Drops ssh's own ``Connection to HOST closed.`` line from a terminal's output.
-
-    ssh -tt writes it into the terminal after the remote output when its log level is INFO or
-    more (sshwrap needs DEBUG2); it comes last, so a chunk ending with it is held back until
-    more output (then passed on) or the end (then dropped).
-    """
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, data: bytes) -> bytes:
-        """The output to pass on for ``data``."""
-        data = self._pending + data
-        self._pending = b""
-        m = _QUIT_MESSAGE.search(data)
-        if m is not None:
-            self._pending = data[m.start(1) :]
-            data = data[: m.start(1)]
-        return data
 
 
 class ChildPipes:
