@@ -18,7 +18,6 @@ bounds (``timeout``, ``connect_timeout``, ``kill_after``) do the work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import signal
 import time
@@ -28,6 +27,7 @@ from functools import partial
 from typing import Any
 
 from ..errors import SSHError, TimeoutExpired
+from ..io.fd_watcher import FdWatcher
 from ..io.host_process import HostProcess, run_bounded
 from .argv import build_ssh_argv, remote_signal_script
 from .deadline import capped
@@ -102,14 +102,12 @@ def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool
     return limit is None or t_end <= t0 + limit
 
 
-def host_process(
-    job: FanoutJob, plan: HostPlan, loop: asyncio.AbstractEventLoop, fifo_dir: str
-) -> HostProcess:
+def host_process(job: FanoutJob, plan: HostPlan, watcher: FdWatcher, fifo_dir: str) -> HostProcess:
     """The (not yet started) ssh child of ``plan``, its log FIFO (if any) in ``fifo_dir``."""
     on_output = None if job.on_output is None else partial(job.on_output, plan.host)
     return HostProcess(
         plan.argv,
-        loop=loop,
+        watcher=watcher,
         fifo_path=f"{fifo_dir}/{plan.index}",
         input=job.input,
         on_output=on_output,
@@ -161,48 +159,35 @@ async def run_host(
         proc.start()
     except OSError as e:
         return process_result(plan, proc, "ssh_error", SSHError(host, f"cannot run ssh: {e}"))
-    exit_wait = asyncio.ensure_future(proc.exited.wait())
-    up_wait = asyncio.ensure_future(proc.session_up.wait())
-    try:
-        # Connect phase: until the session is up (or ssh exits).
-        limit = capped(job.connect_timeout, t_end)
-        await asyncio.wait({up_wait, exit_wait}, timeout=limit, return_when=_FIRST)
-        if not proc.session_up.is_set() and not proc.exited.is_set():
-            await proc.stop(KILL_GRACE)
-            if _deadline_first(job.connect_timeout, t_end, proc.t0):
-                return process_result(plan, proc, "timeout")
-            assert job.connect_timeout is not None
-            log = proc.log.decode(errors="replace")
-            error = connect_timeout_error(host, job.connect_timeout, log)
-            return process_result(plan, proc, "ssh_error", error)
-        # Command phase: until ssh exits.
-        limit = capped(job.timeout, t_end)
-        cmd_end = None if limit is None else time.monotonic() + limit
-        if not proc.exited.is_set():
-            await asyncio.wait({exit_wait}, timeout=limit)
-        if not proc.exited.is_set():
-            # The remote stop starts now, alongside the local one: both end within
-            # STOP_BUDGET of the bound.
-            _remote_stop(job, plan, time.monotonic() + STOP_BUDGET, remote_stops)
-            await proc.stop(KILL_GRACE)
+    # Connect phase: until the session is up (or ssh exits).
+    limit = capped(job.connect_timeout, t_end)
+    until = None if limit is None else time.monotonic() + limit
+    if not await proc.wait_for(lambda: proc.up or proc.exit_seen, until):
+        await proc.stop(KILL_GRACE)
+        if _deadline_first(job.connect_timeout, t_end, proc.t0):
             return process_result(plan, proc, "timeout")
-        # ssh has exited: collect what is still in the pipes (a child of ssh's may hold
-        # them), not past the host's bound.
-        proc.log_writer_close()
-        if not proc.pipes_closed.is_set():
-            grace = _EOF_GRACE
-            if cmd_end is not None:
-                grace = min(grace, max(0.0, cmd_end - time.monotonic()) + KILL_GRACE)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.pipes_closed.wait(), grace)
-        proc.kill_now()
-        return process_result(plan, proc, None)
-    finally:
-        exit_wait.cancel()
-        up_wait.cancel()
-
-
-_FIRST = asyncio.FIRST_COMPLETED
+        assert job.connect_timeout is not None
+        log = proc.log.decode(errors="replace")
+        error = connect_timeout_error(host, job.connect_timeout, log)
+        return process_result(plan, proc, "ssh_error", error)
+    # Command phase: until ssh exits.
+    limit = capped(job.timeout, t_end)
+    cmd_end = None if limit is None else time.monotonic() + limit
+    if not await proc.wait_exit(cmd_end):
+        # The remote stop starts now, alongside the local one: both end within
+        # STOP_BUDGET of the bound.
+        _remote_stop(job, plan, time.monotonic() + STOP_BUDGET, remote_stops)
+        await proc.stop(KILL_GRACE)
+        return process_result(plan, proc, "timeout")
+    # ssh has exited: collect what is still in the pipes (a child of ssh's may hold them),
+    # not past the host's bound.
+    proc.log_writer_close()
+    grace = _EOF_GRACE
+    if cmd_end is not None:
+        grace = min(grace, max(0.0, cmd_end - time.monotonic()) + KILL_GRACE)
+    await proc.wait_for(lambda: proc.pipes_closed, time.monotonic() + grace)
+    proc.kill_now()
+    return process_result(plan, proc, None)
 
 
 def _remote_stop(

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from typing import Any, Protocol, runtime_checkable
 
 from ..io.fd_budget import check_fd_budget
+from ..io.fd_watcher import FdWatcher
 from ..io.host_process import HostProcess
 from .argv import OptionValue, build_ssh_argv, find_ssh, remote_command, ssh_settings_args
 from .fanout_host import (
@@ -169,6 +170,7 @@ class FanoutRun:
         loop = asyncio.get_running_loop()
         t_end = None if self.deadline is None else time.monotonic() + self.deadline
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
+        watcher = FdWatcher(loop)
         todo = list(reversed(self.plans))
         tasks: dict[asyncio.Future[HostResult], int] = {}
         done: collections.deque[asyncio.Future[HostResult]] = collections.deque()
@@ -190,7 +192,7 @@ class FanoutRun:
                     if plan.conn is not None:
                         coro = run_over_connection(self.job, plan, t_end)
                     else:
-                        proc = host_process(self.job, plan, loop, fifo_dir)
+                        proc = host_process(self.job, plan, watcher, fifo_dir)
                         self._running[plan.index] = proc
                         coro = run_host(self.job, plan, proc, t_end, self._remote_stops)
                     task = asyncio.ensure_future(coro)
@@ -215,6 +217,7 @@ class FanoutRun:
             try:
                 await self._shutdown(tasks)
             finally:
+                watcher.close()
                 shutil.rmtree(fifo_dir, ignore_errors=True)
 
     async def _shutdown(self, tasks: Mapping[asyncio.Future[HostResult], int]) -> None:
@@ -233,11 +236,10 @@ class FanoutRun:
             # Signal every group at once, then wait for all of them together.
             for _, p in runs:
                 p.signal_group(signal.SIGTERM)
-            waits = [asyncio.ensure_future(p.exited.wait()) for _, p in runs if p.proc]
-            if waits:
-                _, pending = await asyncio.wait(waits, timeout=KILL_GRACE)
-                for w in pending:
-                    w.cancel()
+            until = time.monotonic() + KILL_GRACE
+            for _, p in runs:
+                if p.proc is not None:
+                    await p.wait_exit(until)
             if tasks:
                 await asyncio.wait(tasks)
             stops = list(self._remote_stops)

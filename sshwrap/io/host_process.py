@@ -7,10 +7,11 @@ sshwrap decides how every child ends.  ssh's own log goes into a pipe (``ssh -E
 /proc/PID/fd/N``; elsewhere than Linux a FIFO the caller names, in a private directory): it
 never reaches the caller's stderr, and its lines tell when the session is up.
 
-The loop watches the pipes with ``loop.add_reader`` and the child's exit with a pidfd
-(Linux; elsewhere a short poll once the pipes are closed), so a host costs a handful of file
-descriptors and no thread.  Children are started with ``subprocess.Popen`` from the loop's
-thread (vfork + exec on Linux): the fan-out never forks from a thread pool.
+The loop watches the pipes and the child's exit (a pidfd; elsewhere than Linux a short poll
+once the pipes are closed) through an :class:`~sshwrap.io.fd_watcher.FdWatcher`, so a host
+costs a handful of file descriptors and no thread.  Children are started with
+``subprocess.Popen`` from the loop's thread (vfork + exec on Linux): the fan-out never forks
+from a thread pool.
 
 Stopping signals the child's whole process group (ssh and any ProxyCommand it runs), and
 every path ends with the child reaped and every fd closed.  What the bounds are, and what an
@@ -22,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 from typing import ClassVar
+
+from .fd_watcher import FdWatcher
 
 __all__ = ["SESSION_UP", "HostProcess", "run_bounded", "spawn_in_session"]
 
@@ -34,6 +38,7 @@ _READ = 65536
 
 SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
 """Lines of ssh's ``LogLevel=DEBUG1`` log that mean the remote session is up."""
+_SESSION_UP = re.compile(b"|".join(re.escape(m) for m in SESSION_UP))
 
 _devnull: int | None = None
 
@@ -74,14 +79,15 @@ def _proc_fd_reopenable() -> bool:
 
 
 class HostProcess:
-    """One ssh child and its pipes, driven by the event loop's readers.
+    """One ssh child and its pipes, driven by the event loop (through ``watcher``).
 
     ``argv`` is the ssh command line without ``-E`` (added by :meth:`start`); ``input`` goes
     to its stdin (None: ``/dev/null``); ``on_output(stream, data)`` (1 stdout, 2 stderr) sees
     the bytes as they arrive.  After :meth:`start`: ``out``/``err`` collect the output,
-    ``log`` ssh's log; the events ``session_up``, ``exited`` and ``pipes_closed`` tell the
-    progress, ``t0``/``t_up``/``t_end`` (``time.monotonic()``) and ``started_wall``
-    (``time.time()``) when.
+    ``log`` ssh's log; the flags ``up`` (the session is up), ``exit_seen`` and
+    ``pipes_closed`` (stdout and stderr at EOF) tell the progress, :meth:`wait_for` waits on
+    them, ``t0``/``t_up``/``t_end`` (``time.monotonic()``, the loop's clock) and
+    ``started_wall`` (``time.time()``) tell when.
     """
 
     log_through_proc_fd: ClassVar[bool | None] = None
@@ -92,13 +98,14 @@ class HostProcess:
         self,
         argv: list[str],
         *,
-        loop: asyncio.AbstractEventLoop,
+        watcher: FdWatcher,
         fifo_path: str,
         input: bytes | None = None,
         on_output: Callable[[int, bytes], None] | None = None,
     ) -> None:
         self.argv = argv
-        self.loop = loop
+        self.watcher = watcher
+        self.loop = watcher.loop
         self.on_output = on_output
         self.input = input
         self.fifo: str | None = fifo_path
@@ -111,9 +118,10 @@ class HostProcess:
         self.pidfd: int | None = None
         self.stdin_fd: int | None = None
         self.stdin_pos = 0
-        self.session_up = asyncio.Event()
-        self.exited = asyncio.Event()
-        self.pipes_closed = asyncio.Event()
+        self.up = False
+        self.exit_seen = False
+        self.pipes_closed = False
+        self._waiters: list[asyncio.Future[None]] = []
         self.started_wall: float | None = None
         self.t0 = 0.0
         self.t_up: float | None = None
@@ -121,7 +129,7 @@ class HostProcess:
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Create ssh's log pipe (or FIFO) and start ssh; register the fds with the loop."""
+        """Create ssh's log pipe (or FIFO) and start ssh; watch its fds."""
         opened: list[int] = []
         try:
             # Our own write end keeps the log from reading as EOF before ssh opens it; it is
@@ -173,13 +181,13 @@ class HostProcess:
             os.set_blocking(in_w, False)
             self.loop.add_writer(in_w, self._writable)
         for fd in self.fds:
-            self.loop.add_reader(fd, self._readable, fd)
+            self.watcher.add(fd, self._readable)
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
             self.pidfd = None  # not Linux: exit is polled once the pipes close
         else:
-            self.loop.add_reader(self.pidfd, self._reap)
+            self.watcher.add(self.pidfd, self._reap)
 
     @property
     def returncode(self) -> int | None:
@@ -224,12 +232,10 @@ class HostProcess:
             self.log_writer_close()
             start = max(0, len(self.log) - 64)
             self.log += data
-            if not self.session_up.is_set():
-                window = bytes(self.log[start:])
-                if any(m in window for m in SESSION_UP):
-                    self._up()
+            if not self.up and _SESSION_UP.search(self.log, start):
+                self._up()
             return
-        if not self.session_up.is_set():
+        if not self.up:
             self._up()
         (self.out if stream == 1 else self.err).append(data)
         if self.on_output is not None:
@@ -243,17 +249,48 @@ class HostProcess:
 
     def _up(self) -> None:
         self.t_up = time.monotonic()
-        self.session_up.set()
+        self.up = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_for(self, done: Callable[[], bool], until: float | None) -> bool:
+        """Wait until ``done()`` holds (checked at each change of the flags) or until
+        ``until`` (``time.monotonic()``; None: no limit); the last ``done()``."""
+        loop = self.loop
+        while not done():
+            if until is not None and loop.time() >= until:
+                return False
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            timer = None if until is None else loop.call_at(until, _wake_one, fut)
+            try:
+                await fut
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        return True
+
+    async def wait_exit(self, until: float | None) -> bool:
+        """Wait until the loop has seen ssh exit, or until ``until``; whether it has."""
+        return await self.wait_for(lambda: self.exit_seen, until)
 
     def _close_fd(self, fd: int) -> None:
-        self.loop.remove_reader(fd)
+        self.watcher.remove(fd)
         os.close(fd)
         del self.fds[fd]
         # Only stdout and stderr count: a ControlPersist master that this ssh forked keeps
         # the log open (it keeps logging there); its last lines are drained after the exit.
-        if not any(stream != 3 for stream in self.fds.values()) and not self.pipes_closed.is_set():
-            self.pipes_closed.set()
-            if self.pidfd is None and not self.exited.is_set():
+        if not self.pipes_closed and not any(stream != 3 for stream in self.fds.values()):
+            self.pipes_closed = True
+            self._wake()
+            if self.pidfd is None and not self.exit_seen:
                 self.loop.create_task(self._poll_exit())
 
     async def _poll_exit(self) -> None:
@@ -263,12 +300,12 @@ class HostProcess:
             await asyncio.sleep(0.005)
         self._exited()
 
-    def _reap(self) -> None:
+    def _reap(self, fd: int) -> None:
         assert self.proc is not None
         if self.proc.poll() is None:
             return
         if self.pidfd is not None:
-            self.loop.remove_reader(self.pidfd)
+            self.watcher.remove(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
         self._exited()
@@ -276,7 +313,8 @@ class HostProcess:
     def _exited(self) -> None:
         if self.t_end is None:
             self.t_end = time.monotonic()
-        self.exited.set()
+        self.exit_seen = True
+        self._wake()
 
     # -- stopping -------------------------------------------------------------------------
     def has_exited(self) -> bool:
@@ -302,9 +340,7 @@ class HostProcess:
             return
         self.signal_group(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.exited.wait(), grace)
-        except TimeoutError:
-            pass
+            await self.wait_exit(self.loop.time() + grace)
         finally:
             self.kill_now()
 
@@ -331,18 +367,23 @@ class HostProcess:
     def close_fds(self) -> None:
         """Close everything this host holds and remove its FIFO (idempotent)."""
         for fd in list(self.fds):
-            self.loop.remove_reader(fd)
+            self.watcher.remove(fd)
             os.close(fd)
         self.fds.clear()
         self.log_writer_close()
         if self.pidfd is not None:
-            self.loop.remove_reader(self.pidfd)
+            self.watcher.remove(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
         self._close_stdin()
         if self.fifo is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.fifo)
+
+
+def _wake_one(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def run_bounded(argv: list[str], until: float) -> None:
