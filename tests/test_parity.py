@@ -68,7 +68,6 @@ def parity(what: str) -> pytest.MarkDecorator:
 
 
 NO_FALLBACK_PROCESS = parity("AsyncConnection.create_process refuses the ssh -S fallback")
-NO_AIO_TTY = parity("sshwrap.aio.run ignores tty=True (the command gets no terminal)")
 
 
 def faces(
@@ -235,7 +234,7 @@ def test_signals_reach_the_remote_command(
 # -- tty ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "face",
-    faces(marks={"fallback-async": DRIFT_TTY_FALLBACK, "plain-async": NO_AIO_TTY}),
+    faces(marks={"fallback-async": DRIFT_TTY_FALLBACK}),
 )
 def test_tty_run_sees_a_terminal_of_the_size_given(
     local_sshd: LocalSSHD, face: tuple[str, str]
@@ -271,7 +270,7 @@ PLAIN_TTY_STDERR = parity("plain tty run with capture_output gives stderr None (
             "fallback-sync": TTY_CHATTER,
             "fallback-async": parity("the async ssh -S fallback refuses tty (see the drift)"),
             "plain-sync": PLAIN_TTY_STDERR,
-            "plain-async": NO_AIO_TTY,
+            "plain-async": PLAIN_TTY_STDERR,
         }
     ),
 )
@@ -287,15 +286,7 @@ def _no_loose_async_errors(f: Face) -> None:
     assert f.loop_errors() == [], f.loop_errors()
 
 
-LOOSE_GATHER = parity(
-    "a cancelled sshwrap.aio.run (also the async ssh -S fallback) leaves a _GatheringFuture "
-    "whose CancelledError is never retrieved (asyncio logs 'exception was never retrieved')"
-)
-
-
-@pytest.mark.parametrize(
-    "face", faces(marks={"plain-async": LOOSE_GATHER, "fallback-async": LOOSE_GATHER})
-)
+@pytest.mark.parametrize("face", faces())
 def test_interrupt_a_running_command(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """Ctrl-C in a sync call, cancel of an async one: the call ends at once, the remote
     command is stopped, nothing is left."""
