@@ -52,11 +52,11 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 from .core.argv import OptionValue
 from .core.fanout_host import OutputCallback
-from .core.fanout_run import ControlPathHost, FanoutRun
+from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 
@@ -181,7 +181,7 @@ def run_many(
     timeout: float | None = None,
     connect_timeout: float | None = 30.0,
     deadline: float | None = None,
-    **kwargs: Any,
+    **kwargs: Unpack[FanoutOptions],
 ) -> list[HostResult]:
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,7 +77,7 @@ class FanoutJob:
     connect_timeout: float | None
     input: bytes | None = None
     env: Mapping[str, str] | None = None
-    cwd: str | None = None
+    cwd: str | os.PathLike[str] | None = None
     on_output: OutputCallback | None = None
 
 

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import secrets
 import shutil
 import signal
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Unpack, runtime_checkable
 
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import HostProcess
-from .argv import OptionValue, build_ssh_argv, find_ssh, remote_command, ssh_settings_args
+from .argv import build_ssh_argv, find_ssh, remote_command, ssh_settings_args
 from .fanout_host import (
     KILL_GRACE,
     FanoutJob,
@@ -40,8 +39,9 @@ from .fanout_host import (
     run_over_connection,
 )
 from .host_result import HostResult, unfinished_result
+from .options import CommandOptions, SSHSettings
 
-__all__ = ["ControlPathHost", "FanoutRun"]
+__all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
 
 @runtime_checkable
@@ -55,6 +55,17 @@ class ControlPathHost(Protocol):
     def control_path(self) -> str: ...  # pragma: no cover - protocol
 
 
+class FanoutOptions(SSHSettings, CommandOptions, total=False):
+    """The keywords of a fan-out besides hosts, command, ``concurrency`` and the bounds (see
+    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, and these."""
+
+    input: bytes | None
+    batch_mode: bool
+    kill_remote: bool
+    on_output: OutputCallback | None
+    on_start: Callable[[str], None] | None
+
+
 def _check_bounds(concurrency: int, **bounds: float | None) -> None:
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -66,7 +77,8 @@ def _check_bounds(concurrency: int, **bounds: float | None) -> None:
 class FanoutRun:
     """One command on many hosts: the plan, then :meth:`results` runs it.
 
-    The keywords are those of ``sshwrap.aio.run_many`` (see there); ``check_budget`` (default
+    The keywords are those of ``sshwrap.aio.run_many`` (see there and
+    :class:`FanoutOptions`); ``check_budget`` (default
     on) refuses with ``FdBudgetError``, before anything starts, a concurrency the open-files
     limit cannot hold.  ``as_channel_host(host)`` may turn a host object into one whose
     command runs as a channel of its master (None: it is not one).
@@ -81,35 +93,36 @@ class FanoutRun:
         timeout: float | None,
         connect_timeout: float | None,
         deadline: float | None,
-        input: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        config: str | os.PathLike[str] | None = None,
-        user: str | None = None,
-        port: int | None = None,
-        identity: str | os.PathLike[str] | None = None,
-        jump: str | None = None,
-        options: Mapping[str, OptionValue] | None = None,
-        ssh: str | None = None,
-        batch_mode: bool = True,
-        kill_remote: bool = True,
-        on_output: OutputCallback | None = None,
-        on_start: Callable[[str], None] | None = None,
         check_budget: bool = True,
         as_channel_host: Callable[[object], Any] | None = None,
+        **options: Unpack[FanoutOptions],
     ) -> None:
         _check_bounds(
             concurrency, timeout=timeout, connect_timeout=connect_timeout, deadline=deadline
         )
         self.concurrency = concurrency
         self.deadline = deadline
-        self.on_start = on_start
+        self.on_start = options.get("on_start")
+        env, cwd = options.get("env"), options.get("cwd")
         self.job = FanoutJob(
-            command, ssh or find_ssh(), timeout, connect_timeout, input, env, cwd, on_output
+            command,
+            options.get("ssh") or find_ssh(),
+            timeout,
+            connect_timeout,
+            options.get("input"),
+            env,
+            cwd,
+            options.get("on_output"),
         )
         settings = ssh_settings_args(
-            config=config, user=user, port=port, identity=identity, jump=jump, options=options
+            config=options.get("config"),
+            user=options.get("user"),
+            port=options.get("port"),
+            identity=options.get("identity"),
+            jump=options.get("jump"),
+            options=options.get("options"),
         )
+        batch_mode = options.get("batch_mode", True)
         fixed = ["-o", "LogLevel=DEBUG1"]
         if batch_mode:
             fixed += ["-o", "BatchMode=yes"]
@@ -119,7 +132,7 @@ class FanoutRun:
         # Without either, the command goes exactly as a plain ``ssh host cmd`` sends it.
         # (The ``export`` line costs no extra remote fork with the shells measured: bash
         # 5.2 execs the last command of ``-c`` either way, Debian's dash 0.5.12 never does.)
-        tagged = kill_remote and (timeout is not None or deadline is not None)
+        tagged = options.get("kill_remote", True) and (timeout is not None or deadline is not None)
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
         self.plans: list[HostPlan] = []

@@ -28,13 +28,13 @@ class FdWatcher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._callbacks: dict[int, Callable[[int], None]] = {}
+        self._callbacks: dict[int, Callable[[int], object]] = {}
         self._epoll: select.epoll | None = None
         if hasattr(select, "epoll"):
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def add(self, fd: int, callback: Callable[[int], None]) -> None:
+    def add(self, fd: int, callback: Callable[[int], object]) -> None:
         """Watch ``fd``: ``callback(fd)`` runs each time it is readable."""
         self._callbacks[fd] = callback
         if self._epoll is not None:
