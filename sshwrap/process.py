@@ -95,14 +95,8 @@ from .core.options import Command, PopenOptions, SSHSettings, StdSpec
 from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reader
 from .core.waiting import run_sync
 from .errors import CalledProcessError, SSHError, TimeoutExpired
+from .io import ssh_child
 from .io.pty import PtyWriter
-from .io.ssh_child import (
-    ChildPipes,
-    start_in_pty,
-    start_with_pipes,
-    terminal_is_raw,
-    write_to,
-)
 from .terminal.modes import set_size
 
 __all__ = [
@@ -207,7 +201,7 @@ class Popen(subprocess.Popen[Any]):
             if tty:
                 self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
             else:
-                _, self._tee = start_with_pipes(
+                _, self._tee = ssh_child.start_with_pipes(
                     super().__init__,
                     self._call.argv,
                     stdin=stdin,
@@ -235,7 +229,7 @@ class Popen(subprocess.Popen[Any]):
         errors: str | None,
         size: tuple[int, int] | None,
     ) -> None:
-        master = start_in_pty(super().__init__, self._call.argv, size)
+        master = ssh_child.start_in_pty(super().__init__, self._call.argv, size)
         self.text_mode = bool(text or encoding or errors)
         self.encoding = encoding
         self.errors = errors
@@ -265,7 +259,7 @@ class Popen(subprocess.Popen[Any]):
     def _ssh_in_raw_mode(self, timeout: float) -> bool:
         """Wait until ssh has put the local terminal in raw mode (or exited); True if raw."""
         deadline = time.monotonic() + timeout
-        while not terminal_is_raw(self._master):
+        while not ssh_child.terminal_is_raw(self._master):
             if self.poll() is not None or time.monotonic() > deadline:
                 return False
             # termios changes raise no event to wait on; this bounds the check rate.
@@ -354,9 +348,9 @@ class Popen(subprocess.Popen[Any]):
             if collect:
                 chunks.extend(chunk)
             else:
-                write_to(self._stdout_arg, chunk, default_fd=1)
+                ssh_child.write_to(self._stdout_arg, chunk, default_fd=1)
 
-        pipes = ChildPipes(self)
+        pipes = ssh_child.ChildPipes(self)
         serve_terminal(pipes, reader, seen, data)
         try:
             run_sync(exchange(pipes, deadline_after(timeout)))
@@ -451,17 +445,7 @@ def run(
     the remote command is stopped (at most :data:`STOP_MARGIN` later),
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
     """
-    return run_sync(
-        run_ssh(
-            host,
-            args,
-            input=input,
-            capture_output=capture_output,
-            timeout=timeout,
-            check=check,
-            **kwargs,
-        )
-    )
+    return run_sync(run_ssh(host, args, input, capture_output, timeout, check, **kwargs))
 
 
 def call(

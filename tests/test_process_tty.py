@@ -13,6 +13,18 @@ import sshwrap.aio
 from sshwrap.process import PIPE
 from sshwrap.testing import LocalSSHD
 
+FACES = ["sync", "aio"]
+"""``sshwrap.aio.run(tty=True)`` is the same procedure as ``sshwrap.run(tty=True)``: tests
+marked with both run one body through each."""
+
+
+def _run_face(
+    face: str, host: str, cmd: sshwrap.process.Command, **kw: Any
+) -> sshwrap.CompletedProcess:
+    if face == "sync":
+        return sshwrap.run(host, cmd, **kw)
+    return asyncio.run(sshwrap.aio.run(host, cmd, **kw))
+
 
 def test_remote_sees_a_terminal(local_sshd: LocalSSHD) -> None:
     r = sshwrap.run(
@@ -111,9 +123,11 @@ def test_line_by_line_and_resize(local_sshd: LocalSSHD) -> None:
         p.wait(timeout=30)
 
 
-def test_timeout_hangs_up(local_sshd: LocalSSHD) -> None:
+@pytest.mark.parametrize("face", FACES)
+def test_timeout_hangs_up(local_sshd: LocalSSHD, face: str) -> None:
     elapsed, pids = timeout_case(
-        lambda m: sshwrap.run(
+        lambda m: _run_face(
+            face,
             local_sshd.host,
             ["sleep", m],
             tty=True,
@@ -157,14 +171,7 @@ def test_output_to_inherited_stdout(
     assert capfd.readouterr().out == "shown\r\n"
 
 
-# -- both faces: sshwrap.aio.run(tty=True) is the same procedure as sshwrap.run(tty=True) -------
-def _run_face(face: str, host: str, cmd: str, **kw: Any) -> sshwrap.CompletedProcess:
-    if face == "sync":
-        return sshwrap.run(host, cmd, **kw)
-    return asyncio.run(sshwrap.aio.run(host, cmd, **kw))
-
-
-@pytest.mark.parametrize("face", ["sync", "aio"])
+@pytest.mark.parametrize("face", FACES)
 def test_tty_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
     r = _run_face(
         face,
@@ -187,25 +194,7 @@ def test_tty_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
     assert "Connection to" not in r.stdout
 
 
-@pytest.mark.parametrize("face", ["sync", "aio"])
-def test_tty_timeout_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
-    elapsed, pids = timeout_case(
-        lambda m: _run_face(
-            face,
-            local_sshd.host,
-            f"echo started; exec sleep {m}",
-            tty=True,
-            timeout=1,
-            capture_output=True,
-            config=local_sshd.config,
-        ),
-        local_sshd.user,
-    )
-    assert elapsed < 2
-    assert wait_gone(pids, 5) == []
-
-
-@pytest.mark.parametrize("face", ["sync", "aio"])
+@pytest.mark.parametrize("face", FACES)
 def test_tty_exit_status_and_error_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
     r = _run_face(
         face, local_sshd.host, "exit 7", tty=True, capture_output=True, config=local_sshd.config

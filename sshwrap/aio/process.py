@@ -43,7 +43,7 @@ from ..core.options import (
 from ..core.ssh_run import run_ssh
 from ..core.waiting import Blocking, Procedure, run_async
 from ..errors import SSHError
-from ..io.ssh_child import ChildPipes, start_with_pipes
+from ..io.ssh_child import ChildPipes, popen_with_pipes
 
 __all__ = [
     "DEVNULL",
@@ -224,21 +224,11 @@ async def create_process(host: str, args: Command, **kwargs: Unpack[ProcessOptio
         {k: v for k, v in kwargs.items() if k in SSH_SETTINGS_KEYS | COMMAND_KEYS},
     )
     call = Invocation(host, args, **settings)
-    started: list[subprocess.Popen[bytes]] = []
     try:
-        _, tee = start_with_pipes(
-            lambda argv, **kw: started.append(subprocess.Popen(argv, **kw)),
-            call.argv,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            seen=call.stderr,
-            relay_thread=True,
-        )
+        proc, _, tee = popen_with_pipes(call.argv, call.stderr, (stdin, stdout, stderr), True)
     except BaseException:
         call.close()
         raise
-    proc = started[0]
     try:
         streams = await _streams(proc, kwargs.get("limit", 2**16))
     except BaseException:
@@ -290,16 +280,5 @@ async def run(
     on a timeout the remote command is stopped and :class:`~sshwrap.errors.TimeoutExpired`
     carries the output so far.
     """
-    options = dict(kwargs)
-    options.pop("limit", None)
-    return await run_async(
-        run_ssh(
-            host,
-            args,
-            input=input,
-            capture_output=capture_output,
-            timeout=timeout,
-            check=check,
-            **cast(PopenOptions, options),
-        )
-    )
+    options = cast(PopenOptions, {k: v for k, v in kwargs.items() if k != "limit"})
+    return await run_async(run_ssh(host, args, input, capture_output, timeout, check, **options))

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 from ..errors import (
     SSHConnectionError,
@@ -32,7 +32,6 @@ from ..errors import (
 from ..io.ssh_child import ChildPipes, write_to
 from ..io.threads import start_daemon
 from .argv import (
-    OptionValue,
     SSHLog,
     build_ssh_argv,
     find_ssh,
@@ -41,7 +40,7 @@ from .argv import (
     ssh_settings_args,
 )
 from .child_steps import Expired, exchange
-from .options import Command
+from .options import Command, SSHSettings
 from .waiting import Procedure, run_sync
 
 __all__ = [
@@ -207,23 +206,15 @@ class Invocation:
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         tty: bool = False,
-        config: str | os.PathLike[str] | None = None,
-        user: str | None = None,
-        port: int | str | None = None,
-        identity: str | os.PathLike[str] | None = None,
-        jump: str | None = None,
-        options: Mapping[str, OptionValue] | None = None,
-        ssh: str | None = None,
+        **settings: Unpack[SSHSettings],
     ) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError("host must be a non-empty string")
         self.host = host
         self.command = command
         self.tty = tty
-        self.ssh = ssh or find_ssh()
-        self.settings = ssh_settings_args(
-            config=config, user=user, port=port, identity=identity, jump=jump, options=options
-        )
+        self.ssh = settings.pop("ssh", None) or find_ssh()
+        self.settings = ssh_settings_args(**settings)
         self.session_id = secrets.token_hex(8)
         remote = remote_command(command, env=env, cwd=cwd, session_id=self.session_id)
         self.log = SSHLog()

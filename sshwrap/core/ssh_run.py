@@ -36,8 +36,8 @@ from ..errors import CalledProcessError, TimeoutExpired
 from ..io.pty import PtyReader
 from ..io.ssh_child import (
     ChildPipes,
+    popen_with_pipes,
     start_in_pty,
-    start_with_pipes,
     terminal_is_raw,
     write_to,
 )
@@ -143,18 +143,11 @@ class _Child:
 
             serve_terminal(self.pipes, self._terminal, terminal, data)
             return
-        relay, _ = start_with_pipes(
-            spawn,
-            call.argv,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            seen=call.stderr,
-            relay_thread=False,
-        )
+        streams = (stdin, stdout, stderr)
+        proc, relay, _ = popen_with_pipes(call.argv, call.stderr, streams, relay_thread=False)
         if relay >= 0:
             self._fds.append(relay)
-        self.proc = proc = started[0]
+        self.proc = proc
         self.collect_out = proc.stdout is not None
         self.collect_err = proc.stderr is not None
         self.pipes = ChildPipes(proc)
@@ -223,7 +216,6 @@ def _stop_now(call: Invocation, child: _Child) -> Procedure[None]:
 def run_ssh(
     host: str,
     args: Command,
-    *,
     input: Any = None,
     capture_output: bool = False,
     timeout: float | None = None,
@@ -231,7 +223,10 @@ def run_ssh(
     **kwargs: Unpack[PopenOptions],
 ) -> Procedure[CompletedProcess]:
     """Run ``args`` on ``host`` with a fresh ssh and wait: the procedure of ``sshwrap.run``
-    (same arguments, results, errors and bounds; ``bufsize`` is accepted and unused)."""
+    (same arguments, results, errors and bounds; ``bufsize`` is accepted and unused).
+
+    ``input``, ``capture_output``, ``timeout`` and ``check`` may come by position or keyword.
+    """
     options = cast(dict[str, Any], dict(kwargs))
     prepare_run(input, capture_output, options)
     stdin = options.pop("stdin", DEVNULL)

@@ -31,6 +31,7 @@ from .threads import start_daemon
 __all__ = [
     "ChildPipes",
     "Spawner",
+    "popen_with_pipes",
     "relay_stderr",
     "start_in_pty",
     "start_with_pipes",
@@ -149,6 +150,25 @@ def start_with_pipes(
         fd = relay_r
         return -1, start_daemon(lambda: relay_stderr(fd, stderr, seen), "sshwrap-stderr")
     return relay_r, None
+
+
+def popen_with_pipes(
+    argv: Sequence[str], seen: SSHStderr, streams: tuple[Any, Any, Any], relay_thread: bool
+) -> tuple[subprocess.Popen[bytes], int, threading.Thread | None]:
+    """:func:`start_with_pipes` with :class:`subprocess.Popen` and ``streams`` (stdin, stdout,
+    stderr): ``(process, relay fd, relay thread)``."""
+    started: list[subprocess.Popen[bytes]] = []
+    stdin, stdout, stderr = streams
+    relay, thread = start_with_pipes(
+        lambda args, **kw: started.append(subprocess.Popen(args, **kw)),
+        argv,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        seen=seen,
+        relay_thread=relay_thread,
+    )
+    return started[0], relay, thread
 
 
 def start_in_pty(spawn: Spawner, argv: Sequence[str], size: tuple[int, int] | None) -> int:
