@@ -546,3 +546,45 @@ def test_remote_command_untagged_without_timeout(many: Hosts) -> None:
     assert plain.stdout.split(b"\0")[1:3] == [b"-c", cmd.encode()]
     sent = timed.stdout.split(b"\0")[2]
     assert sent.startswith(b"export SSHWRAP_SESSION=") and sent.endswith(b"\n" + cmd.encode())
+
+
+@pytest.mark.parametrize("epoll", [True, False], ids=["epoll", "loop"])
+def test_fd_watcher_calls_back_while_readable_and_forgets_removed_fds(epoll: bool) -> None:
+    """The hosts' fds behind one loop registration (and the per-fd fallback): a callback per
+    readable fd, level-triggered, none after ``remove``; ``close`` leaves the loop clean."""
+    from sshwrap.io.fd_watcher import FdWatcher
+
+    async def main() -> list[tuple[int, bytes]]:
+        loop = asyncio.get_running_loop()
+        watcher = FdWatcher(loop, epoll=epoll)
+        pipes = [os.pipe() for _ in range(3)]
+        got: list[tuple[int, bytes]] = []
+        done = asyncio.Event()
+
+        def readable(fd: int) -> None:
+            got.append((fd, os.read(fd, 1)))  # one byte a call: level-triggered brings the rest
+            if len(got) == 4:
+                done.set()
+
+        try:
+            for r, _ in pipes:
+                watcher.add(r, readable)
+            watcher.remove(pipes[2][0])
+            watcher.remove(pipes[2][0])  # twice: nothing
+            os.write(pipes[0][1], b"ab")
+            os.write(pipes[1][1], b"cd")
+            os.write(pipes[2][1], b"never read")
+            await asyncio.wait_for(done.wait(), 5)
+            watcher.close()
+            os.write(pipes[0][1], b"e")
+            await asyncio.sleep(0)  # a loop turn: nothing is called any more
+            await asyncio.sleep(0)
+        finally:
+            watcher.close()  # idempotent
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+        return sorted(got)
+
+    got = asyncio.run(main())
+    assert [data for _, data in got] == [b"a", b"b", b"c", b"d"]

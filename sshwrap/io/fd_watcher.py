@@ -23,14 +23,15 @@ class FdWatcher:
     """Call ``callback(fd)`` whenever ``fd`` is readable (or hung up), from the loop's thread.
 
     Make one per run on the running loop, and :meth:`close` it at the end (it does not close
-    the fds it watches: their owners remove and close them).
+    the fds it watches: their owners remove and close them).  ``epoll=False`` registers each
+    fd with the loop instead (what happens where there is no epoll).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, epoll: bool = True) -> None:
         self.loop = loop
         self._callbacks: dict[int, Callable[[int], object]] = {}
         self._epoll: select.epoll | None = None
-        if hasattr(select, "epoll"):
+        if epoll and hasattr(select, "epoll"):
             self._epoll = select.epoll()
             loop.add_reader(self._epoll.fileno(), self._dispatch)
 
