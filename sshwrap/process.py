@@ -445,7 +445,7 @@ def run(
     the remote command is stopped (at most :data:`STOP_MARGIN` later),
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
     """
-    return run_sync(run_ssh(host, args, input, capture_output, timeout, check, **kwargs))
+    return run_sync(run_ssh(host, args, input, timeout, capture_output, check, **kwargs))
 
 
 def call(

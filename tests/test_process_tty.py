@@ -26,8 +26,10 @@ def _run_face(
     return asyncio.run(sshwrap.aio.run(host, cmd, **kw))
 
 
-def test_remote_sees_a_terminal(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
+@pytest.mark.parametrize("face", FACES)
+def test_remote_sees_a_terminal(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
         local_sshd.host,
         "tty; test -t 0 && test -t 1 && echo both",
         tty=True,
@@ -43,8 +45,10 @@ def test_remote_sees_a_terminal(local_sshd: LocalSSHD) -> None:
     assert r.stdout.endswith(b"both\r\n")
 
 
-def test_size(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
+@pytest.mark.parametrize("face", FACES)
+def test_size(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
         local_sshd.host,
         "stty size",
         tty=True,
@@ -55,8 +59,10 @@ def test_size(local_sshd: LocalSSHD) -> None:
     assert r.stdout == b"33 101\r\n"
 
 
-def test_output_merged_text_mode(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
+@pytest.mark.parametrize("face", FACES)
+def test_output_merged_text_mode(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
         local_sshd.host,
         "echo out; echo err >&2",
         tty=True,
@@ -68,8 +74,10 @@ def test_output_merged_text_mode(local_sshd: LocalSSHD) -> None:
     assert r.stderr is None
 
 
-def test_input_through_terminal(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
+@pytest.mark.parametrize("face", FACES)
+def test_input_through_terminal(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
         local_sshd.host,
         "cat",
         tty=True,
@@ -82,16 +90,18 @@ def test_input_through_terminal(local_sshd: LocalSSHD) -> None:
     assert b"hello\r\n" in r.stdout  # echoed by the remote terminal and written by cat
 
 
-def test_signal_gives_negative_returncode(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
-        local_sshd.host, "kill -9 $$", tty=True, config=local_sshd.config, capture_output=True
+@pytest.mark.parametrize("face", FACES)
+def test_signal_gives_negative_returncode(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face, local_sshd.host, "kill -9 $$", tty=True, config=local_sshd.config, capture_output=True
     )
     assert r.returncode < 0
 
 
-def test_exit_status(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
-        local_sshd.host, "exit 255", tty=True, config=local_sshd.config, capture_output=True
+@pytest.mark.parametrize("face", FACES)
+def test_exit_status(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face, local_sshd.host, "exit 255", tty=True, config=local_sshd.config, capture_output=True
     )
     assert r.returncode == 255
 
@@ -141,15 +151,24 @@ def test_timeout_hangs_up(local_sshd: LocalSSHD, face: str) -> None:
     assert wait_gone(pids, 5) == []
 
 
-def test_tty_ssh_error(local_sshd: LocalSSHD) -> None:
+@pytest.mark.parametrize("face", FACES)
+def test_tty_ssh_error(local_sshd: LocalSSHD, face: str) -> None:
     with pytest.raises(sshwrap.SSHConnectionError):
-        sshwrap.run(
-            local_sshd.host, "true", tty=True, port=1, config=local_sshd.config, capture_output=True
+        _run_face(
+            face,
+            local_sshd.host,
+            "true",
+            tty=True,
+            port=1,
+            config=local_sshd.config,
+            capture_output=True,
         )
 
 
-def test_text_input_through_terminal(local_sshd: LocalSSHD) -> None:
-    r = sshwrap.run(
+@pytest.mark.parametrize("face", FACES)
+def test_text_input_through_terminal(local_sshd: LocalSSHD, face: str) -> None:
+    r = _run_face(
+        face,
         local_sshd.host,
         'read x; echo "[$x]"',
         tty=True,
@@ -163,50 +182,10 @@ def test_text_input_through_terminal(local_sshd: LocalSSHD) -> None:
     assert r.stdout.endswith("[héllo]\n")
 
 
+@pytest.mark.parametrize("face", FACES)
 def test_output_to_inherited_stdout(
-    local_sshd: LocalSSHD, capfd: pytest.CaptureFixture[str]
+    local_sshd: LocalSSHD, capfd: pytest.CaptureFixture[str], face: str
 ) -> None:
-    r = sshwrap.run(local_sshd.host, "echo shown", tty=True, config=local_sshd.config)
+    r = _run_face(face, local_sshd.host, "echo shown", tty=True, config=local_sshd.config)
     assert r.returncode == 0 and r.stdout is None
     assert capfd.readouterr().out == "shown\r\n"
-
-
-@pytest.mark.parametrize("face", FACES)
-def test_tty_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
-    r = _run_face(
-        face,
-        local_sshd.host,
-        'stty size; test -t 0 && test -t 1 && echo both; read x; echo "[$x]" >&2',
-        tty=True,
-        size=(33, 101),
-        input="héllo\n",
-        text=True,
-        capture_output=True,
-        config=local_sshd.config,
-        timeout=30,
-    )
-    assert r.returncode == 0
-    assert r.stderr is None
-    # the size, a terminal on both ends, the typed input (echoed by the remote terminal as it
-    # arrives) and stderr merged on stdout
-    assert "33 101\nboth\n" in r.stdout
-    assert r.stdout.endswith("[héllo]\n")
-    assert "Connection to" not in r.stdout
-
-
-@pytest.mark.parametrize("face", FACES)
-def test_tty_exit_status_and_error_in_both_faces(local_sshd: LocalSSHD, face: str) -> None:
-    r = _run_face(
-        face, local_sshd.host, "exit 7", tty=True, capture_output=True, config=local_sshd.config
-    )
-    assert r.returncode == 7
-    with pytest.raises(sshwrap.SSHConnectionError):
-        _run_face(
-            face,
-            local_sshd.host,
-            "true",
-            tty=True,
-            port=1,
-            capture_output=True,
-            config=local_sshd.config,
-        )

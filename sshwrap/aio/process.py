@@ -281,4 +281,4 @@ async def run(
     carries the output so far.
     """
     options = cast(PopenOptions, {k: v for k, v in kwargs.items() if k != "limit"})
-    return await run_async(run_ssh(host, args, input, capture_output, timeout, check, **options))
+    return await run_async(run_ssh(host, args, input, timeout, capture_output, check, **options))

@@ -217,15 +217,16 @@ def run_ssh(
     host: str,
     args: Command,
     input: Any = None,
-    capture_output: bool = False,
     timeout: float | None = None,
+    capture_output: bool = False,
     check: bool = False,
     **kwargs: Unpack[PopenOptions],
 ) -> Procedure[CompletedProcess]:
     """Run ``args`` on ``host`` with a fresh ssh and wait: the procedure of ``sshwrap.run``
     (same arguments, results, errors and bounds; ``bufsize`` is accepted and unused).
 
-    ``input``, ``capture_output``, ``timeout`` and ``check`` may come by position or keyword.
+    ``input``, ``timeout``, ``capture_output`` and ``check`` may come by position (in this
+    order) or keyword.
     """
     options = cast(dict[str, Any], dict(kwargs))
     prepare_run(input, capture_output, options)
