@@ -3,7 +3,8 @@
 A ControlMaster listens on a unix socket.  Each connection to it starts with a hello
 exchange (protocol version 4), then carries requests and replies framed as
 ``uint32 length`` + ``uint32 type`` + body (``PROTOCOL.mux`` in the OpenSSH sources).
-This module implements the control requests sshwrap needs:
+The messages themselves are typed in ``sshwrap.protocol.mux`` (pure); this module does the
+socket IO for the control requests sshwrap needs:
 
 - ``alive_check()`` (``ssh -O check``): the master's pid;
 - ``terminate()`` (``ssh -O exit``);
@@ -21,7 +22,8 @@ from __future__ import annotations
 import socket
 from types import TracebackType
 
-from ..protocol import wire
+from ..protocol import mux, wire
+from ..protocol.mux import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE, SSHMUX_VER
 from ..protocol.wire import pack_string, pack_u32
 
 __all__ = [
@@ -35,36 +37,6 @@ __all__ = [
     "pack_string",
     "pack_u32",
 ]
-
-SSHMUX_VER = 4
-
-MUX_MSG_HELLO = 0x00000001
-MUX_C_NEW_SESSION = 0x10000002
-MUX_C_ALIVE_CHECK = 0x10000004
-MUX_C_TERMINATE = 0x10000005
-MUX_C_OPEN_FWD = 0x10000006
-MUX_C_CLOSE_FWD = 0x10000007
-MUX_C_NEW_STDIO_FWD = 0x10000008
-MUX_C_STOP_LISTENING = 0x10000009
-MUX_C_PROXY = 0x1000000F
-MUX_S_OK = 0x80000001
-MUX_S_PERMISSION_DENIED = 0x80000002
-MUX_S_FAILURE = 0x80000003
-MUX_S_EXIT_MESSAGE = 0x80000004
-MUX_S_ALIVE = 0x80000005
-MUX_S_SESSION_OPENED = 0x80000006
-MUX_S_REMOTE_PORT = 0x80000007
-MUX_S_TTY_ALLOC_FAIL = 0x80000008
-MUX_S_PROXY = 0x8000000F
-
-MUX_FWD_LOCAL = 1
-MUX_FWD_REMOTE = 2
-MUX_FWD_DYNAMIC = 3
-
-# A listen or connect "port" of (uint32)-2 means the host field is a unix socket path.
-PORT_STREAMLOCAL = 0xFFFFFFFE
-
-_MAX_PACKET = 256 * 1024
 
 
 class MuxError(OSError):
@@ -125,18 +97,18 @@ class MuxControl:
             raise
 
     # -- framing -----------------------------------------------------------------------
-    def _send(self, payload: bytes) -> None:
+    def _send(self, message: bytes) -> None:
         try:
-            self.sock.sendall(pack_u32(len(payload)) + payload)
+            self.sock.sendall(message)
         except OSError as e:
             raise MuxError(f"control master connection failed: {e}") from None
 
-    def _recv(self) -> Reader:
+    def _recv(self) -> bytes:
+        """The payload of the next message."""
         try:
-            n = Reader(_recv_exact(self.sock, 4)).u32()
-            if n > _MAX_PACKET:
-                raise MuxError(f"oversized mux message ({n} bytes)")
-            return Reader(_recv_exact(self.sock, n))
+            return _recv_exact(self.sock, mux.message_length(_recv_exact(self.sock, 4)))
+        except mux.MuxProtocolError as e:
+            raise MuxError(str(e)) from None
         except TimeoutError:
             raise MuxError("control master did not answer in time") from None
         except MuxError:
@@ -145,68 +117,58 @@ class MuxControl:
             raise MuxError(f"control master connection failed: {e}") from None
 
     def _hello(self) -> None:
-        self._send(pack_u32(MUX_MSG_HELLO) + pack_u32(SSHMUX_VER))
-        r = self._recv()
-        kind = r.u32()
-        if kind != MUX_MSG_HELLO:
-            raise MuxError(f"expected mux hello, got message 0x{kind:08x}")
-        ver = r.u32()
+        self._send(mux.Hello().encode())
+        try:
+            ver = mux.Hello.decode(self._recv()).version
+        except mux.MuxProtocolError as e:
+            raise MuxError(f"expected mux hello: {e}") from None
         if ver != SSHMUX_VER:
             raise MuxUnsupported(f"control master speaks mux protocol {ver}, not {SSHMUX_VER}")
 
-    def request(self, kind: int, body: bytes = b"") -> tuple[int, Reader]:
-        """Send one request (a fresh request id is added); return (reply type, rest of reply).
-
-        MUX_S_FAILURE and MUX_S_PERMISSION_DENIED raise ``MuxRefused`` with the master's reason.
-        """
+    def _next_id(self) -> int:
         self._rid += 1
-        rid = self._rid
-        self._send(pack_u32(kind) + pack_u32(rid) + body)
-        r = self._recv()
-        rtype = r.u32()
-        if rtype in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
-            r.u32()
-            reason = r.text()
-            raise MuxRefused(reason or "request refused by the control master")
-        got = r.u32()
-        if got != rid:
-            raise MuxError(f"mux reply for request {got}, expected {rid}")
-        return rtype, r
+        return self._rid
+
+    def request(self, message: mux.Request) -> mux.Reply:
+        """Send one request; return the master's reply to it.
+
+        MUX_S_FAILURE and MUX_S_PERMISSION_DENIED raise ``MuxRefused`` with the master's
+        reason; a reply that does not parse, or answers another request, ``MuxError``.
+        """
+        self._send(message.encode())
+        try:
+            reply = mux.decode_reply(self._recv())
+        except mux.MuxProtocolError as e:
+            raise MuxError(str(e)) from None
+        if isinstance(reply, (mux.Failure, mux.PermissionDenied)):
+            raise MuxRefused(reply.reason or "request refused by the control master")
+        got = getattr(reply, "request_id", None)
+        if got != message.request_id:
+            raise MuxError(f"mux reply for request {got}, expected {message.request_id}")
+        return reply
 
     # -- requests ----------------------------------------------------------------------
     def alive_check(self) -> int:
         """``ssh -O check``: the master's pid."""
-        rtype, r = self.request(MUX_C_ALIVE_CHECK)
-        if rtype != MUX_S_ALIVE:
-            raise MuxError(f"unexpected reply 0x{rtype:08x} to an alive check")
-        return r.u32()
+        reply = self.request(mux.AliveCheck(self._next_id()))
+        if not isinstance(reply, mux.Alive):
+            raise MuxError(f"unexpected reply 0x{reply.KIND:08x} to an alive check")
+        return reply.value
 
     def terminate(self) -> None:
         """``ssh -O exit``: ask the master to exit now."""
         try:
-            rtype, _ = self.request(MUX_C_TERMINATE)
+            reply = self.request(mux.Terminate(self._next_id()))
         except MuxRefused:
             raise
         except MuxError:
             return  # the master exited before its reply went out, as ``ssh -O exit`` accepts
-        if rtype != MUX_S_OK:
-            raise MuxError(f"unexpected reply 0x{rtype:08x} to terminate")
+        if not isinstance(reply, mux.Ok):
+            raise MuxError(f"unexpected reply 0x{reply.KIND:08x} to terminate")
 
     def stop_listening(self) -> None:
         """``ssh -O stop``: the master stops accepting new mux clients."""
-        self.request(MUX_C_STOP_LISTENING)
-
-    @staticmethod
-    def _fwd_body(
-        ftype: int, listen_host: str, listen_port: int, connect_host: str, connect_port: int
-    ) -> bytes:
-        return (
-            pack_u32(ftype)
-            + pack_string(listen_host)
-            + pack_u32(listen_port)
-            + pack_string(connect_host)
-            + pack_u32(connect_port)
-        )
+        self.request(mux.StopListening(self._next_id()))
 
     def open_forward(
         self,
@@ -218,12 +180,14 @@ class MuxControl:
     ) -> int | None:
         """``ssh -O forward``.  Returns the allocated port for a remote forward of port 0,
         else None.  Raises ``MuxRefused`` when the master or the server refuses."""
-        body = self._fwd_body(ftype, listen_host, listen_port, connect_host, connect_port)
-        rtype, r = self.request(MUX_C_OPEN_FWD, body)
-        if rtype == MUX_S_REMOTE_PORT:
-            return r.u32()
-        if rtype != MUX_S_OK:
-            raise MuxError(f"unexpected reply 0x{rtype:08x} to a forward request")
+        fwd = mux.OpenForward(
+            self._next_id(), ftype, listen_host, listen_port, connect_host, connect_port
+        )
+        reply = self.request(fwd)
+        if isinstance(reply, mux.RemotePort):
+            return reply.value
+        if not isinstance(reply, mux.Ok):
+            raise MuxError(f"unexpected reply 0x{reply.KIND:08x} to a forward request")
         return None
 
     def close_forward(
@@ -235,18 +199,20 @@ class MuxControl:
         connect_port: int = 0,
     ) -> None:
         """``ssh -O cancel``: the same fields as given to ``open_forward``."""
-        body = self._fwd_body(ftype, listen_host, listen_port, connect_host, connect_port)
-        self.request(MUX_C_CLOSE_FWD, body)
+        fwd = mux.CloseForward(
+            self._next_id(), ftype, listen_host, listen_port, connect_host, connect_port
+        )
+        self.request(fwd)
 
     def enter_proxy(self) -> socket.socket:
         """Switch this connection to proxy mode and hand its socket over (blocking mode,
         no timeout).  This object is unusable afterwards."""
         try:
-            rtype, _ = self.request(MUX_C_PROXY)
+            reply = self.request(mux.Proxy(self._next_id()))
         except MuxRefused as e:
             raise MuxUnsupported(f"control master refused proxy mode: {e}") from None
-        if rtype != MUX_S_PROXY:
-            raise MuxUnsupported(f"unexpected reply 0x{rtype:08x} to a proxy request")
+        if not isinstance(reply, mux.ProxyReady):
+            raise MuxUnsupported(f"unexpected reply 0x{reply.KIND:08x} to a proxy request")
         sock = self.sock
         sock.settimeout(None)
         self.sock = socket.socket()  # a placeholder; close() closes it, not the handed socket
