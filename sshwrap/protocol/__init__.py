@@ -7,7 +7,13 @@ the sync and async drivers above them share one copy.
 
 - ``sshwrap.protocol.wire``: the SSH wire codec (RFC 4251 section 5 types: ``byte``,
   ``boolean``, ``uint32``, ``uint64``, ``string``, ``name-list``), used by the mux protocol
-  (``sshwrap.io.mux_control``), the session channels (``sshwrap.io.pump``) and SFTP
+  (``sshwrap.protocol.mux``), the session channels (``sshwrap.protocol.channel``) and SFTP
   (``sshwrap.protocol.sftp``).
+- ``sshwrap.protocol.mux``: OpenSSH's ControlMaster protocol (``PROTOCOL.mux``) as typed
+  requests and replies (``encode()``/``decode()``); ``sshwrap.io.mux_control`` does the IO.
+- ``sshwrap.protocol.channel``: the RFC 4254 channel multiplexer as a state machine
+  (``ChannelMux``: ``receive(bytes)`` -> events, outgoing bytes to send, one state per
+  channel and its windows); ``sshwrap.protocol.channel_events``: its events.
+  ``sshwrap.io.pump`` drives it.
 - ``sshwrap.protocol.sftp``: the SFTP v3 codec (packets, ATTRS, requests, replies), no IO.
 """
