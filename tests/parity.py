@@ -110,6 +110,11 @@ class Proc:
         """One line of stdout."""
         raise NotImplementedError
 
+    @property
+    def returncode(self) -> int | None:
+        """The returncode once the command ended, else None (``poll()``)."""
+        raise NotImplementedError
+
     def send_signal(self, sig: int) -> None:
         """``send_signal``; ``terminate`` and ``kill`` are the same for SIGTERM and SIGKILL."""
         raise NotImplementedError
@@ -180,7 +185,7 @@ class SyncFace(Face):
     def __init__(self, mode: str, sshd: LocalSSHD) -> None:
         super().__init__(mode, sshd)
         self.conn: sshwrap.Connection | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="parity-bg")
+        self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="parity-bg")
 
     def open(self) -> None:
         if self.mode != "plain":
@@ -264,6 +269,11 @@ class SyncProc(Proc):
     def readline(self, timeout: float = 30.0) -> bytes:
         line: bytes = self.p.stdout.readline()
         return line
+
+    @property
+    def returncode(self) -> int | None:
+        rc: int | None = self.p.poll()
+        return rc
 
     def send_signal(self, sig: int) -> None:
         self.p.send_signal(sig)
@@ -428,6 +438,15 @@ class AsyncProc(Proc):
     def readline(self, timeout: float = 30.0) -> bytes:
         line: bytes = self.lt.call(self.p.stdout.readline(), timeout)
         return line
+
+    @property
+    def returncode(self) -> int | None:
+        async def get() -> int | None:
+            rc: int | None = self.p.returncode
+            return rc
+
+        rc: int | None = self.lt.call(get())
+        return rc
 
     def _signal(self, method: str, *args: int) -> None:
         async def call() -> None:

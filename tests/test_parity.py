@@ -207,28 +207,27 @@ def test_timeout_partial_output_remote_stopped_bound_kept(
 
 
 # -- signals ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("how", ["terminate", "kill", "send_signal(SIGINT)"])
 @pytest.mark.parametrize("face", faces(marks={"fallback-async": NO_FALLBACK_PROCESS}))
-def test_signals_reach_the_remote_command(
-    local_sshd: LocalSSHD, face: tuple[str, str], how: str
-) -> None:
-    tok = token()
-    want = {"terminate": -15, "kill": -9, "send_signal(SIGINT)": -2}[how]
+def test_signals_reach_the_remote_command(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
+    """``terminate``, ``kill``, ``send_signal``: the remote command dies of the signal and
+    the returncode says which (sshwrap sent it, so even through ssh it knows)."""
     with _open(face, local_sshd) as f:
-        p = f.start(f"echo up; exec sleep {tok}", stdout=PIPE)
-        assert p.readline() == b"up\n"
-        _running(local_sshd, tok)  # the shell has exec'd sleep: the signal meets sleep
-        if how == "terminate":
-            p.terminate()
-        elif how == "kill":
-            p.kill()
-        else:
-            p.send_signal(signal.SIGINT)
-        assert p.wait() == want
-        if how == "kill":  # plain: the remote SIGKILL goes in the background (STOP_MARGIN)
-            _stopped_unless_plain(face[0], local_sshd, tok)
-        else:  # delivered before terminate()/send_signal() return (SIGNAL_TIMEOUT)
-            _stopped(local_sshd, tok)
+        for how, want in (("terminate", -15), ("kill", -9), ("send_signal", -2)):
+            tok = token()
+            p = f.start(f"echo up; exec sleep {tok}", stdout=PIPE)
+            assert p.readline() == b"up\n"
+            _running(local_sshd, tok)  # the shell has exec'd sleep: the signal meets sleep
+            if how == "terminate":
+                p.terminate()
+            elif how == "kill":
+                p.kill()
+            else:
+                p.send_signal(signal.SIGINT)
+            assert (how, p.wait()) == (how, want)
+            if how == "kill":  # plain: the remote SIGKILL goes in the background (STOP_MARGIN)
+                _stopped_unless_plain(face[0], local_sshd, tok)
+            else:  # delivered before terminate()/send_signal() return (SIGNAL_TIMEOUT)
+                _stopped(local_sshd, tok)
 
 
 # -- tty ----------------------------------------------------------------------------------------
@@ -278,6 +277,33 @@ def test_tty_output_is_the_terminals_alone(local_sshd: LocalSSHD, face: tuple[st
     with _open(face, local_sshd) as f:
         r = f.run("echo out; echo err >&2", tty=True, capture_output=True)
         assert (r.returncode, r.stdout, r.stderr) == (0, b"out\r\nerr\r\n", b"")
+
+
+NO_ASYNC_TTY_PROCESS = parity(
+    "AsyncConnection.create_process has no tty/size (Connection.Popen has): TypeError"
+)
+
+
+@pytest.mark.parametrize(
+    "face",
+    faces(
+        marks={
+            "proxy-async": NO_ASYNC_TTY_PROCESS,
+            "fallback-async": NO_FALLBACK_PROCESS,
+            "plain-async": parity("sshwrap.aio.create_process ignores tty=True (no terminal)"),
+        }
+    ),
+)
+def test_tty_process_sees_a_terminal_of_the_size_given(
+    local_sshd: LocalSSHD, face: tuple[str, str]
+) -> None:
+    with _open(face, local_sshd) as f:
+        p = f.start("tty; stty size; exit 3", tty=True, size=(20, 70), stdout=PIPE)
+        out, err = p.communicate()
+        lines = out.split(b"\r\n")
+        assert re.fullmatch(rb"/dev/pts/\d+", lines[0]), out
+        assert lines[1:] == [b"20 70", b""], out
+        assert (err, p.wait()) == (None, 3)
 
 
 # -- Ctrl-C (sync) and cancel (async) -------------------------------------------------------------
@@ -419,7 +445,7 @@ def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[st
         got: Outcome = pending.result(30)
         assert got.kind == "CommandLostError", got
         assert isinstance(got.error, CommandLostError)
-        assert got.error.stdout == b"started\n"  # what arrived, attached
+        assert b"started\n".startswith(got.error.stdout)  # what arrived (all, or none yet)
         if face[0] == "proxy":
             assert got.message == (
                 f"{own_sshd.host}: the control master closed the connection (master gone?) "
@@ -428,3 +454,72 @@ def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[st
         r = f.run("echo again", capture_output=True, timeout=30)
         assert (r.returncode, r.stdout, r.stderr) == (0, b"again\n", b"")
         assert f.master_pid not in (0, old)
+
+
+@pytest.mark.parametrize(
+    "face",
+    faces(
+        ("proxy", "fallback"),
+        marks={"fallback-sync": FALLBACK_LOST, "fallback-async": NO_FALLBACK_PROCESS},
+    ),
+)
+def test_lost_master_under_a_started_process(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
+    """``Popen`` / ``create_process`` when the master is killed: ``wait`` raises
+    ``CommandLostError``, ``returncode`` is 255 (never a status that was not seen)."""
+    tok = token()
+    with _open(face, own_sshd) as f:
+        p = f.start(f"echo started; exec sleep {tok}", stdout=PIPE)
+        assert p.readline() == b"started\n"
+        _running(own_sshd, tok)
+        kill_master(f)
+        got = outcome(lambda: Outcome(p.wait()))
+        assert got.kind == "CommandLostError", got
+        assert p.returncode == 255
+        r = f.run("echo again", capture_output=True, timeout=30)
+        assert (r.returncode, r.stdout) == (0, b"again\n")
+
+
+# -- the MaxSessions wait -------------------------------------------------------------------------
+FALLBACK_SESSION_REFUSED = parity(
+    "ssh -S fallback over MaxSessions: ssh's mux client, refused a session, logs in anew "
+    "(a connection of its own) and the command's stderr carries 'mux_client_request_session: "
+    "session request failed: Session open refused by peer'"
+)
+
+
+@pytest.mark.parametrize(
+    "face",
+    faces(
+        ("proxy", "fallback"),
+        marks={
+            "fallback-sync": FALLBACK_SESSION_REFUSED,
+            "fallback-async": FALLBACK_SESSION_REFUSED,
+        },
+    ),
+)
+def test_commands_wait_for_a_session_slot(
+    one_session_sshd: LocalSSHD, face: tuple[str, str]
+) -> None:
+    """The server's only session is held: three more commands are refused a session, wait
+    for the slot (over the same connection: no new login) and run once it is free."""
+    sshd = one_session_sshd
+    tok = token()
+    with _open(face, sshd) as f:
+        holder = f.background(f"exec sleep {tok}", capture_output=True)
+        _running(sshd, tok)
+        logins = sshd.read_log().count("Accepted publickey")
+        refused = sshd.read_log().count("no more sessions")
+        waiting = [f.background(f"echo {i}", capture_output=True, timeout=60) for i in range(3)]
+        wait_until(
+            lambda: sshd.read_log().count("no more sessions") >= refused + 3,
+            30,
+            "the server to refuse the three sessions",
+        )
+        for pid in remote_sleeps(sshd, tok):
+            os.kill(pid, signal.SIGKILL)  # the slot is free
+        assert holder.result(30).kind == "result"
+        got = [p.result(90) for p in waiting]
+        assert [(g.kind, g.returncode, g.stdout, g.stderr) for g in got] == [
+            ("result", 0, f"{i}\n".encode(), b"") for i in range(3)
+        ], got
+        assert sshd.read_log().count("Accepted publickey") == logins
