@@ -396,13 +396,12 @@ class Popen(subprocess.Popen[Any]):
             os.kill(self.pid, signal.SIGKILL)
 
     def resize(self, rows: int, cols: int) -> None:
-        """Change the terminal size (``tty=True`` only); ssh forwards it to the remote pty."""
+        """Change the terminal size (``tty=True`` only); ssh forwards it to the remote pty.
+
+        The pty is ssh's controlling terminal, so the kernel sends ssh the SIGWINCH."""
         if not self._tty:
             raise ValueError("resize() needs tty=True")
         set_size(self._master, rows, cols)
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGWINCH)
 
     # -- lifetime ---------------------------------------------------------------------------
     def __exit__(

@@ -256,3 +256,10 @@ def test_cancel_stops_the_remote_command_and_leaves_nothing(local_sshd: LocalSSH
         assert pids
         leaks.assert_clean(STOP_MARGIN + 1.0)
     assert wait_gone(pids, 5) == []
+
+
+def test_create_process_refuses_a_keyword_it_does_not_take() -> None:
+    """Was: ``tty=True`` (or a typo) silently ignored, the command run without a terminal."""
+    for bad in ({"tty": True}, {"cdw": "/"}):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            asyncio.run(sshwrap.aio.create_process("host", "true", **bad))

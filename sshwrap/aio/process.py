@@ -39,6 +39,7 @@ from ..core.options import (
     ProcessOptions,
     RunOptions,
     SSHSettings,
+    keys_of,
 )
 from ..core.ssh_run import run_ssh
 from ..core.waiting import Blocking, Procedure, run_async
@@ -55,6 +56,8 @@ __all__ = [
     "create_process",
     "run",
 ]
+
+_PROCESS_KEYS = keys_of(ProcessOptions)
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -214,8 +217,12 @@ async def _streams(
 async def create_process(host: str, args: Command, **kwargs: Unpack[ProcessOptions]) -> Process:
     """Start ``args`` on ``host``; like :func:`asyncio.create_subprocess_exec`.
 
-    ``stdin`` defaults to DEVNULL (see :mod:`sshwrap.process` for why).
+    ``stdin`` defaults to DEVNULL (see :mod:`sshwrap.process` for why).  Pipes only: a
+    keyword it does not take (``tty``, for one) raises :class:`TypeError`.
     """
+    unknown = set(kwargs) - _PROCESS_KEYS
+    if unknown:
+        raise TypeError(f"create_process() got an unexpected keyword argument {min(unknown)!r}")
     stdin = kwargs.get("stdin", DEVNULL)
     stdout = kwargs.get("stdout")
     stderr = kwargs.get("stderr")
