@@ -22,6 +22,20 @@ from sshwrap.protocol.channel import (
     ChannelState,
     ChannelStateError,
 )
+from sshwrap.protocol.channel_events import (
+    Closed,
+    Data,
+    Eof,
+    Event,
+    ExitSignal,
+    ExitStatus,
+    ExtendedData,
+    Lost,
+    Opened,
+    OpenFailed,
+    RequestReply,
+    WindowOpened,
+)
 from sshwrap.protocol.wire import Reader, pack_string, pack_u32
 
 REMOTE = 500  # the channel id the "master" gives our channel
@@ -73,7 +87,7 @@ def opened(window: int = WINDOW, max_packet: int = MAX_PACKET) -> tuple[ChannelM
     r = Reader(body)
     assert msg == proto.MSG_CHANNEL_OPEN
     assert (r.string(), r.u32(), r.u32(), r.u32()) == (b"session", ch, WINDOW, MAX_PACKET)
-    assert mux.receive(confirm(ch, window, max_packet)) == [proto.Opened(ch)]
+    assert mux.receive(confirm(ch, window, max_packet)) == [Opened(ch)]
     assert mux.channel(ch).state is ChannelState.OPEN
     return mux, ch
 
@@ -97,12 +111,12 @@ def test_open_exec_output_and_exit_status() -> None:
     )
     events = mux.receive(script)
     assert events == [
-        proto.RequestReply(ch, "exec", True),
-        proto.Data(ch, b"hi\n"),
-        proto.ExtendedData(ch, 1, b"e"),
-        proto.ExitStatus(ch, 3),
-        proto.Eof(ch),
-        proto.Closed(ch),
+        RequestReply(ch, "exec", True),
+        Data(ch, b"hi\n"),
+        ExtendedData(ch, 1, b"e"),
+        ExitStatus(ch, 3),
+        Eof(ch),
+        Closed(ch),
     ]
     # Their CLOSE is answered with ours; the channel is over and no longer counts.
     assert parse(mux.data_to_send()) == [(proto.MSG_CHANNEL_CLOSE, pack_u32(REMOTE + ch))]
@@ -115,15 +129,13 @@ def test_packets_split_at_every_byte_give_the_same_events() -> None:
     got = []
     for i in range(len(script)):
         got += mux.receive(script[i : i + 1])
-    assert got == [proto.Data(ch, b"abc"), proto.ExitStatus(ch, 0), proto.Closed(ch)]
+    assert got == [Data(ch, b"abc"), ExitStatus(ch, 0), Closed(ch)]
 
 
 def test_exit_signal() -> None:
     mux, ch = opened()
     body = pack_string("KILL") + b"\x01" + pack_string("killed") + pack_string("")
-    assert mux.receive(request(ch, "exit-signal", body)) == [
-        proto.ExitSignal(ch, "KILL", True, "killed")
-    ]
+    assert mux.receive(request(ch, "exit-signal", body)) == [ExitSignal(ch, "KILL", True, "killed")]
 
 
 def test_peer_requests_wanting_a_reply_get_a_failure() -> None:
@@ -140,7 +152,7 @@ def test_request_replies_name_their_request_in_order() -> None:
     mux.exec(ch, "true")
     mux.data_to_send()
     got = mux.receive(only(ch, proto.MSG_CHANNEL_FAILURE) + only(ch, proto.MSG_CHANNEL_SUCCESS))
-    assert got == [proto.RequestReply(ch, "pty-req", False), proto.RequestReply(ch, "exec", True)]
+    assert got == [RequestReply(ch, "pty-req", False), RequestReply(ch, "exec", True)]
 
 
 def test_a_full_window_holds_data_until_window_adjust() -> None:
@@ -155,7 +167,7 @@ def test_a_full_window_holds_data_until_window_adjust() -> None:
     assert mux.send_room(ch) == 0 and mux.send_data(ch, b"abcdef") == 0
     assert mux.data_to_send() == b""
     adjust = pkt(proto.MSG_CHANNEL_WINDOW_ADJUST, pack_u32(ch) + pack_u32(5))
-    assert mux.receive(adjust) == [proto.WindowOpened(ch, 5)]
+    assert mux.receive(adjust) == [WindowOpened(ch, 5)]
     assert mux.send_data(ch, b"abcdef") == 5
     assert [b for _, b in parse(mux.data_to_send())] == [
         pack_u32(REMOTE + ch) + pack_string(p) for p in (b"abcd", b"e")
@@ -188,8 +200,8 @@ def test_session_limit_refusal() -> None:
         ch = mux.open_session()
         body = pack_u32(ch) + pack_u32(code) + pack_string("open failed") + pack_string("")
         (ev,) = mux.receive(pkt(proto.MSG_CHANNEL_OPEN_FAILURE, body))
-        assert ev == proto.OpenFailed(ch, code, "open failed")
-        assert isinstance(ev, proto.OpenFailed) and ev.session_limit is limit
+        assert ev == OpenFailed(ch, code, "open failed")
+        assert isinstance(ev, OpenFailed) and ev.session_limit is limit
         assert mux.open_channels == 0
     assert mux.exec(ch, "true") is False  # nothing to send on a refused channel
 
@@ -197,18 +209,18 @@ def test_session_limit_refusal() -> None:
 def test_eof_then_close() -> None:
     mux, ch = opened()
     record = mux.channel(ch)
-    assert mux.receive(only(ch, proto.MSG_CHANNEL_EOF)) == [proto.Eof(ch)]
+    assert mux.receive(only(ch, proto.MSG_CHANNEL_EOF)) == [Eof(ch)]
     assert record.eof_received and state(record) is ChannelState.OPEN
     assert mux.send_eof(ch) and not mux.send_eof(ch)  # once
     assert parse(mux.data_to_send()) == [(proto.MSG_CHANNEL_EOF, pack_u32(REMOTE + ch))]
     assert mux.send_data(ch, b"late") == 0  # nothing after our EOF
-    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [proto.Closed(ch)]
+    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [Closed(ch)]
     assert record.state is ChannelState.CLOSED
 
 
 def test_close_without_eof() -> None:
     mux, ch = opened()
-    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [proto.Closed(ch)]
+    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [Closed(ch)]
     assert parse(mux.data_to_send()) == [(proto.MSG_CHANNEL_CLOSE, pack_u32(REMOTE + ch))]
     assert not mux.close(ch) and mux.data_to_send() == b""  # one CLOSE only
 
@@ -222,7 +234,7 @@ def test_our_close_crossing_theirs() -> None:
     assert mux.signal(ch, "TERM") is False  # closing: requests are dropped
     # Data they sent before seeing our CLOSE still arrives, then their CLOSE.
     got = mux.receive(data(ch, b"tail") + only(ch, proto.MSG_CHANNEL_CLOSE))
-    assert got == [proto.Data(ch, b"tail"), proto.Closed(ch)]
+    assert got == [Data(ch, b"tail"), Closed(ch)]
     assert mux.data_to_send() == b""  # no second CLOSE
     assert record.state is ChannelState.CLOSED and mux.open_channels == 0
 
@@ -232,10 +244,10 @@ def test_closed_while_opening_is_closed_once_confirmed() -> None:
     ch = mux.open_session()
     mux.data_to_send()
     assert mux.close(ch) and mux.data_to_send() == b""  # no remote id yet
-    assert mux.receive(confirm(ch)) == [proto.Opened(ch)]
+    assert mux.receive(confirm(ch)) == [Opened(ch)]
     assert parse(mux.data_to_send()) == [(proto.MSG_CHANNEL_CLOSE, pack_u32(REMOTE + ch))]
     assert mux.channel(ch).state is ChannelState.CLOSING
-    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [proto.Closed(ch)]
+    assert mux.receive(only(ch, proto.MSG_CHANNEL_CLOSE)) == [Closed(ch)]
 
 
 def test_master_lost_mid_channel() -> None:
@@ -245,7 +257,7 @@ def test_master_lost_mid_channel() -> None:
     mux.receive(data(ch, b"partial"))
     records = mux.channel(ch), mux.channel(other)
     events = mux.connection_lost("master gone")
-    assert events == [proto.Lost(ch, "master gone"), proto.Lost(other, "master gone")]
+    assert events == [Lost(ch, "master gone"), Lost(other, "master gone")]
     assert all(r.state is ChannelState.LOST for r in records)
     assert mux.open_channels == 0 and mux.data_to_send() == b""
     assert mux.connection_lost("again") == [] and mux.receive(data(ch, b"x")) == []
@@ -320,8 +332,8 @@ def test_fuzzed_packets_raise_only_the_protocol_error(frames: list[bytes], step:
     try:
         for i in range(0, len(stream), step):  # also fed in pieces: never stuck, never else
             for ev in mux.receive(stream[i : i + step]):
-                assert isinstance(ev, proto.Event)
+                assert isinstance(ev, Event)
     except ChannelProtocolError:
         pass
     mux.data_to_send()
-    assert all(isinstance(e, proto.Lost) for e in mux.connection_lost("end"))
+    assert all(isinstance(e, Lost) for e in mux.connection_lost("end"))

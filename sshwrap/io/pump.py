@@ -47,6 +47,20 @@ from ..protocol.channel import (
     ChannelProtocolError,
     ChannelState,
 )
+from ..protocol.channel_events import (
+    Closed,
+    Data,
+    Eof,
+    Event,
+    ExitSignal,
+    ExitStatus,
+    ExtendedData,
+    Lost,
+    Opened,
+    OpenFailed,
+    RequestReply,
+    WindowOpened,
+)
 from .channel_io import (
     Sink,
     Source,
@@ -112,7 +126,7 @@ class ProxyCore:
         self._sessions: dict[int, Session] = {}
         self._draining: set[Session] = set()  # closed channels whose pipes still get data
         self._failure: str | None = None  # a send error a caller met: the pump ends on it
-        self._later: list[proto.Event] = []  # events of a close() for the pump to deliver
+        self._later: list[Event] = []  # events of a close() for the pump to deliver
         self._death_told = False  # ``closes`` was bumped for the end of the socket
         self._drop = False  # close(): forget what closed channels still had for their pipes
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -322,7 +336,7 @@ class ProxyCore:
             self.mux.send_eof(ch.local_id)
         self.send_queued_locked()
 
-    def _die_locked(self, reason: str) -> list[proto.Event]:
+    def _die_locked(self, reason: str) -> list[Event]:
         """The socket is over: every channel not closed is lost (events to deliver)."""
         if self.dead:
             return []
@@ -486,20 +500,20 @@ class ProxyCore:
             self.send_queued_locked()
         self._deliver(routed)
 
-    def _route(self, events: list[proto.Event]) -> list[tuple[Session, proto.Event]]:
+    def _route(self, events: list[Event]) -> list[tuple[Session, Event]]:
         """(lock held) What the machine's events do to the protocol side: sources, replies;
         returns them with their sessions for :meth:`_deliver`."""
-        routed: list[tuple[Session, proto.Event]] = []
+        routed: list[tuple[Session, Event]] = []
         for ev in events:
             ch = self._sessions.get(ev.channel)
             if ch is None:
                 continue
-            if isinstance(ev, (proto.Closed, proto.Lost, proto.OpenFailed)):
+            if isinstance(ev, (Closed, Lost, OpenFailed)):
                 del self._sessions[ev.channel]
                 ch.src.close()
-            elif isinstance(ev, (proto.WindowOpened, proto.Opened)):
+            elif isinstance(ev, (WindowOpened, Opened)):
                 self.service_source_locked(ch)
-            elif isinstance(ev, proto.RequestReply) and not ev.ok:
+            elif isinstance(ev, RequestReply) and not ev.ok:
                 if ev.request == "exec":
                     ch.exec_failed = True
                     self.close_channel_locked(ch)
@@ -508,29 +522,29 @@ class ProxyCore:
             routed.append((ch, ev))
         return routed
 
-    def _deliver(self, routed: list[tuple[Session, proto.Event]]) -> None:
+    def _deliver(self, routed: list[tuple[Session, Event]]) -> None:
         """(pump thread, lock not held) Hand data to the sinks and news to the sessions."""
         done: dict[int, int] = {}
         for ch, ev in routed:
-            if isinstance(ev, proto.Data):
+            if isinstance(ev, Data):
                 done[ch.local_id] = done.get(ch.local_id, 0) + deliver(ch.out, ev.data)
-            elif isinstance(ev, proto.ExtendedData):
+            elif isinstance(ev, ExtendedData):
                 sink = ch.err if ev.code == proto.EXTENDED_DATA_STDERR else _DISCARD
                 done[ch.local_id] = done.get(ch.local_id, 0) + deliver(sink, ev.data)
-            elif isinstance(ev, proto.ExitStatus):
+            elif isinstance(ev, ExitStatus):
                 ch.exit_status = ev.status
-            elif isinstance(ev, proto.ExitSignal):
+            elif isinstance(ev, ExitSignal):
                 ch.exit_signal, ch.exit_core_dumped = ev.name, ev.core_dumped
                 ch.exit_message = ev.message
-            elif isinstance(ev, proto.Eof):
+            elif isinstance(ev, Eof):
                 finish_sink(ch.out)
                 finish_sink(ch.err)
-            elif isinstance(ev, proto.Opened):
+            elif isinstance(ev, Opened):
                 self._announce(ch, ch.opened)
-            elif isinstance(ev, proto.OpenFailed):
+            elif isinstance(ev, OpenFailed):
                 ch.open_code, ch.open_error = ev.code, ev.description
                 self._announce(ch, ch.opened)
-            elif isinstance(ev, (proto.Closed, proto.Lost)):
+            elif isinstance(ev, (Closed, Lost)):
                 self._end(ch)
         if done:
             with self.lock:

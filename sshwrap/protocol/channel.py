@@ -5,15 +5,16 @@ proxy-mode socket carries it (``MUX_C_PROXY``): packets framed ``uint32 length, 
 (padding length), byte type, payload``, unencrypted and unpadded; the master keeps the
 transport and renumbers channel ids.  The object does no IO, keeps no time and starts no
 thread (as h11 does for HTTP): a driver feeds it what the socket read (:meth:`receive`, which
-returns events), calls its methods to open channels and send requests or data, and writes
-:meth:`data_to_send` to the socket.  ``sshwrap.io.pump`` is that driver.
+returns events, :mod:`sshwrap.protocol.channel_events`), calls its methods to open channels
+and send requests or data, and writes :meth:`data_to_send` to the socket.
+``sshwrap.io.pump`` is that driver.
 
 Each channel has one explicit :class:`ChannelState`; the EOF flags each way are independent
 of it (either side may send EOF while the channel is open).  Windows follow RFC 4254 5.2: we
 grant :data:`WINDOW` bytes and grant again (``WINDOW_ADJUST``) only for bytes the driver says
 it delivered (:meth:`ChannelMux.consumed`), so a slow reader throttles the remote writer;
 :meth:`ChannelMux.send_data` accepts only what the peer's window and packet size allow, the
-rest waits for :class:`WindowOpened`.
+rest waits for :class:`~sshwrap.protocol.channel_events.WindowOpened`.
 
 Input that breaks the protocol (a truncated or oversized packet, an unknown channel, data
 beyond the window or after EOF, a reply nobody asked for) raises
@@ -27,22 +28,8 @@ import struct
 from collections import deque
 from enum import Enum
 
-from .channel_events import (
-    OPEN_UNKNOWN_CHANNEL_TYPE,
-    SESSION_LIMIT_CODES,
-    Closed,
-    Data,
-    Eof,
-    Event,
-    ExitSignal,
-    ExitStatus,
-    ExtendedData,
-    Lost,
-    Opened,
-    OpenFailed,
-    RequestReply,
-    WindowOpened,
-)
+from . import channel_events as ev
+from .channel_events import OPEN_UNKNOWN_CHANNEL_TYPE, SESSION_LIMIT_CODES, Event
 from .wire import Reader, WireError, pack_string, pack_u32
 
 __all__ = [
@@ -57,18 +44,6 @@ __all__ = [
     "ChannelProtocolError",
     "ChannelState",
     "ChannelStateError",
-    "Closed",
-    "Data",
-    "Eof",
-    "Event",
-    "ExitSignal",
-    "ExitStatus",
-    "ExtendedData",
-    "Lost",
-    "OpenFailed",
-    "Opened",
-    "RequestReply",
-    "WindowOpened",
     "env_request_size",
     "exec_command_size",
 ]
@@ -393,7 +368,7 @@ class ChannelMux:
         events: list[Event] = []
         for ch in self._channels.values():
             ch.state = ChannelState.LOST
-            events.append(Lost(ch.local_id, reason))
+            events.append(ev.Lost(ch.local_id, reason))
         self._channels.clear()
         self._in.clear()
         self._out.clear()
@@ -471,34 +446,34 @@ class ChannelMux:
                 )
             ch.local_window -= len(data)
             if msg == MSG_CHANNEL_DATA:
-                events.append(Data(local, data))
+                events.append(ev.Data(local, data))
             else:
-                events.append(ExtendedData(local, code, data))
+                events.append(ev.ExtendedData(local, code, data))
         elif msg == MSG_CHANNEL_WINDOW_ADJUST:
             n = r.u32()
             if ch.remote_window + n > _WINDOW_MAX:
                 raise ChannelProtocolError(f"window adjust overflows channel {local}'s window")
             ch.remote_window += n
             if n and ch.state is ChannelState.OPEN and not ch.eof_sent:
-                events.append(WindowOpened(local, ch.remote_window))
+                events.append(ev.WindowOpened(local, ch.remote_window))
         elif msg == MSG_CHANNEL_REQUEST:
             self._peer_request(ch, r, events)
         elif msg in (MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE):
             if not ch.replies:
                 raise ChannelProtocolError(f"a request reply nobody asked for on channel {local}")
-            events.append(RequestReply(local, ch.replies.popleft(), msg == MSG_CHANNEL_SUCCESS))
+            events.append(ev.RequestReply(local, ch.replies.popleft(), msg == MSG_CHANNEL_SUCCESS))
         elif msg == MSG_CHANNEL_EOF:
             if ch.eof_received:
                 raise ChannelProtocolError(f"second EOF on channel {local}")
             ch.eof_received = True
-            events.append(Eof(local))
+            events.append(ev.Eof(local))
         elif msg == MSG_CHANNEL_CLOSE:
             if ch.state is ChannelState.OPEN:
                 assert ch.remote_id is not None
                 self._out += _packet(MSG_CHANNEL_CLOSE, pack_u32(ch.remote_id))
             ch.state = ChannelState.CLOSED
             del self._channels[local]
-            events.append(Closed(local))
+            events.append(ev.Closed(local))
         elif msg == MSG_CHANNEL_OPEN_CONFIRMATION:
             ch.remote_id = r.u32()
             ch.remote_window = r.u32()
@@ -509,24 +484,24 @@ class ChannelMux:
                 self._out += _packet(MSG_CHANNEL_CLOSE, pack_u32(ch.remote_id))
             else:
                 ch.state = ChannelState.OPEN
-            events.append(Opened(local))
+            events.append(ev.Opened(local))
         else:  # MSG_CHANNEL_OPEN_FAILURE
             code = r.u32()
             description = r.text()
             r.string()  # language tag
             ch.state = ChannelState.FAILED
             del self._channels[local]
-            events.append(OpenFailed(local, code, description or f"reason code {code}"))
+            events.append(ev.OpenFailed(local, code, description or f"reason code {code}"))
 
     def _peer_request(self, ch: Channel, r: _Reader, events: list[Event]) -> None:
         name = r.text()
         want_reply = r.boolean()
         if name == "exit-status":
-            events.append(ExitStatus(ch.local_id, r.u32()))
+            events.append(ev.ExitStatus(ch.local_id, r.u32()))
         elif name == "exit-signal":
             sig = r.text()
             core = r.boolean()
-            events.append(ExitSignal(ch.local_id, sig, core, r.text()))
+            events.append(ev.ExitSignal(ch.local_id, sig, core, r.text()))
         if want_reply and ch.state is ChannelState.OPEN:
             assert ch.remote_id is not None
             # We serve no request of the peer's (keepalive@openssh.com and the like).

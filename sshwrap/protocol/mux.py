@@ -14,7 +14,7 @@ Pure: no IO.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Self, TypeVar
 
 from .wire import Reader, pack_string, pack_u32
@@ -116,38 +116,41 @@ def _open(payload: bytes, kind: int) -> _Reader:
     return r
 
 
+class _Message:
+    """A mux message: its type (``KIND``), then its dataclass fields in order, each an
+    ``int`` (``uint32``) or a ``str`` (``string``)."""
+
+    __slots__ = ()
+    KIND: ClassVar[int] = 0
+
+    def encode(self) -> bytes:
+        """The framed message."""
+        out = [pack_u32(self.KIND)]
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out.append(pack_string(value) if f.type == "str" else pack_u32(value))
+        return frame(b"".join(out))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Read one from a message's payload (bytes after the last field are ignored)."""
+        r = _open(payload, cls.KIND)
+        return cls(*[r.text() if f.type == "str" else r.u32() for f in fields(cls)])  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True, slots=True)
-class Hello:
+class Hello(_Message):
     """``MUX_MSG_HELLO``: both sides send it first, with their protocol version."""
 
     KIND: ClassVar[int] = MUX_MSG_HELLO
     version: int = SSHMUX_VER
 
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.version))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload (extensions after the version are skipped)."""
-        return cls(_open(payload, cls.KIND).u32())
-
 
 @dataclass(frozen=True, slots=True)
-class _Plain:
+class _Plain(_Message):
     """A message of a request id and nothing else."""
 
-    KIND: ClassVar[int] = 0
     request_id: int
-
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.request_id))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        return cls(_open(payload, cls.KIND).u32())
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -181,32 +184,13 @@ class Proxy(_Plain):
 
 
 @dataclass(frozen=True, slots=True)
-class _Forward:
-    KIND: ClassVar[int] = 0
+class _Forward(_Message):
     request_id: int
     ftype: int
     listen_host: str
     listen_port: int
     connect_host: str = ""
     connect_port: int = 0
-
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(
-            pack_u32(self.KIND)
-            + pack_u32(self.request_id)
-            + pack_u32(self.ftype)
-            + pack_string(self.listen_host)
-            + pack_u32(self.listen_port)
-            + pack_string(self.connect_host)
-            + pack_u32(self.connect_port)
-        )
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        r = _open(payload, cls.KIND)
-        return cls(r.u32(), r.u32(), r.text(), r.u32(), r.text(), r.u32())
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,20 +227,9 @@ class ProxyReady(_Plain):
 
 
 @dataclass(frozen=True, slots=True)
-class _Refusal:
-    KIND: ClassVar[int] = 0
+class _Refusal(_Message):
     request_id: int
     reason: str
-
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.request_id) + pack_string(self.reason))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        r = _open(payload, cls.KIND)
-        return cls(r.u32(), r.text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,22 +247,9 @@ class PermissionDenied(_Refusal):
 
 
 @dataclass(frozen=True, slots=True)
-class _Numbered:
-    """A reply of a request id and one ``uint32``."""
-
-    KIND: ClassVar[int] = 0
+class _Numbered(_Message):
     request_id: int
     value: int
-
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.request_id) + pack_u32(self.value))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        r = _open(payload, cls.KIND)
-        return cls(r.u32(), r.u32())
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,39 +274,20 @@ class SessionOpened(_Numbered):
 
 
 @dataclass(frozen=True, slots=True)
-class ExitMessage:
+class ExitMessage(_Message):
     """``MUX_S_EXIT_MESSAGE``: a session's exit value (unsolicited: no request id)."""
 
     KIND: ClassVar[int] = MUX_S_EXIT_MESSAGE
     session_id: int
     exit_value: int
 
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.session_id) + pack_u32(self.exit_value))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        r = _open(payload, cls.KIND)
-        return cls(r.u32(), r.u32())
-
 
 @dataclass(frozen=True, slots=True)
-class TtyAllocFail:
+class TtyAllocFail(_Message):
     """``MUX_S_TTY_ALLOC_FAIL``: the server gave a session no terminal (no request id)."""
 
     KIND: ClassVar[int] = MUX_S_TTY_ALLOC_FAIL
     session_id: int
-
-    def encode(self) -> bytes:
-        """The framed message."""
-        return frame(pack_u32(self.KIND) + pack_u32(self.session_id))
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Read one from a message's payload."""
-        return cls(_open(payload, cls.KIND).u32())
 
 
 Reply = (
