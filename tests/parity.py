@@ -497,15 +497,26 @@ def _socket_inodes(pids: list[int]) -> set[str]:
     return found
 
 
-def server_unread(sshd: LocalSSHD) -> int:
-    """Bytes waiting unread in the TCP sockets of ``sshd``'s sessions (``/proc/net/tcp``):
-    what a client sent to a frozen server.  Grows when a request reaches a frozen host."""
-    inodes = _socket_inodes(sshd.session_pids())
+def _rx_queues(pids: list[int], state: str) -> int:
+    """The sum of ``rx_queue`` (``/proc/net/tcp``) over the TCP sockets of ``pids`` in
+    ``state`` (01 established: bytes not read yet; 0A listening: connections not accepted)."""
+    inodes = _socket_inodes(pids)
     total = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             for line in f.readlines()[1:]:
                 fields = line.split()
-                if fields[9] in inodes and fields[3] == "01":  # ESTABLISHED
+                if fields[9] in inodes and fields[3] == state:
                     total += int(fields[4].split(":")[1], 16)
     return total
+
+
+def server_unread(sshd: LocalSSHD) -> int:
+    """Bytes waiting unread in the TCP sockets of ``sshd``'s sessions: what a client sent
+    to a frozen server.  Grows when a request (a channel open) reaches a frozen host."""
+    return _rx_queues(sshd.session_pids(), "01")
+
+
+def server_backlog(sshd: LocalSSHD) -> int:
+    """Connections waiting for ``sshd``'s (suspended) listeners to accept them."""
+    return _rx_queues(sshd.pids, "0A")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from faults import freeze, thaw
+from faults import freeze, ssh_descendants, thaw
 from parity import (
     FLAVOURS,
     MODES,
@@ -33,6 +33,7 @@ from parity import (
     open_face,
     outcome,
     remote_sleeps,
+    server_backlog,
     server_unread,
     token,
 )
@@ -280,7 +281,8 @@ def test_tty_output_is_the_terminals_alone(local_sshd: LocalSSHD, face: tuple[st
 
 
 NO_ASYNC_TTY_PROCESS = parity(
-    "AsyncConnection.create_process has no tty/size (Connection.Popen has): TypeError"
+    "the async create_process (AsyncConnection's and sshwrap.aio's) takes no tty/size: "
+    "TypeError (Connection.Popen and sshwrap.Popen take them)"
 )
 
 
@@ -290,7 +292,7 @@ NO_ASYNC_TTY_PROCESS = parity(
         marks={
             "proxy-async": NO_ASYNC_TTY_PROCESS,
             "fallback-async": NO_FALLBACK_PROCESS,
-            "plain-async": parity("sshwrap.aio.create_process ignores tty=True (no terminal)"),
+            "plain-async": NO_ASYNC_TTY_PROCESS,
         }
     ),
 )
@@ -382,6 +384,36 @@ def test_interrupt_before_the_session_channel_opens(
             ), after
             assert not os.path.exists(marker), "the interrupted command ran"
             assert remote_sleeps(sshd, tok) == []
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker)
+
+
+@pytest.mark.parametrize("face", faces(("plain",)))
+def test_interrupt_while_ssh_connects(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
+    """One ssh per call, its host not answering yet (listeners stopped: the connection waits
+    in the backlog): the interrupted call ends at once, its ssh is gone, and once the host
+    answers the command never runs."""
+    tok = token()
+    marker = f"/tmp/sshwrap-parity-{tok}"
+    with _open(face, own_sshd) as f:
+        try:
+            own_sshd.suspend()
+            try:
+                before = server_backlog(own_sshd)
+                got, took = f.interrupt(
+                    f"touch {marker}; exec sleep {tok}",
+                    lambda: server_backlog(own_sshd) > before,  # ssh's connection waits
+                    capture_output=True,
+                )
+                assert got.kind == "interrupted", got
+                assert took < SLACK, took
+                wait_until(lambda: not ssh_descendants(), GONE, "the call's ssh to go")
+            finally:
+                own_sshd.resume()
+            assert f.run("echo after", capture_output=True, timeout=30).stdout == b"after\n"
+            assert not os.path.exists(marker), "the interrupted command ran"
+            assert remote_sleeps(own_sshd, tok) == []
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(marker)
