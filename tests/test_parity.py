@@ -207,6 +207,26 @@ def test_timeout_partial_output_remote_stopped_bound_kept(
         assert f.run("echo ok", capture_output=True).stdout == b"ok\n"
 
 
+@pytest.mark.parametrize(
+    "face",
+    faces(marks={"fallback-sync": FALLBACK_TIMEOUT, "fallback-async": FALLBACK_TIMEOUT}),
+)
+def test_timeout_when_the_command_ignores_term(
+    local_sshd: LocalSSHD, face: tuple[str, str]
+) -> None:
+    """TERM is ignored (inherited by the exec'd sleep): the stop goes on to KILL, within the
+    same bound."""
+    tok = token()
+    cmd = f"trap '' TERM; echo partial; exec sleep {tok}"
+    with _open(face, local_sshd) as f:
+        got = outcome(lambda: f.run(cmd, timeout=2.0, capture_output=True))
+        assert got.kind == "TimeoutExpired", got
+        e: Any = got.error
+        assert (e.stdout, e.stderr, e.timeout) == (b"partial\n", b"", 2.0)
+        assert 2.0 <= got.elapsed < 2.0 + STOP_BOUND + SLACK, got.elapsed
+        _stopped_unless_plain(face[0], local_sshd, tok)
+
+
 # -- signals ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("face", faces(marks={"fallback-async": NO_FALLBACK_PROCESS}))
 def test_signals_reach_the_remote_command(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
