@@ -9,9 +9,13 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from waiting import wait_until
 
 from sshwrap.io.mux_control import MUX_FWD_LOCAL, MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
 from sshwrap.io.pump import (
@@ -255,3 +259,27 @@ def test_master_gone_mid_channel_loses_it(peer: tuple[ProxyCore, Peer]) -> None:
     assert ch.closed.wait(10)
     assert ch.lost and bytes(out.buf) == b"partial" and ch.returncode is None
     assert "closed the connection" in core.dead_reason
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=1, max_size=64))
+def test_garbage_from_the_peer_never_kills_the_pump_thread_with_a_traceback(junk: bytes) -> None:
+    """Whatever the peer sends after an open, the pump either goes on or declares the
+    connection dead with a reason; its channel ends either way once the socket does."""
+    crashes: list[object] = []
+    old_hook = threading.excepthook
+    threading.excepthook = crashes.append
+    ours, theirs = socket.socketpair()
+    core = ProxyCore(ours, prestart=False)
+    try:
+        p = Peer(theirs)
+        ch = p.open(core, window=1000, max_packet=100)
+        theirs.sendall(junk)
+        theirs.close()
+        assert ch.closed.wait(10)
+        wait_until(lambda: not core.alive, 10, "the pump to see the socket end")
+        assert core.dead_reason.startswith(("the control master", "control master"))
+    finally:
+        core.close()
+        threading.excepthook = old_hook
+    assert crashes == []
