@@ -40,7 +40,7 @@ from .argv import (
     ssh_settings_args,
 )
 from .child_steps import Expired, exchange
-from .options import Command, SSHSettings
+from .options import ArgvSettings, Command, SSHSettings
 from .waiting import Procedure, run_sync
 
 __all__ = [
@@ -214,7 +214,8 @@ class Invocation:
         self.command = command
         self.tty = tty
         self.ssh = settings.pop("ssh", None) or find_ssh()
-        self.settings = ssh_settings_args(**settings)
+        as_options: ArgvSettings = settings
+        self.settings = ssh_settings_args(**as_options)
         self.session_id = secrets.token_hex(8)
         remote = remote_command(command, env=env, cwd=cwd, session_id=self.session_id)
         self.log = SSHLog()

@@ -18,6 +18,7 @@ from .argv import OptionValue
 __all__ = [
     "COMMAND_KEYS",
     "SSH_SETTINGS_KEYS",
+    "ArgvSettings",
     "Command",
     "CommandOptions",
     "PopenOptions",
@@ -38,9 +39,8 @@ StdSpec = int | IO[Any] | None
 """Like subprocess: PIPE, DEVNULL, STDOUT, None (inherit), an fd, or a file object."""
 
 
-class SSHSettings(TypedDict, total=False):
-    """ssh settings accepted by every call (see :func:`sshwrap.core.argv.ssh_settings_args`);
-    ``ssh`` is the ssh binary (default: the one on ``PATH``)."""
+class ArgvSettings(TypedDict, total=False):
+    """The settings that become ssh options (:func:`sshwrap.core.argv.ssh_settings_args`)."""
 
     config: str | os.PathLike[str] | None
     user: str | None
@@ -48,6 +48,12 @@ class SSHSettings(TypedDict, total=False):
     identity: str | os.PathLike[str] | None
     jump: str | None
     options: Mapping[str, OptionValue] | None
+
+
+class SSHSettings(ArgvSettings, total=False):
+    """ssh settings accepted by every call: :class:`ArgvSettings` and ``ssh``, the ssh binary
+    (default: the one on ``PATH``)."""
+
     ssh: str | None
 
 
