@@ -487,3 +487,44 @@ def test_close_releases_every_fd_without_gc(local_sshd: LocalSSHD) -> None:
         assert threading.active_count() == threads
     finally:
         gc.enable()
+
+
+# -- the procedures behind both faces (sshwrap.core.commands) over Connection.master ----------
+def test_one_procedure_driven_by_both_drivers(conn: Connection) -> None:
+    """``run_command`` over ``Connection.master``: the sync driver and the async one give the
+    same result, on the same proxy socket (no restart, no other master)."""
+    import asyncio
+
+    from sshwrap.core.commands import run_command
+    from sshwrap.core.waiting import run_async, run_sync
+    from sshwrap.io.master import Master
+
+    assert isinstance(conn.master, Master)
+    core, pid = conn.master.ready(), conn.master_pid
+    assert core is not None
+    cmd = "echo out; echo err >&2; exit 3"
+    sync = run_sync(run_command(conn.master, cmd, capture_output=True))
+    aio = asyncio.run(run_async(run_command(conn.master, cmd, capture_output=True)))
+    for r in (sync, aio):
+        assert (r.returncode, r.stdout, r.stderr, r.host) == (3, b"out\n", b"err\n", conn.host)
+        assert isinstance(r, sshwrap.CompletedProcess)
+    assert conn.master.ready() is core and conn.master_pid == pid and conn.restarts == 0
+
+
+def test_fallback_passes_tty_in_both_faces(local_sshd: LocalSSHD) -> None:
+    """The ``ssh -S`` fallback gives the remote command a terminal of the size asked for,
+    through ``Connection.run`` and ``AsyncConnection.run`` alike."""
+    import asyncio
+
+    from sshwrap.aio.connection import AsyncConnection
+
+    with connect(local_sshd.host, config=local_sshd.config, proxy=False) as c:
+        assert not c.uses_proxy
+        cmd = "stty size; exit 4"
+        sync = c.run(cmd, tty=True, size=(33, 101), capture_output=True, timeout=60)
+        aio = asyncio.run(
+            AsyncConnection(c).run(cmd, tty=True, size=(33, 101), capture_output=True, timeout=60)
+        )
+        for r in (sync, aio):
+            assert r.returncode == 4
+            assert r.stdout.startswith(b"33 101\r\n"), r.stdout

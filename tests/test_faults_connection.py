@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from faults import (
@@ -33,8 +33,10 @@ from waiting import wait_until
 import sshwrap
 from sshwrap.aio.connection import AsyncConnection
 from sshwrap.connection import Connection, connect
-from sshwrap.core.channel_run import CommandLostError
-from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, TimeoutExpired
+from sshwrap.core.deadline import deadline_after
+from sshwrap.core.session import open_session
+from sshwrap.core.waiting import run_sync
+from sshwrap.errors import UNKNOWN_SIGNAL, CommandLostError, SSHConnectionError, TimeoutExpired
 from sshwrap.io.mux_control import pack_string
 from sshwrap.io.pump import MAX_COMMAND
 from sshwrap.testing import LocalSSHD, descendants, is_running, wait_exited
@@ -73,7 +75,7 @@ def test_status_before_the_end_of_output_then_master_lost_is_an_error(conn: Conn
     reads the pipe), then the master dies.  Before: wait() returned 0 with the output cut."""
     n = 3 * 1024 * 1024 + 64 * 1024
     p = conn.Popen(f"head -c {n} /dev/zero", stdout=subprocess.PIPE)
-    ch = p._ch
+    ch = p.channel
     wait_until(lambda: ch.exit_status is not None, 30, "the exit status to arrive")
     assert not ch.remote_eof  # the output is not all here: the race, held open
     _kill_master(conn)
@@ -191,7 +193,7 @@ def test_master_killed_20_times_under_20_asyncio_tasks(conn: Connection) -> None
 def test_oversized_command_is_refused_before_anything_is_sent(conn: Connection) -> None:
     stop = threading.Event()
     results: list[object] = []
-    pid, core = conn.master_pid, conn._core
+    pid, core = conn.master_pid, conn.master.ready()
 
     def loop() -> None:
         while not stop.is_set():
@@ -218,7 +220,7 @@ def test_oversized_command_is_refused_before_anything_is_sent(conn: Connection) 
         for t in threads:
             t.join(60)
     assert all(r == "ok" for r in results), [r for r in results if r != "ok"][:3]
-    assert conn.master_pid == pid and conn._core is core and conn.restarts == 0
+    assert conn.master_pid == pid and conn.master.ready() is core and conn.restarts == 0
 
 
 @pytest.mark.parametrize("cipher", ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"])
@@ -227,13 +229,13 @@ def test_command_size_limit_both_sides(sshd: LocalSSHD, cipher: str) -> None:
     one byte more is refused locally.  (A Linux server cannot exec a ``sh -c`` string that
     long, MAX_ARG_STRLEN: its answer is its own error, on that channel only.)"""
     with connect(sshd.host, config=sshd.config, options={"Ciphers": cipher}) as c:
-        pid, core = c.master_pid, c._core
+        pid, core = c.master_pid, c.master.ready()
         at_limit = "echo ok; #" + "y" * (MAX_COMMAND - 10)
         assert len(at_limit) == MAX_COMMAND
         r = c.run(at_limit, capture_output=True, timeout=60)
         assert r.returncode == 1 and b"Argument list too long" in r.stderr  # the server's word
         assert c.run("echo ok", capture_output=True).stdout == b"ok\n"
-        assert c.master_pid == pid and c._core is core and c.restarts == 0  # nothing broke
+        assert c.master_pid == pid and c.master.ready() is core and c.restarts == 0  # nothing broke
         with pytest.raises(ValueError, match=f"at most {MAX_COMMAND} bytes"):
             c.run(at_limit + "y", capture_output=True)
         # under the shell's own limit the long command runs
@@ -247,15 +249,14 @@ def test_limit_measured_against_the_real_master(sshd: LocalSSHD) -> None:
     with connect(
         sshd.host, config=sshd.config, options={"Ciphers": "chacha20-poly1305@openssh.com"}
     ) as c:
-        core = c._core
+        core = c.master.ready()
         assert core is not None
 
         def raw_exec(size: int) -> Any:
-            ch = core.open_session(30)
+            ch = run_sync(open_session(core, deadline_after(30)))
             cmd = "exit 7; #" + "y" * (size - 9)
             ch.setup_io(*_discard())
-            with core.lock:
-                ch._request_locked("exec", pack_string(cmd), want_reply=True)
+            ch.request("exec", pack_string(cmd), want_reply=True)  # no size check: raw
             ch.closed.wait(30)
             return ch
 
@@ -541,25 +542,16 @@ def test_ctrl_c_during_run_many_over_dead_masters_of_a_hung_host(sshd: LocalSSHD
 
 @pytest.mark.parametrize("hang", ["frozen", "cut"])
 def test_connect_timeout_against_a_hung_host(sshd: LocalSSHD, hang: str) -> None:
-    class Seen(Connection):
-        """Notes the socket directory when the failure is read from the master's log."""
-
-        dirs: ClassVar[list[str]] = []
-
-        def _read_log(self) -> str:
-            if self._dir is not None:
-                self.dirs.append(self._dir)
-            return super()._read_log()
-
     def attempt(host: str, config: str) -> None:
         with InProcessLeaks() as leaks:
-            c = Seen(host, config=config, connect_timeout=3)
+            c = Connection(host, config=config, connect_timeout=3)
             took, err = _timed(c.open)
             assert isinstance(err, SSHConnectionError), err
             assert took < 3 + MARGIN, took
             _no_ssh_left()
             leaks.assert_clean(2)
-        assert Seen.dirs and not any(os.path.exists(d) for d in Seen.dirs)
+        used = c.master.directory  # the socket directory the failed start made
+        assert used and not os.path.exists(used)
 
     if hang == "frozen":
         with frozen(sshd):

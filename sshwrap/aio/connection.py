@@ -6,45 +6,43 @@
         r = await c.run(["uname", "-a"], capture_output=True, text=True)
         results = await asyncio.gather(*(c.run("true") for _ in range(100)))
 
-One core, two faces: an ``AsyncConnection`` wraps the same ``Connection`` (master lifecycle,
-mux proxy channels, forwards).  Commands wait without threads: the channel I/O thread wakes the
-event loop (``call_soon_threadsafe``) when a channel opens or ends, so a hundred concurrent
-``run`` calls cost a hundred channels, not a hundred threads.  Starting and stopping the master,
-restarting a dead one, forwards and ``Popen``-style processes run in a worker thread
-(``asyncio.to_thread``).
+One core, two faces: an ``AsyncConnection`` wraps the same ``Connection`` (its ``master``:
+lifecycle, mux proxy channels, forwards) and runs the same procedures
+(:mod:`sshwrap.core.commands`) with the async driver (``run_async``).  Commands wait without
+threads: the channel I/O thread wakes the event loop (``call_soon_threadsafe``) when a channel
+opens or ends, so a hundred concurrent ``run`` calls cost a hundred channels, not a hundred
+threads.  Starting and stopping the master, restarting a dead one and forwards run in a worker
+thread (``asyncio.to_thread``); a cancelled start kills and reaps its ssh.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import subprocess
-import threading
-import time
-from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from ..connection import (
-    Connection,
-    Forward,
-    Stream,
-    _start_deadline,
-    _time_left,
-    channel_errors,
-)
-from ..core.argv import OptionValue, remote_command
-from ..core.channel_run import KILL_AFTER, ChannelPopen, notify_event, run_channel_async
+from ..connection import Connection, ConnectOptions, Forward
+from ..core.channel_popen import ChannelPopen
+from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
+from ..core.completed import CompletedProcess
+from ..core.options import Command, CommandOptions, StreamOptions
+from ..core.waiting import Procedure, WaitFlag, run_async
 from ..errors import SSHError
-from ..io.pump import ProxyCore, check_exec_size
+from ..io.flags import Flag
+from ..io.master import Master
 
 if TYPE_CHECKING:
-    from ..io.prompts import OnPrompt
     from ..transfer import ProgressCallback
+    from .process import Process
 
 __all__ = ["AsyncChannelProcess", "AsyncConnection", "connect"]
+
+
+def _until_set(flag: Flag) -> Procedure[None]:
+    yield WaitFlag(flag)
 
 
 class AsyncChannelProcess:
@@ -93,16 +91,7 @@ class AsyncChannelProcess:
 
     async def wait(self) -> int:
         """Wait for the command to end; raises ``SSHError`` when it ended without a status."""
-        ch = self._popen._ch
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        with ch.core.lock:
-            ch.notify = functools.partial(notify_event, loop, event)
-        while True:
-            event.clear()
-            if ch.closed.is_set():
-                break
-            await event.wait()
+        await run_async(_until_set(self._popen.closed))
         rc: int = self._popen.wait(0)
         return rc
 
@@ -141,7 +130,8 @@ class AsyncChannelProcess:
         self._popen.kill()
 
 
-_ABORT_WAIT = 1.0  # how long a cancelled master start may take to be killed and reaped
+class ChannelProcessOptions(CommandOptions, StreamOptions, total=False):
+    """The keywords of ``AsyncConnection.create_process`` after the command."""
 
 
 class AsyncConnection:
@@ -152,31 +142,23 @@ class AsyncConnection:
         self.host = conn.host
         self.destination = conn.destination
 
-    async def __aenter__(self) -> AsyncConnection:
-        if not self.sync._opened:
-            await self._ensure(None)
+    @property
+    def master(self) -> Master:
+        """The ControlMaster (``Connection.master``, an ``sshwrap.io.master.Master``)."""
+        return self.sync.master
+
+    async def open(self) -> AsyncConnection:
+        """Start the master (if not started yet) without blocking the loop; returns self.
+
+        Cancelling it kills the ssh that is starting the master (it is reaped by the worker
+        thread, which ends at once) and waits up to 1 s for that thread."""
+        await run_async(use_master(self.sync.master))
         return self
 
-    async def _ensure(self, deadline: float | None) -> ProxyCore | None:
-        """``Connection._ensure`` (start or restart the master) without blocking the loop.
-
-        Bounded by ``deadline`` (``time.monotonic()``) like the sync call.  Cancelling it
-        kills the ssh that is starting the master (it is reaped by the worker thread, which
-        ends at once) and waits up to 1 s for that thread, then lets the cancel through.
-        """
-        conn = self.sync
-        core = conn._core
-        if core is not None and core.alive and conn._opened and not conn._closed:
-            return core
-        abort = threading.Event()
-        work = asyncio.ensure_future(asyncio.to_thread(conn._ensure, deadline, abort))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            conn._abort_start(abort)
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(work, _ABORT_WAIT)
-            raise
+    async def __aenter__(self) -> AsyncConnection:
+        if not self.sync.master.opened:
+            await self.open()
+        return self
 
     async def __aexit__(
         self,
@@ -204,132 +186,41 @@ class AsyncConnection:
         """The master's pid."""
         return self.sync.master_pid
 
-    async def run(
-        self,
-        args: str | Sequence[str],
-        *,
-        input: bytes | str | None = None,
-        stdin: Stream = subprocess.DEVNULL,
-        stdout: Stream = None,
-        stderr: Stream = None,
-        capture_output: bool = False,
-        timeout: float | None = None,
-        check: bool = False,
-        text: bool | None = None,
-        encoding: str | None = None,
-        errors: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        tty: bool = False,
-        size: tuple[int, int] | None = None,
-        kill_after: float = KILL_AFTER,
-        connect_timeout: float | None = None,
-    ) -> Any:
+    async def run(self, args: Command, **options: Unpack[ChannelRunOptions]) -> CompletedProcess:
         """``Connection.run`` without blocking the loop; same arguments, results and bounds
         (``timeout`` covers restarting a dead master too, within the same margin).
 
-        Cancelling it stops the remote command, or the master's restart (its ssh killed and
-        reaped) within about 1 s.  Falls back to ``sshwrap.aio.run`` through the master when
-        the master does not speak proxy mode.
+        Cancelling it stops the remote command (TERM, the channel closed, whether or not it
+        was open yet) or the master's restart (its ssh killed and reaped) within about 1 s.
+        Falls back to ``ssh -S`` through the master (``tty`` and ``size`` too) when the master
+        does not speak proxy mode, as the sync face does.
         """
-        from ..process import CompletedProcess
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        start_deadline = _start_deadline(deadline, connect_timeout)
-        command = remote_command(args, env=env, cwd=cwd)
-        check_exec_size(command)
-        conn = self.sync
-        for attempt in (0, 1):
-            core = await self._ensure(start_deadline)
-            if core is None:
-                if tty:
-                    raise ValueError("tty=True needs a master that speaks proxy mode")
-                from .process import run as aio_run
-
-                return await aio_run(
-                    self.destination,
-                    args,
-                    input=input,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    capture_output=capture_output,
-                    timeout=_time_left(deadline),  # what a restart of the master left
-                    check=check,
-                    text=text,
-                    encoding=encoding,
-                    errors=errors,
-                    env=env,
-                    cwd=cwd,
-                    **conn._fallback_kwargs(),
-                )
-            with channel_errors(self.host, last_attempt=attempt == 1):
-                return await run_channel_async(
-                    core,
-                    self.host,
-                    args,
-                    command,
-                    input=input,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    capture_output=capture_output,
-                    timeout=timeout,
-                    deadline=deadline,
-                    check=check,
-                    text=text,
-                    encoding=encoding,
-                    errors=errors,
-                    kill_after=kill_after,
-                    tty=tty,
-                    size=size,
-                    make_result=lambda a, rc, o, e: CompletedProcess(a, rc, o, e, host=self.host),
-                )
-        raise AssertionError("unreachable")
+        return await run_async(run_command(self.sync.master, args, **options))
 
     async def create_process(
-        self,
-        args: str | Sequence[str],
-        *,
-        stdin: Stream = subprocess.DEVNULL,
-        stdout: Stream = None,
-        stderr: Stream = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-    ) -> AsyncChannelProcess:
-        """Start a command on a channel; ``PIPE`` streams are asyncio streams (binary)."""
-        command = remote_command(args, env=env, cwd=cwd)
-        check_exec_size(command)
-        for attempt in (0, 1):
-            core = await self._ensure(None)
-            if core is None:
-                raise SSHError(self.host, "create_process needs a master that speaks proxy mode")
-            popen: ChannelPopen | None = None
-            with channel_errors(self.host, last_attempt=attempt == 1):
-                popen = await asyncio.to_thread(
-                    ChannelPopen,
-                    core,
-                    self.host,
-                    args,
-                    command,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    bufsize=0,
-                )
-            if popen is None:
-                continue  # the master was gone: start it again, once
-            proc = AsyncChannelProcess(popen)
-            await proc._connect_pipes()
-            return proc
-        raise AssertionError("unreachable")
+        self, args: Command, **options: Unpack[ChannelProcessOptions]
+    ) -> AsyncChannelProcess | Process:
+        """Start a command on a channel; ``PIPE`` streams are asyncio streams (binary).
 
-    async def call(self, args: str | Sequence[str], **kwargs: Any) -> int:
+        Returns an ``AsyncChannelProcess``, or with the ``ssh -S`` fallback (a master that
+        does not speak proxy mode) an ``sshwrap.aio.Process`` running ``ssh`` through the
+        master, as ``Connection.Popen`` returns an ``sshwrap.Popen`` then."""
+        popen = await run_async(start_command(self.sync.master, args, bufsize=0, **options))
+        if popen is None:  # the master refuses proxy mode: ssh -S through it, as Popen does
+            from .process import create_process as create_ssh_process
+
+            settings = self.sync.master.fallback_settings()
+            return await create_ssh_process(self.destination, args, **options, **settings)
+        proc = AsyncChannelProcess(popen)
+        await proc._connect_pipes()
+        return proc
+
+    async def call(self, args: Command, **kwargs: Any) -> int:
         """Run a command and return its returncode."""
         rc: int = (await self.run(args, **kwargs)).returncode
         return rc
 
-    async def check_output(self, args: str | Sequence[str], **kwargs: Any) -> Any:
+    async def check_output(self, args: Command, **kwargs: Any) -> Any:
         """Run a command and return its stdout; ``CalledProcessError`` if it fails."""
         if "stdout" in kwargs:
             raise ValueError("stdout argument not allowed, it will be overridden.")
@@ -398,42 +289,7 @@ class AsyncConnection:
         )
 
 
-async def connect(
-    destination: str,
-    *,
-    config: str | os.PathLike[str] | None = None,
-    user: str | None = None,
-    port: int | str | None = None,
-    identity: str | os.PathLike[str] | None = None,
-    jump: str | None = None,
-    options: Mapping[str, OptionValue] | None = None,
-    password: str | None = None,
-    passphrase: str | None = None,
-    on_prompt: OnPrompt | None = None,
-    start_timeout: float | None = 60.0,
-    reconnect: bool = True,
-    proxy: bool = True,
-    ssh: str | None = None,
-    connect_timeout: float | None = None,
-) -> AsyncConnection:
-    """Start an sshwrap-owned master (in a worker thread); the async twin of ``connect``."""
-    conn = Connection(
-        destination,
-        config=config,
-        user=user,
-        port=port,
-        identity=identity,
-        jump=jump,
-        options=options,
-        password=password,
-        passphrase=passphrase,
-        on_prompt=on_prompt,
-        start_timeout=start_timeout,
-        reconnect=reconnect,
-        proxy=proxy,
-        ssh=ssh,
-        connect_timeout=connect_timeout,
-    )
-    ac = AsyncConnection(conn)
-    await ac._ensure(None)
-    return ac
+async def connect(destination: str, **options: Unpack[ConnectOptions]) -> AsyncConnection:
+    """Start an sshwrap-owned master (in a worker thread); the async twin of ``connect``
+    (same keywords)."""
+    return await AsyncConnection(Connection(destination, **options)).open()

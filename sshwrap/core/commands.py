@@ -1,0 +1,193 @@
+"""Commands over a :class:`~sshwrap.io.master.Master`: the procedures behind both faces.
+
+``Connection.run`` is ``run_sync(run_command(master, ...))`` and ``AsyncConnection.run`` is
+``await run_async(run_command(master, ...))`` (see :mod:`sshwrap.core.waiting`); the fan-out
+runs a host given as a Connection the same way.  The steps, written once:
+
+1. the master: used at once when its proxy socket is up, else started or restarted in a
+   blocking step (:meth:`Master.ensure <sshwrap.io.master.Master.ensure>`: bounded by the
+   call's deadline and ``connect_timeout``; Ctrl-C or a cancel kills and reaps the starting
+   ssh);
+2. the channel run (:func:`sshwrap.core.session.run_on_channel`), or for ``Popen`` the start
+   (:func:`sshwrap.core.channel_popen.start_popen`);
+3. retried ONCE on a new master when the master was lost before the command could have
+   started (the channel was not open yet: ``ChannelLost``); the second loss is
+   ``SSHConnectionError``; another channel failure is an ``SSHError``;
+4. a master that refuses proxy mode (older OpenSSH, ``ControlMaster ask``; ``proxy=False``
+   forces it) runs the command as ``ssh -S`` through it: the procedure of ``sshwrap.run``
+   (:func:`sshwrap.core.ssh_run.run_ssh`), with what is left of the timeout, ``tty`` and
+   ``size`` in both faces.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from typing import Any, TypeVar, Unpack
+
+from ..errors import SSHConnectionError, SSHError
+from ..io.master import Master
+from ..io.pump import ChannelError, ChannelLost, ProxyCore, check_exec_size
+from .argv import remote_command
+from .channel_popen import ChannelPopen, ChannelPopenOptions, start_popen
+from .channel_streams import RunStreams
+from .completed import CompletedProcess
+from .deadline import deadline_after, earliest, time_left
+from .options import (
+    Command,
+    CommandOptions,
+    StreamOptions,
+    TerminalOptions,
+    TextOptions,
+    keys_of,
+)
+from .session import KILL_AFTER, run_on_channel
+from .ssh_run import run_ssh
+from .waiting import Blocking, Procedure
+
+__all__ = [
+    "ABORT_WAIT",
+    "ChannelRunOptions",
+    "on_master",
+    "run_command",
+    "start_command",
+    "use_master",
+]
+
+T = TypeVar("T")
+
+ABORT_WAIT = 1.0
+"""Seconds a cancelled (async) start of the master may take to be killed and reaped."""
+
+
+class ChannelRunOptions(CommandOptions, StreamOptions, TextOptions, TerminalOptions, total=False):
+    """The keywords of ``Connection.run`` (and ``AsyncConnection.run``) after the command:
+    those of ``sshwrap.run`` without the ssh settings (the master has them), plus
+    ``kill_after`` (TERM -> KILL on a timeout) and ``connect_timeout`` (a restart's bound)."""
+
+    input: bytes | str | None
+    capture_output: bool
+    timeout: float | None
+    check: bool
+    kill_after: float
+    connect_timeout: float | None
+
+
+_FALLBACK_KEYS = keys_of(CommandOptions) | keys_of(StreamOptions) | keys_of(TextOptions)
+_FALLBACK_KEYS |= keys_of(TerminalOptions)
+
+
+def use_master(master: Master, deadline: float | None = None) -> Procedure[ProxyCore | None]:
+    """The master's proxy core (None: use ``ssh -S``), starting or restarting it if needed."""
+    core = master.ready()
+    if core is None:
+        core = yield Blocking(lambda abort: master.ensure(deadline, abort), ABORT_WAIT)
+    return core
+
+
+def on_master(
+    master: Master,
+    deadline: float | None,
+    attempt: Callable[[ProxyCore], Procedure[T]],
+    fallback: Callable[[], Procedure[T]],
+) -> Procedure[T]:
+    """``attempt(core)`` on the master's proxy core, once more on a new master when the
+    first was lost before the command started; ``fallback()`` when the master refuses proxy
+    mode.  ``deadline`` bounds a (re)start of the master."""
+    for last in (False, True):
+        core = yield from use_master(master, deadline)
+        if core is None:
+            return (yield from fallback())
+        try:
+            return (yield from attempt(core))
+        except ChannelLost:
+            if last:
+                raise SSHConnectionError(master.host, "the control master is gone") from None
+        except ChannelError as e:
+            raise SSHError(master.host, str(e)) from None
+    raise AssertionError("unreachable")
+
+
+def _command(args: Command, options: CommandOptions) -> str:
+    """The remote command line (``env``/``cwd`` applied), refused before anything is sent
+    when it would not fit in one request."""
+    command = remote_command(args, env=options.get("env"), cwd=options.get("cwd"))
+    check_exec_size(command)
+    return command
+
+
+def run_command(
+    master: Master, args: Command, **options: Unpack[ChannelRunOptions]
+) -> Procedure[CompletedProcess]:
+    """Run ``args`` over ``master`` and wait: the procedure of ``Connection.run`` (same
+    arguments, results, errors and bounds; see its docstring).  ``timeout`` bounds the whole
+    call, a restart of the master included; ``connect_timeout`` bounds that restart."""
+    timeout = options.get("timeout")
+    deadline = deadline_after(timeout)
+    command = _command(args, options)
+    host = master.host
+
+    def make_result(a: Any, rc: int, out: Any, err: Any) -> CompletedProcess:
+        return CompletedProcess(a, rc, out, err, host=host)
+
+    def attempt(core: ProxyCore) -> Procedure[CompletedProcess]:
+        streams = RunStreams(
+            host,
+            args,
+            input=options.get("input"),
+            stdin=options.get("stdin", subprocess.DEVNULL),
+            stdout=options.get("stdout"),
+            stderr=options.get("stderr"),
+            capture_output=options.get("capture_output", False),
+            text=options.get("text"),
+            encoding=options.get("encoding"),
+            errors=options.get("errors"),
+        )
+        result: CompletedProcess = yield from run_on_channel(
+            core,
+            streams,
+            command,
+            timeout=timeout,
+            deadline=deadline,
+            check=options.get("check", False),
+            kill_after=options.get("kill_after", KILL_AFTER),
+            tty=options.get("tty", False),
+            size=options.get("size"),
+            make_result=make_result,
+        )
+        return result
+
+    def fallback() -> Procedure[CompletedProcess]:
+        passed: dict[str, Any] = {k: v for k, v in options.items() if k in _FALLBACK_KEYS}
+        return run_ssh(
+            master.destination,
+            args,
+            input=options.get("input"),
+            capture_output=options.get("capture_output", False),
+            timeout=time_left(deadline),  # what a restart of the master left
+            check=options.get("check", False),
+            **passed,
+            **master.fallback_settings(),
+        )
+
+    start_deadline = earliest(deadline, options.get("connect_timeout"))
+    return (yield from on_master(master, start_deadline, attempt, fallback))
+
+
+def start_command(
+    master: Master, args: Command, **options: Unpack[ChannelPopenOptions]
+) -> Procedure[ChannelPopen | None]:
+    """Start ``args`` on a channel of ``master``: the ``ChannelPopen`` (the procedure of
+    ``Connection.Popen`` and ``AsyncConnection.create_process``), or None when the master
+    refuses proxy mode (the face then starts ``ssh -S`` through it: its own process type)."""
+    command = _command(args, options)
+
+    def attempt(core: ProxyCore) -> Procedure[ChannelPopen | None]:
+        popen: ChannelPopen = yield from start_popen(core, master.host, args, command, **options)
+        return popen
+
+    def fallback() -> Procedure[ChannelPopen | None]:
+        return None
+        yield  # a procedure that waits for nothing
+
+    return (yield from on_master(master, None, attempt, fallback))

@@ -1,0 +1,588 @@
+"""An OpenSSH ControlMaster that sshwrap owns: start, check, restart, stop.
+
+**Start.**  :class:`Master` runs ``ssh -M -N -o ControlPersist=yes -o ControlPath=P`` with its
+stdin and stdout on ``/dev/null`` and its log in its own file (``-E``), so it holds no pipe of
+ours (a ControlPersist master that inherits a pipe keeps it open forever).  ssh authenticates
+(prompts answered by :mod:`sshwrap.io.prompts` when ``password``/``passphrase``/``on_prompt``
+are given), then forks into the background and the first process exits: 0 means the master is
+up.  ``P`` lives in a fresh private directory (mode 0700) and must fit ``sun_path`` (104 bytes,
+the smallest, macOS's) *including* the ``.XXXXXXXXXXXXXXXX`` suffix OpenSSH appends while
+binding; a too-long temporary directory falls back to ``/tmp``.  An alive check (``ssh -O
+check``) gives the master's pid before anything is used.  A start that runs out of time, is
+interrupted (Ctrl-C) or aborted (the ``abort`` flag of :meth:`Master.ensure`, set when an
+asyncio caller is cancelled) kills and reaps the starting ssh, and kills a master it had
+already forked.
+
+**Proxy mode.**  Once up, the master is asked for proxy mode (``MUX_C_PROXY``, OpenSSH >= 7.4)
+and its socket becomes a :class:`sshwrap.io.pump.ProxyCore`.  A master that does not speak
+it (older OpenSSH, ``ControlMaster ask``) is used through ``ssh -S P`` subprocesses instead
+(:meth:`Master.ensure` returns None; ``proxy=False`` forces it).
+
+**Restart.**  A dead master (killed, network gone, ``ServerAliveInterval`` expired) is noticed
+when its socket closes: the next :meth:`Master.ensure` starts a new master with the same
+settings and prompt answers (``reconnect=True``), or raises ``SSHConnectionError``.  The
+restart is bounded by the caller's deadline: ssh gets a ``ConnectTimeout`` derived from what is
+left and is killed and reaped when the bound runs out.  The new master is asked for the same
+forwards (:mod:`sshwrap.io.forwards`).
+
+**Stop.**  :meth:`Master.close` sends ``-O exit`` (``MUX_C_TERMINATE``), waits for the pid to
+go (SIGKILL after 2 s) and removes the directory; so does dropping the Master or leaving the
+program with it open (``weakref.finalize``), since a ControlPersist master would otherwise
+outlive us.
+
+Every method may be called from several threads at once (one lock guards the lifecycle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SSHConnectionError, classify_ssh_failure
+from .flags import Flag
+from .forwards import Forward, ForwardSpec, open_forward, restore_forwards
+from .mux_control import MuxControl, MuxError, MuxUnsupported
+from .pump import ProxyCore
+
+if TYPE_CHECKING:
+    from .prompts import OnPrompt
+
+LOCAL_FLOOR = 0.5
+"""Seconds a step with the local master (its socket, ``ssh -G``) gets at least: they take
+milliseconds, and one cut short would leave a started master unused."""
+
+__all__ = ["SUN_PATH_MAX", "Master"]
+
+SUN_PATH_MAX = 104
+"""Longest unix socket path sshwrap accepts (macOS's ``sun_path``; Linux allows 108)."""
+_BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
+_STOP_WAIT = 2.0  # -O exit, then SIGKILL: bounded, also in the finalizer at interpreter exit
+_MUX_TIMEOUT = 5.0  # longest wait for the (local) master's answer on its socket
+
+
+def _socket_dir() -> str:
+    """A new private (0700) directory whose ``m`` socket path fits ``sun_path``."""
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        candidates.append(runtime)
+    candidates += [tempfile.gettempdir(), "/tmp"]
+    for base in candidates:
+        # mkdtemp adds 8 characters to the prefix: check before creating anything.
+        probe = os.path.join(base, "sshwrap-" + "x" * 8, "m")
+        if len(os.fsencode(probe)) + _BIND_SUFFIX > SUN_PATH_MAX:
+            continue
+        with contextlib.suppress(OSError):
+            d = tempfile.mkdtemp(prefix="sshwrap-", dir=base)
+            os.chmod(d, 0o700)
+            return d
+    raise OSError("no temporary directory short enough for a control socket (sun_path)")
+
+
+def _stop_master(control_path: str, pid: int, directory: str | None) -> None:
+    """``-O exit``, wait for the master's pid to go (SIGKILL after 2 s), remove its dir.
+
+    Bounded (about 4 s at most: a master that does not answer on its socket within 2 s is
+    killed), so it may run from a finalizer at interpreter exit."""
+    with contextlib.suppress(MuxError), MuxControl(control_path, timeout=_STOP_WAIT) as m:
+        m.terminate()
+    if pid:
+        deadline = time.monotonic() + _STOP_WAIT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _processes_with_arg(arg: str) -> list[int]:
+    """Pids of this user's processes that have ``arg`` as one of their arguments."""
+    want = arg.encode()
+    uid = os.getuid()
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != uid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if want in args:
+                found.append(int(entry))
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left before ``deadline`` (``time.monotonic()``; None: no deadline)."""
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def local_step(limit: float, deadline: float | None) -> float:
+    """``limit`` seconds for a local step, cut to what is left but not below LOCAL_FLOOR."""
+    left = remaining(deadline)
+    return limit if left is None else min(limit, max(LOCAL_FLOOR, left))
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace", newline="") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+class Master:
+    """One ControlMaster to ``destination``: see the module docstring.
+
+    ``settings`` are the keywords of ``sshwrap.run`` that name the connection (``config``,
+    ``user``, ``port``, ``identity``, ``jump``, ``options``) and ``settings_args`` the same as
+    ssh options; ``ssh`` the client binary (None: ``locate_ssh()`` tells it when needed);
+    ``password``/``passphrase``/``on_prompt`` answer ssh's prompts; ``start_timeout`` bounds a
+    start; ``reconnect`` restarts a dead master; ``proxy=False`` uses ``ssh -S`` only.
+    Nothing starts before :meth:`open` or :meth:`ensure`.  ``sshwrap.connect`` makes one.
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        settings: Mapping[str, Any],
+        settings_args: Sequence[str],
+        ssh: str | None,
+        locate_ssh: Callable[[], str],
+        password: str | None = None,
+        passphrase: str | None = None,
+        on_prompt: OnPrompt | None = None,
+        start_timeout: float | None = 60.0,
+        reconnect: bool = True,
+        proxy: bool = True,
+    ) -> None:
+        self.destination = destination
+        self.host = destination
+        self._settings = dict(settings)
+        self.settings_args = list(settings_args)
+        """The connection's settings as ssh options (``-F``, ``-l``, ``-o`` ...)."""
+        self._locate_ssh = locate_ssh
+        self._password = password
+        self._passphrase = passphrase
+        self._on_prompt = on_prompt
+        self.start_timeout = start_timeout
+        """Seconds a start may take at most (None: no bound but the caller's)."""
+        options = settings.get("options") or {}
+        self._user_connect_timeout = any(k.lower() == "connecttimeout" for k in options)
+        self.reconnect = reconnect
+        self.want_proxy = proxy
+        self.ssh = ssh
+        """The ssh binary given (None: the one on ``PATH``)."""
+        self._lock = threading.RLock()
+        self._dir: str | None = None
+        self.directory = ""
+        """The private directory of the socket and the log (the last one, once removed)."""
+        self.control_path = ""
+        self.pid = 0
+        self._core: ProxyCore | None = None
+        self._proxy = False
+        self.opened = False
+        self.closed = False
+        self.forwards: list[Forward] = []
+        """The forwards opened and not cancelled (kept over a restart)."""
+        self._finalizer: weakref.finalize[[str, int, str | None], Master] | None = None
+        self.restarts = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Start the master if it is not started yet (``ValueError`` once closed)."""
+        with self._lock:
+            self._open_locked(None, None)
+
+    def _open_locked(self, deadline: float | None, abort: Flag | None) -> None:
+        if self.closed:
+            raise ValueError("the Connection is closed")
+        if not self.opened:
+            self._start(deadline, abort)
+            self.opened = True
+
+    @property
+    def log_path(self) -> str:
+        """The master's own log (ssh ``-E``)."""
+        return os.path.join(self._dir, "log") if self._dir else ""
+
+    def read_log(self) -> str:
+        """The master's ``-E`` log as ssh wrote it (CR LF ends each message: kept)."""
+        return _read_text(self.log_path)
+
+    @property
+    def _err_path(self) -> str:
+        return os.path.join(self._dir, "err") if self._dir else ""
+
+    def _start_limit(self, deadline: float | None) -> float | None:
+        """Seconds the master's start may take: ``start_timeout`` cut to the caller's bound."""
+        left = remaining(deadline)
+        if left is None:
+            return self.start_timeout
+        left = max(0.0, left)
+        return left if self.start_timeout is None else min(self.start_timeout, left)
+
+    def _late(self, limit: float | None) -> SSHConnectionError:
+        return SSHConnectionError(
+            self.host,
+            f"the control master did not connect within {limit:g} s"
+            if limit is not None
+            else "the control master did not connect",
+            self.read_log(),
+        )
+
+    def _kill_forked_master(self) -> None:
+        """After killing a starting ssh: a master it had already forked is stopped too.
+
+        The master is asked for its pid; one that does not answer is found by its
+        ``ControlPath=`` argument (a path in this Master's private directory, so no
+        process but the one this Master started carries it)."""
+        pid = 0
+        with (
+            contextlib.suppress(MuxError, OSError),
+            MuxControl(self.control_path, timeout=0.5) as m,
+        ):
+            pid = m.alive_check()
+        pids = [pid] if pid else _processes_with_arg(f"ControlPath={self.control_path}")
+        for p in pids:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+
+    def _argv(self, log: str, prompt_opts: list[str], limit: float | None) -> list[str]:
+        timeout_opt = (
+            ["-o", f"ConnectTimeout={max(1, math.ceil(limit))}"]
+            if limit is not None and not self._user_connect_timeout
+            else []
+        )
+        return [
+            self.ssh or self._locate_ssh(),
+            *("-M", "-N", "-o", "ControlPersist=yes", "-o", f"ControlPath={self.control_path}"),
+            *("-E", log, *prompt_opts, *self.settings_args, *timeout_opt),
+            "--",
+            self.destination,
+        ]
+
+    def _start(self, deadline: float | None, abort: Flag | None) -> None:
+        limit = self._start_limit(deadline)
+        if limit is not None and limit <= 0:
+            raise self._late(0.0)
+        if self._dir is None or not os.path.isdir(self._dir):
+            self._dir = self.directory = _socket_dir()
+        self.control_path = os.path.join(self._dir, "m")
+        log = os.path.join(self._dir, "log")
+        for name in (self.control_path, log, self._err_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)  # a dead master's socket: ssh would not replace it
+        prompts = None
+        prompt_opts: list[str] = []
+        if self._password is not None or self._passphrase is not None or self._on_prompt:
+            from .prompts import PromptServer
+
+            prompts = PromptServer(
+                password=self._password, passphrase=self._passphrase, on_prompt=self._on_prompt
+            )
+            prompts.start()
+            prompt_opts = prompts.ssh_options()
+        try:
+            # ssh's stderr apart from its -E log: what it prints before the log opens (a bad
+            # option, port or value) is only there.
+            with open(self._err_path, "ab") as errf:
+                proc = subprocess.Popen(
+                    self._argv(log, prompt_opts, limit),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errf,
+                    env=prompts.env() if prompts is not None else None,
+                )
+            unhook = abort.add_callback(proc.kill) if abort is not None else None
+            try:
+                rc = proc.wait(limit)
+            except BaseException as e:  # the bound ran out, or Ctrl-C
+                proc.kill()
+                proc.wait()
+                self._kill_forked_master()
+                if isinstance(e, subprocess.TimeoutExpired):
+                    raise self._late(limit) from None
+                raise
+            finally:
+                if unhook is not None:
+                    unhook()
+            if rc != 0 and abort is not None and abort.is_set():
+                self._kill_forked_master()
+                raise SSHConnectionError(self.host, "cancelled while starting the master")
+            if rc != 0:
+                text, err = self.read_log(), _read_text(self._err_path)
+                if prompts is not None:
+                    prompts.raise_for_failure(rc, text, self.host, stderr=err)
+                raise classify_ssh_failure(self.host, text, rc, stderr=err)
+        except BaseException:
+            if not self.opened:
+                self._remove_dir()
+            raise
+        finally:
+            if prompts is not None:
+                prompts.close()
+        self._check_started(deadline)
+        self._core = None
+        self._proxy = False
+        if self.want_proxy:
+            self._open_proxy(deadline)
+
+    def _check_started(self, deadline: float | None) -> None:
+        """The first alive check (the pid), and the finalizer that stops the master."""
+        try:
+            with MuxControl(self.control_path, timeout=local_step(_MUX_TIMEOUT, deadline)) as m:
+                self.pid = m.alive_check()
+        except MuxError as e:
+            self._kill_forked_master()
+            if not self.opened:
+                self._remove_dir()
+            raise SSHConnectionError(
+                self.host, f"the master started but does not answer: {e}", self.read_log()
+            ) from None
+        # A Master dropped without close() (or still open at exit) stops its master: a
+        # ControlPersist master would otherwise outlive the program.
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(
+            self, _stop_master, self.control_path, self.pid, self._dir
+        )
+
+    def _open_proxy(self, deadline: float | None = None) -> None:
+        try:
+            with MuxControl(self.control_path, timeout=local_step(_MUX_TIMEOUT, deadline)) as m:
+                sock = m.enter_proxy()
+        except MuxUnsupported:
+            self._proxy = False
+            self._core = None
+            return
+        except MuxError as e:
+            raise SSHConnectionError(self.host, str(e), self.read_log()) from None
+        core = ProxyCore(sock)
+        core.session_env = self._config_env(deadline)
+        self._core = core
+        self._proxy = True
+
+    def _config_env(self, deadline: float | None = None) -> dict[str, str]:
+        """What ssh itself would send as ``env`` for a session: ``SendEnv`` matches from our
+        environment, then ``SetEnv`` values, as ``ssh -G`` resolves them from the config."""
+        try:
+            out = subprocess.run(
+                [self.ssh or self._locate_ssh(), "-G", *self.settings_args, "--", self.destination],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=local_step(30.0, deadline),
+            )
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        send: list[str] = []
+        env: dict[str, str] = {}
+        for line in out.stdout.decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "sendenv":
+                send.append(value)
+            elif key == "setenv":
+                name, eq, val = value.partition("=")
+                if eq:
+                    env[name] = val
+        sent = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in send)}
+        return {**sent, **env}
+
+    def _remove_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def close(self) -> None:
+        """Stop the master (``-O exit``), wait for it to go, remove the socket directory."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            core, self._core = self._core, None
+            if core is not None:
+                core.close()
+            if self._finalizer is not None:
+                self._finalizer()  # -O exit, wait for the master, remove the directory
+                self._finalizer = None
+            self.forwards.clear()
+            self._remove_dir()
+
+    @property
+    def alive(self) -> bool:
+        """True if the master answers an alive check now (``ssh -O check``, 5 s at most)."""
+        with self._lock:
+            if not self.opened or self.closed:
+                return False
+        return self.answers(None)
+
+    def answers(self, deadline: float | None) -> bool:
+        """True if the master answers an alive check (bounded by ``deadline``, at least
+        ``LOCAL_FLOOR`` seconds)."""
+        try:
+            with MuxControl(self.control_path, timeout=local_step(_MUX_TIMEOUT, deadline)) as m:
+                m.alive_check()
+        except MuxError:
+            return False
+        return True
+
+    @property
+    def uses_proxy(self) -> bool:
+        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
+        self.ensure()
+        return self._proxy
+
+    # -- ensure: the core to use, restarting a dead master --------------------------------
+    def ready(self) -> ProxyCore | None:
+        """The proxy core if it can be used at once (no lock, no wait), else None: then
+        :meth:`ensure` (which may block) tells the core, the fallback or the error."""
+        core = self._core
+        if core is not None and core.alive and self.opened and not self.closed:
+            return core
+        return None
+
+    def _acquire(self, deadline: float | None, abort: Flag | None) -> None:
+        """Take the lock, giving up when ``deadline`` passes (``SSHConnectionError``: another
+        call is (re)starting the master and it is not up in time) or ``abort`` is set."""
+        while True:
+            if abort is not None and abort.is_set():
+                raise SSHConnectionError(self.host, "cancelled while waiting for the master")
+            left = remaining(deadline)
+            if left is not None and left <= 0:
+                raise SSHConnectionError(
+                    self.host, "the control master was not (re)started within the timeout"
+                )
+            if abort is not None:
+                step = 0.05 if left is None else min(0.05, left)  # polls the abort flag
+            else:
+                step = -1 if left is None else left
+            if self._lock.acquire(timeout=step):
+                return
+
+    def ensure(self, deadline: float | None = None, abort: Flag | None = None) -> ProxyCore | None:
+        """The proxy core to use (None: the ``ssh -S`` fallback); starts the master if needed
+        and restarts a dead one.
+
+        ``deadline`` (``time.monotonic()``) bounds everything, the restart included; setting
+        ``abort`` stops a start at once (its ssh killed and reaped, ``SSHConnectionError``)."""
+        self._acquire(deadline, abort)
+        try:
+            return self._ensure_locked(deadline, abort)
+        finally:
+            self._lock.release()
+
+    def _ensure_locked(self, deadline: float | None, abort: Flag | None) -> ProxyCore | None:
+        if self.closed:
+            raise ValueError("the Connection is closed")
+        if not self.opened:
+            self._open_locked(deadline, abort)
+        core = self._core
+        if core is not None and core.alive:
+            return core
+        if not self._proxy and self.answers(deadline):
+            return None
+        if core is not None and self.answers(deadline):
+            self._open_proxy(deadline)  # the master lives: only our socket ended
+            return self._core
+        if not self.reconnect:
+            raise SSHConnectionError(
+                self.host, "the control master is gone (reconnect=False)", self.read_log()
+            )
+        if core is not None:
+            core.close(local_step(5.0, deadline))
+        self._core = None
+        old = self.pid
+        if old and _pid_alive(old):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old, signal.SIGTERM)
+        self.restarts += 1
+        self._start(deadline, abort)
+        self.forwards = restore_forwards(
+            self.control_path, self.forwards, local_step(10.0, deadline)
+        )
+        return self._core
+
+    # -- for ssh, scp, sftp and the ssh -S fallback -----------------------------------------
+    def fallback_settings(self) -> dict[str, Any]:
+        """Keywords of ``sshwrap.run``/``Popen`` (settings, ``ssh``) that run ``ssh -S`` over
+        this master: ``options`` gets ``ControlPath`` and ``ControlMaster=no``."""
+        opts: dict[str, Any] = {"ControlPath": self.control_path, "ControlMaster": "no"}
+        base = self._settings.get("options")
+        if isinstance(base, Mapping):
+            for k, v in base.items():
+                if k.lower() not in ("controlpath", "controlmaster"):
+                    opts.setdefault(k, v)
+        kw = {k: v for k, v in self._settings.items() if k != "options" and v is not None}
+        kw["options"] = opts
+        if self.ssh is not None:
+            kw["ssh"] = self.ssh
+        return kw
+
+    def ssh_args(self) -> list[str]:
+        """Options that make ``ssh``/``scp``/``sftp`` use this master (starting it if
+        needed): ``-o ControlPath=...`` ``-o ControlMaster=no`` plus the settings."""
+        self.ensure()
+        return [
+            "-o",
+            f"ControlPath={self.control_path}",
+            "-o",
+            "ControlMaster=no",
+            *self.settings_args,
+        ]
+
+    # -- forwards ------------------------------------------------------------------------
+    def add_forward(self, kind: str, spec: ForwardSpec) -> Forward:
+        """Open a forward (see :func:`sshwrap.io.forwards.open_forward`; the master started
+        if needed) and keep it for a restart of the master."""
+        self.ensure()
+        fwd = open_forward(self.host, self.control_path, kind, spec, self._cancel_forward)
+        with self._lock:
+            self.forwards.append(fwd)
+        return fwd
+
+    def _cancel_forward(self, fwd: Forward) -> bool:
+        """Forget ``fwd``; False when it is not ours any more (or the master is closed)."""
+        with self._lock:
+            if fwd not in self.forwards or self.closed:
+                return False
+            self.forwards = [f for f in self.forwards if f is not fwd]
+            return True
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("open" if self.opened else "new")
+        return f"<Master {self.destination!r} {state} pid={self.pid}>"
