@@ -47,20 +47,6 @@ SLACK = 1.0  # what a bound may be overrun by on a loaded 2-core machine
 GONE = 10.0  # how long the remote command may take to go once stopped (a loaded machine)
 STOP_BOUND = 1.0  # the documented most a timeout's stop adds (Connection: kill_after + 0.5)
 
-# -- the issue's three drifts (one mark each) ---------------------------------------------------
-DRIFT_TTY_FALLBACK = pytest.mark.xfail(
-    strict=True, reason="drift: the async ssh -S fallback raises ValueError for tty"
-)
-DRIFT_OPEN_MESSAGE = pytest.mark.xfail(
-    strict=True,
-    reason="drift: async says 'timed out opening a session channel', sync 'timed out "
-    "waiting for the server to open a session channel'",
-)
-DRIFT_CANCEL_BEFORE_OPEN = pytest.mark.xfail(
-    strict=True,
-    reason="drift: Ctrl-C before the channel opened leaves it open (sync); cancel abandons it",
-)
-
 
 # -- other disagreements found (listed in the report) -------------------------------------------
 def parity(what: str) -> pytest.MarkDecorator:
@@ -254,7 +240,7 @@ def test_signals_reach_the_remote_command(local_sshd: LocalSSHD, face: tuple[str
 # -- tty ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "face",
-    faces(marks={"fallback-async": DRIFT_TTY_FALLBACK}),
+    faces(),
 )
 def test_tty_run_sees_a_terminal_of_the_size_given(
     local_sshd: LocalSSHD, face: tuple[str, str]
@@ -367,7 +353,6 @@ FALLBACK_RUNS_LATER = parity(
     faces(
         ("proxy", "fallback"),
         marks={
-            "proxy-sync": DRIFT_CANCEL_BEFORE_OPEN,
             "fallback-sync": FALLBACK_RUNS_LATER,
             "fallback-async": FALLBACK_RUNS_LATER,
         },
@@ -457,7 +442,7 @@ def short_open_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
     return OPEN_TIMEOUT
 
 
-@pytest.mark.parametrize("face", faces(("proxy",), marks={"proxy-async": DRIFT_OPEN_MESSAGE}))
+@pytest.mark.parametrize("face", faces(("proxy",)))
 def test_open_timeout_message_is_one(
     own_sshd: LocalSSHD, face: tuple[str, str], short_open_timeout: float
 ) -> None:
