@@ -33,9 +33,11 @@ when it next writes, or when it is done.  Over a ``Connection`` (below) cancelli
 remote command too.
 
 Connections: a host given as sshwrap's own ``Connection`` (``sshwrap.connect``, or its aio
-twin) runs as a channel of that connection's ControlMaster (OpenSSH's mux proxy mode): no
-new ssh process, no key exchange, and the exact ``-signum`` for a remote signal death.  Any
-other object with ``destination`` and ``control_path`` attributes runs as ``ssh -o
+twin; any :class:`ConnectionLike`, an object with a ``master``) runs as a channel of that
+connection's ControlMaster (OpenSSH's mux proxy mode, through
+:func:`sshwrap.core.commands.run_command`, as ``Connection.run`` does): no new ssh process, no
+key exchange, and the exact ``-signum`` for a remote signal death.  Any other object with
+``destination`` and ``control_path`` attributes (a :class:`ControlPathHost`) runs as ``ssh -o
 ControlPath=... -o ControlMaster=no``.  A ControlMaster that the user's own ssh config sets
 up is reused by ssh itself.
 
@@ -52,10 +54,10 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import Unpack
 
 from .core.argv import OptionValue
-from .core.fanout_host import OutputCallback
+from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
@@ -63,6 +65,7 @@ from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 __all__ = [
     "FDS_PER_HOST",
     "ConnectionLike",
+    "ControlPathHost",
     "FanoutInterrupted",
     "FdBudgetError",
     "HostResult",
@@ -72,22 +75,6 @@ __all__ = [
     "run_many",
     "run_many_async",
 ]
-
-ConnectionLike = ControlPathHost
-"""A host given by its ``destination`` and the ``control_path`` of a running master."""
-
-
-def _as_async_connection(host: object) -> Any:
-    """sshwrap's own Connection (or its aio twin) as an ``AsyncConnection``, else None."""
-    from .aio.connection import AsyncConnection
-    from .connection import Connection
-
-    if isinstance(host, AsyncConnection):
-        return host
-    if isinstance(host, Connection):
-        return AsyncConnection(host)
-    return None
-
 
 # -- public API ---------------------------------------------------------------------------
 
@@ -163,7 +150,6 @@ async def run_many_async(
         kill_remote=kill_remote,
         on_output=on_output,
         on_start=on_start,
-        as_channel_host=_as_async_connection,
     )
     gen = run.results()
     try:
@@ -205,7 +191,6 @@ def run_many(
         timeout=timeout,
         connect_timeout=connect_timeout,
         deadline=deadline,
-        as_channel_host=_as_async_connection,
         **kwargs,
     )
     results: dict[int, HostResult] = {}

@@ -25,12 +25,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 from ..errors import SSHError, TimeoutExpired
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import HostProcess, run_bounded
+from ..io.master import Master
 from .argv import build_ssh_argv, remote_signal_script
+from .commands import run_command
 from .deadline import capped
 from .host_result import (
     HostResult,
@@ -39,10 +41,12 @@ from .host_result import (
     interpret_ssh_exit,
     result_status,
 )
+from .waiting import run_async
 
 __all__ = [
     "KILL_GRACE",
     "STOP_BUDGET",
+    "ConnectionLike",
     "FanoutJob",
     "HostPlan",
     "OutputCallback",
@@ -65,6 +69,21 @@ _EOF_GRACE = 2.0  # seconds to wait for pipes to close once ssh has exited
 
 OutputCallback = Callable[[str, int, bytes], None]
 """``on_output(host, stream, data)``: stream 1 is stdout, 2 is stderr."""
+
+
+@runtime_checkable
+class ConnectionLike(Protocol):
+    """A host given as a connection (``sshwrap.Connection``, ``sshwrap.aio.AsyncConnection``):
+    its command runs as a channel of ``master`` (:func:`sshwrap.core.commands.run_command`)."""
+
+    @property
+    def destination(self) -> str: ...  # pragma: no cover - protocol
+
+    @property
+    def control_path(self) -> str: ...  # pragma: no cover - protocol
+
+    @property
+    def master(self) -> Master: ...  # pragma: no cover - protocol
 
 
 @dataclass(frozen=True)
@@ -93,7 +112,7 @@ class HostPlan:
     """The remote command's session tag, when ``kill_remote`` is on."""
     kill_settings: list[str] | None = None
     """ssh settings of the remote stop."""
-    conn: Any = None
+    conn: ConnectionLike | None = None
     """A connection: the command runs as a channel of its master (``argv`` unused)."""
 
 
@@ -214,6 +233,7 @@ def _remote_stop(
 
 async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | None) -> HostResult:
     """A host given as a connection: the command is a channel of its master."""
+    assert plan.conn is not None
     started = time.time()
     t0 = time.monotonic()
     returncode: int | None = None
@@ -226,7 +246,8 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
         # (a dead master's restart too) and returns within timeout + kill_after + 0.5 s;
         # ``connect_timeout`` bounds the restart.  Cancelling it (Ctrl-C) stops the
         # restart or the remote command within about 1 s.
-        cp = await plan.conn.run(
+        run = run_command(
+            plan.conn.master,
             job.command,
             input=job.input,
             capture_output=True,
@@ -236,6 +257,7 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
             env=job.env,
             cwd=job.cwd,
         )
+        cp = await run_async(run)
     except TimeoutExpired as e:
         status = "timeout"
         out = e.output if isinstance(e.output, bytes) else b""

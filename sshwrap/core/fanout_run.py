@@ -22,7 +22,7 @@ import signal
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, Unpack, runtime_checkable
+from typing import Protocol, Unpack, runtime_checkable
 
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
@@ -30,6 +30,7 @@ from ..io.host_process import HostProcess
 from .argv import build_ssh_argv, find_ssh, remote_command, ssh_settings_args
 from .fanout_host import (
     KILL_GRACE,
+    ConnectionLike,
     FanoutJob,
     HostPlan,
     OutputCallback,
@@ -80,8 +81,9 @@ class FanoutRun:
     The keywords are those of ``sshwrap.aio.run_many`` (see there and
     :class:`FanoutOptions`); ``check_budget`` (default
     on) refuses with ``FdBudgetError``, before anything starts, a concurrency the open-files
-    limit cannot hold.  ``as_channel_host(host)`` may turn a host object into one whose
-    command runs as a channel of its master (None: it is not one).
+    limit cannot hold.  A host that is a :class:`~sshwrap.core.fanout_host.ConnectionLike`
+    runs as a channel of its master; another :class:`ControlPathHost` as ``ssh -o
+    ControlPath=...``.
     """
 
     def __init__(
@@ -94,7 +96,6 @@ class FanoutRun:
         connect_timeout: float | None,
         deadline: float | None,
         check_budget: bool = True,
-        as_channel_host: Callable[[object], Any] | None = None,
         **options: Unpack[FanoutOptions],
     ) -> None:
         _check_bounds(
@@ -137,11 +138,9 @@ class FanoutRun:
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
         self.plans: list[HostPlan] = []
         for i, h in enumerate(hosts):
-            if not isinstance(h, str) and as_channel_host is not None:
-                conn = as_channel_host(h)
-                if conn is not None:
-                    self.plans.append(HostPlan(i, conn.destination, [], conn=conn))
-                    continue
+            if not isinstance(h, str) and isinstance(h, ConnectionLike):
+                self.plans.append(HostPlan(i, h.destination, [], conn=h))
+                continue
             dest, extra = _destination(h)
             sid = secrets.token_hex(8) if tagged else None
             if untagged_text is not None:
