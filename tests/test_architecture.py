@@ -65,7 +65,7 @@ IO_MODULES = {
 }
 
 KNOWN_CYCLES: list[set[str]] = []
-KNOWN_UPWARD = {("fanout", "aio.connection"), ("fanout", "connection")}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_AIO_IMPORTERS: set[str] = set()  # aio is a facade: only __init__ may import it
 
 
