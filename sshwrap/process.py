@@ -76,11 +76,9 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, Any, Unpack, cast
 
-from .core.argv import OptionValue
 from .core.child_steps import Expired, exchange
 from .core.completed import CompletedProcess
 from .core.deadline import deadline_after
@@ -91,7 +89,14 @@ from .core.invocation import (
     Invocation,
     stop_failure,
 )
-from .core.options import Command, PopenOptions, SSHSettings, StdSpec
+from .core.options import (
+    Command,
+    PopenOptions,
+    SSHSettings,
+    StdSpec,
+    check_keywords,
+    invocation_settings,
+)
 from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reader
 from .core.waiting import run_sync
 from .errors import CalledProcessError, SSHError, TimeoutExpired
@@ -127,8 +132,10 @@ STDOUT = subprocess.STDOUT
 class Popen(subprocess.Popen[Any]):
     """A remote command in a local ``ssh`` process, with the :class:`subprocess.Popen` API.
 
-    ``Popen(host, command, stdin=DEVNULL, stdout=None, stderr=None, text=..., env=..., cwd=...,
-    tty=False, size=None, config=..., user=..., port=..., identity=..., jump=..., options=...)``
+    ``Popen(host, command, stdin=DEVNULL, stdout=None, stderr=None, bufsize=-1, text=...,
+    encoding=..., errors=..., env=..., cwd=..., tty=False, size=None, config=..., user=...,
+    port=..., identity=..., jump=..., options=..., ssh=...)``: the keywords are
+    :class:`~sshwrap.core.options.PopenOptions`.
 
     - ``args`` is the command as given; ``ssh_args`` the full ssh argv; ``pid`` is the local
       ssh's pid; ``host`` the destination.
@@ -147,44 +154,13 @@ class Popen(subprocess.Popen[Any]):
       ``stdin=PIPE``) writes to it, ``resize(rows, cols)`` changes its size.
     """
 
-    def __init__(
-        self,
-        host: str,
-        args: Command,
-        *,
-        stdin: StdSpec = DEVNULL,
-        stdout: StdSpec = None,
-        stderr: StdSpec = None,
-        bufsize: int = -1,
-        text: bool | None = None,
-        encoding: str | None = None,
-        errors: str | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        tty: bool = False,
-        size: tuple[int, int] | None = None,
-        config: str | os.PathLike[str] | None = None,
-        user: str | None = None,
-        port: int | str | None = None,
-        identity: str | os.PathLike[str] | None = None,
-        jump: str | None = None,
-        options: Mapping[str, OptionValue] | None = None,
-        ssh: str | None = None,
-    ) -> None:
-        self._call = Invocation(
-            host,
-            args,
-            env=env,
-            cwd=cwd,
-            tty=tty,
-            config=config,
-            user=user,
-            port=port,
-            identity=identity,
-            jump=jump,
-            options=options,
-            ssh=ssh,
-        )
+    def __init__(self, host: str, args: Command, **kwargs: Unpack[PopenOptions]) -> None:
+        check_keywords("Popen", kwargs, PopenOptions)
+        stdin = kwargs.get("stdin", DEVNULL)
+        stdout, stderr = kwargs.get("stdout"), kwargs.get("stderr")
+        text, encoding, errors = kwargs.get("text"), kwargs.get("encoding"), kwargs.get("errors")
+        tty, bufsize = kwargs.get("tty", False), kwargs.get("bufsize", -1)
+        self._call = Invocation(host, args, tty=tty, **invocation_settings(kwargs))
         self.host = host
         self.ssh_args = self._call.argv
         self.ssh_error: SSHError | None = None
@@ -199,7 +175,7 @@ class Popen(subprocess.Popen[Any]):
         self._tee: threading.Thread | None = None
         try:
             if tty:
-                self._start_tty(stdin, stdout, bufsize, text, encoding, errors, size)
+                self._start_tty(stdin, stdout, bufsize, text, encoding, errors, kwargs.get("size"))
             else:
                 _, self._tee = ssh_child.start_with_pipes(
                     super().__init__,

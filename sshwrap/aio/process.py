@@ -31,15 +31,12 @@ from ..core.child_steps import exchange
 from ..core.completed import CompletedProcess
 from ..core.invocation import SIGNAL_TIMEOUT, TEE_GRACE, Invocation
 from ..core.options import (
-    COMMAND_KEYS,
-    SSH_SETTINGS_KEYS,
     Command,
-    CommandOptions,
     PopenOptions,
     ProcessOptions,
     RunOptions,
-    SSHSettings,
-    keys_of,
+    check_keywords,
+    invocation_settings,
 )
 from ..core.ssh_run import run_ssh
 from ..core.waiting import Blocking, Procedure, run_async
@@ -56,8 +53,6 @@ __all__ = [
     "create_process",
     "run",
 ]
-
-_PROCESS_KEYS = keys_of(ProcessOptions)
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -220,17 +215,11 @@ async def create_process(host: str, args: Command, **kwargs: Unpack[ProcessOptio
     ``stdin`` defaults to DEVNULL (see :mod:`sshwrap.process` for why).  Pipes only: a
     keyword it does not take (``tty``, for one) raises :class:`TypeError`.
     """
-    unknown = set(kwargs) - _PROCESS_KEYS
-    if unknown:
-        raise TypeError(f"create_process() got an unexpected keyword argument {min(unknown)!r}")
+    check_keywords("create_process", kwargs, ProcessOptions)
     stdin = kwargs.get("stdin", DEVNULL)
     stdout = kwargs.get("stdout")
     stderr = kwargs.get("stderr")
-    settings = cast(
-        SSHSettings | CommandOptions,
-        {k: v for k, v in kwargs.items() if k in SSH_SETTINGS_KEYS | COMMAND_KEYS},
-    )
-    call = Invocation(host, args, **settings)
+    call = Invocation(host, args, **invocation_settings(kwargs))
     try:
         proc, _, tee = popen_with_pipes(call.argv, call.stderr, (stdin, stdout, stderr), True)
     except BaseException:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import IO, Any, TypedDict
+from typing import IO, Any, TypedDict, cast
 
 from .argv import OptionValue
 
@@ -29,6 +29,8 @@ __all__ = [
     "StreamOptions",
     "TerminalOptions",
     "TextOptions",
+    "check_keywords",
+    "invocation_settings",
     "keys_of",
 ]
 
@@ -121,3 +123,18 @@ SSH_SETTINGS_KEYS = keys_of(SSHSettings)
 
 COMMAND_KEYS = keys_of(CommandOptions)
 """The keys of :class:`CommandOptions`."""
+
+
+def check_keywords(func: str, kwargs: Mapping[str, object], accepted: type) -> None:
+    """Raise :class:`TypeError` as Python does for a keyword ``func`` does not take (the
+    TypedDict ``accepted`` lists those it takes)."""
+    unknown = set(kwargs) - keys_of(accepted)
+    if unknown:
+        raise TypeError(f"{func}() got an unexpected keyword argument {min(unknown)!r}")
+
+
+def invocation_settings(kwargs: Mapping[str, Any]) -> SSHSettings | CommandOptions:
+    """The :class:`SSHSettings` and :class:`CommandOptions` among a call's keywords (what
+    :class:`~sshwrap.core.invocation.Invocation` takes besides ``tty``)."""
+    wanted = SSH_SETTINGS_KEYS | COMMAND_KEYS
+    return cast(SSHSettings | CommandOptions, {k: v for k, v in kwargs.items() if k in wanted})

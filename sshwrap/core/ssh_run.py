@@ -45,7 +45,7 @@ from .child_steps import Expired, exchange, reap_killed
 from .completed import CompletedProcess
 from .deadline import deadline_after
 from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
-from .options import Command, CommandOptions, PopenOptions, SSHSettings
+from .options import Command, PopenOptions, check_keywords, invocation_settings
 from .waiting import Procedure
 
 __all__ = [
@@ -228,24 +228,21 @@ def run_ssh(
     ``input``, ``timeout``, ``capture_output`` and ``check`` may come by position (in this
     order) or keyword.
     """
+    check_keywords("run", kwargs, PopenOptions)
     options = cast(dict[str, Any], dict(kwargs))
     prepare_run(input, capture_output, options)
-    stdin = options.pop("stdin", DEVNULL)
-    stdout = options.pop("stdout", None)
-    stderr = options.pop("stderr", None)
-    text, encoding, errors = (options.pop(k, None) for k in ("text", "encoding", "errors"))
-    tty = bool(options.pop("tty", False))
-    size = options.pop("size", None)
-    options.pop("bufsize", None)
+    stdout, stderr = options.get("stdout"), options.get("stderr")
+    stdin = options.get("stdin", DEVNULL)
+    text, encoding, errors = (options.get(k) for k in ("text", "encoding", "errors"))
+    tty = bool(options.get("tty", False))
     text_mode = bool(text or encoding or errors)
     if isinstance(input, str):
         input = input.encode(encoding or locale.getpreferredencoding(False), errors or "strict")
     data = b"" if input is None else bytes(input)
-    settings = cast(SSHSettings | CommandOptions, options)
     deadline = deadline_after(timeout)
-    call = Invocation(host, args, tty=tty, **settings)
+    call = Invocation(host, args, tty=tty, **invocation_settings(options))
     try:
-        child = _Child(call, stdin, stdout, stderr, size, data)
+        child = _Child(call, stdin, stdout, stderr, options.get("size"), data)
     except BaseException:
         call.close()
         raise
