@@ -49,7 +49,6 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack, cast
 
 from .core.argv import check_destination, find_ssh, remote_command, ssh_settings_args
@@ -166,12 +165,7 @@ class Connection:
     def __enter__(self) -> Connection:
         return self.open()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:

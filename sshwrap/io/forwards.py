@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from types import TracebackType
 
 from ..errors import SSHConnectionError, SSHError
 from .mux_control import MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
@@ -94,12 +93,7 @@ class Forward:
     def __enter__(self) -> Forward:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
     def __repr__(self) -> str:
