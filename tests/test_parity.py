@@ -3,17 +3,19 @@
 Faces (tests/parity.py): a Connection on mux proxy channels (``proxy``), a Connection forced
 onto ``ssh -S`` (``fallback``, ``connect(proxy=False)``) and one ssh per call (``plain``), each
 as ``sync`` and ``async``.  A test's expectations may depend on the mode, never on the
-flavour: where sync and async disagree, one of them fails.  A test that fails today because
-of one of the issue's three drifts is marked ``xfail(strict=True, reason="drift: ...")`` (one
-mark per drift: its fixer removes it); any other disagreement found is marked
-``reason="parity: ..."``.  Real sshd, real ssh; waits are on events with bounds.
+flavour: where sync and async disagree, one of them fails.  The issue's three drifts (the
+async fallback refused tty, two open-timeout messages, Ctrl-C vs cancel before the channel
+opened) are guarded by test_tty_run_sees_a_terminal_of_the_size_given,
+test_open_timeout_message_is_one and test_interrupt_before_the_session_channel_opens (they
+were ``xfail(strict=True, reason="drift: ...")`` until fixed).  A disagreement still open is
+marked ``xfail(strict=True, reason="parity: ...")``: whoever fixes it removes the mark.
+Real sshd, real ssh; waits are on events with bounds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import os
 import re
 import signal
@@ -39,6 +41,7 @@ from parity import (
 )
 from waiting import wait_until
 
+from sshwrap.core import session
 from sshwrap.errors import CommandLostError
 from sshwrap.testing import LocalSSHD
 
@@ -52,9 +55,6 @@ STOP_BOUND = 1.0  # the documented most a timeout's stop adds (Connection: kill_
 def parity(what: str) -> pytest.MarkDecorator:
     """A disagreement between faces that is not one of the issue's three drifts."""
     return pytest.mark.xfail(strict=True, reason=f"parity: {what}")
-
-
-NO_FALLBACK_PROCESS = parity("AsyncConnection.create_process refuses the ssh -S fallback")
 
 
 def faces(
@@ -150,7 +150,7 @@ def test_run_signal_death_returncode(local_sshd: LocalSSHD, face: tuple[str, str
 
 
 # -- Popen / create_process ---------------------------------------------------------------------
-@pytest.mark.parametrize("face", faces(marks={"fallback-async": NO_FALLBACK_PROCESS}))
+@pytest.mark.parametrize("face", faces())
 def test_process_pipes_and_communicate(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     with _open(face, local_sshd) as f:
         p = f.start("cat; echo done >&2; exit 5", stdin=PIPE, stdout=PIPE, stderr=PIPE)
@@ -214,7 +214,7 @@ def test_timeout_when_the_command_ignores_term(
 
 
 # -- signals ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("face", faces(marks={"fallback-async": NO_FALLBACK_PROCESS}))
+@pytest.mark.parametrize("face", faces())
 def test_signals_reach_the_remote_command(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """``terminate``, ``kill``, ``send_signal``: the remote command dies of the signal and
     the returncode says which (sshwrap sent it, so even through ssh it knows)."""
@@ -272,7 +272,7 @@ TTY_STDERR_NONE = parity(
     faces(
         marks={
             "fallback-sync": TTY_STDERR_NONE,
-            "fallback-async": TTY_STDERR_NONE,  # (today also the tty drift: ValueError)
+            "fallback-async": TTY_STDERR_NONE,
             "plain-sync": TTY_STDERR_NONE,
             "plain-async": TTY_STDERR_NONE,
         }
@@ -285,8 +285,8 @@ def test_tty_output_is_the_terminals_alone(local_sshd: LocalSSHD, face: tuple[st
 
 
 NO_ASYNC_TTY_PROCESS = parity(
-    "the async create_process (AsyncConnection's and sshwrap.aio's) takes no tty/size: "
-    "TypeError (Connection.Popen and sshwrap.Popen take them)"
+    "sshwrap.aio.create_process takes no tty/size: TypeError (sshwrap.Popen takes them); "
+    "AsyncConnection.create_process's ssh -S fallback goes through it"
 )
 
 
@@ -294,8 +294,7 @@ NO_ASYNC_TTY_PROCESS = parity(
     "face",
     faces(
         marks={
-            "proxy-async": NO_ASYNC_TTY_PROCESS,
-            "fallback-async": NO_FALLBACK_PROCESS,
+            "fallback-async": NO_ASYNC_TTY_PROCESS,
             "plain-async": NO_ASYNC_TTY_PROCESS,
         }
     ),
@@ -432,13 +431,8 @@ def short_open_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
     """The longest wait for a channel to open when a call has no timeout (60 s), made short.
 
     ``sshwrap.core.session.OPEN_TIMEOUT``, read at call time by the procedure both faces
-    run; before that module existed, ``sshwrap.core.channel_run._OPEN_TIMEOUT`` (both faces'
-    copies read it at call time; remove this branch once channel_run is gone)."""
-    try:
-        module, name = importlib.import_module("sshwrap.core.session"), "OPEN_TIMEOUT"
-    except ImportError:
-        module, name = importlib.import_module("sshwrap.core.channel_run"), "_OPEN_TIMEOUT"
-    monkeypatch.setattr(module, name, OPEN_TIMEOUT)
+    run (a test-only patch of a public constant)."""
+    monkeypatch.setattr(session, "OPEN_TIMEOUT", OPEN_TIMEOUT)
     return OPEN_TIMEOUT
 
 
@@ -496,7 +490,7 @@ def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[st
     "face",
     faces(
         ("proxy", "fallback"),
-        marks={"fallback-sync": FALLBACK_LOST, "fallback-async": NO_FALLBACK_PROCESS},
+        marks={"fallback-sync": FALLBACK_LOST, "fallback-async": FALLBACK_LOST},
     ),
 )
 def test_lost_master_under_a_started_process(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
