@@ -427,6 +427,30 @@ def test_runs_over_sshwrap_connections(many: Hosts) -> None:
     assert _ssh_children() == []
 
 
+def test_runs_over_async_connections_through_the_core(many: Hosts) -> None:
+    """An AsyncConnection host is a channel of its master too (no ssh of its own, the exact
+    -signum), and the fan-out never starts a process for it."""
+    import sshwrap.aio
+
+    async def main() -> list[HostResult]:
+        conns = [await sshwrap.aio.connect(h, config=many.config) for h in many.hosts[:2]]
+        try:
+            started = len(_ssh_children())
+            out = [r async for r in run_many_async(conns, "echo hi; kill -TERM $$")]
+            assert len(_ssh_children()) == started  # only the two masters
+            return out
+        finally:
+            for c in conns:
+                await c.close()
+
+    results = asyncio.run(main())
+    assert sorted(r.host for r in results) == sorted(many.hosts[:2])
+    for r in results:
+        assert r.stdout == b"hi\n" and r.returncode == -signal.SIGTERM and r.signalled
+        assert r.ssh_log == "" and r.status == "failed"
+    assert _ssh_children() == []
+
+
 def test_fd_budget_refuses_what_the_limit_cannot_hold() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     too_many = hard // FDS_PER_HOST + 100
