@@ -48,6 +48,7 @@ from sshwrap.testing import LocalSSHD
 PIPE = subprocess.PIPE
 SLACK = 1.0  # what a bound may be overrun by on a loaded 2-core machine
 GONE = 10.0  # how long the remote command may take to go once stopped (a loaded machine)
+CONNECTIONS = ("proxy", "fallback")  # the modes with a Connection (a master)
 STOP_BOUND = 1.0  # the documented most a timeout's stop adds (Connection: kill_after + 0.5)
 
 
@@ -58,10 +59,16 @@ def parity(what: str) -> pytest.MarkDecorator:
 
 
 def faces(
-    modes: tuple[str, ...] = MODES, marks: dict[str, pytest.MarkDecorator] | None = None
+    modes: tuple[str, ...] = MODES,
+    marks: dict[str, pytest.MarkDecorator] | None = None,
+    *,
+    fallback: pytest.MarkDecorator | None = None,
 ) -> list[Any]:
-    """``mode-flavour`` parameters, with ``marks`` for some of them."""
-    marks = marks or {}
+    """``mode-flavour`` parameters, with ``marks`` for some of them (``fallback``: the mark
+    of both ssh -S fallback faces)."""
+    marks = dict(marks or {})
+    if fallback is not None:
+        marks |= {"fallback-sync": fallback, "fallback-async": fallback}
     return [
         pytest.param(
             (m, f), id=f"{m}-{f}", marks=[marks[f"{m}-{f}"]] if f"{m}-{f}" in marks else []
@@ -173,7 +180,7 @@ FALLBACK_TIMEOUT = parity(
 
 @pytest.mark.parametrize(
     "face",
-    faces(marks={"fallback-sync": FALLBACK_TIMEOUT, "fallback-async": FALLBACK_TIMEOUT}),
+    faces(fallback=FALLBACK_TIMEOUT),
 )
 def test_timeout_partial_output_remote_stopped_bound_kept(
     local_sshd: LocalSSHD, face: tuple[str, str]
@@ -195,7 +202,7 @@ def test_timeout_partial_output_remote_stopped_bound_kept(
 
 @pytest.mark.parametrize(
     "face",
-    faces(marks={"fallback-sync": FALLBACK_TIMEOUT, "fallback-async": FALLBACK_TIMEOUT}),
+    faces(fallback=FALLBACK_TIMEOUT),
 )
 def test_timeout_when_the_command_ignores_term(
     local_sshd: LocalSSHD, face: tuple[str, str]
@@ -349,13 +356,7 @@ FALLBACK_RUNS_LATER = parity(
 
 @pytest.mark.parametrize(
     "face",
-    faces(
-        ("proxy", "fallback"),
-        marks={
-            "fallback-sync": FALLBACK_RUNS_LATER,
-            "fallback-async": FALLBACK_RUNS_LATER,
-        },
-    ),
+    faces(CONNECTIONS, fallback=FALLBACK_RUNS_LATER),
 )
 def test_interrupt_before_the_session_channel_opens(
     one_session_sshd: LocalSSHD, face: tuple[str, str]
@@ -459,10 +460,7 @@ FALLBACK_LOST = parity(
 
 @pytest.mark.parametrize(
     "face",
-    faces(
-        ("proxy", "fallback"),
-        marks={"fallback-sync": FALLBACK_LOST, "fallback-async": FALLBACK_LOST},
-    ),
+    faces(CONNECTIONS, fallback=FALLBACK_LOST),
 )
 def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """The master is killed while a command runs: that call fails as lost (never a
@@ -488,10 +486,7 @@ def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[st
 
 @pytest.mark.parametrize(
     "face",
-    faces(
-        ("proxy", "fallback"),
-        marks={"fallback-sync": FALLBACK_LOST, "fallback-async": FALLBACK_LOST},
-    ),
+    faces(CONNECTIONS, fallback=FALLBACK_LOST),
 )
 def test_lost_master_under_a_started_process(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """``Popen`` / ``create_process`` when the master is killed: ``wait`` raises
@@ -519,13 +514,7 @@ FALLBACK_SESSION_REFUSED = parity(
 
 @pytest.mark.parametrize(
     "face",
-    faces(
-        ("proxy", "fallback"),
-        marks={
-            "fallback-sync": FALLBACK_SESSION_REFUSED,
-            "fallback-async": FALLBACK_SESSION_REFUSED,
-        },
-    ),
+    faces(CONNECTIONS, fallback=FALLBACK_SESSION_REFUSED),
 )
 def test_commands_wait_for_a_session_slot(
     one_session_sshd: LocalSSHD, face: tuple[str, str]
