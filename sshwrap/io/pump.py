@@ -36,7 +36,6 @@ import os
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable
 
 from ..protocol import channel as proto
@@ -77,7 +76,6 @@ from .session import (
     ChannelLost,
     ChannelOpenTimeout,
     Session,
-    SessionPacer,
     check_exec_size,
 )
 from .threads import start_daemon
@@ -90,7 +88,6 @@ __all__ = [
     "ChannelOpenTimeout",
     "ProxyCore",
     "Session",
-    "SessionPacer",
     "Sink",
     "Source",
     "check_exec_size",
@@ -147,49 +144,6 @@ class ProxyCore:
         open or closing; the prestarted spare included)."""
         with self.lock:
             return self.mux.open_channels
-
-    @property
-    def close_generation(self) -> int:
-        """How often ``closes`` was bumped (for waiting past it)."""
-        return self.closes.value
-
-    def add_close_waiter(self, cb: Callable[[], None]) -> None:
-        """Call ``cb`` once when any channel closes next (it must only schedule work)."""
-        self.closes.add_callback(self.closes.value, cb)
-
-    def open_session(self, timeout: float | None = None) -> Session:
-        """Open a ``session`` channel and wait for the server's confirmation.
-
-        When the server refuses because the connection already has as many sessions as it
-        allows (sshd's ``MaxSessions``, 10 by default), the open is tried again when one of
-        our channels closes or after a short growing delay (see ``SessionPacer``), until
-        ``timeout`` (``ChannelOpenTimeout``).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pacer = SessionPacer(self)
-        while True:
-            generation = self.closes.value
-            ch = self.start_session()
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not ch.opened.wait(remaining):
-                self.abandon(ch)
-                raise ChannelOpenTimeout(
-                    "timed out waiting for the server to open a session channel"
-                )
-            pause = pacer.pause(ch)
-            if pause is None:
-                break
-            if not self.dead:
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ChannelOpenTimeout(
-                            "timed out waiting for the server to allow another session"
-                        )
-                    pause = min(pause, remaining)
-                self.closes.wait_past(generation, pause)
-        self.check_opened(ch)
-        return ch
 
     def abandon(self, ch: Session) -> None:
         """Give up on a channel nobody waits for: closed as soon as it is open."""

@@ -10,7 +10,6 @@ machine's record of the channel; the session only reads it.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,7 +18,6 @@ from ..protocol.channel import (
     MAX_COMMAND,
     PACKET_LIMIT,
     PAYLOAD_MAX,
-    SESSION_LIMIT_CODES,
     ChannelMux,
     ChannelState,
     env_request_size,
@@ -34,7 +32,6 @@ __all__ = [
     "ChannelLost",
     "ChannelOpenTimeout",
     "Session",
-    "SessionPacer",
     "check_exec_size",
 ]
 
@@ -46,10 +43,6 @@ class ChannelHost(Protocol):
     mux: ChannelMux
     session_env: dict[str, str]
     dead_reason: str
-
-    @property
-    def open_channels(self) -> int:
-        """Our channels that count towards ``MaxSessions``."""
 
     def send_queued_locked(self) -> None:
         """(lock held) Write what the machine queued."""
@@ -172,13 +165,8 @@ class Session:
         """Send a raw channel request ``name`` with its encoded ``body`` (its reply, if
         asked for, is only counted).  For what the typed methods do not cover."""
         with self.core.lock:
-            self._request_locked(name, body, want_reply=want_reply)
-
-    def _request_locked(self, name: str, body: bytes, *, want_reply: bool) -> None:
-        # Lock held.  Kept under this name until tests/test_faults_connection.py calls
-        # ``request`` (its working copy does): then it goes.
-        self.core.mux.request(self.local_id, name, body, want_reply=want_reply)
-        self.core.send_queued_locked()
+            self.core.mux.request(self.local_id, name, body, want_reply=want_reply)
+            self.core.send_queued_locked()
 
     def request_pty(self, term: str, rows: int, cols: int) -> None:
         """Ask for a remote terminal (``pty-req``, before ``exec``).  Not awaited: a refusal
@@ -231,36 +219,3 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.local_id} {self.state.value}>"
-
-
-class SessionPacer:
-    """When to try a session open again after the server refused it for its session limit.
-
-    sshd refuses a session beyond ``MaxSessions`` ("open failed") and frees a slot only once
-    it has our CLOSE for a finished channel, a moment after we learn the channel ended.  So a
-    refused open is tried again when one of our channels closes or after a delay growing
-    from 10 ms to 250 ms, whichever comes first.  With no channel of ours open, the refusal
-    is taken as final after ``patience`` seconds (someone else holds the sessions, or the
-    server refuses sessions for another reason).
-    """
-
-    def __init__(self, core: ChannelHost, patience: float = 2.0) -> None:
-        self.core = core
-        self.patience = patience
-        self._delay = 0.01
-        self._alone_since: float | None = None
-
-    def pause(self, ch: Session) -> float | None:
-        """Seconds to wait at most before trying again, or None: do not try again."""
-        if ch.open_code not in SESSION_LIMIT_CODES or ch.lost or ch.open_error is None:
-            return None
-        now = time.monotonic()
-        if self.core.open_channels:
-            self._alone_since = None
-        elif self._alone_since is None:
-            self._alone_since = now
-        elif now - self._alone_since > self.patience:
-            return None
-        delay = self._delay
-        self._delay = min(self._delay * 2, 0.25)
-        return delay
