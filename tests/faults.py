@@ -318,9 +318,11 @@ class ChildProc:
         return True
 
     def wait_line(self, text: str, timeout: float = 60.0) -> None:
-        """Wait until the child's stdout contains ``text``."""
+        """Wait until a whole line of the child's stdout (ended by its newline) contains
+        ``text``: a line printed in several writes is not taken before it is complete."""
         deadline = time.monotonic() + timeout
-        while text.encode() not in self.out:
+        want = text.encode()
+        while not any(want in line for line in self.out.split(b"\n")[:-1]):
             if time.monotonic() > deadline or not self._pump(deadline):
                 raise AssertionError(
                     f"child never printed {text!r}: out={self.out!r} err={self.err[-2000:]!r}"
