@@ -46,15 +46,21 @@ class _Screen:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"demo: no {pattern!r} in {bytes(self.out)!r}")
-            r, _, _ = select.select([self.proc.fd], [], [], left)
-            if r:
-                try:
-                    data = os.read(self.proc.fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    raise EOFError(f"demo: session ended early: {bytes(self.out)!r}")
-                self.out += data
+            if self._read(left) is False:
+                raise EOFError(f"demo: session ended early: {bytes(self.out)!r}")
+
+    def _read(self, timeout: float) -> bool | None:
+        """Read what the terminal has within ``timeout`` s: True if something came, None if
+        nothing did, False at the end of the session."""
+        r, _, _ = select.select([self.proc.fd], [], [], timeout)
+        if not r:
+            return None
+        try:
+            data = os.read(self.proc.fd, 65536)
+        except OSError:
+            data = b""
+        self.out += data
+        return bool(data)
 
     def send(self, text: str) -> None:
         os.write(self.proc.fd, text.encode())
@@ -62,15 +68,8 @@ class _Screen:
     def finish(self, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.fd], [], [], 1)
-            if r:
-                try:
-                    data = os.read(self.proc.fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                self.out += data
+            if self._read(1) is False:
+                break
         status: int = self.proc.wait()
         self.proc.close()
         return status

@@ -81,7 +81,6 @@ from typing import IO, Any, Unpack, cast
 
 from .core.child_steps import Expired, exchange
 from .core.completed import CompletedProcess
-from .core.deadline import deadline_after
 from .core.invocation import (
     SIGNAL_TIMEOUT,
     STOP_MARGIN,
@@ -101,6 +100,7 @@ from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reade
 from .core.waiting import run_sync
 from .errors import CalledProcessError, SSHError, TimeoutExpired
 from .io import ssh_child
+from .io.deadline import deadline_after
 from .io.pty import PtyWriter
 from .terminal.modes import set_size
 

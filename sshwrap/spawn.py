@@ -47,7 +47,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
 from .core.argv import SSHLog, check_destination, find_ssh, remote_command
 from .errors import (
@@ -181,12 +180,7 @@ class Spawned:
     def __enter__(self) -> Spawned:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @property

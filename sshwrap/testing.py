@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 
 __all__ = [
     "TEST_USER",
@@ -60,6 +59,11 @@ class SSHDError(RuntimeError):
 
 def _run(argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(list(argv), check=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def _keygen(comment: str, path: str) -> None:
+    """A new ed25519 key without passphrase at ``path``."""
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
 
 
 def ensure_test_user(name: str = TEST_USER) -> pwd.struct_passwd:
@@ -268,12 +272,7 @@ class LocalSSHD:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -310,37 +309,11 @@ class LocalSSHD:
         d = self.dir
         # The login user must read authorized_keys; everything secret stays 0600/0700.
         os.chmod(d, 0o711)
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "sshwrap-host",
-                "-f",
-                str(d / "host_ed25519"),
-            ]
-        )
+        _keygen("sshwrap-host", str(d / "host_ed25519"))
         client = d / "client"
         client.mkdir(mode=0o700)
         self.identity = str(client / "id_ed25519")
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "sshwrap-user",
-                "-f",
-                self.identity,
-            ]
-        )
+        _keygen("sshwrap-user", self.identity)
         auth = d / "authorized_keys"
         shutil.copyfile(self.identity + ".pub", auth)
         os.chmod(auth, 0o644)

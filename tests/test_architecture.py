@@ -38,11 +38,11 @@ LAYER = {
     "testing": FACES,
     "pytest_plugin": FACES,
     "demo": FACES,
-    "fanout": CORE,
-    "transfer": CORE,
+    "fanout": FACES,
+    "transfer": FACES,
     "errors": PURE,
 }
-"""The layer of every top-level module (the faces, and a few still to be split)."""
+"""The layer of every top-level module: the faces (errors.py: the public exceptions, pure)."""
 
 PACKAGE_LAYER = {"aio": FACES, "core": CORE, "io": IO, "terminal": IO, "protocol": PURE}
 """A sub-package's modules take the layer of the sub-package."""
@@ -219,3 +219,27 @@ def test_the_graph_reader_sees_lazy_and_relative_imports() -> None:
     assert "transfer" in GRAPH["connection"]  # imported inside methods
     assert "cli" in GRAPH["__main__"]  # from .cli import main
     assert "testing" in GRAPH["pytest_plugin"]
+
+
+MAX_LINES = 600
+
+
+def test_no_module_over_600_lines() -> None:
+    """One responsibility per module: a module that grows past this is doing two things."""
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these modules (lines): {long}"
+
+
+def test_tests_import_public_names_only() -> None:
+    """The tests use public names (or the pure layer), never a module's private ones."""
+    tests = Path(__file__).parent
+    private = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sshwrap"):
+                private += [
+                    f"{path.name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    assert not private, private

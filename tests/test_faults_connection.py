@@ -33,10 +33,10 @@ from waiting import wait_until
 import sshwrap
 from sshwrap.aio.connection import AsyncConnection
 from sshwrap.connection import Connection, connect
-from sshwrap.core.deadline import deadline_after
 from sshwrap.core.session import open_session
 from sshwrap.core.waiting import run_sync
 from sshwrap.errors import UNKNOWN_SIGNAL, CommandLostError, SSHConnectionError, TimeoutExpired
+from sshwrap.io.deadline import deadline_after
 from sshwrap.io.mux_control import pack_string
 from sshwrap.io.pump import MAX_COMMAND
 from sshwrap.testing import LocalSSHD, descendants, is_running, wait_exited

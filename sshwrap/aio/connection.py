@@ -21,7 +21,6 @@ import asyncio
 import functools
 import os
 import subprocess
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Unpack
 
 from ..connection import Connection, ConnectOptions, Forward
@@ -160,12 +159,7 @@ class AsyncConnection:
             await self.open()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:

@@ -1,8 +1,20 @@
 """The core layer: procedures written once, for the sync and the async faces.
 
-- :mod:`.argv`: the ssh argv and the remote command line (quoting, ``env``/``cwd``, settings);
-- :mod:`.sshparse`: ssh's own command-line grammar (which options take a value);
-- :mod:`.channel_run`: running a command on a session channel of the pump.
+A procedure is a generator that yields what it waits for; :mod:`.waiting` has the waits and
+the two drivers (``run_sync`` for the sync faces, ``run_async`` for :mod:`sshwrap.aio`).
+
+- plain ssh: :mod:`.ssh_run` (``run``: start, communicate, exit, timeout stop, result),
+  :mod:`.invocation` (one ssh call's argv, ``-E`` log, exit, the remote stop),
+  :mod:`.child_steps` (procedures over a child's pipes and exit);
+- over a ControlMaster: :mod:`.commands` (retry once on a lost master, the ``ssh -S``
+  fallback), :mod:`.session` (open a session with the MaxSessions wait; run on a channel with
+  timeout -> TERM -> KILL -> close; one cleanup on Ctrl-C and cancel), :mod:`.channel_streams`
+  (the local ends of a channel's streams), :mod:`.channel_popen` (``Popen`` on a channel);
+- fan-out: :mod:`.fanout_run` (the scheduler), :mod:`.fanout_host` (one host's bounds and
+  stop), :mod:`.host_result` (``HostResult``);
+- shared: :mod:`.options` (the keyword lists, typed), :mod:`.completed` (``CompletedProcess``),
+  :mod:`.argv` (the ssh argv and the remote command line), :mod:`.sshparse` (ssh's own
+  command-line grammar).
 
 It uses :mod:`sshwrap.io` and :mod:`sshwrap.protocol`; the faces above it use it.
 """

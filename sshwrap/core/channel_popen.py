@@ -25,10 +25,10 @@ from types import TracebackType
 from typing import IO, Any, Unpack, cast
 
 from ..errors import SSHError, TimeoutExpired
+from ..io.deadline import deadline_after
 from ..io.flags import Flag
 from ..io.pump import ProxyCore, Session
 from .channel_streams import DEVNULL, PopenStreams, decode, ended_error, text_mode
-from .deadline import deadline_after
 from .options import CommandOptions, StreamOptions, TerminalOptions, TextOptions
 from .session import KILL_AFTER, OPEN_TIMEOUT, start_on_channel
 from .waiting import Procedure

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
+from ..io.deadline import remaining
 from ..io.ssh_child import ChildPipes
-from .deadline import remaining
 from .waiting import Procedure, WaitFd
 
 __all__ = ["GATE_RECHECK", "Expired", "exchange", "reap_killed"]

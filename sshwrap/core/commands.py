@@ -26,13 +26,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
 
 from ..errors import SSHConnectionError, SSHError
+from ..io.deadline import deadline_after, earliest, time_left
 from ..io.master import Master
 from ..io.pump import ChannelError, ChannelLost, ProxyCore, check_exec_size
 from .argv import remote_command
 from .channel_popen import ChannelPopen, ChannelPopenOptions, start_popen
 from .channel_streams import RunStreams
 from .completed import CompletedProcess
-from .deadline import deadline_after, earliest, time_left
 from .options import (
     Command,
     CommandOptions,

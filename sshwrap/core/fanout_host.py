@@ -28,12 +28,12 @@ from functools import partial
 from typing import Protocol, runtime_checkable
 
 from ..errors import SSHError, TimeoutExpired
+from ..io.deadline import capped
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import HostProcess, run_bounded
 from ..io.master import Master
 from .argv import build_ssh_argv, remote_signal_script
 from .commands import run_command
-from .deadline import capped
 from .host_result import (
     HostResult,
     Status,

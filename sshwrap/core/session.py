@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..io.deadline import capped, deadline_after
 from ..io.pump import ChannelOpenTimeout, ProxyCore, Session
 from ..protocol.channel import SESSION_LIMIT_CODES
 from .channel_streams import RunStreams
-from .deadline import capped, deadline_after
 from .waiting import Procedure, WaitChange, WaitFlag
 
 __all__ = [

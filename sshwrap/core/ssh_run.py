@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, Unpack, cast
 
 from ..errors import CalledProcessError, TimeoutExpired
+from ..io.deadline import deadline_after
 from ..io.pty import PtyReader
 from ..io.ssh_child import (
     ChildPipes,
@@ -43,7 +44,6 @@ from ..io.ssh_child import (
 )
 from .child_steps import Expired, exchange, reap_killed
 from .completed import CompletedProcess
-from .deadline import deadline_after
 from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
 from .options import Command, PopenOptions, check_keywords, invocation_settings
 from .waiting import Procedure

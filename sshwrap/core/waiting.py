@@ -97,21 +97,36 @@ Procedure: TypeAlias = Generator[Wait, Any, T]
 """A procedure that returns a ``T``."""
 
 
+class _Done(Exception):
+    """The procedure returned ``value``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _advance(proc: Procedure[Any], outcome: Any, error: BaseException | None) -> Wait:
+    """Resume ``proc`` with a wait's outcome (or throw its ``error`` in); the next wait, or
+    ``_Done`` with the result."""
+    try:
+        return proc.send(outcome) if error is None else proc.throw(error)
+    except StopIteration as stop:
+        raise _Done(stop.value) from None
+
+
 def run_sync(proc: Procedure[T]) -> T:
     """Run ``proc`` to its end in this thread; its result, or what it raises."""
-    send: Any = None
-    throw: BaseException | None = None
-    while True:
-        try:
-            wait = proc.send(send) if throw is None else proc.throw(throw)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
-        send, throw = None, None
-        try:
-            send = _wait_sync(wait)
-        except BaseException as exc:  # KeyboardInterrupt included: the procedure cleans up
-            throw = exc
+    outcome: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            wait = _advance(proc, outcome, error)
+            try:
+                outcome, error = _wait_sync(wait), None
+            except BaseException as exc:  # KeyboardInterrupt included: the procedure cleans up
+                outcome, error = None, exc
+    except _Done as done:
+        result: T = done.value
+        return result
 
 
 def _wait_sync(wait: Wait) -> Any:
@@ -134,19 +149,18 @@ def _wait_sync(wait: Wait) -> Any:
 
 async def run_async(proc: Procedure[T]) -> T:
     """Run ``proc`` to its end on the running loop; its result, or what it raises."""
-    send: Any = None
-    throw: BaseException | None = None
-    while True:
-        try:
-            wait = proc.send(send) if throw is None else proc.throw(throw)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
-        send, throw = None, None
-        try:
-            send = await _wait_async(wait)
-        except BaseException as exc:  # CancelledError included: the procedure cleans up
-            throw = exc
+    outcome: Any = None
+    error: BaseException | None = None
+    try:
+        while True:
+            wait = _advance(proc, outcome, error)
+            try:
+                outcome, error = await _wait_async(wait), None
+            except BaseException as exc:  # CancelledError included: the procedure cleans up
+                outcome, error = None, exc
+    except _Done as done:
+        result: T = done.value
+        return result
 
 
 async def _wait_async(wait: Wait) -> Any:

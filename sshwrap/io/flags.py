@@ -22,15 +22,44 @@ from collections.abc import Callable
 Callback = Callable[[], None]
 
 
-class Flag:
-    """A one-way event: :meth:`set` once; :meth:`wait` blocks, :meth:`add_callback` notifies."""
+class _Watched:
+    """State under a condition, with one-shot callbacks run (outside the lock) on a change."""
 
-    __slots__ = ("_callbacks", "_cond", "_set")
+    __slots__ = ("_callbacks", "_cond")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._set = False
         self._callbacks: list[Callback] = []
+
+    def _changed(self) -> None:
+        """Called with the lock held after the state changed: wake the blocked waiters."""
+        self._cond.notify_all()
+
+    def _take_callbacks(self) -> list[Callback]:
+        callbacks, self._callbacks = self._callbacks, []
+        return callbacks
+
+    def _subscribe(self, pending: bool, cb: Callback) -> Callback:
+        """Keep ``cb`` for the next change when ``pending`` (lock held), else run it now."""
+        if pending:
+            self._callbacks.append(cb)
+            return lambda: self._discard(cb)
+        return _nothing
+
+    def _discard(self, cb: Callback) -> None:
+        with self._cond:
+            if cb in self._callbacks:
+                self._callbacks.remove(cb)
+
+
+class Flag(_Watched):
+    """A one-way event: :meth:`set` once; :meth:`wait` blocks, :meth:`add_callback` notifies."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._set = False
 
     def is_set(self) -> bool:
         """True once :meth:`set` was called."""
@@ -42,8 +71,8 @@ class Flag:
             if self._set:
                 return
             self._set = True
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
+            self._changed()
+            callbacks = self._take_callbacks()
         for cb in callbacks:
             cb()
 
@@ -59,37 +88,30 @@ class Flag:
 
         Returns a function that removes ``cb`` if it has not run yet."""
         with self._cond:
-            if not self._set:
-                self._callbacks.append(cb)
-                return lambda: self._discard(cb)
-        cb()
-        return _nothing
-
-    def _discard(self, cb: Callback) -> None:
-        with self._cond:
-            if cb in self._callbacks:
-                self._callbacks.remove(cb)
+            remove = self._subscribe(not self._set, cb)
+        if remove is _nothing:
+            cb()
+        return remove
 
     def __repr__(self) -> str:
         return f"<Flag {'set' if self._set else 'clear'}>"
 
 
-class Changes:
+class Changes(_Watched):
     """A counter of occurrences that waiters wait to move past a value they read before."""
 
-    __slots__ = ("_callbacks", "_cond", "value")
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        super().__init__()
         self.value = 0
-        self._callbacks: list[Callback] = []
 
     def bump(self) -> None:
         """One more occurrence: wakes waiters and runs (then forgets) the callbacks."""
         with self._cond:
             self.value += 1
-            callbacks, self._callbacks = self._callbacks, []
-            self._cond.notify_all()
+            self._changed()
+            callbacks = self._take_callbacks()
         for cb in callbacks:
             cb()
 
@@ -103,16 +125,10 @@ class Changes:
 
         Returns a function that removes ``cb`` if it has not run yet."""
         with self._cond:
-            if self.value == seen:
-                self._callbacks.append(cb)
-                return lambda: self._discard(cb)
-        cb()
-        return _nothing
-
-    def _discard(self, cb: Callback) -> None:
-        with self._cond:
-            if cb in self._callbacks:
-                self._callbacks.remove(cb)
+            remove = self._subscribe(self.value == seen, cb)
+        if remove is _nothing:
+            cb()
+        return remove
 
 
 def _nothing() -> None:

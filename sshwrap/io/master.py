@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SSHConnectionError, classify_ssh_failure
+from .deadline import local_step, remaining
 from .flags import Flag
 from .forwards import Forward, ForwardSpec, open_forward, restore_forwards
 from .mux_control import MuxControl, MuxError, MuxUnsupported
@@ -57,10 +58,6 @@ from .pump import ProxyCore
 
 if TYPE_CHECKING:
     from .prompts import OnPrompt
-
-LOCAL_FLOOR = 0.5
-"""Seconds a step with the local master (its socket, ``ssh -G``) gets at least: they take
-milliseconds, and one cut short would leave a started master unused."""
 
 __all__ = ["SUN_PATH_MAX", "Master"]
 
@@ -144,17 +141,6 @@ def _pid_alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
-
-
-def remaining(deadline: float | None) -> float | None:
-    """Seconds left before ``deadline`` (``time.monotonic()``; None: no deadline)."""
-    return None if deadline is None else deadline - time.monotonic()
-
-
-def local_step(limit: float, deadline: float | None) -> float:
-    """``limit`` seconds for a local step, cut to what is left but not below LOCAL_FLOOR."""
-    left = remaining(deadline)
-    return limit if left is None else min(limit, max(LOCAL_FLOOR, left))
 
 
 def _read_text(path: str) -> str:

@@ -20,7 +20,6 @@ Everything here is blocking and owns its socket; one ``MuxControl`` per thread.
 from __future__ import annotations
 
 import socket
-from types import TracebackType
 
 from ..protocol import mux, wire
 from ..protocol.mux import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE, SSHMUX_VER
@@ -226,10 +225,5 @@ class MuxControl:
     def __enter__(self) -> MuxControl:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -16,4 +16,6 @@ the sync and async drivers above them share one copy.
   channel and its windows); ``sshwrap.protocol.channel_events``: its events.
   ``sshwrap.io.pump`` drives it.
 - ``sshwrap.protocol.sftp``: the SFTP v3 codec (packets, ATTRS, requests, replies), no IO.
+- ``sshwrap.protocol.sshlog``: reading ssh's ``-E`` log and stderr (its words, which kind of
+  failure, the remote exit against ssh's own).
 """

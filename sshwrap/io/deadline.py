@@ -1,4 +1,5 @@
-"""Deadlines: every bound of a call in one clock, ``time.monotonic()``.
+"""Deadlines: every bound of a call in one clock, ``time.monotonic()`` (clock arithmetic
+only; it sits in the lowest layer that keeps time so that io and core share one copy).
 
 A call's ``timeout`` becomes a deadline once, when the call starts; every step after it
 (restarting a master, opening a channel, waiting for the command, stopping it) takes what is
