@@ -172,16 +172,9 @@ def test_process_pipes_and_communicate(local_sshd: LocalSSHD, face: tuple[str, s
 
 # -- timeout ------------------------------------------------------------------------------------
 TIMEOUT = 3.0
-FALLBACK_TIMEOUT = parity(
-    "the ssh -S fallback's TimeoutExpired carries the time left after the master check "
-    "(e.g. 2.9988 s), not the caller's timeout (3 s), in .timeout and its message"
-)
 
 
-@pytest.mark.parametrize(
-    "face",
-    faces(fallback=FALLBACK_TIMEOUT),
-)
+@pytest.mark.parametrize("face", faces())
 def test_timeout_partial_output_remote_stopped_bound_kept(
     local_sshd: LocalSSHD, face: tuple[str, str]
 ) -> None:
@@ -200,10 +193,7 @@ def test_timeout_partial_output_remote_stopped_bound_kept(
         assert f.run("echo ok", capture_output=True).stdout == b"ok\n"
 
 
-@pytest.mark.parametrize(
-    "face",
-    faces(fallback=FALLBACK_TIMEOUT),
-)
+@pytest.mark.parametrize("face", faces())
 def test_timeout_when_the_command_ignores_term(
     local_sshd: LocalSSHD, face: tuple[str, str]
 ) -> None:
@@ -453,15 +443,12 @@ def test_open_timeout_message_is_one(
 
 # -- a lost master ------------------------------------------------------------------------------
 FALLBACK_LOST = parity(
-    "ssh -S fallback: a command in flight when the master is killed returns returncode -128 "
-    "(UNKNOWN_SIGNAL) with its partial output; a channel raises CommandLostError"
+    "ssh -S fallback: Popen.wait() of a command in flight when the master is killed returns "
+    "-128 (UNKNOWN_SIGNAL); a channel raises CommandLostError"
 )
 
 
-@pytest.mark.parametrize(
-    "face",
-    faces(CONNECTIONS, fallback=FALLBACK_LOST),
-)
+@pytest.mark.parametrize("face", faces(CONNECTIONS))
 def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """The master is killed while a command runs: that call fails as lost (never a
     returncode); the next call starts a new master and works."""
