@@ -7,6 +7,7 @@ Reading (``parse_ssh_argv``, ``find_ssh``) is in ``sshparse``, which follows Ope
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -271,6 +272,7 @@ MAX_ARG_STRLEN = 131072
 """Linux's limit on one argument or environment string, NUL included (32 pages)."""
 
 
+@functools.cache
 def _arg_max() -> int:
     try:
         value = os.sysconf("SC_ARG_MAX")
@@ -288,6 +290,16 @@ def check_arg_sizes(argv: Sequence[str], env: Mapping[str, str] | None = None) -
     this process's) at most ``os.sysconf("SC_ARG_MAX")`` bytes, pointers included.  Without
     this, ``exec`` fails with a bare ``OSError(E2BIG)``.
     """
+    limit = _arg_max()
+    ptr = 8 if sys.maxsize > 2**32 else 4
+    # A str encodes to at most 4 bytes a character: far below both limits, nothing to measure
+    # (the common case; the fan-out calls this once per host).
+    if (
+        limit
+        and all(len(a) * 4 < MAX_ARG_STRLEN for a in argv)
+        and sum(len(a) * 4 + 1 + ptr for a in argv) * 2 < limit
+    ):
+        return
     if sys.platform.startswith("linux"):
         for arg in argv:
             size = len(os.fsencode(arg)) + 1
@@ -299,10 +311,8 @@ def check_arg_sizes(argv: Sequence[str], env: Mapping[str, str] | None = None) -
                     limit=MAX_ARG_STRLEN,
                     size=size,
                 )
-    limit = _arg_max()
     if not limit:
         return
-    ptr = 8 if sys.maxsize > 2**32 else 4
     total = sum(len(os.fsencode(a)) + 1 + ptr for a in argv)
     if total * 2 < limit:  # far below: skip measuring the environment
         return
