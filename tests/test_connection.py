@@ -196,6 +196,9 @@ def test_socket_dir_private_then_removed(local_sshd: LocalSSHD) -> None:
         d = os.path.dirname(c.control_path)
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
         assert stat.S_ISSOCK(os.stat(c.control_path).st_mode)
+        for name in os.listdir(d):  # the master's log and stderr: private too
+            if not stat.S_ISSOCK(os.stat(os.path.join(d, name)).st_mode):
+                assert stat.S_IMODE(os.stat(os.path.join(d, name)).st_mode) == 0o600, name
         assert len(os.fsencode(c.control_path)) + 17 <= SUN_PATH_MAX
         assert c.alive and is_running(c.master_pid)
         pid = c.master_pid

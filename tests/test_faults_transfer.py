@@ -318,7 +318,7 @@ with connect(host, config=config) as c:
         global said
         if n and not said:
             said = True
-            sys.stdout.write("MOVING\n")  # one write: a SIGINT cannot land inside the line
+            sys.stdout.write("MOVING\\n")  # one write: a SIGINT cannot land inside the line
             sys.stdout.flush()
     try:
         if op == "get":

@@ -307,7 +307,8 @@ class Master:
         try:
             # ssh's stderr apart from its -E log: what it prints before the log opens (a bad
             # option, port or value) is only there.
-            with open(self._err_path, "ab") as errf:
+            fd = os.open(self._err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "ab") as errf:  # private, as the log is
                 proc = subprocess.Popen(
                     self._argv(log, prompt_opts, limit),
                     stdin=subprocess.DEVNULL,
