@@ -54,7 +54,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Unpack
+from typing import Any, Unpack
 
 from .core.argv import OptionValue
 from .core.fanout_host import ConnectionLike, OutputCallback
@@ -159,15 +159,28 @@ async def run_many_async(
         await gen.aclose()
 
 
+class RunManyOptions(FanoutOptions, total=False):
+    """The keywords of :func:`run_many`: those of ``sshwrap.aio.run_many`` (``concurrency``
+    32, ``connect_timeout`` 30 s, no ``timeout`` or ``deadline`` unless given)."""
+
+    concurrency: int
+    timeout: float | None
+    connect_timeout: float | None
+    deadline: float | None
+
+
+_RUN_MANY_DEFAULTS: dict[str, Any] = {
+    "concurrency": 32,
+    "timeout": None,
+    "connect_timeout": 30.0,
+    "deadline": None,
+}
+
+
 def run_many(
     hosts: Iterable[str | ControlPathHost],
     command: str | Sequence[str],
-    *,
-    concurrency: int = 32,
-    timeout: float | None = None,
-    connect_timeout: float | None = 30.0,
-    deadline: float | None = None,
-    **kwargs: Unpack[FanoutOptions],
+    **kwargs: Unpack[RunManyOptions],
 ) -> list[HostResult]:
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.
 
@@ -184,15 +197,7 @@ def run_many(
         pass
     else:
         raise RuntimeError("run_many() inside a running event loop: use sshwrap.aio.run_many")
-    run = FanoutRun(
-        hosts,
-        command,
-        concurrency=concurrency,
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-        deadline=deadline,
-        **kwargs,
-    )
+    run = FanoutRun(hosts, command, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False

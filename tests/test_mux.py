@@ -82,17 +82,17 @@ def test_forward_open_close_and_refusals(master: str) -> None:
         listener.listen(1)
         target = listener.getsockname()[1]
         with MuxControl(master) as mux:
-            port = mux.open_forward(MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target)
+            port = mux.open_forward((MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target))
             assert port is not None and 0 < port < 65536
             with socket.create_connection(("127.0.0.1", port), timeout=10):
                 listener.settimeout(10)
                 conn, _ = listener.accept()  # the connection came back through the master
                 conn.close()
-            mux.close_forward(MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target)
+            mux.close_forward((MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target))
             with pytest.raises(MuxRefused, match="not forwarded"):
-                mux.close_forward(MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target)
+                mux.close_forward((MUX_FWD_REMOTE, "127.0.0.1", 0, "127.0.0.1", target))
             with pytest.raises(MuxRefused):
-                mux.open_forward(MUX_FWD_LOCAL, "127.0.0.1", 1, "127.0.0.1", 0)  # bad target
+                mux.open_forward((MUX_FWD_LOCAL, "127.0.0.1", 1, "127.0.0.1", 0))  # bad target
 
 
 def _session(core: ProxyCore) -> Session:

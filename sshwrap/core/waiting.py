@@ -119,14 +119,19 @@ def run_sync(proc: Procedure[T]) -> T:
     error: BaseException | None = None
     try:
         while True:
-            wait = _advance(proc, outcome, error)
-            try:
-                outcome, error = _wait_sync(wait), None
-            except BaseException as exc:  # KeyboardInterrupt included: the procedure cleans up
-                outcome, error = None, exc
+            outcome, error = _settle(_advance(proc, outcome, error))
     except _Done as done:
         result: T = done.value
         return result
+
+
+def _settle(wait: Wait) -> tuple[Any, BaseException | None]:
+    """(outcome, None) of ``wait`` in this thread, or (None, what interrupted it:
+    KeyboardInterrupt included, so that the procedure cleans up)."""
+    try:
+        return _wait_sync(wait), None
+    except BaseException as exc:
+        return None, exc
 
 
 def _wait_sync(wait: Wait) -> Any:

@@ -15,13 +15,11 @@ import socket
 from collections.abc import Callable
 
 from ..errors import SSHConnectionError, SSHError
+from ..protocol.mux import ForwardSpec
 from .mux_control import MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
 
 __all__ = ["Forward", "ForwardError", "ForwardSpec", "open_forward", "restore_forwards"]
 
-ForwardSpec = tuple[int, str, int, str, int]
-"""``(type, listen_host, listen_port, connect_host, connect_port)`` as the mux protocol has it
-(type ``MUX_FWD_LOCAL``, ``MUX_FWD_REMOTE`` or ``MUX_FWD_DYNAMIC``)."""
 
 Forget = Callable[["Forward"], bool]
 """What ``cancel`` calls first: drops the forward from its master's list; False: nothing to
@@ -84,7 +82,7 @@ class Forward:
             return
         try:
             with MuxControl(self.control_path, timeout=10) as m:
-                m.close_forward(*self.spec)
+                m.close_forward(self.spec)
         except MuxRefused as e:
             raise ForwardError(self._host, f"cancelling {self!r}: {e}") from None
         except MuxError:
@@ -126,7 +124,7 @@ def open_forward(
         asked = (ftype, listen_host, lport, connect_host, connect_port)
         try:
             with MuxControl(control_path) as m:
-                got = m.open_forward(*asked)
+                got = m.open_forward(asked)
         except MuxRefused as e:
             if remote:
                 raise ForwardError(host, f"remote forward refused: {e}") from None
@@ -148,7 +146,7 @@ def restore_forwards(
     for fwd in forwards:
         try:
             with MuxControl(control_path, timeout=timeout) as m:
-                got = m.open_forward(*fwd.spec)
+                got = m.open_forward(fwd.spec)
         except MuxError:
             fwd.deactivate()  # its port is taken now, or the server refuses: gone
             continue

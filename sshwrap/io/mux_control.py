@@ -22,7 +22,7 @@ from __future__ import annotations
 import socket
 
 from ..protocol import mux, wire
-from ..protocol.mux import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE, SSHMUX_VER
+from ..protocol.mux import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE, SSHMUX_VER, ForwardSpec
 from ..protocol.wire import pack_string, pack_u32
 
 __all__ = [
@@ -169,39 +169,19 @@ class MuxControl:
         """``ssh -O stop``: the master stops accepting new mux clients."""
         self.request(mux.StopListening(self._next_id()))
 
-    def open_forward(
-        self,
-        ftype: int,
-        listen_host: str,
-        listen_port: int,
-        connect_host: str = "",
-        connect_port: int = 0,
-    ) -> int | None:
+    def open_forward(self, spec: ForwardSpec) -> int | None:
         """``ssh -O forward``.  Returns the allocated port for a remote forward of port 0,
         else None.  Raises ``MuxRefused`` when the master or the server refuses."""
-        fwd = mux.OpenForward(
-            self._next_id(), ftype, listen_host, listen_port, connect_host, connect_port
-        )
-        reply = self.request(fwd)
+        reply = self.request(mux.OpenForward(self._next_id(), *spec))
         if isinstance(reply, mux.RemotePort):
             return reply.value
         if not isinstance(reply, mux.Ok):
             raise MuxError(f"unexpected reply 0x{reply.KIND:08x} to a forward request")
         return None
 
-    def close_forward(
-        self,
-        ftype: int,
-        listen_host: str,
-        listen_port: int,
-        connect_host: str = "",
-        connect_port: int = 0,
-    ) -> None:
-        """``ssh -O cancel``: the same fields as given to ``open_forward``."""
-        fwd = mux.CloseForward(
-            self._next_id(), ftype, listen_host, listen_port, connect_host, connect_port
-        )
-        self.request(fwd)
+    def close_forward(self, spec: ForwardSpec) -> None:
+        """``ssh -O cancel``: the same ``spec`` as given to ``open_forward``."""
+        self.request(mux.CloseForward(self._next_id(), *spec))
 
     def enter_proxy(self) -> socket.socket:
         """Switch this connection to proxy mode and hand its socket over (blocking mode,

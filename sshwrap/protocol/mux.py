@@ -75,6 +75,10 @@ MUX_FWD_LOCAL = 1
 MUX_FWD_REMOTE = 2
 MUX_FWD_DYNAMIC = 3
 
+ForwardSpec = tuple[int, str, int, str, int]
+"""``(type, listen_host, listen_port, connect_host, connect_port)`` as the mux protocol has it
+(type ``MUX_FWD_LOCAL``, ``MUX_FWD_REMOTE`` or ``MUX_FWD_DYNAMIC``)."""
+
 PORT_STREAMLOCAL = 0xFFFFFFFE
 """A listen or connect "port" of (uint32)-2: the host field is a unix socket path."""
 
