@@ -36,7 +36,6 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Callable
 
 from ..protocol import channel as proto
 from ..protocol.channel import (
@@ -70,7 +69,7 @@ from .channel_io import (
     signal_name,
     signal_number,
 )
-from .flags import Changes, Flag
+from .flags import Changes
 from .session import (
     ChannelError,
     ChannelLost,
@@ -157,11 +156,9 @@ class ProxyCore:
         if ch.open_error is not None:
             raise ChannelError(f"the server refused a session channel: {ch.open_error}")
 
-    def start_session(self, notify: Callable[[], None] | None = None) -> Session:
-        """Send a ``session`` channel open and return at once (``opened`` tells when it is up).
-
-        ``notify`` is called from the pump thread when the channel opens, fails, closes or is
-        lost: it must only schedule work (e.g. ``loop.call_soon_threadsafe``).
+    def start_session(self) -> Session:
+        """Send a ``session`` channel open and return at once (``opened`` tells when it is up;
+        its ``opened``/``closed`` flags wake a thread or a loop, see :mod:`sshwrap.io.flags`).
 
         With ``prestart`` (the default) one spare session channel is kept opening ahead: a
         call takes it (already open, or on its way) and asks for the next spare, so a command
@@ -174,12 +171,9 @@ class ProxyCore:
             ch, self._spare = self._spare, None
             if ch is None or ch.state not in _LIVE:
                 ch = self._open_locked()
-            ch.notify = notify
             if self.prestart:
                 self._spare = self._open_locked()
             self.send_queued_locked()
-        if notify is not None and ch.opened.is_set():
-            notify()
         return ch
 
     def close(self, wait: float = 5.0) -> None:
@@ -494,10 +488,10 @@ class ProxyCore:
                 finish_sink(ch.out)
                 finish_sink(ch.err)
             elif isinstance(ev, Opened):
-                self._announce(ch, ch.opened)
+                ch.opened.set()
             elif isinstance(ev, OpenFailed):
                 ch.open_code, ch.open_error = ev.code, ev.description
-                self._announce(ch, ch.opened)
+                ch.opened.set()
             elif isinstance(ev, (Closed, Lost)):
                 self._end(ch)
         if done:
@@ -509,19 +503,13 @@ class ProxyCore:
             self._death_told = True  # the lost channels (and the socket) ended: one bump
             self.closes.bump()
 
-    @staticmethod
-    def _announce(ch: Session, flag: Flag) -> None:
-        flag.set()
-        if ch.notify is not None:
-            ch.notify()
-
     def _end(self, ch: Session) -> None:
         for sink in (ch.out, ch.err):
             finish_sink(sink)
             if sink.pending:
                 self._draining.add(ch)
         ch.opened.set()
-        self._announce(ch, ch.closed)
+        ch.closed.set()
         if not ch.lost:
             self.closes.bump()
 

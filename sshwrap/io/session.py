@@ -10,7 +10,6 @@ machine's record of the channel; the session only reads it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import UNKNOWN_SIGNAL, CommandTooLongError
@@ -114,9 +113,6 @@ class Session:
         self.out = Sink()
         self.err = Sink()
         self.src = Source()
-        # Called (pump thread, or the thread of ``start_session``) after the channel opened,
-        # failed, closed or was lost: it must only schedule work.
-        self.notify: Callable[[], None] | None = None
 
     @property
     def state(self) -> ChannelState:
