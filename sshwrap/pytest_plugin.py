@@ -1,13 +1,15 @@
 """pytest plugin (entry point ``sshwrap``): real throwaway sshd fixtures.
 
 - ``local_sshd``: one ``LocalSSHD`` with a single host, shared by the whole session.
-- ``local_sshd_factory``: call it to start more (``local_sshd_factory(hosts=20)``); each is
-  stopped at the end of the test.
+- ``local_sshd_factory``: call it to start more (``local_sshd_factory(hosts=20)``); it takes
+  ``LocalSSHD``'s arguments (``extra_sshd_config="MaxSessions 2"``: a str of one or more lines
+  or a list of lines), and each server is stopped at the end of the test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,11 +25,13 @@ def local_sshd() -> Iterator[LocalSSHD]:
 
 @pytest.fixture
 def local_sshd_factory() -> Iterator[Callable[..., LocalSSHD]]:
-    """Start extra ``LocalSSHD`` servers inside a test: ``local_sshd_factory(hosts=3)``."""
+    """Start extra ``LocalSSHD`` servers inside a test: ``local_sshd_factory(hosts=3)``.
+
+    The arguments are ``LocalSSHD``'s; a bad one raises there, before anything starts."""
     started: list[LocalSSHD] = []
 
-    def make(*args: object, **kwargs: object) -> LocalSSHD:
-        sshd = LocalSSHD(*args, **kwargs)  # type: ignore[arg-type]
+    def make(*args: Any, **kwargs: Any) -> LocalSSHD:
+        sshd = LocalSSHD(*args, **kwargs)
         started.append(sshd)
         sshd.start()
         return sshd

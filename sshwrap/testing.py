@@ -32,7 +32,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -191,8 +191,35 @@ def wait_exited(pids: list[int], timeout: float) -> list[int]:
     return left
 
 
+def _config_lines(value: str | Iterable[str], name: str = "config") -> list[str]:
+    """Config lines from a ``str`` (one or more lines) or an iterable of lines.
+
+    Each item may itself hold several lines; blank lines are dropped.  Anything else (bytes,
+    a number, an item that is not a ``str``) raises ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, str):
+        items: list[object] = [value]
+    elif isinstance(value, bytes | bytearray) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a str or a list of str, not {type(value).__name__}")
+    else:
+        items = list(value)
+    lines: list[str] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(
+                f"{name}[{i}] must be a str (a config line), not {type(item).__name__} {item!r}"
+            )
+        lines += [line for line in item.splitlines() if line.strip()]
+    return lines
+
+
 class LocalSSHD:
     """A real OpenSSH sshd on loopback with throwaway keys; a context manager.
+
+    ``extra_sshd_config`` and ``extra_client_config`` take a ``str`` (one or more lines) or a
+    list of lines: ``LocalSSHD(extra_sshd_config="MaxSessions 2")``.  The server's lines go
+    before its defaults, so they win (sshd keeps an option's first value), and a ``Match``
+    block goes last; the client's go under ``Host *``.
 
     ``addresses`` replaces the 127.0.0.x addresses (one per host) and ``netns`` names an existing
     network namespace (``ip netns``, root only) to run sshd in: with both, a test can put a host
@@ -216,8 +243,8 @@ class LocalSSHD:
         hosts: int = 1,
         *,
         password: str | None = None,
-        extra_sshd_config: Sequence[str] = (),
-        extra_client_config: Sequence[str] = (),
+        extra_sshd_config: str | Iterable[str] = (),
+        extra_client_config: str | Iterable[str] = (),
         user: str | None = None,
         start_timeout: float = 20.0,
         addresses: Sequence[str] | None = None,
@@ -229,8 +256,8 @@ class LocalSSHD:
             raise ValueError("addresses must give one address per host")
         self.nhosts = hosts
         self.password = password
-        self.extra_sshd_config = list(extra_sshd_config)
-        self.extra_client_config = list(extra_client_config)
+        self.extra_sshd_config = _config_lines(extra_sshd_config, "extra_sshd_config")
+        self.extra_client_config = _config_lines(extra_client_config, "extra_client_config")
         self.start_timeout = start_timeout
         self._want_user = user
         self.hosts: list[str] = [f"host{i + 1}" for i in range(hosts)]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,51 @@ def test_stray_session_processes_are_stopped_too() -> None:
             not Path(f"/proc/{pid}").exists()
             or Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
         )
+
+
+def _effective(argv: list[str]) -> dict[str, str]:
+    """``sshd -T`` / ``ssh -G`` output as {lowercase key: value} (the first value of each)."""
+    out = subprocess.run(argv, capture_output=True, check=True, timeout=30, text=True)
+    settings: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        settings.setdefault(key, value)
+    return settings
+
+
+def test_extra_config_as_a_str_is_lines_not_characters(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    sshd = local_sshd_factory(
+        extra_sshd_config="MaxSessions 2\nClientAliveInterval 17\n",
+        extra_client_config="ServerAliveInterval 23",
+    )
+    assert sshd.extra_sshd_config == ["MaxSessions 2", "ClientAliveInterval 17"]
+    server = _effective(["/usr/sbin/sshd", "-T", "-f", sshd.sshd_config])
+    assert server["maxsessions"] == "2"  # ahead of LocalSSHD's own MaxSessions 256
+    assert server["clientaliveinterval"] == "17"
+    client = _effective(["ssh", "-G", *sshd.ssh_args, sshd.host])
+    assert client["serveraliveinterval"] == "23"
+    out = subprocess.run(sshd.ssh(sshd.host, "echo up"), capture_output=True, timeout=30)
+    assert out.stdout == b"up\n"
+
+
+def test_extra_config_as_a_list_of_lines_still_works() -> None:
+    with LocalSSHD(extra_sshd_config=["MaxSessions 3", "ClientAliveInterval 19"]) as sshd:
+        server = _effective(["/usr/sbin/sshd", "-T", "-f", sshd.sshd_config])
+        assert (server["maxsessions"], server["clientaliveinterval"]) == ("3", "19")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (5, r"extra_sshd_config must be a str or a list of str, not int"),
+        (b"MaxSessions 2", r"extra_sshd_config must be a str or a list of str, not bytes"),
+        (["MaxSessions 2", 7], r"extra_sshd_config\[1\] must be a str .*not int 7"),
+    ],
+)
+def test_extra_config_of_another_type_is_refused(value: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        LocalSSHD(extra_sshd_config=value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=message.replace("sshd", "client")):
+        LocalSSHD(extra_client_config=value)  # type: ignore[arg-type]
