@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import reprlib
 import signal
 import sys
 import threading
@@ -79,8 +80,39 @@ __all__ = [
 # -- public API ---------------------------------------------------------------------------
 
 
+def _host_list(hosts: str | Iterable[str | ControlPathHost]) -> list[str | ControlPathHost]:
+    """``hosts`` as a list, checked: a ``str`` is one host pattern (today one host name),
+    never its characters.
+
+    Each item must be a host name (``str``) or a connection (a ``Connection``, or any object
+    with ``destination`` and ``control_path``); anything else raises ``TypeError`` naming the
+    item, before any ssh runs.
+    """
+    if isinstance(hosts, str):
+        return [hosts]
+    if isinstance(hosts, bytes | bytearray | memoryview) or not isinstance(hosts, Iterable):
+        if isinstance(hosts, ControlPathHost):
+            hint = " (put a single connection in a list: [conn])"
+        elif isinstance(hosts, bytes | bytearray):
+            hint = " (decode it: a host is a str)"
+        else:
+            hint = ""
+        raise TypeError(
+            "hosts must be a host name (str) or an iterable of host names and connections, "
+            f"not {type(hosts).__name__}{hint}"
+        )
+    items = list(hosts)
+    for i, h in enumerate(items):
+        if not isinstance(h, str) and not isinstance(h, ControlPathHost):
+            raise TypeError(
+                f"hosts[{i}] must be a host name (str) or a Connection, "
+                f"not {type(h).__name__} {reprlib.repr(h)}"
+            )
+    return items
+
+
 async def run_many_async(
-    hosts: Iterable[str | ControlPathHost],
+    hosts: str | Iterable[str | ControlPathHost],
     command: str | Sequence[str],
     *,
     concurrency: int = 32,
@@ -123,14 +155,17 @@ async def run_many_async(
     hosts starting with ``-`` raise ``ValueError`` before any ssh runs.
     ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
     ``on_start(host)`` each host as it starts.
-    A host may be a ``Connection``: its ControlMaster is reused.
+    ``hosts`` is an iterable of host names and connections, or one ``str``, which is one host
+    (``run_many("web1", ...)`` runs web1, not ``w``, ``e``, ...); anything else, or an item
+    that is neither a ``str`` nor a connection, raises ``TypeError`` naming it before any ssh
+    runs.  A host may be a ``Connection``: its ControlMaster is reused.
 
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
     """
     run = FanoutRun(
-        hosts,
+        _host_list(hosts),
         command,
         concurrency=concurrency,
         timeout=timeout,
@@ -178,7 +213,7 @@ _RUN_MANY_DEFAULTS: dict[str, Any] = {
 
 
 def run_many(
-    hosts: Iterable[str | ControlPathHost],
+    hosts: str | Iterable[str | ControlPathHost],
     command: str | Sequence[str],
     **kwargs: Unpack[RunManyOptions],
 ) -> list[HostResult]:
@@ -197,7 +232,7 @@ def run_many(
         pass
     else:
         raise RuntimeError("run_many() inside a running event loop: use sshwrap.aio.run_many")
-    run = FanoutRun(hosts, command, **{**_RUN_MANY_DEFAULTS, **kwargs})
+    run = FanoutRun(_host_list(hosts), command, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False
