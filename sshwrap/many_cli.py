@@ -7,6 +7,10 @@
     sshwrap-many -H web1,web2 --json -- df -h                 # one JSON object per host
     sshwrap-many -H - --outdir out/ -- journalctl -n 100      # hosts from stdin, a file each
 
+``-H`` takes a hosts file (one host a line, ``#`` comments), a comma list, or ``-`` (stdin);
+repeatable.  A word that looks like a path (a ``/``, a leading ``.`` or ``~``, a suffix
+``.txt``/``.hosts``/``.list``/``.lst``/``.conf``/``.cfg``) but names no file exits 64.
+
 The words after ``--`` are joined with spaces and handed to the remote shell, as ``ssh host
 words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
 ``-p`` is the parallelism (as in pssh), so a port goes as ``-o Port=N``.
@@ -63,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sshwrap-many",
         description="Run one command on many hosts with the system's ssh.",
         epilog="Exit status: 0 all ok; +1 a command failed; +2 a host timed out; "
-        "+4 an ssh error; 64 usage; 130 interrupted.",
+        "+4 an ssh error; 64 usage; 130 interrupted; 141 stdout closed by its reader "
+        "(| head), the run stopped.",
     )
     ap.add_argument(
         "-H",
@@ -71,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="HOSTS",
-        help="a file (one host per line, # comments), a comma list, or - for stdin; repeatable",
+        help="a file (one host per line, # comments), a comma list, or - for stdin; "
+        "repeatable; a word that looks like a path (a /, a leading . or ~, a suffix such as "
+        ".txt) but names no file is an error",
     )
     ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
     ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
@@ -90,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar (default: when stderr is a terminal)",
+        help="progress: a bar on a terminal, else a plain line at most once a second "
+        "(default: when stderr is a terminal)",
     )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
@@ -105,22 +113,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _SPLIT = re.compile(r"[\s,]+")
+# What a hosts file is called, never a host name's last label.
+_FILE_SUFFIXES = (".txt", ".hosts", ".list", ".lst", ".conf", ".cfg")
+
+
+def _looks_like_a_path(word: str) -> bool:
+    """A ``/``, a leading ``.`` or ``~``, or a hosts-file suffix: no host name looks so."""
+    return "/" in word or word.startswith((".", "~")) or word.lower().endswith(_FILE_SUFFIXES)
 
 
 def read_hosts(specs: Sequence[str], stdin: IO[str] | None = None) -> list[str]:
-    """Hosts from ``-H`` values: ``-`` (stdin), an existing file, or a comma list.
+    """Hosts from ``-H`` values: ``-`` (stdin), an existing file (``~`` expanded), or a comma
+    list.
 
     Files hold one host per line (``#`` starts a comment); duplicates are dropped, keeping
-    the first occurrence's place.
+    the first occurrence's place.  A word that looks like a path but names no file is not
+    taken as a host: ``FileNotFoundError`` (``-H x.txt: no such file``; or IsADirectoryError).
     """
     hosts: list[str] = []
     for spec in specs:
+        path = os.path.expanduser(spec) if spec.startswith("~") else spec
         if spec == "-":
             text = (stdin or sys.stdin).read()
-        elif os.path.isfile(spec):
-            with open(spec, encoding="utf-8") as f:
+        elif os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
                 text = f.read()
         else:
+            for word in _SPLIT.split(spec):
+                if not _looks_like_a_path(word):
+                    continue
+                if os.path.isdir(os.path.expanduser(word)):
+                    raise IsADirectoryError(f"-H {word}: is a directory")
+                raise FileNotFoundError(f"-H {word}: no such file")
             text = spec
         for line in text.splitlines():
             line = line.split("#", 1)[0]
@@ -163,31 +187,24 @@ _NUMBERED = re.compile(r"(.*?)(\d+)\Z")
 
 def fold_hosts(hosts: Sequence[str]) -> str:
     """Compact host list: ``web1,web2,web3,web7,db`` -> ``web[1-3,7],db`` (clush style)."""
-    groups: dict[str, list[str]] = {}
-    order: list[str] = []
+    groups: dict[str, list[str]] = {}  # a prefix's numbers; "\0" + host: kept as it is
     for h in hosts:
         m = _NUMBERED.match(h)
-        key = m.group(1) if m and not m.group(2).startswith("0") else "\0" + h
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        groups[key].append(m.group(2) if m and not key.startswith("\0") else h)
+        if m and not m.group(2).startswith("0"):
+            groups.setdefault(m.group(1), []).append(m.group(2))
+        else:
+            groups.setdefault("\0" + h, [])
     parts = []
-    for key in order:
-        items = groups[key]
+    for key, items in groups.items():
         if key.startswith("\0") or len(items) == 1:
-            parts += [key[1:] if key.startswith("\0") else key + items[0]]
+            parts.append(key[1:] if key.startswith("\0") else key + items[0])
             continue
         nums = sorted({int(x) for x in items})
-        ranges = []
-        start = prev = nums[0]
-        for n in [*nums[1:], None]:
-            if n is not None and n == prev + 1:
-                prev = n
-                continue
-            ranges.append(str(start) if start == prev else f"{start}-{prev}")
-            if n is not None:
-                start = prev = n
+        ranges, start = [], nums[0]
+        for n, after in zip(nums, [*nums[1:], None], strict=True):
+            if after != n + 1:
+                ranges.append(str(start) if start == n else f"{start}-{n}")
+                start = after if after is not None else 0
         parts.append(f"{key}[{','.join(ranges)}]")
     return ",".join(parts)
 
@@ -217,14 +234,8 @@ class _Tally:
         self.results.append(r)
 
     def exit_status(self) -> int:
-        code = 0
-        if self.failed:
-            code |= EXIT_FAILED
-        if self.timeout:
-            code |= EXIT_TIMEOUT
-        if self.ssh_error:
-            code |= EXIT_SSH_ERROR
-        return code
+        bits = {EXIT_FAILED: self.failed, EXIT_TIMEOUT: self.timeout}
+        return sum(bit for bit, n in {**bits, EXIT_SSH_ERROR: self.ssh_error}.items() if n)
 
     def line(self) -> str:
         parts = [f"{self.ok} ok", f"{self.failed} failed", f"{self.timeout} timed out"]
@@ -257,8 +268,13 @@ def _describe(r: HostResult) -> str:
 _SIGNAL_NUMBERS = {int(s) for s in signal.Signals}
 
 
+_GROUPS = dict(failed="failed", timeout="timed out", ssh_error="ssh errors", cancelled="cancelled")
+_PLAIN_PROGRESS_EVERY = 1.0  # seconds between two plain progress lines, at most one a second
+
+
 class _Output:
-    """Writes results in the chosen mode; live lines and the progress bar."""
+    """Writes results in the chosen mode; live lines and the progress (a bar on a terminal,
+    plain lines otherwise)."""
 
     def __init__(self, args: argparse.Namespace, hosts: list[str], progress: bool) -> None:
         self.mode = (
@@ -272,24 +288,20 @@ class _Output:
         self.bar: Any = None
         self.task: Any = None
         self.console: Any = None
-        if progress:
+        # Without a terminal on stderr, progress is plain lines (no control characters).
+        self.plain_progress = progress and not sys.stderr.isatty()
+        self.progress_at: float | None = None  # when the last plain line was written
+        self.progress_done = 0  # how many hosts it showed done
+        if progress and not self.plain_progress:
+            from rich import progress as rp
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
 
             self.console = Console(file=sys.stderr)
-            self.bar = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
+            columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn())
+            self.bar = rp.Progress(
+                *columns,
+                rp.MofNCompleteColumn(),
+                rp.TimeElapsedColumn(),
                 console=self.console,
                 transient=True,
                 redirect_stdout=False,
@@ -357,6 +369,11 @@ class _Output:
             self.bar.update(
                 self.task, advance=1, description=tally.line().replace(", 0 cancelled", "")
             )
+        elif self.plain_progress:
+            now = time.monotonic()
+            if self.progress_at is None or now - self.progress_at >= _PLAIN_PROGRESS_EVERY:
+                self._progress_line(tally)
+                self.progress_at = now
         if self.mode == "live":
             self._flush_partial(r.host)
             if r.status != "ok":
@@ -365,6 +382,12 @@ class _Output:
             self._json(r)
         elif self.mode == "outdir":
             self._files(r)
+
+    def _progress_line(self, tally: _Tally) -> None:
+        self.progress_done = tally.done
+        line = f"sshwrap-many: {tally.done}/{tally.total} done: {tally.line()}\n"
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
     def _json(self, r: HostResult) -> None:
         obj: dict[str, Any] = {
@@ -408,15 +431,12 @@ class _Output:
                 self._flush_partial(host)
         if self.mode == "group":
             self._groups(tally.results)
+        if self.plain_progress and (self.progress_at is None or tally.done != self.progress_done):
+            self._progress_line(tally)  # the last one, unless the last shown says it already
         err = sys.stderr
         head = "stdout closed: " if self.broken else "interrupted: " if interrupted else ""
         err.write(f"{head}{tally.total} hosts in {elapsed:.2f} s: {tally.line()}\n")
-        for status, label in (
-            ("failed", "failed"),
-            ("timeout", "timed out"),
-            ("ssh_error", "ssh errors"),
-            ("cancelled", "cancelled"),
-        ):
+        for status, label in _GROUPS.items():
             bad = sorted((r for r in tally.results if r.status == status), key=lambda r: r.index)
             if bad:
                 if status == "cancelled":
@@ -500,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sshwrap-many`` console script; returns the exit status."""
     ap = _parser()
     args = ap.parse_args(argv)
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
     if not command:
         ap.error("no command given (put it after --)")
     if args.parallel < 1:
@@ -529,12 +547,11 @@ def main(argv: list[str] | None = None) -> int:
                 # Not a time ssh would take: it goes to ssh, which says what is wrong.
                 no_connect_timeout = connect_timeout is None
         data = None
-        if args.input is not None:
-            if args.input == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(args.input, "rb") as f:
-                    data = f.read()
+        if args.input == "-":
+            data = sys.stdin.buffer.read()
+        elif args.input is not None:
+            with open(args.input, "rb") as f:
+                data = f.read()
         if args.outdir:
             os.makedirs(args.outdir, exist_ok=True)
     except (OSError, ValueError) as e:
@@ -572,10 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     with output.context():
         interrupted = asyncio.run(_run(run, output, tally))
     output.finish(tally, time.monotonic() - t0, interrupted)
-    if output.broken:
-        return EXIT_BROKEN_PIPE
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if output.broken or interrupted:
+        return EXIT_BROKEN_PIPE if output.broken else EXIT_INTERRUPTED
     return tally.exit_status()
 
 

@@ -6,15 +6,18 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from ptyprocess import PtyProcess
+from ptyterm import Term
 from test_fanout_helpers import (
     ALIAS_ENV,
     Hosts,
@@ -24,6 +27,7 @@ from test_fanout_helpers import (
     mixed_config,
     write_config,
 )
+from waiting import wait_until
 
 from sshwrap.many_cli import fold_hosts
 from sshwrap.testing import LocalSSHD
@@ -260,3 +264,99 @@ def test_ctrl_c_ends_every_ssh_and_prints_partial_results(many: Hosts) -> None:
     assert "interrupted: 10 hosts" in text
     assert "1 ok, 0 failed, 0 timed out, 0 ssh errors, 9 cancelled" in text
     assert b"h1  | quick\n" in seen + out
+
+
+# -- issue 11: a mistyped hosts file, plain progress, 141 in --help ----------------------------
+@pytest.mark.parametrize(
+    "spec",
+    ["nosuchfile.txt", "hosts/web", "./hosts", "~/no-such-hosts", "web.hosts", "all.CFG", "a.lst"],
+)
+def test_a_hosts_file_that_does_not_exist_is_a_usage_error(many: Hosts, spec: str) -> None:
+    p = run_cli(many, "-H", spec, "--", "true")
+    assert p.returncode == 64, p.stderr
+    assert p.stderr.splitlines()[-1] == f"sshwrap-many: error: -H {spec}: no such file"
+    assert p.stderr.startswith("usage: sshwrap-many")
+
+
+def test_a_path_in_a_comma_list_or_a_directory_is_refused_too(many: Hosts, tmp_path: Path) -> None:
+    p = run_cli(many, "-H", "h1,typo.txt", "--", "true")
+    assert p.returncode == 64
+    assert p.stderr.splitlines()[-1] == "sshwrap-many: error: -H typo.txt: no such file"
+    p = run_cli(many, "-H", str(tmp_path), "--", "true")
+    assert p.returncode == 64
+    assert p.stderr.splitlines()[-1] == f"sshwrap-many: error: -H {tmp_path}: is a directory"
+
+
+def test_a_hosts_file_under_tilde_is_read(many: Hosts, tmp_path: Path) -> None:
+    (tmp_path / "fleet.txt").write_text("h1\nh2\n")
+    p = subprocess.run(
+        [EXE, "-F", many.config, "-H", "~/fleet.txt", "--json", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert p.returncode == 0, p.stderr
+    assert sorted(json.loads(line)["host"] for line in p.stdout.splitlines()) == ["h1", "h2"]
+
+
+def test_help_lists_every_exit_status(many: Hosts) -> None:
+    p = run_cli(many, "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    for code in ("+1", "+2", "+4", "64 usage", "130 interrupted", "141 stdout closed"):
+        assert code in text
+
+
+PROGRESS = re.compile(r"sshwrap-many: (\d+)/12 done: (\d+) ok, 0 failed, 0 timed out, 0 ssh errors")
+
+
+def test_progress_without_a_terminal_is_plain_lines(many: Hosts) -> None:
+    # Every host waits for the same go, so the 12 results come within a moment: a line per
+    # result would be 12 lines; at most one a second (and one at the end) is 2 or 3.
+    gate = Path(tempfile.mkdtemp(prefix="sshwrap-gate-"))
+    try:
+        gate.chmod(0o777)  # the remote side may log in as another user
+        cmd = f'touch {gate}/"${ALIAS_ENV}"; while [ ! -e {gate}/go ]; do sleep 0.05; done'
+        argv = [EXE, "-F", many.config, "-H", ",".join(many.hosts), "--progress", "--json"]
+        p = subprocess.Popen(
+            [*argv, "--", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_until(lambda: len(list(gate.iterdir())) == 12, 60, "every host waiting")
+            (gate / "go").touch()
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    finally:
+        shutil.rmtree(gate, ignore_errors=True)
+    assert p.returncode == 0, err
+    assert "\x1b" not in err and "\r" not in err  # no control characters
+    lines = err.split("\n")
+    assert lines[-1] == "" and "" not in lines[:-1]  # no stray blank line
+    progress = [m for line in lines if (m := PROGRESS.fullmatch(line))]
+    assert [line for line in lines[:-1] if not PROGRESS.fullmatch(line)] == [
+        next(line for line in lines if line.startswith("12 hosts in"))
+    ]
+    assert progress[-1].groups() == ("12", "12")  # the last one
+    done = [int(m.group(1)) for m in progress]
+    assert done == sorted(set(done))
+    ends = [o["started"] + o["duration"] for o in map(json.loads, out.splitlines())]
+    assert len(progress) <= 2 + (max(ends) - min(ends)) + 1  # 1 s: delivery on a busy machine
+    assert len(progress) < 12
+
+
+def test_progress_on_a_terminal_is_a_bar_not_lines(many: Hosts) -> None:
+    hosts = ",".join(many.hosts)
+    term = Term([EXE, "-F", many.config, "-H", hosts, "-p", "4", "--progress", "--", "true"])
+    try:
+        status = term.wait_exit(60)
+    finally:
+        term.close()
+    text = term.raw.decode(errors="replace")
+    assert status == (0, None)
+    assert "\x1b[" in text and "/12" in text  # rich's live display, its done/total column
+    assert "sshwrap-many: " not in text  # no plain progress lines
+    assert "12 hosts in" in text
