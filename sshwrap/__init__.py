@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "call": "process",
     "check_call": "process",
     "check_output": "process",
+    "getoutput": "process",
+    "getstatusoutput": "process",
     "CompletedProcess": "process",
     "SSHWrapError": "errors",
     "SSHError": "errors",
@@ -81,6 +83,8 @@ if TYPE_CHECKING:
     from .process import call as call
     from .process import check_call as check_call
     from .process import check_output as check_output
+    from .process import getoutput as getoutput
+    from .process import getstatusoutput as getstatusoutput
     from .process import run as run
     from .spawn import ExpectEOF as ExpectEOF
     from .spawn import ExpectError as ExpectError

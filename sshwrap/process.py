@@ -80,7 +80,8 @@ from types import TracebackType
 from typing import IO, Any, Unpack, cast
 
 from .core.child_steps import Expired, exchange
-from .core.completed import CompletedProcess
+from .core.completed import CompletedProcess, popen_repr, popen_state
+from .core.getoutput import getoutput_options, status_output
 from .core.invocation import (
     SIGNAL_TIMEOUT,
     STOP_MARGIN,
@@ -94,7 +95,9 @@ from .core.options import (
     SSHSettings,
     StdSpec,
     check_keywords,
+    check_terminal,
     invocation_settings,
+    popen_text,
 )
 from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reader
 from .core.waiting import run_sync
@@ -120,6 +123,8 @@ __all__ = [
     "call",
     "check_call",
     "check_output",
+    "getoutput",
+    "getstatusoutput",
     "run",
     "stop_failure",
 ]
@@ -156,9 +161,11 @@ class Popen(subprocess.Popen[Any]):
 
     def __init__(self, host: str, args: Command, **kwargs: Unpack[PopenOptions]) -> None:
         check_keywords("Popen", kwargs, PopenOptions)
+        check_terminal(kwargs)
         stdin = kwargs.get("stdin", DEVNULL)
         stdout, stderr = kwargs.get("stdout"), kwargs.get("stderr")
-        text, encoding, errors = kwargs.get("text"), kwargs.get("encoding"), kwargs.get("errors")
+        textual, encoding = popen_text(kwargs)
+        text, errors = textual or None, kwargs.get("errors")
         tty, bufsize = kwargs.get("tty", False), kwargs.get("bufsize", -1)
         self._call = Invocation(host, args, tty=tty, **invocation_settings(kwargs))
         self.host = host
@@ -206,7 +213,7 @@ class Popen(subprocess.Popen[Any]):
         size: tuple[int, int] | None,
     ) -> None:
         master = ssh_child.start_in_pty(super().__init__, self._call.argv, size)
-        self.text_mode = bool(text or encoding or errors)
+        self.text_mode = bool(text)
         self.encoding = encoding
         self.errors = errors
         self._master = master
@@ -280,8 +287,10 @@ class Popen(subprocess.Popen[Any]):
 
     def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]:
         """Send ``input``, read stdout and stderr to EOF together, wait; like subprocess."""
-        if self._tty:
-            out, err = self._tty_communicate(input, timeout), None
+        if self._tty:  # the terminal merged stderr into stdout: a stderr PIPE reads nothing
+            empty = "" if self.text_mode else b""
+            out = self._tty_communicate(input, timeout)
+            err = empty if self._stderr_arg == PIPE else None
         else:
             self._deferring = True
             try:
@@ -380,6 +389,11 @@ class Popen(subprocess.Popen[Any]):
         set_size(self._master, rows, cols)
 
     # -- lifetime ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        """subprocess's ``<Popen: returncode: ... args: ...>`` with the host and the state."""
+        failed = getattr(self, "ssh_error", None) is not None
+        return popen_repr(self, getattr(self, "host", ""), popen_state(self.returncode, failed))
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -453,3 +467,39 @@ def check_output(
         raise ValueError("stdout argument not allowed, it will be overridden.")
     kwargs["stdout"] = PIPE
     return run(host, args, input=input, timeout=timeout, check=True, **kwargs).stdout
+
+
+def getstatusoutput(
+    host: str,
+    cmd: Command,
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    timeout: float | None = None,
+    **settings: Unpack[SSHSettings],
+) -> tuple[int, str]:
+    """``(returncode, output)`` of ``cmd`` on ``host``; like :func:`subprocess.getstatusoutput`.
+
+    stderr is merged into the output, which is decoded (the locale's encoding unless
+    ``encoding`` is given) with one trailing newline stripped; the status is the remote
+    returncode (negative for a signal).  An ssh failure raises its
+    :class:`~sshwrap.errors.SSHError`, a ``timeout`` :class:`~sshwrap.errors.TimeoutExpired`.
+    """
+    options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
+    return status_output(run(host, cmd, **options, **settings))
+
+
+def getoutput(
+    host: str,
+    cmd: Command,
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    timeout: float | None = None,
+    **settings: Unpack[SSHSettings],
+) -> str:
+    """The output of ``cmd`` on ``host`` (stderr merged); like :func:`subprocess.getoutput`:
+    :func:`getstatusoutput` without the status."""
+    return getstatusoutput(
+        host, cmd, encoding=encoding, errors=errors, timeout=timeout, **settings
+    )[1]

@@ -10,6 +10,10 @@ A face is a *mode* and a *flavour*:
 - flavour ``sync`` (``c.run``, ``c.Popen``, Ctrl-C) or ``async`` (``await ac.run``,
   ``await ac.create_process``, ``sshwrap.aio.run`` / ``create_process``, task cancellation).
 
+The reference face ``subprocess`` (:class:`SubprocessFace`, tests/test_parity_api.py) makes the
+same call with :mod:`subprocess` itself on this machine: a ``str`` command as ``sh -c``, a list
+exec'd, a relative ``cwd`` taken from the remote user's home (where a remote command starts).
+
 What a test expects may depend on the mode (the fallback has ``sshwrap.process``'s semantics),
 never on the flavour: the two flavours of a mode must agree field by field.
 
@@ -28,11 +32,12 @@ import inspect
 import os
 import secrets
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from faults import cmdline
 from waiting import wait_until
@@ -43,7 +48,7 @@ from sshwrap.testing import LocalSSHD, wait_exited
 
 MODES = ("proxy", "fallback", "plain")
 FLAVOURS = ("sync", "async")
-Command = str | list[str]
+Command = str | list[Any]
 READY_WAIT = 30.0  # longest wait for the state a test interrupts in (a loaded machine)
 CANCEL_WAIT = 5.0  # longest wait for a cancelled call to end (its bound is far shorter)
 
@@ -172,6 +177,14 @@ class Face:
         """``run(cmd, **kw)`` in flight while the test goes on: its outcome later."""
         raise NotImplementedError
 
+    def getstatusoutput(self, cmd: Command, **kw: Any) -> tuple[int, str]:
+        """``getstatusoutput(cmd, **kw)`` (``subprocess.getstatusoutput``'s shape)."""
+        raise NotImplementedError
+
+    def getoutput(self, cmd: Command, **kw: Any) -> str:
+        """``getoutput(cmd, **kw)``."""
+        raise NotImplementedError
+
     def loop_errors(self) -> list[str]:
         """What the event loop reported as unhandled (an exception never retrieved)."""
         return []
@@ -250,6 +263,18 @@ class SyncFace(Face):
 
     def background(self, cmd: Command, **kw: Any) -> concurrent.futures.Future[Outcome]:
         return self._pool.submit(outcome, lambda: self.run(cmd, **kw))
+
+    def getstatusoutput(self, cmd: Command, **kw: Any) -> tuple[int, str]:
+        if self.conn is not None:
+            got: tuple[int, str] = cast(Any, self.conn).getstatusoutput(cmd, **kw)
+            return got
+        return sshwrap.getstatusoutput(self.sshd.host, cmd, config=self.sshd.config, **kw)
+
+    def getoutput(self, cmd: Command, **kw: Any) -> str:
+        if self.conn is not None:
+            out: str = cast(Any, self.conn).getoutput(cmd, **kw)
+            return out
+        return sshwrap.getoutput(self.sshd.host, cmd, config=self.sshd.config, **kw)
 
 
 class SyncProc(Proc):
@@ -407,6 +432,23 @@ class AsyncFace(Face):
     def loop_errors(self) -> list[str]:
         return list(self.lt.errors)
 
+    def _aio(self, name: str, cmd: Command, **kw: Any) -> Any:
+        async def call() -> Any:
+            if self.conn is not None:
+                return await getattr(self.conn, name)(cmd, **kw)
+            func = getattr(sshwrap.aio, name)
+            return await func(self.sshd.host, cmd, config=self.sshd.config, **kw)
+
+        return self.lt.call(call())
+
+    def getstatusoutput(self, cmd: Command, **kw: Any) -> tuple[int, str]:
+        got: tuple[int, str] = self._aio("getstatusoutput", cmd, **kw)
+        return got
+
+    def getoutput(self, cmd: Command, **kw: Any) -> str:
+        out: str = self._aio("getoutput", cmd, **kw)
+        return out
+
     def background(self, cmd: Command, **kw: Any) -> concurrent.futures.Future[Outcome]:
         async def call() -> Outcome:
             t0 = time.monotonic()
@@ -464,6 +506,43 @@ class AsyncProc(Proc):
 
     def kill(self) -> None:
         self._signal("kill")
+
+
+class SubprocessFace(Face):
+    """The reference: the same call made with :mod:`subprocess` on this machine (``sh -c``
+    for a ``str``, a list exec'd), started in ``home`` (a relative ``cwd`` is taken from
+    there, as a remote command's is from the remote user's home).  ``stdin`` defaults to
+    DEVNULL as in sshwrap, unless ``input`` is given (then subprocess's own rules apply)."""
+
+    flavour = "reference"
+
+    def __init__(self, sshd: LocalSSHD, home: str) -> None:
+        super().__init__("subprocess", sshd)
+        self.home = home
+
+    @property
+    def name(self) -> str:
+        return "subprocess"
+
+    def _local(self, cmd: Command, kw: dict[str, Any]) -> Any:
+        if "stdin" not in kw and kw.get("input") is None:
+            kw["stdin"] = subprocess.DEVNULL
+        kw["cwd"] = os.path.join(self.home, os.fsdecode(kw.get("cwd") or "."))
+        return ["sh", "-c", cmd] if isinstance(cmd, str) else cmd
+
+    def run(self, cmd: Command, **kw: Any) -> Any:
+        return subprocess.run(self._local(cmd, kw), **kw)
+
+    def start(self, cmd: Command, **kw: Any) -> Proc:
+        return SyncProc(subprocess.Popen(self._local(cmd, kw), **kw))
+
+    def getstatusoutput(self, cmd: Command, **kw: Any) -> tuple[int, str]:
+        assert isinstance(cmd, str)
+        return subprocess.getstatusoutput(cmd, **kw)
+
+    def getoutput(self, cmd: Command, **kw: Any) -> str:
+        assert isinstance(cmd, str)
+        return subprocess.getoutput(cmd, **kw)
 
 
 @contextlib.contextmanager

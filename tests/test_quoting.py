@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import shlex
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -129,6 +133,37 @@ def test_remote_command_text() -> None:
         remote_command([])
     with pytest.raises(ValueError):
         remote_command("x", env={"1BAD": "v"})
+
+
+def test_remote_command_bytes_and_paths() -> None:
+    # bytes and os.PathLike items as subprocess takes them; non-UTF-8 bytes kept as
+    # surrogates, which ssh's argv and the exec request encode back unchanged.
+    cmd = remote_command([b"printf", b"%s", b"a\xffb", pathlib.PurePosixPath("x y")])
+    assert cmd == "printf %s " + shlex.quote("a\udcffb") + " 'x y'"
+    assert os.fsencode(cmd).endswith(b"'a\xffb' 'x y'")
+    assert remote_command(b"echo $x") == "echo $x"
+    with pytest.raises(TypeError, match=r"expected str, bytes or os.PathLike object, not int"):
+        remote_command(["echo", 5])
+
+
+@pytest.mark.parametrize(
+    ("cwd", "operand"),
+    [
+        ("-", "./-"),  # not OLDPWD
+        ("-P", "./-P"),  # not an option
+        ("sub dir", "'./sub dir'"),  # not searched in CDPATH (which would print the directory)
+        ("./x", "./x"),
+        ("../x", "../x"),
+        (".", "."),
+        ("/abs/-", "/abs/-"),
+        (b"-", "./-"),
+        (pathlib.PurePosixPath("-"), "./-"),
+    ],
+)
+def test_cwd_reaches_the_directory_named_so(
+    cwd: str | bytes | os.PathLike[str], operand: str
+) -> None:
+    assert remote_command("pwd", cwd=cwd) == f"cd -- {operand} || exit\npwd"
 
 
 def test_settings_args() -> None:

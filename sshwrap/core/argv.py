@@ -28,6 +28,7 @@ __all__ = [
     "build_ssh_argv",
     "check_arg_sizes",
     "check_destination",
+    "command_arg",
     "find_ssh",
     "parse_ssh_argv",
     "remote_command",
@@ -126,32 +127,61 @@ def ssh_settings_args(
     return out
 
 
+def command_arg(item: object) -> str:
+    """One item of a command list as text: a ``str`` as it is, ``bytes`` and ``os.PathLike``
+    as :mod:`subprocess` takes them (bytes decoded with ``surrogateescape``, so any bytes come
+    out unchanged where the command is encoded again); anything else raises
+    :class:`TypeError` naming what is accepted."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, bytes | os.PathLike):
+        return os.fsdecode(item)
+    raise TypeError(
+        f"expected str, bytes or os.PathLike object, not {type(item).__name__} "
+        f"(in the command: {item!r})"
+    )
+
+
+def _cd_operand(cwd: str) -> str:
+    """``cwd`` as ``cd`` takes it literally: a relative path gets ``./`` in front, so that
+    ``-`` (and ``-x``) is a directory's name, not OLDPWD or an option, and ``CDPATH`` is not
+    searched (``cd`` prints the directory it found there into stdout)."""
+    if cwd and not cwd.startswith(("/", "./", "../")) and cwd not in (".", ".."):
+        return "./" + cwd
+    return cwd
+
+
 def remote_command(
-    cmd: str | Sequence[str],
+    cmd: str | bytes | Sequence[object],
     *,
     env: Mapping[str, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
+    cwd: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
     session_id: str | None = None,
 ) -> str:
     """The command string ssh hands to the remote user's shell.
 
-    - a ``str`` goes to the remote shell as it is (like ``shell=True``);
+    - a ``str`` goes to the remote shell as it is (like ``shell=True``; ``bytes`` too,
+      decoded with ``surrogateescape``);
     - a list is quoted item by item with :func:`shlex.quote`, so each item arrives byte
       identical as one argument (spaces, quotes, ``$``, newlines, empty strings, a leading
-      ``-``...);
+      ``-``...); items are ``str``, ``bytes`` or ``os.PathLike`` (:func:`command_arg`);
     - ``cwd``: ``cd -- DIR || exit`` first (a missing directory exits with cd's status and runs
-      nothing);
+      nothing); a relative DIR is ``./DIR``, so ``-`` is the directory named so;
     - ``env``: ``export NAME='value' ...`` first, so no ``AcceptEnv`` is needed on the server;
     - ``session_id``: exported as :data:`SESSION_ENV` (see there).
 
     The prefix lines end with a newline and the command follows as its own line, so a ``str``
     command keeps its meaning (``a; b``, comments, here-documents).  A POSIX shell (sh, bash,
-    dash, zsh, ksh) is assumed on the remote side, as for any ``ssh host 'cmd'``.
+    dash, zsh, ksh) is assumed on the remote side, as for any ``ssh host 'cmd'``.  Non-UTF-8
+    bytes are kept as surrogates (``os.fsdecode``): ssh's argv and the mux exec request
+    encode them back (``surrogateescape``).
     """
     if isinstance(cmd, str):
         body = cmd
+    elif isinstance(cmd, bytes):
+        body = os.fsdecode(cmd)
     else:
-        items = [os.fspath(c) for c in cmd]
+        items = [command_arg(c) for c in cmd]
         if not items:
             raise ValueError("empty command")
         body = " ".join(shlex.quote(c) for c in items)
@@ -161,7 +191,7 @@ def remote_command(
             raise ValueError("session_id must be hex")
         lines.append(f"export {SESSION_ENV}={session_id}")
     if cwd is not None:
-        lines.append(f"cd -- {shlex.quote(os.fspath(cwd))} || exit")
+        lines.append(f"cd -- {shlex.quote(_cd_operand(os.fsdecode(cwd)))} || exit")
     if env:
         parts = []
         for name, value in env.items():

@@ -10,21 +10,23 @@ turned into the pump's :class:`~sshwrap.io.pump.Source` and :class:`~sshwrap.io.
 ``stdin`` defaults to ``DEVNULL`` as in ``sshwrap.run`` (the remote command reads end-of-file
 at once); ``stdin=None`` reads this process's own stdin (from the pump thread); output
 ``None`` goes to this process's stdout / stderr.  Text mode decodes the collected bytes
-(universal newlines, as ``subprocess``).
+(universal newlines, as ``subprocess``).  :meth:`RunStreams.for_run` and
+:meth:`PopenStreams.for_popen` take a call's keywords as given and make :mod:`subprocess`'s
+checks first (:mod:`sshwrap.core.options`), as the other faces make them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import locale
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
 from ..errors import CalledProcessError, CommandLostError, SSHError, TimeoutExpired
 from ..io.pump import Session, Sink, Source
+from .options import check_terminal, run_streams, text_encoding, text_option
 
 __all__ = ["PopenStreams", "RunStreams", "Stream", "decode", "ended_error", "text_mode"]
 
@@ -54,7 +56,9 @@ def _pipe() -> tuple[int, int]:
 
 def _source(stdin: Stream, input_: bytes | None) -> Source:
     if input_ is not None:
-        if stdin not in (DEVNULL, PIPE):
+        # DEVNULL is sshwrap's default stdin, so it is let through here; run_streams refuses
+        # it when given (RunStreams.for_run).
+        if stdin not in (DEVNULL, None):
             raise ValueError("stdin and input arguments may not both be used.")
         return Source(data=input_)
     if stdin == DEVNULL:
@@ -108,7 +112,7 @@ def text_mode(text: bool | None, encoding: str | None, errors: str | None) -> bo
 
 def decode(data: bytes, encoding: str | None, errors: str | None) -> str:
     """Bytes of a stream as text: the locale's encoding by default, universal newlines."""
-    s = data.decode(encoding or locale.getpreferredencoding(False), errors or "strict")
+    s = data.decode(encoding or text_encoding(), errors or "strict")
     return s.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -156,18 +160,14 @@ class RunStreams:
         encoding: str | None,
         errors: str | None,
     ) -> None:
-        if capture_output:
-            if stdout is not None or stderr is not None:
-                raise ValueError("stdout and stderr arguments may not be used with capture_output.")
-            stdout = stderr = PIPE
+        _, stdout, stderr = run_streams(None, capture_output, {"stdout": stdout, "stderr": stderr})
         self.host, self.args = host, args
         self.stdout_spec, self.stderr_spec = stdout, stderr
         self.textual = text_mode(text, encoding, errors)
         self.encoding, self.errors = encoding, errors
         data: bytes | None
         if isinstance(input, str):
-            enc = encoding or locale.getpreferredencoding(False)
-            data = input.encode(enc, errors or "strict")
+            data = input.encode(encoding or text_encoding(), errors or "strict")
         else:
             data = input
         self.src = _source(stdin, data)
@@ -177,6 +177,28 @@ class RunStreams:
         except BaseException:
             _release(self.src, [])
             raise
+
+    @classmethod
+    def for_run(cls, host: str, args: object, options: Mapping[str, Any]) -> RunStreams:
+        """The streams of ``run(args, **options)`` (the keywords as the caller gave them),
+        refusing what :func:`subprocess.run` refuses (``input`` with a ``stdin``,
+        ``capture_output`` with ``stdout``/``stderr``, ``text`` and ``universal_newlines``
+        disagreeing) and ``size`` without ``tty``, as every face does."""
+        check_terminal(options)
+        input_ = options.get("input")
+        stdin, stdout, stderr = run_streams(input_, options.get("capture_output", False), options)
+        return cls(
+            host,
+            args,
+            input=input_,
+            stdin=DEVNULL if input_ is not None else stdin,
+            stdout=stdout,
+            stderr=stderr,
+            capture_output=False,
+            text=text_option(options),
+            encoding=options.get("encoding"),
+            errors=options.get("errors"),
+        )
 
     def attach(self, ch: Session) -> None:
         """Give the streams to the channel (before ``exec``)."""
@@ -238,6 +260,14 @@ class PopenStreams:
         except BaseException:
             self.release()
             raise
+
+    @classmethod
+    def for_popen(cls, options: Mapping[str, Any]) -> PopenStreams:
+        """The streams of ``Popen(args, **options)``, after the checks every face makes
+        (``size`` without ``tty``; ``text`` and ``universal_newlines`` disagreeing)."""
+        check_terminal(options)
+        text_option(options)
+        return cls(options.get("stdin", DEVNULL), options.get("stdout"), options.get("stderr"))
 
     def attach(self, ch: Session) -> None:
         """Give the far ends to the channel (before ``exec``)."""

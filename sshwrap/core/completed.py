@@ -1,4 +1,5 @@
-"""What a finished command gives back: :class:`CompletedProcess` (every face's ``run``)."""
+"""What a finished command gives back: :class:`CompletedProcess` (every face's ``run``), and
+how a started one shows itself: :func:`popen_repr` (every face's ``Popen``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from ..errors import CalledProcessError
 from .options import Command
 
-__all__ = ["CompletedProcess"]
+__all__ = ["CompletedProcess", "popen_repr", "popen_state"]
 
 
 class CompletedProcess(subprocess.CompletedProcess[Any]):
@@ -40,3 +41,26 @@ class CompletedProcess(subprocess.CompletedProcess[Any]):
             raise CalledProcessError(
                 self.returncode, self.args, self.stdout, self.stderr, host=self.host
             )
+
+
+def popen_state(returncode: int | None, failed: bool = False) -> str:
+    """A started command's state in words: ``running``, ``exited``, ``killed by a signal``
+    (a negative returncode) or ``failed`` (``failed``: ssh or the channel failed, the status
+    never arrived)."""
+    if failed:
+        return "failed"
+    if returncode is None:
+        return "running"
+    return "killed by a signal" if returncode < 0 else "exited"
+
+
+def popen_repr(process: object, host: str, state: str) -> str:
+    """``repr()`` of a started command: :class:`subprocess.Popen`'s
+    (``<Popen: returncode: 0 args: [...]>``, args cut past 80 characters as there) plus the
+    host and the state (:func:`popen_state`)."""
+    returncode = getattr(process, "returncode", None)
+    args = repr(getattr(process, "args", None))
+    head = f"<{type(process).__name__}: returncode: {returncode} args: "
+    if len(head) + len(args) + 1 > 80:
+        args = args[: max(0, 76 - len(head))] + "..."
+    return f"{head}{args} host: {host!r} state: {state}>"

@@ -5,11 +5,18 @@ a :class:`~sshwrap.Connection`'s ``ssh -S`` fallback, the fan-out) takes the sam
 keywords; each group is one :class:`~typing.TypedDict` here, and a call's keywords are the
 union of its groups (``**kwargs: Unpack[PopenOptions]``).  The ``*_KEYS`` sets name the keys
 of a group, for code that splits a call's keywords between its steps.
+
+The checks :mod:`subprocess` makes of those keywords are here too, written once for every
+face: :func:`run_streams` (``input`` with ``stdin``, ``capture_output`` with ``stdout``),
+:func:`popen_text` (``text``/``universal_newlines``/``encoding``/``errors``, and the encoding a
+text-mode ``Popen`` reports), and :func:`check_terminal` (``size`` needs ``tty=True``).
 """
 
 from __future__ import annotations
 
+import locale
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from typing import IO, Any, TypedDict, cast
 
@@ -18,6 +25,7 @@ from .argv import OptionValue
 __all__ = [
     "COMMAND_KEYS",
     "SSH_SETTINGS_KEYS",
+    "Arg",
     "ArgvSettings",
     "Command",
     "CommandOptions",
@@ -30,12 +38,22 @@ __all__ = [
     "TerminalOptions",
     "TextOptions",
     "check_keywords",
+    "check_terminal",
     "invocation_settings",
     "keys_of",
+    "popen_text",
+    "run_streams",
+    "text_encoding",
+    "text_option",
 ]
 
-Command = str | Sequence[str]
-"""A remote command: a ``str`` for the remote shell as it is, or a list of arguments."""
+Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+"""One argument of a command list, as :mod:`subprocess` takes it: ``str``, ``bytes`` (any
+bytes: they reach the remote side unchanged) or ``os.PathLike``."""
+
+Command = str | bytes | Sequence[Arg]
+"""A remote command: a ``str`` (or ``bytes``) for the remote shell as it is, or a list of
+arguments (:data:`Arg`)."""
 
 StdSpec = int | IO[Any] | None
 """Like subprocess: PIPE, DEVNULL, STDOUT, None (inherit), an fd, or a file object."""
@@ -77,9 +95,11 @@ class StreamOptions(TypedDict, total=False):
 
 
 class TextOptions(TypedDict, total=False):
-    """Text mode, as in :mod:`subprocess` (any of them set: ``str`` in and out)."""
+    """Text mode, as in :mod:`subprocess` (any of them set: ``str`` in and out;
+    ``universal_newlines`` is ``text``'s old name, see :func:`popen_text`)."""
 
     text: bool | None
+    universal_newlines: bool | None
     encoding: str | None
     errors: str | None
 
@@ -138,3 +158,59 @@ def invocation_settings(kwargs: Mapping[str, Any]) -> SSHSettings | CommandOptio
     :class:`~sshwrap.core.invocation.Invocation` takes besides ``tty``)."""
     wanted = SSH_SETTINGS_KEYS | COMMAND_KEYS
     return cast(SSHSettings | CommandOptions, {k: v for k, v in kwargs.items() if k in wanted})
+
+
+def text_encoding() -> str:
+    """The encoding text mode uses when none is given: the locale's, as :mod:`subprocess`
+    uses (``"utf-8"`` in Python's UTF-8 mode)."""
+    return locale.getpreferredencoding(False)
+
+
+def text_option(options: Mapping[str, Any]) -> bool | None:
+    """``text`` of a call's keywords, ``universal_newlines`` taken as its alias; both given
+    and different: :class:`subprocess.SubprocessError`, as :class:`subprocess.Popen` raises."""
+    text, universal = options.get("text"), options.get("universal_newlines")
+    if text is not None and universal is not None and bool(universal) != bool(text):
+        raise subprocess.SubprocessError(
+            "Cannot disambiguate when both text and universal_newlines are supplied but "
+            "different. Pass one or the other."
+        )
+    return text if text is not None else universal
+
+
+def popen_text(options: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """``(text mode, encoding)`` of a call as :class:`subprocess.Popen` sets them: text mode
+    when any of ``text``/``universal_newlines``/``encoding``/``errors`` asks for it, and then
+    the encoding is :func:`text_encoding` unless one is given (``Popen.encoding`` reports it;
+    Python >= 3.10)."""
+    encoding = options.get("encoding")
+    textual = bool(text_option(options) or encoding or options.get("errors"))
+    if textual and encoding is None:
+        encoding = text_encoding()
+    return textual, encoding
+
+
+def check_terminal(options: Mapping[str, Any]) -> None:
+    """``size`` without ``tty=True`` raises :class:`ValueError` (there is no terminal to size)."""
+    if options.get("size") is not None and not options.get("tty"):
+        raise ValueError("size= needs tty=True: without a terminal there is nothing to size")
+
+
+def run_streams(
+    input: Any, capture_output: bool, options: Mapping[str, Any]
+) -> tuple[Any, Any, Any]:
+    """``(stdin, stdout, stderr)`` of a ``run`` call from ``input``, ``capture_output`` and its
+    stream keywords, refusing what :func:`subprocess.run` refuses: ``input`` with a ``stdin``
+    (any but None) and ``capture_output`` with ``stdout`` or ``stderr``.  With ``input``,
+    stdin is PIPE; else the given one, DEVNULL by default (see :mod:`sshwrap.process`)."""
+    stdin = options.get("stdin", subprocess.DEVNULL)
+    if input is not None:
+        if options.get("stdin") is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
+        stdin = subprocess.PIPE
+    stdout, stderr = options.get("stdout"), options.get("stderr")
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        stdout = stderr = subprocess.PIPE
+    return stdin, stdout, stderr

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import locale
 import os
 import signal
 import subprocess
@@ -45,7 +44,16 @@ from ..io.ssh_child import (
 from .child_steps import Expired, exchange, reap_killed
 from .completed import CompletedProcess
 from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
-from .options import Command, PopenOptions, check_keywords, invocation_settings
+from .options import (
+    Command,
+    PopenOptions,
+    check_keywords,
+    check_terminal,
+    invocation_settings,
+    popen_text,
+    run_streams,
+    text_encoding,
+)
 from .waiting import Procedure
 
 __all__ = [
@@ -63,16 +71,12 @@ DEVNULL = subprocess.DEVNULL
 
 def prepare_run(input: Any, capture_output: bool, kwargs: dict[str, Any]) -> None:
     """``run``'s ``input`` and ``capture_output`` as stream arguments in ``kwargs``, refusing
-    the combinations :func:`subprocess.run` refuses."""
-    if input is not None:
-        if kwargs.get("stdin", DEVNULL) not in (None, DEVNULL, PIPE):
-            raise ValueError("stdin and input arguments may not both be used.")
-        kwargs["stdin"] = PIPE
+    the combinations :func:`subprocess.run` refuses
+    (:func:`~sshwrap.core.options.run_streams`)."""
+    stdin, stdout, stderr = run_streams(input, capture_output, kwargs)
+    kwargs["stdin"] = stdin
     if capture_output:
-        if kwargs.get("stdout") is not None or kwargs.get("stderr") is not None:
-            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
-        kwargs["stdout"] = PIPE
-        kwargs["stderr"] = PIPE
+        kwargs["stdout"], kwargs["stderr"] = stdout, stderr
 
 
 def tty_input(data: bytes) -> bytes:
@@ -84,8 +88,7 @@ def tty_input(data: bytes) -> bytes:
 
 def decode_output(data: bytes, encoding: str | None, errors: str | None) -> str:
     """Text mode's output: decoded, with universal newlines (as :mod:`subprocess` does)."""
-    enc = encoding or locale.getpreferredencoding(False)
-    text = data.decode(enc, errors or "strict")
+    text = data.decode(encoding or text_encoding(), errors or "strict")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -131,7 +134,7 @@ class _Child:
             self._terminal = terminal_reader(master)
             self.proc = started[0]
             self.collect_out = stdout == PIPE
-            self.collect_err = False
+            self.collect_err = stderr == PIPE  # nothing comes: b"", as over a channel
             self.pipes = ChildPipes(self.proc)
 
             def terminal(chunk: bytes) -> None:
@@ -166,7 +169,8 @@ class _Child:
             self.pipes.read_into(relay, relayed, required=False)
 
     def output(self) -> tuple[bytes | None, bytes | None]:
-        """What stdout and stderr collected (None for a stream not read)."""
+        """What stdout and stderr collected (None for a stream not read; with a terminal a
+        ``stderr=PIPE`` gets nothing, b"": the terminal merged stderr into stdout)."""
         return (
             bytes(self.out) if self.collect_out else None,
             bytes(self.err) if self.collect_err else None,
@@ -229,15 +233,16 @@ def run_ssh(
     order) or keyword.
     """
     check_keywords("run", kwargs, PopenOptions)
+    check_terminal(kwargs)
     options = cast(dict[str, Any], dict(kwargs))
     prepare_run(input, capture_output, options)
     stdout, stderr = options.get("stdout"), options.get("stderr")
     stdin = options.get("stdin", DEVNULL)
-    text, encoding, errors = (options.get(k) for k in ("text", "encoding", "errors"))
+    text_mode, encoding = popen_text(options)
+    errors = options.get("errors")
     tty = bool(options.get("tty", False))
-    text_mode = bool(text or encoding or errors)
     if isinstance(input, str):
-        input = input.encode(encoding or locale.getpreferredencoding(False), errors or "strict")
+        input = input.encode(encoding or text_encoding(), errors or "strict")
     data = b"" if input is None else bytes(input)
     deadline = deadline_after(timeout)
     call = Invocation(host, args, tty=tty, **invocation_settings(options))
