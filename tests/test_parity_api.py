@@ -40,23 +40,29 @@ def gap(what: str) -> pytest.MarkDecorator:
 
 
 RUN_STDIN_DEFAULT = gap(
-    "core.commands.run_command hands RunStreams stdin=DEVNULL when none was given: an "
-    "explicit stdin=DEVNULL with input= cannot be told apart (core.options.run_streams does it)"
+    "core.commands.run_command builds RunStreams(stdin=options.get('stdin', DEVNULL), ...): an "
+    "explicit stdin=DEVNULL with input= looks like none; use RunStreams.for_run(host, args, "
+    "options)"
 )
-RUN_TEXT = gap("core.commands.run_command passes text= only: core.options.text_option reads both")
+RUN_TEXT = gap(
+    "core.commands.run_command passes text= alone; RunStreams.for_run reads universal_newlines"
+)
 POPEN_TEXT = gap(
-    "core.channel_popen: start_popen passes text= only (core.options.text_option); "
-    "ChannelPopen has no .encoding"
+    "core.channel_popen: start_popen should build PopenStreams.for_popen(options) and pass "
+    "text=text_option(options); ChannelPopen should set text_mode, encoding = popen_text(...)"
 )
 NO_SIZE_CHECK = gap(
-    "core.commands.run_command/start_command take size= without tty=True "
-    "(core.options.check_terminal)"
+    "core.commands.run_command (RunStreams.for_run) and core.channel_popen.start_popen "
+    "(PopenStreams.for_popen) check size= without tty=True"
 )
-CONN_GETOUTPUT = gap("Connection.getoutput/getstatusoutput: thin methods over core.getoutput")
+CONN_GETOUTPUT = gap(
+    "connection.Connection.getoutput/getstatusoutput: status_output(self.run(args, "
+    "**getoutput_options(...)))"
+)
 AIO_GETOUTPUT = gap(
-    "sshwrap.aio.getoutput/getstatusoutput, AsyncConnection's: thin methods over core.getoutput"
+    "sshwrap.aio.getoutput/getstatusoutput and AsyncConnection's: status_output(await run(...))"
 )
-CHANNEL_REPR = gap("ChannelPopen.__repr__ through core.completed.popen_repr")
+CHANNEL_REPR = gap("ChannelPopen.__repr__: core.completed.popen_repr(self, host, popen_state(...))")
 
 
 def apis(
@@ -153,6 +159,14 @@ def test_text_and_universal_newlines_disagreeing(face: Face) -> None:
     e = raised(lambda: face.run("true", text=True, universal_newlines=False))
     assert type(e) is subprocess.SubprocessError, e
     assert "Cannot disambiguate when both text and universal_newlines" in str(e)
+
+
+@pytest.mark.parametrize(
+    "face", apis((*SYNC_FACES, REFERENCE), marks={"proxy-sync": POPEN_TEXT}), indirect=True
+)
+def test_popen_text_and_universal_newlines_disagreeing(face: Face) -> None:
+    e = raised(lambda: face.start("true", text=False, universal_newlines=True))
+    assert type(e) is subprocess.SubprocessError, e
 
 
 def subprocess_encoding() -> str:

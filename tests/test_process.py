@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from test_process_helpers import (
@@ -20,6 +21,14 @@ from test_process_helpers import (
 )
 
 import sshwrap
+from sshwrap.core.completed import popen_repr, popen_state
+from sshwrap.core.options import (
+    check_terminal,
+    popen_text,
+    run_streams,
+    text_encoding,
+    text_option,
+)
 from sshwrap.process import DEVNULL, PIPE, STDOUT
 from sshwrap.testing import LocalSSHD
 
@@ -508,3 +517,79 @@ def test_stdin_from_file_and_fd(local_sshd: LocalSSHD, tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert r.stdout.strip() == b"12"
+
+
+# -- subprocess's checks, written once in core.options (issue 11) ------------------------------
+def test_run_streams_refuse_what_subprocess_run_refuses() -> None:
+    with pytest.raises(ValueError, match=r"^stdin and input arguments may not both be used\.$"):
+        run_streams(b"x", False, {"stdin": DEVNULL})
+    with pytest.raises(ValueError, match="capture_output"):
+        run_streams(None, True, {"stderr": STDOUT})
+    assert run_streams(b"x", True, {"stdin": None}) == (PIPE, PIPE, PIPE)
+    assert run_streams(None, False, {}) == (DEVNULL, None, None)  # sshwrap's stdin default
+
+
+def test_text_options_as_subprocess_popen() -> None:
+    assert text_option({"universal_newlines": True}) is True
+    assert text_option({"text": False, "universal_newlines": None}) is False
+    with pytest.raises(subprocess.SubprocessError, match="Cannot disambiguate"):
+        text_option({"text": True, "universal_newlines": False})
+    assert popen_text({}) == (False, None)
+    assert popen_text({"text": True}) == (True, text_encoding())
+    assert popen_text({"errors": "replace"}) == (True, text_encoding())
+    assert popen_text({"encoding": "latin-1"}) == (True, "latin-1")
+    with subprocess.Popen(["true"], stdout=DEVNULL, universal_newlines=True) as p:
+        assert popen_text({"universal_newlines": True})[1] == cast(Any, p).encoding
+
+
+def test_size_needs_tty() -> None:
+    check_terminal({"tty": True, "size": (30, 100)})
+    check_terminal({"tty": False})
+    with pytest.raises(ValueError, match=r"size= needs tty=True"):
+        check_terminal({"size": (30, 100)})
+
+
+class Popen:
+    """Stands for a started command in popen_repr's tests (its class name is shown)."""
+
+    def __init__(self, returncode: int | None, args: object) -> None:
+        self.returncode, self.args = returncode, args
+
+
+def test_popen_repr_shapes() -> None:
+    assert popen_repr(Popen(None, ["cat"]), "h1", popen_state(None)) == (
+        "<Popen: returncode: None args: ['cat'] host: 'h1' state: running>"
+    )
+    assert popen_state(0) == popen_state(3) == "exited"
+    assert popen_state(-9) == "killed by a signal"
+    assert popen_state(255, failed=True) == "failed"
+    long = popen_repr(Popen(0, ["x" * 200]), "h1", "exited")
+    assert long.startswith("<Popen: returncode: 0 args: ['xxx") and "...' host" not in long
+    assert long.endswith("... host: 'h1' state: exited>")
+    assert len(long.split(" host: ")[0]) == 79  # cut as subprocess cuts: 76 + "..."
+
+
+def test_popen_repr_through_its_life(local_sshd: LocalSSHD) -> None:
+    p = sshwrap.Popen(local_sshd.host, ["sleep", "300"], config=local_sshd.config)
+    assert repr(p) == (
+        f"<Popen: returncode: None args: ['sleep', '300'] host: {local_sshd.host!r} state: running>"
+    )
+    p.kill()
+    assert p.wait(timeout=30) == -signal.SIGKILL
+    assert repr(p).endswith(f"host: {local_sshd.host!r} state: killed by a signal>")
+    assert repr(p).startswith("<Popen: returncode: -9 args: ")
+
+
+def test_getstatusoutput_of_a_failed_ssh_raises(local_sshd: LocalSSHD) -> None:
+    # No status arrived: an error, never a (status, output) pair.
+    with pytest.raises(sshwrap.SSHError):
+        sshwrap.getstatusoutput(local_sshd.host, "true", config=local_sshd.config, port=1)
+
+
+def test_getoutput_encoding_and_timeout(local_sshd: LocalSSHD) -> None:
+    got = sshwrap.getstatusoutput(
+        local_sshd.host, "printf 'caf\\351\\n'", encoding="latin-1", config=local_sshd.config
+    )
+    assert got == (0, "café")
+    with pytest.raises(sshwrap.TimeoutExpired):
+        sshwrap.getoutput(local_sshd.host, "sleep 60", timeout=1, config=local_sshd.config)
