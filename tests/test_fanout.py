@@ -612,3 +612,65 @@ def test_fd_watcher_calls_back_while_readable_and_forgets_removed_fds(epoll: boo
 
     got = asyncio.run(main())
     assert [data for _, data in got] == [b"a", b"b", b"c", b"d"]
+
+
+def test_ssh_starts_by_posix_spawn_with_the_env_and_inherits_no_fd(
+    many: Hosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ssh starts through ``os.posix_spawn`` (no ``subprocess.Popen``: about half the
+    parent's CPU per host) with the caller's environment.  An fd the caller made inheritable
+    switches the run back to Popen's ``close_fds``: ssh never gets it."""
+    real_ssh = shutil.which("ssh")
+    assert real_ssh is not None
+    out = tmp_path / "seen"
+    wrapper = tmp_path / "ssh-wrapper"
+    wrapper.write_text(
+        '#!/bin/sh\nls /proc/$$/fd > "$SSHWRAP_T_OUT.$$.fds"\n'
+        'echo "$SSHWRAP_T_VAR" > "$SSHWRAP_T_OUT.$$.env"\n'
+        f'exec {real_ssh} "$@"\n'
+    )
+    wrapper.chmod(0o700)
+    monkeypatch.setenv("SSHWRAP_T_OUT", str(out))
+    monkeypatch.setenv("SSHWRAP_T_VAR", "from-the-caller")
+    popens: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    class CountingPopen(real_popen):  # type: ignore[misc,valid-type]
+        def __init__(self, args: list[str], *a: object, **kw: object) -> None:
+            popens.append(list(args))
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", CountingPopen)
+    # Whatever this test process inherited itself (a make jobserver...) is set aside.
+    inherited = [fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and _inheritable(fd)]
+    for fd in inherited:
+        os.set_inheritable(fd, False)
+    r, w = os.pipe()
+    try:
+        results = run_many(many.hosts[:3], "true", config=many.config, ssh=str(wrapper))
+        assert all(x.ok for x in results), results
+        assert popens == []
+        envs = sorted(tmp_path.glob("seen.*.env"))
+        assert [p.read_text() for p in envs] == ["from-the-caller\n"] * 3
+        os.dup2(r, 250)  # inheritable
+        try:
+            results = run_many(many.hosts[:3], "true", config=many.config, ssh=str(wrapper))
+        finally:
+            os.close(250)
+        assert all(x.ok for x in results), results
+        assert len(popens) == 3
+        fds = sorted(tmp_path.glob("seen.*.fds"))
+        assert len(fds) == 6
+        assert all("250" not in p.read_text().split() for p in fds)
+    finally:
+        os.close(r)
+        os.close(w)
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False  # the listing's own fd, closed since

@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import SSHError, TimeoutExpired
 from ..io.deadline import capped
 from ..io.fd_watcher import FdWatcher
-from ..io.host_process import HostProcess, run_bounded
+from ..io.host_process import ChildStarter, HostProcess, run_bounded
 from ..io.master import Master
 from .argv import build_ssh_argv, remote_signal_script
 from .commands import run_command
@@ -122,8 +122,15 @@ def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool
     return limit is None or t_end <= t0 + limit
 
 
-def host_process(job: FanoutJob, plan: HostPlan, watcher: FdWatcher, fifo_dir: str) -> HostProcess:
-    """The (not yet started) ssh child of ``plan``, its log FIFO (if any) in ``fifo_dir``."""
+def host_process(
+    job: FanoutJob,
+    plan: HostPlan,
+    watcher: FdWatcher,
+    fifo_dir: str,
+    starter: ChildStarter | None = None,
+) -> HostProcess:
+    """The (not yet started) ssh child of ``plan``, its log FIFO (if any) in ``fifo_dir``;
+    ``starter``: the run's (one per run: the environment is taken once)."""
     on_output = None if job.on_output is None else partial(job.on_output, plan.host)
     return HostProcess(
         plan.argv,
@@ -131,6 +138,7 @@ def host_process(job: FanoutJob, plan: HostPlan, watcher: FdWatcher, fifo_dir: s
         fifo_path=f"{fifo_dir}/{plan.index}",
         input=job.input,
         on_output=on_output,
+        starter=starter,
     )
 
 

@@ -26,7 +26,7 @@ from typing import Protocol, Unpack, runtime_checkable
 
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
-from ..io.host_process import HostProcess
+from ..io.host_process import ChildStarter, HostProcess
 from .argv import build_ssh_argv, find_ssh, remote_command, ssh_settings_args
 from .fanout_host import (
     KILL_GRACE,
@@ -183,6 +183,7 @@ class FanoutRun:
         t_end = None if self.deadline is None else time.monotonic() + self.deadline
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
         watcher = FdWatcher(loop)
+        starter = ChildStarter()
         todo = list(reversed(self.plans))
         tasks: dict[asyncio.Future[HostResult], int] = {}
         done: collections.deque[asyncio.Future[HostResult]] = collections.deque()
@@ -204,7 +205,7 @@ class FanoutRun:
                     if plan.conn is not None:
                         coro = run_over_connection(self.job, plan, t_end)
                     else:
-                        proc = host_process(self.job, plan, watcher, fifo_dir)
+                        proc = host_process(self.job, plan, watcher, fifo_dir, starter)
                         self._running[plan.index] = proc
                         coro = run_host(self.job, plan, proc, t_end, self._remote_stops)
                     task = asyncio.ensure_future(coro)

@@ -9,9 +9,10 @@ never reaches the caller's stderr, and its lines tell when the session is up.
 
 The loop watches the pipes and the child's exit (a pidfd; elsewhere than Linux a short poll
 once the pipes are closed) through an :class:`~sshwrap.io.fd_watcher.FdWatcher`, so a host
-costs a handful of file descriptors and no thread.  Children are started with
-``subprocess.Popen`` from the loop's thread (vfork + exec on Linux): the fan-out never forks
-from a thread pool.
+costs a handful of file descriptors and no thread.  Children are started from the loop's
+thread by ``os.posix_spawn`` (clone + exec, no Python in the child; ``subprocess.Popen``
+where it cannot close inherited fds: :class:`ChildStarter`): the fan-out never forks from a
+thread pool.
 
 Stopping signals the child's whole process group (ssh and any ProxyCommand it runs), and
 every path ends with the child reaped and every fd closed.  What the bounds are, and what an
@@ -27,11 +28,19 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .fd_watcher import FdWatcher
 
-__all__ = ["SESSION_UP", "HostProcess", "run_bounded", "spawn_in_session"]
+__all__ = [
+    "SESSION_UP",
+    "Child",
+    "ChildStarter",
+    "HostProcess",
+    "SpawnedChild",
+    "run_bounded",
+    "spawn_in_session",
+]
 
 _READ = 65536
 
@@ -41,22 +50,135 @@ SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering inter
 _devnull: int | None = None
 
 
-def spawn_in_session(
-    argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a session of its own with these fds as its stdio (-1: /dev/null).
-
-    (A plain fork without waiting for the exec was measured too: no faster here, since on a
-    busy machine the time goes to waiting for a CPU, not to the spawn itself.)
-    """
+def _dev_null() -> int:
     global _devnull
     if _devnull is None:
         _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    return _devnull
+
+
+class Child(Protocol):
+    """A started child: ``subprocess.Popen`` or :class:`SpawnedChild`."""
+
+    @property
+    def pid(self) -> int: ...  # pragma: no cover - protocol
+
+    @property
+    def returncode(self) -> int | None: ...  # pragma: no cover - protocol
+
+    def poll(self) -> int | None: ...  # pragma: no cover - protocol
+
+    def wait(self) -> int: ...  # pragma: no cover - protocol
+
+
+class SpawnedChild:
+    """A child started by ``os.posix_spawn``: its pid, and ``poll``/``wait`` as in
+    ``subprocess.Popen`` (``returncode`` is ``-signum`` for a signal)."""
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """Reap the child if it has exited (never blocks); its ``returncode`` or None."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 0  # reaped elsewhere (SIGCHLD ignored): as subprocess does
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        """Reap the child, blocking until it exits; its ``returncode``."""
+        while self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                self.returncode = 0  # as subprocess does
+            else:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _inheritable_fds() -> bool:
+    """Whether this process holds a file descriptor above 2 that a child would inherit."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return True  # cannot tell: keep subprocess's close_fds
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                if os.get_inheritable(fd):
+                    return True
+    return False
+
+
+class ChildStarter:
+    """Starts the children of one run, each in a session of its own.
+
+    ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)`` + exec, no Python in the
+    child, safe with threads) with the environment taken once, when this starter is made:
+    about half the parent's CPU of ``subprocess.Popen``, whose Python part, error pipe and
+    environment conversion run for every child.  ``posix_spawn`` cannot close the fds a child
+    would inherit (``close_fds``), so it is used only when there is none (checked once, here;
+    sshwrap's own fds are all close-on-exec) or when it can close them itself
+    (``POSIX_SPAWN_CLOSEFROM``); otherwise, and where there is no ``posix_spawn`` with
+    ``setsid``, children start through ``subprocess.Popen`` (vfork + exec) as before.
+    """
+
+    def __init__(self) -> None:
+        self.env: dict[bytes, bytes] | dict[str, str] = (
+            dict(os.environb) if os.supports_bytes_environ else dict(os.environ)
+        )
+        self._closefrom: int | None = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)
+        self.posix_spawn = hasattr(os, "posix_spawn") and (
+            self._closefrom is not None or not _inheritable_fds()
+        )
+
+    def start(self, argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1) -> Child:
+        """Start ``argv`` with these fds as its stdio (-1: /dev/null); OSError if it cannot."""
+        null = _dev_null()
+        fds = [fd if fd >= 0 else null for fd in (stdin, stdout, stderr)]
+        # (A source fd among 0-2 would need the dup2-onto-itself care that Popen takes.)
+        if self.posix_spawn and min(fds) > 2:
+            actions: list[tuple[int, ...]] = [
+                (os.POSIX_SPAWN_DUP2, fds[0], 0),
+                (os.POSIX_SPAWN_DUP2, fds[1], 1),
+                (os.POSIX_SPAWN_DUP2, fds[2], 2),
+            ]
+            if self._closefrom is not None:
+                actions.append((self._closefrom, 3))
+            spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
+            try:
+                pid = spawn(argv[0], argv, self.env, file_actions=actions, setsid=True)
+                return SpawnedChild(pid)
+            except NotImplementedError:  # no POSIX_SPAWN_SETSID here
+                self.posix_spawn = False
+        return subprocess.Popen(
+            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True
+        )
+
+
+def spawn_in_session(
+    argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` through ``subprocess.Popen`` in a session of its own, with these fds as
+    its stdio (-1: /dev/null)."""
+    null = _dev_null()
     return subprocess.Popen(
         argv,
-        stdin=stdin if stdin >= 0 else _devnull,
-        stdout=stdout if stdout >= 0 else _devnull,
-        stderr=stderr if stderr >= 0 else _devnull,
+        stdin=stdin if stdin >= 0 else null,
+        stdout=stdout if stdout >= 0 else null,
+        stderr=stderr if stderr >= 0 else null,
         start_new_session=True,
     )
 
@@ -100,14 +222,16 @@ class HostProcess:
         fifo_path: str,
         input: bytes | None = None,
         on_output: Callable[[int, bytes], None] | None = None,
+        starter: ChildStarter | None = None,
     ) -> None:
         self.argv = argv
+        self.starter = starter
         self.watcher = watcher
         self.loop = watcher.loop
         self.on_output = on_output
         self.input = input
         self.fifo: str | None = fifo_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
         self.out: list[bytes] = []
         self.err: list[bytes] = []
         self.log = bytearray()
@@ -162,7 +286,9 @@ class HostProcess:
             self.started_wall = time.time()
             self.t0 = time.monotonic()
             argv = [self.argv[0], "-E", log_path, *self.argv[1:]]
-            self.proc = spawn_in_session(argv, in_r, out_w, err_w)
+            if self.starter is None:
+                self.starter = ChildStarter()
+            self.proc = self.starter.start(argv, in_r, out_w, err_w)
         except BaseException:
             for fd in opened:
                 os.close(fd)
