@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from typing import Any
 
 import pytest
 from faults import InProcessLeaks
@@ -259,7 +260,110 @@ def test_cancel_stops_the_remote_command_and_leaves_nothing(local_sshd: LocalSSH
 
 
 def test_create_process_refuses_a_keyword_it_does_not_take() -> None:
-    """Was: ``tty=True`` (or a typo) silently ignored, the command run without a terminal."""
-    for bad in ({"tty": True}, {"cdw": "/"}):
+    """Was: a typo silently ignored.  (``tty``/``size`` are taken now: see the tty tests.)"""
+    for bad in ({"text": True}, {"cdw": "/"}):
         with pytest.raises(TypeError, match="unexpected keyword argument"):
             asyncio.run(sshwrap.aio.create_process("host", "true", **bad))
+
+
+def test_create_process_tty_stdin_resize_and_exact_returncode(local_sshd: LocalSSHD) -> None:
+    """tty=True as sshwrap.Popen has it: the terminal of the size given, stdout and stderr
+    merged with CR LF ends (p.stderr None), stdin typed after ssh's raw mode, resize()
+    reaching the remote terminal, the returncode exact, ssh's closing line dropped."""
+
+    async def main() -> tuple[list[bytes], bytes, int, Any]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host,
+            "tty; stty size; echo err >&2; read x; echo got $x; stty size; exit 3",
+            tty=True,
+            size=(20, 70),
+            stdin=PIPE,
+            stdout=PIPE,
+            config=local_sshd.config,
+        )
+        assert p.stdout is not None and p.stdin is not None
+        lines = [await asyncio.wait_for(p.stdout.readline(), 30) for _ in range(3)]
+        p.resize(31, 99)
+        p.stdin.write(b"abc\n")
+        await p.stdin.drain()
+        rest = await asyncio.wait_for(p.stdout.read(), 30)
+        return lines, rest, await asyncio.wait_for(p.wait(), 30), p.stderr
+
+    lines, rest, rc, stderr = asyncio.run(main())
+    assert lines[0].startswith(b"/dev/pts/") and lines[0].endswith(b"\r\n"), lines
+    assert lines[1:] == [b"20 70\r\n", b"err\r\n"]
+    assert rest == b"abc\r\ngot abc\r\n31 99\r\n"  # echoed by the remote terminal
+    assert (rc, stderr) == (3, None)
+
+
+def test_create_process_tty_communicate_types_input_then_eof(local_sshd: LocalSSHD) -> None:
+    async def main() -> tuple[tuple[bytes | None, bytes | None], int | None]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host,
+            "cat; echo done",
+            tty=True,
+            stdin=PIPE,
+            stdout=PIPE,
+            config=local_sshd.config,
+        )
+        got = await asyncio.wait_for(p.communicate(b"line\n"), 30)
+        return got, p.returncode
+
+    (out, err), rc = asyncio.run(main())
+    assert out is not None and out.endswith(b"done\r\n"), out
+    assert out.count(b"line\r\n") == 2  # echoed, then cat's copy
+    assert (err, rc) == (None, 0)
+
+
+def test_create_process_tty_kill_is_bounded_and_leaves_nothing(local_sshd: LocalSSHD) -> None:
+    marker = marker_seconds()
+
+    async def main() -> tuple[int, float]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host,
+            f"echo up; exec sleep {marker}",
+            tty=True,
+            stdout=PIPE,
+            config=local_sshd.config,
+        )
+        assert p.stdout is not None
+        assert await asyncio.wait_for(p.stdout.readline(), 30) == b"up\r\n"
+        t0 = time.monotonic()
+        p.kill()
+        rc = await asyncio.wait_for(p.wait(), 10)
+        assert await asyncio.wait_for(p.stdout.read(), 10) == b""  # the terminal's end
+        return rc, time.monotonic() - t0
+
+    with InProcessLeaks() as leaks:
+        rc, took = asyncio.run(main())
+        assert rc == -9 and took < 2.0, (rc, took)
+        leaks.assert_clean(STOP_MARGIN + 1.0)
+
+
+def test_create_process_tty_ssh_failure_has_ssh_words(local_sshd: LocalSSHD) -> None:
+    """ssh's own early words reach the terminal: the error carries them, as in the sync face."""
+
+    async def main() -> None:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host, "true", tty=True, stdout=PIPE, config=local_sshd.config, port=1
+        )
+        await p.wait()
+
+    with pytest.raises(sshwrap.SSHConnectionError) as info:
+        asyncio.run(main())
+    assert "Connection refused" in info.value.message
+
+
+def test_process_repr(local_sshd: LocalSSHD) -> None:
+    async def main() -> tuple[str, str, int]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host, ["exit", "4"], config=local_sshd.config
+        )
+        running = repr(p)
+        await p.wait()
+        return running, repr(p), p.pid
+
+    running, ended, pid = asyncio.run(main())
+    head = f"<Process: host: {local_sshd.host!r} pid: {pid}"
+    assert running == f"{head} running args: ['exit', '4']>"
+    assert ended == f"{head} returncode: 4 args: ['exit', '4']>"

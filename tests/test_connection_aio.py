@@ -162,3 +162,32 @@ def test_async_put_get(local_sshd: LocalSSHD, tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("proxy", [True, False], ids=["channel", "ssh-S"])
+def test_async_create_process_tty_over_both_paths(local_sshd: LocalSSHD, proxy: bool) -> None:
+    """tty/size reach the command over a channel and over the ssh -S fallback (which used to
+    refuse them with TypeError); resize() reaches the remote terminal; stderr is merged."""
+
+    async def main() -> tuple[list[bytes], bytes, int, object, str]:
+        async with await connect(local_sshd.host, config=local_sshd.config, proxy=proxy) as c:
+            p = await c.create_process(
+                "stty size; read x; stty size; exit 7",
+                tty=True,
+                size=(21, 71),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            assert p.stdout is not None and p.stdin is not None
+            first = [await asyncio.wait_for(p.stdout.readline(), 30)]
+            p.resize(32, 98)
+            p.stdin.write(b"go\n")
+            await p.stdin.drain()
+            rest = await asyncio.wait_for(p.stdout.read(), 30)
+            return first, rest, await asyncio.wait_for(p.wait(), 30), p.stderr, repr(p)
+
+    first, rest, rc, stderr, shown = asyncio.run(main())
+    assert first == [b"21 71\r\n"]
+    assert rest.endswith(b"32 98\r\n"), rest
+    assert (rc, stderr) == (7, None)
+    assert shown.endswith("returncode: 7 args: 'stty size; read x; stty size; exit 7'>"), shown

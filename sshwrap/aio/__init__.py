@@ -4,7 +4,9 @@ A facade: nothing inside the library imports it.  Each name is the async twin of
 with the same arguments, results, errors and bounds:
 
 - :func:`run`, :func:`create_process`, :class:`Process`: :mod:`sshwrap.process` over asyncio
-  (:mod:`sshwrap.aio.process`);
+  (:mod:`sshwrap.aio.process`), ``tty=True``/``size`` included;  ``send_signal``/``terminate``
+  /``kill`` are plain methods on every async process, as in :mod:`asyncio.subprocess`
+  (``send_signal``/``terminate`` return a :class:`SignalDelivery`: await it or drop it);
 - :func:`connect`, :class:`AsyncConnection`: :class:`sshwrap.Connection`
   (:mod:`sshwrap.aio.connection`);
 - :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``).
@@ -14,6 +16,9 @@ with the same arguments, results, errors and bounds:
     r = await sshwrap.aio.run("web1", ["uname", "-a"], capture_output=True, text=True)
     async with await sshwrap.aio.connect("web1") as c:
         r = await c.run("uptime", capture_output=True)
+        p = await c.create_process("exec sleep 60")
+        p.terminate()                 # the signal goes at once; awaiting it is optional
+        await p.wait()                # -15
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .process import DEVNULL, PIPE, STDOUT, Process, ProcessOptions, create_process, run
+from .process import (
+    DEVNULL,
+    PIPE,
+    STDOUT,
+    Process,
+    ProcessOptions,
+    SignalDelivery,
+    TerminalWriter,
+    create_process,
+    run,
+)
 
 __all__ = [
     "DEVNULL",
@@ -30,6 +45,8 @@ __all__ = [
     "AsyncConnection",
     "Process",
     "ProcessOptions",
+    "SignalDelivery",
+    "TerminalWriter",
     "connect",
     "create_process",
     "run",

@@ -27,21 +27,18 @@ from ..connection import Connection, ConnectOptions, Forward
 from ..core.channel_popen import ChannelPopen
 from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
 from ..core.completed import CompletedProcess
-from ..core.options import Command, CommandOptions, StreamOptions
-from ..core.waiting import Procedure, WaitFlag, run_async
+from ..core.invocation import SIGNAL_TIMEOUT
+from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
+from ..core.waiting import run_async
 from ..errors import SSHError
-from ..io.flags import Flag
 from ..io.master import Master
+from .process import SignalDelivery, process_repr, until_set
 
 if TYPE_CHECKING:
     from ..transfer import ProgressCallback
     from .process import Process
 
-__all__ = ["AsyncChannelProcess", "AsyncConnection", "connect"]
-
-
-def _until_set(flag: Flag) -> Procedure[None]:
-    yield WaitFlag(flag)
+__all__ = ["AsyncChannelProcess", "AsyncConnection", "ChannelProcessOptions", "connect"]
 
 
 class AsyncChannelProcess:
@@ -49,8 +46,11 @@ class AsyncChannelProcess:
 
     ``stdin`` is an ``asyncio.StreamWriter`` and ``stdout``/``stderr`` are
     ``asyncio.StreamReader`` objects for ``PIPE``, else None.  ``returncode`` is exact
-    (``-signum`` for a remote signal death); ``send_signal``/``terminate``/``kill`` reach the
-    remote process group.
+    (``-signum`` for a remote signal death); ``send_signal``/``terminate``/``kill`` are plain
+    methods, as in :class:`asyncio.subprocess.Process`: the signal request goes over the
+    channel at once and reaches the remote process group.  ``send_signal``/``terminate``
+    take the ``timeout`` keyword and return a (done) :class:`~sshwrap.aio.SignalDelivery`, as
+    :class:`sshwrap.aio.Process`'s do, so ``await p.terminate()`` works on both.
     """
 
     def __init__(self, popen: ChannelPopen) -> None:
@@ -79,6 +79,11 @@ class AsyncChannelProcess:
             self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
 
     @property
+    def pid(self) -> None:
+        """None: the command runs on a channel, there is no local process."""
+        return None
+
+    @property
     def returncode(self) -> int | None:
         """The remote returncode once the command ended, else None."""
         return self._popen.poll()
@@ -90,7 +95,7 @@ class AsyncChannelProcess:
 
     async def wait(self) -> int:
         """Wait for the command to end; raises ``SSHError`` when it ended without a status."""
-        await run_async(_until_set(self._popen.closed))
+        await run_async(until_set(self._popen.closed))
         rc: int = self._popen.wait(0)
         return rc
 
@@ -116,21 +121,34 @@ class AsyncChannelProcess:
         await self.wait()
         return out, err
 
-    def send_signal(self, sig: int) -> None:
-        """Send ``sig`` to the remote command's process group."""
+    def send_signal(self, sig: int, *, timeout: float = SIGNAL_TIMEOUT) -> SignalDelivery:
+        """Send ``sig`` to the remote command's process group (a request on the channel,
+        sent now: ``timeout`` has nothing to bound; the handle is done)."""
         self._popen.send_signal(sig)
+        return SignalDelivery()
 
-    def terminate(self) -> None:
-        """SIGTERM to the remote command."""
+    def terminate(self, *, timeout: float = SIGNAL_TIMEOUT) -> SignalDelivery:
+        """SIGTERM to the remote command (see :meth:`send_signal`)."""
         self._popen.terminate()
+        return SignalDelivery()
 
     def kill(self) -> None:
         """SIGKILL to the remote command."""
         self._popen.kill()
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Change the remote terminal's size (``tty=True``): the command gets SIGWINCH."""
+        self._popen.resize(rows, cols)
 
-class ChannelProcessOptions(CommandOptions, StreamOptions, total=False):
-    """The keywords of ``AsyncConnection.create_process`` after the command."""
+    def __repr__(self) -> str:
+        """Host, pid (None: no local process), state and command, like ``subprocess``'s."""
+        p = self._popen
+        return process_repr("AsyncChannelProcess", self.host, p.pid, p.returncode, self.args)
+
+
+class ChannelProcessOptions(CommandOptions, StreamOptions, TerminalOptions, total=False):
+    """The keywords of ``AsyncConnection.create_process`` after the command (``tty``/``size``
+    too, over a channel and over the ``ssh -S`` fallback)."""
 
 
 class AsyncConnection:

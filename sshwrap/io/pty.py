@@ -212,14 +212,15 @@ class PtyReader(_MasterStream):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        while not self._extra and not self._eof:
+    def read_ready(self, size: int = 65536) -> bytes | None:
+        """What the terminal has to pass on now, in one read that does not wait when the fd
+        is non-blocking or readable: ``b""`` at its end (EIO), None for nothing yet (no data,
+        or all of it held back as the start of ssh's closing line)."""
+        if not self._extra and not self._eof:
             try:
-                data = os.read(self._fd, max(len(view), 65536))
+                data = os.read(self._fd, max(size, 65536))
             except BlockingIOError:
-                select.select([self._fd], [], [])  # made non-blocking elsewhere: wait for data
-                continue
+                return None
             except OSError as e:
                 if e.errno != errno.EIO:  # EIO: the end of a pty on Linux
                     raise
@@ -228,7 +229,15 @@ class PtyReader(_MasterStream):
                 self._eof = True
             else:
                 self._extra = self._shown.feed(data)
-        data, self._extra = self._extra[: len(view)], self._extra[len(view) :]
+                if not self._extra:
+                    return None
+        data, self._extra = self._extra[:size], self._extra[size:]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while (data := self.read_ready(len(view))) is None:
+            select.select([self._fd], [], [])  # nothing to pass on yet: wait for more
         view[: len(data)] = data
         return len(data)
 
