@@ -44,6 +44,9 @@ REMOTE_NAMES = ("app.tar.gz", "www", "app.log")
 """What the examples write into the remote home (relative remote paths): removed afterwards,
 and refused if present before (they would be someone's own files)."""
 
+REMOTE_HISTORY = ".python_history"
+"""Written in the remote home by the examples' ``python3 -i``: put back as it was."""
+
 BLOCK_TIMEOUT = 40.0
 """Bound on one example (a shell line, a pty program); generous for a loaded machine."""
 
@@ -191,6 +194,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "SSHWRAP_SSH": str(wrapper),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        history = home / REMOTE_HISTORY
+        saved = history.read_bytes() if history.exists() else None
         with pytest.MonkeyPatch.context() as mp:
             for k, v in env.items():
                 mp.setenv(k, v)
@@ -207,6 +212,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                         shutil.rmtree(p, ignore_errors=True)
                     elif p.exists():
                         p.unlink()
+                if saved is None:
+                    history.unlink(missing_ok=True)
+                else:
+                    history.write_bytes(saved)
 
 
 # -- running one example ------------------------------------------------------------------------
