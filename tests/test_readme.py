@@ -12,6 +12,9 @@ the sshd's own.  sshwrap runs the ssh that ``SSHWRAP_SSH`` names (documented in 
 and here that is a test-only wrapper script that execs the real ``ssh`` with ``-F`` that
 config: nothing else of the call changes.  Each section runs in a directory of its own that
 holds the local files the examples name (``build/app.tar.gz``, ``site/``, ``hosts.txt`` ...).
+On the remote side (the login user's home) the module writes the ``app.log`` the examples
+follow; what the examples put there is removed afterwards (and refused if it was there before),
+and ``python3 -i``'s history file is put back as it was.
 
 Examples that cannot run here, that need a terminal (run through a real pty), or that fail
 because of an open bug are listed in ``PLANS`` with the reason; a ``PLANS`` entry that matches
