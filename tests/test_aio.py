@@ -264,6 +264,8 @@ def test_create_process_refuses_a_keyword_it_does_not_take() -> None:
     for bad in ({"text": True}, {"cdw": "/"}):
         with pytest.raises(TypeError, match="unexpected keyword argument"):
             asyncio.run(sshwrap.aio.create_process("host", "true", **bad))
+    with pytest.raises(ValueError, match="size= needs tty=True"):  # as sshwrap.Popen
+        asyncio.run(sshwrap.aio.create_process("host", "true", size=(24, 80)))
 
 
 def test_create_process_tty_stdin_resize_and_exact_returncode(local_sshd: LocalSSHD) -> None:

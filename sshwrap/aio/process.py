@@ -48,6 +48,7 @@ from ..core.options import (
     RunOptions,
     TerminalOptions,
     check_keywords,
+    check_terminal,
     invocation_settings,
 )
 from ..core.ssh_run import run_ssh, tty_input
@@ -437,10 +438,11 @@ async def create_process(host: str, args: Command, **kwargs: Unpack[ProcessOptio
     """Start ``args`` on ``host``; like :func:`asyncio.create_subprocess_exec`.
 
     ``stdin`` defaults to DEVNULL (see :mod:`sshwrap.process` for why); ``tty=True`` runs it
-    in a terminal of ``size=(rows, cols)`` as ``sshwrap.Popen`` does.  A keyword it does not
-    take raises :class:`TypeError`.
+    in a terminal of ``size=(rows, cols)`` as ``sshwrap.Popen`` does (``size`` without it:
+    :class:`ValueError`).  A keyword it does not take raises :class:`TypeError`.
     """
     check_keywords("create_process", kwargs, ProcessOptions)
+    check_terminal(kwargs)
     stdin = kwargs.get("stdin", DEVNULL)
     stdout = kwargs.get("stdout")
     stderr = kwargs.get("stderr")

@@ -1,7 +1,7 @@
 """A started ``ssh -tt`` in a local pty, written once for the process faces.
 
 ``sshwrap.aio.create_process(..., tty=True)`` starts and serves its terminal with these steps,
-the ones ``sshwrap.Popen(tty=True)`` and ``sshwrap.run(tty=True)`` take:
+the same steps ``sshwrap.Popen(tty=True)`` and ``sshwrap.run(tty=True)`` take:
 
 - :func:`start_in_terminal`: ssh spawned by ``subprocess.Popen`` (exec-only, safe with
   threads) on a new pty of ``size`` that is its controlling terminal; the pty master is the

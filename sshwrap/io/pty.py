@@ -28,7 +28,8 @@ along with the caller.  Without a ``setsid`` on the system, a fresh interpreter 
 forked: ``python -I -S -c``, some 10 ms) does the same two calls.
 
 Reading and writing the master: :class:`PtyReader` (EIO reads as end of file; drops ssh's
-closing line) and :class:`PtyWriter` (waits for ssh's raw mode before the first write).
+closing line; :meth:`~PtyReader.read_ready` is its one read that never waits, for a loop)
+and :class:`PtyWriter` (waits for ssh's raw mode before the first write).
 """
 
 from __future__ import annotations
