@@ -113,11 +113,6 @@ PLANS: dict[str, Plan] = {
         ),
     ),
     "-H - --outdir": Plan("run", stdin=b"web1\nweb2\n"),
-    "# a plain method, as in asyncio.subprocess": Plan(
-        xfail="issue 11: sshwrap.aio.Process.terminate() is a coroutine (as a plain method, "
-        "as in asyncio.subprocess, the remote tail is signalled; now it runs on and wait() hangs)",
-        timeout=30,
-    ),
     "def test_deploy(": Plan("define", "my_deploy is the reader's code: the test is only defined"),
 }
 
