@@ -68,6 +68,17 @@ def test_expand(pattern: str, names: list[str]) -> None:
     assert list(hosts(pattern)) == names
 
 
+def test_a_list_is_the_union_of_its_patterns() -> None:
+    assert list(hosts(["b1", "a[1-2]", "b1", "c"])) == ["b1", "a1", "a2", "c"]
+    assert list(hosts(["h[1-3]!h2", "h2"])) == ["h1", "h3", "h2"]  # each read on its own
+    assert list(hosts([f"n{i}.dc1" for i in range(3)])) == ["n0.dc1", "n1.dc1", "n2.dc1"]
+    assert not hosts([]) and not hosts(["", " "])
+    with pytest.raises(TypeError):
+        hosts(["a", 3])  # type: ignore[list-item]
+    with pytest.raises(HostPatternError, match="never closed"):
+        hosts(["a", "b[1-"])
+
+
 def test_big_ranges_and_product_order() -> None:
     web = hosts("web[01-50]")
     assert len(web) == 50 and list(web)[:2] == ["web01", "web02"] and "web50" in web

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Set
-from dataclasses import dataclass
 from itertools import pairwise
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 __all__ = [
     "MAX_HOSTS",
@@ -61,6 +60,7 @@ _GROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*\Z", re.ASCII)
 _NOT_IN_NAME = re.compile(r"[\s,!&^\[\]]")
 _BAD_NAMES = re.compile(r"[\s,!&^\[\]]|\A@|\x00@|\A\x00|\x00\x00|\x00\Z")
 _NOT_IN_LITERAL = re.compile(r"[\s\]]")
+_SPECIAL = re.compile(r"[\[\],!&^]")
 
 
 class HostPatternError(ValueError):
@@ -88,13 +88,12 @@ _Range: TypeAlias = tuple[int, int, int, int]
 _Part: TypeAlias = "str | list[_Range]"
 
 
-@dataclass(frozen=True)
-class _Operand:
+class _Operand(NamedTuple):
     op: str  # the operator before it: "," for the first
     pos: int  # where it starts in the pattern
     parts: list[_Part]  # literal text and ranges, in order
     group: bool  # "@name": the parts give group names
-    count: int  # how many names it gives at most (a group: how many group names)
+    size: int  # how many names it gives at most (a group: how many group names)
 
 
 def _parse_range(pattern: str, start: int, end: int) -> list[_Range]:
@@ -167,12 +166,13 @@ def _parse(pattern: str) -> list[_Operand]:
     out: list[_Operand] = []
     depth = 0
     op, start = ",", 0
-    for i, ch in enumerate([*pattern, ","]):
+    for m in _SPECIAL.finditer(pattern + ","):
+        i, ch = m.start(), m.group()
         if ch == "[":
             depth += 1
         elif ch == "]":
             depth = max(0, depth - 1)
-        if (ch in _OPS and depth == 0) or i == len(pattern):
+        elif depth == 0 or i == len(pattern):
             text = pattern[start:i]
             lo = start + len(text) - len(text.lstrip())
             hi = lo + len(text.strip())
@@ -207,8 +207,8 @@ def _expand_parts(parts: list[_Part]) -> list[str]:
 
 def _group_names(pattern: str, operand: _Operand) -> list[str]:
     """The group names of an ``@name`` operand (``@rack[1-2]``: ``rack1``, ``rack2``)."""
-    if operand.count > MAX_HOSTS:
-        raise HostPatternError(pattern, operand.pos, f"{operand.count} group names")
+    if operand.size > MAX_HOSTS:
+        raise HostPatternError(pattern, operand.pos, f"{operand.size} group names")
     names = _expand_parts(operand.parts)
     for name in names:
         if not _GROUP_NAME.match(name):
@@ -351,12 +351,8 @@ class HostSet(Set[str]):
     def __init__(self, names: Iterable[str] = ()) -> None:
         if isinstance(names, str):
             raise TypeError("HostSet() takes host names; use hosts() for a pattern")
-        if isinstance(names, HostSet):
-            self._names: dict[str, None] = names._names
-            return
-        found = dict.fromkeys(names)
-        _check_names(found)
-        self._names = found
+        self._names = dict.fromkeys(names)
+        _check_names(self._names)
 
     @classmethod
     def _of(cls, names: dict[str, None]) -> HostSet:
@@ -462,6 +458,8 @@ def _check_names(names: dict[str, None]) -> None:
 
 
 def _coerce(other: Iterable[str]) -> dict[str, None]:
+    if isinstance(other, HostSet):
+        return other._names
     if isinstance(other, str):
         return hosts(other)._names
     return HostSet(other)._names
@@ -480,7 +478,7 @@ def _evaluate(pattern: str, operands: list[_Operand], groups: Groups | None, lim
                 names.update(groups._resolve(ref, limit)._names)
             count = len(names)
         else:
-            count = operand.count
+            count = operand.size
         if count > limit:
             why = f"it gives {count} names, more than the limit of {limit}"
             raise HostPatternError(pattern, operand.pos, why)
@@ -512,13 +510,15 @@ def hosts(
         groups = Groups(groups)
     if isinstance(pattern, str):
         return _evaluate(pattern, _parse(pattern), groups, limit)
-    result: dict[str, None] = {}
-    for one in pattern:
-        if not isinstance(one, str):
-            raise TypeError(f"a host pattern is a str, not {type(one).__name__}")
+    patterns = list(pattern)
+    plain = _BAD_NAMES.search("\x00".join(patterns)) is None  # a TypeError if one is no str
+    result = dict.fromkeys(patterns) if plain else {}  # plain names: nothing to read
+    for one in [] if plain else patterns:
         result.update(_evaluate(one, _parse(one), groups, limit)._names)
         if len(result) > limit:
-            raise HostPatternError(one, None, f"they give more than the limit of {limit} names")
+            break
+    if len(result) > limit:
+        raise HostPatternError(str(pattern)[:80], None, f"more than the limit of {limit} names")
     return HostSet._of(result)
 
 
