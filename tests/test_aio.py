@@ -369,3 +369,27 @@ def test_process_repr(local_sshd: LocalSSHD) -> None:
     head = f"<Process: host: {local_sshd.host!r} pid: {pid}"
     assert running == f"{head} running args: ['exit', '4']>"
     assert ended == f"{head} returncode: 4 args: ['exit', '4']>"
+
+
+def test_create_process_tty_output_larger_than_the_stream_limit(local_sshd: LocalSSHD) -> None:
+    """The terminal is read through the loop with the stream's flow control (a small
+    ``limit`` pauses and resumes the reading many times): every byte arrives, in order."""
+
+    async def main() -> tuple[bytes, int]:
+        p = await sshwrap.aio.create_process(
+            local_sshd.host,
+            "seq 1 60000",
+            tty=True,
+            stdout=PIPE,
+            limit=1024,
+            config=local_sshd.config,
+        )
+        assert p.stdout is not None
+        chunks = []
+        while chunk := await asyncio.wait_for(p.stdout.read(700), 30):
+            chunks.append(chunk)
+        return b"".join(chunks), await asyncio.wait_for(p.wait(), 30)
+
+    out, rc = asyncio.run(main())
+    assert rc == 0
+    assert out == b"".join(b"%d\r\n" % i for i in range(1, 60001))
