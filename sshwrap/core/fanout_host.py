@@ -49,10 +49,10 @@ __all__ = [
     "ConnectionLike",
     "FanoutJob",
     "HostPlan",
+    "HostRun",
     "OutputCallback",
     "host_process",
     "process_result",
-    "run_host",
     "run_over_connection",
 ]
 
@@ -170,52 +170,193 @@ def process_result(
     )
 
 
-async def run_host(
-    job: FanoutJob,
-    plan: HostPlan,
-    proc: HostProcess,
-    t_end: float | None,
-    remote_stops: set[asyncio.Task[None]],
-) -> HostResult:
-    """Start ``proc`` and see it through its bounds; its result.
+_CONNECT, _COMMAND, _DRAIN, _STOPPING, _DONE = range(5)
 
-    ``t_end`` is the run's deadline (``time.monotonic()``); a remote stop started for a
-    timed-out host goes into ``remote_stops`` (and leaves it when done).
+
+class HostRun:
+    """One host's ssh seen through its bounds; :attr:`result` once :meth:`done`.
+
+    No task per host: the run is a small state machine that the child's events (the session
+    up, the exit, the pipes closed: :attr:`HostProcess.listener
+    <sshwrap.io.host_process.HostProcess.listener>`) and one timer at a time step on, from the
+    loop's thread; ``on_done(self)`` is called once, at the end.  Phases: connect (until the
+    session is up or ssh exits, bounded by ``connect_timeout`` and the run's deadline
+    ``t_end``), command (until ssh exits, bounded by ``timeout`` and ``t_end``), drain (what is
+    still in the pipes once ssh has exited: a child of ssh's may hold them, not past the
+    host's bound), or stopping (TERM, then KILL after :data:`KILL_GRACE`).  A remote stop
+    started for a timed-out host goes into ``remote_stops`` (and leaves it when done).
+    :meth:`cancel` leaves the process to the caller (the run's shutdown ends it).  It has the
+    ``done``/``cancelled``/``exception``/``result`` of a future, to sit among the tasks of the
+    hosts over a connection.
     """
-    host = plan.host
-    try:
-        proc.start()
-    except OSError as e:
-        return process_result(plan, proc, "ssh_error", SSHError(host, f"cannot run ssh: {e}"))
-    # Connect phase: until the session is up (or ssh exits).
-    limit = capped(job.connect_timeout, t_end)
-    until = None if limit is None else time.monotonic() + limit
-    if not await proc.wait_for(lambda: proc.up or proc.exit_seen, until):
-        await proc.stop(KILL_GRACE)
-        if _deadline_first(job.connect_timeout, t_end, proc.t0):
+
+    def __init__(
+        self,
+        job: FanoutJob,
+        plan: HostPlan,
+        proc: HostProcess,
+        t_end: float | None,
+        remote_stops: set[asyncio.Task[None]],
+        on_done: Callable[[HostRun], None],
+    ) -> None:
+        self.job = job
+        self.plan = plan
+        self.proc = proc
+        self.t_end = t_end
+        self.remote_stops = remote_stops
+        self.on_done = on_done
+        self._phase = _CONNECT
+        self._until: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stop_status: Status = "timeout"
+        self._result: HostResult | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the host's ssh (from the loop's thread); :meth:`done` at once if it cannot."""
+        proc = self.proc
+        try:
+            proc.start()
+        except OSError as e:
+            error = SSHError(self.plan.host, f"cannot run ssh: {e}")
+            self._finish(process_result(self.plan, proc, "ssh_error", error))
+            return
+        limit = capped(self.job.connect_timeout, self.t_end)
+        self._until = None if limit is None else time.monotonic() + limit
+        proc.listener = self._step
+        self._step()
+
+    def _step(self) -> None:
+        try:
+            self._advance()
+        except Exception as e:  # the consumer gets it, as from a task
+            self._cancel_timer()
+            self.proc.listener = None
+            self.proc.kill_now()
+            self._phase = _DONE
+            self._error = e
+            self.on_done(self)
+
+    def _advance(self) -> None:
+        proc = self.proc
+        while True:
+            phase = self._phase
+            if phase == _DONE:
+                return
+            now = proc.loop.time()
+            until = self._until
+            late = until is not None and now >= until
+            if phase == _CONNECT:
+                if proc.up or proc.exit_seen:
+                    limit = capped(self.job.timeout, self.t_end)
+                    self._until = None if limit is None else time.monotonic() + limit
+                    self._phase = _COMMAND
+                    continue
+                if late:
+                    first = _deadline_first(self.job.connect_timeout, self.t_end, proc.t0)
+                    self._stop("timeout" if first else "ssh_error")
+                    continue
+            elif phase == _COMMAND:
+                if proc.exit_seen:
+                    proc.log_writer_close()
+                    grace = _EOF_GRACE
+                    if until is not None:
+                        grace = min(grace, max(0.0, until - time.monotonic()) + KILL_GRACE)
+                    self._until = time.monotonic() + grace
+                    self._phase = _DRAIN
+                    continue
+                if late:
+                    # The remote stop starts now, alongside the local one: both end within
+                    # STOP_BUDGET of the bound.
+                    _remote_stop(
+                        self.job, self.plan, time.monotonic() + STOP_BUDGET, self.remote_stops
+                    )
+                    self._stop("timeout")
+                    continue
+            elif phase == _DRAIN:
+                if proc.pipes_closed or late:
+                    proc.kill_now()
+                    self._finish(process_result(self.plan, proc, None))
+                    return
+            elif proc.exit_seen or late:  # _STOPPING
+                proc.kill_now()
+                self._finish(self._stopped_result())
+                return
+            self._arm(until)
+            return
+
+    def _stop(self, status: Status) -> None:
+        """TERM the host's group now; KILL at the end of the grace (or once it exited)."""
+        self._stop_status = status
+        self._phase = _STOPPING
+        self.proc.signal_group(signal.SIGTERM)
+        self._until = self.proc.loop.time() + KILL_GRACE
+
+    def _stopped_result(self) -> HostResult:
+        proc, plan = self.proc, self.plan
+        if self._stop_status == "timeout":
             return process_result(plan, proc, "timeout")
-        assert job.connect_timeout is not None
+        assert self.job.connect_timeout is not None
         log = proc.log.decode(errors="replace")
-        error = connect_timeout_error(host, job.connect_timeout, log)
+        error = connect_timeout_error(plan.host, self.job.connect_timeout, log)
         return process_result(plan, proc, "ssh_error", error)
-    # Command phase: until ssh exits.
-    limit = capped(job.timeout, t_end)
-    cmd_end = None if limit is None else time.monotonic() + limit
-    if not await proc.wait_exit(cmd_end):
-        # The remote stop starts now, alongside the local one: both end within
-        # STOP_BUDGET of the bound.
-        _remote_stop(job, plan, time.monotonic() + STOP_BUDGET, remote_stops)
-        await proc.stop(KILL_GRACE)
-        return process_result(plan, proc, "timeout")
-    # ssh has exited: collect what is still in the pipes (a child of ssh's may hold them),
-    # not past the host's bound.
-    proc.log_writer_close()
-    grace = _EOF_GRACE
-    if cmd_end is not None:
-        grace = min(grace, max(0.0, cmd_end - time.monotonic()) + KILL_GRACE)
-    await proc.wait_for(lambda: proc.pipes_closed, time.monotonic() + grace)
-    proc.kill_now()
-    return process_result(plan, proc, None)
+
+    def _arm(self, until: float | None) -> None:
+        if until == self._timer_at:
+            return
+        self._cancel_timer()
+        if until is not None:
+            self._timer = self.proc.loop.call_at(until, self._on_timer)
+            self._timer_at = until
+
+    def _on_timer(self) -> None:
+        # (The loop may run a timer up to its clock resolution early: then it is armed again.)
+        self._timer = None
+        self._timer_at = None
+        self._step()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = None
+
+    def _finish(self, result: HostResult) -> None:
+        self._cancel_timer()
+        self.proc.listener = None
+        self._phase = _DONE
+        self._result = result
+        self.on_done(self)
+
+    def cancel(self) -> bool:
+        """Stop seeing the host through (its process is the caller's to end); whether it was
+        still running."""
+        if self._phase == _DONE:
+            return False
+        self._cancel_timer()
+        self.proc.listener = None
+        self._phase = _DONE
+        return True
+
+    def done(self) -> bool:
+        """Whether the host has its result (or an error)."""
+        return self._result is not None or self._error is not None
+
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` ended it before it was done."""
+        return self._phase == _DONE and not self.done()
+
+    def exception(self) -> BaseException | None:
+        """What went wrong in sshwrap itself while seeing the host through, if anything."""
+        return self._error
+
+    def result(self) -> HostResult:
+        """The host's result (or the error that stopped the run from getting it)."""
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _remote_stop(

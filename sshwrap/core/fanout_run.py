@@ -33,16 +33,19 @@ from .fanout_host import (
     ConnectionLike,
     FanoutJob,
     HostPlan,
+    HostRun,
     OutputCallback,
     host_process,
     process_result,
-    run_host,
     run_over_connection,
 )
 from .host_result import HostResult, unfinished_result
 from .options import CommandOptions, SSHSettings
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
+
+_Pending = asyncio.Future[HostResult] | HostRun
+"""A host in flight: a :class:`HostRun`, or the task of a host over a connection."""
 
 
 @runtime_checkable
@@ -185,11 +188,11 @@ class FanoutRun:
         watcher = FdWatcher(loop)
         starter = ChildStarter()
         todo = list(reversed(self.plans))
-        tasks: dict[asyncio.Future[HostResult], int] = {}
-        done: collections.deque[asyncio.Future[HostResult]] = collections.deque()
+        tasks: dict[_Pending, int] = {}
+        done: collections.deque[_Pending] = collections.deque()
         wake: list[asyncio.Future[None]] = []
 
-        def finished(task: asyncio.Future[HostResult]) -> None:
+        def finished(task: _Pending) -> None:
             done.append(task)
             if wake and not wake[0].done():
                 wake[0].set_result(None)
@@ -203,14 +206,15 @@ class FanoutRun:
                     if self.on_start is not None:
                         self.on_start(plan.host)
                     if plan.conn is not None:
-                        coro = run_over_connection(self.job, plan, t_end)
-                    else:
-                        proc = host_process(self.job, plan, watcher, fifo_dir, starter)
-                        self._running[plan.index] = proc
-                        coro = run_host(self.job, plan, proc, t_end, self._remote_stops)
-                    task = asyncio.ensure_future(coro)
-                    task.add_done_callback(finished)
-                    tasks[task] = plan.index
+                        task = asyncio.ensure_future(run_over_connection(self.job, plan, t_end))
+                        task.add_done_callback(finished)
+                        tasks[task] = plan.index
+                        continue
+                    proc = host_process(self.job, plan, watcher, fifo_dir, starter)
+                    self._running[plan.index] = proc
+                    run = HostRun(self.job, plan, proc, t_end, self._remote_stops, finished)
+                    tasks[run] = plan.index
+                    run.start()
                 if not tasks:
                     break  # the deadline passed before the rest could start
                 if not done:
@@ -233,7 +237,7 @@ class FanoutRun:
                 watcher.close()
                 shutil.rmtree(fifo_dir, ignore_errors=True)
 
-    async def _shutdown(self, tasks: Mapping[asyncio.Future[HostResult], int]) -> None:
+    async def _shutdown(self, tasks: Mapping[_Pending, int]) -> None:
         # A host whose task had finished (only its result was not yet taken) keeps it.
         for t, idx in tasks.items():
             if t.done() and not t.cancelled() and t.exception() is None:
@@ -253,8 +257,9 @@ class FanoutRun:
             for _, p in runs:
                 if p.proc is not None:
                     await p.wait_exit(until)
-            if tasks:
-                await asyncio.wait(tasks)
+            futures = [t for t in tasks if isinstance(t, asyncio.Future)]
+            if futures:
+                await asyncio.wait(futures)
             stops = list(self._remote_stops)
             if stops:
                 # Each remote stop ends (or is killed and reaped) within its own budget; a

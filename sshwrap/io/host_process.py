@@ -244,6 +244,9 @@ class HostProcess:
         self.exit_seen = False
         self.pipes_closed = False
         self._waiters: list[asyncio.Future[None]] = []
+        self.listener: Callable[[], None] | None = None
+        """Called (soon, from the loop) after the flags changed: one call for a batch."""
+        self._notify_pending = False
         self.started_wall: float | None = None
         self.t0 = 0.0
         self.t_up: float | None = None
@@ -383,10 +386,21 @@ class HostProcess:
         self._wake()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+        if self.listener is not None and not self._notify_pending:
+            # Soon, not now: the listener may end the process, which must not happen in the
+            # middle of one of its fd callbacks.
+            self._notify_pending = True
+            self.loop.call_soon(self._notify)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def _notify(self) -> None:
+        self._notify_pending = False
+        if self.listener is not None:
+            self.listener()
 
     async def wait_for(self, done: Callable[[], bool], until: float | None) -> bool:
         """Wait until ``done()`` holds (checked at each change of the flags) or until
@@ -463,16 +477,6 @@ class HostProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
-
-    async def stop(self, grace: float) -> None:
-        """TERM, then KILL after ``grace`` seconds; returns once ssh is reaped."""
-        if self.proc is None:
-            return
-        self.signal_group(signal.SIGTERM)
-        try:
-            await self.wait_exit(self.loop.time() + grace)
-        finally:
-            self.kill_now()
 
     def kill_now(self) -> None:
         """Synchronous end: KILL the group if still there, reap it, drain and close the fds."""
