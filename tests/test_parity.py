@@ -258,44 +258,14 @@ def test_tty_run_sees_a_terminal_of_the_size_given(
         assert lines[1:3] == [b"30 100", b"err"], got.stdout  # merged, CR LF line ends
 
 
-TTY_STDERR_NONE = parity(
-    "a tty run with capture_output through ssh (plain, or the ssh -S fallback) gives stderr "
-    "None; over a channel it is b''"
-)
-
-
-@pytest.mark.parametrize(
-    "face",
-    faces(
-        marks={
-            "fallback-sync": TTY_STDERR_NONE,
-            "fallback-async": TTY_STDERR_NONE,
-            "plain-sync": TTY_STDERR_NONE,
-            "plain-async": TTY_STDERR_NONE,
-        }
-    ),
-)
+@pytest.mark.parametrize("face", faces())
 def test_tty_output_is_the_terminals_alone(local_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     with _open(face, local_sshd) as f:
         r = f.run("echo out; echo err >&2", tty=True, capture_output=True)
         assert (r.returncode, r.stdout, r.stderr) == (0, b"out\r\nerr\r\n", b"")
 
 
-NO_ASYNC_TTY_PROCESS = parity(
-    "sshwrap.aio.create_process takes no tty/size: TypeError (sshwrap.Popen takes them); "
-    "AsyncConnection.create_process's ssh -S fallback goes through it"
-)
-
-
-@pytest.mark.parametrize(
-    "face",
-    faces(
-        marks={
-            "fallback-async": NO_ASYNC_TTY_PROCESS,
-            "plain-async": NO_ASYNC_TTY_PROCESS,
-        }
-    ),
-)
+@pytest.mark.parametrize("face", faces())
 def test_tty_process_sees_a_terminal_of_the_size_given(
     local_sshd: LocalSSHD, face: tuple[str, str]
 ) -> None:
