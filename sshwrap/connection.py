@@ -49,14 +49,14 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Unpack, cast
+from typing import TYPE_CHECKING, Any, Unpack, cast, overload
 
-from .core.argv import check_destination, find_ssh, remote_command, ssh_settings_args
+from .core.argv import check_destination, find_ssh, ssh_settings_args
 from .core.channel_popen import ChannelPopenOptions
 from .core.channel_streams import Stream
 from .core.commands import ChannelRunOptions, run_command, start_command
 from .core.completed import CompletedProcess
-from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings
+from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
 from .core.waiting import run_sync
 from .io.forwards import Forward, ForwardError
 from .io.master import SUN_PATH_MAX, Master
@@ -65,7 +65,7 @@ from .io.pump import check_exec_size
 
 if TYPE_CHECKING:
     from .io.prompts import OnPrompt
-    from .spawn import Spawned
+    from .spawn import Spawned, SpawnOptions
     from .terminal.relay import RelayResult
     from .transfer import Abort, ProgressCallback
 
@@ -351,33 +351,41 @@ class Connection:
             abort=abort,
         )
 
+    @overload
+    def spawn(
+        self, command: Command | None, *, encoding: str = "utf-8", **options: Unpack[SpawnOptions]
+    ) -> Spawned[str]: ...
+    @overload
+    def spawn(
+        self, command: Command | None, *, encoding: None, **options: Unpack[SpawnOptions]
+    ) -> Spawned[bytes]: ...
     def spawn(
         self,
-        command: str | Sequence[str] | None,
+        command: Command | None,
         *,
-        tty: bool = True,
-        dimensions: tuple[int, int] = (24, 80),
-        timeout: float | None = 30.0,
-        encoding: str = "utf-8",
-        errors: str = "replace",
-    ) -> Spawned:
+        encoding: str | None = "utf-8",
+        **options: Unpack[SpawnOptions],
+    ) -> Spawned[str] | Spawned[bytes]:
         """An expect-style ``Spawned`` program (``ssh -tt -e none`` in a local pty) over the
-        master; ``command`` None starts a login shell.  See ``sshwrap.spawn.Spawned``."""
-        from .spawn import Spawned
+        master; ``command`` None starts a login shell.  The keywords are ``Spawned``'s:
+        ``tty``, ``size=(rows, cols)`` (``dimensions`` is its deprecated alias), ``timeout``,
+        ``encoding`` (None: bytes mode), ``errors``, and ``env``/``cwd`` as for ``run``.  See
+        ``sshwrap.spawn.Spawned``."""
+        from .spawn import Spawned, SpawnOptions, spawn_command_line, spawn_size
 
-        if command is not None:
-            check_exec_size(remote_command(command))
+        check_keywords("spawn", options, SpawnOptions)
+        settings = spawn_size(options, stacklevel=2)
+        line = spawn_command_line(command, env=settings.get("env"), cwd=settings.get("cwd"))
+        if line is not None:
+            check_exec_size(line)
         return Spawned(
             command,
             destination=self.destination,
             ssh_args=self.ssh_args(),
             ssh=self._master.ssh,
-            tty=tty,
-            dimensions=dimensions,
-            timeout=timeout,
-            encoding=encoding,
-            errors=errors,
             control_path=self.control_path,
+            encoding=encoding,
+            **settings,
         )
 
     def interact(
@@ -385,7 +393,8 @@ class Connection:
     ) -> RelayResult:
         """Hand the user's terminal to a login shell over the master until it exits or the
         user types ``escape`` (default ``^]``; the shell is then hung up).  Raw mode, resizes
-        and signals as in ``Spawned.interact``."""
+        and signals as in ``Spawned.interact``.  The result's ``returncode`` is the remote
+        shell's exit status (``-128`` for a signal death; None when escaped)."""
         with self.spawn(None, tty=True, timeout=None) as s:
             return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
 

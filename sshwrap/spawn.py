@@ -1,37 +1,36 @@
 """Expect-style control of a remote program: ``Spawned``.
 
 ``Spawned`` runs ``ssh -tt -e none`` in a local pty, so the remote program sees a terminal
-(sudo, passwd, REPLs, curses programs), and lets Python wait for text with ``expect()``, type
-with ``send()``/``sendline()``, and finally hand the user's own terminal to it with
-``interact()`` (the same relay and raw-mode code as the ``sshwrap`` command).  The pty is
-ssh's controlling terminal (resizes, ssh's own prompts and the hang-up on ``close()`` work as
-in a terminal window) and no Python runs in the child, so spawning is safe while a
-Connection's pump thread runs (:func:`sshwrap.io.pty.spawn_in_pty`).
+(sudo, passwd, REPLs, curses programs): wait for its text with ``expect()``, type with
+``send()``/``sendline()``, hand the user's terminal to it with ``interact()`` (the relay and
+raw-mode code of the ``sshwrap`` command).  The pty is ssh's controlling terminal (resizes,
+ssh's own prompts, the hang-up on ``close()``) and no Python runs in the child, so spawning is
+safe while a Connection's pump thread runs (:func:`sshwrap.io.pty.spawn_in_pty`).
 
-What the remote pty does to the data (a pty is not a byte-exact channel): output arrives
-with ``\\r\\n`` line ends and stderr merged into stdout; what you send is "typed": echoed
-back unless the program turns echo off, line-edited in canonical mode, and control
-characters act (``\\x03`` interrupts, ``\\x04`` at the start of a line is end-of-file).
-``-e none`` turns off ssh's escape character, so a ``~.`` in your data does not disconnect.
-With ``tty=False`` the program runs under ``ssh -T`` with pipes instead: byte exact, stderr
-still merged into the stream ``expect`` reads.
+A pty is not byte exact: output has ``\\r\\n`` line ends and stderr merged; what you send is
+"typed" (echoed unless the program turns echo off, line-edited, ``\\x03`` interrupts, ``\\x04``
+at a line start is end-of-file); ``-e none``: a ``~.`` in the data does not disconnect.
+``tty=False`` runs ``ssh -T`` with pipes: byte exact, stderr still merged.  ``encoding=None``
+is the bytes mode: patterns, ``before``/``after`` and what ``send`` takes are ``bytes``.
 
-ssh's log goes to a private file (``-E``, LogLevel DEBUG2) so that ``returncode`` is the remote
-program's exit status (or ``-128``, :data:`sshwrap.errors.UNKNOWN_SIGNAL`, for a signal death:
-neither ssh nor an OpenSSH mux passenger is told which signal), ssh's own failure becomes
-``ssh_error`` (an ``SSHError``; ``returncode`` is then 255), and ssh's closing
-``Connection to HOST closed.`` line is dropped from the end of the output.
+Over a master (``ssh -S``) the master writes the remote output into the pty itself, and ssh
+makes the pty raw only once the master has answered it: on a loaded machine output can come
+first.  Keys typed into the still cooked pty would be echoed there too (``\\r`` made ``\\n``)
+and what follows would end lines in ``\\r\\r\\n``, so once ssh has logged the session open
+``send()`` waits (:data:`sshwrap.io.pty.RAW_WAIT` s at most) for raw mode; before that (ssh's
+own prompts) keys go at once.  Output ahead of raw mode can still end lines in ``\\r\\r\\n``.
 
-Over a master, a session that ends without an exit status is either a signal death or a lost
-connection (the master killed, or the server's end of its connection gone): a passenger is told
-neither.  Given the master's ``control_path`` (``Connection.spawn`` passes it), ``Spawned``
-asks the master whether it still answers (an alive check, 1 s at most): if it does, the program
-was killed by a signal (``-128``); if not, the connection was lost and ``wait()`` /
-``expect_eof()`` raise ``SSHConnectionError`` (also kept in ``ssh_error``; ``returncode`` 255),
-so a dropped connection never looks like a killed program.
+ssh logs to a private file (``-E``, DEBUG2), so ``returncode`` is the remote program's exit
+status (``-128``, :data:`sshwrap.errors.UNKNOWN_SIGNAL`, for a signal death: ssh is not told
+which signal), ssh's own failure is ``ssh_error`` (``returncode`` 255), and ssh's closing
+``Connection to HOST closed.`` line is dropped.  Once ``expect`` has seen the end of the
+output it reaps ssh before it returns, so ``returncode`` is set.
 
-Timeouts and end of file raise :class:`ExpectTimeout` / :class:`ExpectEOF` (sshwrap errors, and
-also ``TimeoutError`` / ``EOFError``); ``before`` then holds what arrived.
+Over a master, a session that ends without an exit status is a signal death or a lost
+connection, and a passenger is told neither: given the master's ``control_path``
+(``Connection.spawn`` passes it), ``Spawned`` asks the master (an alive check, 1 s at most):
+it answers, the program was killed by a signal (``-128``); it does not, ``wait()`` /
+``expect_eof()`` raise ``SSHConnectionError`` (kept in ``ssh_error``; ``returncode`` 255).
 """
 
 from __future__ import annotations
@@ -46,30 +45,83 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Sequence
+from typing import Any, AnyStr, Generic, Required, TypeAlias, Union, Unpack, cast, overload
 
 from .core.argv import SSHLog, check_destination, find_ssh, remote_command
-from .errors import (
-    UNKNOWN_SIGNAL,
-    SSHConnectionError,
-    SSHError,
-    SSHWrapError,
-    interpret_exit,
-)
+from .core.options import Command, CommandOptions, check_keywords, check_terminal
+from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
-from .io.pty import spawn_in_pty
-from .terminal.modes import get_size, raw_mode, set_size
-from .terminal.relay import RelayResult, relay
+from .io.pty import RAW_WAIT, spawn_in_pty
+from .terminal.modes import get_size, set_size, wait_for_raw
+from .terminal.relay import RelayResult, relay_terminal
 
-__all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "Spawned"]
+__all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "SpawnOptions", "Spawned"]
 
 _READ = 65536
-# ssh -tt's closing line; it follows the program's last output directly (no newline before
-# it when the output did not end with one, e.g. after a shell prompt)
+# ssh -tt's closing line, right after the program's last output (maybe no newline before it)
 _QUIT = re.compile(r"(?:Shared c|C)onnection to [^\r\n]{1,300} closed\.\r*\n\Z")
+_QUIT_BYTES = re.compile(_QUIT.pattern.encode())
 _MUX_SESSION = "mux_client_request_session: master session id"
 _MUX_STATUS = "Received exit status from master"
+_MUX_HELLO = "mux_client_hello_exchange: master version"
+_NO_MASTER = "Control socket "  # no master there: ssh connects on its own
 _ALIVE_CHECK = 1.0  # seconds the master gets to answer after a session without exit status
+_DIMENSIONS = "dimensions= is deprecated: use size=(rows, cols), as run() and Popen() take it"
+_EXIT_WAIT = 5.0  # seconds ssh gets to exit after the end of its output (within the call's bound)
+
+LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'
+"""A login shell (command None) with ``env`` or ``cwd``: the user's ``$SHELL -l``."""
+
+
+class SpawnOptions(CommandOptions, total=False):
+    """``Connection.spawn``'s keywords besides the command and ``encoding`` (see Spawned)."""
+
+    tty: bool
+    size: tuple[int, int] | None
+    dimensions: tuple[int, int] | None  # deprecated alias of size
+    timeout: float | None
+    errors: str
+
+
+class SpawnedOptions(SpawnOptions, total=False):
+    """The keywords of :class:`Spawned` besides the command and ``encoding``."""
+
+    destination: Required[str]
+    ssh_args: Sequence[str]
+    ssh: str | None
+    control_path: str | None
+
+
+def spawn_size(options: SpawnOptions, *, stacklevel: int = 2) -> SpawnOptions:
+    """``options`` with the deprecated ``dimensions`` turned into ``size`` (with a
+    ``DeprecationWarning``; both given: ``TypeError``), ``size`` checked (``ValueError``
+    without ``tty=True`` or unless two positive ints)."""
+    out: dict[str, Any] = dict(options)
+    dimensions = out.pop("dimensions", None)
+    if dimensions is not None:
+        if out.get("size") is not None:
+            raise TypeError("give size=(rows, cols) only: dimensions= is its deprecated alias")
+        warnings.warn(_DIMENSIONS, DeprecationWarning, stacklevel=stacklevel + 1)
+        out["size"] = dimensions
+    size = out.get("size")
+    check_terminal({"size": size, "tty": out.get("tty", True)})
+    ok = size is None or (len(size) == 2 and all(type(n) is int and 0 < n < 65536 for n in size))
+    if not ok:
+        raise ValueError(f"size must be (rows, cols), two ints from 1 to 65535: {size!r}")
+    return cast(SpawnOptions, out)
+
+
+def spawn_command_line(command: Command | None, **where: Unpack[CommandOptions]) -> str | None:
+    """The command line ssh hands the remote shell (None: sshd's login shell).  ``env`` and
+    ``cwd`` as for ``sshwrap.run`` (:func:`sshwrap.core.argv.remote_command`); with them a
+    login shell runs as :data:`LOGIN_SHELL` (sshd then shows no MOTD)."""
+    if command is None:
+        if not where.get("env") and where.get("cwd") is None:
+            return None
+        command = LOGIN_SHELL
+    return remote_command(command, **where)
 
 
 class ExpectError(SSHWrapError):
@@ -88,64 +140,91 @@ class ExpectEOF(ExpectError, EOFError):
     """The program's output ended before a pattern matched."""
 
 
-class Spawned:
+Pattern: TypeAlias = Union[AnyStr, "re.Pattern[AnyStr]", type[ExpectError]]
+
+
+class Spawned(Generic[AnyStr]):
     """A remote program in a local pty (``ssh -tt -e none``), driven expect-style.
 
     ``Spawned(command, destination=host, ssh_args=[...])``: ``command`` is a str for the remote
     shell, a list (each item quoted), or None for a login shell.  ``ssh_args`` are ssh options
     before the destination (``-F``, ``-S``/``-o ControlPath=...`` to use a master).
 
-    - ``encoding`` (default utf-8, undecodable bytes replaced): output is decoded to str;
-      ``before``/``after`` are str and patterns are str regular expressions (or compiled
-      ones).  ``encoding="latin-1"`` maps every byte to one character, for binary-safe
-      matching.
+    - ``encoding`` (default utf-8, ``errors`` "replace"): output is decoded; ``before``/
+      ``after`` and patterns (regular expressions, maybe compiled) are str.  ``None``: bytes
+      mode (``Spawned[bytes]``): all of them and ``send`` are bytes, output as it arrived.
     - ``timeout``: default for ``expect`` (seconds, None waits forever).
-    - ``dimensions``: the pty's ``(rows, cols)`` from the start.
+    - ``size``: the pty's ``(rows, cols)`` from the start (default 24 x 80; needs
+      ``tty=True``); ``dimensions`` is its deprecated alias.
+    - ``env``, ``cwd``: as for ``sshwrap.run``: the remote shell exports ``env`` and changes
+      to ``cwd`` first (on ssh's command line, as there); a login shell (command None) is
+      then :data:`LOGIN_SHELL`.
     - ``control_path``: the master's socket when ``ssh_args`` use one, so that a lost
       connection is told from a signal death (see the module docstring).
 
     A context manager: leaving it closes the program (SIGHUP, then SIGKILL) if still running.
     """
 
+    before: AnyStr
+    after: AnyStr
+    match: re.Match[AnyStr] | None
+    _lost = _closed = _eof = _raw = False  # _raw: seen ssh's raw mode (send() waits for it)
+
+    @overload
+    def __init__(
+        self: Spawned[str],
+        command: Command | None,
+        *,
+        encoding: str = "utf-8",
+        **options: Unpack[SpawnedOptions],
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Spawned[bytes],
+        command: Command | None,
+        *,
+        encoding: None,
+        **options: Unpack[SpawnedOptions],
+    ) -> None: ...
     def __init__(
         self,
-        command: str | Sequence[str] | None,
+        command: Command | None,
         *,
-        destination: str,
-        ssh_args: Sequence[str] = (),
-        ssh: str | None = None,
-        tty: bool = True,
-        dimensions: tuple[int, int] = (24, 80),
-        timeout: float | None = 30.0,
-        encoding: str = "utf-8",
-        errors: str = "replace",
-        env: Mapping[str, str] | None = None,
-        control_path: str | None = None,
+        encoding: str | None = "utf-8",
+        **options: Unpack[SpawnedOptions],
     ) -> None:
+        check_keywords("Spawned", options, SpawnedOptions)
+        destination: str = options["destination"]
         check_destination(destination)  # ValueError before any ssh: ssh would read an option
-        self.destination = destination
-        self.control_path = control_path
-        self._lost = False
-        self.timeout = timeout
-        self.tty = tty
-        self.encoding = encoding
-        self._decoder = codecs.getincrementaldecoder(encoding)(errors)
-        self._buffer = ""
-        self.before = ""
-        self.after = ""
-        self.match: re.Match[str] | None = None
+        settings = spawn_size(options, stacklevel=2)
+        env, cwd = settings.get("env"), settings.get("cwd")
+        remote: str | None = spawn_command_line(command, env=env, cwd=cwd)
+        self.command: Command | None = command
+        self.destination: str = destination
+        self.control_path: str | None = options.get("control_path")
+        self.timeout: float | None = settings.get("timeout", 30.0)
+        self.tty: bool = settings.get("tty", True)
+        self.encoding: str | None = encoding
+        self._decoder: codecs.IncrementalDecoder | None = (
+            None
+            if encoding is None
+            else codecs.getincrementaldecoder(encoding)(settings.get("errors", "replace"))
+        )
+        self._empty: AnyStr = cast(AnyStr, b"" if encoding is None else "")
+        self._quit: re.Pattern[AnyStr] = cast(Any, _QUIT_BYTES if encoding is None else _QUIT)
+        self._buffer: AnyStr = self._empty
+        self.before = self.after = self._empty
+        self.match = None
         self.returncode: int | None = None
         self.ssh_error: SSHError | None = None
-        self._eof = False
-        self._log = SSHLog()
-        remote = remote_command(command) if command is not None else None
+        self._log: SSHLog = SSHLog()
         # DEBUG2 (not DEBUG1): over a master, only DEBUG2 logs whether the master sent an
         # exit status; a session that ended without one was killed by a signal.
         self.argv = [
-            ssh or find_ssh(),
-            *(["-tt", "-e", "none"] if tty else ["-T"]),
+            options.get("ssh") or find_ssh(),
+            *(["-tt", "-e", "none"] if self.tty else ["-T"]),
             *("-E", self._log.path, "-o", "LogLevel=DEBUG2"),
-            *ssh_args,
+            *options.get("ssh_args", ()),
             "--",
             destination,
             *([remote] if remote is not None else []),
@@ -153,10 +232,10 @@ class Spawned:
         # tty mode: the pty master (a FileIO, so closing twice is safe and GC closes it)
         self._master: io.FileIO | None = None
         self._popen: subprocess.Popen[bytes]
-        spawn_env = dict(os.environ if env is None else env)
         try:
-            if tty:
-                self._popen, master = spawn_in_pty(self.argv, env=spawn_env, size=dimensions)
+            if self.tty:
+                size = settings.get("size") or (24, 80)
+                self._popen, master = spawn_in_pty(self.argv, size=size)
                 self._master = io.FileIO(master, "rb+")
                 self._rfd = self._wfd = master
             else:
@@ -165,7 +244,6 @@ class Spawned:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
-                    env=spawn_env,
                     bufsize=0,
                     start_new_session=True,
                 )
@@ -176,8 +254,16 @@ class Spawned:
             self._log.close()
             raise
 
+    def __repr__(self) -> str:
+        rc = self.returncode
+        state = "running" if rc is None and self.isalive() else f"returncode={rc}"
+        if self._closed:
+            state = "closed" if rc is None else f"closed returncode={rc}"
+        where = f"host={self.destination!r} command={self.command!r} pid={self._popen.pid}"
+        return f"<Spawned {where} {state}>"
+
     # -- context manager ---------------------------------------------------------------
-    def __enter__(self) -> Spawned:
+    def __enter__(self) -> Spawned[AnyStr]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -194,8 +280,9 @@ class Spawned:
         return self._rfd
 
     # -- reading -----------------------------------------------------------------------
-    def _decode(self, data: bytes, final: bool = False) -> str:
-        return self._decoder.decode(data, final)
+    def _decode(self, data: bytes, final: bool = False) -> AnyStr:
+        text: Any = data if self._decoder is None else self._decoder.decode(data, final)
+        return cast(AnyStr, text)
 
     def _read_some(self, timeout: float | None) -> bool:
         """Read what arrives within ``timeout`` into the buffer; False at EOF."""
@@ -215,22 +302,27 @@ class Spawned:
         if not data:
             self._eof = True
             # ssh's own closing line comes last: not the program's output
-            self._buffer = _QUIT.sub("", self._buffer + self._decode(b"", final=True))
+            self._buffer = self._quit.sub(self._empty, self._buffer + self._decode(b"", True))
             return False
         self._buffer += self._decode(data)
         return True
 
-    @staticmethod
-    def _compile(pattern: str | re.Pattern[str]) -> re.Pattern[str]:
+    def _compile(self, pattern: AnyStr | re.Pattern[AnyStr]) -> re.Pattern[AnyStr]:
+        text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+        if not isinstance(text, type(self._empty)):
+            mode = "str (text mode)" if self._decoder else "bytes (encoding=None)"
+            raise TypeError(f"patterns must be {mode}, not {pattern!r}")
         return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
 
+    def _reaped_at_eof(self, deadline: float | None) -> None:
+        """The output has ended: ssh exits right after; reap it within the call's bound."""
+        left = _EXIT_WAIT if deadline is None else deadline - time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(max(0.0, min(left, _EXIT_WAIT)))
+        self._reap()
+
     def expect(
-        self,
-        pattern: str
-        | re.Pattern[str]
-        | type[ExpectError]
-        | Sequence[str | re.Pattern[str] | type[ExpectError]],
-        timeout: float | None = -1,
+        self, pattern: Pattern[AnyStr] | Sequence[Pattern[AnyStr]], timeout: float | None = -1
     ) -> int:
         """Wait until one of the regular expressions matches the output; return its index.
 
@@ -240,10 +332,13 @@ class Spawned:
         ``timeout`` seconds (-1, the default: the instance's ``timeout``; None: no limit)
         and ``ExpectEOF`` when the output ends first (``before`` then holds the rest) -
         unless the class ``ExpectEOF`` / ``ExpectTimeout`` is itself one of the patterns:
-        then its index is returned instead (``s.expect(["[$#] ", ExpectEOF])``).
+        then its index is returned instead (``s.expect(["[$#] ", ExpectEOF])``).  At the end
+        of the output ssh is reaped first (within ``timeout``), so ``returncode`` is set.
+        Patterns are str in text mode, bytes with ``encoding=None`` (else ``TypeError``).
         """
-        items = [pattern] if isinstance(pattern, (str, re.Pattern, type)) else list(pattern)
-        patterns: list[tuple[int, re.Pattern[str]]] = []
+        single = isinstance(pattern, (str, bytes, re.Pattern, type))
+        items = [pattern] if single else list(cast(Sequence[Pattern[AnyStr]], pattern))
+        patterns: list[tuple[int, re.Pattern[AnyStr]]] = []
         on_eof = on_timeout = -1
         for i, p in enumerate(items):
             if isinstance(p, type):
@@ -254,12 +349,12 @@ class Spawned:
                 else:
                     raise TypeError(f"not a pattern: {p!r}")
             else:
-                patterns.append((i, self._compile(p)))
-        wanted = " | ".join(repr(rx.pattern) for _, rx in patterns) or "nothing"
+                patterns.append((i, self._compile(cast("AnyStr | re.Pattern[AnyStr]", p))))
+        wanted = " | ".join(repr(rx.pattern) for _, rx in patterns) or "the end of the output"
         limit = self.timeout if timeout == -1 else timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
-            best: tuple[int, int, re.Match[str]] | None = None
+            best: tuple[int, int, re.Match[AnyStr]] | None = None
             for i, rx in patterns:
                 m = rx.search(self._buffer)
                 if m is not None and (best is None or m.start() < best[0]):
@@ -272,10 +367,10 @@ class Spawned:
                 self._buffer = self._buffer[m.end() :]
                 return index
             if self._eof:
-                self.before, self._buffer = self._buffer, ""
-                self.after = ""
+                self.before, self._buffer = self._buffer, self._empty
+                self.after = self._empty
                 self.match = None
-                self._reap()
+                self._reaped_at_eof(deadline)
                 if on_eof >= 0:
                     return on_eof
                 raise ExpectEOF(
@@ -284,12 +379,12 @@ class Spawned:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self.before = self._buffer
-                self.after = ""
+                self.after = self._empty
                 self.match = None
                 if on_timeout >= 0:
                     return on_timeout
                 raise ExpectTimeout(
-                    f"{self.destination}: none of {wanted} seen within {limit} s", self._buffer
+                    f"{self.destination}: {wanted} not seen within {limit} s", self._buffer
                 )
             self._read_some(left)
 
@@ -301,34 +396,41 @@ class Spawned:
         """
         limit = self.timeout if timeout == -1 else timeout
         deadline = None if limit is None else time.monotonic() + limit
-        while not self._eof:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                self.before = self._buffer
-                raise ExpectTimeout(
-                    f"{self.destination}: output did not end within {limit} s", self._buffer
-                )
-            self._read_some(left)
-        self.before, self._buffer = self._buffer, ""
-        self.after = ""
-        self.match = None
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        rc = self.wait(left)
-        return rc
+        self.expect([ExpectEOF], limit)
+        return self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def read_nonblocking(self) -> str:
+    def read_nonblocking(self) -> AnyStr:
         """Everything that has arrived and was not consumed yet (reads what is ready)."""
         while self._read_some(0):
             r, _, _ = select.select([self._rfd], [], [], 0)
             if not r:
                 break
-        out, self._buffer = self._buffer, ""
+        out, self._buffer = self._buffer, self._empty
         return out
 
     # -- writing -----------------------------------------------------------------------
-    def send(self, data: str | bytes) -> int:
-        """Send ``data`` (typed into the remote pty in tty mode); return the bytes sent."""
-        raw = data.encode(self.encoding) if isinstance(data, str) else data
+    def _wait_for_raw_mode(self) -> None:
+        """Over a master, wait for ssh's raw mode (see the module docstring), reading the
+        output meanwhile: ``timeout`` s at most (``RAW_WAIT`` if None)."""
+        if self._raw or self._master is None:
+            return
+        if self.control_path or _MUX_HELLO in self._log.read():
+            # until ssh turns out to connect on its own (then it may prompt: keys go at once)
+            pump = lambda t: self._read_some(t) and _NO_MASTER not in self._log.read()  # noqa: E731
+            wait_for_raw(self._rfd, RAW_WAIT if self.timeout is None else self.timeout, pump)
+            self._raw = True
+
+    def send(self, data: AnyStr | bytes) -> int:
+        """Send ``data`` (typed into the remote pty in tty mode); return the bytes sent.
+
+        Text mode: a str is encoded, bytes go as they are; bytes mode: bytes only."""
+        if isinstance(data, str):
+            if self.encoding is None:
+                raise TypeError("send() takes bytes with encoding=None, not str")
+            raw = data.encode(self.encoding)
+        else:
+            raw = bytes(data)
+        self._wait_for_raw_mode()
         view = memoryview(raw)
         while view:
             try:
@@ -341,12 +443,12 @@ class Spawned:
             view = view[n:]
         return len(raw)
 
-    def sendline(self, line: str | bytes = "") -> int:
+    def sendline(self, line: AnyStr | bytes = b"") -> int:
         """Send ``line`` then Enter: ``\\r`` in tty mode (what a terminal sends), else ``\\n``."""
         end = "\r" if self.tty else "\n"
-        if isinstance(line, bytes):
-            return self.send(line + end.encode())
-        return self.send(line + end)
+        if isinstance(line, str):
+            return self.send(line + end)
+        return self.send(bytes(line) + end.encode())
 
     def sendeof(self) -> None:
         """End of input: ``^D`` into the pty (at a line start), or close stdin in pipes mode."""
@@ -373,40 +475,30 @@ class Spawned:
         return size
 
     # -- the process -------------------------------------------------------------------
-    def _ssh_returncode(self) -> int | None:
-        return self._popen.poll()
-
     def _reap(self) -> None:
-        if self.returncode is not None:
-            return
-        rc = self._ssh_returncode()
-        if rc is None:
+        if self.returncode is not None or (rc := self._popen.poll()) is None:
             return
         log = self._log.read()
         self._log.close()
-        if rc == 255 and _MUX_SESSION in log:
-            # a session over a master ran: 255 is the program's own status if the master
-            # reported one; without one the program was killed by a signal or the master's
-            # connection was lost, and a passenger is not told which: ask the master
-            if _MUX_STATUS in log:
-                self.returncode = 255
-            elif self.control_path is not None and not self._master_answers():
-                self.returncode = 255
-                self._lost = True
-                self.ssh_error = SSHConnectionError(
-                    self.destination,
-                    "the connection was lost (the control master is gone) before the "
-                    "program's exit status arrived",
-                )
-            else:
-                self.returncode = UNKNOWN_SIGNAL
-            return
-        info = interpret_exit(self.destination, rc, log)
-        self.returncode = info.returncode
-        self.ssh_error = info.error
+        if rc != 255 or _MUX_SESSION not in log:
+            info = interpret_exit(self.destination, rc, log)
+            self.returncode, self.ssh_error = info.returncode, info.error
+        elif _MUX_STATUS in log or self._master_answers():
+            # over a master, 255 is the program's status if the master reported one; without
+            # one it was a signal death or a lost connection (a passenger is not told which:
+            # the master is asked)
+            self.returncode = 255 if _MUX_STATUS in log else UNKNOWN_SIGNAL
+        else:
+            self.returncode, self._lost = 255, True
+            self.ssh_error = SSHConnectionError(
+                self.destination,
+                "the connection was lost (the control master is gone) before the "
+                "program's exit status arrived",
+            )
 
     def _master_answers(self) -> bool:
-        assert self.control_path is not None
+        if self.control_path is None:
+            return True  # no master of ours to ask
         try:
             with MuxControl(self.control_path, timeout=_ALIVE_CHECK) as m:
                 m.alive_check()
@@ -421,7 +513,7 @@ class Spawned:
 
     def isalive(self) -> bool:
         """True while the local ssh runs."""
-        return self._ssh_returncode() is None
+        return self._popen.poll() is None
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for ssh to exit and return ``returncode``; output not read is discarded.
@@ -467,6 +559,7 @@ class Spawned:
             self._popen.wait(5)
         self._reap()
         self._log.close()
+        self._closed = True
 
     # -- handing over the terminal -----------------------------------------------------
     def interact(
@@ -478,42 +571,30 @@ class Spawned:
         gets its size and follows its resizes, output not yet consumed by ``expect`` is shown
         first, and keys and signals are relayed (``sshwrap.terminal.relay.relay``).  ``escape``
         (default ``^]``; None: no escape key) returns control to Python with the program still
-        running.  Returns the relay's result: ``eof`` (the program ended: ``returncode`` is
-        set) or ``escaped``.
+        running.  Returns the relay's result: ``eof`` (the program ended) with ``returncode``
+        (its exit status, as ``self.returncode``), or ``escaped`` (``returncode`` None).
         """
         if self._master is None:
             raise ValueError("interact() needs tty=True")
-        size = get_size(stdin_fd)
-        if size is None:
-            size = get_size(stdout_fd)
-        if size is not None and size[0] > 0 and size[1] > 0:
-            with contextlib.suppress(OSError):
-                set_size(self._rfd, *size)
-        pending = self._pending_bytes()
-
-        def forward(signum: int) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
-
-        with raw_mode(stdin_fd):
-            result = relay(
-                self._rfd,
-                stdin_fd=stdin_fd,
-                stdout_fd=stdout_fd,
-                is_alive=self.isalive,
-                on_signal=forward,
-                escape=escape,
-                pending_output=pending,
-            )
+        result = relay_terminal(
+            self._rfd,
+            self.pid,
+            stdin_fd=stdin_fd,
+            stdout_fd=stdout_fd,
+            is_alive=self.isalive,
+            escape=escape,
+            pending_output=self._pending_bytes(),
+        )
         if result.eof:
             self._eof = True
-            self.wait(10)
+            result.returncode = self.wait(10)
         return result
 
     def _pending_bytes(self) -> bytes:
         """Unconsumed output as bytes (including bytes the decoder still holds)."""
-        out = self._buffer.encode(self.encoding, "replace")
-        self._buffer = ""
+        out, self._buffer = self._buffer, self._empty
+        if isinstance(out, bytes) or self._decoder is None or self.encoding is None:
+            return bytes(out, "ascii") if isinstance(out, str) else out
         held, _flag = self._decoder.getstate()
         self._decoder.reset()
-        return out + held
+        return out.encode(self.encoding, "replace") + held

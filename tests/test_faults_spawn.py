@@ -35,7 +35,7 @@ def sshd() -> Iterator[LocalSSHD]:
         yield s
 
 
-def _expect_times_out_then_close(sp: Spawned) -> None:
+def _expect_times_out_then_close(sp: Spawned[str]) -> None:
     t0 = time.monotonic()
     with pytest.raises(ExpectTimeout):
         sp.expect("never printed", timeout=2)

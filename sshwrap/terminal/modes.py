@@ -7,10 +7,11 @@ import fcntl
 import os
 import struct
 import termios
+import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["get_size", "isatty", "raw_mode", "set_size"]
+__all__ = ["get_size", "isatty", "raw_mode", "set_size", "wait_for_raw"]
 
 # termios attributes as tcgetattr returns them.
 Attrs = list[int | list[bytes | int]]
@@ -69,3 +70,21 @@ def raw_mode(fd: int) -> Iterator[Attrs | None]:
         # The terminal may be gone (hang-up): then there is nothing to restore.
         with contextlib.suppress(termios.error, OSError):
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def wait_for_raw(fd: int, timeout: float, pump: Callable[[float], bool]) -> bool:
+    """Wait up to ``timeout`` seconds until the terminal on ``fd`` (a pty master: its slave's
+    modes) has left canonical mode, as a program putting it in raw mode does; True if it has
+    (or ``fd`` is no terminal any more).
+
+    A change of modes raises no event to wait on: ``pump(seconds)`` is called between checks
+    and waits at most that long (for output to read, say); it returns False to stop waiting.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        attrs = get_attrs(fd)
+        if attrs is None or not attrs[3] & termios.ICANON:  # type: ignore[operator]
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0 or not pump(min(left, 0.005)):
+            return False

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from .modes import get_size
+from .modes import get_size, raw_mode, set_size
 
-__all__ = ["RelayResult", "relay"]
+__all__ = ["RelayResult", "relay", "relay_terminal"]
 
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 _READ = 65536
@@ -50,11 +50,18 @@ _ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 @dataclass
 class RelayResult:
-    """Why the relay ended."""
+    """Why the relay ended, and how the program did.
+
+    ``returncode`` is the program's exit status once it ended (``eof``), as the caller that
+    knows it fills it in (``Spawned.interact``, ``Connection.interact``: the remote shell's
+    status, ``-128`` for a signal death); None when the user escaped (the program may run
+    on) or from ``relay()`` itself, which knows no status.
+    """
 
     eof: bool = False  # the pty reached EOF (the program and its children are gone)
     escaped: bool = False  # the user typed the hand-back key (``escape``)
     signals: tuple[int, ...] = ()  # terminating signals we received and forwarded
+    returncode: int | None = None  # the program's exit status (see above)
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
@@ -102,8 +109,6 @@ def relay(
         _write_all(stdout_fd, pending_output)
 
     def default_resize(rows: int, cols: int) -> None:
-        from .modes import set_size
-
         set_size(master_fd, rows, cols)
 
     apply_size = resize or default_resize
@@ -280,3 +285,37 @@ def relay(
         if wsock is not None:
             wsock.close()
     return result
+
+
+def relay_terminal(
+    master_fd: int,
+    pid: int,
+    *,
+    stdin_fd: int = 0,
+    stdout_fd: int = 1,
+    is_alive: Callable[[], bool] | None = None,
+    escape: bytes | None = None,
+    pending_output: bytes = b"",
+) -> RelayResult:
+    """:func:`relay` with the user's terminal: the pty first takes the size of the terminal
+    on ``stdin_fd`` (else ``stdout_fd``), that terminal is in raw mode for the relay (restored
+    on every exit path), and the signals :func:`relay` receives are sent to ``pid``."""
+    size = get_size(stdin_fd) or get_size(stdout_fd)
+    if size is not None and size[0] > 0 and size[1] > 0:
+        with contextlib.suppress(OSError):
+            set_size(master_fd, *size)
+
+    def forward(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    with raw_mode(stdin_fd):
+        return relay(
+            master_fd,
+            stdin_fd=stdin_fd,
+            stdout_fd=stdout_fd,
+            is_alive=is_alive,
+            on_signal=forward,
+            escape=escape,
+            pending_output=pending_output,
+        )
