@@ -531,3 +531,28 @@ def test_fallback_passes_tty_in_both_faces(local_sshd: LocalSSHD) -> None:
         for r in (sync, aio):
             assert r.returncode == 4
             assert r.stdout.startswith(b"33 101\r\n"), r.stdout
+
+
+def test_popen_resize_reaches_the_remote_terminal(conn: Connection) -> None:
+    """``ChannelPopen.resize`` sends window-change: the remote program gets SIGWINCH (its
+    trap fires without a keypress) and sees the new size."""
+    script = (
+        "stty size; trap 'stty size; echo WINCHED' WINCH; echo TRAPPED; "
+        "while :; do sleep 0.05; done"
+    )
+    with conn.Popen(script, tty=True, size=(20, 70), stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"20 70\r\n"
+        assert p.stdout.readline() == b"TRAPPED\r\n"
+        p.resize(40, 120)
+        assert p.stdout.readline() == b"40 120\r\n"
+        assert p.stdout.readline() == b"WINCHED\r\n"
+        p.kill()
+    assert p.returncode == -signal.SIGKILL
+
+
+def test_tty_input_is_typed_and_ended_by_ctrl_d(conn: Connection) -> None:
+    """With a remote terminal, ``input`` is typed and ended by ^D, as ``sshwrap.run`` types it:
+    ``cat`` echoes it and ends (channel EOF would not end it: sshd only closes its side)."""
+    r = conn.run("cat", tty=True, input=b"hello\n", capture_output=True, timeout=10)
+    assert (r.returncode, r.stdout) == (0, b"hello\r\nhello\r\n")

@@ -18,7 +18,10 @@ caller's thread and ``run_async`` on the event loop, with the same steps and mes
 ``returncode`` is exact: the remote exit status, or ``-signum`` when the remote command was
 killed by a signal (``exit-signal``).  ``tty=True`` asks sshd for a terminal (``pty-req``,
 ``size=(rows, cols)``, ``$TERM``) without any local pty: the output (stdout and stderr merged by
-the remote terminal, CR LF line ends) arrives on stdout; the returncode stays exact.
+the remote terminal, CR LF line ends) arrives on stdout; the returncode stays exact.  As on a
+terminal, the input has no end: ``run``'s ``input`` is typed and ended by ^D (as ``sshwrap.run``
+does), and a ``Popen``'s stdin reaching its end sends nothing (sshd would take EOF as closing
+the terminal's input side, after which a ``resize`` never reaches the remote command).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ..io.deadline import capped, deadline_after
 from ..io.pump import ChannelOpenTimeout, ProxyCore, Session
 from ..protocol.channel import SESSION_LIMIT_CODES
 from .channel_streams import RunStreams
+from .ssh_run import tty_input
 from .waiting import Procedure, WaitChange, WaitFlag
 
 __all__ = [
@@ -192,6 +196,9 @@ def start_on_channel(
         raise
     try:
         streams.attach(ch)
+        if tty and ch.src.data is not None:
+            # typed into a terminal: the input's end is a ^D (a terminal's input gets no EOF)
+            ch.src.data = memoryview(tty_input(bytes(ch.src.data)))
         start_command(core, ch, command, tty, size)
     except BaseException:
         hang_up(core, ch)

@@ -261,9 +261,7 @@ class ProxyCore:
                 mux.send_data(ch.local_id, chunk)
                 self.send_queued_locked()
         if src.eof:
-            src.close()
-            mux.send_eof(ch.local_id)
-            self.send_queued_locked()
+            self._input_ended_locked(ch)
 
     def _read_source_locked(self, ch: Session) -> None:
         """A selectable source is readable: send one read's worth within the window."""
@@ -279,8 +277,19 @@ class ProxyCore:
             chunk = b""
         if chunk:
             self.mux.send_data(ch.local_id, chunk)
+            self.send_queued_locked()
         else:
-            src.close()
+            self._input_ended_locked(ch)
+
+    def _input_ended_locked(self, ch: Session) -> None:
+        """(lock held) ``ch``'s input is over: its source closed and EOF sent, except on a
+        remote terminal (``pty-req``).  A terminal's input has no end (the end is a typed ^D):
+        sshd takes EOF as closing its write side of the pty, which is the fd a later
+        ``window-change`` resizes (OpenSSH's session.c ``session_set_fds(ssh, s, ptyfd, ...)``
+        and ``session_window_change_req``; nchan.c ``chan_shutdown_write``), so the remote
+        command would never see a resize."""
+        ch.src.close()
+        if not ch.tty:
             self.mux.send_eof(ch.local_id)
         self.send_queued_locked()
 

@@ -106,6 +106,7 @@ class Session:
         self.exec_failed = False
         self.pty_refused = False
         self.started = False  # exec was sent: input may flow
+        self.tty = False  # a remote terminal was asked for: its input never gets EOF
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
         self.exit_core_dumped = False
@@ -169,6 +170,7 @@ class Session:
         only means the command runs without a terminal, as with ``ssh -t``."""
         with self.core.lock:
             self._check_open()
+            self.tty = True
             self.core.mux.pty_req(self.local_id, term, rows, cols)
             self.core.send_queued_locked()
 
