@@ -256,9 +256,9 @@ class Spawned(Generic[AnyStr]):
 
     def __repr__(self) -> str:
         rc = self.returncode
-        state = "running" if rc is None and self.isalive() else f"returncode={rc}"
+        state = f"returncode={rc}" if rc is not None else "running" if self.isalive() else "exited"
         if self._closed:
-            state = "closed" if rc is None else f"closed returncode={rc}"
+            state = "closed" if rc is None else f"closed {state}"
         where = f"host={self.destination!r} command={self.command!r} pid={self._popen.pid}"
         return f"<Spawned {where} {state}>"
 
