@@ -17,7 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from waiting import wait_until
 
-from sshwrap.io.mux_control import MUX_FWD_LOCAL, MUX_FWD_REMOTE, MuxControl, MuxError, MuxRefused
+from sshwrap.core.invocation import control_path
+from sshwrap.io.mux_control import (
+    MUX_FWD_LOCAL,
+    MUX_FWD_REMOTE,
+    MuxControl,
+    MuxError,
+    MuxRefused,
+    master_answers,
+)
 from sshwrap.io.pump import (
     ChannelError,
     ChannelLost,
@@ -283,3 +291,26 @@ def test_garbage_from_the_peer_never_kills_the_pump_thread_with_a_traceback(junk
         core.close()
         threading.excepthook = old_hook
     assert crashes == []
+
+
+def test_master_answers_tells_a_live_master_from_its_leftover_socket(master: str) -> None:
+    """A master answers its alive check; once killed (SIGKILL leaves the socket file behind)
+    nothing does: what tells a master lost under an ``ssh -S`` session from a remote signal
+    death (ssh's mux client logs the same words for both)."""
+    assert master_answers(master, 5.0)
+    with MuxControl(master) as m:
+        pid = m.alive_check()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_exited([pid], 10) == []
+    assert os.path.exists(master)
+    assert not master_answers(master, 5.0)
+
+
+def test_control_path_of_ssh_options() -> None:
+    """The ControlPath an ssh -S call goes through, read from its option arguments as ssh
+    reads them (the first wins; ``none`` and ``%`` tokens: not known)."""
+    args = ["-F", "/c", "-o", "ControlPath=/tmp/a b/m", "-o", "controlpath=/x"]
+    assert control_path(args) == "/tmp/a b/m"
+    assert control_path(["-o", "ControlPath=none"]) is None
+    assert control_path(["-o", "ControlPath=~/.ssh/%C"]) is None
+    assert control_path(["-p", "22", "-o", "ControlMaster=no"]) is None

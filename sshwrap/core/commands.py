@@ -16,8 +16,9 @@ runs a host given as a Connection the same way.  The steps, written once:
 4. a master that refuses proxy mode (older OpenSSH, ``ControlMaster ask``; ``proxy=False``
    forces it) runs the command as ``ssh -S`` through it: the procedure of ``sshwrap.run``
    (:func:`sshwrap.core.ssh_run.run_ssh`), with what is left of the timeout, ``tty`` and
-   ``size`` in both faces; its ``TimeoutExpired`` carries the caller's timeout, and a session
-   that ended without a status while the master died is ``CommandLostError`` there too.
+   ``size`` in both faces; its ``TimeoutExpired`` carries the caller's timeout; a session
+   that ended without a status while the master died is ``CommandLostError`` there too
+   (read where ssh's exit is read, :class:`~sshwrap.core.invocation.Invocation`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
 
 from ..errors import (
-    UNKNOWN_SIGNAL,
     CalledProcessError,
-    CommandLostError,
     SSHConnectionError,
     SSHError,
     TimeoutExpired,
@@ -116,21 +115,6 @@ def on_master(
     raise AssertionError("unreachable")
 
 
-def _master_kept(master: Master, result: CompletedProcess) -> Procedure[None]:
-    """After ``ssh -S`` reported a session that ended without a status: ssh's mux client logs
-    the same words ("Control master terminated unexpectedly") for a remote command killed by a
-    signal and for a master that died under it.  The master answering tells them apart; if it
-    is gone, the status never arrived: ``CommandLostError`` with what did, never -128."""
-    if (yield Blocking(lambda abort: master.alive, ABORT_WAIT)):
-        return
-    raise CommandLostError(
-        master.host,
-        "the control master was lost before the command's exit status arrived",
-        stdout=result.stdout,
-        command_stderr=result.stderr,
-    )
-
-
 def _command(args: Command, options: CommandOptions) -> str:
     """The remote command line (``env``/``cwd`` applied), refused before anything is sent
     when it would not fit in one request."""
@@ -195,8 +179,6 @@ def run_command(
         except TimeoutExpired as e:  # the caller's timeout, not what was left of it
             assert timeout is not None
             raise TimeoutExpired(e.cmd, timeout, e.output, e.stderr, host=host) from None
-        if result.returncode == UNKNOWN_SIGNAL:
-            yield from _master_kept(master, result)
         if options.get("check", False) and result.returncode != 0:
             raise CalledProcessError(
                 result.returncode, args, result.stdout, result.stderr, host=host

@@ -4,7 +4,9 @@
 ``sshwrap.aio.run``/``create_process``): the argv (quoting, ``env``/``cwd``, settings, a
 random ``SSHWRAP_SESSION`` id exported in front of the command, the private log), reading
 ssh's exit (remote returncode, negative for a signal, or a typed
-:class:`~sshwrap.errors.SSHError`), and delivering a signal to the remote command through a
+:class:`~sshwrap.errors.SSHError`; through a ControlMaster, a session that ended without a
+status while the master died is :class:`~sshwrap.errors.CommandLostError`, returncode 255,
+for ``ssh -S`` in every face), and delivering a signal to the remote command through a
 second ssh (:class:`RemoteStop`), bounded and reaped.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import math
 import os
 import secrets
@@ -23,14 +26,17 @@ from collections.abc import Mapping
 from typing import Any, Unpack
 
 from ..errors import (
+    CommandLostError,
     SSHConnectionError,
     SSHError,
     SSHStderr,
     classify_ssh_failure,
     interpret_exit,
 )
+from ..io.mux_control import master_answers
 from ..io.ssh_child import ChildPipes, write_to
 from ..io.threads import start_daemon
+from ..protocol.sshlog import mux_session_without_status
 from .argv import (
     SSHLog,
     build_ssh_argv,
@@ -44,6 +50,7 @@ from .options import ArgvSettings, Command, SSHSettings
 from .waiting import Procedure, run_sync
 
 __all__ = [
+    "MASTER_CHECK",
     "SIGNAL_TIMEOUT",
     "STOP_MARGIN",
     "TEE_GRACE",
@@ -76,9 +83,29 @@ SIGNAL_TIMEOUT = 5.0
 within it, and raise :class:`~sshwrap.errors.SSHConnectionError` when the signal could not
 be delivered (host unreachable, ssh failed)."""
 
+MASTER_CHECK = 1.0
+"""Longest wait (seconds) for the ControlMaster's answer when an ``ssh -S`` session ended
+without a status: a master that does not answer on its (local) socket within it was lost."""
+
+LOST_MASTER = "the control master was lost before the command's exit status arrived"
+
 TEE_GRACE = 0.5
 """Seconds ssh's stderr relay may take to reach EOF after ssh exited (something ssh started,
 a ProxyCommand, may hold the pipe open: then it is let go)."""
+
+
+def control_path(settings: list[str]) -> str | None:
+    """The ``ControlPath`` that ``settings`` (ssh's option arguments) give ssh, if one: the
+    first, as ssh takes the first value of an option.  None for none, ``none``, or one with
+    ``%`` tokens (only ssh knows what they expand to)."""
+    for flag, value in itertools.pairwise(settings):
+        if flag != "-o":
+            continue
+        key, sep, path = value.partition("=")
+        if sep and key.strip().lower() == "controlpath":
+            path = path.strip()
+            return None if path.lower() == "none" or "%" in path else path
+    return None
 
 
 def stop_failure(
@@ -247,12 +274,37 @@ class Invocation:
             self.returncode = info.returncode
             self.error = info.error
             self.messages = info.messages
+            if self._master_lost(info.returncode, info.local_signal, log):
+                self.returncode = 255
+                self.error = CommandLostError(self.host, LOST_MASTER)
             if info.local_signal and not self.stopping:
                 # The local ssh was killed by a signal nobody sent through sshwrap (the
                 # user's ^C reaches ssh too): without a terminal the remote command would run
                 # on.  Hang it up, as a terminal would: SIGHUP (nohup'd commands survive).
                 self.stop_in_background(signal.SIGHUP, escalate=False)
         return self.returncode
+
+    def _master_lost(self, returncode: int, local_signal: int, log: str) -> bool:
+        """ssh went through a ControlMaster, the session ended without a status, and the
+        master no longer answers: it died under the session (not a remote signal death).
+
+        OpenSSH's mux client logs the same words for both (mux.c: "Control master terminated
+        unexpectedly" when no MUX_S_EXIT_MESSAGE came, and the master relays only
+        ``exit-status``): the master's socket tells them apart."""
+        if returncode >= 0 or local_signal or not mux_session_without_status(log):
+            return False
+        path = control_path(self.settings)
+        return path is not None and not master_answers(path, MASTER_CHECK)
+
+    def failure(self, stdout: Any = None, stderr: Any = None) -> SSHError | None:
+        """The call's error (once it ended), None if ssh did not fail; a
+        :class:`~sshwrap.errors.CommandLostError` gets ``stdout`` and ``stderr`` (what the
+        caller collected of the command's output, as ``run`` would have returned it)."""
+        err = self.error
+        if isinstance(err, CommandLostError):
+            err.stdout = err.output = stdout
+            err.command_stderr = stderr
+        return err
 
     def note_stderr(self, data: bytes | str | bytearray | None = None) -> None:
         """Record ssh's stderr seen after the fact (a PIPE read by ``communicate``; None: the

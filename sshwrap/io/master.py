@@ -53,7 +53,7 @@ from ..errors import SSHConnectionError, classify_ssh_failure
 from .deadline import local_step, remaining
 from .flags import Flag
 from .forwards import Forward, ForwardSpec, open_forward, restore_forwards
-from .mux_control import MuxControl, MuxError, MuxUnsupported
+from .mux_control import MuxControl, MuxError, MuxUnsupported, master_answers
 from .pump import ProxyCore
 
 if TYPE_CHECKING:
@@ -441,12 +441,7 @@ class Master:
     def answers(self, deadline: float | None) -> bool:
         """True if the master answers an alive check (bounded by ``deadline``, at least
         ``LOCAL_FLOOR`` seconds)."""
-        try:
-            with MuxControl(self.control_path, timeout=local_step(_MUX_TIMEOUT, deadline)) as m:
-                m.alive_check()
-        except MuxError:
-            return False
-        return True
+        return master_answers(self.control_path, local_step(_MUX_TIMEOUT, deadline))
 
     @property
     def uses_proxy(self) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "MuxError",
     "MuxRefused",
     "MuxUnsupported",
+    "master_answers",
     "pack_string",
     "pack_u32",
 ]
@@ -207,3 +208,14 @@ class MuxControl:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def master_answers(path: str, timeout: float) -> bool:
+    """True if a ControlMaster at ``path`` answers an alive check within ``timeout`` s (a
+    master killed leaves its socket file behind: nothing listens there any more)."""
+    try:
+        with MuxControl(path, timeout=timeout) as m:
+            m.alive_check()
+    except MuxError:
+        return False
+    return True

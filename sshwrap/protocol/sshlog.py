@@ -230,6 +230,17 @@ _MUX_NO_STATUS = re.compile(r"Control master terminated unexpectedly")
 _KILLED = re.compile(r"^Killed by signal (\d+)\.", re.M)
 
 
+def mux_session_without_status(log: str) -> bool:
+    """True when ssh ran the session through a ControlMaster (``ssh -S``, or the user's
+    ControlMaster config) and the master closed it without an exit status.
+
+    OpenSSH's mux client logs the same words ("Control master terminated unexpectedly") for
+    a remote command killed by a signal (the master relays only ``exit-status``) and for a
+    master that died under the session: whether the master still answers on its socket
+    tells them apart (:class:`sshwrap.core.invocation.Invocation` asks)."""
+    return bool(_MUX_SESSION.search(log) and _MUX_NO_STATUS.search(log))
+
+
 @dataclass(frozen=True)
 class ExitReading:
     """How one ssh call ended, read from its exit status and log (see :func:`read_exit`).
@@ -255,7 +266,7 @@ def read_exit(ssh_returncode: int, log: str, sent_signal: int = 0) -> ExitReadin
         return ExitReading(ssh_returncode, False, -ssh_returncode)
     if ssh_returncode != 255:
         return ExitReading(ssh_returncode, False)
-    if _EXIT_SIGNAL.search(log) or (_MUX_SESSION.search(log) and _MUX_NO_STATUS.search(log)):
+    if _EXIT_SIGNAL.search(log) or mux_session_without_status(log):
         return ExitReading(-sent_signal if sent_signal else UNKNOWN_SIGNAL, False)
     if _EXIT_STATUS.search(log):
         return ExitReading(255, False)
