@@ -556,3 +556,14 @@ def test_tty_input_is_typed_and_ended_by_ctrl_d(conn: Connection) -> None:
     ``cat`` echoes it and ends (channel EOF would not end it: sshd only closes its side)."""
     r = conn.run("cat", tty=True, input=b"hello\n", capture_output=True, timeout=10)
     assert (r.returncode, r.stdout) == (0, b"hello\r\nhello\r\n")
+
+
+def test_popen_repr_names_host_command_and_state(conn: Connection) -> None:
+    cmd = "echo ready; exec sleep 30"
+    with conn.Popen(cmd, stdout=subprocess.PIPE) as p:
+        assert repr(p) == f"<ChannelPopen host={conn.host!r} args={cmd!r} running>"
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        p.kill()
+        wait_until(p.closed.is_set, 30, "the channel to end")
+        assert repr(p).endswith(" ended>")
+    assert repr(p) == f"<ChannelPopen host={conn.host!r} args={cmd!r} returncode=-9>"

@@ -192,3 +192,17 @@ def test_forwards_come_back_after_a_master_restart(local_sshd: LocalSSHD, echo: 
             assert _roundtrip(s, b"local again") == b"local again"
         with socket.create_connection(("127.0.0.1", remote.port)) as s:
             assert _roundtrip(s, b"remote again") == b"remote again"
+
+
+def test_forward_repr_names_host_spec_and_state(conn: Connection, echo: EchoServer) -> None:
+    fwd = conn.forward_local(0, "127.0.0.1", echo.port)
+    spec = f"local 127.0.0.1:{fwd.port} -> 127.0.0.1:{echo.port} host={conn.host!r}"
+    assert repr(fwd) == f"<Forward {spec} active>"
+    fwd.cancel()
+    assert repr(fwd) == f"<Forward {spec} cancelled>" and fwd.cancelled
+    socks = conn.forward_dynamic()
+    socks.deactivate()  # as when a restarted master could not take it back
+    assert (
+        repr(socks)
+        == f"<Forward dynamic 127.0.0.1:{socks.port} -> socks host={conn.host!r} inactive>"
+    )

@@ -293,4 +293,15 @@ class ChannelPopen:
         self.wait()
 
     def __repr__(self) -> str:
-        return f"<ChannelPopen host={self.host!r} returncode={self.returncode} args={self.args!r}>"
+        """Host, command and state: ``running``, ``ended`` (not waited for yet), or
+        ``returncode=N`` (followed by the error's class when ``ssh_error`` is set, e.g. a
+        channel lost before its status: ``returncode=255 CommandLostError``)."""
+        if self.returncode is not None:
+            state = f"returncode={self.returncode}"
+            if self.ssh_error is not None:
+                state += f" {type(self.ssh_error).__name__}"
+        elif self._ch.closed.is_set():
+            state = "ended"
+        else:
+            state = "running"
+        return f"<ChannelPopen host={self.host!r} args={self.args!r} {state}>"

@@ -59,6 +59,8 @@ class Forward:
         self.control_path = control_path
         """The control socket of the master that holds it."""
         self._forget: Forget | None = forget
+        self.cancelled = False
+        """True once :meth:`cancel` was called."""
 
     def __int__(self) -> int:
         return self.port
@@ -77,14 +79,16 @@ class Forward:
 
     def cancel(self) -> None:
         """Remove the forward (idempotent; a no-op when the master is gone)."""
+        what = self._describe()
         forget, self._forget = self._forget, None
+        self.cancelled = True
         if forget is None or not forget(self):
             return
         try:
             with MuxControl(self.control_path, timeout=10) as m:
                 m.close_forward(self.spec)
         except MuxRefused as e:
-            raise ForwardError(self._host, f"cancelling {self!r}: {e}") from None
+            raise ForwardError(self._host, f"cancelling the forward {what}: {e}") from None
         except MuxError:
             pass  # the master is gone, and its forwards with it
 
@@ -94,9 +98,15 @@ class Forward:
     def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
-    def __repr__(self) -> str:
+    def _describe(self) -> str:
         target = "socks" if self.kind == "dynamic" else f"{self.connect_host}:{self.connect_port}"
-        return f"<Forward {self.kind} {self.listen_host}:{self.port} -> {target}>"
+        return f"{self.kind} {self.listen_host}:{self.port} -> {target}"
+
+    def __repr__(self) -> str:
+        """Kind, ports, the host, and the state: ``active``, ``cancelled``, or ``inactive``
+        (lost with a master that could not restore it)."""
+        state = "active" if self.active else ("cancelled" if self.cancelled else "inactive")
+        return f"<Forward {self._describe()} host={self._host!r} {state}>"
 
 
 def _free_port(host: str) -> int:
