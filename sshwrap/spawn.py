@@ -15,10 +15,10 @@ is the bytes mode: patterns, ``before``/``after`` and what ``send`` takes are ``
 
 Over a master (``ssh -S``) the master writes the remote output into the pty itself, and ssh
 makes the pty raw only once the master has answered it: on a loaded machine output can come
-first.  Keys typed into the still cooked pty would be echoed there too (``\\r`` made ``\\n``)
-and what follows would end lines in ``\\r\\r\\n``, so once ssh has logged the session open
-``send()`` waits (:data:`sshwrap.io.pty.RAW_WAIT` s at most) for raw mode; before that (ssh's
-own prompts) keys go at once.  Output ahead of raw mode can still end lines in ``\\r\\r\\n``.
+first, and the cooked pty ends its lines in ``\\r\\r\\n`` (undone as they are read) and would
+echo keys typed then (``\\r`` made ``\\n``), so ``send()`` waits for raw mode (``timeout`` s at
+most, :data:`sshwrap.io.pty.RAW_WAIT` if None).  Without a master keys go at once (ssh's own
+prompts read them) and raw mode comes before any output.
 
 ssh logs to a private file (``-E``, DEBUG2), so ``returncode`` is the remote program's exit
 status (``-128``, :data:`sshwrap.errors.UNKNOWN_SIGNAL`, for a signal death: ssh is not told
@@ -54,7 +54,7 @@ from .core.options import Command, CommandOptions, check_keywords, check_termina
 from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
 from .io.pty import RAW_WAIT, spawn_in_pty
-from .terminal.modes import get_size, set_size, wait_for_raw
+from .terminal.modes import check_size, get_size, maps_newlines, set_size, wait_for_raw
 from .terminal.relay import RelayResult, relay_terminal
 
 __all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "SpawnOptions", "Spawned"]
@@ -71,8 +71,7 @@ _ALIVE_CHECK = 1.0  # seconds the master gets to answer after a session without 
 _DIMENSIONS = "dimensions= is deprecated: use size=(rows, cols), as run() and Popen() take it"
 _EXIT_WAIT = 5.0  # seconds ssh gets to exit after the end of its output (within the call's bound)
 
-LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'
-"""A login shell (command None) with ``env`` or ``cwd``: the user's ``$SHELL -l``."""
+LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'  # a login shell (command None) with env or cwd
 
 
 class SpawnOptions(CommandOptions, total=False):
@@ -105,11 +104,9 @@ def spawn_size(options: SpawnOptions, *, stacklevel: int = 2) -> SpawnOptions:
             raise TypeError("give size=(rows, cols) only: dimensions= is its deprecated alias")
         warnings.warn(_DIMENSIONS, DeprecationWarning, stacklevel=stacklevel + 1)
         out["size"] = dimensions
-    size = out.get("size")
-    check_terminal({"size": size, "tty": out.get("tty", True)})
-    ok = size is None or (len(size) == 2 and all(type(n) is int and 0 < n < 65536 for n in size))
-    if not ok:
-        raise ValueError(f"size must be (rows, cols), two ints from 1 to 65535: {size!r}")
+    check_terminal({"size": out.get("size"), "tty": out.get("tty", True)})
+    if out.get("size") is not None:
+        check_size(out["size"])
     return cast(SpawnOptions, out)
 
 
@@ -304,8 +301,18 @@ class Spawned(Generic[AnyStr]):
             # ssh's own closing line comes last: not the program's output
             self._buffer = self._quit.sub(self._empty, self._buffer + self._decode(b"", True))
             return False
+        if self._master is not None and not self._raw and self._via_master():
+            if maps_newlines(self._rfd):  # still cooked: all of data was written so
+                data = data.replace(b"\r\n", b"\n")  # undo the ONLCR (module docstring)
+            else:
+                self._raw = True
         self._buffer += self._decode(data)
         return True
+
+    def _via_master(self) -> bool:
+        """Whether ssh goes through a master (until it turns out to connect on its own)."""
+        log = self._log.read()
+        return (bool(self.control_path) or _MUX_HELLO in log) and _NO_MASTER not in log
 
     def _compile(self, pattern: AnyStr | re.Pattern[AnyStr]) -> re.Pattern[AnyStr]:
         text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
@@ -410,13 +417,9 @@ class Spawned(Generic[AnyStr]):
 
     # -- writing -----------------------------------------------------------------------
     def _wait_for_raw_mode(self) -> None:
-        """Over a master, wait for ssh's raw mode (see the module docstring), reading the
-        output meanwhile: ``timeout`` s at most (``RAW_WAIT`` if None)."""
-        if self._raw or self._master is None:
-            return
-        if self.control_path or _MUX_HELLO in self._log.read():
-            # until ssh turns out to connect on its own (then it may prompt: keys go at once)
-            pump = lambda t: self._read_some(t) and _NO_MASTER not in self._log.read()  # noqa: E731
+        """Over a master: wait for ssh's raw mode, reading output (``timeout`` s at most)."""
+        if not self._raw and self._master is not None and self._via_master():
+            pump = lambda t: self._read_some(t) and self._via_master()  # noqa: E731
             wait_for_raw(self._rfd, RAW_WAIT if self.timeout is None else self.timeout, pump)
             self._raw = True
 
@@ -517,11 +520,8 @@ class Spawned(Generic[AnyStr]):
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for ssh to exit and return ``returncode``; output not read is discarded.
-
-        Raises ``ExpectTimeout`` if it has not exited within ``timeout``, and
-        ``SSHConnectionError`` if the connection was lost before the program's exit status
-        came (see the module docstring).
-        """
+        ``ExpectTimeout`` if it has not exited within ``timeout``, ``SSHConnectionError`` if
+        the connection was lost before the program's exit status came (module docstring)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._reap()

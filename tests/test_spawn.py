@@ -83,10 +83,11 @@ def test_keys_wait_for_the_mux_clients_raw_mode(master: Master, local_sshd: Loca
     # ssh -S puts the pty in raw mode only once the master has answered its session request,
     # while the master writes the remote output into the pty itself.  A late client leaves
     # the pty cooked under output that already asks for input: keys typed then were echoed
-    # by the local pty as well, and every line after them ended in \r\r\n.  Here the client
-    # is made late for sure: the server is frozen while the client waits for the master's
-    # answer, the client is stopped there, the server thawed.  send() waits for raw mode.
-    script = "printf 'name? '; read x; echo \"hello, $x!\"; exit 3"
+    # by the local pty as well, and every line ended in \r\r\n.  Here the client is made
+    # late for sure: the server is frozen while the client waits for the master's answer, the
+    # client is stopped there, the server thawed.  send() waits for raw mode, and the output
+    # read before it comes has the cooked pty's extra \r taken out.
+    script = "echo first-line; printf 'name? '; read x; echo \"hello, $x!\"; exit 3"
     with frozen(local_sshd):
         s = spawn(master, script)
         log = Path(s.argv[s.argv.index("-E") + 1])
@@ -105,6 +106,7 @@ def test_keys_wait_for_the_mux_clients_raw_mode(master: Master, local_sshd: Loca
         try:
             s.expect(r"name\? ")  # the master relayed it: the stopped client is not raw yet
             assert termios.tcgetattr(s.fd)[3] & termios.ICANON
+            assert s.before == "first-line\r\n"
             helper.start()
             sending.set()
             s.sendline("bob")  # typed while the client is still stopped, unless send() waits

@@ -11,7 +11,15 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 
-__all__ = ["get_size", "isatty", "raw_mode", "set_size", "wait_for_raw"]
+__all__ = [
+    "check_size",
+    "get_size",
+    "isatty",
+    "maps_newlines",
+    "raw_mode",
+    "set_size",
+    "wait_for_raw",
+]
 
 # termios attributes as tcgetattr returns them.
 Attrs = list[int | list[bytes | int]]
@@ -37,6 +45,24 @@ def get_size(fd: int) -> tuple[int, int] | None:
         return None
     rows, cols = struct.unpack("HHHH", packed)[:2]
     return rows, cols
+
+
+def check_size(size: object) -> None:
+    """``ValueError`` unless ``size`` is a terminal's ``(rows, cols)``: two ints, 1 to 65535."""
+    if not (
+        isinstance(size, tuple | list)
+        and len(size) == 2
+        and all(type(n) is int and 0 < n < 65536 for n in size)
+    ):
+        raise ValueError(f"size must be (rows, cols), two ints from 1 to 65535: {size!r}")
+
+
+def maps_newlines(fd: int) -> bool:
+    """Whether what is written to the terminal on ``fd`` (a pty master: its slave) now has
+    each ``\\n`` turned into ``\\r\\n`` (``OPOST`` and ``ONLCR``: cooked, not raw)."""
+    attrs = get_attrs(fd)
+    both = termios.OPOST | termios.ONLCR
+    return attrs is not None and isinstance(attrs[1], int) and (attrs[1] & both) == both
 
 
 def set_size(fd: int, rows: int, cols: int) -> None:
