@@ -164,7 +164,7 @@ class Spawned(Generic[AnyStr]):
 
     before: AnyStr
     after: AnyStr
-    match: re.Match[AnyStr] | None
+    match: re.Match[AnyStr] | None = None
     _lost = _closed = _eof = _raw = False  # _raw: seen ssh's raw mode (send() waits for it)
 
     @overload
@@ -211,7 +211,6 @@ class Spawned(Generic[AnyStr]):
         self._quit: re.Pattern[AnyStr] = cast(Any, _QUIT_BYTES if encoding is None else _QUIT)
         self._buffer: AnyStr = self._empty
         self.before = self.after = self._empty
-        self.match = None
         self.returncode: int | None = None
         self.ssh_error: SSHError | None = None
         self._log: SSHLog = SSHLog()
@@ -302,7 +301,8 @@ class Spawned(Generic[AnyStr]):
             self._buffer = self._quit.sub(self._empty, self._buffer + self._decode(b"", True))
             return False
         if self._master is not None and not self._raw and self._via_master():
-            if maps_newlines(self._rfd):  # still cooked: all of data was written so
+            # cooked before the client logged its session (then raw mode): data went cooked
+            if maps_newlines(self._rfd) and _MUX_SESSION not in self._log.read():
                 data = data.replace(b"\r\n", b"\n")  # undo the ONLCR (module docstring)
             else:
                 self._raw = True
@@ -408,10 +408,8 @@ class Spawned(Generic[AnyStr]):
 
     def read_nonblocking(self) -> AnyStr:
         """Everything that has arrived and was not consumed yet (reads what is ready)."""
-        while self._read_some(0):
-            r, _, _ = select.select([self._rfd], [], [], 0)
-            if not r:
-                break
+        while select.select([self._rfd], [], [], 0)[0] and self._read_some(0):
+            pass
         out, self._buffer = self._buffer, self._empty
         return out
 
@@ -483,6 +481,7 @@ class Spawned(Generic[AnyStr]):
             return
         log = self._log.read()
         self._log.close()
+        self._raw = True  # ssh is gone: no raw mode to wait for or to tell from cooked
         if rc != 255 or _MUX_SESSION not in log:
             info = interpret_exit(self.destination, rc, log)
             self.returncode, self.ssh_error = info.returncode, info.error

@@ -24,7 +24,7 @@ from waiting import wait_until
 
 from sshwrap.errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHWrapError
 from sshwrap.spawn import ExpectEOF, ExpectTimeout, Spawned
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, wait_exited
 
 
 @dataclass
@@ -117,6 +117,15 @@ def test_keys_wait_for_the_mux_clients_raw_mode(master: Master, local_sshd: Loca
         assert s.before == "bob\r\n"  # the remote pty's echo, and only that
         assert s.expect_eof() == 3
         assert s.before == "\r\n"
+
+
+def test_output_read_after_ssh_left_raw_mode_is_kept(master: Master) -> None:
+    # ssh -S restores the cooked modes when it exits: output read only afterwards was written
+    # while the pty was raw and keeps its \r\n
+    with spawn(master, "printf 'a\\nb\\n'") as s:
+        assert wait_exited([s.pid], 30) == []  # not read meanwhile (nor reaped)
+        assert s.expect_eof() == 0
+        assert s.before == "a\r\nb\r\n"
 
 
 def test_earliest_match_wins_and_list_quoting(master: Master) -> None:
