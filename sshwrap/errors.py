@@ -14,6 +14,13 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
   :mod:`subprocess` ones, so ``except subprocess.CalledProcessError`` keeps working; they carry
   ``host``.
 
+One exception of sshwrap's stands outside this tree: ``HostPatternError``
+(:mod:`sshwrap.core.hostset`), a host pattern or groups file that cannot be read
+(``web[01-``, an unknown ``@group``), raised by ``sshwrap.hosts`` and by ``run_many`` before
+any ssh runs.  It is a :class:`ValueError` with ``pattern``, ``position``, ``reason`` and
+``line``, and not an :class:`SSHWrapError`: the host-pattern module is pure and imports
+nothing of sshwrap's, and a bad argument is a ``ValueError`` as everywhere else.
+
 Which of these a failed ssh call raises is read from ssh's own words, its ``-E`` log and its
 stderr, by :mod:`sshwrap.protocol.sshlog` (pure); :func:`classify_ssh_failure` and
 :func:`interpret_exit` turn what it reads into these exceptions.  ``UNKNOWN_SIGNAL``,

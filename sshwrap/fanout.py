@@ -1,5 +1,9 @@
 """One command on many hosts: ``run_many`` and ``run_many_async`` (``sshwrap.aio.run_many``).
 
+Hosts: a ``str`` is a host pattern (``"web[01-50]"``, ``"@web"``: ClusterShell's syntax,
+:mod:`sshwrap.core.hostset`), a list holds host names and connections as they are
+(:mod:`sshwrap.core.host_input` says how groups are found and which items are refused).
+
 Every host gets one plain ``ssh -T`` child in pipes mode (no pty per host, no thread per
 host): its stdout and stderr are pipes, its stdin is ``/dev/null`` (or a pipe when ``input``
 is given), and it runs in a session of its own, so a Ctrl-C typed at the terminal reaches
@@ -60,6 +64,7 @@ from typing import Any, Unpack
 from .core.argv import OptionValue
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
+from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 
@@ -80,16 +85,19 @@ __all__ = [
 # -- public API ---------------------------------------------------------------------------
 
 
-def _host_list(hosts: str | Iterable[str | ControlPathHost]) -> list[str | ControlPathHost]:
-    """``hosts`` as a list, checked: a ``str`` is one host pattern (today one host name),
-    never its characters.
+def _host_list(
+    hosts: str | Iterable[str | ControlPathHost], groups: GroupsSource | None = None
+) -> list[str | ControlPathHost]:
+    """``hosts`` as a list, checked before any ssh runs (see ``sshwrap.aio.run_many``).
 
-    Each item must be a host name (``str``) or a connection (a ``Connection``, or any object
-    with ``destination`` and ``control_path``); anything else raises ``TypeError`` naming the
-    item, before any ssh runs.
+    A ``str`` is one host pattern, expanded with ``groups``; an iterable's items are host
+    names (a ``str`` that reads as a pattern of other names is a ``ValueError``) and
+    connections (a ``Connection``, or any object with ``destination`` and ``control_path``);
+    anything else raises ``TypeError`` naming the item.
     """
+    loaded = load_groups(groups)
     if isinstance(hosts, str):
-        return [hosts]
+        return list(pattern_hosts(hosts, loaded))
     if isinstance(hosts, bytes | bytearray | memoryview) or not isinstance(hosts, Iterable):
         if isinstance(hosts, ControlPathHost):
             hint = " (put a single connection in a list: [conn])"
@@ -98,7 +106,7 @@ def _host_list(hosts: str | Iterable[str | ControlPathHost]) -> list[str | Contr
         else:
             hint = ""
         raise TypeError(
-            "hosts must be a host name (str) or an iterable of host names and connections, "
+            "hosts must be a host pattern (str) or an iterable of host names and connections, "
             f"not {type(hosts).__name__}{hint}"
         )
     items = list(hosts)
@@ -108,6 +116,7 @@ def _host_list(hosts: str | Iterable[str | ControlPathHost]) -> list[str | Contr
                 f"hosts[{i}] must be a host name (str) or a Connection, "
                 f"not {type(h).__name__} {reprlib.repr(h)}"
             )
+    literal_hosts(items)
     return items
 
 
@@ -115,6 +124,7 @@ async def run_many_async(
     hosts: str | Iterable[str | ControlPathHost],
     command: str | Sequence[str],
     *,
+    groups: GroupsSource | None = None,
     concurrency: int = 32,
     timeout: float | None = None,
     connect_timeout: float | None = 30.0,
@@ -155,17 +165,27 @@ async def run_many_async(
     hosts starting with ``-`` raise ``ValueError`` before any ssh runs.
     ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
     ``on_start(host)`` each host as it starts.
-    ``hosts`` is an iterable of host names and connections, or one ``str``, which is one host
-    (``run_many("web1", ...)`` runs web1, not ``w``, ``e``, ...); anything else, or an item
-    that is neither a ``str`` nor a connection, raises ``TypeError`` naming it before any ssh
-    runs.  A host may be a ``Connection``: its ControlMaster is reused.
+    ``hosts`` is one ``str``, a host pattern (``"web[01-50]"``, ``"h[1-8]!h[3-4]"``,
+    ``"@web"``; ``"web1"`` is one host, never ``w``, ``e``, ...), expanded by
+    ``sshwrap.hosts`` in its order; or an iterable (a list, a ``HostSet``) of host names and
+    connections, taken as they are, duplicates included.  A list's items are never expanded:
+    one that reads as a pattern of other names (``["h[1-3]"]``, ``["a,b"]``, ``["@web"]``)
+    raises ``ValueError`` saying to pass the pattern as a ``str``, so no host runs by a name
+    ssh cannot know; an item that is no pattern (``"ssh://[::1]:2222"``) is a name.
+    ``groups`` gives the ``@name`` groups: a ``Groups``, a mapping of name to pattern, or a
+    groups file's path (lines ``name: pattern``); without it, an ``@`` reads the file that
+    the environment variable ``SSHWRAP_GROUPS`` names.  A bad pattern or an unknown group
+    raises ``HostPatternError`` (a ``ValueError``, with ``pattern``, ``position`` and
+    ``reason``); an argument that is no str or iterable, or an item neither a ``str`` nor a
+    connection, raises ``TypeError`` naming it; all before any ssh runs.  A host may be a
+    ``Connection``: its ControlMaster is reused.
 
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
     """
     run = FanoutRun(
-        _host_list(hosts),
+        _host_list(hosts, groups),
         command,
         concurrency=concurrency,
         timeout=timeout,
@@ -202,6 +222,7 @@ class RunManyOptions(FanoutOptions, total=False):
     timeout: float | None
     connect_timeout: float | None
     deadline: float | None
+    groups: GroupsSource | None
 
 
 _RUN_MANY_DEFAULTS: dict[str, Any] = {
@@ -219,12 +240,13 @@ def run_many(
 ) -> list[HostResult]:
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.
 
-    ``sshwrap.run_many(["web1", "web2"], "uptime", concurrency=100, timeout=30)``.  The
-    keywords are those of ``sshwrap.aio.run_many`` (bounds kept within 1 s, cleanup
-    included).  On Ctrl-C every ssh child is ended first (within about 1 s, remote stops in
-    flight included), then ``FanoutInterrupted`` (a ``KeyboardInterrupt``) is raised carrying
-    ``results``: the finished hosts, and the others marked ``cancelled`` with their output
-    so far.
+    ``sshwrap.run_many(["web1", "web2"], "uptime", concurrency=100, timeout=30)``, or with a
+    pattern, ``sshwrap.run_many("web[01-50]!web07", "uptime")`` (the order is the pattern's
+    expansion; ``groups=`` for ``@name``).  The keywords and ``hosts`` are those of
+    ``sshwrap.aio.run_many`` (bounds kept within 1 s, cleanup included).  On Ctrl-C every
+    ssh child is ended first (within about 1 s, remote stops in flight included), then
+    ``FanoutInterrupted`` (a ``KeyboardInterrupt``) is raised carrying ``results``: the
+    finished hosts, and the others marked ``cancelled`` with their output so far.
     """
     try:
         asyncio.get_running_loop()
@@ -232,7 +254,8 @@ def run_many(
         pass
     else:
         raise RuntimeError("run_many() inside a running event loop: use sshwrap.aio.run_many")
-    run = FanoutRun(_host_list(hosts), command, **{**_RUN_MANY_DEFAULTS, **kwargs})
+    groups = kwargs.pop("groups", None)
+    run = FanoutRun(_host_list(hosts, groups), command, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False

@@ -7,9 +7,20 @@
     sshwrap-many -H web1,web2 --json -- df -h                 # one JSON object per host
     sshwrap-many -H - --outdir out/ -- journalctl -n 100      # hosts from stdin, a file each
 
-``-H`` takes a hosts file (one host a line, ``#`` comments), a comma list, or ``-`` (stdin);
-repeatable.  A word that looks like a path (a ``/``, a leading ``.`` or ``~``, a suffix
+    sshwrap-many -H 'web[01-50]' -x 'web[07-09]' -- uptime   # ranges, less an exclusion
+    sshwrap-many -H @web --groups groups.txt -- uptime      # groups file lines "web: h[1-6]"
+
+``-H`` takes a host pattern (ClusterShell's syntax, :mod:`sshwrap.core.hostset`: ``h1,h2``,
+``web[01-50]``, ``rack[1-2]-node[001-016]``, ``h[1-8]!h[3-4]``, ``@group``; spaces between
+names count as commas), a hosts file (a pattern a line, ``#`` comments), or ``-`` (stdin);
+repeatable, the hosts in the order given, each once.  ``-x`` (same forms, repeatable) leaves
+hosts out.  ``@name`` reads ``--groups FILE`` (lines ``name: pattern``), else the file the
+environment variable ``SSHWRAP_GROUPS`` names.  A bad pattern or an unknown group exits 64
+with the pattern, the position and the reason (and the file's line).  A word that looks like
+a path (a ``/``, a leading ``.`` or ``~``, a suffix
 ``.txt``/``.hosts``/``.list``/``.lst``/``.conf``/``.cfg``) but names no file exits 64.
+Host lists in the output (``--group``, the summary) are folded back the same way
+(``h[1-3,7]``).
 
 The words after ``--`` are joined with spaces and handed to the remote shell, as ``ssh host
 words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
@@ -39,12 +50,14 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 from .core.fanout_run import FanoutRun
+from .core.host_input import GROUPS_ENV, load_groups, read_host_specs
+from .core.hostset import Groups, HostPatternError, fold
 from .fanout import FdBudgetError, HostResult
 
-__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "fold_hosts", "main", "read_hosts"]
+__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
@@ -76,9 +89,22 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="HOSTS",
-        help="a file (one host per line, # comments), a comma list, or - for stdin; "
-        "repeatable; a word that looks like a path (a /, a leading . or ~, a suffix such as "
-        ".txt) but names no file is an error",
+        help="a host pattern (h1,h2  web[01-50]  h[1-8]!h3  @group), a file (a pattern per "
+        "line, # comments), or - for stdin; repeatable; a word that looks like a path (a /, "
+        "a leading . or ~, a suffix such as .txt) but names no file is an error",
+    )
+    ap.add_argument(
+        "-x",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="HOSTS",
+        help="leave out these hosts (a pattern, a file or -, as for -H); repeatable",
+    )
+    ap.add_argument(
+        "--groups",
+        metavar="FILE",
+        help=f"groups file for @name (lines 'name: pattern'; default: ${GROUPS_ENV})",
     )
     ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
     ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
@@ -112,46 +138,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-_SPLIT = re.compile(r"[\s,]+")
-# What a hosts file is called, never a host name's last label.
-_FILE_SUFFIXES = (".txt", ".hosts", ".list", ".lst", ".conf", ".cfg")
-
-
-def _looks_like_a_path(word: str) -> bool:
-    """A ``/``, a leading ``.`` or ``~``, or a hosts-file suffix: no host name looks so."""
-    return "/" in word or word.startswith((".", "~")) or word.lower().endswith(_FILE_SUFFIXES)
-
-
-def read_hosts(specs: Sequence[str], stdin: IO[str] | None = None) -> list[str]:
-    """Hosts from ``-H`` values: ``-`` (stdin), an existing file (``~`` expanded), or a comma
-    list.
-
-    Files hold one host per line (``#`` starts a comment); duplicates are dropped, keeping
-    the first occurrence's place.  A word that looks like a path but names no file is not
-    taken as a host: ``FileNotFoundError`` (``-H x.txt: no such file``; or IsADirectoryError).
-    """
-    hosts: list[str] = []
-    for spec in specs:
-        path = os.path.expanduser(spec) if spec.startswith("~") else spec
-        if spec == "-":
-            text = (stdin or sys.stdin).read()
-        elif os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        else:
-            for word in _SPLIT.split(spec):
-                if not _looks_like_a_path(word):
-                    continue
-                if os.path.isdir(os.path.expanduser(word)):
-                    raise IsADirectoryError(f"-H {word}: is a directory")
-                raise FileNotFoundError(f"-H {word}: no such file")
-            text = spec
-        for line in text.splitlines():
-            line = line.split("#", 1)[0]
-            hosts += [h for h in _SPLIT.split(line) if h]
-    return list(dict.fromkeys(hosts))
-
-
 def _options(items: Sequence[str]) -> dict[str, str]:
     opts: dict[str, str] = {}
     for item in items:
@@ -182,31 +168,14 @@ def _ssh_time(value: str) -> float | None:
     return float(total) if total > 0 else None
 
 
-_NUMBERED = re.compile(r"(.*?)(\d+)\Z")
-
-
-def fold_hosts(hosts: Sequence[str]) -> str:
-    """Compact host list: ``web1,web2,web3,web7,db`` -> ``web[1-3,7],db`` (clush style)."""
-    groups: dict[str, list[str]] = {}  # a prefix's numbers; "\0" + host: kept as it is
-    for h in hosts:
-        m = _NUMBERED.match(h)
-        if m and not m.group(2).startswith("0"):
-            groups.setdefault(m.group(1), []).append(m.group(2))
-        else:
-            groups.setdefault("\0" + h, [])
-    parts = []
-    for key, items in groups.items():
-        if key.startswith("\0") or len(items) == 1:
-            parts.append(key[1:] if key.startswith("\0") else key + items[0])
-            continue
-        nums = sorted({int(x) for x in items})
-        ranges, start = [], nums[0]
-        for n, after in zip(nums, [*nums[1:], None], strict=True):
-            if after != n + 1:
-                ranges.append(str(start) if start == n else f"{start}-{n}")
-                start = after if after is not None else 0
-        parts.append(f"{key}[{','.join(ranges)}]")
-    return ",".join(parts)
+def _fold_by_reason(results: list[HostResult], why: bool) -> str:
+    """``h[1-3] (exit 1), h5 (exit 2)``: hosts folded by what happened to them, in order."""
+    by_reason: dict[str, list[str]] = {}
+    for r in results:
+        by_reason.setdefault(_describe(r) if why else "", []).append(r.host)
+    return ", ".join(
+        fold(names) + (f" ({what})" if what else "") for what, names in by_reason.items()
+    )
 
 
 def _safe_name(host: str) -> str:
@@ -439,11 +408,7 @@ class _Output:
         for status, label in _GROUPS.items():
             bad = sorted((r for r in tally.results if r.status == status), key=lambda r: r.index)
             if bad:
-                if status == "cancelled":
-                    err.write(f"  {label}: " + fold_hosts([r.host for r in bad]))
-                else:
-                    err.write(f"  {label}: " + ", ".join(f"{r.host} ({_describe(r)})" for r in bad))
-                err.write("\n")
+                err.write(f"  {label}: {_fold_by_reason(bad, status != 'cancelled')}\n")
         err.flush()
 
     def _groups(self, results: list[HostResult]) -> None:
@@ -455,7 +420,7 @@ class _Output:
             groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0].index)
         ):
             members.sort(key=lambda r: r.index)
-            names = fold_hosts([r.host for r in members])
+            names = fold(r.host for r in members)
             n = len(members)
             out.write(f"==== {names} ({n} host{'s' if n != 1 else ''}): {what}\n".encode())
             out.write(stdout)
@@ -516,6 +481,20 @@ async def _run(run: FanoutRun, output: _Output, tally: _Tally) -> bool:
     return interrupted
 
 
+def _hosts(args: argparse.Namespace) -> list[str]:
+    """``-H`` minus ``-x``, with ``--groups`` (else ``$SSHWRAP_GROUPS``) for ``@name``."""
+    groups: Groups | None = None
+    if args.groups is not None:
+        try:
+            groups = load_groups(args.groups)
+        except HostPatternError as e:
+            raise ValueError(f"--groups {args.groups}: {e}") from None
+    chosen = read_host_specs(args.hosts, groups)
+    if args.exclude:
+        chosen -= read_host_specs(args.exclude, groups, option="-x")
+    return list(chosen)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sshwrap-many`` console script; returns the exit status."""
     ap = _parser()
@@ -525,12 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no command given (put it after --)")
     if args.parallel < 1:
         ap.error("-p must be at least 1")
-    if args.input == "-" and "-" in args.hosts:
-        ap.error("stdin cannot be both the host list and the input")
+    if [*args.hosts, *args.exclude, args.input].count("-") > 1:
+        ap.error("stdin can be read once: give - to only one of -H, -x and -I")
     batch_mode = True
     no_connect_timeout = False
     try:
-        hosts = read_hosts(args.hosts)
+        hosts = _hosts(args)
         options = _options(args.options)
         # ssh's own spellings of what sshwrap-many controls itself.
         connect_timeout = args.connect_timeout
@@ -557,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         ap.error(str(e))
     if not hosts:
-        ap.error("no hosts given")
+        ap.error("no hosts left after -x" if args.exclude else "no hosts given")
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     output = _Output(args, hosts, progress)
     try:

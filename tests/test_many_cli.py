@@ -29,7 +29,7 @@ from test_fanout_helpers import (
 )
 from waiting import wait_until
 
-from sshwrap.many_cli import fold_hosts
+from sshwrap.core.hostset import fold
 from sshwrap.testing import LocalSSHD
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
@@ -111,10 +111,12 @@ def test_group_identical_outputs(many: Hosts) -> None:
 
 
 def test_fold_hosts() -> None:
-    assert fold_hosts(["web1", "web2", "web3", "web7", "db", "web10"]) == "web[1-3,7,10],db"
-    assert fold_hosts(["a1"]) == "a1"
-    assert fold_hosts(["n01", "n02", "x"]) == "n01,n02,x"  # zero-padded: kept as they are
-    assert fold_hosts(["u@h1", "u@h2"]) == "u@h[1-2]"
+    # --group and the summary fold with core.hostset.fold (the folding of -H's patterns)
+    assert fold(["web1", "web2", "web3", "web7", "db", "web10"]) == "web[1-3,7,10],db"
+    assert fold(["a1"]) == "a1"
+    assert fold(["n01", "n02", "x"]) == "n[01-02],x"  # equal widths fold, padding kept
+    assert fold(["n9", "n09", "n10"]) == "n[9,09-10]"  # names of other padding stay apart
+    assert fold(["u@h1", "u@h2"]) == "u@h[1-2]"
 
 
 def test_outdir_writes_a_file_per_host(many: Hosts, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Parity (issue 11): the fan-out's ``hosts`` argument, refused or taken the same way by
 ``sshwrap.run_many`` and ``sshwrap.aio.run_many``, with one test body for both faces.
 
-A ``str`` is one host pattern (today one host name), never a list of its characters; an
+A ``str`` is one host pattern (a plain name is one host), never a list of its characters; an
 argument that is not an iterable of host names and connections, or an item that is neither,
-is a ``TypeError`` naming it, raised before any ssh starts.  Real sshd, real ssh.
+is a ``TypeError`` naming it, raised before any ssh starts.  Real sshd, real ssh.  Patterns,
+groups and the refused pattern-like list items: ``tests/test_fanout_hosts.py``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def test_iterables_of_host_names_are_taken_as_they_are(
     ("hosts", "message"),
     [
         pytest.param(
-            5, r"^hosts must be a host name \(str\) or an iterable .*, not int$", id="int"
+            5, r"^hosts must be a host pattern \(str\) or an iterable .*, not int$", id="int"
         ),
         pytest.param(None, r"^hosts must be .*, not NoneType$", id="None"),
         pytest.param(b"host1", r"^hosts must be .*, not bytes \(decode it", id="bytes"),
