@@ -267,6 +267,51 @@ def test_a_master_killed_mid_transfer_leaves_no_partial_file(
     assert not _masters(sshd)
 
 
+def _sparse(path: Path, size: int) -> None:
+    """A sparse file: quick to make and to read, still ``size`` bytes to send."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def test_a_host_frozen_mid_transfer_times_out_alone(
+    local_sshd_factory: Factory, remote_dir: Path, tmp_path: Path
+) -> None:
+    sshd = local_sshd_factory(hosts=1)
+    healthy = local_sshd_factory(hosts=1)  # another server, that keeps answering
+    _sparse(tmp_path / "frozen.bin", 400 * MB)
+    (tmp_path / f"{healthy.host}.bin").write_bytes(b"small\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host frozen\n    HostName 127.0.0.1\n    Port {sshd.port}\n"
+        f"    IdentityFile {sshd.identity}\n    UserKnownHostsFile {sshd.known_hosts}\n"
+        f"Host *\n    Include {healthy.config}\n"
+    )
+    frozen: list[int] = []
+
+    def freeze_once(host: str, done: int, total: int) -> None:
+        if host == "frozen" and done and not frozen:
+            frozen.extend(freeze(sshd))
+
+    try:
+        results = put_many(
+            ["frozen", healthy.host],
+            tmp_path / "%h.bin",
+            f"{remote_dir}/%h.bin",
+            config=str(config),
+            timeout=4,
+            on_progress=freeze_once,
+        )
+    finally:
+        thaw(sshd, frozen)
+    assert frozen
+    assert _statuses(results) == [("frozen", "timeout"), (healthy.host, "ok")], results
+    r = results[0]
+    assert r.connect_time is not None and r.error is None and 0 < r.transferred < 400 * MB
+    assert 4 <= r.duration - r.connect_time < 4 + 1.5, r
+    assert [n for n in os.listdir(remote_dir) if ".sshwrap-" not in n] == [f"{healthy.host}.bin"]
+    assert not _masters(sshd) and not _masters(healthy)
+
+
 def test_the_deadline_bounds_the_whole_call(local_sshd_factory: Factory, tmp_path: Path) -> None:
     sshd = local_sshd_factory(hosts=3)
     src = tmp_path / "f"
@@ -284,12 +329,6 @@ def test_the_deadline_bounds_the_whole_call(local_sshd_factory: Factory, tmp_pat
     assert _statuses(results) == [(h, "timeout") for h in sshd.hosts], results
     assert results[2].started is None  # (concurrency 2: never started)
     wait_until(lambda: not _masters(sshd), 2, "no master left")
-
-
-def _sparse(path: Path, size: int) -> None:
-    """A sparse file: quick to make and to read, still ``size`` bytes to send."""
-    with open(path, "wb") as f:
-        f.truncate(size)
 
 
 def test_cancelling_put_many_async_stops_every_host_and_leaves_nothing(
