@@ -100,6 +100,12 @@ def test_the_default_groups_file_is_sshwrap_groups(
     # groups= wins over the default
     results = run_many(face, "@db", ECHO, config=many.config, groups={"db": "h2"})
     assert ran(results) == echoed("h2")
+    # the file is read only for a group: user@host is none
+    monkeypatch.setenv("SSHWRAP_GROUPS", str(tmp_path / "missing"))
+    results = run_many(face, f"{many.sshd.user}@h[1-2]", ECHO, config=many.config)
+    assert ran(results) == [(f"{many.sshd.user}@{h}", *rest) for h, *rest in echoed("h1", "h2")]
+    with pytest.raises(FileNotFoundError, match=r"^SSHWRAP_GROUPS=\S+/missing: no such file$"):
+        run_many(face, "h1,@db", ECHO, config=many.config)
 
 
 @pytest.mark.parametrize("face", FACES)

@@ -6,7 +6,7 @@ and ``sshwrap-many``:
 
 - :func:`load_groups`: ``groups=`` as given (a :class:`Groups`, a mapping of name to pattern,
   or the path of a groups file); with none, the default groups file named by the environment
-  variable ``SSHWRAP_GROUPS`` (:data:`GROUPS_ENV`), read only when a pattern holds an ``@``.
+  variable ``SSHWRAP_GROUPS`` (:data:`GROUPS_ENV`), read only when a pattern names a group.
 - :func:`pattern_hosts`: one pattern's names with those groups.
 - :func:`literal_hosts`: a list's items are host names, never patterns: an item that reads
   as a pattern of other names (``"h[1-3]"``, ``"a,b"``, ``"@web"``) is refused with a
@@ -46,13 +46,14 @@ GroupsSource: TypeAlias = "Groups | Mapping[str, str] | str | os.PathLike[str]"
 """What ``groups=`` takes: groups, a mapping of name to pattern, or a groups file's path."""
 
 
-def _read_groups_file(path: str | os.PathLike[str], what: str) -> Groups:
+def _read_groups_file(path: str | os.PathLike[str], label: str) -> Groups:
+    """A groups file's groups; ``label`` names it in an error (``groups file PATH``)."""
     try:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {os.fspath(path)}: no such file") from None
+        raise FileNotFoundError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise IsADirectoryError(f"{what} {os.fspath(path)}: is a directory") from None
+        raise IsADirectoryError(f"{label}: is a directory") from None
     try:
         return parse_groups(text)
     except HostPatternError as e:
@@ -70,7 +71,7 @@ def load_groups(groups: GroupsSource | None) -> Groups | None:
     if groups is None or isinstance(groups, Groups):
         return groups
     if isinstance(groups, str | os.PathLike):
-        return _read_groups_file(groups, "groups file")
+        return _read_groups_file(groups, f"groups file {os.fspath(groups)}")
     if isinstance(groups, Mapping):
         return Groups(groups)
     raise TypeError(
@@ -82,16 +83,18 @@ def load_groups(groups: GroupsSource | None) -> Groups | None:
 def default_groups() -> Groups | None:
     """The groups of the file ``$SSHWRAP_GROUPS`` names, or ``None`` when it is unset."""
     path = os.environ.get(GROUPS_ENV)
-    return _read_groups_file(path, GROUPS_ENV + "=") if path else None
+    return _read_groups_file(path, f"{GROUPS_ENV}={path}") if path else None
 
 
 def pattern_hosts(pattern: str, groups: Groups | None) -> HostSet:
-    """The names of ``pattern``; an ``@name`` without ``groups`` uses :func:`default_groups`."""
-    if groups is None and "@" in pattern:
+    """The names of ``pattern``; an ``@name`` without ``groups`` uses :func:`default_groups`
+    (``user@host`` is no group: the file is not read for it)."""
+    if groups is None and _GROUP_REF.search(_masked(pattern)):
         groups = default_groups()
     return hosts(pattern, groups)
 
 
+_GROUP_REF = re.compile(r"(?:\A|[,!&^])\s*@")
 _PATTERN_CHARS = re.compile(r"[\[\],!&^]|(?:\A|\x00)@")
 
 
