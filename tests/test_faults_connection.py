@@ -691,3 +691,36 @@ def test_a_master_that_starts_but_does_not_answer_is_not_left_running(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# -- the MaxSessions wait of the ssh -S fallback is bounded as the channel path's ------------------
+@pytest.mark.parametrize("proxy", [True, False], ids=["proxy", "fallback"])
+def test_the_wait_for_a_session_slot_keeps_its_bound(
+    local_sshd_factory: Callable[..., LocalSSHD],
+    monkeypatch: pytest.MonkeyPatch,
+    proxy: bool,
+) -> None:
+    """The only session is held for good: a call with a timeout ends in TimeoutExpired at
+    its timeout, one without ends at ``OPEN_TIMEOUT`` with the channel path's message, and
+    without a new login (ssh -S is kept off a connection of its own); a ``kill()`` of the
+    holder still reaches it, and the slot serves the next command."""
+    sshd = local_sshd_factory(extra_sshd_config=["MaxSessions 1"])
+    monkeypatch.setattr(sshwrap.core.session, "OPEN_TIMEOUT", 2.0)
+    with connect(sshd.host, config=sshd.config, proxy=proxy) as c:
+        holder = c.Popen("echo held; exec sleep 1009", stdout=subprocess.PIPE)
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        took, err = _timed(lambda: c.run("echo no", capture_output=True, timeout=1.5))
+        assert isinstance(err, TimeoutExpired) and err.timeout == 1.5, err
+        assert 1.5 <= took < 1.5 + MARGIN, took
+        # (ssh -S: the timeout's remote stop may log in: it cannot know that nothing ran)
+        logins = sshd.read_log().count("Accepted publickey")
+        took, err = _timed(lambda: c.run("echo no", capture_output=True))
+        assert isinstance(err, sshwrap.SSHError), err
+        assert str(err) == f"{sshd.host}: timed out waiting for the server to allow another session"
+        assert 2.0 <= took < 2.0 + MARGIN, took
+        assert sshd.read_log().count("Accepted publickey") == logins
+        holder.kill()
+        with contextlib.suppress(sshwrap.SSHError):
+            holder.wait(30)
+        r = c.run("echo yes", capture_output=True, timeout=30)
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"yes\n", b"")

@@ -18,7 +18,9 @@ runs a host given as a Connection the same way.  The steps, written once:
    (:func:`sshwrap.core.ssh_run.run_ssh`), with what is left of the timeout, ``tty`` and
    ``size`` in both faces; its ``TimeoutExpired`` carries the caller's timeout; a session
    that ended without a status while the master died is ``CommandLostError`` there too
-   (read where ssh's exit is read, :class:`~sshwrap.core.invocation.Invocation`).
+   (read where ssh's exit is read, :class:`~sshwrap.core.invocation.Invocation`); a session
+   the server refused (``MaxSessions``) is tried again until a slot frees, over the same
+   master (no new login), bounded as the channel path's wait for a slot.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ from ..errors import (
     SSHError,
     TimeoutExpired,
 )
-from ..io.deadline import deadline_after, earliest, time_left
+from ..io.deadline import deadline_after, earliest, remaining, time_left
 from ..io.master import Master
 from ..io.pump import ChannelError, ChannelLost, ProxyCore, check_exec_size
+from . import session as sessions
 from .argv import remote_command
 from .channel_popen import ChannelPopen, ChannelPopenOptions, start_popen
 from .channel_streams import RunStreams
 from .completed import CompletedProcess
+from .invocation import SessionRefusedError
 from .options import (
     Command,
     CommandOptions,
@@ -48,9 +52,9 @@ from .options import (
     TextOptions,
     keys_of,
 )
-from .session import KILL_AFTER, run_on_channel
+from .session import KILL_AFTER, NO_SLOT, Backoff, run_on_channel
 from .ssh_run import run_ssh
-from .waiting import Blocking, Procedure
+from .waiting import Blocking, Procedure, Sleep
 
 __all__ = [
     "ABORT_WAIT",
@@ -115,6 +119,47 @@ def on_master(
     raise AssertionError("unreachable")
 
 
+def _run_through(
+    master: Master,
+    args: Command,
+    deadline: float | None,
+    timeout: float | None,
+    options: ChannelRunOptions,
+    passed: dict[str, Any],
+) -> Procedure[CompletedProcess]:
+    """``ssh -S`` through ``master`` (:func:`~sshwrap.core.ssh_run.run_ssh`), tried again
+    while the server refuses the session (its ``MaxSessions``: the master's fallback
+    settings keep ssh from logging in anew), as the channel path waits for a slot: after a
+    growing delay, until ``deadline`` or, without a timeout, ``OPEN_TIMEOUT``; then the
+    channel path's ``TimeoutExpired`` / ``SSHError``."""
+    host = master.host
+    give_up = deadline if deadline is not None else deadline_after(sessions.OPEN_TIMEOUT)
+    backoff = Backoff()
+    while True:
+        try:
+            result: CompletedProcess = yield from run_ssh(
+                master.destination,
+                args,
+                input=options.get("input"),
+                capture_output=options.get("capture_output", False),
+                timeout=time_left(deadline),  # what a restart of the master left
+                **passed,
+                **master.fallback_settings(),
+            )
+            return result
+        except TimeoutExpired as e:  # the caller's timeout, not what was left of it
+            assert timeout is not None
+            raise TimeoutExpired(e.cmd, timeout, e.output, e.stderr, host=host) from None
+        except SessionRefusedError:
+            left = remaining(give_up)
+            if left is not None and left <= 0:
+                if timeout is not None:
+                    raise TimeoutExpired(args, timeout, host=host) from None
+                raise SSHError(host, NO_SLOT) from None
+            pause = backoff.next()
+            yield Sleep(pause if left is None else min(pause, left))
+
+
 def _command(args: Command, options: CommandOptions) -> str:
     """The remote command line (``env``/``cwd`` applied), refused before anything is sent
     when it would not fit in one request."""
@@ -166,19 +211,9 @@ def run_command(
 
     def fallback() -> Procedure[CompletedProcess]:
         passed: dict[str, Any] = {k: v for k, v in options.items() if k in _FALLBACK_KEYS}
-        try:
-            result: CompletedProcess = yield from run_ssh(
-                master.destination,
-                args,
-                input=options.get("input"),
-                capture_output=options.get("capture_output", False),
-                timeout=time_left(deadline),  # what a restart of the master left
-                **passed,
-                **master.fallback_settings(),
-            )
-        except TimeoutExpired as e:  # the caller's timeout, not what was left of it
-            assert timeout is not None
-            raise TimeoutExpired(e.cmd, timeout, e.output, e.stderr, host=host) from None
+        result: CompletedProcess = yield from _run_through(
+            master, args, deadline, timeout, options, passed
+        )
         if options.get("check", False) and result.returncode != 0:
             raise CalledProcessError(
                 result.returncode, args, result.stdout, result.stderr, host=host

@@ -33,10 +33,11 @@ from ..errors import (
     classify_ssh_failure,
     interpret_exit,
 )
+from ..io.master import NO_DIRECT_LOGIN
 from ..io.mux_control import master_answers
 from ..io.ssh_child import ChildPipes, write_to
 from ..io.threads import start_daemon
-from ..protocol.sshlog import mux_session_without_status
+from ..protocol.sshlog import mux_session_refused, mux_session_without_status
 from .argv import (
     SSHLog,
     build_ssh_argv,
@@ -56,6 +57,8 @@ __all__ = [
     "TEE_GRACE",
     "Invocation",
     "RemoteStop",
+    "SessionRefusedError",
+    "control_path",
     "stop_failure",
 ]
 
@@ -94,6 +97,15 @@ TEE_GRACE = 0.5
 a ProxyCommand, may hold the pipe open: then it is let go)."""
 
 
+class SessionRefusedError(SSHConnectionError):
+    """``ssh -S``: the master's server refused to open the session (its ``MaxSessions``
+    reached, or another refusal); nothing ran.  A Connection's fallback tries again until a
+    slot frees or its bound runs out."""
+
+
+SESSION_REFUSED = "the server refused to open a session over the control master"
+
+
 def control_path(settings: list[str]) -> str | None:
     """The ``ControlPath`` that ``settings`` (ssh's option arguments) give ssh, if one: the
     first, as ssh takes the first value of an option.  None for none, ``none``, or one with
@@ -106,6 +118,20 @@ def control_path(settings: list[str]) -> str | None:
             path = path.strip()
             return None if path.lower() == "none" or "%" in path else path
     return None
+
+
+def _without_option(settings: list[str], option: str) -> list[str]:
+    """``settings`` without the ``-o option`` pair(s)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(settings):
+        if skip:
+            skip = False
+        elif arg == "-o" and settings[i + 1 : i + 2] == [option]:
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def stop_failure(
@@ -274,7 +300,12 @@ class Invocation:
             self.returncode = info.returncode
             self.error = info.error
             self.messages = info.messages
-            if self._master_lost(info.returncode, info.local_signal, log):
+            if info.error is not None and mux_session_refused(log):
+                # ssh then tried a connection of its own (a ProxyCommand that fails at once
+                # over sshwrap's master): its words are not the story, and nothing ran
+                self.error = SessionRefusedError(self.host, SESSION_REFUSED)
+                self.messages = ""
+            elif self._master_lost(info.returncode, info.local_signal, log):
                 self.returncode = 255
                 self.error = CommandLostError(self.host, LOST_MASTER)
             if info.local_signal and not self.stopping:
@@ -364,7 +395,10 @@ class Invocation:
         """
         script = remote_signal_script(self.session_id, sig, escalate=escalate)
         connect = max(1, math.ceil(budget))
-        settings = ["-o", f"ConnectTimeout={connect}", *self.settings, "-o", "BatchMode=yes"]
+        # Over sshwrap's master the command's ssh may not log in anew (see
+        # Master.fallback_settings); the stop may, when the master cannot give it a session.
+        own = _without_option(self.settings, f"ProxyCommand={NO_DIRECT_LOGIN}")
+        settings = ["-o", f"ConnectTimeout={connect}", *own, "-o", "BatchMode=yes"]
         return build_ssh_argv(self.ssh, self.host, script, settings=settings)
 
     def start_stop(self, sig: int, *, escalate: bool = False, budget: float) -> RemoteStop:

@@ -42,7 +42,9 @@ from .waiting import Procedure, WaitChange, WaitFlag
 __all__ = [
     "CLOSE_AFTER",
     "KILL_AFTER",
+    "NO_SLOT",
     "OPEN_TIMEOUT",
+    "Backoff",
     "ChannelStreams",
     "SessionPacer",
     "hang_up",
@@ -64,6 +66,20 @@ OPEN_TIMED_OUT = "timed out waiting for the server to open a session channel"
 NO_SLOT = "timed out waiting for the server to allow another session"
 
 
+class Backoff:
+    """A retry's growing delay: 10 ms, doubled each time, at most 250 ms."""
+
+    def __init__(self, first: float = 0.01, most: float = 0.25) -> None:
+        self._delay = first
+        self._most = most
+
+    def next(self) -> float:
+        """The delay before the next try."""
+        delay = self._delay
+        self._delay = min(self._delay * 2, self._most)
+        return delay
+
+
 class SessionPacer:
     """When to try a session open again after the server refused it for its session limit.
 
@@ -78,7 +94,7 @@ class SessionPacer:
     def __init__(self, core: ProxyCore, patience: float = 2.0) -> None:
         self.core = core
         self.patience = patience
-        self._delay = 0.01
+        self._backoff = Backoff()
         self._alone_since: float | None = None
 
     def pause(self, ch: Session) -> float | None:
@@ -92,9 +108,7 @@ class SessionPacer:
             self._alone_since = now
         elif now - self._alone_since > self.patience:
             return None
-        delay = self._delay
-        self._delay = min(self._delay * 2, 0.25)
-        return delay
+        return self._backoff.next()
 
 
 def open_session(core: ProxyCore, deadline: float | None) -> Procedure[Session]:
@@ -106,6 +120,7 @@ def open_session(core: ProxyCore, deadline: float | None) -> Procedure[Session]:
     away, ``ChannelError`` for another refusal.  Interrupted (Ctrl-C, cancel), the channel
     is given up: closed as soon as it opens."""
     pacer = SessionPacer(core)
+    refused = False  # the server refused an open for its session limit: waiting for a slot
     while True:
         seen = core.closes.value
         ch = core.start_session()
@@ -116,10 +131,11 @@ def open_session(core: ProxyCore, deadline: float | None) -> Procedure[Session]:
             raise
         if not opened:
             core.abandon(ch)
-            raise ChannelOpenTimeout(OPEN_TIMED_OUT)
+            raise ChannelOpenTimeout(NO_SLOT if refused else OPEN_TIMED_OUT)
         pause = pacer.pause(ch)
         if pause is None:
             break
+        refused = True
         left = capped(None, deadline)
         if left is not None:
             if left <= 0:

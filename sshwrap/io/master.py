@@ -65,6 +65,8 @@ SUN_PATH_MAX = 104
 """Longest unix socket path sshwrap accepts (macOS's ``sun_path``; Linux allows 108)."""
 _BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
 _STOP_WAIT = 2.0  # -O exit, then SIGKILL: bounded, also in the finalizer at interpreter exit
+NO_DIRECT_LOGIN = "false"
+"""The ``ProxyCommand`` of ``ssh -S`` over sshwrap's master: no connection of its own."""
 _MUX_TIMEOUT = 5.0  # longest wait for the (local) master's answer on its socket
 
 
@@ -522,8 +524,17 @@ class Master:
     # -- for ssh, scp, sftp and the ssh -S fallback -----------------------------------------
     def fallback_settings(self) -> dict[str, Any]:
         """Keywords of ``sshwrap.run``/``Popen`` (settings, ``ssh``) that run ``ssh -S`` over
-        this master: ``options`` gets ``ControlPath`` and ``ControlMaster=no``."""
+        this master: ``options`` gets ``ControlPath``, ``ControlMaster=no`` and (unless
+        ``jump`` is set) a ``ProxyCommand`` that fails at once.
+
+        ssh's mux client that the master cannot serve (the server refused the session, at
+        its ``MaxSessions``; the master gone) logs in anew on a connection of its own
+        (OpenSSH's ssh.c: ``muxclient()`` returns, then ``ssh_connect``): that ProxyCommand
+        (the first value wins, the user's config comes after) makes it fail instead, so the
+        command runs over this master or not at all."""
         opts: dict[str, Any] = {"ControlPath": self.control_path, "ControlMaster": "no"}
+        if not self._settings.get("jump"):  # ssh refuses -J with a ProxyCommand
+            opts["ProxyCommand"] = NO_DIRECT_LOGIN
         base = self._settings.get("options")
         if isinstance(base, Mapping):
             for k, v in base.items():

@@ -230,6 +230,18 @@ _MUX_NO_STATUS = re.compile(r"Control master terminated unexpectedly")
 _KILLED = re.compile(r"^Killed by signal (\d+)\.", re.M)
 
 
+_MUX_REFUSED = re.compile(
+    r"mux_client_request_session: session request failed: Session open refused by peer"
+)
+
+
+def mux_session_refused(log: str) -> bool:
+    """True when ssh asked a ControlMaster for a session and the master's server refused to
+    open it (OpenSSH's mux.c ``mux_session_confirm``: "Session open refused by peer", e.g. at
+    the server's ``MaxSessions``); ssh then tries a connection of its own."""
+    return bool(_MUX_REFUSED.search(log))
+
+
 def mux_session_without_status(log: str) -> bool:
     """True when ssh ran the session through a ControlMaster (``ssh -S``, or the user's
     ControlMaster config) and the master closed it without an exit status.
