@@ -154,7 +154,7 @@ class CopyResult:
     - ``started``: wall clock when the host started (None if it never did); ``duration``:
       seconds until it ended; ``connect_time``: seconds until its master was up.
     - ``source`` / ``target``: the paths of this host's copy, ``%h`` replaced (for
-      ``get_many`` the target is the local directory the file went into);
+      ``get_many`` into ``local_dir/HOST/`` the target is that directory);
       ``transferred``: bytes acknowledged (of ``total``, the bytes to copy).
     """
 
@@ -385,11 +385,9 @@ class _Host:
         owned: OwnedLink | None = None
         made = ""
         try:
-            if isinstance(plan.link, str):
-                link: HostLink = job.connect(plan.link, job.settings, job.connect_timeout)
-                owned = link  # type: ignore[assignment]
-            else:
-                link = plan.link
+            link = plan.link
+            if isinstance(link, str):
+                link = owned = job.connect(link, job.settings, job.connect_timeout)
             master = link.master
             master.ensure(earliest(self.t_end, job.connect_timeout), self.stop_flag)
             connect_time = time.monotonic() - t0
@@ -414,7 +412,7 @@ class _Host:
             status = "cancelled"
         except SSHError as e:
             status, error = "ssh_error", e
-        except Exception as e:  # a transfer error, a local OSError, a callback's exception
+        except BaseException as e:  # a transfer error, a local OSError, a callback's own
             status, error = "failed", e
         finally:
             try:
@@ -543,12 +541,17 @@ def _supervise(
         for h in running:
             h.stop(status, now)
         bound = now + _JOIN_BOUND
-        while True:
-            seen = events.value
-            collect()
-            if not running or time.monotonic() >= bound:
-                break
-            yield wait(bound)
+        try:
+            while True:
+                seen = events.value
+                collect()
+                if not running or time.monotonic() >= bound:
+                    break
+                yield wait(bound)
+        except BaseException:  # interrupted again: cut every stream now
+            for h in running:
+                h.cut_now()
+            raise
         for h in running:  # not done within the bound (never seen): reported as stopped
             results[h.plan.index] = _never_ran(h.plan, h.stop_status or status)
 
