@@ -263,6 +263,10 @@ def test_cli_summary_folds_hosts_by_what_happened(many: Hosts) -> None:
             "-H: bad host pattern '@web' at position 0: a @group but no groups given"
             " (give --groups FILE, or set SSHWRAP_GROUPS)",
         ),
+        (
+            ["-H", "h1 -oProxyCommand=x /tmp/y"],
+            "-H host may not start with '-' (ssh would read an option): '-oProxyCommand=x'",
+        ),
         (["-H", "h1", "-x", "h1"], "no hosts left after -x"),
         (["-H", "-", "-x", "-"], "stdin can be read once: give - to only one of -H, -x and -I"),
     ],

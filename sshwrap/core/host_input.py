@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TypeAlias
 
+from .argv import check_destination
 from .hostset import Groups, HostPatternError, HostSet, hosts, parse_groups
 
 __all__ = [
@@ -126,7 +127,7 @@ def literal_hosts(items: Sequence[object], what: str = "hosts") -> None:
 # What a hosts file is called, never a host name's last label.
 _FILE_SUFFIXES = (".txt", ".hosts", ".list", ".lst", ".conf", ".cfg")
 _BRACKETS = re.compile(r"\[[^\]]*\]")
-_WORD_GAPS = re.compile(r"[\s,!&^]+")
+_WORDS = re.compile(r"[^\s,!&^]+")
 _SPACES = re.compile(r"\s+")
 _OPERATORS = ",!&^"
 
@@ -154,9 +155,15 @@ def _spaces_as_commas(line: str) -> str:
     return "".join(out)
 
 
-def _check_not_a_path(spec: str, option: str) -> None:
-    for word in _WORD_GAPS.split(_masked(spec)):
-        if not word or word.startswith("@") or not _looks_like_a_path(word):
+def _check_words(spec: str, option: str) -> None:
+    """Refuse a word of a pattern that ssh would read as an option, or that looks like a path
+    (a mistyped hosts file) before it can become a host."""
+    masked = _masked(spec)
+    words = [spec[m.start() : m.end()] for m in _WORDS.finditer(masked)]
+    for word in words:
+        check_destination(word, f"{option} host")
+    for word in words:
+        if word.startswith("@") or not _looks_like_a_path(word):
             continue
         if os.path.isdir(os.path.expanduser(word)):
             raise IsADirectoryError(f"{option} {word}: is a directory")
@@ -188,7 +195,7 @@ def read_host_specs(
             with open(path, encoding="utf-8") as f:
                 lines, where = f.read().splitlines(), f"{option} {spec}"
         else:
-            _check_not_a_path(spec, option)
+            _check_words(spec, option)
             lines, where = [spec], option
         for number, raw in enumerate(lines, 1):
             line = raw.split("#", 1)[0]
