@@ -391,8 +391,8 @@ class Popen(subprocess.Popen[Any]):
     # -- lifetime ---------------------------------------------------------------------------
     def __repr__(self) -> str:
         """subprocess's ``<Popen: returncode: ... args: ...>`` with the host and the state."""
-        failed = getattr(self, "ssh_error", None) is not None
-        return popen_repr(self, getattr(self, "host", ""), popen_state(self.returncode, failed))
+        state = popen_state(self.returncode, getattr(self, "ssh_error", None))
+        return popen_repr(self, getattr(self, "host", ""), state)
 
     def __exit__(
         self,

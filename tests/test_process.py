@@ -562,7 +562,9 @@ def test_popen_repr_shapes() -> None:
     )
     assert popen_state(0) == popen_state(3) == "exited"
     assert popen_state(-9) == "killed by a signal"
-    assert popen_state(255, failed=True) == "failed"
+    assert popen_state(255, sshwrap.SSHConnectionError("h1", "gone")) == (
+        "failed (SSHConnectionError)"
+    )
     long = popen_repr(Popen(0, ["x" * 200]), "h1", "exited")
     assert long.startswith("<Popen: returncode: 0 args: ['xxx") and "...' host" not in long
     assert long.endswith("... host: 'h1' state: exited>")

@@ -43,12 +43,12 @@ class CompletedProcess(subprocess.CompletedProcess[Any]):
             )
 
 
-def popen_state(returncode: int | None, failed: bool = False) -> str:
+def popen_state(returncode: int | None, error: BaseException | None = None) -> str:
     """A started command's state in words: ``running``, ``exited``, ``killed by a signal``
-    (a negative returncode) or ``failed`` (``failed``: ssh or the channel failed, the status
-    never arrived)."""
-    if failed:
-        return "failed"
+    (a negative returncode) or ``failed (SSHError)`` when ssh or the channel failed (the
+    error's class: the status never arrived)."""
+    if error is not None:
+        return f"failed ({type(error).__name__})"
     if returncode is None:
         return "running"
     return "killed by a signal" if returncode < 0 else "exited"
