@@ -304,3 +304,20 @@ def test_cli_bad_groups_and_hosts_files_are_usage_errors(many: Hosts, tmp_path: 
         f"sshwrap-many: error: -H {hosts_file} line 2: bad host pattern 'h[2-3' at position 1:"
         " this '[' is never closed"
     )
+
+
+def test_cli_group_folds_zero_padded_names(many: Hosts, tmp_path: Path) -> None:
+    # two zero-padded aliases besides h1..h8 (the earlier "Host *" blocks give them the rest)
+    config = tmp_path / "ssh_config"
+    sshd = many.sshd
+    extra = f"Host n01 n02\n    HostName {sshd.addresses[0]}\n    Port {sshd.port}\n"
+    config.write_text(Path(many.config).read_text() + extra)
+    config.chmod(0o600)
+    p = subprocess.run(
+        [EXE, "-F", str(config), "-H", "n[01-02],h1", "--group", "--", "echo same"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "==== n[01-02],h1 (3 hosts): exit 0\nsame\n"
