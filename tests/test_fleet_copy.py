@@ -375,7 +375,7 @@ def test_cancelling_put_many_async_stops_every_host_and_leaves_nothing(
 CTRL_C_CHILD = """
 import sys, threading, time
 from sshwrap import fleet
-hosts, config, src, dst = sys.argv[1:]
+hosts, config, op, src, dst = sys.argv[1:]
 moving = set()
 all_moving = threading.Barrier(len(hosts), action=lambda: print("MOVING", flush=True))
 def progress(host, done, total):
@@ -383,7 +383,7 @@ def progress(host, done, total):
         moving.add(host)
         all_moving.wait(60)
 try:
-    fleet.put_many(hosts, src, dst, config=config, on_progress=progress)
+    getattr(fleet, op)(hosts, src, dst, config=config, on_progress=progress)
     print("COMPLETED", flush=True)
 except fleet.CopyInterrupted as e:
     print("KI", time.monotonic(), ",".join(r.status for r in e.results), flush=True)
@@ -391,13 +391,22 @@ print("EXITED", flush=True)
 """
 
 
+@pytest.mark.parametrize("op", ["put_many", "get_many"])
 def test_ctrl_c_stops_every_host_and_raises_with_the_results(
-    local_sshd_factory: Factory, remote_dir: Path, tmp_path: Path
+    local_sshd_factory: Factory, remote_dir: Path, tmp_path: Path, op: str
 ) -> None:
     sshd = local_sshd_factory(hosts=3)
-    src = tmp_path / "big.bin"
-    _sparse(src, 400 * MB)
-    args = [sshd.hosts, sshd.config, str(src), f"{remote_dir}/%h.bin"]
+    out_dir = tmp_path / "out"
+    if op == "put_many":
+        _sparse(tmp_path / "big.bin", 400 * MB)
+        paths = [str(tmp_path / "big.bin"), f"{remote_dir}/%h.bin"]
+    else:
+        for h in sshd.hosts:
+            _sparse(remote_dir / f"{h}.bin", 400 * MB)
+            os.chmod(remote_dir / f"{h}.bin", 0o644)
+        paths = [f"{remote_dir}/%h.bin", str(out_dir)]
+    before = sorted(os.listdir(remote_dir))
+    args = [sshd.hosts, sshd.config, op, *paths]
     with start_child(CTRL_C_CHILD.replace("sys.argv[1:]", repr(args))) as child:
         child.wait_line("MOVING", 60)
         sent = time.monotonic()
@@ -410,5 +419,7 @@ def test_ctrl_c_stops_every_host_and_raises_with_the_results(
         assert ki[0][2] == "cancelled,cancelled,cancelled"
         assert "EXITED" in out
         assert leftovers(child.mark) == []
-    assert os.listdir(remote_dir) == []
+    # nothing partial, and no temporary file, on either side
+    assert sorted(os.listdir(remote_dir)) == before
+    assert not out_dir.exists() or list(out_dir.rglob("*")) == []
     assert not _masters(sshd)
