@@ -25,6 +25,9 @@ runs a host given as a Connection the same way.  The steps, written once:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import subprocess
 from collections.abc import Callable
 from typing import Any, TypeVar, Unpack
@@ -119,6 +122,51 @@ def on_master(
     raise AssertionError("unreachable")
 
 
+class StartGuard:
+    r"""Keeps a command that ``ssh -S`` asked for from running once its ssh is gone.
+
+    The master answers a new-session request only once the server opened the channel, and
+    until then it does not read the client's socket (OpenSSH's mux.c
+    ``mux_master_process_new_session``: ``c->mux_pause = 1``); then it sends ``exec`` whether
+    the client is still there or not (``mux_session_confirm`` -> ``client_session2_setup``),
+    and only then finds it gone.  So a call interrupted (or timed out) before the host
+    answered would run its command later.  The guard: the remote command first reads a
+    random token line from its stdin (the master reads that pipe only once the channel is
+    open) and runs nothing without it; stdin is then at its end, as ``DEVNULL`` gives.  A call
+    that ends early :meth:`withdraw`\ s the token from the pipe (sshwrap keeps a reading
+    end): if the master had not read it yet, the command never runs; if it had, the session
+    was open and the call's stop reaches the command.  For ``run`` without ``input``, a stdin
+    of its own or a tty (there stdin is the caller's, or a terminal that would echo it).
+    """
+
+    def __init__(self) -> None:
+        self.token = secrets.token_hex(8)
+        self.stdin, w = os.pipe()
+        try:
+            os.write(w, self.token.encode() + b"\n")
+        finally:
+            os.close(w)
+        self._back = os.dup(self.stdin)
+
+    def command(self, remote: str) -> str:
+        """``remote`` (a shell command line) behind the guard line."""
+        return f'IFS= read -r t && [ "$t" = {self.token} ] || exit 0\n{remote}'
+
+    def withdraw(self) -> None:
+        """Take the token back from the pipe if the master has not read it."""
+        if self._back >= 0:
+            os.set_blocking(self._back, False)
+            with contextlib.suppress(OSError):
+                os.read(self._back, 64)
+
+    def close(self) -> None:
+        """Release the pipe (the master holds its own copy while the session lives)."""
+        for fd in (self.stdin, self._back):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.stdin = self._back = -1
+
+
 def _run_through(
     master: Master,
     args: Command,
@@ -135,21 +183,31 @@ def _run_through(
     host = master.host
     give_up = deadline if deadline is not None else deadline_after(sessions.OPEN_TIMEOUT)
     backoff = Backoff()
+    guarded = (
+        options.get("input") is None
+        and options.get("stdin", subprocess.DEVNULL) == subprocess.DEVNULL
+        and not options.get("tty", False)
+    )
     while True:
+        guard = StartGuard() if guarded else None
         try:
             result: CompletedProcess = yield from run_ssh(
                 master.destination,
-                args,
+                args if guard is None else guard.command(remote_command(args)),
                 input=options.get("input"),
                 capture_output=options.get("capture_output", False),
                 timeout=time_left(deadline),  # what a restart of the master left
-                **passed,
+                **(passed if guard is None else passed | {"stdin": guard.stdin}),
                 **master.fallback_settings(),
             )
-            return result
+            return CompletedProcess(
+                args, result.returncode, result.stdout, result.stderr, host=host
+            )
         except TimeoutExpired as e:  # the caller's timeout, not what was left of it
             assert timeout is not None
-            raise TimeoutExpired(e.cmd, timeout, e.output, e.stderr, host=host) from None
+            if guard is not None:
+                guard.withdraw()
+            raise TimeoutExpired(args, timeout, e.output, e.stderr, host=host) from None
         except SessionRefusedError:
             left = remaining(give_up)
             if left is not None and left <= 0:
@@ -158,6 +216,13 @@ def _run_through(
                 raise SSHError(host, NO_SLOT) from None
             pause = backoff.next()
             yield Sleep(pause if left is None else min(pause, left))
+        except BaseException:  # Ctrl-C, a cancel, an error: a session not open yet never runs
+            if guard is not None:
+                guard.withdraw()
+            raise
+        finally:
+            if guard is not None:
+                guard.close()
 
 
 def _command(args: Command, options: CommandOptions) -> str:
