@@ -559,11 +559,14 @@ def test_tty_input_is_typed_and_ended_by_ctrl_d(conn: Connection) -> None:
 
 
 def test_popen_repr_names_host_command_and_state(conn: Connection) -> None:
+    """subprocess's repr, plus the host and the state (``ended``: over, not waited for)."""
     cmd = "echo ready; exec sleep 30"
+    head = f"<ChannelPopen: returncode: None args: {cmd!r} host: {conn.host!r} state:"
     with conn.Popen(cmd, stdout=subprocess.PIPE) as p:
-        assert repr(p) == f"<ChannelPopen host={conn.host!r} args={cmd!r} running>"
+        assert repr(p) == f"{head} running>"
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
         p.kill()
         wait_until(p.closed.is_set, 30, "the channel to end")
-        assert repr(p).endswith(" ended>")
-    assert repr(p) == f"<ChannelPopen host={conn.host!r} args={cmd!r} returncode=-9>"
+        assert repr(p) == f"{head} ended>"
+    done = f"<ChannelPopen: returncode: -9 args: {cmd!r} host: {conn.host!r}"
+    assert repr(p) == f"{done} state: killed by a signal>"

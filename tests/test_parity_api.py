@@ -4,9 +4,7 @@ to with one test body, and through ``subprocess`` itself where subprocess define
 Faces (tests/parity.py): ``proxy`` (a Connection on mux channels), ``fallback`` (a Connection
 on ``ssh -S``), ``plain`` (one ssh per call), each ``sync`` and ``async``, and the reference
 ``subprocess`` (the same call made locally, ``sh -c`` for a ``str``).  The faces are opened once
-for the module.  Where a face still lacks a fix that belongs to a file of another owner, its
-case is marked ``xfail(strict=True, reason="parity-api: ...")``: whoever makes the change
-removes the mark.  Real sshd, real ssh.
+for the module.  Real sshd, real ssh.
 """
 
 from __future__ import annotations
@@ -31,38 +29,6 @@ STDOUT = subprocess.STDOUT
 SSH_FACES = tuple(f"{m}-{f}" for m in MODES for f in FLAVOURS)
 SYNC_FACES = tuple(f"{m}-sync" for m in MODES)
 REFERENCE = "subprocess"
-
-
-def gap(what: str) -> pytest.MarkDecorator:
-    """A face that still lacks the behaviour: a change in a file this module's author does
-    not own (named in ``what``)."""
-    return pytest.mark.xfail(strict=True, reason=f"parity-api: {what}")
-
-
-RUN_STDIN_DEFAULT = gap(
-    "core.commands.run_command builds RunStreams(stdin=options.get('stdin', DEVNULL), ...): an "
-    "explicit stdin=DEVNULL with input= looks like none; use RunStreams.for_run(host, args, "
-    "options)"
-)
-RUN_TEXT = gap(
-    "core.commands.run_command passes text= alone; RunStreams.for_run reads universal_newlines"
-)
-POPEN_TEXT = gap(
-    "core.channel_popen: start_popen should build PopenStreams.for_popen(options) and pass "
-    "text=text_option(options); ChannelPopen should set text_mode, encoding = popen_text(...)"
-)
-NO_SIZE_CHECK = gap(
-    "core.commands.run_command (RunStreams.for_run) and core.channel_popen.start_popen "
-    "(PopenStreams.for_popen) check size= without tty=True"
-)
-CONN_GETOUTPUT = gap(
-    "connection.Connection.getoutput/getstatusoutput: status_output(self.run(args, "
-    "**getoutput_options(...)))"
-)
-AIO_GETOUTPUT = gap(
-    "sshwrap.aio.getoutput/getstatusoutput and AsyncConnection's: status_output(await run(...))"
-)
-CHANNEL_REPR = gap("ChannelPopen.__repr__: core.completed.popen_repr(self, host, popen_state(...))")
 
 
 def apis(
@@ -122,7 +88,6 @@ def raised(call: Callable[[], Any]) -> BaseException:
             n,
             s,
             id=f"{n}-{s}",
-            marks=[RUN_STDIN_DEFAULT] if n.startswith("proxy") and s == "DEVNULL" else [],
         )
         for n in (*SSH_FACES, REFERENCE)
         for s in ("PIPE", "DEVNULL", "file")
@@ -144,26 +109,20 @@ def test_input_with_stdin_none_is_input(face: Face) -> None:
 
 
 # -- 2. universal_newlines= -----------------------------------------------------------------
-@pytest.mark.parametrize(
-    "face", apis(marks={"proxy-sync": RUN_TEXT, "proxy-async": RUN_TEXT}), indirect=True
-)
+@pytest.mark.parametrize("face", apis(), indirect=True)
 def test_universal_newlines_is_text(face: Face) -> None:
     r = face.run("printf 'a\\r\\nb\\n'", capture_output=True, universal_newlines=True)
     assert (r.stdout, r.stderr) == ("a\nb\n", "")
 
 
-@pytest.mark.parametrize(
-    "face", apis(marks={"proxy-sync": RUN_TEXT, "proxy-async": RUN_TEXT}), indirect=True
-)
+@pytest.mark.parametrize("face", apis(), indirect=True)
 def test_text_and_universal_newlines_disagreeing(face: Face) -> None:
     e = raised(lambda: face.run("true", text=True, universal_newlines=False))
     assert type(e) is subprocess.SubprocessError, e
     assert "Cannot disambiguate when both text and universal_newlines" in str(e)
 
 
-@pytest.mark.parametrize(
-    "face", apis((*SYNC_FACES, REFERENCE), marks={"proxy-sync": POPEN_TEXT}), indirect=True
-)
+@pytest.mark.parametrize("face", apis((*SYNC_FACES, REFERENCE)), indirect=True)
 def test_popen_text_and_universal_newlines_disagreeing(face: Face) -> None:
     e = raised(lambda: face.start("true", text=False, universal_newlines=True))
     assert type(e) is subprocess.SubprocessError, e
@@ -177,9 +136,7 @@ def subprocess_encoding() -> str:
     return encoding
 
 
-@pytest.mark.parametrize(
-    "face", apis((*SYNC_FACES, REFERENCE), marks={"proxy-sync": POPEN_TEXT}), indirect=True
-)
+@pytest.mark.parametrize("face", apis((*SYNC_FACES, REFERENCE)), indirect=True)
 @pytest.mark.parametrize("keyword", ["text", "universal_newlines"])
 def test_popen_text_encoding_is_subprocess_s(face: Face, keyword: str) -> None:
     p: Any = face.start("printf 'x\\r\\ny'", stdout=PIPE, **{keyword: True})
@@ -192,7 +149,7 @@ def test_popen_text_encoding_is_subprocess_s(face: Face, keyword: str) -> None:
     assert out == "x\ny"
 
 
-@pytest.mark.parametrize("face", apis(SYNC_FACES, marks={"proxy-sync": POPEN_TEXT}), indirect=True)
+@pytest.mark.parametrize("face", apis(SYNC_FACES), indirect=True)
 def test_tty_popen_text_encoding_is_subprocess_s(face: Face) -> None:
     p: Any = face.start("echo x", tty=True, stdout=PIPE, text=True)
     try:
@@ -204,23 +161,16 @@ def test_tty_popen_text_encoding_is_subprocess_s(face: Face) -> None:
 
 
 # -- 4. getoutput / getstatusoutput ---------------------------------------------------------
-GETOUTPUT_MARKS = {
-    "proxy-sync": CONN_GETOUTPUT,
-    "fallback-sync": CONN_GETOUTPUT,
-    "proxy-async": AIO_GETOUTPUT,
-    "fallback-async": AIO_GETOUTPUT,
-    "plain-async": AIO_GETOUTPUT,
-}
 
 
-@pytest.mark.parametrize("face", apis(marks=GETOUTPUT_MARKS), indirect=True)
+@pytest.mark.parametrize("face", apis(), indirect=True)
 def test_getstatusoutput(face: Face) -> None:
     # One trailing newline goes, the status is the command's; stderr is in the output.
     assert face.getstatusoutput("printf 'out\\n\\n'; exit 3") == (3, "out\n")
     assert face.getstatusoutput("echo err >&2") == (0, "err")
 
 
-@pytest.mark.parametrize("face", apis(marks=GETOUTPUT_MARKS), indirect=True)
+@pytest.mark.parametrize("face", apis(), indirect=True)
 def test_getoutput(face: Face) -> None:
     assert face.getoutput("printf 'a\\r\\nb\\n'; exit 1") == "a\nb"
 
@@ -228,7 +178,7 @@ def test_getoutput(face: Face) -> None:
 # -- 5. size= without tty=True --------------------------------------------------------------
 @pytest.mark.parametrize(
     "face",
-    apis(SSH_FACES, marks={"proxy-sync": NO_SIZE_CHECK, "proxy-async": NO_SIZE_CHECK}),
+    apis(SSH_FACES),
     indirect=True,
 )
 def test_size_without_tty_is_refused(face: Face) -> None:
@@ -237,9 +187,7 @@ def test_size_without_tty_is_refused(face: Face) -> None:
     assert "size" in str(e) and "tty=True" in str(e)
 
 
-@pytest.mark.parametrize(
-    "face", apis(SYNC_FACES, marks={"proxy-sync": NO_SIZE_CHECK}), indirect=True
-)
+@pytest.mark.parametrize("face", apis(SYNC_FACES), indirect=True)
 def test_popen_size_without_tty_is_refused(face: Face) -> None:
     e = raised(lambda: face.start("true", size=(30, 100)))
     assert type(e) is ValueError, e
@@ -284,9 +232,7 @@ def test_tty_popen_communicate_gives_an_empty_stderr(face: Face) -> None:
 
 
 # -- 9. repr(Popen) ---------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "face", apis((*SYNC_FACES, REFERENCE), marks={"proxy-sync": CHANNEL_REPR}), indirect=True
-)
+@pytest.mark.parametrize("face", apis((*SYNC_FACES, REFERENCE)), indirect=True)
 def test_popen_repr_is_subprocess_s_with_host_and_state(face: Face) -> None:
     p: Any = face.start(["cat"], stdin=PIPE)
     try:

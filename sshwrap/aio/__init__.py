@@ -35,6 +35,8 @@ from .process import (
     SignalDelivery,
     TerminalWriter,
     create_process,
+    getoutput,
+    getstatusoutput,
     run,
 )
 
@@ -49,6 +51,8 @@ __all__ = [
     "TerminalWriter",
     "connect",
     "create_process",
+    "getoutput",
+    "getstatusoutput",
     "run",
     "run_many",
 ]

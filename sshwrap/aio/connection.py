@@ -27,6 +27,7 @@ from ..connection import Connection, ConnectOptions, Forward
 from ..core.channel_popen import ChannelPopen
 from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
 from ..core.completed import CompletedProcess
+from ..core.getoutput import getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT
 from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
 from ..core.waiting import run_async
@@ -226,6 +227,30 @@ class AsyncConnection:
         proc = AsyncChannelProcess(popen)
         await proc._connect_pipes()
         return proc
+
+    async def getstatusoutput(
+        self,
+        args: Command,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, str]:
+        """``(returncode, output)``, stderr merged; like ``subprocess.getstatusoutput``."""
+        options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
+        return status_output(await self.run(args, **options))
+
+    async def getoutput(
+        self,
+        args: Command,
+        *,
+        encoding: str | None = None,
+        errors: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """The output, stderr merged; like ``subprocess.getoutput``."""
+        got = await self.getstatusoutput(args, encoding=encoding, errors=errors, timeout=timeout)
+        return got[1]
 
     async def call(self, args: Command, **kwargs: Any) -> int:
         """Run a command and return its returncode."""

@@ -41,11 +41,13 @@ from typing import IO, Any, TypeVar, Unpack, cast
 from ..core import options as core_options
 from ..core.child_steps import exchange
 from ..core.completed import CompletedProcess
+from ..core.getoutput import getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT, TEE_GRACE, Invocation
 from ..core.options import (
     Command,
     PopenOptions,
     RunOptions,
+    SSHSettings,
     TerminalOptions,
     check_keywords,
     check_terminal,
@@ -512,3 +514,33 @@ async def run(
     """
     options = cast(PopenOptions, {k: v for k, v in kwargs.items() if k != "limit"})
     return await run_async(run_ssh(host, args, input, timeout, capture_output, check, **options))
+
+
+async def getstatusoutput(
+    host: str,
+    args: Command,
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    timeout: float | None = None,
+    **settings: Unpack[SSHSettings],
+) -> tuple[int, str]:
+    """The async :func:`sshwrap.getstatusoutput`."""
+    options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
+    return status_output(await run(host, args, **options, **settings))
+
+
+async def getoutput(
+    host: str,
+    args: Command,
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    timeout: float | None = None,
+    **settings: Unpack[SSHSettings],
+) -> str:
+    """The async :func:`sshwrap.getoutput`."""
+    got = await getstatusoutput(
+        host, args, encoding=encoding, errors=errors, timeout=timeout, **settings
+    )
+    return got[1]

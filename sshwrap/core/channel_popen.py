@@ -28,8 +28,16 @@ from ..errors import SSHError, TimeoutExpired
 from ..io.deadline import deadline_after
 from ..io.flags import Flag
 from ..io.pump import ProxyCore, Session
-from .channel_streams import DEVNULL, PopenStreams, decode, ended_error, text_mode
-from .options import CommandOptions, StreamOptions, TerminalOptions, TextOptions
+from .channel_streams import PopenStreams, decode, ended_error
+from .completed import popen_repr, popen_state
+from .options import (
+    CommandOptions,
+    StreamOptions,
+    TerminalOptions,
+    TextOptions,
+    popen_text,
+    text_option,
+)
 from .session import KILL_AFTER, OPEN_TIMEOUT, start_on_channel
 from .waiting import Procedure
 
@@ -51,9 +59,7 @@ def start_popen(
 
     Interrupted (Ctrl-C, cancel) or failing, every descriptor is closed and the channel hung
     up (:func:`sshwrap.core.session.hang_up`)."""
-    streams = PopenStreams(
-        options.get("stdin", DEVNULL), options.get("stdout"), options.get("stderr")
-    )
+    streams = PopenStreams.for_popen(options)
     ch = yield from start_on_channel(
         core,
         streams,
@@ -67,7 +73,7 @@ def start_popen(
         host,
         args,
         streams,
-        text=options.get("text"),
+        text=text_option(options),
         encoding=options.get("encoding"),
         errors=options.get("errors"),
         bufsize=options.get("bufsize", -1),
@@ -105,8 +111,11 @@ class ChannelPopen:
         self.stdin: IO[Any] | None = None
         self.stdout: IO[Any] | None = None
         self.stderr: IO[Any] | None = None
-        self.text_mode = text_mode(text, encoding, errors)
-        self._encoding = encoding
+        self.text_mode, self.encoding = popen_text(
+            {"text": text, "encoding": encoding, "errors": errors}
+        )
+        self.errors = errors
+        self._encoding = self.encoding
         self._errors = errors
         self._comm: dict[int, bytearray] = {}
         self._ch = channel
@@ -293,15 +302,10 @@ class ChannelPopen:
         self.wait()
 
     def __repr__(self) -> str:
-        """Host, command and state: ``running``, ``ended`` (not waited for yet), or
-        ``returncode=N`` (followed by the error's class when ``ssh_error`` is set, e.g. a
-        channel lost before its status: ``returncode=255 CommandLostError``)."""
-        if self.returncode is not None:
-            state = f"returncode={self.returncode}"
-            if self.ssh_error is not None:
-                state += f" {type(self.ssh_error).__name__}"
-        elif self._ch.closed.is_set():
+        """subprocess's ``<ChannelPopen: returncode: ... args: ...>`` with the host and the
+        state (core.completed.popen_repr): ``running``, ``ended`` (not waited for yet),
+        ``exited``, ``killed by a signal``, ``failed (CommandLostError)``."""
+        state = popen_state(self.returncode, self.ssh_error)
+        if self.returncode is None and self._ch.closed.is_set():
             state = "ended"
-        else:
-            state = "running"
-        return f"<ChannelPopen host={self.host!r} args={self.args!r} {state}>"
+        return popen_repr(self, self.host, state)

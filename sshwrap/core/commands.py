@@ -248,18 +248,7 @@ def run_command(
         return CompletedProcess(a, rc, out, err, host=host)
 
     def attempt(core: ProxyCore) -> Procedure[CompletedProcess]:
-        streams = RunStreams(
-            host,
-            args,
-            input=options.get("input"),
-            stdin=options.get("stdin", subprocess.DEVNULL),
-            stdout=options.get("stdout"),
-            stderr=options.get("stderr"),
-            capture_output=options.get("capture_output", False),
-            text=options.get("text"),
-            encoding=options.get("encoding"),
-            errors=options.get("errors"),
-        )
+        streams = RunStreams.for_run(host, args, options)
         result: CompletedProcess = yield from run_on_channel(
             core,
             streams,
