@@ -24,10 +24,17 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from typing import Protocol, Unpack, runtime_checkable
 
+from ..errors import CommandTooLongError
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import ChildStarter, HostProcess
-from .argv import build_ssh_argv, find_ssh, remote_command, ssh_settings_args
+from .argv import (
+    build_ssh_argv,
+    check_destination,
+    find_ssh,
+    remote_command,
+    ssh_settings_args,
+)
 from .fanout_host import (
     KILL_GRACE,
     ConnectionLike,
@@ -140,7 +147,10 @@ class FanoutRun:
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
         self.plans: list[HostPlan] = []
-        for i, h in enumerate(hosts):
+        host_list = list(hosts)
+        common = [*fixed, *settings]
+        heads = _ArgvHeads(self.job.ssh, common, host_list)
+        for i, h in enumerate(host_list):
             if not isinstance(h, str) and isinstance(h, ConnectionLike):
                 self.plans.append(HostPlan(i, h.destination, [], conn=h))
                 continue
@@ -150,7 +160,11 @@ class FanoutRun:
                 text = untagged_text
             else:
                 text = remote_command(command, env=env, cwd=cwd, session_id=sid)
-            argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*fixed, *settings, *extra])
+            head = None if extra else heads.head(text)
+            if head is not None:
+                argv = [*head, check_destination(dest), text]
+            else:
+                argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*common, *extra])
             # The remote stop's argv is built only when a host needs it.
             kill_settings = kill_base if not extra else [*kill_base, *extra]
             self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
@@ -280,6 +294,37 @@ class FanoutRun:
                 if i not in self._stopped and (t.cancelled() or not t.done()):
                     plan = self.plans[i]
                     self._stopped[i] = unfinished_result(plan.host, i, "cancelled")
+
+
+class _ArgvHeads:
+    """The part of the hosts' ssh argv before ``host command``, built once per run.
+
+    :func:`~sshwrap.core.argv.build_ssh_argv` checks the sizes against the kernel's limits;
+    done once with the longest destination written in 4-byte characters (the worst any
+    host's can encode to) and a command of the hosts' length (they differ only in their
+    session tag, of a fixed length), what it passes every host passes.  When that check
+    fails, the head is None and each host's argv is built (and refused) on its own.
+    """
+
+    def __init__(self, ssh: str, settings: list[str], hosts: Sequence[object]) -> None:
+        self.ssh = ssh
+        self.settings = settings
+        longest = max((len(h) for h in hosts if isinstance(h, str)), default=0)
+        self.placeholder = "\U0010ffff" * max(1, longest)
+        self._head: list[str] | None = None
+        self._text_len = -1
+
+    def head(self, text: str) -> list[str] | None:
+        """The head for a command of ``text``'s length (None: build each argv fully)."""
+        if len(text) != self._text_len:
+            self._text_len = len(text)
+            try:
+                argv = build_ssh_argv(self.ssh, self.placeholder, text, settings=self.settings)
+            except CommandTooLongError:
+                self._head = None
+            else:
+                self._head = argv[:-2]
+        return self._head
 
 
 def _destination(host: str | ControlPathHost) -> tuple[str, list[str]]:

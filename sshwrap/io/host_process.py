@@ -243,6 +243,7 @@ class HostProcess:
         self.up = False
         self.exit_seen = False
         self.pipes_closed = False
+        self._pipes_open = 2  # stdout and stderr
         self._waiters: list[asyncio.Future[None]] = []
         self.listener: Callable[[], None] | None = None
         """Called (soon, from the loop) after the flags changed: one call for a batch."""
@@ -266,10 +267,10 @@ class HostProcess:
                 # directory operation on the temp file system: ~0.2 ms of CPU per host on
                 # ext4, a tenth of that through the pipe).
                 self.fifo = None
-                log_r, self.log_writer = os.pipe()
+                # (Both ends non-blocking: ssh opens the pipe anew, with its own flags.)
+                log_r, self.log_writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 self.fds[log_r] = 3
                 log_path = f"/proc/{os.getpid()}/fd/{self.log_writer}"
-                os.set_blocking(log_r, False)
             else:
                 assert self.fifo is not None
                 log_path = self.fifo
@@ -300,15 +301,18 @@ class HostProcess:
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
-        for fd, stream in ((out_r, 1), (err_r, 2)):
-            os.set_blocking(fd, False)
-            self.fds[fd] = stream
+        os.set_blocking(out_r, False)
+        os.set_blocking(err_r, False)
+        fds = self.fds
+        fds[out_r] = 1
+        fds[err_r] = 2
         if in_w >= 0:
             self.stdin_fd = in_w
             os.set_blocking(in_w, False)
             self.loop.add_writer(in_w, self._writable)
-        for fd in self.fds:
-            self.watcher.add(fd, self._readable)
+        add = self.watcher.add
+        for fd, stream in fds.items():
+            add(fd, self._on_log if stream == 3 else self._on_output)
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
@@ -349,27 +353,57 @@ class HostProcess:
             return False
         except OSError:
             data = b""
-        self._got(fd, data)
-        return True
-
-    def _got(self, fd: int, data: bytes) -> None:
         if not data:
             self._close_fd(fd)
+        elif self.fds[fd] == 3:
+            self._got_log(data)
+        else:
+            self._got_output(fd, data)
+        return True
+
+    def _on_log(self, fd: int) -> None:
+        # (The watcher's callback for the log: _readable, without the branches.)
+        try:
+            data = os.read(fd, _READ)
+        except BlockingIOError:
             return
-        stream = self.fds[fd]
-        if stream == 3:
+        except OSError:
+            data = b""
+        if data:
+            self._got_log(data)
+        else:
+            self._close_fd(fd)
+
+    def _on_output(self, fd: int) -> None:
+        try:
+            data = os.read(fd, _READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._got_output(fd, data)
+        else:
+            self._close_fd(fd)
+
+    def _got_log(self, data: bytes) -> None:
+        if self.log_writer is not None:
             self.log_writer_close()
-            start = max(0, len(self.log) - 64)
-            self.log += data
-            if not self.up:
-                window = bytes(self.log[start:])
-                for marker in SESSION_UP:  # (a regex costs ~40x more CPU on a 4 KB log)
-                    if marker in window:
-                        self._up()
-                        break
-            return
+        log = self.log
+        start = len(log) - 64
+        log += data
+        if not self.up:
+            if start < 0:
+                start = 0
+            for marker in SESSION_UP:  # (a regex costs ~40x more CPU on a 4 KB log)
+                if log.find(marker, start) >= 0:
+                    self._up()
+                    break
+
+    def _got_output(self, fd: int, data: bytes) -> None:
         if not self.up:
             self._up()
+        stream = self.fds[fd]
         (self.out if stream == 1 else self.err).append(data)
         if self.on_output is not None:
             self.on_output(stream, data)
@@ -428,10 +462,11 @@ class HostProcess:
     def _close_fd(self, fd: int) -> None:
         self.watcher.remove(fd)
         os.close(fd)
-        del self.fds[fd]
+        if self.fds.pop(fd) != 3:
+            self._pipes_open -= 1
         # Only stdout and stderr count: a ControlPersist master that this ssh forked keeps
         # the log open (it keeps logging there); its last lines are drained after the exit.
-        if not self.pipes_closed and not any(stream != 3 for stream in self.fds.values()):
+        if not self._pipes_open and not self.pipes_closed:
             self.pipes_closed = True
             self._wake()
             if self.pidfd is None and not self.exit_seen:
