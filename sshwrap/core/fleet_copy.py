@@ -518,9 +518,13 @@ def _supervise(
     def collect() -> None:
         for h in list(running):
             if h.result is not None:
-                if h.thread is not None:
-                    h.thread.join()
+                assert h.thread is not None
+                h.thread.join()
                 results[h.plan.index] = h.result
+                running.remove(h)
+            elif h.thread is None or h.thread.ident is None:  # never started (interrupted)
+                h.stop("cancelled", time.monotonic())  # (if it did start: it ends at once)
+                h.cut_now()
                 running.remove(h)
 
     def complete(status: Status) -> list[CopyResult]:
