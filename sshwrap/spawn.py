@@ -15,10 +15,10 @@ is the bytes mode: patterns, ``before``/``after`` and what ``send`` takes are ``
 
 Over a master (``ssh -S``) the master writes the remote output into the pty itself, and ssh
 makes the pty raw only once the master has answered it: on a loaded machine output can come
-first, and the cooked pty ends its lines in ``\\r\\r\\n`` (undone as they are read) and would
-echo keys typed then (``\\r`` made ``\\n``), so ``send()`` waits for raw mode (``timeout`` s at
-most, :data:`sshwrap.io.pty.RAW_WAIT` if None).  Without a master keys go at once (ssh's own
-prompts read them) and raw mode comes before any output.
+first, and the cooked pty ends its lines in ``\\r\\r\\n`` (undone if read before ssh has logged
+its session) and would echo keys typed then (``\\r`` made ``\\n``), so ``send()`` waits for raw
+mode (``timeout`` s at most, :data:`sshwrap.io.pty.RAW_WAIT` if None).  Without a master keys
+go at once (ssh's own prompts read them) and raw mode comes before any output.
 
 ssh logs to a private file (``-E``, DEBUG2), so ``returncode`` is the remote program's exit
 status (``-128``, :data:`sshwrap.errors.UNKNOWN_SIGNAL`, for a signal death: ssh is not told

@@ -121,11 +121,14 @@ def test_keys_wait_for_the_mux_clients_raw_mode(master: Master, local_sshd: Loca
 
 def test_output_read_after_ssh_left_raw_mode_is_kept(master: Master) -> None:
     # ssh -S restores the cooked modes when it exits: output read only afterwards was written
-    # while the pty was raw and keeps its \r\n
-    with spawn(master, "printf 'a\\nb\\n'") as s:
+    # while the pty was raw and keeps its \r\n.  Enter is typed straight into the pty once it
+    # is raw (not with send(), nor reading the output), then the output is printed.
+    with spawn(master, "read x; printf 'a\\nb\\n'") as s:
+        wait_until(lambda: not termios.tcgetattr(s.fd)[3] & termios.ICANON, 30, "raw mode")
+        os.write(s.fd, b"\r")
         assert wait_exited([s.pid], 30) == []  # not read meanwhile (nor reaped)
         assert s.expect_eof() == 0
-        assert s.before == "a\r\nb\r\n"
+        assert s.before == "\r\na\r\nb\r\n"  # the echoed Enter, then the output
 
 
 def test_earliest_match_wins_and_list_quoting(master: Master) -> None:
