@@ -75,7 +75,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from types import TracebackType
 from typing import IO, Any, Unpack, cast
 
@@ -100,6 +99,7 @@ from .core.options import (
     popen_text,
 )
 from .core.ssh_run import decode_output, run_ssh, serve_terminal, terminal_reader
+from .core.tty_process import terminal_sink, until_raw
 from .core.waiting import run_sync
 from .errors import CalledProcessError, SSHError, TimeoutExpired
 from .io import ssh_child
@@ -241,13 +241,7 @@ class Popen(subprocess.Popen[Any]):
 
     def _ssh_in_raw_mode(self, timeout: float) -> bool:
         """Wait until ssh has put the local terminal in raw mode (or exited); True if raw."""
-        deadline = time.monotonic() + timeout
-        while not ssh_child.terminal_is_raw(self._master):
-            if self.poll() is not None or time.monotonic() > deadline:
-                return False
-            # termios changes raise no event to wait on; this bounds the check rate.
-            time.sleep(0.005)
-        return True
+        return run_sync(until_raw(self._master, lambda: self.poll() is not None, timeout))
 
     # -- exit status ------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -328,13 +322,7 @@ class Popen(subprocess.Popen[Any]):
         collect = self._stdout_arg == PIPE
         chunks = bytearray()
 
-        def seen(chunk: bytes) -> None:
-            self._call.stderr.feed(chunk)  # ssh's own early words arrive through it too
-            if collect:
-                chunks.extend(chunk)
-            else:
-                ssh_child.write_to(self._stdout_arg, chunk, default_fd=1)
-
+        seen = terminal_sink(self._call, self._stdout_arg, chunks.extend if collect else None)
         pipes = ssh_child.ChildPipes(self)
         serve_terminal(pipes, reader, seen, data)
         try:

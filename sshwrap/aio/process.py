@@ -38,7 +38,6 @@ import threading
 from collections.abc import Callable, Coroutine, Generator
 from typing import IO, Any, TypeVar, Unpack, cast
 
-from ..core import options as core_options
 from ..core.child_steps import exchange
 from ..core.completed import CompletedProcess
 from ..core.getoutput import getoutput_options, status_output
@@ -46,9 +45,9 @@ from ..core.invocation import SIGNAL_TIMEOUT, TEE_GRACE, Invocation
 from ..core.options import (
     Command,
     PopenOptions,
+    ProcessOptions,
     RunOptions,
     SSHSettings,
-    TerminalOptions,
     check_keywords,
     check_terminal,
     invocation_settings,
@@ -86,12 +85,6 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
 T = TypeVar("T")
-
-
-class ProcessOptions(core_options.ProcessOptions, TerminalOptions, total=False):
-    """Keyword arguments of :func:`create_process` besides host and command: the ssh
-    settings, ``env``/``cwd``, the streams, ``tty``/``size`` and ``limit`` (the buffer limit
-    of its stream readers)."""
 
 
 def until_set(flag: Flag) -> Procedure[None]:

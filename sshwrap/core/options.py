@@ -120,14 +120,15 @@ class PopenOptions(
     bufsize: int
 
 
-class ProcessOptions(SSHSettings, CommandOptions, StreamOptions, total=False):
-    """Keyword arguments of :func:`sshwrap.aio.create_process` besides host and command;
-    ``limit`` is the buffer limit of its stream readers."""
+class ProcessOptions(SSHSettings, CommandOptions, StreamOptions, TerminalOptions, total=False):
+    """Keyword arguments of :func:`sshwrap.aio.create_process` besides host and command: the
+    ssh settings, ``env``/``cwd``, the streams, ``tty``/``size``; ``limit`` is the buffer
+    limit of its stream readers."""
 
     limit: int
 
 
-class RunOptions(ProcessOptions, TextOptions, TerminalOptions, total=False):
+class RunOptions(ProcessOptions, TextOptions, total=False):
     """Keyword arguments of :func:`sshwrap.aio.run` besides its own (``input``,
     ``capture_output``, ``timeout``, ``check``)."""
 

@@ -37,7 +37,6 @@ from ..io.pty import PtyReader
 from ..io.ssh_child import (
     ChildPipes,
     popen_with_pipes,
-    start_in_pty,
     terminal_is_raw,
     write_to,
 )
@@ -54,6 +53,7 @@ from .options import (
     run_streams,
     text_encoding,
 )
+from .tty_process import start_in_terminal, terminal_sink
 from .waiting import Procedure
 
 __all__ = [
@@ -124,27 +124,14 @@ class _Child:
         self.err = bytearray()
         self._fds: list[int] = []
         self._terminal: io.BufferedReader[Any] | None = None
-        started: list[subprocess.Popen[bytes]] = []
-
-        def spawn(argv: list[str], **kw: Any) -> None:
-            started.append(subprocess.Popen(argv, **kw))
-
         if call.tty:
-            master = start_in_pty(spawn, call.argv, size)
+            self.proc, master = start_in_terminal(call, size)
             self._terminal = terminal_reader(master)
-            self.proc = started[0]
             self.collect_out = stdout == PIPE
             self.collect_err = stderr == PIPE  # nothing comes: b"", as over a channel
             self.pipes = ChildPipes(self.proc)
-
-            def terminal(chunk: bytes) -> None:
-                call.stderr.feed(chunk)  # ssh's own early words arrive through it too
-                if self.collect_out:
-                    self.out += chunk
-                else:
-                    write_to(stdout, chunk, default_fd=1)
-
-            serve_terminal(self.pipes, self._terminal, terminal, data)
+            sink = terminal_sink(call, stdout, self.out.extend if self.collect_out else None)
+            serve_terminal(self.pipes, self._terminal, sink, data)
             return
         streams = (stdin, stdout, stderr)
         proc, relay, _ = popen_with_pipes(call.argv, call.stderr, streams, relay_thread=False)
