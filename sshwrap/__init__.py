@@ -39,6 +39,15 @@ _EXPORTS: dict[str, str] = {
     "HostResult": "fanout",
     "FanoutInterrupted": "fanout",
     "FdBudgetError": "fanout",
+    "hosts": "core.hostset",
+    "HostSet": "core.hostset",
+    "HostPatternError": "core.hostset",
+    "Groups": "core.hostset",
+    "parse_groups": "core.hostset",
+    "put_many": "fleet",
+    "get_many": "fleet",
+    "CopyResult": "fleet",
+    "CopyInterrupted": "fleet",
     "connect": "connection",
     "Connection": "connection",
     "Forward": "connection",
@@ -63,6 +72,11 @@ if TYPE_CHECKING:
     from .connection import Forward as Forward
     from .connection import ForwardError as ForwardError
     from .connection import connect as connect
+    from .core.hostset import Groups as Groups
+    from .core.hostset import HostPatternError as HostPatternError
+    from .core.hostset import HostSet as HostSet
+    from .core.hostset import hosts as hosts
+    from .core.hostset import parse_groups as parse_groups
     from .errors import AuthenticationError as AuthenticationError
     from .errors import CalledProcessError as CalledProcessError
     from .errors import CommandLostError as CommandLostError
@@ -77,6 +91,10 @@ if TYPE_CHECKING:
     from .fanout import FdBudgetError as FdBudgetError
     from .fanout import HostResult as HostResult
     from .fanout import run_many as run_many
+    from .fleet import CopyInterrupted as CopyInterrupted
+    from .fleet import CopyResult as CopyResult
+    from .fleet import get_many as get_many
+    from .fleet import put_many as put_many
     from .io.prompts import PromptServer as PromptServer
     from .process import CompletedProcess as CompletedProcess
     from .process import Popen as Popen

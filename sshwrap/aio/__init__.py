@@ -9,7 +9,9 @@ with the same arguments, results, errors and bounds:
   (``send_signal``/``terminate`` return a :class:`SignalDelivery`: await it or drop it);
 - :func:`connect`, :class:`AsyncConnection`: :class:`sshwrap.Connection`
   (:mod:`sshwrap.aio.connection`);
-- :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``).
+- :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``);
+- :func:`put_many`, :func:`get_many`: :func:`sshwrap.put_many`/:func:`sshwrap.get_many`
+  (``sshwrap.fleet``).
 
 ::
 
@@ -51,8 +53,10 @@ __all__ = [
     "TerminalWriter",
     "connect",
     "create_process",
+    "get_many",
     "getoutput",
     "getstatusoutput",
+    "put_many",
     "run",
     "run_many",
 ]
@@ -62,10 +66,14 @@ _LAZY: dict[str, tuple[str, str]] = {
     "connect": (".connection", "connect"),
     "AsyncConnection": (".connection", "AsyncConnection"),
     "run_many": ("..fanout", "run_many_async"),
+    "put_many": ("..fleet", "put_many_async"),
+    "get_many": ("..fleet", "get_many_async"),
 }
 
 if TYPE_CHECKING:
     from ..fanout import run_many_async as run_many
+    from ..fleet import get_many_async as get_many
+    from ..fleet import put_many_async as put_many
     from .connection import AsyncConnection as AsyncConnection
     from .connection import connect as connect
 
