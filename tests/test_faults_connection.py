@@ -726,7 +726,10 @@ def test_the_wait_for_a_session_slot_keeps_its_bound(
         assert (r.returncode, r.stdout, r.stderr) == (0, b"yes\n", b"")
 
 
-def test_fallback_timeout_before_the_session_opened_never_runs_the_command(sshd: LocalSSHD) -> None:
+@pytest.mark.parametrize("given", [None, b"big" * 100_000], ids=["no-input", "input"])
+def test_fallback_timeout_before_the_session_opened_never_runs_the_command(
+    sshd: LocalSSHD, given: bytes | None
+) -> None:
     """ssh -S, the host hangs before it opened the session: the call times out; once the
     host answers the master opens the session and sends exec (its client gone or not), and
     the start guard keeps the command from running (its token was taken back)."""
@@ -735,12 +738,14 @@ def test_fallback_timeout_before_the_session_opened_never_runs_the_command(sshd:
         with connect(sshd.host, config=sshd.config, proxy=False) as c:
             assert c.run("echo warm", capture_output=True).stdout == b"warm\n"
             with frozen(sshd):
-                took, err = _timed(lambda: c.run(f"touch {marker}", timeout=1.0))
+                took, err = _timed(lambda: c.run(f"touch {marker}", input=given, timeout=1.0))
                 assert isinstance(err, TimeoutExpired), err
                 assert took < 1.0 + MARGIN, took
             r = c.run("echo after", capture_output=True, timeout=30)
             assert (r.returncode, r.stdout, r.stderr) == (0, b"after\n", b"")
             assert not os.path.exists(marker), "the timed-out command ran once the host answered"
+            if given is not None:  # the guarded input arrives whole when nothing interrupts
+                assert c.run("wc -c", input=given, capture_output=True).stdout.strip() == b"300000"
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(marker)

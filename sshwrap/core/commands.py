@@ -26,6 +26,7 @@ runs a host given as a Connection the same way.  The steps, written once:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import subprocess
@@ -54,6 +55,7 @@ from .options import (
     TerminalOptions,
     TextOptions,
     keys_of,
+    text_encoding,
 )
 from .session import KILL_AFTER, NO_SLOT, Backoff, run_on_channel
 from .ssh_run import run_ssh
@@ -132,21 +134,46 @@ class StartGuard:
     and only then finds it gone.  So a call interrupted (or timed out) before the host
     answered would run its command later.  The guard: the remote command first reads a
     random token line from its stdin (the master reads that pipe only once the channel is
-    open) and runs nothing without it; stdin is then at its end, as ``DEVNULL`` gives.  A call
+    open) and runs nothing without it; then stdin is ``run``'s ``input`` (in the pipe too,
+    up to :data:`MOST`), or at its end, as ``DEVNULL`` gives.  A call
     that ends early :meth:`withdraw`\ s the token from the pipe (sshwrap keeps a reading
     end): if the master had not read it yet, the command never runs; if it had, the session
-    was open and the call's stop reaches the command.  For ``run`` without ``input``, a stdin
-    of its own or a tty (there stdin is the caller's, or a terminal that would echo it).
+    was open and the call's stop reaches the command.  Not for a stdin of the caller's or a
+    tty (a terminal would echo the token), nor an ``input`` beyond :data:`MOST`.
     """
 
-    def __init__(self) -> None:
+    MOST = 1 << 20
+    """Most ``input`` a guard carries (the pipe holds it all, grown to fit; Linux's default
+    ``pipe-max-size``): beyond it the call runs unguarded."""
+
+    def __init__(self, data: bytes = b"") -> None:
         self.token = secrets.token_hex(8)
+        self._line = self.token.encode() + b"\n"
         self.stdin, w = os.pipe()
+        self._back = os.dup(self.stdin)
         try:
-            os.write(w, self.token.encode() + b"\n")
+            payload = memoryview(self._line + data)
+            if len(payload) > 65536 and hasattr(fcntl, "F_SETPIPE_SZ"):
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, len(payload))
+            os.set_blocking(w, False)
+            while payload:  # BlockingIOError: it does not fit, no guard
+                payload = payload[os.write(w, payload) :]
+        except BaseException:
+            self.close()
+            raise
         finally:
             os.close(w)
-        self._back = os.dup(self.stdin)
+
+    @classmethod
+    def make(cls, data: bytes | None) -> StartGuard | None:
+        """A guard carrying ``data`` as the rest of stdin, or None when it does not fit."""
+        if data is not None and len(data) > cls.MOST:
+            return None
+        try:
+            return cls(data or b"")
+        except BlockingIOError:
+            return None
 
     def command(self, remote: str) -> str:
         """``remote`` (a shell command line) behind the guard line."""
@@ -155,9 +182,11 @@ class StartGuard:
     def withdraw(self) -> None:
         """Take the token back from the pipe if the master has not read it."""
         if self._back >= 0:
+            # only the token line: if it was still there, the guard fails on what follows
+            # (the input); if the master had read it, the session is open (and being stopped)
             os.set_blocking(self._back, False)
             with contextlib.suppress(OSError):
-                os.read(self._back, 64)
+                os.read(self._back, len(self._line))
 
     def close(self) -> None:
         """Release the pipe (the master holds its own copy while the session lives)."""
@@ -183,18 +212,23 @@ def _run_through(
     host = master.host
     give_up = deadline if deadline is not None else deadline_after(sessions.OPEN_TIMEOUT)
     backoff = Backoff()
-    guarded = (
-        options.get("input") is None
-        and options.get("stdin", subprocess.DEVNULL) == subprocess.DEVNULL
-        and not options.get("tty", False)
-    )
+    data = options.get("input")
+    if data is None:
+        guarded = options.get("stdin", subprocess.DEVNULL) == subprocess.DEVNULL
+    else:  # (input with a stdin: run_ssh refuses it, as subprocess.run does)
+        guarded = options.get("stdin") is None
+        if isinstance(data, str):
+            data = data.encode(
+                options.get("encoding") or text_encoding(), options.get("errors") or "strict"
+            )
+    guarded = guarded and not options.get("tty", False)
     while True:
-        guard = StartGuard() if guarded else None
+        guard = StartGuard.make(data) if guarded else None
         try:
             result: CompletedProcess = yield from run_ssh(
                 master.destination,
                 args if guard is None else guard.command(remote_command(args)),
-                input=options.get("input"),
+                input=options.get("input") if guard is None else None,
                 capture_output=options.get("capture_output", False),
                 timeout=time_left(deadline),  # what a restart of the master left
                 **(passed if guard is None else passed | {"stdin": guard.stdin}),
