@@ -58,29 +58,49 @@ import reprlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
-from .core.argv import OptionValue
+from .core.argv import OptionValue, check_destination, find_ssh, ssh_settings_args
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
+from .core.options import SSHSettings
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
+from .io.persist import (
+    PERSIST_DEFAULT,
+    PersistDirError,
+    close_masters,
+    control_paths,
+    persist_dir,
+    persist_options,
+    persist_seconds,
+    persisted_sockets,
+)
 
 __all__ = [
     "FDS_PER_HOST",
+    "PERSIST_DEFAULT",
     "ConnectionLike",
     "ControlPathHost",
     "FanoutInterrupted",
     "FdBudgetError",
     "HostResult",
     "OutputCallback",
+    "Persist",
+    "PersistDirError",
     "Status",
     "check_fd_budget",
+    "close_persisted",
     "run_many",
     "run_many_async",
 ]
+
+Persist = bool | int | float | str | None
+"""``persist=``: True (:data:`PERSIST_DEFAULT`, 10 minutes), seconds, or ssh's time format
+(``"30s"``, ``"10m"``, ``"1h"``); None, False or leaving it out: no persisted masters."""
 
 # -- public API ---------------------------------------------------------------------------
 
@@ -120,6 +140,23 @@ def _host_list(
     return items
 
 
+def _with_persist(
+    persist: Persist,
+    hosts: list[str | ControlPathHost],
+    options: Mapping[str, OptionValue] | None,
+) -> Mapping[str, OptionValue] | None:
+    """``options`` with the persisted masters' settings when ``persist`` asks for them."""
+    if persist is None or persist is False:
+        return options
+    seconds = persist_seconds(persist)
+    for i, h in enumerate(hosts):
+        if not isinstance(h, str) and not isinstance(h, ConnectionLike):
+            raise ValueError(f"hosts[{i}] has a ControlPath of its own: persist= is for host names")
+    directory = persist_dir()
+    assert directory is not None
+    return persist_options(seconds, directory, options)
+
+
 async def run_many_async(
     hosts: str | Iterable[str | ControlPathHost],
     command: str | Sequence[str],
@@ -143,6 +180,7 @@ async def run_many_async(
     kill_remote: bool = True,
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
+    persist: Persist = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
@@ -165,6 +203,14 @@ async def run_many_async(
     hosts starting with ``-`` raise ``ValueError`` before any ssh runs.
     ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
     ``on_start(host)`` each host as it starts.
+    ``persist`` (``True``, seconds, or ssh's time format: ``"30s"``, ``"10m"``, ``"1h"``)
+    leaves each host's ControlMaster up that long after its last use, in a private
+    directory of this user's (:mod:`sshwrap.io.persist`), and reuses one that a run before
+    left there: a run over warm masters makes no new connection.  ``True`` is 10 minutes
+    (:data:`PERSIST_DEFAULT`).  A master that died is replaced by ssh, not reported as a
+    failure; :func:`close_persisted` ends them.  A bad value raises ``ValueError`` (and so
+    do ssh options that set ``ControlMaster``/``ControlPersist``/``ControlPath`` alongside
+    it); an unsafe directory ``PersistDirError``; both before any ssh runs.
     ``hosts`` is one ``str``, a host pattern (``"web[01-50]"``, ``"h[1-8]!h[3-4]"``,
     ``"@web"``; ``"web1"`` is one host, never ``w``, ``e``, ...), expanded by
     ``sshwrap.hosts`` in its order; or an iterable (a list, a ``HostSet``) of host names and
@@ -184,8 +230,9 @@ async def run_many_async(
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
     """
+    host_list = _host_list(hosts, groups)
     run = FanoutRun(
-        _host_list(hosts, groups),
+        host_list,
         command,
         concurrency=concurrency,
         timeout=timeout,
@@ -199,7 +246,7 @@ async def run_many_async(
         port=port,
         identity=identity,
         jump=jump,
-        options=options,
+        options=_with_persist(persist, host_list, options),
         ssh=ssh,
         batch_mode=batch_mode,
         kill_remote=kill_remote,
@@ -223,6 +270,7 @@ class RunManyOptions(FanoutOptions, total=False):
     connect_timeout: float | None
     deadline: float | None
     groups: GroupsSource | None
+    persist: Persist
 
 
 _RUN_MANY_DEFAULTS: dict[str, Any] = {
@@ -255,7 +303,11 @@ def run_many(
     else:
         raise RuntimeError("run_many() inside a running event loop: use sshwrap.aio.run_many")
     groups = kwargs.pop("groups", None)
-    run = FanoutRun(_host_list(hosts, groups), command, **{**_RUN_MANY_DEFAULTS, **kwargs})
+    host_list = _host_list(hosts, groups)
+    persist = kwargs.pop("persist", None)
+    if persist is not None:
+        kwargs["options"] = _with_persist(persist, host_list, kwargs.get("options"))
+    run = FanoutRun(host_list, command, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False
@@ -296,3 +348,42 @@ def run_many(
             raise
         raise FanoutInterrupted(run.complete(results)) from None
     return run.complete(results)
+
+
+def close_persisted(
+    hosts: str | Iterable[str] | None = None,
+    *,
+    groups: GroupsSource | None = None,
+    timeout: float = 10.0,
+    **settings: Unpack[SSHSettings],
+) -> int:
+    """End the ControlMasters that runs with ``persist=`` left up; return how many ended.
+
+    ``hosts`` None: every persisted master of this user's.  Else only those hosts' (a host
+    pattern or a list of names, as for :func:`run_many`): each host's socket is named by
+    ``ssh -G`` with the ssh settings given here (``config``, ``user``, ``port``, ``jump``,
+    ``options``, ``ssh``), which must be those of the run that left it (ssh's ``%C`` hashes
+    the host, port, user and jump host).  Each master is sent SIGTERM by its own pid (asked of
+    its socket) and waited for, SIGKILL when it has not exited within ``timeout``; no master
+    is left running and no socket left behind.  A socket whose master died is removed, not
+    counted.  Raises ``PersistDirError`` when the directory is unsafe.
+    """
+    directory = persist_dir(create=False)
+    if directory is None:
+        return 0
+    until = time.monotonic() + timeout
+    if hosts is None:
+        paths = persisted_sockets(directory)
+    else:
+        names = [h for h in _host_list(hosts, groups) if isinstance(h, str)]
+        args = ssh_settings_args(
+            config=settings.get("config"),
+            user=settings.get("user"),
+            port=settings.get("port"),
+            jump=settings.get("jump"),
+            options=persist_options(None, directory, settings.get("options")),
+        )
+        ssh = settings.get("ssh") or find_ssh()
+        argvs = {h: [ssh, *args, "-G", check_destination(h)] for h in dict.fromkeys(names)}
+        paths = list(control_paths(argvs, timeout=timeout).values())
+    return close_masters(paths, max(0.1, until - time.monotonic()))

@@ -9,6 +9,8 @@
 
     sshwrap-many -H 'web[01-50]' -x 'web[07-09]' -- uptime   # ranges, less an exclusion
     sshwrap-many -H @web --groups groups.txt -- uptime      # groups file lines "web: h[1-6]"
+    sshwrap-many -H 'h[1-8]' --persist 10m -- true          # masters stay up 10 minutes
+    sshwrap-many -H 'h[1-8]' --close                        # close those persisted masters
 
 ``-H`` takes a host pattern (ClusterShell's syntax, :mod:`sshwrap.core.hostset`: ``h1,h2``,
 ``web[01-50]``, ``rack[1-2]-node[001-016]``, ``h[1-8]!h[3-4]``, ``@group``; spaces between
@@ -26,6 +28,12 @@ The words after ``--`` are joined with spaces and handed to the remote shell, as
 words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
 ``-p`` is the parallelism (as in pssh), so a port goes as ``-o Port=N``.
 
+``--persist TIME`` (``30s``, ``10m``, ``1h``, seconds) leaves every host's ControlMaster up
+for TIME after its last use, in a private directory of this user's, and runs over those a run
+before left up (no new login; one that died is replaced); ``--close`` ends them by their pids
+(those of the ``-H`` hosts, with the same ``-F``/``-l``/``-J``/``-o``; else all) and says how
+many (:mod:`sshwrap.io.persist`).
+
 Exit status (the bits add up): 0 every host ran the command and it exited 0; 1 some command
 exited non-zero or died of a signal; 2 some host timed out (``-t`` or ``--deadline``); 4
 some host had an ssh error (refused, unreachable, authentication, host key, connect
@@ -39,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import os
@@ -53,9 +60,10 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from .core.fanout_run import FanoutRun
-from .core.host_input import GROUPS_ENV, load_groups, read_host_specs
-from .core.hostset import Groups, HostPatternError, fold
-from .fanout import FdBudgetError, HostResult
+from .core.host_input import GROUPS_ENV, cli_hosts
+from .core.hostset import fold
+from .fanout import FdBudgetError, HostResult, close_persisted
+from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 
 __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
@@ -87,7 +95,6 @@ def _parser() -> argparse.ArgumentParser:
         "-H",
         "--hosts",
         action="append",
-        required=True,
         metavar="HOSTS",
         help="a host pattern (h1,h2  web[01-50]  h[1-8]!h3  @group), a file (a pattern per "
         "line, # comments), or - for stdin; repeatable; a word that looks like a path (a /, "
@@ -126,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
         help="progress: a bar on a terminal, else a plain line at most once a second "
         "(default: when stderr is a terminal)",
     )
+    ap.add_argument(
+        "--persist",
+        metavar="TIME",
+        help="keep each host's master up TIME after the run (30s, 10m, 1h) and reuse those "
+        "that an earlier run left up",
+    )
+    ap.add_argument(
+        "--close",
+        action="store_true",
+        help="close the persisted masters (of the -H hosts, else all of this user's); no command",
+    )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
     ap.add_argument(
@@ -146,26 +164,6 @@ def _options(items: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"-o wants KEY=VALUE, not {item!r}")
         opts.setdefault(key.strip(), value.strip())  # ssh takes the first value given
     return opts
-
-
-_TIME = re.compile(r"(\d+)([smhdw]?)", re.IGNORECASE)
-_TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def _ssh_time(value: str) -> float | None:
-    """Seconds in ssh's time format (``30``, ``1m``, ``1h30m``; a plain ``2.5`` too), or None."""
-    text = value.strip()
-    with contextlib.suppress(ValueError):
-        seconds = float(text)
-        return seconds if seconds > 0 else None
-    pos, total = 0, 0
-    while pos < len(text):
-        m = _TIME.match(text, pos)
-        if m is None:
-            return None
-        total += int(m.group(1)) * _TIME_UNITS[m.group(2).lower()]
-        pos = m.end()
-    return float(total) if total > 0 else None
 
 
 def _fold_by_reason(results: list[HostResult], why: bool) -> str:
@@ -481,18 +479,28 @@ async def _run(run: FanoutRun, output: _Output, tally: _Tally) -> bool:
     return interrupted
 
 
-def _hosts(args: argparse.Namespace) -> list[str]:
-    """``-H`` minus ``-x``, with ``--groups`` (else ``$SSHWRAP_GROUPS``) for ``@name``."""
-    groups: Groups | None = None
-    if args.groups is not None:
-        try:
-            groups = load_groups(args.groups)
-        except HostPatternError as e:
-            raise ValueError(f"--groups {args.groups}: {e}") from None
-    chosen = read_host_specs(args.hosts, groups)
-    if args.exclude:
-        chosen -= read_host_specs(args.exclude, groups, option="-x")
-    return list(chosen)
+def _dir() -> str:
+    directory = persist_dir()
+    assert directory is not None
+    return directory
+
+
+def _close(ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> int:
+    """``--close``: end the persisted masters (of the ``-H`` hosts, else all of this user's)."""
+    if command or args.persist is not None:
+        ap.error("--close takes no command and no --persist")
+    try:
+        n = close_persisted(
+            cli_hosts(args.hosts, args.exclude, args.groups) if args.hosts else None,
+            config=args.config,
+            user=args.user,
+            jump=args.jump,
+            options=_options(args.options),
+        )
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+    print(f"sshwrap-many: closed {n} persisted master{'s' if n != 1 else ''}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
+    if args.close:
+        return _close(ap, args, command)
+    if not args.hosts:
+        ap.error("the following arguments are required: -H/--hosts")
     if not command:
         ap.error("no command given (put it after --)")
     if args.parallel < 1:
@@ -509,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_mode = True
     no_connect_timeout = False
     try:
-        hosts = _hosts(args)
+        hosts = cli_hosts(args.hosts, args.exclude, args.groups)
         options = _options(args.options)
         # ssh's own spellings of what sshwrap-many controls itself.
         connect_timeout = args.connect_timeout
@@ -518,13 +530,15 @@ def main(argv: list[str] | None = None) -> int:
             if key.lower() == "batchmode":
                 del options[key]
                 batch_mode = value.lower() in ("yes", "true")
-            elif (seconds := _ssh_time(value)) is not None:
+            elif (seconds := ssh_seconds(value)) is not None:
                 del options[key]
                 if connect_timeout is None:
                     connect_timeout = seconds
             else:
                 # Not a time ssh would take: it goes to ssh, which says what is wrong.
                 no_connect_timeout = connect_timeout is None
+        if args.persist is not None:
+            options = persist_options(persist_seconds(args.persist), _dir(), options)
         data = None
         if args.input == "-":
             data = sys.stdin.buffer.read()

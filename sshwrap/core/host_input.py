@@ -12,6 +12,7 @@ and ``sshwrap-many``:
   as a pattern of other names (``"h[1-3]"``, ``"a,b"``, ``"@web"``) is refused with a
   ``ValueError`` that says to pass the pattern as a ``str``; an item that is no pattern at all
   (``"ssh://[::1]:2222"``) stays as it is.
+- :func:`cli_hosts`: ``sshwrap-many``'s hosts: ``-H`` minus ``-x``, ``--groups`` for ``@``.
 - :func:`read_host_specs`: ``sshwrap-many``'s ``-H`` / ``-x`` values: ``-`` (stdin), a hosts
   file (``~`` expanded; a pattern a line, ``#`` comments), or a pattern; whitespace between
   names is a comma (``h1 h2`` is ``h1,h2``).  A word that looks like a path but names no
@@ -33,6 +34,7 @@ from .hostset import Groups, HostPatternError, HostSet, hosts, parse_groups
 __all__ = [
     "GROUPS_ENV",
     "GroupsSource",
+    "cli_hosts",
     "default_groups",
     "literal_hosts",
     "load_groups",
@@ -207,6 +209,22 @@ def read_host_specs(
             except HostPatternError as e:
                 raise ValueError(_explain(e, pattern, line, where, number, option)) from None
     return HostSet(found)
+
+
+def cli_hosts(specs: Sequence[str], exclude: Sequence[str], groups_file: str | None) -> list[str]:
+    """``sshwrap-many``'s hosts: those of ``-H`` (``specs``) less those of ``-x``
+    (``exclude``), with the groups of ``--groups`` (``groups_file``; else
+    ``$SSHWRAP_GROUPS``) for ``@name``; errors as :func:`read_host_specs`'s."""
+    groups: Groups | None = None
+    if groups_file is not None:
+        try:
+            groups = load_groups(groups_file)
+        except HostPatternError as e:
+            raise ValueError(f"--groups {groups_file}: {e}") from None
+    chosen = read_host_specs(specs, groups)
+    if exclude:
+        chosen -= read_host_specs(exclude, groups, option="-x")
+    return list(chosen)
 
 
 def _explain(
