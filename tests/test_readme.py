@@ -103,7 +103,6 @@ PLANS: dict[str, Plan] = {
     "sudo -k; sudo true": Plan("skip", "it needs sudo and the login user's password on the host"),
     's.sendline("import curses")': Plan(
         "pty",
-        xfail="issue 11: Connection.interact()'s result has no returncode (the shell's status)",
         steps=(
             # s.interact() shows the prompt expect() had not consumed: hand control back.
             (rb"import curses\r\n>>> ", "\x1d"),
