@@ -232,7 +232,7 @@ def _run_through(
                 capture_output=options.get("capture_output", False),
                 timeout=time_left(deadline),  # what a restart of the master left
                 **(passed if guard is None else passed | {"stdin": guard.stdin}),
-                **master.fallback_settings(),
+                **master.fallback_settings(direct_login=False),
             )
             return CompletedProcess(
                 args, result.returncode, result.stdout, result.stderr, host=host

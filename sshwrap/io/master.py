@@ -522,18 +522,20 @@ class Master:
         return self._core
 
     # -- for ssh, scp, sftp and the ssh -S fallback -----------------------------------------
-    def fallback_settings(self) -> dict[str, Any]:
+    def fallback_settings(self, *, direct_login: bool = True) -> dict[str, Any]:
         """Keywords of ``sshwrap.run``/``Popen`` (settings, ``ssh``) that run ``ssh -S`` over
-        this master: ``options`` gets ``ControlPath``, ``ControlMaster=no`` and (unless
-        ``jump`` is set) a ``ProxyCommand`` that fails at once.
+        this master: ``options`` gets ``ControlPath`` and ``ControlMaster=no``; without
+        ``direct_login`` (and unless ``jump`` is set) also a ``ProxyCommand`` that fails at
+        once.
 
         ssh's mux client that the master cannot serve (the server refused the session, at
         its ``MaxSessions``; the master gone) logs in anew on a connection of its own
         (OpenSSH's ssh.c: ``muxclient()`` returns, then ``ssh_connect``): that ProxyCommand
         (the first value wins, the user's config comes after) makes it fail instead, so the
-        command runs over this master or not at all."""
+        command runs over this master or not at all (``Connection.run`` then waits for a
+        slot, :mod:`sshwrap.core.commands`; a face that cannot try again keeps the login)."""
         opts: dict[str, Any] = {"ControlPath": self.control_path, "ControlMaster": "no"}
-        if not self._settings.get("jump"):  # ssh refuses -J with a ProxyCommand
+        if not direct_login and not self._settings.get("jump"):  # ssh refuses -J with one
             opts["ProxyCommand"] = NO_DIRECT_LOGIN
         base = self._settings.get("options")
         if isinstance(base, Mapping):
