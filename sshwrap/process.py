@@ -322,7 +322,8 @@ class Popen(subprocess.Popen[Any]):
         collect = self._stdout_arg == PIPE
         chunks = bytearray()
 
-        seen = terminal_sink(self._call, self._stdout_arg, chunks.extend if collect else None)
+        collected = chunks.extend if collect else None
+        seen = terminal_sink(self._call, self._stdout_arg, collected, self._master)
         pipes = ssh_child.ChildPipes(self)
         serve_terminal(pipes, reader, seen, data)
         try:

@@ -414,7 +414,7 @@ def _start_in_terminal(call: Invocation, args: Command, kwargs: ProcessOptions) 
         stream = asyncio.StreamReader(limit=kwargs.get("limit", 2**16))
         collect = stream.feed_data if stdout == PIPE else None
         shown = stream if stdout == PIPE else None
-        terminal = LoopTerminal(master, terminal_sink(call, stdout, collect), shown)
+        terminal = LoopTerminal(master, terminal_sink(call, stdout, collect, master), shown)
     except BaseException:
         os.close(master)
         proc.kill()

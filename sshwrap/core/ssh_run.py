@@ -130,7 +130,8 @@ class _Child:
             self.collect_out = stdout == PIPE
             self.collect_err = stderr == PIPE  # nothing comes: b"", as over a channel
             self.pipes = ChildPipes(self.proc)
-            sink = terminal_sink(call, stdout, self.out.extend if self.collect_out else None)
+            collect = self.out.extend if self.collect_out else None
+            sink = terminal_sink(call, stdout, collect, master)
             serve_terminal(self.pipes, self._terminal, sink, data)
             return
         streams = (stdin, stdout, stderr)

@@ -9,6 +9,15 @@ the same steps ``sshwrap.Popen(tty=True)`` and ``sshwrap.run(tty=True)`` take:
 - :func:`terminal_sink`: what is done with each chunk of the terminal's output: ssh's own
   early words (printed before its ``-E`` log opens) are kept for the error message, then the
   chunk is collected (``stdout=PIPE``) or written where ``stdout`` goes;
+- :class:`CookedUndo`: through a ControlMaster (``ssh -S``) the master writes the remote
+  output into the pty itself, and the passenger makes the pty raw only once the master has
+  answered it, so on a loaded machine output can come while the pty is still cooked and its
+  ``ONLCR`` turns each ``\n`` into ``\r\n`` (``\r\r\n`` at the remote terminal's line ends).
+  A chunk read while the pty still maps newlines and before ssh has logged its session was
+  written cooked: the mapping is undone on it.  (A chunk written cooked but read only after
+  ssh went raw keeps it: that window is a few instructions wide.)  Without a master ssh goes
+  raw before any remote output, and a chunk read after ssh left raw mode again at its exit
+  is never touched: the undo ends for good at the first sign of raw mode or of the session;
 - :func:`until_raw`: the wait before the first byte is typed into the terminal, until ssh
   has put it in raw mode (before that it is cooked: it would echo the bytes and eat
   ``^D``/``^C``/``^U``), as a procedure for either driver;
@@ -30,15 +39,58 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..io.flags import Flag
+from ..terminal.modes import maps_newlines
 from ..io.pty import RAW_WAIT, PtyReader
 from ..io.ssh_child import start_in_pty, terminal_is_raw, write_to
 from .child_steps import GATE_RECHECK
 from .invocation import Invocation
 from .waiting import Procedure, Sleep, WaitFd, run_async
 
-__all__ = ["LoopTerminal", "TerminalWriter", "start_in_terminal", "terminal_sink", "until_raw"]
+__all__ = [
+    "MUX_SESSION",
+    "CookedUndo",
+    "LoopTerminal",
+    "TerminalWriter",
+    "start_in_terminal",
+    "terminal_sink",
+    "until_raw",
+]
 
 _CHUNK = 65536
+
+MUX_SESSION = "mux_client_request_session: master session id"
+"""What a ``ssh -S`` passenger logs (DEBUG1) once the master has opened its session: it makes
+the pty raw right after."""
+MUX_HELLO = "mux_client_hello_exchange: master version"
+"""What ssh logs (DEBUG2) when it talks to a master: it runs as its passenger."""
+NO_MASTER = "Control socket "
+"""The start of what ssh logs when the ControlPath has no master: it connects on its own."""
+
+
+class CookedUndo:
+    """Output of a pty that a master may have written while it was cooked, made as if raw
+    (see the module docstring): ``undo(chunk)`` for each chunk as it is read.
+
+    ``fd`` is the pty master (-1: no pty, nothing to undo) and ``log`` reads ssh's ``-E`` log
+    (DEBUG2) so far: it says whether ssh is a passenger of a master (the ``ControlPath`` of
+    sshwrap's Connection or of the user's own config) and when its session opened."""
+
+    def __init__(self, fd: int, log: Callable[[], str]) -> None:
+        self._fd = fd
+        self._log = log
+        self._done = fd < 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self._done or b"\r\n" not in chunk:
+            return chunk
+        if maps_newlines(self._fd):
+            log = self._log()
+            if MUX_SESSION not in log:
+                if MUX_HELLO in log and NO_MASTER not in log:
+                    return chunk.replace(b"\r\n", b"\n")
+                return chunk  # ssh's own words before it knows: cooked as ssh meant them
+        self._done = True
+        return chunk
 
 
 def start_in_terminal(
@@ -56,14 +108,17 @@ def start_in_terminal(
 
 
 def terminal_sink(
-    call: Invocation, stdout: Any, collect: Callable[[bytes], None] | None
+    call: Invocation, stdout: Any, collect: Callable[[bytes], None] | None, master: int = -1
 ) -> Callable[[bytes], None]:
-    """The function for each chunk of the terminal's output: noted as ssh's stderr (its
-    early words arrive there), then given to ``collect`` or, without it, written where
-    ``stdout`` goes (None: this process's stdout)."""
+    """The function for each chunk of the terminal's output (the pty ``master``'s): noted as
+    ssh's stderr (its early words arrive there), made raw if a master wrote it cooked
+    (:class:`CookedUndo`), then given to ``collect`` or, without it, written where ``stdout``
+    goes (None: this process's stdout)."""
+    undo = CookedUndo(master, call.log.read)
 
     def sink(chunk: bytes) -> None:
         call.stderr.feed(chunk)
+        chunk = undo(chunk)
         if collect is not None:
             collect(chunk)
         else:
