@@ -39,10 +39,21 @@ __all__ = [
     "HostProcess",
     "SpawnedChild",
     "run_bounded",
-    "spawn_in_session",
 ]
 
 _READ = 65536
+
+
+def _output_pipe() -> tuple[int, int]:
+    """A pipe for ssh's stdout or stderr, its read end non-blocking."""
+    if hasattr(os, "pipe2"):
+        # Non-blocking at both ends (one system call): ssh makes its stdout and stderr
+        # non-blocking itself when they are not terminals, so it sees no difference.
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    return r, w
+
 
 SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
 """Lines of ssh's ``LogLevel=DEBUG1`` log that mean the remote session is up."""
@@ -107,19 +118,24 @@ class SpawnedChild:
         return self.returncode
 
 
-def _inheritable_fds() -> bool:
-    """Whether this process holds a file descriptor above 2 that a child would inherit."""
+_MAX_CLOSES = 64
+"""Inheritable fds that posix_spawn closes one by one in the child; more: ``subprocess``."""
+
+
+def _inheritable_fds() -> list[int] | None:
+    """This process's file descriptors above 2 that a child would inherit (None: unknown)."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
-        return True  # cannot tell: keep subprocess's close_fds
+        return None
+    found = []
     for name in names:
         fd = int(name)
         if fd > 2:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # (the listing's own fd, closed since)
                 if os.get_inheritable(fd):
-                    return True
-    return False
+                    found.append(fd)
+    return found
 
 
 class ChildStarter:
@@ -128,21 +144,31 @@ class ChildStarter:
     ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)`` + exec, no Python in the
     child, safe with threads) with the environment taken once, when this starter is made:
     about half the parent's CPU of ``subprocess.Popen``, whose Python part, error pipe and
-    environment conversion run for every child.  ``posix_spawn`` cannot close the fds a child
-    would inherit (``close_fds``), so it is used only when there is none (checked once, here;
-    sshwrap's own fds are all close-on-exec) or when it can close them itself
-    (``POSIX_SPAWN_CLOSEFROM``); otherwise, and where there is no ``posix_spawn`` with
-    ``setsid``, children start through ``subprocess.Popen`` (vfork + exec) as before.
+    environment conversion run for every child.  Like Popen's ``close_fds``, no fd but the
+    child's stdio reaches it: sshwrap's own fds are all close-on-exec, and those this
+    process holds that a child would inherit (a shell's, the caller's; listed once, here)
+    are closed in the child (``POSIX_SPAWN_CLOSEFROM`` where there is one).  With more than
+    a few of them, or without /proc, or where there is no ``posix_spawn`` with ``setsid``,
+    children start through ``subprocess.Popen`` (vfork + exec) as before.
     """
 
     def __init__(self) -> None:
         self.env: dict[bytes, bytes] | dict[str, str] = (
             dict(os.environb) if os.supports_bytes_environ else dict(os.environ)
         )
-        self._closefrom: int | None = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)
-        self.posix_spawn = hasattr(os, "posix_spawn") and (
-            self._closefrom is not None or not _inheritable_fds()
-        )
+        self.proc_fds = f"/proc/{os.getpid()}/fd/"
+        """This process's fds by path (Linux), for ssh's ``-E``."""
+        self._closes: list[tuple[int, ...]] = []
+        closefrom: int | None = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)
+        self.posix_spawn = hasattr(os, "posix_spawn")
+        if closefrom is not None:
+            self._closes = [(closefrom, 3)]
+        elif self.posix_spawn:
+            inherited = _inheritable_fds()
+            if inherited is None or len(inherited) > _MAX_CLOSES:
+                self.posix_spawn = False
+            else:
+                self._closes = [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(inherited)]
 
     def start(self, argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1) -> Child:
         """Start ``argv`` with these fds as its stdio (-1: /dev/null); OSError if it cannot."""
@@ -155,8 +181,7 @@ class ChildStarter:
                 (os.POSIX_SPAWN_DUP2, fds[1], 1),
                 (os.POSIX_SPAWN_DUP2, fds[2], 2),
             ]
-            if self._closefrom is not None:
-                actions.append((self._closefrom, 3))
+            actions += self._closes  # (after the dup2s: one may close a source)
             spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
             try:
                 pid = spawn(argv[0], argv, self.env, file_actions=actions, setsid=True)
@@ -166,21 +191,6 @@ class ChildStarter:
         return subprocess.Popen(
             argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True
         )
-
-
-def spawn_in_session(
-    argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` through ``subprocess.Popen`` in a session of its own, with these fds as
-    its stdio (-1: /dev/null)."""
-    null = _dev_null()
-    return subprocess.Popen(
-        argv,
-        stdin=stdin if stdin >= 0 else null,
-        stdout=stdout if stdout >= 0 else null,
-        stderr=stderr if stderr >= 0 else null,
-        start_new_session=True,
-    )
 
 
 def _proc_fd_reopenable() -> bool:
@@ -257,6 +267,8 @@ class HostProcess:
     def start(self) -> None:
         """Create ssh's log pipe (or FIFO) and start ssh; watch its fds."""
         opened: list[int] = []
+        if self.starter is None:
+            self.starter = ChildStarter()
         try:
             # Our own write end keeps the log from reading as EOF before ssh opens it; it is
             # closed at ssh's first log line (or when ssh exits).
@@ -270,7 +282,7 @@ class HostProcess:
                 # (Both ends non-blocking: ssh opens the pipe anew, with its own flags.)
                 log_r, self.log_writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 self.fds[log_r] = 3
-                log_path = f"/proc/{os.getpid()}/fd/{self.log_writer}"
+                log_path = f"{self.starter.proc_fds}{self.log_writer}"
             else:
                 assert self.fifo is not None
                 log_path = self.fifo
@@ -278,9 +290,9 @@ class HostProcess:
                 log_r = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.fds[log_r] = 3
                 self.log_writer = os.open(log_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            out_r, out_w = os.pipe()
+            out_r, out_w = _output_pipe()
             opened += [out_r, out_w]
-            err_r, err_w = os.pipe()
+            err_r, err_w = _output_pipe()
             opened += [err_r, err_w]
             if self.input is not None:
                 in_r, in_w = os.pipe()
@@ -290,8 +302,6 @@ class HostProcess:
             self.started_wall = time.time()
             self.t0 = time.monotonic()
             argv = [self.argv[0], "-E", log_path, *self.argv[1:]]
-            if self.starter is None:
-                self.starter = ChildStarter()
             self.proc = self.starter.start(argv, in_r, out_w, err_w)
         except BaseException:
             for fd in opened:
@@ -301,8 +311,6 @@ class HostProcess:
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
         fds = self.fds
         fds[out_r] = 1
         fds[err_r] = 2
@@ -559,7 +567,7 @@ async def run_bounded(argv: list[str], until: float) -> None:
     """
     loop = asyncio.get_running_loop()
     try:
-        proc = spawn_in_session(argv)
+        proc = ChildStarter().start(argv)
     except OSError:
         return
     exited = asyncio.Event()
