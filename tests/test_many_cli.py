@@ -27,6 +27,7 @@ from test_fanout_helpers import (
     mixed_config,
     write_config,
 )
+from test_persist import master_pids
 from waiting import wait_until
 
 from sshwrap.core.hostset import fold
@@ -362,3 +363,52 @@ def test_progress_on_a_terminal_is_a_bar_not_lines(many: Hosts) -> None:
     assert "\x1b[" in text and "/12" in text  # rich's live display, its done/total column
     assert "sshwrap-many: " not in text  # no plain progress lines
     assert "12 hosts in" in text
+
+
+def test_persist_then_close(many: Hosts, tmp_path: Path) -> None:
+    runtime = tempfile.mkdtemp(prefix="p-", dir="/tmp")
+    cm = f"{runtime}/sshwrap/cm"
+    env = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [EXE, "-F", many.config, *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+
+    try:
+        p = cli("-H", "h[1-4]", "--persist", "10m", "--", "echo", "hi")
+        assert p.returncode == 0, p.stderr
+        assert sorted(p.stdout.splitlines()) == [f"h{i} | hi" for i in range(1, 5)]
+        assert len(os.listdir(cm)) == 4
+        logins = many.sshd.read_log().count("Accepted publickey")
+        p = cli("-H", "h[1-4]", "--persist", "10m", "--", "echo", "again")
+        assert p.returncode == 0 and len(p.stdout.splitlines()) == 4, p.stderr
+        assert many.sshd.read_log().count("Accepted publickey") == logins  # all warm
+        p = cli("-H", "h[1-2]", "--close")
+        assert (p.returncode, p.stderr) == (0, "sshwrap-many: closed 2 persisted masters\n")
+        assert len(os.listdir(cm)) == 2
+        p = cli("--close")
+        assert (p.returncode, p.stderr) == (0, "sshwrap-many: closed 2 persisted masters\n")
+        assert os.listdir(cm) == [] and master_pids(cm) == []
+    finally:
+        left = master_pids(cm)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+        assert not left
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-H", "h1", "--persist", "soon", "--", "true"], "persist='soon'"),
+        (["-H", "h1", "--persist", "0", "--", "true"], "persist='0'"),
+        (["-H", "h1", "--persist", "1m", "-o", "ControlPath=/x", "--", "true"], "ControlPath"),
+        (["-H", "h1", "--close", "--", "true"], "--close takes no command"),
+        (["--close", "--persist", "1m"], "--close takes no command and no --persist"),
+        (["--", "true"], "required: -H/--hosts"),
+    ],
+)
+def test_persist_usage_errors(many: Hosts, args: list[str], message: str) -> None:
+    p = run_cli(many, *args)
+    assert p.returncode == 64 and message in p.stderr, p.stderr
+    assert p.stdout == ""

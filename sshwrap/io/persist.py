@@ -7,6 +7,9 @@ background and runs its command through it; every later ssh to that host (this r
 stop, the next run) finds the socket and runs as a client of that master: no new connection,
 no key exchange.  ``%C`` is ssh's hash of the local host name, the remote host, port, user
 and ProxyJump, so the same host reached with the same settings finds the same master.
+Two aliases of one address, port and user share one master, and so that server's
+``MaxSessions`` (10 by default): a session beyond it is refused by the server, and ssh logs
+in anew on a connection of its own for it (it still runs).
 
 **Pitfall 8** (a ControlPersist master that inherits a pipe keeps it open forever): OpenSSH's
 ``control_persist_detach`` (ssh.c) forks, and the child that stays the master puts its stdin,
