@@ -6,6 +6,7 @@ fresh short one), and its teardown closes them and kills, by pid, any master lef
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -263,3 +264,17 @@ def test_without_persist_nothing_persists(sshd: LocalSSHD, cm: str) -> None:
         results = sshwrap.run_many(sshd.hosts[:2], "true", config=sshd.config, persist=persist)
         assert all(r.ok for r in results)
     assert not os.path.exists(cm) and master_pids(os.path.dirname(cm)) == []
+
+
+def test_the_async_face_persists_too(sshd: LocalSSHD, cm: str) -> None:
+    hosts = sshd.hosts[:2]
+
+    async def main(cmd: str) -> list[bytes]:
+        gen = sshwrap.aio.run_many(hosts, cmd, config=sshd.config, persist="1m")
+        return sorted([r.stdout async for r in gen])
+
+    assert asyncio.run(main("echo a")) == [b"a\n"] * 2
+    logins = sshd.read_log().count(ACCEPTED)
+    assert asyncio.run(main("echo b")) == [b"b\n"] * 2
+    assert sshd.read_log().count(ACCEPTED) == logins
+    assert len(persisted_sockets(cm)) == 2
