@@ -10,6 +10,9 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
   config file, the destination's syntax).
 - :class:`CommandTooLongError` (also a :class:`ValueError`): a command or argument larger than
   the operating system lets a program receive, refused before ssh starts.
+- :class:`SudoError`: ``sudo=True`` could not get the command run: the password was refused
+  (sudo asked again), none was given when sudo asked, or sudo ended before the command
+  started (not allowed by sudoers, sudo missing); it has ``host`` and never the password.
 - :class:`CalledProcessError` and :class:`TimeoutExpired`: also subclasses of the
   :mod:`subprocess` ones, so ``except subprocess.CalledProcessError`` keeps working; they carry
   ``host``.
@@ -58,6 +61,7 @@ __all__ = [
     "SSHError",
     "SSHStderr",
     "SSHWrapError",
+    "SudoError",
     "TimeoutExpired",
     "classify_ssh_failure",
     "interpret_exit",
@@ -164,6 +168,29 @@ class CommandTooLongError(SSHWrapError, ValueError):
         super().__init__(message)
         self.limit = limit
         self.size = size
+
+
+class SudoError(SSHWrapError):
+    """``sudo=True``: sudo did not run the command.
+
+    ``host`` is the destination as given, ``message`` what went wrong (the password was
+    refused, sudo asked for a password and none was given, sudo ended before the command
+    started), ``stderr`` what sudo printed (its own words, the prompt removed), ``returncode``
+    sudo's exit status when it ended by itself (None when sshwrap stopped it).  The password
+    is never part of any of them.
+    """
+
+    def __init__(
+        self, host: str, message: str, *, stderr: str = "", returncode: int | None = None
+    ) -> None:
+        super().__init__(host, message)
+        self.host = host
+        self.message = message
+        self.stderr = stderr
+        self.returncode = returncode
+
+    def __str__(self) -> str:
+        return f"{self.host}: {self.message}"
 
 
 class CalledProcessError(SSHWrapError, subprocess.CalledProcessError):

@@ -91,6 +91,7 @@ from .core.invocation import (
 from .core.options import (
     Command,
     PopenOptions,
+    SSHRunOptions,
     SSHSettings,
     StdSpec,
     check_keywords,
@@ -118,6 +119,7 @@ __all__ = [
     "Invocation",
     "Popen",
     "PopenOptions",
+    "SSHRunOptions",
     "SSHSettings",
     "StdSpec",
     "call",
@@ -414,7 +416,7 @@ def run(
     capture_output: bool = False,
     timeout: float | None = None,
     check: bool = False,
-    **kwargs: Unpack[PopenOptions],
+    **kwargs: Unpack[SSHRunOptions],
 ) -> CompletedProcess:
     """Run ``args`` on ``host`` and wait; like :func:`subprocess.run`.
 
@@ -422,19 +424,26 @@ def run(
     when ssh failed, :class:`~sshwrap.errors.TimeoutExpired` once ``timeout`` has passed and
     the remote command is stopped (at most :data:`STOP_MARGIN` later),
     :class:`~sshwrap.errors.CalledProcessError` with ``check=True`` and a non-zero returncode.
+
+    ``sudo=True`` runs the command through ``sudo -S`` on the host, as ``sudo_user`` (default
+    root), with ``sudo_password`` (``str``, ``bytes`` or a callable returning one, called
+    once, only if sudo asks) sent on the command's stdin when sudo prompts, then ``input``:
+    the password is never in an argv, the environment, a log, the result or an exception; a
+    password sudo refuses raises :class:`~sshwrap.errors.SudoError` at once (no retry), as
+    does a sudo that ends before the command starts.  Not with ``tty=True`` or a ``stdin``.
     """
     return run_sync(run_ssh(host, args, input, timeout, capture_output, check, **kwargs))
 
 
 def call(
-    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[PopenOptions]
+    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[SSHRunOptions]
 ) -> int:
     """Run ``args`` on ``host`` and return its returncode; like :func:`subprocess.call`."""
     return run(host, args, timeout=timeout, **kwargs).returncode
 
 
 def check_call(
-    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[PopenOptions]
+    host: str, args: Command, *, timeout: float | None = None, **kwargs: Unpack[SSHRunOptions]
 ) -> int:
     """Like :func:`call` but raise CalledProcessError on a non-zero returncode."""
     retcode = call(host, args, timeout=timeout, **kwargs)
@@ -449,7 +458,7 @@ def check_output(
     *,
     input: Any = None,
     timeout: float | None = None,
-    **kwargs: Unpack[PopenOptions],
+    **kwargs: Unpack[SSHRunOptions],
 ) -> Any:
     """Run ``args`` on ``host`` and return its stdout; CalledProcessError if non-zero."""
     if "stdout" in kwargs:

@@ -13,6 +13,14 @@ at once); ``stdin=None`` reads this process's own stdin (from the pump thread); 
 (universal newlines, as ``subprocess``).  :meth:`RunStreams.for_run` and
 :meth:`PopenStreams.for_popen` take a call's keywords as given and make :mod:`subprocess`'s
 checks first (:mod:`sshwrap.core.options`), as the other faces make them.
+
+``sudo=True`` (:mod:`sshwrap.core.sudo`; ``run`` only): :meth:`RunStreams.wrap` puts the
+command line behind ``sudo -S``; the stdin source is held, the stderr sink has the sudo
+machine as its filter (in the pump thread): when sudo prompts, the password is released
+into the source, once the command started ``input`` and the end; a refused password closes
+the channel at once and :meth:`RunStreams.result` raises
+:class:`~sshwrap.errors.SudoError`.  A ``sudo_password`` callable is asked before the
+command starts (never in the pump thread).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import IO, Any, cast
 from ..errors import CalledProcessError, CommandLostError, SSHError, TimeoutExpired
 from ..io.pump import Session, Sink, Source
 from .options import check_terminal, run_streams, text_encoding, text_option
+from .sudo import SudoRun, SudoSettings, sudo_settings
 
 __all__ = ["PopenStreams", "RunStreams", "Stream", "decode", "ended_error", "text_mode"]
 
@@ -143,6 +152,48 @@ def ended_error(
     return SSHError(host, "the remote command ended without an exit status")
 
 
+class _SudoFilter:
+    """The stderr filter of a ``run`` under sudo (pump thread): the :class:`SudoRun`
+    machine, its stdin bytes released into the held source, a refusal closing the channel."""
+
+    def __init__(self, sudo: SudoRun, src: Source) -> None:
+        self.sudo = sudo
+        self.src = src
+        self.channel: Session | None = None
+
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        """See :class:`~sshwrap.io.channel_io.StreamFilter`."""
+        out, consumed, send, end = self.sudo.feed(data)
+        ch = self.channel
+        if ch is not None and (send or end or self.sudo.failed is not None):
+            with ch.core.lock:
+                if self.sudo.failed is not None:
+                    ch.core.close_channel_locked(ch)
+                else:
+                    self.src.release(send, last=end)
+                    ch.core.start_input_locked(ch)  # (started already: sends what came)
+        return out, consumed
+
+    def end(self) -> bytes:
+        """See :class:`~sshwrap.io.channel_io.StreamFilter`."""
+        return self.sudo.end()
+
+
+def _sudo_ends(
+    host: str, sudo: SudoSettings, data: bytes | None, err: Sink, out: Sink
+) -> tuple[Source, Sink, _SudoFilter]:
+    """The held source and the filtered stderr sink of a ``run`` under sudo (a stderr merged
+    into stdout gets a sink of its own that writes where stdout's goes)."""
+    if sudo.password.given:
+        sudo.password.get()  # a callable is asked here, in the caller's thread
+    machine = _SudoFilter(SudoRun(host, sudo, data), Source(held=True))
+    if err is out:
+        err = Sink(collect=out.collect, fd=out.fd)
+        err.buf = out.buf
+    err.filter = machine
+    return machine.src, err, machine
+
+
 class RunStreams:
     """The streams of one ``run``: prepared before the channel opens, read after it ends."""
 
@@ -159,8 +210,14 @@ class RunStreams:
         text: bool | None,
         encoding: str | None,
         errors: str | None,
+        sudo: SudoSettings | None = None,
     ) -> None:
         _, stdout, stderr = run_streams(None, capture_output, {"stdout": stdout, "stderr": stderr})
+        if sudo is not None and stdin != DEVNULL:
+            raise ValueError(
+                "sudo=True takes the command's input from input= only (stdin must stay "
+                "DEVNULL): sudo reads the password from that same stdin"
+            )
         self.host, self.args = host, args
         self.stdout_spec, self.stderr_spec = stdout, stderr
         self.textual = text_mode(text, encoding, errors)
@@ -170,12 +227,16 @@ class RunStreams:
             data = input.encode(encoding or text_encoding(), errors or "strict")
         else:
             data = input
-        self.src = _source(stdin, data)
+        self.src = _source(stdin, None if sudo is not None else data)
+        self._sudo: _SudoFilter | None = None
         try:
             self.out, _ = _sink(stdout, collect_pipe=True)
             self.err, _ = _stderr_sink(stderr, self.out, collect_pipe=True)
+            if sudo is not None:
+                self.src, self.err, self._sudo = _sudo_ends(host, sudo, data, self.err, self.out)
         except BaseException:
-            _release(self.src, [])
+            made = [getattr(self, "out", None), getattr(self, "err", None)]
+            _release(self.src, [s for i, s in enumerate(made) if s and s not in made[:i]])
             raise
 
     @classmethod
@@ -185,6 +246,7 @@ class RunStreams:
         ``capture_output`` with ``stdout``/``stderr``, ``text`` and ``universal_newlines``
         disagreeing) and ``size`` without ``tty``, as every face does."""
         check_terminal(options)
+        sudo = sudo_settings(options)
         input_ = options.get("input")
         stdin, stdout, stderr = run_streams(input_, options.get("capture_output", False), options)
         return cls(
@@ -198,10 +260,18 @@ class RunStreams:
             text=text_option(options),
             encoding=options.get("encoding"),
             errors=options.get("errors"),
+            sudo=sudo,
         )
+
+    def wrap(self, command: str) -> str:
+        """The command line to ``exec``: ``command`` itself, or behind ``sudo -S`` when the
+        call has ``sudo=True`` (its prompt and start mark are this object's)."""
+        return command if self._sudo is None else self._sudo.sudo.command(command)
 
     def attach(self, ch: Session) -> None:
         """Give the streams to the channel (before ``exec``)."""
+        if self._sudo is not None:
+            self._sudo.channel = ch
         ch.setup_io(self.src, self.out, self.err)
 
     def release(self) -> None:
@@ -227,11 +297,19 @@ class RunStreams:
 
     def result(self, ch: Session, check: bool, make_result: Callable[..., Any]) -> Any:
         """``make_result(args, returncode, stdout, stderr)`` for the ended channel, or the
-        typed error (:func:`ended_error`; ``CalledProcessError`` with ``check``)."""
+        typed error (:func:`ended_error`; ``CalledProcessError`` with ``check``; under sudo
+        a :class:`~sshwrap.errors.SudoError` first, for a refused password or a sudo that
+        ended before the command started)."""
+        if self._sudo is not None and self._sudo.sudo.failed is not None:
+            raise self._sudo.sudo.failed
         failure = ended_error(self.host, ch, self.outputs)
         if failure is not None:
             raise failure
         rc = ch.returncode
+        if self._sudo is not None:
+            refused = self._sudo.sudo.outcome(rc)
+            if refused is not None:
+                raise refused
         assert rc is not None
         o, e = self.outputs()
         if check and rc != 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import locale
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any, TypedDict, cast
 
 from .argv import OptionValue
@@ -32,9 +32,11 @@ __all__ = [
     "PopenOptions",
     "ProcessOptions",
     "RunOptions",
+    "SSHRunOptions",
     "SSHSettings",
     "StdSpec",
     "StreamOptions",
+    "SudoOptions",
     "TerminalOptions",
     "TextOptions",
     "check_keywords",
@@ -111,6 +113,18 @@ class TerminalOptions(TypedDict, total=False):
     size: tuple[int, int] | None
 
 
+class SudoOptions(TypedDict, total=False):
+    """``sudo=True``: the command runs through ``sudo -S`` on the remote side
+    (:mod:`sshwrap.core.sudo`), as ``sudo_user`` (``sudo -u``; default root), with
+    ``sudo_password`` (a ``str``, ``bytes``, or a callable returning one, asked once when sudo
+    asks) sent on the command's stdin only; ``run`` calls only (no terminal, stdin from
+    ``input=``)."""
+
+    sudo: bool
+    sudo_password: str | bytes | Callable[[], str | bytes] | None
+    sudo_user: str | None
+
+
 class PopenOptions(
     SSHSettings, CommandOptions, StreamOptions, TextOptions, TerminalOptions, total=False
 ):
@@ -118,6 +132,11 @@ class PopenOptions(
     besides their own) after host and command."""
 
     bufsize: int
+
+
+class SSHRunOptions(PopenOptions, SudoOptions, total=False):
+    """The keyword arguments of ``sshwrap.run`` (and ``call``/``check_call``/``check_output``)
+    after host and command besides their own: :class:`PopenOptions` and :class:`SudoOptions`."""
 
 
 class ProcessOptions(SSHSettings, CommandOptions, StreamOptions, TerminalOptions, total=False):
@@ -128,9 +147,9 @@ class ProcessOptions(SSHSettings, CommandOptions, StreamOptions, TerminalOptions
     limit: int
 
 
-class RunOptions(ProcessOptions, TextOptions, total=False):
+class RunOptions(ProcessOptions, TextOptions, SudoOptions, total=False):
     """Keyword arguments of :func:`sshwrap.aio.run` besides its own (``input``,
-    ``capture_output``, ``timeout``, ``check``)."""
+    ``capture_output``, ``timeout``, ``check``), :class:`SudoOptions` included."""
 
 
 def keys_of(options: type) -> frozenset[str]:

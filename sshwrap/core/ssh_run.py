@@ -18,6 +18,13 @@ Connection's ``ssh -S`` fallback ``yield from``'s it.  Its steps:
    is killed and reaped at once;
 4. the result: the remote returncode (negative for a signal) or the typed
    :class:`~sshwrap.errors.SSHError` (ssh's own words), ssh's messages where ``stderr`` goes.
+
+With ``sudo=True`` (:mod:`sshwrap.core.sudo`) the remote command is wrapped in ``sudo -S``,
+stdin and stderr are always pipes of ours: the stderr goes through the sudo state machine
+(prompt and start mark cut out, the rest where the caller's ``stderr`` goes), and stdin gets
+the password when sudo prompts, then ``input`` once the command started, then its end.  A
+refused password kills the local ssh at once (sudo, left waiting on a closed stdin, ends by
+itself) and raises :class:`~sshwrap.errors.SudoError`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Unpack, cast
 
-from ..errors import CalledProcessError, TimeoutExpired
+from ..errors import CalledProcessError, SudoError, TimeoutExpired
 from ..io.deadline import deadline_after
 from ..io.pty import PtyReader
 from ..io.ssh_child import (
@@ -40,12 +47,14 @@ from ..io.ssh_child import (
     terminal_is_raw,
     write_to,
 )
+from .argv import remote_command
 from .child_steps import Expired, exchange, reap_killed
 from .completed import CompletedProcess
 from .invocation import STOP_MARGIN, TEE_GRACE, Invocation
 from .options import (
+    COMMAND_KEYS,
     Command,
-    PopenOptions,
+    SSHRunOptions,
     check_keywords,
     check_terminal,
     invocation_settings,
@@ -53,6 +62,7 @@ from .options import (
     run_streams,
     text_encoding,
 )
+from .sudo import SudoRun, sudo_settings
 from .tty_process import start_in_terminal, terminal_sink
 from .waiting import Procedure
 
@@ -67,6 +77,7 @@ __all__ = [
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
+STDOUT = subprocess.STDOUT
 
 
 def prepare_run(input: Any, capture_output: bool, kwargs: dict[str, Any]) -> None:
@@ -114,16 +125,82 @@ def serve_terminal(
         )
 
 
+class _SudoPipes:
+    """The sudo side of a child's pipes: its stderr through the :class:`SudoRun` machine,
+    its stdin written in the machine's order (password, then input, then the end)."""
+
+    def __init__(self, child: _Child, sudo: SudoRun, stdout: Any, stderr: Any) -> None:
+        self.sudo = sudo
+        self._child = child
+        self._stdout, self._stderr = stdout, stderr
+        self._queue = bytearray()
+        self._end = False
+        self._writing = False
+        self.closed = False
+
+    def stderr(self, chunk: bytes) -> None:
+        """A chunk of the command's stderr (raises the SudoError of a refused password)."""
+        out, _, send, end = self.sudo.feed(chunk)
+        self.emit(out)
+        if send or end:
+            self._queue += send
+            self._end = self._end or end
+            self._next()
+        if self.sudo.failed is not None:
+            raise self.sudo.failed
+
+    def emit(self, data: bytes) -> None:
+        """Stderr bytes for the caller, where its ``stderr`` goes."""
+        if not data:
+            return
+        child = self._child
+        if self._stderr == PIPE:
+            child.err.extend(data)
+            return
+        child.call.stderr.feed(data)  # ssh's early words stay known, as the relay keeps them
+        if self._stderr == STDOUT and self._stdout == PIPE:
+            child.out.extend(data)
+        else:
+            write_to(self._stderr, data, stdout_target=self._stdout)
+
+    def _next(self) -> None:
+        proc_stdin = self._child.proc.stdin
+        if self._writing or self.closed or proc_stdin is None:
+            return
+        if self._queue:
+            data = bytes(self._queue)
+            self._queue.clear()
+            self._writing = True
+            self._child.pipes.feed(proc_stdin.fileno(), data, self._written)
+        elif self._end:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                proc_stdin.close()
+
+    def _written(self) -> None:
+        self._writing = False
+        self._next()
+
+
 class _Child:
     """ssh as :func:`run_ssh` runs it: the process, its pipes, what they collected."""
 
     def __init__(
-        self, call: Invocation, stdin: Any, stdout: Any, stderr: Any, size: Any, data: bytes
+        self,
+        call: Invocation,
+        stdin: Any,
+        stdout: Any,
+        stderr: Any,
+        size: Any,
+        data: bytes,
+        sudo: SudoRun | None = None,
     ) -> None:
+        self.call = call
         self.out = bytearray()
         self.err = bytearray()
         self._fds: list[int] = []
         self._terminal: io.BufferedReader[Any] | None = None
+        self.sudo: _SudoPipes | None = None
         if call.tty:
             self.proc, master = start_in_terminal(call, size)
             self._terminal = terminal_reader(master)
@@ -134,20 +211,23 @@ class _Child:
             sink = terminal_sink(call, stdout, collect, master)
             serve_terminal(self.pipes, self._terminal, sink, data)
             return
-        streams = (stdin, stdout, stderr)
+        streams = (stdin, stdout, stderr) if sudo is None else (PIPE, stdout, PIPE)
         proc, relay, _ = popen_with_pipes(call.argv, call.stderr, streams, relay_thread=False)
         if relay >= 0:
             self._fds.append(relay)
         self.proc = proc
         self.collect_out = proc.stdout is not None
-        self.collect_err = proc.stderr is not None
+        self.collect_err = stderr == PIPE
         self.pipes = ChildPipes(proc)
-        if proc.stdin is not None:
+        if sudo is not None:
+            self.sudo = _SudoPipes(self, sudo, stdout, stderr)
+        elif proc.stdin is not None:
             self.pipes.feed(proc.stdin.fileno(), data, proc.stdin.close)
         if proc.stdout is not None:
             self.pipes.read_into(proc.stdout.fileno(), self.out.extend)
         if proc.stderr is not None:
-            self.pipes.read_into(proc.stderr.fileno(), self.err.extend)
+            sink = self.err.extend if self.sudo is None else self.sudo.stderr
+            self.pipes.read_into(proc.stderr.fileno(), sink)
         if relay >= 0:
 
             def relayed(chunk: bytes) -> None:
@@ -174,6 +254,8 @@ class _Child:
         """Kill and reap ssh if it still runs; release every fd."""
         self.kill()
         self.proc.wait()
+        if self.sudo is not None:
+            self.sudo.closed = True
         self.pipes.close()
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if f is not None:
@@ -212,7 +294,7 @@ def run_ssh(
     timeout: float | None = None,
     capture_output: bool = False,
     check: bool = False,
-    **kwargs: Unpack[PopenOptions],
+    **kwargs: Unpack[SSHRunOptions],
 ) -> Procedure[CompletedProcess]:
     """Run ``args`` on ``host`` with a fresh ssh and wait: the procedure of ``sshwrap.run``
     (same arguments, results, errors and bounds; ``bufsize`` is accepted and unused).
@@ -220,8 +302,14 @@ def run_ssh(
     ``input``, ``timeout``, ``capture_output`` and ``check`` may come by position (in this
     order) or keyword.
     """
-    check_keywords("run", kwargs, PopenOptions)
+    check_keywords("run", kwargs, SSHRunOptions)
     check_terminal(kwargs)
+    sudo = sudo_settings(kwargs)
+    if sudo is not None and input is None and kwargs.get("stdin", DEVNULL) != DEVNULL:
+        raise ValueError(
+            "sudo=True takes the command's input from input= only (stdin must stay DEVNULL): "
+            "sudo reads the password from that same stdin"
+        )
     options = cast(dict[str, Any], dict(kwargs))
     prepare_run(input, capture_output, options)
     stdout, stderr = options.get("stdout"), options.get("stderr")
@@ -233,9 +321,17 @@ def run_ssh(
         input = input.encode(encoding or text_encoding(), errors or "strict")
     data = b"" if input is None else bytes(input)
     deadline = deadline_after(timeout)
-    call = Invocation(host, args, tty=tty, **invocation_settings(options))
+    settings = invocation_settings(options)
+    remote: Command = args
+    sudo_run: SudoRun | None = None
+    if sudo is not None:
+        sudo_run = SudoRun(host, sudo, data)
+        inner = remote_command(args, env=options.get("env"), cwd=options.get("cwd"))
+        remote = sudo_run.command(inner)
+        settings = cast(Any, {k: v for k, v in settings.items() if k not in COMMAND_KEYS})
+    call = Invocation(host, remote, tty=tty, **settings)
     try:
-        child = _Child(call, stdin, stdout, stderr, options.get("size"), data)
+        child = _Child(call, stdin, stdout, stderr, options.get("size"), data, sudo_run)
     except BaseException:
         call.close()
         raise
@@ -248,11 +344,16 @@ def run_ssh(
             call.write_messages(stdout, stderr, tty)
             out, err = child.output()
             raise TimeoutExpired(args, timeout or 0.0, out, err, host=host) from None
+        except SudoError:  # nothing ran yet: no remote stop, the session just goes
+            child.kill()
+            raise
         except BaseException:
             if not child.pipes.exited:  # ^C or cancelled: at once, the stop in the background
                 call.stop_in_background()
                 child.kill()
             raise
+        if child.sudo is not None:
+            child.sudo.emit(child.sudo.sudo.end())
         out, err = child.output()
         if stderr == PIPE:
             call.note_stderr(err)
@@ -260,6 +361,10 @@ def run_ssh(
         call.write_messages(stdout, stderr, tty)
         if call.error is not None:
             raise call.error
+        if sudo_run is not None:
+            failure = sudo_run.outcome(returncode)
+            if failure is not None:
+                raise failure
     finally:
         child.close()
         call.close()
