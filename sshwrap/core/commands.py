@@ -47,7 +47,7 @@ from .argv import remote_command
 from .channel_popen import ChannelPopen, ChannelPopenOptions, start_popen
 from .channel_streams import RunStreams
 from .completed import CompletedProcess
-from .invocation import SessionRefusedError
+from .invocation import MASTER_GONE, MasterGoneError, SessionRefusedError
 from .options import (
     Command,
     CommandOptions,
@@ -108,13 +108,14 @@ def on_master(
     fallback: Callable[[], Procedure[T]],
 ) -> Procedure[T]:
     """``attempt(core)`` on the master's proxy core, once more on a new master when the
-    first was lost before the command started; ``fallback()`` when the master refuses proxy
-    mode.  ``deadline`` bounds a (re)start of the master."""
+    first was lost before the command started (``ChannelLost``); ``fallback()`` when the
+    master refuses proxy mode (the same retry when its ``ssh -S`` found no master).
+    ``deadline`` bounds a (re)start of the master."""
     for last in (False, True):
         core = yield from use_master(master, deadline)
-        if core is None:
-            return (yield from fallback())
         try:
+            if core is None:
+                return (yield from fallback())
             return (yield from attempt(core))
         except ChannelLost:
             if last:
@@ -242,6 +243,8 @@ def _run_through(
             if guard is not None:
                 guard.withdraw()
             raise TimeoutExpired(args, timeout, e.output, e.stderr, host=host) from None
+        except MasterGoneError:  # the master died just now: nothing ran, a new one is tried
+            raise ChannelLost(MASTER_GONE) from None
         except SessionRefusedError:
             left = remaining(give_up)
             if left is not None and left <= 0:

@@ -37,7 +37,11 @@ from ..io.master import NO_DIRECT_LOGIN
 from ..io.mux_control import master_answers
 from ..io.ssh_child import ChildPipes, write_to
 from ..io.threads import start_daemon
-from ..protocol.sshlog import mux_session_refused, mux_session_without_status
+from ..protocol.sshlog import (
+    mux_master_unreachable,
+    mux_session_refused,
+    mux_session_without_status,
+)
 from .argv import (
     SSHLog,
     build_ssh_argv,
@@ -56,6 +60,7 @@ __all__ = [
     "STOP_MARGIN",
     "TEE_GRACE",
     "Invocation",
+    "MasterGoneError",
     "RemoteStop",
     "SessionRefusedError",
     "control_path",
@@ -106,6 +111,15 @@ class SessionRefusedError(SSHConnectionError):
 SESSION_REFUSED = "the server refused to open a session over the control master"
 
 
+class MasterGoneError(SSHConnectionError):
+    """``ssh -S`` kept off a login of its own (see ``Master.fallback_settings``) found no
+    master answering on its socket: nothing ran.  A Connection starts a new master and tries
+    once more, as for a channel lost before it opened."""
+
+
+MASTER_GONE = "the control master is gone (nothing answers on its socket)"
+
+
 def control_path(settings: list[str]) -> str | None:
     """The ``ControlPath`` that ``settings`` (ssh's option arguments) give ssh, if one: the
     first, as ssh takes the first value of an option.  None for none, ``none``, or one with
@@ -118,6 +132,9 @@ def control_path(settings: list[str]) -> str | None:
             path = path.strip()
             return None if path.lower() == "none" or "%" in path else path
     return None
+
+
+_NO_LOGIN = f"ProxyCommand={NO_DIRECT_LOGIN}"
 
 
 def _without_option(settings: list[str], option: str) -> list[str]:
@@ -305,6 +322,9 @@ class Invocation:
                 # over sshwrap's master): its words are not the story, and nothing ran
                 self.error = SessionRefusedError(self.host, SESSION_REFUSED)
                 self.messages = ""
+            elif info.error is not None and self._kept_off_login and mux_master_unreachable(log):
+                self.error = MasterGoneError(self.host, MASTER_GONE)
+                self.messages = ""
             elif self._master_lost(info.returncode, info.local_signal, log):
                 self.returncode = 255
                 self.error = CommandLostError(self.host, LOST_MASTER)
@@ -314,6 +334,11 @@ class Invocation:
                 # on.  Hang it up, as a terminal would: SIGHUP (nohup'd commands survive).
                 self.stop_in_background(signal.SIGHUP, escalate=False)
         return self.returncode
+
+    @property
+    def _kept_off_login(self) -> bool:
+        """ssh was given sshwrap's ProxyCommand that fails at once (a master's ``ssh -S``)."""
+        return _without_option(self.settings, _NO_LOGIN) != self.settings
 
     def _master_lost(self, returncode: int, local_signal: int, log: str) -> bool:
         """ssh went through a ControlMaster, the session ended without a status, and the
@@ -397,7 +422,7 @@ class Invocation:
         connect = max(1, math.ceil(budget))
         # Over sshwrap's master the command's ssh may not log in anew (see
         # Master.fallback_settings); the stop may, when the master cannot give it a session.
-        own = _without_option(self.settings, f"ProxyCommand={NO_DIRECT_LOGIN}")
+        own = _without_option(self.settings, _NO_LOGIN)
         settings = ["-o", f"ConnectTimeout={connect}", *own, "-o", "BatchMode=yes"]
         return build_ssh_argv(self.ssh, self.host, script, settings=settings)
 

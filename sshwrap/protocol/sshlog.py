@@ -242,6 +242,19 @@ def mux_session_refused(log: str) -> bool:
     return bool(_MUX_REFUSED.search(log))
 
 
+_MUX_NO_MASTER = re.compile(
+    r"Control socket connect\(|Control socket \".*\" does not exist|"
+    r"master hello exchange failed|master alive request failed"
+)
+
+
+def mux_master_unreachable(log: str) -> bool:
+    """True when ssh, told to go through a ControlMaster, found none answering on its socket
+    (OpenSSH's mux.c ``muxclient``: a refused or missing socket, no hello): ssh then tries a
+    connection of its own, and nothing ran over the master."""
+    return bool(_MUX_NO_MASTER.search(log))
+
+
 def mux_session_without_status(log: str) -> bool:
     """True when ssh ran the session through a ControlMaster (``ssh -S``, or the user's
     ControlMaster config) and the master closed it without an exit status.
