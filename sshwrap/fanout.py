@@ -45,6 +45,13 @@ key exchange, and the exact ``-signum`` for a remote signal death.  Any other ob
 ControlPath=... -o ControlMaster=no``.  A ControlMaster that the user's own ssh config sets
 up is reused by ssh itself.
 
+Persisted masters: with ``persist=`` (``"10m"``, seconds, ``True`` for 10 minutes) every
+host's ssh is a ``ControlMaster=auto`` with that ``ControlPersist``, its socket named by
+ssh's ``%C`` in a private directory of this user's: a later run (or this run's remote stop)
+to the same host with the same settings runs over that master, with no new login.  One that
+died is replaced by ssh.  :func:`close_persisted` ends them by their pids
+(:mod:`sshwrap.io.persist`).
+
 Resources: ``concurrency`` caps the ssh processes in flight, and so the file descriptors;
 ``check_fd_budget`` refuses, before anything starts, a concurrency that ``RLIMIT_NOFILE``
 cannot hold (raising the soft limit up to the hard one first when that is enough).
@@ -364,8 +371,9 @@ def close_persisted(
     ``ssh -G`` with the ssh settings given here (``config``, ``user``, ``port``, ``jump``,
     ``options``, ``ssh``), which must be those of the run that left it (ssh's ``%C`` hashes
     the host, port, user and jump host).  Each master is sent SIGTERM by its own pid (asked of
-    its socket) and waited for, SIGKILL when it has not exited within ``timeout``; no master
-    is left running and no socket left behind.  A socket whose master died is removed, not
+    its socket) and waited for, SIGKILL when it has not exited within ``timeout`` (the call
+    returns within about ``timeout`` + 1 s); no master is left running and no socket left
+    behind.  A socket whose master died is removed, not
     counted.  Raises ``PersistDirError`` when the directory is unsafe.
     """
     directory = persist_dir(create=False)
