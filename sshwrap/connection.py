@@ -58,6 +58,7 @@ from .core.commands import ChannelRunOptions, run_command, start_command
 from .core.completed import CompletedProcess
 from .core.getoutput import getoutput_options, status_output
 from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
+from .core.shell import Shell, check_shell_options
 from .core.waiting import run_sync
 from .io.forwards import Forward, ForwardError
 from .io.master import SUN_PATH_MAX, Master
@@ -294,6 +295,15 @@ class Connection:
         if "stdout" in kwargs:
             raise ValueError("stdout argument not allowed, it will be overridden.")
         return self.run(args, stdout=subprocess.PIPE, check=True, **kwargs).stdout
+
+    def shell(self, *, tty: bool = False, program: str = "sh") -> Shell:
+        """A persistent remote shell on one channel of the master (``sshwrap.shell.Shell``):
+        ``cd``, variables, functions and an activated virtualenv persist between its
+        ``run`` calls.  ``program`` is the POSIX shell to run (``sh``, whatever the login
+        shell is); ``tty=True`` is refused (``ValueError``).  The Connection stays open when
+        the shell closes."""
+        check_shell_options(tty, program)
+        return Shell.start(self._master, program)
 
     # -- forwards ----------------------------------------------------------------------
     def forward_local(

@@ -30,6 +30,7 @@ from ..core.completed import CompletedProcess
 from ..core.getoutput import getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT
 from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
+from ..core.shell import ShellRunOptions, ShellSession, check_shell_options, open_shell
 from ..core.waiting import run_async
 from ..errors import SSHError
 from ..io.master import Master
@@ -39,7 +40,13 @@ if TYPE_CHECKING:
     from ..transfer import ProgressCallback
     from .process import Process
 
-__all__ = ["AsyncChannelProcess", "AsyncConnection", "ChannelProcessOptions", "connect"]
+__all__ = [
+    "AsyncChannelProcess",
+    "AsyncConnection",
+    "AsyncShell",
+    "ChannelProcessOptions",
+    "connect",
+]
 
 
 class AsyncChannelProcess:
@@ -147,6 +154,46 @@ class AsyncChannelProcess:
         return process_repr("AsyncChannelProcess", self.host, p.pid, p.returncode, self.args)
 
 
+class AsyncShell:
+    """A persistent remote shell from asyncio: ``sshwrap.shell.Shell``'s twin over the same
+    procedures (:mod:`sshwrap.core.shell`, run by ``run_async``).  Cancelling a ``run``
+    stops its command as a timeout does (the shell survives when the command ends within
+    the bound)."""
+
+    def __init__(self, session: ShellSession) -> None:
+        self._session = session
+        self.host = session.host
+        self.pid = session.pid
+
+    @property
+    def session(self) -> ShellSession:
+        """The shell's state and procedures (``sshwrap.core.shell.ShellSession``)."""
+        return self._session
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (or once the shell had to be stopped)."""
+        return self._session.closed
+
+    async def run(self, args: Command, **options: Unpack[ShellRunOptions]) -> CompletedProcess:
+        """``Shell.run`` without blocking the loop: same arguments, results and errors."""
+        return await run_async(self._session.run(args, **options))
+
+    async def close(self) -> None:
+        """End the shell (``Shell.close``); the Connection stays open."""
+        await run_async(self._session.close())
+
+    async def __aenter__(self) -> AsyncShell:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<AsyncShell {self.host!r} pid={self.pid} {state}>"
+
+
 class ChannelProcessOptions(CommandOptions, StreamOptions, TerminalOptions, total=False):
     """The keywords of ``AsyncConnection.create_process`` after the command (``tty``/``size``
     too, over a channel and over the ``ssh -S`` fallback)."""
@@ -227,6 +274,11 @@ class AsyncConnection:
         proc = AsyncChannelProcess(popen)
         await proc._connect_pipes()
         return proc
+
+    async def shell(self, *, tty: bool = False, program: str = "sh") -> AsyncShell:
+        """A persistent remote shell on one channel (``Connection.shell``'s twin)."""
+        check_shell_options(tty, program)
+        return AsyncShell(await run_async(open_shell(self.sync.master, program)))
 
     async def getstatusoutput(
         self,
