@@ -307,16 +307,9 @@ def one_session_sshd(local_sshd_factory: Callable[..., LocalSSHD]) -> LocalSSHD:
     return local_sshd_factory(extra_sshd_config=["MaxSessions 1"])
 
 
-FALLBACK_RUNS_LATER = parity(
-    "ssh -S fallback, Ctrl-C or cancel before the session opened: the master still opens it "
-    "once the host answers and the command starts then (its 'touch' ran); the next call's "
-    "stderr has ssh's 'mux_client_request_session: session request failed'"
-)
-
-
 @pytest.mark.parametrize(
     "face",
-    faces(CONNECTIONS, fallback=FALLBACK_RUNS_LATER),
+    faces(CONNECTIONS),
 )
 def test_interrupt_before_the_session_channel_opens(
     one_session_sshd: LocalSSHD, face: tuple[str, str]
@@ -412,12 +405,6 @@ def test_open_timeout_message_is_one(
 
 
 # -- a lost master ------------------------------------------------------------------------------
-FALLBACK_LOST = parity(
-    "ssh -S fallback: Popen.wait() of a command in flight when the master is killed returns "
-    "-128 (UNKNOWN_SIGNAL); a channel raises CommandLostError"
-)
-
-
 @pytest.mark.parametrize("face", faces(CONNECTIONS))
 def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """The master is killed while a command runs: that call fails as lost (never a
@@ -443,7 +430,7 @@ def test_lost_master_in_flight_and_restarted(own_sshd: LocalSSHD, face: tuple[st
 
 @pytest.mark.parametrize(
     "face",
-    faces(CONNECTIONS, fallback=FALLBACK_LOST),
+    faces(CONNECTIONS),
 )
 def test_lost_master_under_a_started_process(own_sshd: LocalSSHD, face: tuple[str, str]) -> None:
     """``Popen`` / ``create_process`` when the master is killed: ``wait`` raises
@@ -462,16 +449,9 @@ def test_lost_master_under_a_started_process(own_sshd: LocalSSHD, face: tuple[st
 
 
 # -- the MaxSessions wait -------------------------------------------------------------------------
-FALLBACK_SESSION_REFUSED = parity(
-    "ssh -S fallback over MaxSessions: ssh's mux client, refused a session, logs in anew "
-    "(a connection of its own) and the command's stderr carries 'mux_client_request_session: "
-    "session request failed: Session open refused by peer'"
-)
-
-
 @pytest.mark.parametrize(
     "face",
-    faces(CONNECTIONS, fallback=FALLBACK_SESSION_REFUSED),
+    faces(CONNECTIONS),
 )
 def test_commands_wait_for_a_session_slot(
     one_session_sshd: LocalSSHD, face: tuple[str, str]
