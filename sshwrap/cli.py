@@ -13,6 +13,14 @@ whether ssh would use a terminal here:
 ``RequestTTY``, ``SessionType``, ``StdinNull``, ``ForkAfterAuthentication`` and
 ``RemoteCommand`` may come from ssh_config: when the command line leaves them open, sshwrap
 asks ``ssh -G`` (which parses the config, no connection) instead of parsing configs itself.
+
+Recording (docs/recording.md): ``sshwrap --record FILE [--record-input] [--record-overwrite]
+[ssh arguments]``, or ``SSHWRAP_RECORD=FILE`` (and ``SSHWRAP_RECORD_INPUT=1``) in the
+environment, writes an interactive session to an asciicast v2 file.  sshwrap's own options
+are taken only from the very start of the command line, before any ssh argument, and they
+are words ssh itself refuses (its getopt reads ``--record`` as the unknown option ``-``), so
+none of them can change what an ssh command line means.  A session that is not interactive
+is not recorded (``--record`` says so on stderr; the environment variable stays quiet).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["main", "wants_tty"]
+__all__ = ["RecordRequest", "main", "record_request", "wants_tty"]
 
 # Options that mean ssh opens no interactive session.
 _NO_SESSION = {"V", "G", "Q", "O", "N", "f", "n", "W"}
@@ -84,6 +92,46 @@ def wants_tty(ssh: str, argv: list[str], stdin_is_tty: bool) -> bool:
     return request in ("yes", "force")
 
 
+class RecordRequest:
+    """What the command line and the environment ask to record (``path`` None: nothing)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.input = False
+        self.overwrite = False
+        self.from_option = False  # asked on the command line (not only the environment)
+
+
+def record_request(argv: list[str], environ: dict[str, str]) -> tuple[RecordRequest, list[str]]:
+    """sshwrap's own leading options taken out of ``argv`` (the rest goes to ssh), merged with
+    ``SSHWRAP_RECORD`` / ``SSHWRAP_RECORD_INPUT``; ``ValueError`` for ``--record`` alone."""
+    req = RecordRequest()
+    req.path = environ.get("SSHWRAP_RECORD") or None
+    req.input = environ.get("SSHWRAP_RECORD_INPUT", "") not in ("", "0")
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--record" or word.startswith("--record="):
+            if word == "--record":
+                if i + 1 >= len(argv):
+                    raise ValueError("--record needs a file name")
+                i += 1
+                value = argv[i]
+            else:
+                value = word.partition("=")[2]
+            if not value:
+                raise ValueError("--record needs a file name")
+            req.path, req.from_option = value, True
+        elif word == "--record-input":
+            req.input = True
+        elif word == "--record-overwrite":
+            req.overwrite = True
+        else:
+            break
+        i += 1
+    return req, argv[i:]
+
+
 def _exec_ssh(ssh: str, argv: list[str]) -> int:
     try:
         sys.stdout.flush()
@@ -93,13 +141,15 @@ def _exec_ssh(ssh: str, argv: list[str]) -> int:
     return 255
 
 
-def _interactive(ssh: str, argv: list[str]) -> int:
+def _interactive(ssh: str, argv: list[str], record: RecordRequest | None = None) -> int:
     import contextlib
     import signal
     import termios
 
     from ptyprocess import PtyProcess
 
+    from .core.sshparse import parse_ssh_argv
+    from .io.recording import Record, Recorder
     from .terminal.jobcontrol import child_stopped, resume_child, supervised_preexec
     from .terminal.modes import Attrs, get_attrs, get_size, raw_mode, set_size
     from .terminal.relay import relay
@@ -114,6 +164,15 @@ def _interactive(ssh: str, argv: list[str]) -> int:
         if attrs is not None:
             termios.tcsetattr(0, termios.TCSANOW, attrs)
 
+    recorder: Recorder | None = None
+    if record is not None and record.path is not None:
+        spec = Record(record.path, input=record.input, overwrite=record.overwrite)
+        try:
+            recorder = Recorder(spec, size, title=f"ssh {parse_ssh_argv(argv).destination}")
+        except OSError as e:
+            why = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+            sys.stderr.write(f"sshwrap: cannot record: {why}\n")
+            return 255
     try:
         # ssh runs under a job-control supervisor (see sshwrap.terminal.jobcontrol) so ~^Z works.
         proc = PtyProcess.spawn(
@@ -121,6 +180,8 @@ def _interactive(ssh: str, argv: list[str]) -> int:
         )
     except OSError as e:
         sys.stderr.write(f"sshwrap: cannot run {ssh}: {e.strerror or e}\n")
+        if recorder is not None:
+            recorder.close()
         return 255
 
     def forward(signum: int) -> None:
@@ -160,6 +221,7 @@ def _interactive(ssh: str, argv: list[str]) -> int:
                 is_alive=alive,
                 on_signal=forward,
                 on_child=on_child,
+                tap=recorder,
             )
         # ssh has gone (EOF); collect its status.
         status: int | None = proc.wait() if proc.isalive() else proc.exitstatus
@@ -169,6 +231,10 @@ def _interactive(ssh: str, argv: list[str]) -> int:
             proc.kill(signal.SIGKILL)
             proc.wait()
         proc.close(force=True)
+        if recorder is not None:
+            recorder.close()
+            if recorder.error is not None:
+                sys.stderr.write(f"sshwrap: recording {recorder.path} stopped: {recorder.error}\n")
     if signum is not None:
         # ssh itself died of a signal: die of the same one, so our parent sees what it
         # would have seen from ssh (the terminal is already restored).
@@ -186,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     from .core.sshparse import SSHNotFound, find_ssh
 
     try:
+        record, args = record_request(list(args), dict(os.environ))
+    except ValueError as e:
+        sys.stderr.write(f"sshwrap: {e}\n")
+        return 255
+
+    try:
         ssh = find_ssh()
     except SSHNotFound as e:
         sys.stderr.write(f"sshwrap: {e}\n")
@@ -193,5 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from .terminal.modes import isatty
 
     if wants_tty(ssh, args, isatty(0)):
-        return _interactive(ssh, args)
+        return _interactive(ssh, args, record)
+    if record.from_option:
+        sys.stderr.write("sshwrap: --record: not an interactive session, nothing recorded\n")
     return _exec_ssh(ssh, args)

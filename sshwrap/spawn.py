@@ -49,11 +49,14 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, AnyStr, Generic, Required, TypeAlias, Union, Unpack, cast, overload
 
-from .core.argv import SSHLog, check_destination, find_ssh, remote_command
+from .core.argv import SSHLog, check_destination, find_ssh
 from .core.options import Command, CommandOptions, check_keywords, check_terminal
+from .core.spawn_command import LOGIN_SHELL as LOGIN_SHELL  # re-exported (the docs)
+from .core.spawn_command import spawn_command_line as spawn_command_line  # re-exported
 from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
 from .io.pty import RAW_WAIT, spawn_in_pty
+from .io.recording import RecordSpec
 from .terminal.modes import check_size, get_size, maps_newlines, set_size, wait_for_raw
 from .terminal.relay import RelayResult, relay_terminal
 
@@ -70,8 +73,6 @@ _NO_MASTER = "Control socket "  # no master there: ssh connects on its own
 _ALIVE_CHECK = 1.0  # seconds the master gets to answer after a session without exit status
 _DIMENSIONS = "dimensions= is deprecated: use size=(rows, cols), as run() and Popen() take it"
 _EXIT_WAIT = 5.0  # seconds ssh gets to exit after the end of its output (within the call's bound)
-
-LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'  # a login shell (command None) with env or cwd
 
 
 class SpawnOptions(CommandOptions, total=False):
@@ -108,17 +109,6 @@ def spawn_size(options: SpawnOptions, *, stacklevel: int = 2) -> SpawnOptions:
     if out.get("size") is not None:
         check_size(out["size"])
     return cast(SpawnOptions, out)
-
-
-def spawn_command_line(command: Command | None, **where: Unpack[CommandOptions]) -> str | None:
-    """The command line ssh hands the remote shell (None: sshd's login shell).  ``env`` and
-    ``cwd`` as for ``sshwrap.run`` (:func:`sshwrap.core.argv.remote_command`); with them a
-    login shell runs as :data:`LOGIN_SHELL` (sshd then shows no MOTD)."""
-    if command is None:
-        if not where.get("env") and where.get("cwd") is None:
-            return None
-        command = LOGIN_SHELL
-    return remote_command(command, **where)
 
 
 class ExpectError(SSHWrapError):
@@ -562,7 +552,12 @@ class Spawned(Generic[AnyStr]):
 
     # -- handing over the terminal -----------------------------------------------------
     def interact(
-        self, escape: bytes | None = b"\x1d", *, stdin_fd: int = 0, stdout_fd: int = 1
+        self,
+        escape: bytes | None = b"\x1d",
+        *,
+        stdin_fd: int = 0,
+        stdout_fd: int = 1,
+        record: RecordSpec | None = None,
     ) -> RelayResult:
         """Give the user's terminal to the program until it exits or ``escape`` is typed.
 
@@ -572,6 +567,7 @@ class Spawned(Generic[AnyStr]):
         (default ``^]``; None: no escape key) returns control to Python with the program still
         running.  Returns the relay's result: ``eof`` (the program ended) with ``returncode``
         (its exit status, as ``self.returncode``), or ``escaped`` (``returncode`` None).
+        ``record``: an asciicast v2 file of the session (a path or ``Record``; docs/recording.md).
         """
         if self._master is None:
             raise ValueError("interact() needs tty=True")
@@ -583,6 +579,8 @@ class Spawned(Generic[AnyStr]):
             is_alive=self.isalive,
             escape=escape,
             pending_output=self._pending_bytes(),
+            record=record,
+            title=f"ssh {self.destination}",
         )
         if result.eof:
             self._eof = True

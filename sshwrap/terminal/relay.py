@@ -19,6 +19,10 @@ Design points (each one a bug that relays like this one have had):
   stray process keep the slave open after the program has exited, the drain stops after a
   short quiet period instead of waiting forever.  The keyboard is no longer read once the
   program has gone, so keys typed afterwards reach the next program.
+- Recording (``tap=``, :class:`RelayTap`, e.g. :class:`sshwrap.io.recording.Recorder`): the
+  tap sees each output chunk as it is written, each typed chunk (if it records input) and
+  each resize; the loop gives it a poll timeout and a ``tick()`` so its events are written
+  in time without a thread.  In the bulk-output path it costs one call per read.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Protocol
 
+from ..io.recording import Recorder, RecordSpec
 from .modes import get_size, raw_mode, set_size
 
-__all__ = ["RelayResult", "relay", "relay_terminal"]
+__all__ = ["RelayResult", "RelayTap", "relay", "relay_terminal"]
 
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 _READ = 65536
@@ -62,6 +68,29 @@ class RelayResult:
     escaped: bool = False  # the user typed the hand-back key (``escape``)
     signals: tuple[int, ...] = ()  # terminating signals we received and forwarded
     returncode: int | None = None  # the program's exit status (see above)
+    record_path: str | None = None  # the recording's file (``record=``)
+    record_error: OSError | None = None  # why the recording stopped early, if it did
+
+
+class RelayTap(Protocol):
+    """What the relay tells a recorder (:class:`sshwrap.io.recording.Recorder`)."""
+
+    records_input: bool  # whether :meth:`input` wants the typed chunks
+
+    def output(self, data: bytes) -> None:
+        """Output just written to the user's terminal."""
+
+    def input(self, data: bytes) -> None:
+        """Keys just typed (sent on to the program)."""
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new size, just applied."""
+
+    def timeout(self) -> float | None:
+        """Seconds until :meth:`tick` is due (None: nothing waits)."""
+
+    def tick(self) -> None:
+        """Called when that time has passed, or when the loop woke for something else."""
 
 
 def _noop(signum: int, frame: FrameType | None) -> None:
@@ -90,6 +119,7 @@ def relay(
     escape: bytes | None = None,
     pending_output: bytes = b"",
     on_child: Callable[[], None] | None = None,
+    tap: RelayTap | None = None,
 ) -> RelayResult:
     """Relay between the user's terminal and ``master_fd`` until the pty program is gone.
 
@@ -103,10 +133,15 @@ def relay(
     - ``pending_output``: bytes already read from the pty, written to stdout first.
     - ``on_child()``: called on SIGCHLD (and when idle without signals) before ``is_alive``,
       e.g. to notice that the program has stopped (``~^Z``) and suspend the caller too.
+    - ``tap``: sees output, input and resizes (recording; see :class:`RelayTap`).
     """
     result = RelayResult()
+    tap_out = tap.output if tap is not None else None
+    tap_in = tap.input if tap is not None and tap.records_input else None
     if pending_output:
         _write_all(stdout_fd, pending_output)
+        if tap_out is not None:
+            tap_out(pending_output)
 
     def default_resize(rows: int, cols: int) -> None:
         set_size(master_fd, rows, cols)
@@ -122,6 +157,8 @@ def relay(
             last_size = size
             with contextlib.suppress(OSError):
                 apply_size(*size)
+            if tap is not None:
+                tap.resize(*size)
 
     # -- signals through a wakeup fd (main thread only) --------------------------------
     in_main = threading.current_thread() is threading.main_thread()
@@ -172,8 +209,14 @@ def relay(
                 timeout_ms = 250  # no signals here: look at the size and the child now and then
             else:
                 timeout_ms = None
+            if tap is not None and not child_gone:
+                due = tap.timeout()
+                if due is not None and (timeout_ms is None or due * 1000 < timeout_ms):
+                    timeout_ms = int(due * 1000) + 1
             events = poller.poll(timeout_ms)
             if not events:
+                if tap is not None:
+                    tap.tick()
                 if child_gone:
                     break  # the program is gone and nothing more came: a stray holds the slave
                 check_size()
@@ -205,6 +248,8 @@ def relay(
                                     _write_all(stdout_fd, data)
                                 except OSError:
                                     stdout_ok = False  # the terminal hung up: keep draining
+                            if tap_out is not None:
+                                tap_out(data)
                             if len(data) < _SMALL:
                                 break  # interactive output: back to the keyboard at once
                     if ev & select.POLLOUT and queue:
@@ -235,6 +280,10 @@ def relay(
                     if escape is not None and escape in data:
                         data = data[: data.index(escape)]
                         result.escaped = True
+                    if tap_in is not None and data:
+                        tap_in(data)
+                    elif tap is not None:
+                        tap.tick()
                     if data:
                         if not queue:
                             try:
@@ -259,6 +308,8 @@ def relay(
                         sigs = rsock.recv(512)
                     except BlockingIOError:
                         sigs = b""
+                    if tap is not None:
+                        tap.tick()
                     for signum in sigs:
                         if signum == signal.SIGWINCH:
                             check_size()
@@ -296,26 +347,45 @@ def relay_terminal(
     is_alive: Callable[[], bool] | None = None,
     escape: bytes | None = None,
     pending_output: bytes = b"",
+    record: RecordSpec | None = None,
+    title: str | None = None,
 ) -> RelayResult:
     """:func:`relay` with the user's terminal: the pty first takes the size of the terminal
     on ``stdin_fd`` (else ``stdout_fd``), that terminal is in raw mode for the relay (restored
-    on every exit path), and the signals :func:`relay` receives are sent to ``pid``."""
+    on every exit path), and the signals :func:`relay` receives are sent to ``pid``.
+
+    ``record``: record the session to an asciicast v2 file (a path, or a
+    :class:`sshwrap.io.recording.Record`; ``title`` its default title), created before the
+    terminal goes raw (an existing file: ``FileExistsError``), written and fsynced by the end;
+    a recording that failed midway leaves the session alone and says why in the result's
+    ``record_error``."""
     size = get_size(stdin_fd) or get_size(stdout_fd)
     if size is not None and size[0] > 0 and size[1] > 0:
         with contextlib.suppress(OSError):
             set_size(master_fd, *size)
+    else:
+        size = get_size(master_fd) or (24, 80)
 
     def forward(signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
-    with raw_mode(stdin_fd):
-        return relay(
-            master_fd,
-            stdin_fd=stdin_fd,
-            stdout_fd=stdout_fd,
-            is_alive=is_alive,
-            on_signal=forward,
-            escape=escape,
-            pending_output=pending_output,
-        )
+    recorder = Recorder(record, size, title=title) if record is not None else None
+    try:
+        with raw_mode(stdin_fd):
+            result = relay(
+                master_fd,
+                stdin_fd=stdin_fd,
+                stdout_fd=stdout_fd,
+                is_alive=is_alive,
+                on_signal=forward,
+                escape=escape,
+                pending_output=pending_output,
+                tap=recorder,
+            )
+    finally:
+        if recorder is not None:
+            recorder.close()
+    if recorder is not None:
+        result.record_path, result.record_error = recorder.path, recorder.error
+    return result

@@ -1,0 +1,245 @@
+"""Recording a terminal session to an asciicast v2 file as it goes (see docs/recording.md).
+
+:class:`Recorder` is the relay's tap (:class:`sshwrap.terminal.relay.RelayTap`): the relay
+hands it every output chunk, every typed chunk (only when input is recorded) and every
+resize; the events' lines come from :mod:`sshwrap.protocol.asciicast`.
+
+- The file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600 (set with ``fchmod``
+  whatever the umask): an existing file or a symlink there is refused
+  (``FileExistsError``), unless ``overwrite=True``: then a new 0600 file is made beside it
+  and renamed over the name (a symlink there is replaced, never followed).
+- The header is written at once.  Output is gathered into one ``"o"`` event per 50 ms (or
+  256 KiB): one event per pty read would cost a relay GBs of JSON calls.  Lines are kept in
+  memory and written (``os.write``) when an event comes and a second has passed since the
+  last write, at 1 MiB, and on :meth:`Recorder.tick`, which the relay calls when it has
+  waited as long as :meth:`Recorder.timeout` said.  No thread: a quiet session has nothing
+  unwritten.  Each event is one line, so after a crash of sshwrap the file is valid up to
+  its last write.  :meth:`Recorder.close` writes the rest and fsyncs.
+- Input events only with ``Record(input=True)``, and then only what the remote side echoed
+  (:class:`sshwrap.protocol.asciicast.EchoGate`): a password typed at a prompt that does not
+  echo is never written.
+- A write that fails (disk full) stops the recording, not the session: the error is kept in
+  :attr:`Recorder.error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..protocol.asciicast import EchoGate, event_line, header_line, resize_data, utf8_cut
+
+__all__ = ["Record", "RecordSpec", "Recorder", "as_record"]
+
+_OUT_AGE = 0.05  # seconds of output gathered into one "o" event at most
+_OUT_MAX = 256 * 1024  # bytes of output in one "o" event at most
+_FLUSH_AGE = 1.0  # seconds an event may wait in memory at most
+_FLUSH_MAX = 1 << 20  # bytes of lines kept in memory at most
+
+
+@dataclass(frozen=True)
+class Record:
+    """What to record and where: ``record=`` of ``Spawned.interact``/``Connection.interact``.
+
+    - ``path``: the asciicast v2 file to create (0600; an existing one is refused unless
+      ``overwrite``).
+    - ``input``: also record typed keys (``"i"`` events), only those the remote echoed.
+    - ``title``: the header's title (default: set by the caller, e.g. ``ssh HOST``).
+    """
+
+    path: str | os.PathLike[str]
+    input: bool = False
+    overwrite: bool = False
+    title: str | None = None
+
+
+RecordSpec = str | os.PathLike[str] | Record
+"""A path (output only, no overwrite) or a :class:`Record`."""
+
+
+def as_record(spec: RecordSpec) -> Record:
+    """``spec`` as a :class:`Record` (``TypeError`` for anything else)."""
+    if isinstance(spec, Record):
+        return spec
+    if isinstance(spec, str | os.PathLike):
+        if not os.fspath(spec):
+            raise ValueError("record= needs a file name")
+        return Record(spec)
+    raise TypeError(f"record= takes a path or sshwrap.io.recording.Record, not {spec!r}")
+
+
+def _create(path: str, overwrite: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    if not overwrite:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise FileExistsError(
+                f"recording file {path!r} exists (or is a symlink): not overwritten"
+            ) from None
+    else:
+        head, tail = os.path.split(path)
+        for n in range(100):
+            tmp = os.path.join(head, f".{tail}.{os.getpid()}.{n}.tmp")
+            try:
+                fd = os.open(tmp, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"cannot create a temporary file beside {path!r}")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Recorder:
+    """An asciicast v2 file being written; the relay's tap (see the module docstring).
+
+    ``size`` is the terminal's ``(rows, cols)`` at the start; ``env`` the header's
+    environment (default: ``TERM`` and ``SHELL`` of this process, those set).
+    """
+
+    def __init__(
+        self,
+        record: RecordSpec,
+        size: tuple[int, int],
+        *,
+        title: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        rec = as_record(record)
+        rows, cols = size
+        if env is None:
+            env = {k: os.environ[k] for k in ("TERM", "SHELL") if k in os.environ}
+        head = header_line(cols, rows, int(time.time()), env=env, title=rec.title or title)
+        self.path: str = os.fspath(rec.path)
+        self.records_input: bool = rec.input
+        self.error: OSError | None = None
+        self._fd = _create(self.path, rec.overwrite)
+        self._start = self._last = self._written = time.monotonic()
+        self._gate = EchoGate() if rec.input else None
+        self._out = bytearray()  # output not yet made into an event
+        self._out_time = 0.0
+        self._buf = bytearray(head)  # lines not yet written
+        self._write()
+
+    # -- the relay's calls ----------------------------------------------------------------
+    def output(self, data: bytes) -> None:
+        """Output that reached the user's terminal."""
+        now = time.monotonic()
+        if self._gate is not None and self._gate.waiting:
+            self._inputs(self._gate.output(data))
+        if not self._out:
+            self._out_time = now
+        self._out += data
+        if len(self._out) >= _OUT_MAX or now - self._out_time >= _OUT_AGE:
+            self._event_output(now)
+
+    def input(self, data: bytes) -> None:
+        """Keys the user typed (recorded only as far as the remote echoes them)."""
+        if self._gate is None:
+            return
+        now = time.monotonic()
+        self._event_output(now)  # the output before the key comes first
+        self._inputs(self._gate.typed(data, now))
+        self._check(now)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The terminal took a new size."""
+        now = time.monotonic()
+        self._event_output(now)
+        self._event(now, "r", resize_data(rows, cols))
+        self._check(now)
+
+    def timeout(self) -> float | None:
+        """Seconds until :meth:`tick` should be called (None: nothing waits)."""
+        if self._out:
+            return max(0.0, self._out_time + _OUT_AGE - time.monotonic())
+        if self._buf:
+            return max(0.0, self._written + _FLUSH_AGE - time.monotonic())
+        return None
+
+    def tick(self) -> None:
+        """Make gathered output an event and write what is due."""
+        now = time.monotonic()
+        if self._out and now - self._out_time >= _OUT_AGE:
+            self._event_output(now)
+        self._check(now)
+
+    def close(self) -> None:
+        """Write everything, fsync, close (keeps the first error in :attr:`error`)."""
+        if self._fd < 0:
+            return
+        if self._gate is not None:
+            self._gate.close()
+        if self._out:
+            self._event_output(time.monotonic(), final=True)
+        self._write()
+        if self.error is None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self.error = e
+        os.close(self._fd)
+        self._fd = -1
+
+    # -- inside -------------------------------------------------------------------------
+    def _inputs(self, chunks: list[tuple[float, bytes]]) -> None:
+        for t, chunk in chunks:
+            self._event(max(t, self._last), "i", chunk)
+
+    def _event_output(self, now: float, final: bool = False) -> None:
+        if not self._out:
+            return
+        cut = len(self._out) if final else utf8_cut(self._out)
+        if cut == 0:
+            return
+        data = bytes(self._out[:cut])
+        del self._out[:cut]
+        self._event(self._out_time, "o", data)
+        self._out_time = now
+
+    def _event(self, t: float, code: str, data: bytes) -> None:
+        self._last = t
+        self._buf += event_line(t - self._start, code, data)
+        if len(self._buf) >= _FLUSH_MAX:
+            self._write()
+
+    def _check(self, now: float) -> None:
+        if self._buf and now - self._written >= _FLUSH_AGE:
+            self._write()
+
+    def _write(self) -> None:
+        self._written = time.monotonic()
+        if self.error is not None or self._fd < 0:
+            self._buf.clear()
+            return
+        view = memoryview(self._buf)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            self.error = e  # the session goes on unrecorded
+        finally:
+            view.release()
+            self._buf.clear()
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

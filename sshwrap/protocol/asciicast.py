@@ -1,0 +1,190 @@
+"""asciicast v2, the recording format of asciinema (pure: bytes in, lines out).
+
+An asciicast v2 file is newline-delimited JSON: the first line is the header (an object with
+``version`` 2, ``width``, ``height``, ``timestamp``, ``env`` and ``title``), every later line
+one event ``[seconds since start, code, data]``: ``"o"`` output, ``"i"`` input, ``"r"`` a
+resize to ``"COLSxROWS"``.  Each event is one line, so a file cut after any line is valid.
+
+- :func:`header_line` and :func:`event_line` build the lines (``bytes``, ``\\n``-terminated).
+- :func:`json_string` encodes terminal bytes as a JSON string quickly (a relay may record
+  GBs): only ``"``, ``\\`` and the C0 controls are escaped, found with ``bytes.translate``
+  and replaced with ``bytes.replace``, not a per-character encoder; valid UTF-8 is kept as
+  it is, anything else is decoded with U+FFFD for the bad bytes (as asciinema does).
+- :func:`utf8_cut`: where a chunk may be cut without splitting a UTF-8 sequence.
+- :class:`EchoGate`: which typed bytes may be recorded as ``"i"`` events at all: only those the
+  remote side has echoed.  A password typed at a prompt that does not echo (ssh's, sudo's,
+  ``read -s``) is never echoed, so it is never recorded.  The rules (also in the recording
+  docs):
+
+  1. A typed chunk's *visible* bytes (escape sequences and control bytes removed) must come
+     back at the very start of the first output after it (possibly split over several
+     reads), before the next key is typed; then the chunk is released, else it is dropped.
+  2. A chunk without visible bytes (Enter, Backspace, arrows, Ctrl-C) is released at once,
+     unless the gate is quiet.
+  3. A dropped chunk makes the gate quiet: nothing is released until a line end (``\\r`` or
+     ``\\n``) has been typed (that chunk is dropped too).  So once one key of a password went
+     unechoed, the rest of its line is dropped whatever the output does.
+
+  The residual risk: a program that prints on its own while it reads a secret with echo
+  off can, by chance, start its next output with the very key just typed; that one key
+  would be released.  Typing faster than the round trip loses input events (dropped, never
+  leaked).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+__all__ = [
+    "EchoGate",
+    "event_line",
+    "header_line",
+    "json_string",
+    "resize_data",
+    "utf8_cut",
+    "visible",
+]
+
+_SPECIAL = bytes([*range(0x20), 0x22, 0x5C])
+_KEEP = bytes(b for b in range(256) if b not in _SPECIAL)  # deleted to find the specials
+_SHORT = {0x22: b'\\"', 0x5C: b"\\\\", 0x08: b"\\b", 0x0C: b"\\f", 0x0A: b"\\n", 0x0D: b"\\r"}
+_SHORT[0x09] = b"\\t"
+_ESCAPES = [(bytes([b]), _SHORT.get(b, b"\\u%04x" % b)) for b in (0x5C, *range(0x20), 0x22)]
+# Backslash first: the later escapes add backslashes of their own.
+
+
+def json_string(data: bytes) -> bytes:
+    """``data`` (terminal output or input) as a JSON string literal, quotes included."""
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            data = data.decode("utf-8", "replace").encode("utf-8")
+    found = data.translate(None, _KEEP)
+    if found:
+        for raw, escaped in _ESCAPES:
+            if raw in found:
+                data = data.replace(raw, escaped)
+    return b'"' + data + b'"'
+
+
+def utf8_cut(data: bytes | bytearray) -> int:
+    """The length of ``data`` without a UTF-8 sequence left incomplete at its end."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b < 0x80:
+            return n
+        if b >= 0xC0:  # a lead byte: complete if its sequence fits in what follows it
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return n if back >= need else n - back
+    return n
+
+
+def header_line(
+    width: int,
+    height: int,
+    timestamp: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> bytes:
+    """The header line: the terminal's first size, the start (Unix seconds), env, title."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"terminal size must be positive, not {width}x{height}")
+    head: dict[str, object] = {
+        "version": 2,
+        "width": width,
+        "height": height,
+        "timestamp": timestamp,
+    }
+    if env is not None:
+        head["env"] = dict(env)
+    if title is not None:
+        head["title"] = title
+    return json.dumps(head, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+_CODES = {"o": b', "o", ', "i": b', "i", ', "r": b', "r", ', "m": b', "m", '}
+
+
+def event_line(seconds: float, code: str, data: bytes) -> bytes:
+    """One event line: ``[seconds, code, data]`` (``data`` as :func:`json_string` makes it);
+    ``code`` is ``"o"``, ``"i"``, ``"r"`` or ``"m"`` (a marker)."""
+    return b"[%.6f" % seconds + _CODES[code] + json_string(data) + b"]\n"
+
+
+def resize_data(rows: int, cols: int) -> bytes:
+    """A resize event's data, ``COLSxROWS``."""
+    return b"%dx%d" % (cols, rows)
+
+
+_SEQUENCE = re.compile(rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|O.|[^\[O])?")
+_CONTROL = bytes([*range(0x20), 0x7F])
+_LINE_END = re.compile(rb"[\r\n]")
+
+
+def visible(data: bytes) -> bytes:
+    """What of typed ``data`` a terminal that echoes would show as it is: no escape
+    sequences (arrows, function keys, Alt+key), no control bytes."""
+    return _SEQUENCE.sub(b"", data).translate(None, _CONTROL)
+
+
+class EchoGate:
+    """Releases typed chunks for recording only once the remote side echoed them.
+
+    ``typed(data, t)`` and ``output(data)`` return the chunks released now, as ``(t, data)``
+    with the time they were typed, in order.  See the module docstring for the rules.
+    """
+
+    def __init__(self) -> None:
+        self._pending: bytes | None = None  # the chunk waiting for its echo
+        self._time = 0.0
+        self._expect = b""  # its visible bytes not echoed yet
+        self._quiet = False
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a typed chunk waits for its echo (the output must be shown to it)."""
+        return self._pending is not None
+
+    def _drop(self) -> None:
+        assert self._pending is not None
+        self._quiet = _LINE_END.search(self._pending) is None
+        self._pending = None
+
+    def typed(self, data: bytes, t: float) -> list[tuple[float, bytes]]:
+        """A chunk typed at ``t``."""
+        if self._pending is not None:
+            self._drop()  # no (full) echo before the next key
+        if self._quiet:
+            if _LINE_END.search(data):
+                self._quiet = False
+            return []
+        expect = visible(data)
+        if not expect:
+            return [(t, data)]
+        self._pending, self._time, self._expect = data, t, expect
+        return []
+
+    def output(self, data: bytes | bytearray) -> list[tuple[float, bytes]]:
+        """Output that arrived (after every chunk given to :meth:`typed` so far)."""
+        if self._pending is None or not data:
+            return []
+        expect = self._expect
+        n = min(len(expect), len(data))
+        if data[:n] != expect[:n]:
+            self._drop()
+            return []
+        if n < len(expect):
+            self._expect = expect[n:]  # the echo goes on in the next read
+            return []
+        out = [(self._time, self._pending)]
+        self._pending = None
+        return out
+
+    def close(self) -> None:
+        """The session ended: a chunk still waiting is dropped."""
+        self._pending = None
