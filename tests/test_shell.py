@@ -185,8 +185,45 @@ def test_builtin_loop_past_its_timeout_stops_the_shell(face: Face) -> None:
 
 
 def test_exit_ends_the_shell(face: Face) -> None:
-    with pytest.raises(ShellError, match="exit status 4"):
-        face.run("exit 4")
+    with pytest.raises(ShellError, match="exit status 4") as info:
+        face.run("echo bye >&2; exit 4")
+    assert (info.value.returncode, info.value.stderr) == (4, "bye\n")
+
+
+def test_lost_master_is_a_clear_error(face: Face) -> None:
+    pid = face.conn.master_pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_exited([pid], 10) == []
+    with pytest.raises(ShellError, match="control master") as info:
+        face.run("true")
+    assert info.value.host == face.conn.host
+    assert face.conn.run("echo ok", capture_output=True).stdout == b"ok\n"  # a new master
+
+
+def test_ctrl_c_stops_only_the_command(conn: Connection, local_sshd: LocalSSHD) -> None:
+    needle = f"sleep {100 + secrets.randbelow(1000)}"
+    main = threading.get_ident()
+    with conn.shell() as sh:
+        sh.run("cd /tmp")
+
+        sent: list[float] = []
+
+        def ctrl_c() -> None:
+            wait_until(lambda: _remote(local_sshd, needle), 30, "the remote sleep")
+            sent.append(time.monotonic())
+            signal.pthread_kill(main, signal.SIGINT)
+
+        t = threading.Thread(target=ctrl_c)
+        t.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                sh.run(needle)
+            ended = time.monotonic()
+        finally:
+            t.join()
+        assert ended - sent[0] < 5
+        assert not _remote(local_sshd, needle)
+        assert sh.run("pwd").stdout == b"/tmp\n"
 
 
 def test_cancel_keeps_the_shell(conn: Connection, local_sshd: LocalSSHD) -> None:

@@ -407,8 +407,9 @@ class ShellSession:
         self._out_buf = bytearray(getattr(frame, "rest_out", b""))
         self._err_buf = bytearray(getattr(frame, "rest_err", b""))
 
-    def _gone(self, why: str) -> ShellError:
-        """Mark the shell unusable with ``why`` (and how it ended, when known)."""
+    def _gone(self, why: str, stderr: bytes = b"") -> ShellError:
+        """Mark the shell unusable with ``why`` (and how it ended, when known); ``stderr``:
+        what the shell last said there."""
         ch = self.popen.channel
         lost = self.popen.poll() if ch.closed.is_set() else None
         reason = why
@@ -418,7 +419,9 @@ class ShellSession:
             reason += f" (killed by SIG{ch.exit_signal})"
         elif lost is not None:
             reason += f" (exit status {lost})"
-        self.error = ShellError(self.host, reason, returncode=255 if lost is None else lost)
+        rc = 255 if lost is None else lost
+        text = stderr.decode("utf-8", "replace")
+        self.error = ShellError(self.host, reason, text, rc)
         return self.error
 
     def _send(self, data: bytes) -> Procedure[None]:
@@ -461,7 +464,7 @@ class ShellSession:
             if "out" in eof and not frame.done:
                 # both streams end with the shell: wait (bounded) for the status to arrive
                 yield WaitFlag(self.popen.closed, 1.0)
-                raise self._gone("the remote shell ended")
+                raise self._gone("the remote shell ended", bytes(frame.err))
 
     def _stop_command(self, frame: _Frame, kill_after: float) -> Procedure[None]:
         """Kill what the shell started (a second channel, see the module docstring) until
