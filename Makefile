@@ -17,7 +17,7 @@ sshd:
 	    || { [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing openssh-server, openssh-client and iproute2 (apt-get)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client iproute2 >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client iproute2 sudo >/dev/null; \
 	  else \
 	    echo "sshwrap needs OpenSSH: install openssh-client and openssh-server (e.g. sudo apt-get install openssh-client openssh-server)" >&2; exit 1; \
 	  fi; \
