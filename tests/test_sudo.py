@@ -34,6 +34,7 @@ from sshwrap.core.session import run_on_channel
 from sshwrap.core.sudo import Password, SudoRun, SudoSettings, sudo_settings
 from sshwrap.core.waiting import run_sync
 from sshwrap.errors import SudoError
+from sshwrap.io.deadline import deadline_after
 from sshwrap.testing import LocalSSHD
 
 LOGIN = "sshwrap-sudo"
@@ -230,7 +231,7 @@ def channel_run(conn: sshwrap.Connection, args: Any, **options: Any) -> Complete
             streams,
             command,
             timeout=options.get("timeout"),
-            deadline=None,
+            deadline=deadline_after(options.get("timeout")),
             check=False,
             kill_after=1.0,
             tty=False,
@@ -256,6 +257,7 @@ class Runner:
         self._conn = conn
 
     def __call__(self, args: Any, **kw: Any) -> CompletedProcess:
+        kw.setdefault("timeout", 30)  # a sudo left waiting for a password fails, never hangs
         if self._conn is None:
             return sshwrap.run(self._host.host, args, **self._host.kw, **kw)
         return channel_run(self._conn, args, **kw)
