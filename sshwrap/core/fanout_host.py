@@ -18,6 +18,8 @@ bounds (``timeout``, ``connect_timeout``, ``kill_after``) do the work.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import os
 import signal
@@ -50,6 +52,7 @@ __all__ = [
     "FanoutJob",
     "HostPlan",
     "HostRun",
+    "HostTimers",
     "OutputCallback",
     "host_process",
     "process_result",
@@ -173,6 +176,55 @@ def process_result(
 _CONNECT, _COMMAND, _DRAIN, _STOPPING, _DONE = range(5)
 
 
+class HostTimers:
+    """The timers of a run's hosts behind one timer of the loop.
+
+    A host arms a time (:meth:`arm`); when it has come, ``run.on_timer()`` is called if that
+    is still the time the host is armed for (``run.timer_at``): a host that moved on or
+    armed another time leaves a stale entry, skipped.  One heap of plain tuples, compared in
+    C: the loop's own heap of timer handles compares them in Python, a dozen calls a host.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._heap: list[tuple[float, int, HostRun]] = []
+        self._seq = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._handle_at: float | None = None
+
+    def arm(self, run: HostRun, when: float) -> None:
+        """Call ``run.on_timer()`` at ``when`` (``loop.time()``) unless it re-armed since."""
+        heapq.heappush(self._heap, (when, next(self._seq), run))
+        if self._handle_at is None or when < self._handle_at:
+            self._set(when)
+
+    def _set(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self.loop.call_at(when, self._fire)
+        self._handle_at = when
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._handle_at = None
+        heap = self._heap
+        now = self.loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].timer_at != heap[0][0]):
+            when, _, run = heapq.heappop(heap)
+            if run.timer_at == when:
+                run.on_timer()
+        if heap:
+            self._set(heap[0][0])
+
+    def close(self) -> None:
+        """Forget every timer (idempotent)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._handle_at = None
+        self._heap.clear()
+
+
 class HostRun:
     """One host's ssh seen through its bounds; :attr:`result` once :meth:`done`.
 
@@ -198,6 +250,7 @@ class HostRun:
         t_end: float | None,
         remote_stops: set[asyncio.Task[None]],
         on_done: Callable[[HostRun], None],
+        timers: HostTimers,
     ) -> None:
         self.job = job
         self.plan = plan
@@ -207,7 +260,7 @@ class HostRun:
         self.on_done = on_done
         self._phase = _CONNECT
         self._until: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.timers = timers
         self._timer_at: float | None = None
         self._stop_status: Status = "timeout"
         self._result: HostResult | None = None
@@ -303,24 +356,23 @@ class HostRun:
         return process_result(plan, proc, "ssh_error", error)
 
     def _arm(self, until: float | None) -> None:
-        if until == self._timer_at:
-            return
-        self._cancel_timer()
-        if until is not None:
-            self._timer = self.proc.loop.call_at(until, self._on_timer)
-            self._timer_at = until
+        if until != self._timer_at:
+            self._timer_at = until  # (an earlier time left in the timers goes stale)
+            if until is not None:
+                self.timers.arm(self, until)
 
-    def _on_timer(self) -> None:
-        # (The loop may run a timer up to its clock resolution early: then it is armed again.)
-        self._timer = None
+    def on_timer(self) -> None:
+        """The time armed has come (called by :class:`HostTimers`)."""
         self._timer_at = None
         self._step()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._timer_at = None
+
+    @property
+    def timer_at(self) -> float | None:
+        """When this host's timer is armed for (None: not armed)."""
+        return self._timer_at
 
     def _finish(self, result: HostResult) -> None:
         self._cancel_timer()

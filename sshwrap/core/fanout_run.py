@@ -41,6 +41,7 @@ from .fanout_host import (
     FanoutJob,
     HostPlan,
     HostRun,
+    HostTimers,
     OutputCallback,
     host_process,
     process_result,
@@ -201,6 +202,7 @@ class FanoutRun:
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
         watcher = FdWatcher(loop)
         starter = ChildStarter()
+        timers = HostTimers(loop)
         todo = list(reversed(self.plans))
         tasks: dict[_Pending, int] = {}
         done: collections.deque[_Pending] = collections.deque()
@@ -226,7 +228,7 @@ class FanoutRun:
                         continue
                     proc = host_process(self.job, plan, watcher, fifo_dir, starter)
                     self._running[plan.index] = proc
-                    run = HostRun(self.job, plan, proc, t_end, self._remote_stops, finished)
+                    run = HostRun(self.job, plan, proc, t_end, self._remote_stops, finished, timers)
                     tasks[run] = plan.index
                     run.start()
                 if not tasks:
@@ -248,6 +250,7 @@ class FanoutRun:
             try:
                 await self._shutdown(tasks)
             finally:
+                timers.close()
                 watcher.close()
                 shutil.rmtree(fifo_dir, ignore_errors=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = ["FdWatcher"]
 
@@ -30,6 +30,7 @@ class FdWatcher:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, epoll: bool = True) -> None:
         self.loop = loop
         self._callbacks: dict[int, Callable[[int], object]] = {}
+        self._later: list[Callable[[], object]] | None = None
         self._epoll: select.epoll | None = None
         if epoll and hasattr(select, "epoll"):
             self._epoll = select.epoll()
@@ -43,6 +44,18 @@ class FdWatcher:
         else:
             self.loop.add_reader(fd, callback, fd)
 
+    def add_all(self, watch: Iterable[tuple[int, Callable[[int], object]]]) -> None:
+        """:meth:`add` each ``(fd, callback)``."""
+        ep = self._epoll
+        if ep is None:
+            for fd, callback in watch:
+                self.add(fd, callback)
+            return
+        callbacks = self._callbacks
+        for fd, callback in watch:
+            callbacks[fd] = callback
+            ep.register(fd, select.EPOLLIN)
+
     def remove(self, fd: int) -> None:
         """Stop watching ``fd`` (before it is closed); nothing if it is not watched."""
         if self._callbacks.pop(fd, None) is None:
@@ -52,15 +65,30 @@ class FdWatcher:
         else:
             self.loop.remove_reader(fd)
 
+    def call_after(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the callbacks of the fds ready now have run: at the end of
+        this batch when called from one of them (no loop turn, no handle), else soon."""
+        if self._later is not None:
+            self._later.append(callback)
+        else:
+            self.loop.call_soon(callback)
+
     def _dispatch(self) -> None:
         assert self._epoll is not None
         callbacks = self._callbacks
-        for fd, _ in self._epoll.poll(0):
-            # An fd that an earlier callback of this batch removed is skipped; one that was
-            # closed and reused since gets a call for nothing (its reads would block).
-            callback = callbacks.get(fd)
-            if callback is not None:
-                callback(fd)
+        later: list[Callable[[], object]] = []
+        self._later = later
+        try:
+            for fd, _ in self._epoll.poll(0):
+                # An fd that an earlier callback of this batch removed is skipped; one that
+                # was closed and reused since gets a call for nothing (its reads would block).
+                callback = callbacks.get(fd)
+                if callback is not None:
+                    callback(fd)
+        finally:
+            self._later = None
+            for after in later:
+                after()
 
     def close(self) -> None:
         """Stop watching everything (idempotent)."""

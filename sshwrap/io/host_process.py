@@ -44,15 +44,20 @@ __all__ = [
 _READ = 65536
 
 
-def _output_pipe() -> tuple[int, int]:
-    """A pipe for ssh's stdout or stderr, its read end non-blocking."""
-    if hasattr(os, "pipe2"):
-        # Non-blocking at both ends (one system call): ssh makes its stdout and stderr
-        # non-blocking itself when they are not terminals, so it sees no difference.
-        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+def _pipe_nonblocking_reader() -> tuple[int, int]:
     r, w = os.pipe()
     os.set_blocking(r, False)
     return r, w
+
+
+def _pipe2_nonblocking() -> tuple[int, int]:
+    return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+# A pipe for ssh's stdout or stderr, its read end non-blocking.  With pipe2, both ends (one
+# system call): ssh makes its stdout and stderr non-blocking itself when they are not
+# terminals, so it sees no difference.
+_output_pipe = _pipe2_nonblocking if hasattr(os, "pipe2") else _pipe_nonblocking_reader
 
 
 SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
@@ -318,15 +323,14 @@ class HostProcess:
             self.stdin_fd = in_w
             os.set_blocking(in_w, False)
             self.loop.add_writer(in_w, self._writable)
-        add = self.watcher.add
-        for fd, stream in fds.items():
-            add(fd, self._on_log if stream == 3 else self._on_output)
+        watch = [(fd, self._on_log if s == 3 else self._on_output) for fd, s in fds.items()]
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
             self.pidfd = None  # not Linux: exit is polled once the pipes close
         else:
-            self.watcher.add(self.pidfd, self._reap)
+            watch.append((self.pidfd, self._reap))
+        self.watcher.add_all(watch)
 
     @property
     def returncode(self) -> int | None:
@@ -429,10 +433,10 @@ class HostProcess:
 
     def _wake(self) -> None:
         if self.listener is not None and not self._notify_pending:
-            # Soon, not now: the listener may end the process, which must not happen in the
+            # After, not now: the listener may end the process, which must not happen in the
             # middle of one of its fd callbacks.
             self._notify_pending = True
-            self.loop.call_soon(self._notify)
+            self.watcher.call_after(self._notify)
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for w in waiters:
