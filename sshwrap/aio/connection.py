@@ -166,11 +166,6 @@ class AsyncShell:
         self.pid = session.pid
 
     @property
-    def session(self) -> ShellSession:
-        """The shell's state and procedures (``sshwrap.core.shell.ShellSession``)."""
-        return self._session
-
-    @property
     def closed(self) -> bool:
         """True after :meth:`close` (or once the shell had to be stopped)."""
         return self._session.closed

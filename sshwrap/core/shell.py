@@ -32,7 +32,7 @@ by ``printf`` builtins, removed after the command).
 **Timeout and interrupts.**  There is no job control without a terminal (dash refuses
 ``set -m``), and the command runs in the shell process itself (that is what keeps its state),
 so a timeout opens a second channel that kills every process the shell started (its
-descendants, found with ``ps``: TERM, then KILL after ``kill_after``; the shell itself is
+descendants, found with ``ps`` or in ``/proc``, and ``awk``: TERM, then KILL after ``kill_after``; the shell itself is
 spared) until the end markers arrive; the call then raises ``TimeoutExpired`` with the output
 so far and the shell serves the next ``run``.  Builtins left in the same command line still
 run (``sleep 100; echo after`` prints ``after``), and background jobs the shell started are
@@ -58,7 +58,6 @@ import secrets
 import selectors
 import subprocess
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Unpack, cast
 
 from ..errors import CalledProcessError, SSHError, TimeoutExpired
@@ -133,10 +132,13 @@ def _printf_words(data: bytes) -> bytes:
 
 
 # The timeout's killer, run by sh -c on its own channel: every descendant of the shell $1
-# (not the shell), TERM each round, KILL once $2 rounds passed, at most $3 rounds.
+# (not the shell), TERM each round, KILL once $2 rounds passed, at most $3 rounds.  The
+# processes' parents come from ps, or from /proc/*/status where there is no ps.
 _KILLER = (
     "n=0; s=TERM; while [ $n -lt $3 ]; do "
-    "k=$(ps -A -o pid= -o ppid= 2>/dev/null | awk -v p=$1 "
+    "k=$({ ps -A -o pid= -o ppid= 2>/dev/null || for d in /proc/[0-9]*; do "
+    'while read -r f v; do [ "$f" = PPid: ] && echo "${d#/proc/} $v" && break; '
+    'done <"$d/status"; done 2>/dev/null; } | awk -v p=$1 '
     '\'{c[$2]=c[$2] " " $1} END {q=p; o=""; while (q != "") {m=split(q, a, " "); q=""; '
     "for (i=1; i<=m; i++) if (a[i] in c) {o=o c[a[i]]; q=q c[a[i]]; delete c[a[i]]}} print o}'); "
     '[ -n "$k" ] && kill -$s $k 2>/dev/null; '
@@ -244,22 +246,19 @@ class ShellSession:
         self._out_buf = bytearray()
         self._err_buf = bytearray()
 
-    @property
-    def channel(self) -> Session:
-        """The session channel the shell runs on."""
-        return self.popen.channel
-
     # -- the steps ---------------------------------------------------------------------
     def handshake(self) -> Procedure[None]:
         """Save stdout/stderr as fds 8/9 and read the shell's pid after a random token."""
         token = secrets.token_hex(16).encode()
-        yield from self._send(
+        deadline = deadline_after(START_TIMEOUT)
+        sent = yield from self._send(
             b"exec 8>&1 9>&2; printf '\\n%s\\n' " + token + b" >&9; "
-            b"printf '\\n%s %s\\n' " + token + b' "$$" >&8\n'
+            b"printf '\\n%s %s\\n' " + token + b' "$$" >&8\n',
+            deadline,
         )
         frame = _Frame(token, self._out_buf, self._err_buf)
-        deadline = deadline_after(START_TIMEOUT)
-        yield from self._read(frame, deadline)
+        if sent:
+            yield from self._read(frame, deadline)
         if not frame.done:
             raise self._gone("the remote shell did not answer its start in time")
         if frame.status is None or not frame.status.isdigit():
@@ -294,11 +293,12 @@ class ShellSession:
         deadline = deadline_after(timeout)
         sent = stopping = timed_out = False
         try:
-            yield from self._send(script)
-            sent = True
-            yield from self._read(frame, deadline)
-            if not frame.done and self.error is None:
-                timed_out = stopping = True
+            sent = yield from self._send(script, deadline)
+            if sent:
+                yield from self._read(frame, deadline)
+            timed_out = not frame.done
+            if timed_out and self.error is None:
+                stopping = True
                 yield from self._stop_command(frame, kill_after)
         except GeneratorExit:  # abandoned by its driver: nothing may wait any more
             if not frame.done:
@@ -424,15 +424,23 @@ class ShellSession:
         self.error = ShellError(self.host, reason, text, rc)
         return self.error
 
-    def _send(self, data: bytes) -> Procedure[None]:
+    def _send(self, data: bytes, deadline: float | None) -> Procedure[bool]:
+        """Write ``data`` to the shell's stdin; False if ``deadline`` passed first (the shell
+        then holds part of a script: it is stopped)."""
         view = memoryview(data)
         while view:
             try:
                 view = view[os.write(self._in, view) :]
             except BlockingIOError:
-                yield WaitFd(self._in, write=True, timeout=START_TIMEOUT)
+                left = capped(None, deadline)
+                if left is not None and left <= 0:
+                    self._gone("the remote shell was stopped: it did not take a command in time")
+                    self.discard()
+                    return False
+                yield WaitFd(self._in, write=True, timeout=left)
             except OSError:
                 raise self._gone("the remote shell is gone") from None
+        return True
 
     def _read(self, frame: _Frame, deadline: float | None) -> Procedure[None]:
         """Read both streams into ``frame`` until both markers came, ``deadline`` passed,
@@ -508,11 +516,6 @@ class Shell:
         return self._owner
 
     @property
-    def session(self) -> ShellSession:
-        """The shell's state and procedures (``sshwrap.core.shell.ShellSession``)."""
-        return self._session
-
-    @property
     def closed(self) -> bool:
         """True after :meth:`close` (or once the shell had to be stopped)."""
         return self._session.closed
@@ -548,12 +551,7 @@ class Shell:
     def __enter__(self) -> Shell:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
