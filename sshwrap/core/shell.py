@@ -32,14 +32,15 @@ by ``printf`` builtins, removed after the command).
 **Timeout and interrupts.**  There is no job control without a terminal (dash refuses
 ``set -m``), and the command runs in the shell process itself (that is what keeps its state),
 so a timeout opens a second channel that kills every process the shell started (its
-descendants, found with ``ps`` or in ``/proc``, and ``awk``: TERM, then KILL after ``kill_after``; the shell itself is
-spared) until the end markers arrive; the call then raises ``TimeoutExpired`` with the output
-so far and the shell serves the next ``run``.  Builtins left in the same command line still
-run (``sleep 100; echo after`` prints ``after``), and background jobs the shell started are
-killed too.  A command that does not end in that bound (a loop of builtins) gets the shell
-stopped: ``TimeoutExpired``, and the next ``run`` raises :class:`ShellError`.  Ctrl-C and
-cancellation do the same within the same bound.  The call returns within ``timeout +
-kill_after + 2.5`` s (about ``timeout`` when the command dies at its first TERM).
+descendants, found with ``ps``, or in ``/proc``, and ``awk``: TERM, then KILL after
+``kill_after``; the shell itself is spared) until the end markers arrive; the call then raises
+``TimeoutExpired`` with the output so far and the shell serves the next ``run``.  Builtins
+left in the same command line still run (``sleep 100; echo after`` prints ``after``), and
+background jobs the shell started are killed too.  A command that does not end in that bound
+(a loop of builtins) gets the shell stopped: ``TimeoutExpired``, and the next ``run`` raises
+:class:`ShellError`.  Ctrl-C and cancellation do the same within the same bound.  The call
+returns within ``timeout + kill_after + 2.5`` s (about ``timeout`` when the command dies at
+its first TERM).
 
 **Not supported.**  ``set -e`` makes the shell exit at the first failing command (as it
 would in a terminal).  ``tty=True`` is refused (a terminal would merge stdout and stderr and
