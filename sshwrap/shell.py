@@ -17,6 +17,8 @@ is the async one over the same procedures); this module gives ``shell(host)`` an
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Unpack
 
 from .connection import ConnectOptions, connect
@@ -42,3 +44,22 @@ def shell(
     except BaseException:
         conn.close()
         raise
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`shell`: ``sshwrap.shell`` names both (the package's
+    attribute is the module once ``sshwrap.shell`` was imported), so ``sshwrap.shell(host)``
+    works whichever came first."""
+
+    def __call__(
+        self,
+        destination: str,
+        *,
+        tty: bool = False,
+        program: str = "sh",
+        **options: Unpack[ConnectOptions],
+    ) -> Shell:
+        return shell(destination, tty=tty, program=program, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

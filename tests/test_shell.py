@@ -249,6 +249,11 @@ def test_sshwrap_shell_owns_its_connection(local_sshd: LocalSSHD) -> None:
         assert sh.run("echo hi", text=True).stdout == "hi\n"
     assert sh.closed
     assert wait_exited([pid], 10) == []
+    import sshwrap
+
+    as_module: Any = sshwrap.shell  # the module (imported above) is callable as shell()
+    with as_module(local_sshd.host, config=local_sshd.config) as sh2:
+        assert sh2.run("echo $$").stdout == f"{sh2.pid}\n".encode()
     with pytest.raises(ShellError, match="closed"):
         sh.run("true")
 
