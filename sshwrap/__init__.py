@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "HostResult": "fanout",
     "FanoutInterrupted": "fanout",
     "FdBudgetError": "fanout",
+    "close_persisted": "fanout",
+    "PersistDirError": "fanout",
     "hosts": "core.hostset",
     "HostSet": "core.hostset",
     "HostPatternError": "core.hostset",
@@ -90,6 +92,8 @@ if TYPE_CHECKING:
     from .fanout import FanoutInterrupted as FanoutInterrupted
     from .fanout import FdBudgetError as FdBudgetError
     from .fanout import HostResult as HostResult
+    from .fanout import PersistDirError as PersistDirError
+    from .fanout import close_persisted as close_persisted
     from .fanout import run_many as run_many
     from .fleet import CopyInterrupted as CopyInterrupted
     from .fleet import CopyResult as CopyResult
