@@ -86,6 +86,7 @@ def face(request: pytest.FixtureRequest, conn: Connection) -> Iterator[Face]:
         yield f
     finally:
         f.close()
+    assert wait_exited([f.pid], 10) == []  # the remote shell is gone with close()
 
 
 def _cmdline(pid: int) -> str:
@@ -151,6 +152,7 @@ def test_timeout_stops_only_the_command(face: Face, local_sshd: LocalSSHD) -> No
     assert time.monotonic() - t < 5
     assert info.value.stdout == b"started\n" and info.value.host == face.conn.host
     wait_until(lambda: not _remote(local_sshd, needle), 10, "the timed-out sleep to go")
+    wait_until(lambda: not _remote(local_sshd, "sh -c n=0"), 10, "the killer to go")
     r = face.run("echo $$; pwd")
     assert r.stdout.split(b"\n")[0] == str(face.pid).encode()
     assert face.run("echo next").stdout == b"next\n"
