@@ -3,8 +3,8 @@
 The state machine is tested byte by byte without a server; the rest runs against a real sshd
 (as root: the test makes a throwaway login user with a password, two throwaway target users
 and a sudoers file with ``timestamp_timeout=0`` so sudo always asks, and removes them all at
-the end).  The channel path is driven as ``Connection.run`` drives it (``RunStreams.for_run``,
-``streams.wrap``, ``run_on_channel``).
+the end).  Each runs through ``sshwrap.run``, ``Connection.run`` (a channel) and its
+``ssh -S`` fallback.
 """
 
 from __future__ import annotations
@@ -26,15 +26,9 @@ from waiting import wait_until
 
 import sshwrap
 import sshwrap.aio
-from sshwrap.core.argv import remote_command
-from sshwrap.core.channel_streams import RunStreams
-from sshwrap.core.commands import use_master
 from sshwrap.core.completed import CompletedProcess
-from sshwrap.core.session import run_on_channel
 from sshwrap.core.sudo import Password, SudoRun, SudoSettings, sudo_settings
-from sshwrap.core.waiting import run_sync
 from sshwrap.errors import SudoError
-from sshwrap.io.deadline import deadline_after
 from sshwrap.testing import LocalSSHD
 
 LOGIN = "sshwrap-sudo"
@@ -215,41 +209,22 @@ def sudo_host() -> Iterator[SudoHost]:
             _remove_user(name)
 
 
-def channel_run(conn: sshwrap.Connection, args: Any, **options: Any) -> CompletedProcess:
-    """A command on a channel of ``conn``'s master, as ``Connection.run`` runs it."""
-    core = run_sync(use_master(conn.master))
-    assert core is not None
-    streams = RunStreams.for_run(conn.master.host, args, options)
-    command = streams.wrap(remote_command(args))
-
-    def result(a: Any, rc: int, out: Any, err: Any) -> CompletedProcess:
-        return CompletedProcess(a, rc, out, err, host=conn.master.host)
-
-    done: CompletedProcess = run_sync(
-        run_on_channel(
-            core,
-            streams,
-            command,
-            timeout=options.get("timeout"),
-            deadline=deadline_after(options.get("timeout")),
-            check=False,
-            kill_after=1.0,
-            tty=False,
-            size=None,
-            make_result=result,
-        )
-    )
-    return done
-
-
 @pytest.fixture(scope="module")
 def conn(sudo_host: SudoHost) -> Iterator[sshwrap.Connection]:
     with sshwrap.connect(sudo_host.host, **sudo_host.kw) as c:
         yield c
 
 
+@pytest.fixture(scope="module")
+def fallback_conn(sudo_host: SudoHost) -> Iterator[sshwrap.Connection]:
+    """A Connection whose commands go through ``ssh -S`` (the fallback's path)."""
+    with sshwrap.connect(sudo_host.host, proxy=False, **sudo_host.kw) as c:
+        yield c
+
+
 class Runner:
-    """``sshwrap.run`` (a fresh ssh) or a Connection's channel, with the same arguments."""
+    """``sshwrap.run`` (a fresh ssh), ``Connection.run`` (a channel) or its ``ssh -S``
+    fallback, with the same arguments."""
 
     def __init__(self, kind: str, sudo_host: SudoHost, conn: sshwrap.Connection | None) -> None:
         self.kind = kind
@@ -260,12 +235,14 @@ class Runner:
         kw.setdefault("timeout", 30)  # a sudo left waiting for a password fails, never hangs
         if self._conn is None:
             return sshwrap.run(self._host.host, args, **self._host.kw, **kw)
-        return channel_run(self._conn, args, **kw)
+        result: CompletedProcess = self._conn.run(args, **kw)
+        return result
 
 
-@pytest.fixture(params=["ssh", "channel"])
+@pytest.fixture(params=["ssh", "channel", "fallback"])
 def runner(request: pytest.FixtureRequest, sudo_host: SudoHost) -> Runner:
-    conn = request.getfixturevalue("conn") if request.param == "channel" else None
+    names = {"channel": "conn", "fallback": "fallback_conn"}
+    conn = request.getfixturevalue(names[request.param]) if request.param in names else None
     return Runner(request.param, sudo_host, conn)
 
 
@@ -320,7 +297,7 @@ def test_password_not_asked_is_not_sent(sudo_host: SudoHost, runner: Runner) -> 
         )
         assert r.stdout == f"{uid}\ndata\n".encode()  # a sent password would be in cat's output
         assert r.stderr == b""
-    if runner.kind == "ssh":  # (a channel asks a callable before the command starts)
+    if runner.kind != "channel":  # (a channel asks a callable before the command starts)
         assert asked == []
 
 

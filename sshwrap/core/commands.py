@@ -52,6 +52,7 @@ from .options import (
     Command,
     CommandOptions,
     StreamOptions,
+    SudoOptions,
     TerminalOptions,
     TextOptions,
     keys_of,
@@ -59,6 +60,7 @@ from .options import (
 )
 from .session import KILL_AFTER, NO_SLOT, Backoff, run_on_channel
 from .ssh_run import run_ssh
+from .sudo import sudo_settings
 from .waiting import Blocking, Procedure, Sleep
 
 __all__ = [
@@ -76,10 +78,13 @@ ABORT_WAIT = 1.0
 """Seconds a cancelled (async) start of the master may take to be killed and reaped."""
 
 
-class ChannelRunOptions(CommandOptions, StreamOptions, TextOptions, TerminalOptions, total=False):
+class ChannelRunOptions(
+    CommandOptions, StreamOptions, TextOptions, TerminalOptions, SudoOptions, total=False
+):
     """The keywords of ``Connection.run`` (and ``AsyncConnection.run``) after the command:
-    those of ``sshwrap.run`` without the ssh settings (the master has them), plus
-    ``kill_after`` (TERM -> KILL on a timeout) and ``connect_timeout`` (a restart's bound)."""
+    those of ``sshwrap.run`` without the ssh settings (the master has them; ``sudo=True``
+    too), plus ``kill_after`` (TERM -> KILL on a timeout) and ``connect_timeout`` (a
+    restart's bound)."""
 
     input: bytes | str | None
     capture_output: bool
@@ -90,7 +95,7 @@ class ChannelRunOptions(CommandOptions, StreamOptions, TextOptions, TerminalOpti
 
 
 _FALLBACK_KEYS = keys_of(CommandOptions) | keys_of(StreamOptions) | keys_of(TextOptions)
-_FALLBACK_KEYS |= keys_of(TerminalOptions)
+_FALLBACK_KEYS |= keys_of(TerminalOptions) | keys_of(SudoOptions)
 
 
 def use_master(master: Master, deadline: float | None = None) -> Procedure[ProxyCore | None]:
@@ -222,7 +227,8 @@ def _run_through(
             data = data.encode(
                 options.get("encoding") or text_encoding(), options.get("errors") or "strict"
             )
-    guarded = guarded and not options.get("tty", False)
+    # (sudo feeds stdin itself, password first: its fallback runs unguarded, as with a tty)
+    guarded = guarded and not options.get("tty", False) and not options.get("sudo", False)
     while True:
         guard = StartGuard.make(data) if guarded else None
         try:
@@ -280,6 +286,9 @@ def run_command(
     deadline = deadline_after(timeout)
     command = _command(args, options)
     host = master.host
+    sudo = sudo_settings(options)
+    if sudo is not None and sudo.password.given:  # one Password: a callable is asked once
+        options["sudo_password"] = sudo.password
 
     def make_result(a: Any, rc: int, out: Any, err: Any) -> CompletedProcess:
         return CompletedProcess(a, rc, out, err, host=host)
@@ -289,7 +298,7 @@ def run_command(
         result: CompletedProcess = yield from run_on_channel(
             core,
             streams,
-            command,
+            streams.wrap(command),
             timeout=timeout,
             deadline=deadline,
             check=options.get("check", False),

@@ -89,6 +89,14 @@ class Password:
                 self._asked = True
             return self._value
 
+    def __call__(self) -> bytes:
+        """The password, for a callable's place: a :class:`Password` given as
+        ``sudo_password`` to several calls (or attempts) is asked once for all of them."""
+        value = self.get()
+        if value is None:
+            raise ValueError("no sudo password was given")
+        return value
+
     def __repr__(self) -> str:
         return "Password(<hidden>)"
 
