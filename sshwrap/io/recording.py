@@ -30,14 +30,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..protocol.asciicast import EchoGate, event_line, header_line, resize_data, utf8_cut
+from ..protocol.asciicast import EchoGate, event_parts, header_line, resize_data, utf8_cut
 
 __all__ = ["Record", "RecordSpec", "Recorder", "as_record"]
 
 _OUT_AGE = 0.05  # seconds of output gathered into one "o" event at most
-_OUT_MAX = 256 * 1024  # bytes of output in one "o" event at most
+_OUT_MAX = 64 * 1024  # bytes of output in one "o" event at most (less than malloc's mmap
+# threshold: buffers this size are reused, not mapped fresh and page-faulted for each event)
 _FLUSH_AGE = 1.0  # seconds an event may wait in memory at most
 _FLUSH_MAX = 1 << 20  # bytes of lines kept in memory at most
+_PARTS_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,11 @@ class Recorder:
         self._fd = _create(self.path, rec.overwrite)
         self._start = self._last = self._written = time.monotonic()
         self._gate = EchoGate() if rec.input else None
-        self._out = bytearray()  # output not yet made into an event
+        self._out: list[bytes] = []  # output not yet made into an event
+        self._out_size = 0
         self._out_time = 0.0
-        self._buf = bytearray(head)  # lines not yet written
+        self._buf: list[bytes] = [head]  # parts of lines not yet written (one writev)
+        self._buf_size = len(head)
         self._write()
 
     # -- the relay's calls ----------------------------------------------------------------
@@ -145,8 +149,9 @@ class Recorder:
             self._inputs(self._gate.output(data))
         if not self._out:
             self._out_time = now
-        self._out += data
-        if len(self._out) >= _OUT_MAX or now - self._out_time >= _OUT_AGE:
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE:
             self._event_output(now)
 
     def input(self, data: bytes) -> None:
@@ -205,18 +210,21 @@ class Recorder:
     def _event_output(self, now: float, final: bool = False) -> None:
         if not self._out:
             return
-        cut = len(self._out) if final else utf8_cut(self._out)
-        if cut == 0:
-            return
-        data = bytes(self._out[:cut])
-        del self._out[:cut]
-        self._event(self._out_time, "o", data)
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        cut = len(data) if final else utf8_cut(data)
+        rest = data[cut:]
+        self._out = [rest] if rest else []
+        self._out_size = len(rest)
+        if cut:
+            self._event(self._out_time, "o", data[:cut] if rest else data)
         self._out_time = now
 
     def _event(self, t: float, code: str, data: bytes) -> None:
         self._last = t
-        self._buf += event_line(t - self._start, code, data)
-        if len(self._buf) >= _FLUSH_MAX:
+        parts = event_parts(t - self._start, code, data)
+        self._buf.extend(parts)
+        self._buf_size += len(parts[0]) + len(parts[1]) + 3
+        if self._buf_size >= _FLUSH_MAX or len(self._buf) >= _PARTS_MAX:
             self._write()
 
     def _check(self, now: float) -> None:
@@ -225,18 +233,18 @@ class Recorder:
 
     def _write(self) -> None:
         self._written = time.monotonic()
-        if self.error is not None or self._fd < 0:
-            self._buf.clear()
+        parts, size = self._buf, self._buf_size
+        self._buf, self._buf_size = [], 0
+        if self.error is not None or self._fd < 0 or not parts:
             return
-        view = memoryview(self._buf)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            n = os.writev(self._fd, parts)
+            if n < size:  # a short write (a full disk, a signal): the rest one by one
+                rest = memoryview(b"".join(parts))[n:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
         except OSError as e:
             self.error = e  # the session goes on unrecorded
-        finally:
-            view.release()
-            self._buf.clear()
 
     def __enter__(self) -> Recorder:
         return self

@@ -40,7 +40,9 @@ from collections.abc import Mapping
 __all__ = [
     "EchoGate",
     "event_line",
+    "event_parts",
     "header_line",
+    "json_content",
     "json_string",
     "resize_data",
     "utf8_cut",
@@ -57,6 +59,11 @@ _ESCAPES = [(bytes([b]), _SHORT.get(b, b"\\u%04x" % b)) for b in (0x5C, *range(0
 
 def json_string(data: bytes) -> bytes:
     """``data`` (terminal output or input) as a JSON string literal, quotes included."""
+    return b'"' + json_content(data) + b'"'
+
+
+def json_content(data: bytes) -> bytes:
+    """``data`` escaped for the inside of a JSON string (no quotes around it)."""
     if not data.isascii():
         try:
             data.decode("utf-8")
@@ -67,7 +74,7 @@ def json_string(data: bytes) -> bytes:
         for raw, escaped in _ESCAPES:
             if raw in found:
                 data = data.replace(raw, escaped)
-    return b'"' + data + b'"'
+    return data
 
 
 def utf8_cut(data: bytes | bytearray) -> int:
@@ -107,13 +114,18 @@ def header_line(
     return json.dumps(head, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
-_CODES = {"o": b', "o", ', "i": b', "i", ', "r": b', "r", ', "m": b', "m", '}
+_CODES = {"o": b', "o", "', "i": b', "i", "', "r": b', "r", "', "m": b', "m", "'}
+
+
+def event_parts(seconds: float, code: str, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """One event line in three parts (to write with ``writev``, no copy): ``[seconds, code, "``,
+    the escaped data, ``"]\n``; ``code`` is ``"o"``, ``"i"``, ``"r"`` or ``"m"`` (a marker)."""
+    return b"[%.6f" % seconds + _CODES[code], json_content(data), b'"]\n'
 
 
 def event_line(seconds: float, code: str, data: bytes) -> bytes:
-    """One event line: ``[seconds, code, data]`` (``data`` as :func:`json_string` makes it);
-    ``code`` is ``"o"``, ``"i"``, ``"r"`` or ``"m"`` (a marker)."""
-    return b"[%.6f" % seconds + _CODES[code] + json_string(data) + b"]\n"
+    """One event line: ``[seconds, code, data]`` (``data`` as :func:`json_string` makes it)."""
+    return b"".join(event_parts(seconds, code, data))
 
 
 def resize_data(rows: int, cols: int) -> bytes:
