@@ -512,8 +512,12 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                             + ("" if other.ok == n else f"; {peer}: only {other.ok}/{n} ok"),
                         )
                     )
-                driver_ms = 1000 * me.driver_cpu / n
-                ssh_ms = 1000 * (me.cpu - me.driver_cpu) / n
+                # The least disturbed sample of sshwrap's own CPU (other work on a shared
+                # machine only ever adds to it: cache misses, context switches).
+                least = min(runs["sshwrap"], key=lambda r: r.driver_cpu)
+                driver_ms = 1000 * least.driver_cpu / n
+                ssh_ms = 1000 * (least.cpu - least.driver_cpu) / n
+                driver_samples = "/".join(f"{1000 * r.driver_cpu / n:.2f}" for r in runs["sshwrap"])
                 rows.append(
                     Row(
                         f"fanout driver CPU {n}x '{cmd}' -p{conc}: per host vs its ssh",
@@ -523,7 +527,7 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                         "driver <= 0.35 ms/host",
                         driver_ms <= 0.35,
                         "sshwrap's own process (scheduling, pipes, logs, results) against the "
-                        "OpenSSH client it runs per host",
+                        f"OpenSSH client it runs per host; least of {reps}: {driver_samples} ms",
                     )
                 )
                 dflt = cold[("sshwrap-default", cmd, conc)]
