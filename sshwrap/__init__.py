@@ -51,6 +51,9 @@ _EXPORTS: dict[str, str] = {
     "CopyResult": "fleet",
     "CopyInterrupted": "fleet",
     "connect": "connection",
+    "shell": "connection",
+    "Shell": "core.shell",
+    "ShellError": "core.shell",
     "Connection": "connection",
     "Forward": "connection",
     "ForwardError": "connection",
@@ -74,11 +77,14 @@ if TYPE_CHECKING:
     from .connection import Forward as Forward
     from .connection import ForwardError as ForwardError
     from .connection import connect as connect
+    from .connection import shell as shell
     from .core.hostset import Groups as Groups
     from .core.hostset import HostPatternError as HostPatternError
     from .core.hostset import HostSet as HostSet
     from .core.hostset import hosts as hosts
     from .core.hostset import parse_groups as parse_groups
+    from .core.shell import Shell as Shell
+    from .core.shell import ShellError as ShellError
     from .errors import AuthenticationError as AuthenticationError
     from .errors import CalledProcessError as CalledProcessError
     from .errors import CommandLostError as CommandLostError

@@ -297,7 +297,7 @@ class Connection:
         return self.run(args, stdout=subprocess.PIPE, check=True, **kwargs).stdout
 
     def shell(self, *, tty: bool = False, program: str = "sh") -> Shell:
-        """A persistent remote shell on one channel of the master (``sshwrap.shell.Shell``):
+        """A persistent remote shell on one channel of the master (:class:`sshwrap.Shell`):
         ``cd``, variables, functions and an activated virtualenv persist between its
         ``run`` calls.  ``program`` is the POSIX shell to run (``sh``, whatever the login
         shell is); ``tty=True`` is refused (``ValueError``).  The Connection stays open when
@@ -452,3 +452,29 @@ def connect(destination: str, **options: Unpack[ConnectOptions]) -> Connection:
     like ``sshwrap.run`` when the master cannot connect.
     """
     return Connection(destination, **options).open()
+
+
+def shell(
+    destination: str,
+    *,
+    tty: bool = False,
+    program: str = "sh",
+    **options: Unpack[ConnectOptions],
+) -> Shell:
+    """A persistent remote shell on a Connection of its own: ``sshwrap.connect(destination,
+    **options)`` and its :meth:`Connection.shell`; closing the shell closes the connection.
+
+    ::
+
+        with sshwrap.shell("web1") as sh:
+            sh.run("cd /srv/app && . venv/bin/activate")
+            r = sh.run("pytest -q", timeout=600)   # CompletedProcess: stdout, stderr apart
+
+    The framing, the bounds and the limits are in :mod:`sshwrap.core.shell`."""
+    check_shell_options(tty, program)
+    conn = connect(destination, **options)
+    try:
+        return Shell.start(conn.master, program, owner=conn)
+    except BaseException:
+        conn.close()
+        raise

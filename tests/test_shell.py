@@ -1,5 +1,5 @@
 """A persistent remote shell (issue 14, part 2): ``Connection.shell()``, ``await
-AsyncConnection.shell()`` and ``sshwrap.shell.shell(host)``, against the real sshd.
+AsyncConnection.shell()`` and ``sshwrap.shell(host)``, against the real sshd.
 
 Each behaviour is one test body run through both faces (the ``face`` fixture): the sync
 ``Shell`` in this thread, and the ``AsyncShell`` on an event loop in a thread of its own.
@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 import pytest
 from waiting import wait_until
 
+from sshwrap import Shell, ShellError, shell
 from sshwrap.aio.connection import AsyncConnection, AsyncShell
 from sshwrap.connection import Connection, connect
 from sshwrap.core.completed import CompletedProcess
 from sshwrap.errors import CalledProcessError, TimeoutExpired
-from sshwrap.shell import Shell, ShellError, shell
 from sshwrap.testing import LocalSSHD, wait_exited
 
 T = TypeVar("T")
@@ -253,8 +253,7 @@ def test_sshwrap_shell_owns_its_connection(local_sshd: LocalSSHD) -> None:
     assert wait_exited([pid], 10) == []
     import sshwrap
 
-    as_module: Any = sshwrap.shell  # the module (imported above) is callable as shell()
-    with as_module(local_sshd.host, config=local_sshd.config) as sh2:
+    with sshwrap.shell(local_sshd.host, config=local_sshd.config) as sh2:
         assert sh2.run("echo $$").stdout == f"{sh2.pid}\n".encode()
     with pytest.raises(ShellError, match="closed"):
         sh.run("true")
