@@ -455,3 +455,14 @@ def test_password_never_in_argv_env_or_logs(
     assert result.stdout == b"0\n"
     assert secret not in repr(result).encode() + result.stderr
     assert secret not in Path(sudo_host.sshd.log).read_bytes()
+
+
+def test_popen_refuses_sudo(local_sshd: LocalSSHD) -> None:
+    """``sudo=`` is ``run``'s: a Popen never silently runs the command without it."""
+    with sshwrap.connect(local_sshd.host, config=local_sshd.config) as c:
+        given: tuple[tuple[str, Any], ...] = (("sudo", True), ("sudo_password", "x"))
+        for key, value in (*given, ("sudo_user", "root")):
+            with pytest.raises(TypeError, match=key):
+                c.Popen(["id", "-u"], stdout=subprocess.PIPE, **{key: value})
+        with pytest.raises(TypeError, match="sudo"):
+            sshwrap.Popen(local_sshd.host, "true", sudo=True)  # type: ignore[call-arg]

@@ -342,9 +342,15 @@ class PopenStreams:
     @classmethod
     def for_popen(cls, options: Mapping[str, Any]) -> PopenStreams:
         """The streams of ``Popen(args, **options)``, after the checks every face makes
-        (``size`` without ``tty``; ``text`` and ``universal_newlines`` disagreeing)."""
+        (``size`` without ``tty``; ``text`` and ``universal_newlines`` disagreeing; the sudo
+        keywords, which are ``run``'s only: never silently run without sudo)."""
         check_terminal(options)
         text_option(options)
+        given = sorted(k for k in ("sudo", "sudo_password", "sudo_user") if k in options)
+        if given:
+            raise TypeError(
+                f"Popen() got an unexpected keyword argument {given[0]!r} (sudo= is run's)"
+            )
         return cls(options.get("stdin", DEVNULL), options.get("stdout"), options.get("stderr"))
 
     def attach(self, ch: Session) -> None:
