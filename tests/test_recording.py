@@ -17,12 +17,14 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyte
 import pytest
 from ptyterm import Term, sshwrap_argv
+from test_connection_prompts import throwaway_user  # noqa: F401 (a fixture)
 from waiting import wait_until
 
 import sshwrap
@@ -138,23 +140,28 @@ def test_cli_records_a_session(local_sshd: LocalSSHD, tmp_path: Path, with_input
     assert _replay(header, events) == live
 
 
-def test_ssh_password_prompt_not_recorded(tmp_path: Path) -> None:
+@pytest.mark.skipif(os.geteuid() != 0, reason="password logins need root")
+def test_ssh_password_prompt_not_recorded(
+    local_sshd_factory: Callable[..., LocalSSHD],
+    throwaway_user: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
     """ssh's own password prompt (in the pty, before the session) stays out of the file."""
     path = tmp_path / "login.cast"
-    with LocalSSHD(password=PASSWORD) as sshd:
-        args = [*sshd.ssh_args, "-o", "PubkeyAuthentication=no", "-o", "IdentitiesOnly=yes"]
-        argv = sshwrap_argv("--record", str(path), "--record-input", *args, sshd.host)
-        t = Term(argv, env=ENV)
-        try:
-            t.wait_raw(re.compile(rb"[Pp]assword: ?$"))
-            _type(t, PASSWORD + "\r")
-            _prompt(t)
-            t.send("echo in-$((6*7))\r")
-            t.wait_raw(b"in-42")
-            t.send("exit\r")
-            assert t.wait_exit() == (0, None)
-        finally:
-            t.close()
+    sshd = local_sshd_factory(password=PASSWORD, user=throwaway_user)
+    args = [*sshd.ssh_args, "-o", "PubkeyAuthentication=no"]
+    argv = sshwrap_argv("--record", str(path), "--record-input", *args, sshd.host)
+    t = Term(argv, env=ENV)
+    try:
+        t.wait_raw(re.compile(rb"[Pp]assword: ?$"))
+        _type(t, PASSWORD + "\r")
+        _prompt(t)
+        t.send("echo in-$((6*7))\r")
+        t.wait_raw(b"in-42")
+        t.send("exit\r")
+        assert t.wait_exit() == (0, None)
+    finally:
+        t.close()
     _, events = _events(path)
     _no_secret(path, events)
     assert "echo in-$((6*7))" in "".join(e[2] for e in events if e[1] == "i")
@@ -231,7 +238,8 @@ _SPAWN_SCRIPT = textwrap.dedent(
     import sshwrap
     from sshwrap.io.recording import Record
     cfg = json.loads(sys.argv[1])
-    with sshwrap.connect(cfg["host"], config=cfg["config"]) as c:
+    kw = {"password": cfg["password"], "options": {"PubkeyAuthentication": "no"}}
+    with sshwrap.connect(cfg["host"], config=cfg["config"], **(kw if cfg["password"] else {})) as c:
         rec = Record(cfg["path"], input=True)
         if cfg["face"] == "connection":
             r = c.interact(record=rec)
@@ -252,9 +260,26 @@ def test_interact_record_keyword(local_sshd: LocalSSHD, tmp_path: Path, face: st
     if face == "connection" and not _connection_takes_record():
         pytest.skip("Connection.interact() does not pass record= on yet (connection.py)")
     path = tmp_path / f"{face}.cast"
-    script = tmp_path / "interact.py"
+    _interact_recorded(local_sshd, path, face, None)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="password logins need root")
+def test_askpass_answer_not_recorded(
+    local_sshd_factory: Callable[..., LocalSSHD],
+    throwaway_user: str,  # noqa: F811 (the fixture imported above)
+    tmp_path: Path,
+) -> None:
+    """sshwrap's own answer to ssh's password prompt (the askpass helper, over its private
+    socket) never passes the relay, so it never reaches a recording."""
+    sshd = local_sshd_factory(password=PASSWORD, user=throwaway_user)
+    _interact_recorded(sshd, tmp_path / "askpass.cast", "spawned", PASSWORD)
+
+
+def _interact_recorded(sshd: LocalSSHD, path: Path, face: str, password: str | None) -> None:
+    script = path.with_suffix(".py")
     script.write_text(_SPAWN_SCRIPT)
-    cfg = {"host": local_sshd.host, "config": local_sshd.config, "path": str(path), "face": face}
+    cfg: dict[str, str | None] = {"host": sshd.host, "config": sshd.config, "face": face}
+    cfg.update(path=str(path), password=password)
     t = Term([sys.executable, str(script), json.dumps(cfg)], env=ENV)
     try:
         _prompt(t)
