@@ -83,10 +83,19 @@ ATTRS_600 = u32(0x4) + u32(0o600)
         ),
         (sftp.limits_request(21), packet(200, u32(21) + s(b"limits@openssh.com"))),
         (sftp.request(4, 0xFFFFFFFF), packet(4, u32(0xFFFFFFFF))),
+        (sftp.path_request(sftp.FXP_LSTAT, 22, b"l"), packet(7, u32(22) + s(b"l"))),
+        (sftp.path_request(sftp.FXP_RMDIR, 23, b"d"), packet(15, u32(23) + s(b"d"))),
+        (sftp.path_request(sftp.FXP_REALPATH, 24, b"."), packet(16, u32(24) + s(b"."))),
+        (sftp.path_request(sftp.FXP_READLINK, 25, b"l"), packet(19, u32(25) + s(b"l"))),
+        (
+            sftp.open_request(26, b"f", sftp.FXF_WRITE | sftp.FXF_APPEND, Attrs()),
+            packet(3, u32(26) + s(b"f") + u32(0x6) + u32(0)),
+        ),
     ],
     ids=[
         *["init", "open", "close", "read", "stat", "fstat", "setstat", "fsetstat", "opendir"],
         *["readdir", "remove", "mkdir", "rename", "posix-rename", "statvfs", "limits", "any"],
+        *["lstat", "rmdir", "realpath", "readlink", "open-append"],
     ],
 )
 def test_request_bytes(built: bytes, expected: bytes) -> None:

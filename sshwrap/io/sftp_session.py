@@ -225,6 +225,10 @@ class SFTPSession:
             proc.wait()  # SIGKILLed (or exited): prompt
             self._stderr.close()
 
+    def exited(self) -> bool:
+        """True when the session's ssh has exited (the master or the remote sftp died)."""
+        return self._proc.poll() is not None
+
     def interrupt(self) -> None:
         """Stop the session from another thread: what it is waiting for fails at once and it
         raises ``TransferCancelled`` (with no remote cleanup: its byte stream is cut)."""
@@ -427,6 +431,11 @@ class SFTPSession:
         if e.code == sftp.FX_PERMISSION_DENIED:
             return RemotePermissionError(errno.EACCES, f"{what}: remote permission denied", where)
         return TransferError(f"{where}: {what} failed: {e.message} ({sftp.status_name(e.code)})")
+
+    def call(self, build: Callable[[int], bytes]) -> tuple[int, sftp.Reader]:
+        """Send the request ``build(id)`` and wait for its reply: (type, reader after the id);
+        a status other than OK raises ``StatusError`` (``error`` types it)."""
+        return self._call(build)
 
     def _do(self, build: Callable[[int], bytes], path: str, what: str) -> sftp.Reader:
         """``_call``, a failed status raised as ``self.error(..., path, what)``."""

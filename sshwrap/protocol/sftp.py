@@ -40,6 +40,7 @@ __all__ = [
     "ATTR_SIZE",
     "ATTR_UIDGID",
     "DEFAULT_CHUNK",
+    "FXF_APPEND",
     "FXF_CREAT",
     "FXF_EXCL",
     "FXF_READ",
@@ -54,14 +55,18 @@ __all__ = [
     "FXP_FSTAT",
     "FXP_HANDLE",
     "FXP_INIT",
+    "FXP_LSTAT",
     "FXP_MKDIR",
     "FXP_NAME",
     "FXP_OPEN",
     "FXP_OPENDIR",
     "FXP_READ",
     "FXP_READDIR",
+    "FXP_READLINK",
+    "FXP_REALPATH",
     "FXP_REMOVE",
     "FXP_RENAME",
+    "FXP_RMDIR",
     "FXP_SETSTAT",
     "FXP_STAT",
     "FXP_STATUS",
@@ -100,7 +105,8 @@ __all__ = [
 # -- numbers ---------------------------------------------------------------------------------
 FXP_INIT, FXP_VERSION, FXP_OPEN, FXP_CLOSE, FXP_READ, FXP_WRITE = 1, 2, 3, 4, 5, 6
 FXP_LSTAT, FXP_FSTAT, FXP_SETSTAT, FXP_FSETSTAT, FXP_OPENDIR, FXP_READDIR = 7, 8, 9, 10, 11, 12
-FXP_REMOVE, FXP_MKDIR, FXP_STAT, FXP_RENAME = 13, 14, 17, 18
+FXP_REMOVE, FXP_MKDIR, FXP_RMDIR, FXP_REALPATH, FXP_STAT, FXP_RENAME = 13, 14, 15, 16, 17, 18
+FXP_READLINK = 19
 FXP_STATUS, FXP_HANDLE, FXP_DATA, FXP_NAME, FXP_ATTRS = 101, 102, 103, 104, 105
 FXP_EXTENDED, FXP_EXTENDED_REPLY = 200, 201
 """Packet types (``SSH_FXP_*``)."""
@@ -112,7 +118,7 @@ ATTR_SIZE, ATTR_UIDGID, ATTR_PERMISSIONS, ATTR_ACMODTIME = 0x1, 0x2, 0x4, 0x8
 ATTR_EXTENDED = 0x80000000
 """ATTRS flags (``SSH_FILEXFER_ATTR_*``): which fields follow."""
 
-FXF_READ, FXF_WRITE, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 0x1, 0x2, 0x8, 0x10, 0x20
+FXF_READ, FXF_WRITE, FXF_APPEND, FXF_CREAT, FXF_TRUNC, FXF_EXCL = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
 """Open flags (``SSH_FXF_*``)."""
 
 POSIX_RENAME = "posix-rename@openssh.com"
@@ -331,8 +337,11 @@ def write_head(rid: int, handle_field: bytes, offset: int, size: int) -> bytes:
 
 
 def path_request(ptype: int, rid: int, path: bytes, attrs: Attrs | None = None) -> bytes:
-    """A request on a path: ``FXP_STAT`` (links followed), ``FXP_OPENDIR``, ``FXP_REMOVE`` (a
-    file); with ``attrs``: ``FXP_MKDIR``, ``FXP_SETSTAT``."""
+    """A request on a path: ``FXP_STAT`` (links followed), ``FXP_LSTAT`` (not followed),
+    ``FXP_OPENDIR``, ``FXP_REMOVE`` (a file), ``FXP_RMDIR`` (an empty directory),
+    ``FXP_REALPATH`` (the canonical absolute path, answered by a one-entry ``FXP_NAME``),
+    ``FXP_READLINK`` (a link's target, likewise); with ``attrs``: ``FXP_MKDIR``,
+    ``FXP_SETSTAT``."""
     fields = (pack_string(path),) if attrs is None else (pack_string(path), attrs.pack())
     return request(ptype, rid, *fields)
 

@@ -1,0 +1,244 @@
+"""Files and directories over SFTP sessions: what ``sshwrap.filesystem`` needs beyond put/get.
+
+- ``SessionPool``: up to ``size`` SFTP sessions (one ``ssh -s ... sftp`` each, over the
+  master) shared by the threads of one filesystem; a session is taken for one operation and
+  given back.  A session that broke (its byte stream cut, its ssh gone) is closed, never given
+  out again; an idle one whose ssh exited meanwhile (the master died) is dropped when taken.
+  The pool never holds more than ``size`` sessions, so a server's ``MaxSessions`` is kept to
+  when ``size`` is below it.
+- Requests on paths: ``lstat``, ``readdir`` (entries as the server lists them: links not
+  followed), ``mkdir`` (the server's default mode), ``rmdir``.
+- ``read_range`` and ``write_at``: pipelined reads and writes of a byte range at an offset of
+  an open handle (random access), up to ``sftp_pipeline.IN_FLIGHT`` bytes in flight, in the
+  session's chunk size.  A short read is completed by asking for the rest; the end of file
+  ends a range early; every byte below the end is checked to have arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from ..protocol import sftp
+from ..protocol.sftp import Attrs, StatusError
+from ..protocol.wire import pack_string
+from .sftp_pipeline import IN_FLIGHT
+from .sftp_session import SFTPSession, TransferError
+
+__all__ = ["SessionPool", "lstat", "mkdir", "read_range", "readdir", "rmdir", "write_at"]
+
+
+class SessionPool:
+    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time."""
+
+    def __init__(self, open_session: Callable[[], SFTPSession], size: int = 4) -> None:
+        if size < 1:
+            raise ValueError("a session pool needs a size of at least 1")
+        self._open = open_session
+        self._size = size
+        self._idle: list[SFTPSession] = []
+        self._count = 0  # sessions lent out or idle
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def _take(self) -> SFTPSession:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise TransferError("the filesystem's SFTP sessions are closed")
+                while self._idle:
+                    s = self._idle.pop()
+                    if not s.exited():
+                        return s
+                    self._count -= 1
+                    s.broken = True
+                    s.close()
+                if self._count < self._size:
+                    self._count += 1
+                    break
+                self._cond.wait()
+        try:
+            return self._open()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def _give(self, s: SFTPSession, keep: bool) -> None:
+        with self._cond:
+            if keep and not s.broken and not self._closed:
+                self._idle.append(s)
+                self._cond.notify()
+                return
+            self._count -= 1
+            self._cond.notify()
+        s.close()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[SFTPSession]:
+        """A session for one operation (given back after it, closed if it broke)."""
+        s = self._take()
+        try:
+            yield s
+        except BaseException as exc:
+            self._give(s, keep=isinstance(exc, Exception))
+            raise
+        self._give(s, keep=True)
+
+    def close(self) -> None:
+        """Close the idle sessions now and each lent one when it comes back."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for s in idle:
+            s.close()
+
+
+def lstat(session: SFTPSession, path: str) -> Attrs | None:
+    """Attributes of ``path`` itself (a link not followed), None if it does not exist."""
+    p = os.fsencode(path)
+    try:
+        _, r = session.call(lambda rid: sftp.path_request(sftp.FXP_LSTAT, rid, p))
+    except StatusError as e:
+        if e.code == sftp.FX_NO_SUCH_FILE:
+            return None
+        raise session.error(e, path, "lstat") from None
+    return r.attrs()
+
+
+def readdir(session: SFTPSession, path: str) -> list[tuple[str, Attrs]]:
+    """Entries of directory ``path`` (without ``.``/``..``), attributes of each entry itself
+    (links not followed).  Raises ``StatusError`` when the directory cannot be opened (the
+    caller tells a missing path from a file)."""
+    p = os.fsencode(path)
+    _, r = session.call(lambda rid: sftp.path_request(sftp.FXP_OPENDIR, rid, p))
+    handle = r.string()
+    out: list[tuple[str, Attrs]] = []
+    try:
+        while True:
+            try:
+                _, r = session.call(lambda rid: sftp.handle_request(sftp.FXP_READDIR, rid, handle))
+            except StatusError as e:
+                if e.code == sftp.FX_EOF:
+                    break
+                raise session.error(e, path, "listing") from None
+            for raw, attrs in r.names():
+                name = os.fsdecode(raw)
+                if name not in (".", ".."):
+                    out.append((name, attrs))
+    except BaseException as exc:
+        with session.cleaning_up(exc) as go:
+            if go:
+                session.close_handle(handle)
+        raise
+    session.close_handle(handle)
+    return out
+
+
+def mkdir(session: SFTPSession, path: str) -> None:
+    """Create directory ``path`` with the server's default mode; raises ``StatusError``."""
+    p = os.fsencode(path)
+    session.call(lambda rid: sftp.path_request(sftp.FXP_MKDIR, rid, p, Attrs()))
+
+
+def rmdir(session: SFTPSession, path: str) -> None:
+    """Remove the empty directory ``path``; raises ``StatusError``."""
+    p = os.fsencode(path)
+    session.call(lambda rid: sftp.path_request(sftp.FXP_RMDIR, rid, p))
+
+
+def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, path: str) -> bytes:
+    """Up to ``length`` bytes at ``offset`` of ``handle`` (fewer at the end of file)."""
+    if length <= 0:
+        return b""
+    out = bytearray(length)
+    chunk = session.read_chunk
+    depth = max(4, IN_FLIGHT // chunk)
+    hs = pack_string(handle)
+    todo: deque[tuple[int, int]] = deque(
+        (o, min(chunk, length - o)) for o in range(0, length, chunk)
+    )
+    pending: dict[int, tuple[int, int]] = {}
+    end = length  # lowered to the end of file when a read meets it
+    failed: StatusError | None = None
+    try:
+        while True:
+            batch: list[bytes] = []
+            while todo and failed is None and len(pending) + len(batch) < depth:
+                o, n = todo.popleft()
+                if o < end:
+                    rid = session.new_id()
+                    pending[rid] = (o, n)
+                    batch.append(sftp.read_request(rid, hs, offset + o, n))
+            if batch:
+                session.send(b"".join(batch))
+            if not pending:
+                break
+            ptype, rid, r = session.reply_for(pending)
+            o, n = pending.pop(rid)
+            if ptype == sftp.FXP_DATA:
+                data = r.view()
+                k = len(data)
+                if k > n:
+                    raise session.protocol_error(f"{k} bytes for a read of {n}", path)
+                out[o : o + k] = data
+                if k == 0:
+                    end = min(end, o)
+                elif k < n:
+                    todo.appendleft((o + k, n - k))  # a short read: ask for the rest
+            elif ptype == sftp.FXP_STATUS:
+                code = r.u32()
+                if code == sftp.FX_EOF:
+                    end = min(end, o)
+                elif failed is None:
+                    failed = StatusError(code, r.text())
+            else:
+                raise session.protocol_error(f"SFTP reply of type {ptype} to a read", path)
+    except BaseException:
+        session.abandon(pending)
+        raise
+    if failed is not None:
+        raise session.error(failed, path, "reading")
+    del out[end:]
+    return bytes(out)
+
+
+def write_at(session: SFTPSession, handle: bytes, data: memoryview, offset: int, path: str) -> None:
+    """Write all of ``data`` at ``offset`` of ``handle``; the first failure raises (with the
+    "No space left on device" hint when the remote filesystem is full)."""
+    chunk = session.write_chunk
+    depth = max(4, IN_FLIGHT // chunk)
+    hs = pack_string(handle)
+    pending: set[int] = set()
+    pos = 0
+    failed: StatusError | None = None
+    try:
+        while True:
+            while failed is None and pos < len(data) and len(pending) < depth:
+                n = min(chunk, len(data) - pos)
+                rid = session.new_id()
+                pending.add(rid)
+                session.send(sftp.write_head(rid, hs, offset + pos, n), data[pos : pos + n])
+                pos += n
+            if not pending:
+                break
+            ptype, rid, r = session.reply_for(pending)
+            pending.discard(rid)
+            if ptype != sftp.FXP_STATUS:
+                raise session.protocol_error(f"SFTP reply of type {ptype} to a write", path)
+            status = r.status()
+            if status is not None and failed is None:
+                failed = status
+    except BaseException:
+        session.abandon(pending)
+        raise
+    if failed is not None:
+        err = session.error(failed, path, "writing")
+        hint = session.no_space_hint(path) if failed.code == sftp.FX_FAILURE else ""
+        raise TransferError(str(err) + hint) if hint else err
