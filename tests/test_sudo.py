@@ -327,6 +327,24 @@ def test_sudo_ended_before_the_command(sudo_host: SudoHost, runner: Runner) -> N
 
 
 @needs_sudo
+def test_timeout_holds_while_sudo_authenticates(sudo_host: SudoHost, runner: Runner) -> None:
+    """A wrong password keeps sudo in its failure delay (~2 s): a shorter timeout ends the
+    call within its bound, as ``TimeoutExpired``."""
+    start = time.monotonic()
+    with pytest.raises(sshwrap.TimeoutExpired) as info:
+        runner(
+            "echo ran",
+            sudo=True,
+            sudo_password="wrong-" + secrets.token_hex(4),
+            capture_output=True,
+            timeout=0.8,
+        )
+    assert time.monotonic() - start < 0.8 + 1.5
+    assert not info.value.stdout
+    assert sudo_host.password.encode() not in (info.value.stderr or b"")
+
+
+@needs_sudo
 def test_output_that_looks_like_a_prompt(sudo_host: SudoHost, runner: Runner) -> None:
     script = (
         "printf '[sudo] password for x: '; printf '[sudo] password for x: ' >&2\n"
