@@ -11,12 +11,13 @@ BENCH_STAMP := $(VENV)/.installed-bench
 install: $(STAMP) sshd
 
 # OpenSSH's client and server from Debian's packages when missing (as root), and iproute2 (the
-# fault-injection tests' network namespaces and veth pairs); otherwise say what to install.
+# fault-injection tests' network namespaces and veth pairs) and sudo (the sudo tests); otherwise say
+# what to install.
 sshd:
 	@if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1 \
-	    || { [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; }; then \
+	    || { [ "$$(id -u)" = 0 ] && { ! command -v ip >/dev/null 2>&1 || ! command -v sudo >/dev/null 2>&1; }; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing openssh-server, openssh-client and iproute2 (apt-get)"; \
+	    echo "installing openssh-server, openssh-client, iproute2 and sudo (apt-get)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client iproute2 sudo >/dev/null; \
 	  else \
 	    echo "sshwrap needs OpenSSH: install openssh-client and openssh-server (e.g. sudo apt-get install openssh-client openssh-server)" >&2; exit 1; \

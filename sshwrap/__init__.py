@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "SSHConfigError": "errors",
     "CommandTooLongError": "errors",
     "CommandLostError": "errors",
+    "SudoError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
     "run_many": "fanout",
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
     from .errors import SSHConnectionError as SSHConnectionError
     from .errors import SSHError as SSHError
     from .errors import SSHWrapError as SSHWrapError
+    from .errors import SudoError as SudoError
     from .errors import TimeoutExpired as TimeoutExpired
     from .fanout import FanoutInterrupted as FanoutInterrupted
     from .fanout import FdBudgetError as FdBudgetError

@@ -360,7 +360,13 @@ def run_ssh(
         returncode = call.finish(cast(int, child.proc.returncode))
         call.write_messages(stdout, stderr, tty)
         if call.error is not None:
-            raise call.error
+            # a lost master's CommandLostError carries what arrived, as run would return it
+            shown = [
+                decode_output(d, encoding, errors) if text_mode and d else d for d in (out, err)
+            ]
+            lost = call.failure(*shown)
+            assert lost is not None
+            raise lost
         if sudo_run is not None:
             failure = sudo_run.outcome(returncode)
             if failure is not None:
