@@ -1,4 +1,4 @@
-"""An OpenSSH ControlMaster that sshwrap owns: start, check, restart, stop.
+"""An OpenSSH ControlMaster that sshwrap owns: start, check, restart, stop; or attaches to.
 
 **Start.**  :class:`Master` runs ``ssh -M -N -o ControlPersist=yes -o ControlPath=P`` with its
 stdin and stdout on ``/dev/null`` and its log in its own file (``-E``), so it holds no pipe of
@@ -30,6 +30,11 @@ go (SIGKILL after 2 s) and removes the directory; so does dropping the Master or
 program with it open (``weakref.finalize``), since a ControlPersist master would otherwise
 outlive us.
 
+**Attach, detach.**  :meth:`Master.adopt` uses a master already listening (the user's own,
+``attach=True``/``"auto"`` finds the configured one, or a detached one) and
+:meth:`Master.detach` leaves sshwrap's master running past the program: see
+:mod:`sshwrap.io.attach`.  A master that is not ``owned`` is neither stopped nor restarted.
+
 Every method may be called from several threads at once (one lock guards the lifecycle).
 """
 
@@ -42,14 +47,21 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SSHConnectionError, classify_ssh_failure
+from ..errors import SSHConnectionError, SSHError, classify_ssh_failure
+from .attach import (
+    SUN_PATH_MAX,
+    Detached,
+    configured_master,
+    pid_alive,
+    processes_with_arg,
+    socket_dir,
+    stop_master,
+)
 from .deadline import local_step, remaining
 from .flags import Flag
 from .forwards import Forward, ForwardSpec, open_forward, restore_forwards
@@ -61,88 +73,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SUN_PATH_MAX", "Master"]
 
-SUN_PATH_MAX = 104
-"""Longest unix socket path sshwrap accepts (macOS's ``sun_path``; Linux allows 108)."""
-_BIND_SUFFIX = 17  # ".%16s" that OpenSSH appends to ControlPath while binding
-_STOP_WAIT = 2.0  # -O exit, then SIGKILL: bounded, also in the finalizer at interpreter exit
 NO_DIRECT_LOGIN = "false"
 """The ``ProxyCommand`` of ``ssh -S`` over sshwrap's master: no connection of its own."""
 _MUX_TIMEOUT = 5.0  # longest wait for the (local) master's answer on its socket
-
-
-def _socket_dir() -> str:
-    """A new private (0700) directory whose ``m`` socket path fits ``sun_path``."""
-    candidates = []
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        candidates.append(runtime)
-    candidates += [tempfile.gettempdir(), "/tmp"]
-    for base in candidates:
-        # mkdtemp adds 8 characters to the prefix: check before creating anything.
-        probe = os.path.join(base, "sshwrap-" + "x" * 8, "m")
-        if len(os.fsencode(probe)) + _BIND_SUFFIX > SUN_PATH_MAX:
-            continue
-        with contextlib.suppress(OSError):
-            d = tempfile.mkdtemp(prefix="sshwrap-", dir=base)
-            os.chmod(d, 0o700)
-            return d
-    raise OSError("no temporary directory short enough for a control socket (sun_path)")
-
-
-def _stop_master(control_path: str, pid: int, directory: str | None) -> None:
-    """``-O exit``, wait for the master's pid to go (SIGKILL after 2 s), remove its dir.
-
-    Bounded (about 4 s at most: a master that does not answer on its socket within 2 s is
-    killed), so it may run from a finalizer at interpreter exit."""
-    with contextlib.suppress(MuxError), MuxControl(control_path, timeout=_STOP_WAIT) as m:
-        m.terminate()
-    if pid:
-        deadline = time.monotonic() + _STOP_WAIT
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    if directory is not None:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _processes_with_arg(arg: str) -> list[int]:
-    """Pids of this user's processes that have ``arg`` as one of their arguments."""
-    want = arg.encode()
-    uid = os.getuid()
-    found = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if want in args:
-                found.append(int(entry))
-    return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return st[st.rindex(b")") + 2 : st.rindex(b")") + 3] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def _read_text(path: str) -> str:
@@ -178,6 +111,7 @@ class Master:
         start_timeout: float | None = 60.0,
         reconnect: bool = True,
         proxy: bool = True,
+        attach: bool | str = False,
     ) -> None:
         self.destination = destination
         self.host = destination
@@ -210,6 +144,11 @@ class Master:
         """The forwards opened and not cancelled (kept over a restart)."""
         self._finalizer: weakref.finalize[[str, int, str | None], Master] | None = None
         self.restarts = 0
+        self.owned = True
+        """False for a master that was adopted and not owned: ``close()`` leaves it running."""
+        self.attach_configured = attach
+        """True/``"auto"``: :meth:`open` first looks for the user's configured master."""
+        self._adopted = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -217,11 +156,52 @@ class Master:
         with self._lock:
             self._open_locked(None, None)
 
+    def adopt(self, control_path: str, *, own: bool = False, directory: str | None = None) -> None:
+        """Before :meth:`open`: use the master listening at ``control_path`` instead of
+        starting one.  ``own``: ``close()`` stops it and removes ``directory`` (a detached
+        master's); else ``close()`` leaves it running, and once it is gone a call raises
+        ``SSHConnectionError`` unless ``reconnect`` (then a master of sshwrap's own starts)."""
+        with self._lock:
+            if self.opened or self.closed:
+                raise ValueError("adopt() is for a Master not opened yet")
+            self.control_path, self.owned, self._adopted = control_path, own, True
+            self._dir, self.directory = directory, directory or ""
+
+    def detach(self) -> Detached:
+        """Leave the (started) master running past ``close()`` and the program's exit: the
+        finalizer that stops it goes, the socket directory stays; this Master is closed.
+        Returns what a later process needs to attach to it (:class:`Detached`)."""
+        with self._lock:
+            if self.closed or not self.opened:
+                raise ValueError("detach() needs an open Connection")
+            settings = {k: v for k, v in self._settings.items() if v is not None}
+            d = Detached(self.control_path, self.destination, self.pid, self._dir, settings)
+            self.closed, core, self._core = True, self._core, None
+            if core is not None:
+                core.close()
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            self.forwards.clear()
+            return d
+
     def _open_locked(self, deadline: float | None, abort: Flag | None) -> None:
         if self.closed:
             raise ValueError("the Connection is closed")
         if not self.opened:
-            self._start(deadline, abort)
+            if self.attach_configured and not self._adopted:
+                ssh = self.ssh or self._locate_ssh()
+                path = configured_master(ssh, self.settings_args, self.destination, deadline)
+                if path is not None:
+                    self.adopt(path)
+                elif self.attach_configured != "auto":
+                    raise SSHConnectionError(
+                        self.host, "no control master of the user's answers (attach=True)"
+                    )
+            if self._adopted:
+                self._use(deadline)
+            else:
+                self._start(deadline, abort)
             self.opened = True
 
     @property
@@ -266,7 +246,7 @@ class Master:
             MuxControl(self.control_path, timeout=0.5) as m,
         ):
             pid = m.alive_check()
-        pids = [pid] if pid else _processes_with_arg(f"ControlPath={self.control_path}")
+        pids = [pid] if pid else processes_with_arg(f"ControlPath={self.control_path}")
         for p in pids:
             with contextlib.suppress(OSError):
                 os.kill(p, signal.SIGKILL)
@@ -289,8 +269,11 @@ class Master:
         limit = self._start_limit(deadline)
         if limit is not None and limit <= 0:
             raise self._late(0.0)
+        if self._adopted:  # the attached master is gone and reconnect=True: one of our own
+            self._dir = self._dir if self.owned else None
+            self._adopted, self.owned = False, True
         if self._dir is None or not os.path.isdir(self._dir):
-            self._dir = self.directory = _socket_dir()
+            self._dir = self.directory = socket_dir()
         self.control_path = os.path.join(self._dir, "m")
         log = os.path.join(self._dir, "log")
         for name in (self.control_path, log, self._err_path):
@@ -346,6 +329,10 @@ class Master:
         finally:
             if prompts is not None:
                 prompts.close()
+        self._use(deadline)
+
+    def _use(self, deadline: float | None) -> None:
+        """The started or adopted master: its pid, then proxy mode if wanted."""
         self._check_started(deadline)
         self._core = None
         self._proxy = False
@@ -358,6 +345,10 @@ class Master:
             with MuxControl(self.control_path, timeout=local_step(_MUX_TIMEOUT, deadline)) as m:
                 self.pid = m.alive_check()
         except MuxError as e:
+            if self._adopted:
+                raise SSHConnectionError(
+                    self.host, f"no control master answers at {self.control_path}: {e}"
+                ) from None
             self._kill_forked_master()
             if not self.opened:
                 self._remove_dir()
@@ -368,8 +359,10 @@ class Master:
         # ControlPersist master would otherwise outlive the program.
         if self._finalizer is not None:
             self._finalizer.detach()
-        self._finalizer = weakref.finalize(
-            self, _stop_master, self.control_path, self.pid, self._dir
+        self._finalizer = (
+            weakref.finalize(self, stop_master, self.control_path, self.pid, self._dir)
+            if self.owned
+            else None
         )
 
     def _open_proxy(self, deadline: float | None = None) -> None:
@@ -417,20 +410,32 @@ class Master:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def close(self) -> None:
-        """Stop the master (``-O exit``), wait for it to go, remove the socket directory."""
+    def close(self, *, stop: bool | None = None) -> None:
+        """Stop the master (``-O exit``), wait for it to go, remove the socket directory.
+
+        A master not ``owned`` is left running (this Master's forwards cancelled) unless
+        ``stop=True``; ``stop=False`` leaves an owned one running too, as :meth:`detach`."""
         with self._lock:
             if self.closed:
                 return
+            stop = self.owned if stop is None else stop
+            for fwd in [] if stop else list(self.forwards):
+                with contextlib.suppress(SSHError):  # ForwardError: the master refused it
+                    fwd.cancel()
             self.closed = True
             core, self._core = self._core, None
             if core is not None:
                 core.close()
-            if self._finalizer is not None:
+            if self._finalizer is not None and not stop:
+                self._finalizer.detach()
+            elif self._finalizer is not None:
                 self._finalizer()  # -O exit, wait for the master, remove the directory
-                self._finalizer = None
+            elif stop and self.opened:
+                stop_master(self.control_path, self.pid, self._dir)
+            self._finalizer = None
             self.forwards.clear()
-            self._remove_dir()
+            if stop:
+                self._remove_dir()
 
     @property
     def alive(self) -> bool:
@@ -504,14 +509,15 @@ class Master:
             self._open_proxy(deadline)  # the master lives: only our socket ended
             return self._core
         if not self.reconnect:
+            why = "attached: none is started in its place" if self._adopted else "reconnect=False"
             raise SSHConnectionError(
-                self.host, "the control master is gone (reconnect=False)", self.read_log()
+                self.host, f"the control master is gone ({why})", self.read_log()
             )
         if core is not None:
             core.close(local_step(5.0, deadline))
         self._core = None
         old = self.pid
-        if old and _pid_alive(old):
+        if old and self.owned and pid_alive(old):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old, signal.SIGTERM)
         self.restarts += 1
@@ -525,8 +531,8 @@ class Master:
     def fallback_settings(self, *, direct_login: bool = True) -> dict[str, Any]:
         """Keywords of ``sshwrap.run``/``Popen`` (settings, ``ssh``) that run ``ssh -S`` over
         this master: ``options`` gets ``ControlPath`` and ``ControlMaster=no``; without
-        ``direct_login`` (and unless ``jump`` is set) also a ``ProxyCommand`` that fails at
-        once.
+        ``direct_login`` or over an attached master (and unless ``jump`` is set) also a
+        ``ProxyCommand`` that fails at once.
 
         ssh's mux client that the master cannot serve (the server refused the session, at
         its ``MaxSessions``; the master gone) logs in anew on a connection of its own
@@ -535,7 +541,8 @@ class Master:
         command runs over this master or not at all (``Connection.run`` then waits for a
         slot, :mod:`sshwrap.core.commands`; a face that cannot try again keeps the login)."""
         opts: dict[str, Any] = {"ControlPath": self.control_path, "ControlMaster": "no"}
-        if not direct_login and not self._settings.get("jump"):  # ssh refuses -J with one
+        no_login = not direct_login or self._adopted  # an attached master: never a login
+        if no_login and not self._settings.get("jump"):  # ssh refuses -J with one
             opts["ProxyCommand"] = NO_DIRECT_LOGIN
         base = self._settings.get("options")
         if isinstance(base, Mapping):
