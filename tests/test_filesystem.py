@@ -3,11 +3,16 @@ test suite, then what it does not cover)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import pathlib
 import posixpath
+import signal
 from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
+from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
     AbstractFixtures,
@@ -17,6 +22,7 @@ from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractPutTests,
 )
 
+from sshwrap.errors import SSHConnectionError
 from sshwrap.filesystem import SSHWrapFileSystem
 from sshwrap.testing import LocalSSHD
 
@@ -76,3 +82,220 @@ class TestSSHWrapOpen(SSHWrapFixtures, AbstractOpenTests):  # type: ignore[misc]
 
 class TestSSHWrapPipe(SSHWrapFixtures, AbstractPipeTests):  # type: ignore[misc]
     pass
+
+
+# -- beyond fsspec's suite ---------------------------------------------------------------------
+def test_url_form(local_sshd: LocalSSHD, sfs: SSHWrapFileSystem, rdir: str) -> None:
+    assert SSHWrapFileSystem._strip_protocol("sshwrap://h/a/b/") == "/a/b"
+    assert SSHWrapFileSystem._strip_protocol("sshwrap://h/") == "/"
+    assert SSHWrapFileSystem._get_kwargs_from_urls("sshwrap://u@h:2222/x") == {
+        "host": "h",
+        "user": "u",
+        "port": 2222,
+    }
+    sfs.pipe_file(f"{rdir}/u.txt", b"by url")
+    url = f"sshwrap://{local_sshd.host}{rdir}/u.txt"
+    with fsspec.open(url, "rb", config=local_sshd.config) as f:
+        assert f.read() == b"by url"
+    fs, path = fsspec.core.url_to_fs(url, config=local_sshd.config)
+    assert fs is sfs  # fsspec's instance cache: the same filesystem for the same settings
+    assert path == f"{rdir}/u.txt"
+
+
+def test_instances_share_one_master(local_sshd: LocalSSHD, sfs: SSHWrapFileSystem) -> None:
+    other = SSHWrapFileSystem(
+        host=local_sshd.host, config=local_sshd.config, skip_instance_cache=True
+    )
+    assert other is not sfs
+    assert other.connection is sfs.connection
+    with pytest.raises(TypeError, match="colour"):
+        SSHWrapFileSystem(host=local_sshd.host, colour="red")
+
+
+def test_listing_and_info(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    sfs.pipe_file(f"{rdir}/a/one.txt", b"1")
+    sfs.pipe_file(f"{rdir}/a/b/two.bin", b"22")
+    sfs.connection.check_call(["ln", "-s", "a/one.txt", f"{rdir}/link"])
+    assert sfs.ls(rdir, detail=False) == [f"{rdir}/a", f"{rdir}/link"]
+    entries = {e["name"]: e for e in sfs.ls(f"{rdir}/a")}
+    assert entries[f"{rdir}/a/b"]["type"] == "directory"
+    assert entries[f"{rdir}/a/one.txt"]["type"] == "file"
+    assert entries[f"{rdir}/a/one.txt"]["size"] == 1
+    link = sfs.info(f"{rdir}/link")
+    assert (link["type"], link["size"], link["islink"]) == ("file", 1, True)
+    assert sfs.ls(f"{rdir}/a/one.txt", detail=False) == [f"{rdir}/a/one.txt"]
+    assert sfs.exists(f"{rdir}/a") and not sfs.exists(f"{rdir}/nope")
+    assert sfs.isdir(f"{rdir}/a/b") and not sfs.isdir(f"{rdir}/a/one.txt")
+    assert sfs.isfile(f"{rdir}/a/b/two.bin") and not sfs.isfile(f"{rdir}/a")
+    assert sfs.find(rdir) == [f"{rdir}/a/b/two.bin", f"{rdir}/a/one.txt", f"{rdir}/link"]
+    assert sfs.glob(f"{rdir}/a/**/*.bin") == [f"{rdir}/a/b/two.bin"]
+    assert [(d, sorted(fs)) for d, _, fs in sfs.walk(f"{rdir}/a")] == [
+        (f"{rdir}/a", ["one.txt"]),
+        (f"{rdir}/a/b", ["two.bin"]),
+    ]
+    assert sfs.du(f"{rdir}/a", withdirs=False) == 3
+    before = sfs.ukey(f"{rdir}/a/one.txt")
+    assert sfs.modified(f"{rdir}/a/one.txt").tzinfo is not None
+    sfs.connection.check_call(["touch", "-d", "2001-01-01", f"{rdir}/a/one.txt"])
+    assert sfs.modified(f"{rdir}/a/one.txt").year == 2001
+    assert sfs.ukey(f"{rdir}/a/one.txt") != before
+    assert sfs.checksum(f"{rdir}/a/one.txt") == int(sfs.ukey(f"{rdir}/a/one.txt"), 16)
+
+
+def test_errors_are_pythons_with_the_path(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    sfs.pipe_file(f"{rdir}/f", b"x")
+    sfs.pipe_file(f"{rdir}/d/inner", b"y")
+    cases: list[tuple[type[OSError], Callable[[], object], str]] = [
+        (FileNotFoundError, lambda: sfs.info(f"{rdir}/missing"), "missing"),
+        (FileNotFoundError, lambda: sfs.ls(f"{rdir}/missing"), "missing"),
+        (FileNotFoundError, lambda: sfs.cat_file(f"{rdir}/missing"), "missing"),
+        (FileNotFoundError, lambda: sfs.open(f"{rdir}/missing", "rb"), "missing"),
+        (FileNotFoundError, lambda: sfs.rm(f"{rdir}/missing"), "missing"),
+        (FileNotFoundError, lambda: sfs.rm_file(f"{rdir}/missing"), "missing"),
+        (IsADirectoryError, lambda: sfs.cat_file(f"{rdir}/d"), "d"),
+        (IsADirectoryError, lambda: sfs.open(f"{rdir}/d", "rb"), "d"),
+        (IsADirectoryError, lambda: sfs.pipe_file(f"{rdir}/d", b"z"), "d"),
+        (FileExistsError, lambda: sfs.mkdir(f"{rdir}/d"), "d"),
+        (FileExistsError, lambda: sfs.makedirs(f"{rdir}/f", exist_ok=True), "f"),
+        (FileExistsError, lambda: sfs.open(f"{rdir}/f", "xb"), "f"),
+        (NotADirectoryError, lambda: sfs.mkdir(f"{rdir}/f/sub", create_parents=False), "sub"),
+        (NotADirectoryError, lambda: sfs.rmdir(f"{rdir}/f"), "f"),
+        (FileNotFoundError, lambda: sfs.mkdir(f"{rdir}/no/sub", create_parents=False), "sub"),
+    ]
+    for cls, call, name in cases:
+        with pytest.raises(cls) as info:
+            call()
+        assert name in str(info.value), (cls, info.value)
+    with pytest.raises(OSError) as info:
+        sfs.rmdir(f"{rdir}/d")
+    assert info.value.errno == errno.ENOTEMPTY
+    sfs.connection.check_call(["chmod", "0", f"{rdir}/d"])
+    try:
+        with pytest.raises(PermissionError, match=r"/d"):
+            sfs.ls(f"{rdir}/d")
+        with pytest.raises(PermissionError):
+            sfs.cat_file(f"{rdir}/d/inner")
+    finally:
+        sfs.connection.check_call(["chmod", "700", f"{rdir}/d"])
+
+
+def test_ranges_and_random_access(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    data = os.urandom(3_000_000)
+    sfs.pipe_file(f"{rdir}/big", data)
+    assert sfs.cat_file(f"{rdir}/big") == data
+    for start, end in [
+        (0, 10),
+        (1_000_000, 2_500_000),
+        (-100, None),
+        (-100, -10),
+        (2_999_990, 4_000_000),
+        (None, 5),
+        (10, 10),
+    ]:
+        assert sfs.cat_file(f"{rdir}/big", start=start, end=end) == data[start:end], (start, end)
+    with sfs.open(f"{rdir}/big", "rb", block_size=65536) as f:
+        f.seek(2_000_000)
+        assert f.read(4096) == data[2_000_000:2_004_096]
+        f.seek(10)
+        assert f.read(5) == data[10:15]
+        f.seek(-3, 2)
+        assert f.read() == data[-3:]
+
+
+def test_writes_are_atomic_and_keep_the_mode(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    target = f"{rdir}/w.bin"
+    sfs.pipe_file(target, b"old")
+    sfs.connection.check_call(["chmod", "640", target])
+    big = os.urandom(7 << 20)  # more than a block: a chunk goes out before close
+    with sfs.open(target, "wb", block_size=1 << 20) as f:
+        f.write(big)
+        f.flush()
+        assert sfs.cat_file(target) == b"old"  # the target untouched until close
+        assert any(".sshwrap-" in n for n in sfs.ls(rdir, detail=False))
+    assert sfs.cat_file(target) == big
+    assert sfs.ls(rdir, detail=False) == [target]  # no temporary file left
+    assert sfs.info(target)["mode"] & 0o777 == 0o640
+    with sfs.open(target, "ab") as f:
+        f.write(b"tail")
+    assert sfs.cat_file(target) == big + b"tail"
+    assert sfs.info(target)["mode"] & 0o777 == 0o640
+    with sfs.transaction:
+        with sfs.open(target, "wb") as f:
+            f.write(b"in a transaction")
+        assert sfs.cat_file(target) == big + b"tail"
+    assert sfs.cat_file(target) == b"in a transaction"
+    sfs.touch(f"{rdir}/new/empty")
+    assert sfs.cat_file(f"{rdir}/new/empty") == b""
+
+
+def test_remote_copy_move_and_remove(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    sfs.pipe_file(f"{rdir}/src/a.txt", b"A")
+    sfs.pipe_file(f"{rdir}/src/sub/b.txt", b"B")
+    sfs.connection.check_call(["touch", "-d", "2001-01-01", f"{rdir}/src/a.txt"])
+    sfs.cp_file(f"{rdir}/src/a.txt", f"{rdir}/copy/a.txt")
+    assert sfs.cat_file(f"{rdir}/copy/a.txt") == b"A"
+    assert sfs.modified(f"{rdir}/copy/a.txt").year == 2001  # cp -p: on the remote side
+    sfs.mv(f"{rdir}/copy/a.txt", f"{rdir}/moved.txt")
+    assert sfs.cat_file(f"{rdir}/moved.txt") == b"A" and not sfs.exists(f"{rdir}/copy/a.txt")
+    sfs.mv(f"{rdir}/moved.txt", f"{rdir}/copy")  # into an existing directory
+    assert sfs.cat_file(f"{rdir}/copy/moved.txt") == b"A"
+    sfs.mv(f"{rdir}/src", f"{rdir}/dst", recursive=True)
+    assert sfs.find(f"{rdir}/dst") == [f"{rdir}/dst/a.txt", f"{rdir}/dst/sub/b.txt"]
+    sfs.rm(f"{rdir}/dst", recursive=True)
+    assert not sfs.exists(f"{rdir}/dst")
+    sfs.rm(f"{rdir}/copy/moved.txt")
+    sfs.rmdir(f"{rdir}/copy")
+    assert sfs.ls(rdir) == []
+
+
+def test_pandas_round_trip(local_sshd: LocalSSHD, sfs: SSHWrapFileSystem, rdir: str) -> None:
+    pd = pytest.importorskip("pandas", reason="pandas is a test-only extra")
+    pytest.importorskip("pyarrow", reason="pyarrow is a test-only extra")
+    df = pd.DataFrame({"n": [1, 2, 3], "s": ["x", "y", "z"], "f": [0.5, 1.5, 2.5]})
+    options = {"config": local_sshd.config}
+    base = f"sshwrap://{local_sshd.host}{rdir}"
+    df.to_csv(f"{base}/m.csv", index=False, storage_options=options)
+    assert pd.read_csv(f"{base}/m.csv", storage_options=options).equals(df)
+    df.to_parquet(f"{base}/m.parquet", storage_options=options)
+    assert pd.read_parquet(f"{base}/m.parquet", storage_options=options).equals(df)
+    assert sfs.ls(rdir, detail=False) == [f"{rdir}/m.csv", f"{rdir}/m.parquet"]
+
+
+class _KillOnFirstBytes(Callback):  # type: ignore[misc]
+    """An fsspec callback that SIGKILLs ``pid`` once bytes are moving."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+        self.killed = False
+
+    def relative_update(self, inc: int = 1) -> None:
+        if inc and not self.killed:
+            self.killed = True
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def test_master_killed_mid_transfer(
+    sfs: SSHWrapFileSystem, rdir: str, tmp_path: pathlib.Path
+) -> None:
+    """put_file/get_file with the master SIGKILLed mid-transfer: SSHConnectionError, nothing
+    at the destination (the target untouched), and the next call works on a new master."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(50 << 20))
+    sfs.pipe_file(f"{rdir}/keep", b"old")
+    kill = _KillOnFirstBytes(sfs.connection.master_pid)
+    with pytest.raises(SSHConnectionError):
+        sfs.put_file(str(src), f"{rdir}/keep", callback=kill)
+    assert kill.killed
+    assert sfs.cat_file(f"{rdir}/keep") == b"old"  # (a new master)
+    sfs.connection.check_call(f"head -c 50000000 /dev/urandom > {rdir}/remote.bin")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep").write_bytes(b"local")
+    kill = _KillOnFirstBytes(sfs.connection.master_pid)
+    with pytest.raises(SSHConnectionError):
+        sfs.get_file(f"{rdir}/remote.bin", str(tmp_path / "dst" / "keep"), callback=kill)
+    assert kill.killed
+    assert sorted(os.listdir(tmp_path / "dst")) == ["keep"]  # no partial or temporary file
+    assert (tmp_path / "dst" / "keep").read_bytes() == b"local"
+    sfs.get_file(f"{rdir}/remote.bin", str(tmp_path / "dst" / "keep"))
+    assert (tmp_path / "dst" / "keep").stat().st_size == 50_000_000
