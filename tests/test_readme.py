@@ -101,6 +101,9 @@ PLANS: dict[str, Plan] = {
     ),
     "def on_prompt(": Plan("pty", steps=((b"Password: ", "not-asked-for\r"),)),
     "sudo -k; sudo true": Plan("skip", "it needs sudo and the login user's password on the host"),
+    "sudo_password=pw)": Plan(
+        "skip", "it needs sudo, a password and nginx on the host (tests/test_sudo.py's subject)"
+    ),
     's.sendline("import curses")': Plan(
         "pty",
         steps=(
