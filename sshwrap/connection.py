@@ -56,7 +56,7 @@ from .core.channel_popen import ChannelPopenOptions
 from .core.channel_streams import Stream
 from .core.commands import ChannelRunOptions, run_command, start_command
 from .core.completed import CompletedProcess
-from .core.getoutput import getoutput_options, status_output
+from .core.getoutput import OutputOptions, getoutput_options, status_output
 from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
 from .core.shell import Shell, check_shell_options
 from .core.waiting import run_sync
@@ -257,28 +257,14 @@ class Connection:
 
         return ProcessPopen(self.destination, args, **options, **self._master.fallback_settings())
 
-    def getstatusoutput(
-        self,
-        args: Command,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        timeout: float | None = None,
-    ) -> tuple[int, str]:
-        """``(returncode, output)``, stderr merged; like ``subprocess.getstatusoutput``."""
-        options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
-        return status_output(self.run(args, **options))
+    def getstatusoutput(self, args: Command, **options: Unpack[OutputOptions]) -> tuple[int, str]:
+        """``(returncode, output)``, stderr merged; like ``subprocess.getstatusoutput``
+        (``encoding``, ``errors``, ``timeout``)."""
+        return status_output(self.run(args, **getoutput_options(options)))
 
-    def getoutput(
-        self,
-        args: Command,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
+    def getoutput(self, args: Command, **options: Unpack[OutputOptions]) -> str:
         """The output, stderr merged; like ``subprocess.getoutput``."""
-        return self.getstatusoutput(args, encoding=encoding, errors=errors, timeout=timeout)[1]
+        return self.getstatusoutput(args, **options)[1]
 
     def call(self, args: str | Sequence[str], **kwargs: Any) -> int:
         """Run a command and return its returncode (like ``subprocess.call``)."""

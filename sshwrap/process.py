@@ -80,7 +80,7 @@ from typing import IO, Any, Unpack, cast
 
 from .core.child_steps import Expired, exchange
 from .core.completed import CompletedProcess, popen_repr, popen_state
-from .core.getoutput import getoutput_options, status_output
+from .core.getoutput import GetoutputSettings, getoutput_options, status_output
 from .core.invocation import (
     SIGNAL_TIMEOUT,
     STOP_MARGIN,
@@ -468,13 +468,7 @@ def check_output(
 
 
 def getstatusoutput(
-    host: str,
-    cmd: Command,
-    *,
-    encoding: str | None = None,
-    errors: str | None = None,
-    timeout: float | None = None,
-    **settings: Unpack[SSHSettings],
+    host: str, cmd: Command, **options: Unpack[GetoutputSettings]
 ) -> tuple[int, str]:
     """``(returncode, output)`` of ``cmd`` on ``host``; like :func:`subprocess.getstatusoutput`.
 
@@ -482,22 +476,12 @@ def getstatusoutput(
     ``encoding`` is given) with one trailing newline stripped; the status is the remote
     returncode (negative for a signal).  An ssh failure raises its
     :class:`~sshwrap.errors.SSHError`, a ``timeout`` :class:`~sshwrap.errors.TimeoutExpired`.
+    Keywords: ``encoding``, ``errors``, ``timeout`` and the ssh settings.
     """
-    options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
-    return status_output(run(host, cmd, **options, **settings))
+    return status_output(run(host, cmd, **getoutput_options(options)))
 
 
-def getoutput(
-    host: str,
-    cmd: Command,
-    *,
-    encoding: str | None = None,
-    errors: str | None = None,
-    timeout: float | None = None,
-    **settings: Unpack[SSHSettings],
-) -> str:
+def getoutput(host: str, cmd: Command, **options: Unpack[GetoutputSettings]) -> str:
     """The output of ``cmd`` on ``host`` (stderr merged); like :func:`subprocess.getoutput`:
     :func:`getstatusoutput` without the status."""
-    return getstatusoutput(
-        host, cmd, encoding=encoding, errors=errors, timeout=timeout, **settings
-    )[1]
+    return getstatusoutput(host, cmd, **options)[1]

@@ -27,7 +27,7 @@ from ..connection import Connection, ConnectOptions, Forward
 from ..core.channel_popen import ChannelPopen
 from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
 from ..core.completed import CompletedProcess
-from ..core.getoutput import getoutput_options, status_output
+from ..core.getoutput import OutputOptions, getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT
 from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
 from ..core.shell import ShellRunOptions, ShellSession, check_shell_options, open_shell
@@ -276,28 +276,14 @@ class AsyncConnection:
         return AsyncShell(await run_async(open_shell(self.sync.master, program)))
 
     async def getstatusoutput(
-        self,
-        args: Command,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        timeout: float | None = None,
+        self, args: Command, **options: Unpack[OutputOptions]
     ) -> tuple[int, str]:
         """``(returncode, output)``, stderr merged; like ``subprocess.getstatusoutput``."""
-        options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
-        return status_output(await self.run(args, **options))
+        return status_output(await self.run(args, **getoutput_options(options)))
 
-    async def getoutput(
-        self,
-        args: Command,
-        *,
-        encoding: str | None = None,
-        errors: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
+    async def getoutput(self, args: Command, **options: Unpack[OutputOptions]) -> str:
         """The output, stderr merged; like ``subprocess.getoutput``."""
-        got = await self.getstatusoutput(args, encoding=encoding, errors=errors, timeout=timeout)
-        return got[1]
+        return (await self.getstatusoutput(args, **options))[1]
 
     async def call(self, args: Command, **kwargs: Any) -> int:
         """Run a command and return its returncode."""

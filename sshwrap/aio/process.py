@@ -40,14 +40,13 @@ from typing import IO, Any, TypeVar, Unpack, cast
 
 from ..core.child_steps import exchange
 from ..core.completed import CompletedProcess
-from ..core.getoutput import getoutput_options, status_output
+from ..core.getoutput import GetoutputSettings, getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT, TEE_GRACE, Invocation
 from ..core.options import (
     Command,
     PopenOptions,
     ProcessOptions,
     RunOptions,
-    SSHSettings,
     check_keywords,
     check_terminal,
     invocation_settings,
@@ -510,30 +509,12 @@ async def run(
 
 
 async def getstatusoutput(
-    host: str,
-    args: Command,
-    *,
-    encoding: str | None = None,
-    errors: str | None = None,
-    timeout: float | None = None,
-    **settings: Unpack[SSHSettings],
+    host: str, args: Command, **options: Unpack[GetoutputSettings]
 ) -> tuple[int, str]:
     """The async :func:`sshwrap.getstatusoutput`."""
-    options = getoutput_options(encoding=encoding, errors=errors, timeout=timeout)
-    return status_output(await run(host, args, **options, **settings))
+    return status_output(await run(host, args, **getoutput_options(options)))
 
 
-async def getoutput(
-    host: str,
-    args: Command,
-    *,
-    encoding: str | None = None,
-    errors: str | None = None,
-    timeout: float | None = None,
-    **settings: Unpack[SSHSettings],
-) -> str:
+async def getoutput(host: str, args: Command, **options: Unpack[GetoutputSettings]) -> str:
     """The async :func:`sshwrap.getoutput`."""
-    got = await getstatusoutput(
-        host, args, encoding=encoding, errors=errors, timeout=timeout, **settings
-    )
-    return got[1]
+    return (await getstatusoutput(host, args, **options))[1]

@@ -4,7 +4,10 @@ Every face runs the command with its own ``run`` and the keywords of
 :func:`getoutput_options` (stdout captured, stderr merged into it, text mode), and turns the
 result into the answer with :func:`status_output`::
 
-    status_output(run(host, cmd, **getoutput_options(encoding=..., errors=...)))
+    status_output(run(host, cmd, **getoutput_options(options)))
+
+where ``options`` are the call's :class:`OutputOptions` (``encoding``, ``errors``,
+``timeout``; at module level also the ssh settings, :class:`GetoutputSettings`).
 
 As in :func:`subprocess.getstatusoutput`: the output is decoded (the locale's encoding unless
 one is given, universal newlines), one trailing newline is stripped, and the status is the
@@ -15,35 +18,32 @@ its :class:`~sshwrap.errors.SSHError`: a command whose status never arrived has 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from typing import Any, TypedDict
 
-__all__ = ["GetoutputOptions", "getoutput_options", "status_output"]
+from .options import SSHSettings
+
+__all__ = ["GetoutputSettings", "OutputOptions", "getoutput_options", "status_output"]
 
 
-class GetoutputOptions(TypedDict):
-    """The ``run`` keywords of ``getoutput``/``getstatusoutput``."""
+class OutputOptions(TypedDict, total=False):
+    """The keywords of ``getoutput``/``getstatusoutput`` (a Connection's): the output's
+    ``encoding``/``errors`` (the locale's, strict, unless given) and the call's ``timeout``."""
 
-    stdout: int
-    stderr: int
-    text: bool
     encoding: str | None
     errors: str | None
     timeout: float | None
 
 
-def getoutput_options(
-    *, encoding: str | None = None, errors: str | None = None, timeout: float | None = None
-) -> GetoutputOptions:
-    """``run``'s keywords for ``getstatusoutput``: stdout captured with stderr merged into it
-    (``stderr=STDOUT``), text mode in ``encoding``/``errors``, bounded by ``timeout``."""
-    return {
-        "stdout": subprocess.PIPE,
-        "stderr": subprocess.STDOUT,
-        "text": True,
-        "encoding": encoding,
-        "errors": errors,
-        "timeout": timeout,
-    }
+class GetoutputSettings(SSHSettings, OutputOptions, total=False):
+    """The keywords of the module-level ``getoutput``/``getstatusoutput``: the ssh settings
+    too."""
+
+
+def getoutput_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``run``'s keywords for ``getstatusoutput``: the call's ``options`` as they are, stdout
+    captured with stderr merged into it (``stderr=STDOUT``), text mode."""
+    return {**options, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
 
 
 def status_output(result: subprocess.CompletedProcess[Any]) -> tuple[int, str]:

@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..io.flags import Flag
-from ..terminal.modes import maps_newlines
 from ..io.pty import RAW_WAIT, PtyReader
 from ..io.ssh_child import start_in_pty, terminal_is_raw, write_to
+from ..terminal.modes import maps_newlines
 from .child_steps import GATE_RECHECK
 from .invocation import Invocation
 from .waiting import Procedure, Sleep, WaitFd, run_async
