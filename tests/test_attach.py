@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,11 +97,13 @@ def test_attach_user_master_runs_on_channels_and_survives_close(
     assert _master_pid(path) == pid
 
 
+@pytest.mark.parametrize("proxy", [True, False], ids=["proxy", "fallback"])
 def test_lost_attached_master_is_an_error_and_none_starts(
-    user_master: tuple[str, int], local_sshd: LocalSSHD
+    user_master: tuple[str, int], local_sshd: LocalSSHD, proxy: bool
 ) -> None:
     path, pid = user_master
-    with sshwrap.attach(path, local_sshd.host, config=local_sshd.config) as c:
+    with sshwrap.attach(path, local_sshd.host, config=local_sshd.config, proxy=proxy) as c:
+        assert c.uses_proxy is proxy
         assert c.run("true").returncode == 0
         _stop(path, pid)
         before = set(local_sshd.session_pids())
@@ -141,6 +144,36 @@ def test_async_attach_and_detach(user_master: tuple[str, int], local_sshd: Local
     finally:
         if is_running(d.pid):
             _stop(d.control_path, d.pid)
+
+
+def test_reconnect_true_replaces_a_lost_attached_master_with_sshwraps_own(
+    user_master: tuple[str, int], local_sshd: LocalSSHD
+) -> None:
+    path, pid = user_master
+    c = sshwrap.attach(path, local_sshd.host, config=local_sshd.config, reconnect=True)
+    try:
+        _stop(path, pid)
+        assert c.run("echo back", capture_output=True).stdout == b"back\n"
+        assert c.restarts == 1 and not c.attached and c.control_path != path
+        new = c.master_pid
+        assert new != pid and is_running(new)
+    finally:
+        c.close()
+    assert not wait_exited([new], 5)  # now sshwrap's own: close() stopped it
+
+
+def test_attached_close_cancels_its_forwards_only(
+    user_master: tuple[str, int], local_sshd: LocalSSHD
+) -> None:
+    path, pid = user_master
+    c = sshwrap.attach(path)
+    fwd = c.forward_local(0, "127.0.0.1", local_sshd.port)
+    with socket.create_connection(("127.0.0.1", fwd.port), timeout=10) as s:
+        assert s.recv(4).startswith(b"SSH-")  # through the user's master to sshd
+    c.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", fwd.port), timeout=10).close()
+    assert _master_pid(path) == pid
 
 
 def test_attach_stop_true_stops_the_users_master(user_master: tuple[str, int]) -> None:
