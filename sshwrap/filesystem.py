@@ -37,7 +37,6 @@ import errno
 import functools
 import os
 import posixpath
-import secrets
 import shlex
 import stat
 import threading
@@ -51,8 +50,20 @@ from fsspec.utils import infer_storage_options, tokenize  # type: ignore[import-
 from .connection import Connection, ConnectOptions
 from .core.argv import find_ssh
 from .core.options import keys_of
-from .io.sftp_files import SessionPool, lstat, mkdir, read_range, readdir, rmdir, write_at
-from .io.sftp_session import SFTPSession, TransferError
+from .io.sftp_files import (
+    SessionPool,
+    Upload,
+    close_later,
+    lstat,
+    makedirs,
+    mkdir,
+    mkdir_failed,
+    os_error,
+    read_range,
+    readdir,
+    rmdir,
+)
+from .io.sftp_session import SFTPSession
 from .protocol import sftp
 from .protocol.sftp import Attrs, StatusError
 from .transfer import _download, _upload
@@ -67,7 +78,6 @@ _FSSPEC_KEYS = {
     "asynchronous",
     "loop",
 }
-_WRITE = sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_EXCL | sftp.FXF_TRUNC
 
 
 def _new_session(conn: Connection) -> SFTPSession:
@@ -105,52 +115,10 @@ def _shared_for(host: str, options: ConnectOptions, pool_size: int) -> _Shared:
         return shared
 
 
-def _temp_name(path: str) -> str:
-    head, name = posixpath.split(path)
-    short = os.fsdecode(os.fsencode(name)[:200])
-    return posixpath.join(head, f".{short}.sshwrap-{secrets.token_hex(6)}.part")
-
-
-def _error(cls: type[OSError], code: int, path: str) -> OSError:
-    return cls(code, os.strerror(code), path)
-
-
 def _kind(a: Attrs) -> str:
     if a.perm is None or stat.S_ISREG(a.perm):
         return "file"
     return "directory" if a.is_dir() else "other"
-
-
-def _mkdir_failed(s: SFTPSession, e: StatusError, path: str) -> OSError:
-    """The ``OSError`` for a failed mkdir of ``path``."""
-    if s.stat(path) is not None:
-        return _error(FileExistsError, errno.EEXIST, path)
-    parent = s.stat(posixpath.dirname(path) or ".")
-    if parent is None:
-        return _error(FileNotFoundError, errno.ENOENT, path)
-    if not parent.is_dir():
-        return _error(NotADirectoryError, errno.ENOTDIR, path)
-    err = s.error(e, path, "mkdir")
-    return err if isinstance(err, OSError) else OSError(errno.EIO, str(err), path)
-
-
-def _makedirs(s: SFTPSession, path: str, exist_ok: bool) -> None:
-    """Make directory ``path`` and its missing parents."""
-    a = s.stat(path)
-    if a is not None:
-        if exist_ok and a.is_dir():
-            return
-        raise _error(FileExistsError, errno.EEXIST, path)
-    missing = [path]
-    while (up := posixpath.dirname(missing[-1])) not in ("", "/") and s.stat(up) is None:
-        missing.append(up)
-    for d in reversed(missing):
-        try:
-            mkdir(s, d)
-        except StatusError as e:
-            done = s.stat(d)
-            if done is None or not done.is_dir():  # (not made meanwhile by another)
-                raise _mkdir_failed(s, e, d) from None
 
 
 class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
@@ -220,7 +188,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         with self._pool.session() as s:
             a = lstat(s, path)
             if a is None:
-                raise _error(FileNotFoundError, errno.ENOENT, path)
+                raise os_error(FileNotFoundError, errno.ENOENT, path)
             return self._entry(s, path, a)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
@@ -232,7 +200,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
             except StatusError as e:
                 a = lstat(s, path)
                 if a is None:
-                    raise _error(FileNotFoundError, errno.ENOENT, path) from None
+                    raise os_error(FileNotFoundError, errno.ENOENT, path) from None
                 if not a.is_dir():
                     out = [self._entry(s, path, a)]
                     return out if detail else [path]
@@ -268,13 +236,13 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
             try:
                 mkdir(s, path)
             except StatusError as e:
-                raise _mkdir_failed(s, e, path) from None
+                raise mkdir_failed(s, e, path) from None
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         """Create ``path`` and missing parents; ``FileExistsError`` unless ``exist_ok``."""
         path = self._strip_protocol(path)
         with self._pool.session() as s:
-            _makedirs(s, path, exist_ok)
+            makedirs(s, path, exist_ok)
 
     def rmdir(self, path: str) -> None:
         """Remove the empty directory ``path``."""
@@ -285,11 +253,11 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
             except StatusError as e:
                 a = s.stat(path)
                 if a is None:
-                    raise _error(FileNotFoundError, errno.ENOENT, path) from None
+                    raise os_error(FileNotFoundError, errno.ENOENT, path) from None
                 if not a.is_dir():
-                    raise _error(NotADirectoryError, errno.ENOTDIR, path) from None
+                    raise os_error(NotADirectoryError, errno.ENOTDIR, path) from None
                 if e.code == sftp.FX_FAILURE and readdir(s, path):
-                    raise _error(OSError, errno.ENOTEMPTY, path) from None
+                    raise os_error(OSError, errno.ENOTEMPTY, path) from None
                 raise s.error(e, path, "rmdir") from None
 
     def _rm(self, path: str) -> None:
@@ -297,7 +265,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         with self._pool.session() as s:
             a = lstat(s, path)
             if a is None:
-                raise _error(FileNotFoundError, errno.ENOENT, path)
+                raise os_error(FileNotFoundError, errno.ENOENT, path)
         if a.is_dir():
             self.rmdir(path)
             return
@@ -373,14 +341,14 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         try:
             a = s.fstat(handle, path)
             if a.is_dir():
-                raise _error(IsADirectoryError, errno.EISDIR, path)
+                raise os_error(IsADirectoryError, errno.EISDIR, path)
             yield handle, a.size or 0
         except BaseException as exc:
             with s.cleaning_up(exc) as go:
                 if go:
                     s.close_handle(handle)
             raise
-        s.close_handle(handle)
+        close_later(s, handle)
 
     def cat_file(
         self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any
@@ -400,7 +368,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if ``path`` exists."""
         path = self._strip_protocol(path)
         with self._pool.session() as s:
-            up = _Upload(s, path, append=False, exclusive=mode == "create")
+            up = Upload(s, path, append=False, exclusive=mode == "create")
             try:
                 up.write(memoryview(value))
                 up.commit()
@@ -430,7 +398,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         with self._pool.session() as s:
             a = s.stat(rpath)
             if a is None:
-                raise _error(FileNotFoundError, errno.ENOENT, rpath)
+                raise os_error(FileNotFoundError, errno.ENOENT, rpath)
             if a.is_dir():
                 os.makedirs(lpath, exist_ok=True)
                 return
@@ -451,11 +419,11 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
     ) -> SSHWrapFile:
         path = self._strip_protocol(path)
         if mode == "xb" and self.exists(path):
-            raise _error(FileExistsError, errno.EEXIST, path)
+            raise os_error(FileExistsError, errno.EEXIST, path)
         if mode == "rb":
             info = self.info(path)
             if info["type"] == "directory":
-                raise _error(IsADirectoryError, errno.EISDIR, path)
+                raise os_error(IsADirectoryError, errno.EISDIR, path)
             kwargs["size"] = info["size"]
         return SSHWrapFile(
             self,
@@ -472,96 +440,41 @@ def _no_tick(n: int) -> None:
     pass
 
 
-class _Upload:
-    """A new content for ``path`` written to a temporary name next to it and renamed over
-    it by ``commit`` (``append``: starting from a remote copy of the old content)."""
-
-    def __init__(self, s: SFTPSession, path: str, *, append: bool, exclusive: bool) -> None:
-        self.s, self.path, self.exclusive = s, path, exclusive
-        self.tmp = _temp_name(path)
-        old = s.stat(path)
-        if old is not None and old.is_dir():
-            raise _error(IsADirectoryError, errno.EISDIR, path)
-        if exclusive and old is not None:
-            raise _error(FileExistsError, errno.EEXIST, path)
-        self.perm = old.perm if old is not None else None
-        self.pos = 0
-        parent = posixpath.dirname(path)
-        if old is None and parent not in ("", "/"):
-            _makedirs(s, parent, exist_ok=True)  # as a local open would not; fsspec expects it
-        self.handle: bytes | None = s.open_handle(
-            self.tmp, _WRITE, Attrs(perm=0o666), "writing", path
-        )
-        if append and old is not None:
-            self.pos = self._copy_old(old.size or 0)
-
-    def _copy_old(self, size: int) -> int:
-        assert self.handle is not None
-        offset = 0
-        with self._old_handle() as h:
-            while offset < size:
-                data = read_range(self.s, h, offset, min(8 << 20, size - offset), self.path)
-                if not data:
-                    break
-                write_at(self.s, self.handle, memoryview(data), offset, self.path)
-                offset += len(data)
-        return offset
-
-    @contextlib.contextmanager
-    def _old_handle(self) -> Iterator[bytes]:
-        h = self.s.open_handle(self.path, sftp.FXF_READ, Attrs(), "reading")
-        try:
-            yield h
-        finally:
-            self.s.close_handle(h)
-
-    def write(self, data: memoryview) -> None:
-        assert self.handle is not None
-        write_at(self.s, self.handle, data, self.pos, self.path)
-        self.pos += len(data)
-
-    def commit(self) -> None:
-        s, handle = self.s, self.handle
-        assert handle is not None
-        size = s.fstat(handle, self.path).size
-        if size is not None and size != self.pos:
-            raise TransferError(f"{s.destination}:{self.path}: wrote {self.pos} bytes, has {size}")
-        if self.perm is not None:
-            s.fsetstat(handle, Attrs(perm=stat.S_IMODE(self.perm)), self.path)
-        self.handle = None
-        s.close_written(handle, self.path)
-        if not self.exclusive:
-            s.rename(self.tmp, self.path)
-            return
-        t, p = os.fsencode(self.tmp), os.fsencode(self.path)
-        try:
-            s.call(lambda rid: sftp.rename_request(rid, t, p))
-        except StatusError as e:  # OpenSSH's plain rename refuses an existing target
-            if s.stat(self.path) is not None:
-                raise _error(FileExistsError, errno.EEXIST, self.path) from None
-            raise s.error(e, self.path, "renaming to") from None
-
-    def discard(self, exc: BaseException) -> None:
-        with self.s.cleaning_up(exc) as go:
-            if go:
-                if self.handle is not None:
-                    self.s.close_handle(self.handle)
-                with contextlib.suppress(StatusError, TransferError):
-                    self.s.remove(self.tmp)
-
-
 class SSHWrapFile(AbstractBufferedFile):  # type: ignore[misc]
     """A file of an ``SSHWrapFileSystem``: reads are pipelined SFTP reads at offsets (through
     fsspec's read-ahead cache); writes go to a temporary name renamed over the file on
     close (``discard``/an error removes it)."""
 
+    _handles: list[tuple[SFTPSession, bytes]]
+
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        # One read request round trip: the file keeps a read handle open on a session of
+        # the pool and prefers that session; on another one it opens another handle.
+        if not hasattr(self, "_handles"):
+            self._handles = []
+        last = self._handles[-1] if self._handles else None
+        with self.fs._pool.session(prefer=last[0] if last else None) as s:
+            if last is None or last[0] is not s:
+                h = s.open_handle(self.path, sftp.FXF_READ, Attrs(), "reading")
+                last = (s, h)
+                self._handles.append(last)
+            return read_range(s, last[1], start, end - start, self.path)
+
+    def close(self) -> None:
+        """Close the file: commit what was written (see ``commit``), or release the read
+        handles."""
+        super().close()
+        pool = self.fs._pool
+        for s, h in getattr(self, "_handles", ()):
+            with pool.idle(s) as free:
+                if free is not None:
+                    close_later(free, h)
+        self._handles = []
 
     def _initiate_upload(self) -> None:
         self._session = self.fs._shared.new_session()
         try:
-            self._upload = _Upload(
+            self._upload = Upload(
                 self._session, self.path, append=self.mode == "ab", exclusive=self.mode == "xb"
             )
         except BaseException:

@@ -8,6 +8,8 @@
   when ``size`` is below it.
 - Requests on paths: ``lstat``, ``readdir`` (entries as the server lists them: links not
   followed), ``mkdir`` (the server's default mode), ``rmdir``.
+- ``Upload``: a file's new content written to a temporary name next to it, renamed over it
+  on ``commit`` (atomic), removed on ``discard``; ``makedirs`` with Python's errors.
 - ``read_range`` and ``write_at``: pipelined reads and writes of a byte range at an offset of
   an open handle (random access), up to ``sftp_pipeline.IN_FLIGHT`` bytes in flight, in the
   session's chunk size.  A short read is completed by asking for the rest; the end of file
@@ -17,7 +19,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import posixpath
+import secrets
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,7 +34,21 @@ from ..protocol.wire import pack_string
 from .sftp_pipeline import IN_FLIGHT
 from .sftp_session import SFTPSession, TransferError
 
-__all__ = ["SessionPool", "lstat", "mkdir", "read_range", "readdir", "rmdir", "write_at"]
+__all__ = [
+    "SessionPool",
+    "Upload",
+    "close_later",
+    "lstat",
+    "makedirs",
+    "mkdir",
+    "mkdir_failed",
+    "os_error",
+    "read_range",
+    "readdir",
+    "rmdir",
+    "temp_name",
+    "write_at",
+]
 
 
 class SessionPool:
@@ -44,8 +64,13 @@ class SessionPool:
         self._cond = threading.Condition()
         self._closed = False
 
-    def _take(self) -> SFTPSession:
+    def _take(self, prefer: SFTPSession | None = None) -> SFTPSession:
         with self._cond:
+            if prefer is not None and prefer in self._idle and not self._closed:
+                self._idle.remove(prefer)
+                if not prefer.exited():
+                    return prefer
+                self._idle.append(prefer)  # (dropped below)
             while True:
                 if self._closed:
                     raise TransferError("the filesystem's SFTP sessions are closed")
@@ -79,9 +104,27 @@ class SessionPool:
         s.close()
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[SFTPSession]:
-        """A session for one operation (given back after it, closed if it broke)."""
-        s = self._take()
+    def session(self, prefer: SFTPSession | None = None) -> Iterator[SFTPSession]:
+        """A session for one operation (given back after it, closed if it broke): ``prefer``
+        when it is idle (it holds the caller's open handle), else any."""
+        s = self._take(prefer)
+        try:
+            yield s
+        except BaseException as exc:
+            self._give(s, keep=isinstance(exc, Exception))
+            raise
+        self._give(s, keep=True)
+
+    @contextlib.contextmanager
+    def idle(self, s: SFTPSession) -> Iterator[SFTPSession | None]:
+        """``s`` if it is idle (lent for the block), None if it is busy or gone."""
+        with self._cond:
+            free = s in self._idle and not self._closed
+            if free:
+                self._idle.remove(s)
+        if not free:
+            yield None
+            return
         try:
             yield s
         except BaseException as exc:
@@ -145,6 +188,13 @@ def mkdir(session: SFTPSession, path: str) -> None:
     """Create directory ``path`` with the server's default mode; raises ``StatusError``."""
     p = os.fsencode(path)
     session.call(lambda rid: sftp.path_request(sftp.FXP_MKDIR, rid, p, Attrs()))
+
+
+def close_later(session: SFTPSession, handle: bytes) -> None:
+    """Close ``handle`` without waiting for the reply (skipped when it comes)."""
+    rid = session.new_id()
+    session.abandon((rid,))
+    session.send(sftp.handle_request(sftp.FXP_CLOSE, rid, handle))
 
 
 def rmdir(session: SFTPSession, path: str) -> None:
@@ -242,3 +292,131 @@ def write_at(session: SFTPSession, handle: bytes, data: memoryview, offset: int,
         err = session.error(failed, path, "writing")
         hint = session.no_space_hint(path) if failed.code == sftp.FX_FAILURE else ""
         raise TransferError(str(err) + hint) if hint else err
+
+
+_WRITE = sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_EXCL | sftp.FXF_TRUNC
+
+
+def temp_name(path: str) -> str:
+    """``<dir>/.<name>.sshwrap-<random>.part``: a private temporary name next to ``path``."""
+    head, name = posixpath.split(path)
+    short = os.fsdecode(os.fsencode(name)[:200])
+    return posixpath.join(head, f".{short}.sshwrap-{secrets.token_hex(6)}.part")
+
+
+def os_error(cls: type[OSError], code: int, path: str) -> OSError:
+    """``cls(code, strerror(code), path)``."""
+    return cls(code, os.strerror(code), path)
+
+
+def mkdir_failed(s: SFTPSession, e: StatusError, path: str) -> OSError:
+    """The ``OSError`` for a failed mkdir of ``path``."""
+    if s.stat(path) is not None:
+        return os_error(FileExistsError, errno.EEXIST, path)
+    parent = s.stat(posixpath.dirname(path) or ".")
+    if parent is None:
+        return os_error(FileNotFoundError, errno.ENOENT, path)
+    if not parent.is_dir():
+        return os_error(NotADirectoryError, errno.ENOTDIR, path)
+    err = s.error(e, path, "mkdir")
+    return err if isinstance(err, OSError) else OSError(errno.EIO, str(err), path)
+
+
+def makedirs(s: SFTPSession, path: str, exist_ok: bool) -> None:
+    """Make directory ``path`` and its missing parents."""
+    a = s.stat(path)
+    if a is not None:
+        if exist_ok and a.is_dir():
+            return
+        raise os_error(FileExistsError, errno.EEXIST, path)
+    missing = [path]
+    while (up := posixpath.dirname(missing[-1])) not in ("", "/") and s.stat(up) is None:
+        missing.append(up)
+    for d in reversed(missing):
+        try:
+            mkdir(s, d)
+        except StatusError as e:
+            done = s.stat(d)
+            if done is None or not done.is_dir():  # (not made meanwhile by another)
+                raise mkdir_failed(s, e, d) from None
+
+
+class Upload:
+    """A new content for ``path`` written to a temporary name next to it and renamed over
+    it by ``commit`` (``append``: starting from a remote copy of the old content)."""
+
+    def __init__(self, s: SFTPSession, path: str, *, append: bool, exclusive: bool) -> None:
+        self.s, self.path, self.exclusive = s, path, exclusive
+        self.tmp = temp_name(path)
+        old = s.stat(path)
+        if old is not None and old.is_dir():
+            raise os_error(IsADirectoryError, errno.EISDIR, path)
+        if exclusive and old is not None:
+            raise os_error(FileExistsError, errno.EEXIST, path)
+        self.perm = old.perm if old is not None else None
+        self.pos = 0
+        parent = posixpath.dirname(path)
+        if old is None and parent not in ("", "/"):
+            makedirs(s, parent, exist_ok=True)  # as a local open would not; fsspec expects it
+        self.handle: bytes | None = s.open_handle(
+            self.tmp, _WRITE, Attrs(perm=0o666), "writing", path
+        )
+        if append and old is not None:
+            self.pos = self._copy_old(old.size or 0)
+
+    def _copy_old(self, size: int) -> int:
+        assert self.handle is not None
+        offset = 0
+        with self._old_handle() as h:
+            while offset < size:
+                data = read_range(self.s, h, offset, min(8 << 20, size - offset), self.path)
+                if not data:
+                    break
+                write_at(self.s, self.handle, memoryview(data), offset, self.path)
+                offset += len(data)
+        return offset
+
+    @contextlib.contextmanager
+    def _old_handle(self) -> Iterator[bytes]:
+        h = self.s.open_handle(self.path, sftp.FXF_READ, Attrs(), "reading")
+        try:
+            yield h
+        finally:
+            self.s.close_handle(h)
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` to the temporary file."""
+        assert self.handle is not None
+        write_at(self.s, self.handle, data, self.pos, self.path)
+        self.pos += len(data)
+
+    def commit(self) -> None:
+        """Check the size, keep the old mode, close (checked) and rename into place."""
+        s, handle = self.s, self.handle
+        assert handle is not None
+        size = s.fstat(handle, self.path).size
+        if size is not None and size != self.pos:
+            raise TransferError(f"{s.destination}:{self.path}: wrote {self.pos} bytes, has {size}")
+        if self.perm is not None:
+            s.fsetstat(handle, Attrs(perm=stat.S_IMODE(self.perm)), self.path)
+        self.handle = None
+        s.close_written(handle, self.path)
+        if not self.exclusive:
+            s.rename(self.tmp, self.path)
+            return
+        t, p = os.fsencode(self.tmp), os.fsencode(self.path)
+        try:
+            s.call(lambda rid: sftp.rename_request(rid, t, p))
+        except StatusError as e:  # OpenSSH's plain rename refuses an existing target
+            if s.stat(self.path) is not None:
+                raise os_error(FileExistsError, errno.EEXIST, self.path) from None
+            raise s.error(e, self.path, "renaming to") from None
+
+    def discard(self, exc: BaseException) -> None:
+        """After ``exc``: close and remove the temporary file (best effort, bounded)."""
+        with self.s.cleaning_up(exc) as go:
+            if go:
+                if self.handle is not None:
+                    self.s.close_handle(self.handle)
+                with contextlib.suppress(StatusError, TransferError):
+                    self.s.remove(self.tmp)
