@@ -49,7 +49,7 @@ from ..io.fd_budget import check_fd_budget
 from ..io.flags import Changes, Flag
 from ..io.master import Master
 from ..io.sftp_session import Abort
-from .host_result import Status
+from .host_result import HostOutcome, Interrupted, Status
 from .options import SSH_SETTINGS_KEYS, SSHSettings, check_keywords
 from .waiting import Procedure, WaitChange
 
@@ -143,7 +143,7 @@ class CopyTools:
 
 
 @dataclass(frozen=True)
-class CopyResult:
+class CopyResult(HostOutcome):
     """What happened on one host: the fields of ``HostResult`` that mean the same here.
 
     - ``status``: ``ok``, ``failed`` (a transfer error: ``error`` is the exception, such as
@@ -170,26 +170,14 @@ class CopyResult:
     total: int | None = None
     index: int = field(default=0, repr=False)
 
-    @property
-    def ok(self) -> bool:
-        """True when the copy completed."""
-        return self.status == "ok"
 
-    @property
-    def timed_out(self) -> bool:
-        """True when ``timeout`` or ``deadline`` stopped this host."""
-        return self.status == "timeout"
-
-
-class CopyInterrupted(KeyboardInterrupt):
+class CopyInterrupted(Interrupted):
     """Raised by the sync ``put_many``/``get_many`` on Ctrl-C, after every host stopped.
 
     ``results`` holds one ``CopyResult`` per host, in input order: those that finished, the
     others ``cancelled``."""
 
-    def __init__(self, results: list[CopyResult]) -> None:
-        super().__init__("interrupted")
-        self.results = results
+    results: list[CopyResult]
 
 
 # -- per-host values ------------------------------------------------------------------------

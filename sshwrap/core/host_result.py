@@ -9,13 +9,15 @@ from __future__ import annotations
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..errors import SSHConnectionError, SSHError, interpret_exit, ssh_messages
 
 __all__ = [
     "FanoutInterrupted",
+    "HostOutcome",
     "HostResult",
+    "Interrupted",
     "Status",
     "connect_timeout_error",
     "in_input_order",
@@ -27,8 +29,34 @@ __all__ = [
 Status = Literal["ok", "failed", "timeout", "ssh_error", "cancelled"]
 
 
+class HostOutcome:
+    """What every per-host result of a fleet call (``HostResult``, ``CopyResult``) derives
+    from ``status``: ``ok`` and ``timed_out``."""
+
+    status: Status
+
+    @property
+    def ok(self) -> bool:
+        """True when the host's work completed (a command: it ran and exited 0)."""
+        return self.status == "ok"
+
+    @property
+    def timed_out(self) -> bool:
+        """True when ``timeout`` or ``deadline`` stopped this host."""
+        return self.status == "timeout"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a sync fleet call, raised after every host stopped: ``results`` holds one
+    result per host, in input order (those that finished, the others ``cancelled``)."""
+
+    def __init__(self, results: list[Any]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
 @dataclass
-class HostResult:
+class HostResult(HostOutcome):
     """What happened on one host.
 
     - ``returncode``: the remote command's exit status; ``-signum`` (see ``signalled``) when
@@ -60,27 +88,15 @@ class HostResult:
     ssh_log: str = field(default="", repr=False)
     index: int = field(default=0, repr=False)
 
-    @property
-    def ok(self) -> bool:
-        """True when the remote command ran and exited 0."""
-        return self.status == "ok"
 
-    @property
-    def timed_out(self) -> bool:
-        """True when ``timeout`` or ``deadline`` stopped this host."""
-        return self.status == "timeout"
-
-
-class FanoutInterrupted(KeyboardInterrupt):
+class FanoutInterrupted(Interrupted):
     """Raised by ``run_many`` on Ctrl-C, after every ssh child has ended.
 
     ``results`` holds one ``HostResult`` per host, in input order: those that finished, and
     the others with status ``cancelled`` and whatever output they had produced.
     """
 
-    def __init__(self, results: list[HostResult]) -> None:
-        super().__init__("interrupted")
-        self.results = results
+    results: list[HostResult]
 
 
 def unfinished_result(host: str, index: int, status: Status) -> HostResult:
