@@ -55,7 +55,9 @@ _EXPORTS: dict[str, str] = {
     "shell": "connection",
     "Shell": "core.shell",
     "ShellError": "core.shell",
+    "attach": "connection",
     "Connection": "connection",
+    "Detached": "connection",
     "Forward": "connection",
     "ForwardError": "connection",
     "PromptServer": "io.prompts",
@@ -75,8 +77,10 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .connection import Connection as Connection
+    from .connection import Detached as Detached
     from .connection import Forward as Forward
     from .connection import ForwardError as ForwardError
+    from .connection import attach as attach
     from .connection import connect as connect
     from .connection import shell as shell
     from .core.hostset import Groups as Groups

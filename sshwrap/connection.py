@@ -40,6 +40,19 @@ new master.  The new master is asked for the same forwards (same ports; a remote
 forward of port 0 gets the server's new choice in ``Forward.port``; one that cannot be
 restored becomes inactive).
 
+**Attach and detach.**  ``sshwrap.attach(path)`` gives a Connection over a ControlMaster that
+is already running (the user's own ``ssh -M -S path``, or one a Connection ``detach()``-ed,
+in this process or another) without owning it: commands run on proxy channels over it as
+over sshwrap's own, ``close()`` leaves it running, and once it is gone a call raises
+``SSHConnectionError`` (sshwrap starts no master behind the user's back unless
+``reconnect=True``).  ``connect(host, attach="auto")`` attaches to the master the user's
+config names for the host (``ssh -G``: its ``ControlPath``) when one answers there, else
+starts sshwrap's own; ``attach=True`` requires one; the default (``False``) always starts
+sshwrap's own, as before.  ``Connection.detach()`` leaves sshwrap's master running past the
+program and returns a ``Detached`` (picklable; ``str()`` is a JSON text ``attach()`` takes);
+``attach(detached, own=True)`` (or ``close(stop=True)``) finally stops it and removes its
+socket directory.  See ``sshwrap.io.attach``.
+
 **Threads.**  Every method may be called from several threads at once; commands run
 concurrently over the one master.
 """
@@ -49,7 +62,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Unpack, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, cast, overload
 
 from .core.argv import check_destination, find_ssh, ssh_settings_args
 from .core.channel_popen import ChannelPopenOptions
@@ -60,6 +73,7 @@ from .core.getoutput import OutputOptions, getoutput_options, status_output
 from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
 from .core.shell import Shell, check_shell_options
 from .core.waiting import run_sync
+from .io.attach import Detached, attach_target
 from .io.forwards import Forward, ForwardError
 from .io.master import SUN_PATH_MAX, Master
 from .io.mux_control import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE
@@ -75,9 +89,11 @@ __all__ = [
     "SUN_PATH_MAX",
     "ConnectOptions",
     "Connection",
+    "Detached",
     "Forward",
     "ForwardError",
     "Stream",
+    "attach",
     "connect",
 ]
 
@@ -94,6 +110,7 @@ class ConnectOptions(SSHSettings, total=False):
     reconnect: bool
     proxy: bool
     connect_timeout: float | None
+    attach: bool | Literal["auto"]
 
 
 def make_master(destination: str, **options: Unpack[ConnectOptions]) -> Master:
@@ -120,6 +137,7 @@ def make_master(destination: str, **options: Unpack[ConnectOptions]) -> Master:
         start_timeout=start_timeout,
         reconnect=options.get("reconnect", True),
         proxy=options.get("proxy", True),
+        attach=options.get("attach", False),
     )
 
 
@@ -137,6 +155,9 @@ class Connection:
     applies); the bound, rounded up to whole seconds, is also given to ssh as
     ``ConnectTimeout`` unless ``options`` set one.  ``reconnect`` restarts a master that died;
     ``proxy=False`` runs commands as ``ssh -S`` subprocesses instead of mux proxy channels.
+    ``attach``: ``"auto"`` uses the user's configured master for the host when one answers
+    (``close()`` then leaves it running), ``True`` requires one, ``False`` (the default)
+    always starts sshwrap's own (see the module docstring).
 
     **Bounds.**  A command's ``timeout`` covers the whole call, including restarting a dead
     master: the restart gets what is left of the timeout (ssh's ``ConnectTimeout`` derived
@@ -170,9 +191,41 @@ class Connection:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Stop the master (``-O exit``), wait for it to go, remove the socket directory."""
-        self._master.close()
+    def close(self, *, stop: bool | None = None) -> None:
+        """Stop the master (``-O exit``), wait for it to go, remove the socket directory.
+
+        An attached master that is not ours (``attached``) is left running, unless
+        ``stop=True`` (a detached master's socket directory is then removed too)."""
+        self._master.close(stop=stop)
+
+    def detach(self) -> Detached:
+        """Leave the master running after this Connection and this program: returns what
+        ``sshwrap.attach()`` in a later process needs (the control path, host, pid, socket
+        directory and settings; picklable, and ``str()`` of it is accepted too).  The
+        Connection is closed; the master stops only when an attachment closes it with
+        ``stop=True``, or one made with ``attach(..., own=True)`` closes."""
+        return self._master.detach()
+
+    @classmethod
+    def attached_to(
+        cls,
+        target: str | os.PathLike[str] | Detached,
+        destination: str | None = None,
+        *,
+        own: bool = False,
+        **options: Unpack[ConnectOptions],
+    ) -> Connection:
+        """The Connection of ``sshwrap.attach`` (same arguments), not opened yet."""
+        d = attach_target(target)
+        merged = cast(ConnectOptions, {"reconnect": False, **d.settings, **options})
+        conn = cls(destination or d.destination or d.control_path, **merged)
+        conn.master.adopt(d.control_path, own=own, directory=d.directory)
+        return conn
+
+    @property
+    def attached(self) -> bool:
+        """True for a master sshwrap does not own (``close()`` leaves it running)."""
+        return not self._master.owned
 
     @property
     def closed(self) -> bool:
@@ -428,6 +481,31 @@ class Connection:
         m = self._master
         state = "closed" if m.closed else ("open" if m.opened else "new")
         return f"<Connection {self.destination!r} {state} master_pid={m.pid}>"
+
+
+def attach(
+    target: str | os.PathLike[str] | Detached,
+    destination: str | None = None,
+    *,
+    own: bool = False,
+    **options: Unpack[ConnectOptions],
+) -> Connection:
+    """A Connection over a ControlMaster already running at ``target`` (a socket path, a
+    ``Detached`` or its ``str()``), not owned by it unless ``own``: ``close()`` leaves it
+    running (``own=True``: stops it and removes a detached master's directory).
+
+    ``destination`` names the host for errors and for ``ssh -S``, scp and sftp over the
+    master (default: the Detached's, else the socket path); ``options`` as for ``connect``
+    (a Detached's settings are the defaults).  ``reconnect`` defaults to False: a lost
+    master raises ``SSHConnectionError``; ``reconnect=True`` starts sshwrap's own in its
+    place.  Commands run on proxy channels (OpenSSH >= 7.4 masters), else through ``ssh -S``.
+    Raises ``SSHConnectionError`` when no master answers there."""
+    conn = Connection.attached_to(target, destination, own=own, **options)
+    try:
+        return conn.open()
+    except BaseException:
+        conn.close()
+        raise
 
 
 def connect(destination: str, **options: Unpack[ConnectOptions]) -> Connection:

@@ -7,7 +7,7 @@ with the same arguments, results, errors and bounds:
   (:mod:`sshwrap.aio.process`), ``tty=True``/``size`` included;  ``send_signal``/``terminate``
   /``kill`` are plain methods on every async process, as in :mod:`asyncio.subprocess`
   (``send_signal``/``terminate`` return a :class:`SignalDelivery`: await it or drop it);
-- :func:`connect`, :class:`AsyncConnection`: :class:`sshwrap.Connection`
+- :func:`connect`, :func:`attach`, :class:`AsyncConnection`: :class:`sshwrap.Connection`
   (:mod:`sshwrap.aio.connection`);
 - :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``);
 - :func:`put_many`, :func:`get_many`: :func:`sshwrap.put_many`/:func:`sshwrap.get_many`
@@ -51,6 +51,7 @@ __all__ = [
     "ProcessOptions",
     "SignalDelivery",
     "TerminalWriter",
+    "attach",
     "connect",
     "create_process",
     "get_many",
@@ -64,6 +65,7 @@ __all__ = [
 # imported on first use: a script that only runs commands does not load the Connection code
 _LAZY: dict[str, tuple[str, str]] = {
     "connect": (".connection", "connect"),
+    "attach": (".connection", "attach"),
     "AsyncConnection": (".connection", "AsyncConnection"),
     "run_many": ("..fanout", "run_many_async"),
     "put_many": ("..fleet", "put_many_async"),
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     from ..fleet import get_many_async as get_many
     from ..fleet import put_many_async as put_many
     from .connection import AsyncConnection as AsyncConnection
+    from .connection import attach as attach
     from .connection import connect as connect
 
 

@@ -23,7 +23,7 @@ import os
 import subprocess
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..connection import Connection, ConnectOptions, Forward
+from ..connection import Connection, ConnectOptions, Detached, Forward
 from ..core.channel_popen import ChannelPopen
 from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
 from ..core.completed import CompletedProcess
@@ -45,6 +45,7 @@ __all__ = [
     "AsyncConnection",
     "AsyncShell",
     "ChannelProcessOptions",
+    "attach",
     "connect",
 ]
 
@@ -223,9 +224,19 @@ class AsyncConnection:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Stop the master and remove its directory (``Connection.close``)."""
-        await asyncio.to_thread(self.sync.close)
+    async def close(self, *, stop: bool | None = None) -> None:
+        """Stop the master and remove its directory (``Connection.close``: an attached
+        master not ours is left running unless ``stop=True``)."""
+        await asyncio.to_thread(functools.partial(self.sync.close, stop=stop))
+
+    async def detach(self) -> Detached:
+        """Leave the master running past this program (``Connection.detach``)."""
+        return await asyncio.to_thread(self.sync.detach)
+
+    @property
+    def attached(self) -> bool:
+        """True for a master sshwrap does not own (``close()`` leaves it running)."""
+        return self.sync.attached
 
     async def alive(self) -> bool:
         """True if the master answers an alive check."""
@@ -357,6 +368,23 @@ class AsyncConnection:
         return await asyncio.to_thread(
             self.sync.forward_dynamic, listen_port, listen_host=listen_host
         )
+
+
+async def attach(
+    target: str | os.PathLike[str] | Detached,
+    destination: str | None = None,
+    *,
+    own: bool = False,
+    **options: Unpack[ConnectOptions],
+) -> AsyncConnection:
+    """Attach to a running master (in a worker thread); the async twin of ``sshwrap.attach``
+    (same arguments)."""
+    conn = AsyncConnection(Connection.attached_to(target, destination, own=own, **options))
+    try:
+        return await conn.open()
+    except BaseException:
+        conn.sync.close()  # not opened: nothing blocks (own=True removes a dead master's dir)
+        raise
 
 
 async def connect(destination: str, **options: Unpack[ConnectOptions]) -> AsyncConnection:
