@@ -113,10 +113,19 @@ def test_cli_records_a_session(local_sshd: LocalSSHD, tmp_path: Path, with_input
         t.send("echo hello-rec-$((40+2))\r")
         t.wait_raw(b"\nhello-rec-42")
         _prompt(t, len(t.raw) - 2)
+        # A foreground program that prints the size when SIGWINCH reaches it (typing
+        # `stty size` after the resize could overtake the window change).
+        t.send(
+            'sh -c \'trap "stty size; echo WINCHED" WINCH; echo TRAPPED; '
+            "while :; do sleep 0.05; done'\r"
+        )
+        t.wait_raw(b"\nTRAPPED")
         mark = len(t.raw)
         t.resize(30, 100)
-        t.send("stty size\r")
         t.wait_raw(b"30 100", start=mark)
+        t.wait_raw(b"WINCHED", start=mark)
+        t.send("\x03")
+        _prompt(t, mark)
         mark = len(t.raw)
         t.send(_READ_SECRET)
         t.wait_raw(b"pwX: ", start=mark)
@@ -132,7 +141,7 @@ def test_cli_records_a_session(local_sshd: LocalSSHD, tmp_path: Path, with_input
     _check_common(path, header, events)
     typed = "".join(e[2] for e in events if e[1] == "i")
     if with_input:
-        assert "echo hello-rec-$((40+2))" in typed and "stty size" in typed
+        assert "echo hello-rec-$((40+2))" in typed and "trap" in typed
         assert "exit" in typed
     else:
         assert typed == ""

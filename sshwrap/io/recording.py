@@ -182,7 +182,8 @@ class Recorder:
         """Make gathered output an event and write what is due."""
         now = time.monotonic()
         if self._out and now - self._out_time >= _OUT_AGE:
-            self._event_output(now)
+            # final: a UTF-8 sequence still cut after a quiet 50 ms is broken, not split
+            self._event_output(now, final=True)
         self._check(now)
 
     def close(self) -> None:
