@@ -220,7 +220,8 @@ def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, pa
     try:
         while True:
             batch: list[bytes] = []
-            while todo and failed is None and len(pending) + len(batch) < depth:
+            # (refilled in batches from half the depth: fewer wake-ups, as read_into does)
+            while todo and failed is None and len(pending) < (depth if batch else depth // 2 + 1):
                 o, n = todo.popleft()
                 if o < end:
                     rid = session.new_id()
