@@ -8,10 +8,12 @@ import os
 import pathlib
 import posixpath
 import signal
+import threading
 from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
+from faults import cmdline
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -299,3 +301,41 @@ def test_master_killed_mid_transfer(
     assert (tmp_path / "dst" / "keep").read_bytes() == b"local"
     sfs.get_file(f"{rdir}/remote.bin", str(tmp_path / "dst" / "keep"))
     assert (tmp_path / "dst" / "keep").stat().st_size == 50_000_000
+
+
+def test_many_threads_share_a_bounded_pool(
+    local_sshd_factory: Callable[..., LocalSSHD],
+) -> None:
+    """16 threads at once over one filesystem with ``pool_size=2``: all succeed, and the
+    server never had more than 2 SFTP sessions (they stay open, idle, in the pool: every
+    session ever opened at once is still there to count)."""
+    sshd = local_sshd_factory()
+    fs = SSHWrapFileSystem(host=sshd.host, config=sshd.config, pool_size=2)
+    try:
+        rdir = fs.connection.check_output("mktemp -d", text=True).strip()
+        blobs = {f"{rdir}/f{i}": os.urandom(200_000 + i) for i in range(16)}
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(blobs))
+
+        def work(path: str, data: bytes) -> None:
+            try:
+                start.wait(30)
+                fs.pipe_file(path, data)
+                for _ in range(3):
+                    assert fs.cat_file(path) == data
+                    assert fs.cat_file(path, start=1000, end=2000) == data[1000:2000]
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=item) for item in blobs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        assert sorted(fs.ls(rdir, detail=False)) == sorted(blobs)
+        sftp = [p for p in sshd.session_pids() if b"internal-sftp" in cmdline(p)]
+        assert 1 <= len(sftp) <= 2, sftp
+    finally:
+        fs.connection.close()
