@@ -81,6 +81,7 @@ from .io.pump import check_exec_size
 
 if TYPE_CHECKING:
     from .io.prompts import OnPrompt
+    from .io.recording import RecordSpec
     from .spawn import Spawned, SpawnOptions
     from .terminal.relay import RelayResult
     from .transfer import Abort, ProgressCallback
@@ -462,14 +463,21 @@ class Connection:
         )
 
     def interact(
-        self, escape: bytes | None = b"\x1d", *, stdin_fd: int = 0, stdout_fd: int = 1
+        self,
+        escape: bytes | None = b"\x1d",
+        *,
+        stdin_fd: int = 0,
+        stdout_fd: int = 1,
+        record: RecordSpec | None = None,
     ) -> RelayResult:
         """Hand the user's terminal to a login shell over the master until it exits or the
         user types ``escape`` (default ``^]``; the shell is then hung up).  Raw mode, resizes
         and signals as in ``Spawned.interact``.  The result's ``returncode`` is the remote
-        shell's exit status (``-128`` for a signal death; None when escaped)."""
+        shell's exit status (``-128`` for a signal death; None when escaped).  ``record``: an
+        asciicast v2 recording of the session (a path or a ``Record``; see
+        ``Spawned.interact``)."""
         with self.spawn(None, tty=True, timeout=None) as s:
-            return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd)
+            return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd, record=record)
 
     # -- ssh argv for other tools ------------------------------------------------------
     def ssh_args(self) -> list[str]:

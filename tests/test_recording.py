@@ -7,7 +7,6 @@ nobody here wrote) and by a second pyte screen fed its output events.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -27,7 +26,6 @@ from ptyterm import Term, sshwrap_argv
 from test_connection_prompts import throwaway_user  # noqa: F401 (a fixture)
 from waiting import wait_until
 
-import sshwrap
 from sshwrap.protocol.asciicast import EchoGate, json_string, utf8_cut, visible
 from sshwrap.testing import LocalSSHD, wait_exited
 
@@ -260,14 +258,8 @@ _SPAWN_SCRIPT = textwrap.dedent(
 )
 
 
-def _connection_takes_record() -> bool:
-    return "record" in inspect.signature(sshwrap.Connection.interact).parameters
-
-
 @pytest.mark.parametrize("face", ["spawned", "connection"])
 def test_interact_record_keyword(local_sshd: LocalSSHD, tmp_path: Path, face: str) -> None:
-    if face == "connection" and not _connection_takes_record():
-        pytest.skip("Connection.interact() does not pass record= on yet (connection.py)")
     path = tmp_path / f"{face}.cast"
     _interact_recorded(local_sshd, path, face, None)
 
