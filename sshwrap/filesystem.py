@@ -14,8 +14,10 @@ Design:
   closed when the last instance using it is gone, or at interpreter exit.
 - **Files over SFTP on that master**: a pool of up to ``pool_size`` SFTP sessions
   (``sshwrap.io.sftp_files.SessionPool``, one ssh channel each) serves the operations of all
-  threads; requests are pipelined inside a session.  A file opened for writing has its own
-  session while it is open.
+  threads; requests are pipelined inside a session.  A file opened for reading keeps a read
+  handle on the session it last used and prefers that session (a random read is one SFTP
+  READ round trip; fsspec's read-ahead cache in front); a file opened for writing has its own
+  session (not counted in the pool) while it is open.
 - **Commands for what SFTP lacks**: ``cp_file`` runs ``cp -p`` on the remote side (no bytes
   through the client), ``rm(recursive=True)`` of one directory runs ``rm -rf``.
 - **Nothing partial**: ``put_file``/``get_file`` use ``sshwrap.transfer``'s atomic copy (a
