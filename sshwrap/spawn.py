@@ -53,6 +53,7 @@ from .core.argv import SSHLog, check_destination, find_ssh
 from .core.options import Command, CommandOptions, check_keywords, check_terminal
 from .core.spawn_command import LOGIN_SHELL as LOGIN_SHELL  # re-exported (the docs)
 from .core.spawn_command import spawn_command_line as spawn_command_line  # re-exported
+from .core.tty_process import MUX_HELLO, MUX_SESSION, NO_MASTER
 from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
 from .io.pty import RAW_WAIT, spawn_in_pty
@@ -66,10 +67,7 @@ _READ = 65536
 # ssh -tt's closing line, right after the program's last output (maybe no newline before it)
 _QUIT = re.compile(r"(?:Shared c|C)onnection to [^\r\n]{1,300} closed\.\r*\n\Z")
 _QUIT_BYTES = re.compile(_QUIT.pattern.encode())
-_MUX_SESSION = "mux_client_request_session: master session id"
 _MUX_STATUS = "Received exit status from master"
-_MUX_HELLO = "mux_client_hello_exchange: master version"
-_NO_MASTER = "Control socket "  # no master there: ssh connects on its own
 _ALIVE_CHECK = 1.0  # seconds the master gets to answer after a session without exit status
 _DIMENSIONS = "dimensions= is deprecated: use size=(rows, cols), as run() and Popen() take it"
 _EXIT_WAIT = 5.0  # seconds ssh gets to exit after the end of its output (within the call's bound)
@@ -292,7 +290,7 @@ class Spawned(Generic[AnyStr]):
             return False
         if self._master is not None and not self._raw and self._via_master():
             # cooked before the client logged its session (then raw mode): data went cooked
-            if maps_newlines(self._rfd) and _MUX_SESSION not in self._log.read():
+            if maps_newlines(self._rfd) and MUX_SESSION not in self._log.read():
                 data = data.replace(b"\r\n", b"\n")  # undo the ONLCR (module docstring)
             else:
                 self._raw = True
@@ -302,7 +300,7 @@ class Spawned(Generic[AnyStr]):
     def _via_master(self) -> bool:
         """Whether ssh goes through a master (until it turns out to connect on its own)."""
         log = self._log.read()
-        return (bool(self.control_path) or _MUX_HELLO in log) and _NO_MASTER not in log
+        return (bool(self.control_path) or MUX_HELLO in log) and NO_MASTER not in log
 
     def _compile(self, pattern: AnyStr | re.Pattern[AnyStr]) -> re.Pattern[AnyStr]:
         text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
@@ -472,7 +470,7 @@ class Spawned(Generic[AnyStr]):
         log = self._log.read()
         self._log.close()
         self._raw = True  # ssh is gone: no raw mode to wait for or to tell from cooked
-        if rc != 255 or _MUX_SESSION not in log:
+        if rc != 255 or MUX_SESSION not in log:
             info = interpret_exit(self.destination, rc, log)
             self.returncode, self.ssh_error = info.returncode, info.error
         elif _MUX_STATUS in log or self._master_answers():
