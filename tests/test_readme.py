@@ -115,6 +115,9 @@ PLANS: dict[str, Plan] = {
         ),
     ),
     "-H - --outdir": Plan("run", stdin=b"web1\nweb2\n"),
+    "sshwrap --record session.cast web1": Plan(
+        "pty", steps=((rb"[$#] ", "echo REC''ORDED; exit\r"), (b"RECORDED", ""))
+    ),
     "def test_deploy(": Plan("define", "my_deploy is the reader's code: the test is only defined"),
 }
 
