@@ -11,6 +11,8 @@
     sshwrap-many -H @web --groups groups.txt -- uptime      # groups file lines "web: h[1-6]"
     sshwrap-many -H 'h[1-8]' --persist 10m -- true          # masters stay up 10 minutes
     sshwrap-many -H 'h[1-8]' --close                        # close those persisted masters
+    sshwrap-many -H 'h[1-8]' --put build.tgz /srv/build.tgz  # a file (or tree) to every host
+    sshwrap-many -H 'h[1-8]' --get /etc/os-release got/     # got/h1/os-release, got/h2/...
 
 ``-H`` takes a host pattern (ClusterShell's syntax, :mod:`sshwrap.core.hostset`: ``h1,h2``,
 ``web[01-50]``, ``rack[1-2]-node[001-016]``, ``h[1-8]!h[3-4]``, ``@group``; spaces between
@@ -34,45 +36,50 @@ before left up (no new login; one that died is replaced); ``--close`` ends them 
 (those of the ``-H`` hosts, with the same ``-F``/``-l``/``-J``/``-o``; else all) and says how
 many (:mod:`sshwrap.io.persist`).
 
-Exit status (the bits add up): 0 every host ran the command and it exited 0; 1 some command
-exited non-zero or died of a signal; 2 some host timed out (``-t`` or ``--deadline``); 4
-some host had an ssh error (refused, unreachable, authentication, host key, connect
-timeout).  64: bad usage (including a ``-p`` the open-files limit cannot hold); 130:
-interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every ssh and printing what finished;
-141: stdout was closed by its reader (``| head``), so the run was stopped the same way.
+``--put LOCAL REMOTE`` / ``--get REMOTE LOCALDIR`` copy instead of running a command
+(:func:`sshwrap.put_many` / :func:`sshwrap.get_many`: SFTP over each host's own master,
+atomic per file; ``get`` writes ``LOCALDIR/HOST/``; ``%h`` in a path is the host's name,
+``%%`` a ``%``), with the same ``-p``, ``-t`` (each host's transfer), ``--connect-timeout``,
+``--deadline``, ssh settings, ``--json`` (``host``, ``status``, ``error``, ``source``,
+``target``, ``transferred``, ``total``, ``started``, ``duration``, ``connect_time``),
+``--progress``, summary and exit status (a copy that failed is the 1 bit).  A line per host
+(``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 s``, or its error on stderr).  A
+missing LOCAL (without ``%h``), a bad token, a command, ``-I``, ``--group``, ``--outdir``
+or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
+
+Exit status (the bits add up): 0 every host ran the command and it exited 0 (or copied);
+1 some command exited non-zero or died of a signal, or some copy failed; 2 some host timed
+out (``-t`` or ``--deadline``); 4 some host had an ssh error (refused, unreachable,
+authentication, host key, connect timeout).  64: bad usage (including a ``-p`` the
+open-files limit cannot hold); 130: interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every
+ssh and printing what finished; 141: stdout was closed by its reader (``| head``), so the
+run was stopped the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
-import json
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .core.fanout_run import FanoutRun
 from .core.host_input import GROUPS_ENV, cli_hosts
-from .core.hostset import fold
-from .fanout import FdBudgetError, HostResult, close_persisted
+from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
+from .fanout import FdBudgetError, close_persisted
+from .fleet import CopyInterrupted, CopyOptions, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 
 __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
-EXIT_FAILED = 1
-EXIT_TIMEOUT = 2
-EXIT_SSH_ERROR = 4
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
+_LIVE = "on_result" in CopyOptions.__annotations__  # the copy reports each host as it ends
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,8 +93,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="sshwrap-many",
-        description="Run one command on many hosts with the system's ssh.",
-        epilog="Exit status: 0 all ok; +1 a command failed; +2 a host timed out; "
+        description="Run one command on many hosts, or copy to or from them, with ssh.",
+        epilog="Exit status: 0 all ok; +1 a command (or copy) failed; +2 a host timed out; "
         "+4 an ssh error; 64 usage; 130 interrupted; 141 stdout closed by its reader "
         "(| head), the run stopped.",
     )
@@ -144,6 +151,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="close the persisted masters (of the -H hosts, else all of this user's); no command",
     )
+    copy = ap.add_mutually_exclusive_group()
+    copy.add_argument(
+        "--put",
+        nargs=2,
+        metavar=("LOCAL", "REMOTE"),
+        help="copy the file or directory LOCAL to REMOTE on every host, instead of a command "
+        "(%%h: the host's name, %%%% a %%)",
+    )
+    copy.add_argument(
+        "--get",
+        nargs=2,
+        metavar=("REMOTE", "LOCALDIR"),
+        help="copy REMOTE from every host into LOCALDIR/HOST/ (a LOCALDIR with %%h: each "
+        "host's exact local path), instead of a command",
+    )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
     ap.add_argument(
@@ -166,271 +188,6 @@ def _options(items: Sequence[str]) -> dict[str, str]:
     return opts
 
 
-def _fold_by_reason(results: list[HostResult], why: bool) -> str:
-    """``h[1-3] (exit 1), h5 (exit 2)``: hosts folded by what happened to them, in order."""
-    by_reason: dict[str, list[str]] = {}
-    for r in results:
-        by_reason.setdefault(_describe(r) if why else "", []).append(r.host)
-    return ", ".join(
-        fold(names) + (f" ({what})" if what else "") for what, names in by_reason.items()
-    )
-
-
-def _safe_name(host: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._@:+-]", "_", host)
-    return name if name not in ("", ".", "..") else "_" + name
-
-
-# -- output ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Tally:
-    total: int
-    done: int = 0
-    ok: int = 0
-    failed: int = 0
-    timeout: int = 0
-    ssh_error: int = 0
-    cancelled: int = 0
-    results: list[HostResult] = field(default_factory=list)
-
-    def add(self, r: HostResult) -> None:
-        self.done += 1
-        setattr(self, r.status, getattr(self, r.status) + 1)
-        self.results.append(r)
-
-    def exit_status(self) -> int:
-        bits = {EXIT_FAILED: self.failed, EXIT_TIMEOUT: self.timeout}
-        return sum(bit for bit, n in {**bits, EXIT_SSH_ERROR: self.ssh_error}.items() if n)
-
-    def line(self) -> str:
-        parts = [f"{self.ok} ok", f"{self.failed} failed", f"{self.timeout} timed out"]
-        parts.append(f"{self.ssh_error} ssh error" + ("" if self.ssh_error == 1 else "s"))
-        if self.cancelled:
-            parts.append(f"{self.cancelled} cancelled")
-        return ", ".join(parts)
-
-
-def _describe(r: HostResult) -> str:
-    if r.status == "ok":
-        return "exit 0"
-    if r.status == "failed":
-        assert r.returncode is not None
-        if r.signalled:
-            return "killed by a signal" + (
-                f" ({signal.Signals(-r.returncode).name})"
-                if -r.returncode in _SIGNAL_NUMBERS
-                else ""
-            )
-        return f"exit {r.returncode}"
-    if r.status == "timeout":
-        return "timed out" if r.started is not None else "not started (deadline)"
-    if r.status == "ssh_error":
-        msg = getattr(r.error, "message", None) or str(r.error)
-        return f"ssh error: {type(r.error).__name__}: {msg}"
-    return "cancelled"
-
-
-_SIGNAL_NUMBERS = {int(s) for s in signal.Signals}
-
-
-_GROUPS = dict(failed="failed", timeout="timed out", ssh_error="ssh errors", cancelled="cancelled")
-_PLAIN_PROGRESS_EVERY = 1.0  # seconds between two plain progress lines, at most one a second
-
-
-class _Output:
-    """Writes results in the chosen mode; live lines and the progress (a bar on a terminal,
-    plain lines otherwise)."""
-
-    def __init__(self, args: argparse.Namespace, hosts: list[str], progress: bool) -> None:
-        self.mode = (
-            "json" if args.json else "group" if args.group else "outdir" if args.outdir else "live"
-        )
-        self.outdir: str | None = args.outdir
-        self.width = max((len(h) for h in hosts), default=0)
-        self.partial: dict[tuple[str, int], bytearray] = {}
-        self.broken = False  # stdout's reader went away
-        self.on_broken: Callable[[], None] | None = None
-        self.bar: Any = None
-        self.task: Any = None
-        self.console: Any = None
-        # Without a terminal on stderr, progress is plain lines (no control characters).
-        self.plain_progress = progress and not sys.stderr.isatty()
-        self.progress_at: float | None = None  # when the last plain line was written
-        self.progress_done = 0  # how many hosts it showed done
-        if progress and not self.plain_progress:
-            from rich import progress as rp
-            from rich.console import Console
-
-            self.console = Console(file=sys.stderr)
-            columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn())
-            self.bar = rp.Progress(
-                *columns,
-                rp.MofNCompleteColumn(),
-                rp.TimeElapsedColumn(),
-                console=self.console,
-                transient=True,
-                redirect_stdout=False,
-                redirect_stderr=False,
-            )
-            self.task = self.bar.add_task("running", total=len(hosts))
-
-    def context(self) -> AbstractContextManager[Any]:
-        return self.bar if self.bar is not None else nullcontext()
-
-    # -- live lines --------------------------------------------------------------------
-    def _emit(self, stream: int, line: bytes) -> None:
-        if self.console is not None and (stream == 2 or sys.stdout.isatty()):
-            from rich.text import Text
-
-            self.console.print(Text(line.decode(errors="replace").rstrip("\n")), soft_wrap=True)
-            return
-        if stream == 1:
-            self.write_out(line)
-            return
-        sys.stderr.buffer.write(line)
-        sys.stderr.buffer.flush()
-
-    def write_out(self, data: bytes) -> None:
-        """Write to stdout; when its reader has gone (``| head``), stop the run instead."""
-        if self.broken:
-            return
-        try:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            self.broken = True
-            # Nothing more can be written there, and Python must not try again at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            if self.on_broken is not None:
-                self.on_broken()
-
-    def on_output(self, host: str, stream: int, data: bytes) -> None:
-        if self.mode != "live":
-            return
-        buf = self.partial.setdefault((host, stream), bytearray())
-        buf += data
-        end = buf.rfind(b"\n") + 1
-        if not end:
-            return
-        prefix = self._prefix(host)
-        lines = bytes(buf[: end - 1]).split(b"\n")
-        del buf[:end]
-        self._emit(stream, b"".join(prefix + line + b"\n" for line in lines))  # one write
-
-    def _prefix(self, host: str) -> bytes:
-        return (host.ljust(self.width) + " | ").encode()
-
-    def _flush_partial(self, host: str) -> None:
-        for stream in (1, 2):
-            buf = self.partial.pop((host, stream), None)
-            if buf:
-                self._emit(stream, self._prefix(host) + bytes(buf) + b"\n")
-
-    # -- per result ----------------------------------------------------------------------
-    def result(self, r: HostResult, tally: _Tally) -> None:
-        if self.bar is not None:
-            self.bar.update(
-                self.task, advance=1, description=tally.line().replace(", 0 cancelled", "")
-            )
-        elif self.plain_progress:
-            now = time.monotonic()
-            if self.progress_at is None or now - self.progress_at >= _PLAIN_PROGRESS_EVERY:
-                self._progress_line(tally)
-                self.progress_at = now
-        if self.mode == "live":
-            self._flush_partial(r.host)
-            if r.status != "ok":
-                self._emit(2, self._prefix(r.host) + f"[{_describe(r)}]\n".encode())
-        elif self.mode == "json":
-            self._json(r)
-        elif self.mode == "outdir":
-            self._files(r)
-
-    def _progress_line(self, tally: _Tally) -> None:
-        self.progress_done = tally.done
-        line = f"sshwrap-many: {tally.done}/{tally.total} done: {tally.line()}\n"
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-    def _json(self, r: HostResult) -> None:
-        obj: dict[str, Any] = {
-            "host": r.host,
-            "status": r.status,
-            "returncode": r.returncode,
-            "signalled": r.signalled,
-        }
-        for name in ("stdout", "stderr"):
-            data: bytes = getattr(r, name)
-            try:
-                obj[name] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                obj[name] = None
-                obj[name + "_base64"] = base64.b64encode(data).decode()
-        obj["error"] = (
-            None
-            if r.error is None
-            else {"type": type(r.error).__name__, "message": getattr(r.error, "message", "")}
-        )
-        obj["started"] = r.started
-        obj["duration"] = round(r.duration, 6)
-        obj["connect_time"] = None if r.connect_time is None else round(r.connect_time, 6)
-        line = json.dumps(obj, ensure_ascii=False) + "\n"
-        if self.console is not None and sys.stdout.isatty():
-            self.console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
-        else:
-            self.write_out(line.encode())
-
-    def _files(self, r: HostResult) -> None:
-        assert self.outdir is not None
-        base = os.path.join(self.outdir, _safe_name(r.host))
-        for suffix, data in ((".out", r.stdout), (".err", r.stderr)):
-            with open(base + suffix, "wb") as f:
-                f.write(data)
-
-    # -- at the end ------------------------------------------------------------------------
-    def finish(self, tally: _Tally, elapsed: float, interrupted: bool) -> None:
-        if self.mode == "live":
-            for host, _ in list(self.partial):
-                self._flush_partial(host)
-        if self.mode == "group":
-            self._groups(tally.results)
-        if self.plain_progress and (self.progress_at is None or tally.done != self.progress_done):
-            self._progress_line(tally)  # the last one, unless the last shown says it already
-        err = sys.stderr
-        head = "stdout closed: " if self.broken else "interrupted: " if interrupted else ""
-        err.write(f"{head}{tally.total} hosts in {elapsed:.2f} s: {tally.line()}\n")
-        for status, label in _GROUPS.items():
-            bad = sorted((r for r in tally.results if r.status == status), key=lambda r: r.index)
-            if bad:
-                err.write(f"  {label}: {_fold_by_reason(bad, status != 'cancelled')}\n")
-        err.flush()
-
-    def _groups(self, results: list[HostResult]) -> None:
-        groups: dict[tuple[bytes, bytes, str], list[HostResult]] = {}
-        for r in results:
-            groups.setdefault((r.stdout, r.stderr, _describe(r)), []).append(r)
-        out = io.BytesIO()
-        for (stdout, stderr, what), members in sorted(
-            groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0].index)
-        ):
-            members.sort(key=lambda r: r.index)
-            names = fold(r.host for r in members)
-            n = len(members)
-            out.write(f"==== {names} ({n} host{'s' if n != 1 else ''}): {what}\n".encode())
-            out.write(stdout)
-            if stdout and not stdout.endswith(b"\n"):
-                out.write(b"\n")
-            if stderr:
-                out.write(b"---- stderr\n" + stderr)
-                if not stderr.endswith(b"\n"):
-                    out.write(b"\n")
-        self.write_out(out.getvalue())
-
-
 # -- main --------------------------------------------------------------------------------
 
 
@@ -438,7 +195,7 @@ def _ignored(sig: int) -> bool:
     return signal.getsignal(sig) is signal.SIG_IGN
 
 
-async def _run(run: FanoutRun, output: _Output, tally: _Tally) -> bool:
+async def _run(run: FanoutRun, output: Output, tally: Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -485,10 +242,110 @@ def _dir() -> str:
     return directory
 
 
+def _check_copy_args(
+    ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]
+) -> None:
+    """What ``--put``/``--get`` cannot take: a command, stdin data, the command outputs."""
+    flag = "--put" if args.put else "--get"
+    if command:
+        ap.error(f"{flag} copies instead of running a command: give one or the other")
+    for given, name in ((args.input, "-I"), (args.group, "--group"), (args.outdir, "--outdir")):
+        if given:
+            ap.error(f"{flag} takes no {name} (that is for a command's output)")
+    if args.persist is not None:
+        ap.error(
+            f"{flag} takes no --persist: a copy starts each host's own master and ends it "
+            "with the run (persisted masters serve commands)"
+        )
+
+
+def _copy(
+    ap: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    hosts: list[str],
+    progress: bool,
+    batch_mode: bool,
+    connect_timeout: float | None,
+    settings: dict[str, Any],
+) -> int:
+    """``--put LOCAL REMOTE`` / ``--get REMOTE LOCALDIR`` on every host (sshwrap.fleet)."""
+    verb = "put" if args.put else "get"
+    source, target = args.put or args.get
+    output = Output(args, hosts, progress, verb)
+    tally = Tally(total=len(hosts))
+    shown: set[int] = set()
+    running = True
+
+    def show(r: CopyResult) -> None:
+        shown.add(r.index)
+        tally.add(r)
+        output.result(r, tally)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def broken() -> None:
+        if running:
+            raise KeyboardInterrupt  # stops every host, as Ctrl-C does
+
+    output.on_broken = broken
+    options: dict[str, Any] = {
+        **{k: v for k, v in settings.items() if v is not None},
+        "concurrency": args.parallel,
+        "timeout": args.timeout,
+        "connect_timeout": connect_timeout,
+        "deadline": args.deadline,
+        "batch_mode": batch_mode,
+    }
+    if _LIVE:
+        options["on_result"] = show  # each host's line as it finishes
+    func = put_many if verb == "put" else get_many
+    results: list[CopyResult] | None = None
+    interrupted = False
+    # SIGTERM and SIGHUP stop the copy as Ctrl-C does (those ignored stay ignored).
+    sigs = [s for s in (signal.SIGTERM, signal.SIGHUP) if not _ignored(s)]
+    old = {s: signal.signal(s, stop) for s in sigs}
+    t0 = time.monotonic()
+    try:
+        with output.context():
+            try:
+                results = func(hosts, source, target, **options)
+            except CopyInterrupted as e:
+                interrupted, results = True, e.results
+            except KeyboardInterrupt:
+                interrupted = True  # before any host started
+            except FdBudgetError as e:
+                print(f"sshwrap-many: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            except (OSError, ValueError, TypeError) as e:
+                ap.error(str(e))
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+            running = False
+            if results is None:
+                results = [
+                    CopyResult(h, "cancelled", None, None, 0.0, index=i)
+                    for i, h in enumerate(hosts)
+                ]
+            rest = [r for r in results if r.index not in shown]
+            for r in sorted(rest, key=lambda r: (r.started is None, (r.started or 0) + r.duration)):
+                if r.started is None and r.status == "cancelled":
+                    tally.add(r)  # never started
+                else:
+                    show(r)
+    finally:
+        running = False
+    output.finish(tally, time.monotonic() - t0, interrupted)
+    if output.broken or interrupted:
+        return EXIT_BROKEN_PIPE if output.broken else EXIT_INTERRUPTED
+    return tally.exit_status()
+
+
 def _close(ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> int:
     """``--close``: end the persisted masters (of the ``-H`` hosts, else all of this user's)."""
-    if command or args.persist is not None:
-        ap.error("--close takes no command and no --persist")
+    if command or args.persist is not None or args.put or args.get:
+        ap.error("--close takes no command and no --persist (nor --put/--get)")
     try:
         n = close_persisted(
             cli_hosts(args.hosts, args.exclude, args.groups) if args.hosts else None,
@@ -508,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
+    copy = args.put or args.get
     if args.close:
         return _close(ap, args, command)
     if not args.hosts:
         ap.error("the following arguments are required: -H/--hosts")
-    if not command:
-        ap.error("no command given (put it after --)")
+    if copy:
+        _check_copy_args(ap, args, command)
+    elif not command:
+        ap.error("no command given (put it after --, or copy with --put/--get)")
     if args.parallel < 1:
         ap.error("-p must be at least 1")
     if [*args.hosts, *args.exclude, args.input].count("-") > 1:
@@ -552,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hosts:
         ap.error("no hosts left after -x" if args.exclude else "no hosts given")
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
-    output = _Output(args, hosts, progress)
+    if copy:
+        connect = None if no_connect_timeout else connect_timeout
+        settings = dict(config=args.config, user=args.user, identity=args.identity)
+        settings.update(jump=args.jump, options=options)
+        return _copy(ap, args, hosts, progress, batch_mode, connect, settings)
+    output = Output(args, hosts, progress)
     try:
         run = FanoutRun(
             hosts,
@@ -577,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (OSError, ValueError) as e:
         ap.error(str(e))
-    tally = _Tally(total=len(hosts))
+    tally = Tally(total=len(hosts))
     t0 = time.monotonic()
     with output.context():
         interrupted = asyncio.run(_run(run, output, tally))
