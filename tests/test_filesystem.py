@@ -4,6 +4,7 @@ test suite, then what it does not cover)."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import pathlib
 import posixpath
@@ -26,7 +27,7 @@ from fsspec.tests.abstract import (  # type: ignore[import-untyped]
 
 from sshwrap.errors import SSHConnectionError
 from sshwrap.filesystem import SSHWrapFileSystem
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, wait_exited
 
 # Until the entry point in pyproject.toml is installed.
 fsspec.register_implementation("sshwrap", SSHWrapFileSystem, clobber=True)
@@ -339,3 +340,20 @@ def test_many_threads_share_a_bounded_pool(
         assert 1 <= len(sftp) <= 2, sftp
     finally:
         fs.connection.close()
+
+
+def test_the_master_goes_with_the_last_instance(local_sshd: LocalSSHD) -> None:
+    fs = SSHWrapFileSystem(
+        host=local_sshd.host, config=local_sshd.config, pool_size=1, skip_instance_cache=True
+    )
+    again = SSHWrapFileSystem(
+        host=local_sshd.host, config=local_sshd.config, pool_size=1, skip_instance_cache=True
+    )
+    assert fs.ls("/", detail=False) and again.connection is fs.connection
+    pid = fs.connection.master_pid
+    del fs
+    gc.collect()
+    assert wait_exited([pid], 0.5) == [pid]  # another instance still uses it
+    del again
+    gc.collect()
+    assert wait_exited([pid], 30) == []
