@@ -70,6 +70,7 @@ from typing import Any, NoReturn
 from .core.fanout_run import FanoutRun
 from .core.host_input import GROUPS_ENV, cli_hosts
 from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
+from .core.options import keys_of
 from .fanout import FdBudgetError, close_persisted
 from .fleet import CopyInterrupted, CopyOptions, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
@@ -79,7 +80,7 @@ __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
-_LIVE = "on_result" in CopyOptions.__annotations__  # the copy reports each host as it ends
+_LIVE = "on_result" in keys_of(CopyOptions)  # the copy reports each host as it ends
 
 
 class _Parser(argparse.ArgumentParser):
@@ -323,7 +324,7 @@ def _copy(
                 for s, handler in old.items():
                     signal.signal(s, handler)
             running = False
-            if results is None:
+            if results is None:  # interrupted before the copy started, or while stopping
                 results = [
                     CopyResult(h, "cancelled", None, None, 0.0, index=i)
                     for i, h in enumerate(hosts)

@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from test_fanout_helpers import Hosts, alive, comm, descendants, write_config
 from test_fleet_copy import _sparse, _sums
 from waiting import wait_until
 
+from sshwrap.core.options import keys_of
+from sshwrap.fleet import CopyOptions
 from sshwrap.testing import LocalSSHD
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
@@ -105,8 +109,9 @@ def test_put_then_get_round_trip_on_4_hosts(many: Hosts, remote_dir: Path, tmp_p
     assert "4 hosts in" in p.stderr and "4 ok, 0 failed, 0 timed out, 0 ssh errors" in p.stderr
 
     got = tmp_path / "collected"
-    p = run_cli(many, "-H", hosts, "--get", f"{remote_dir}/%h", f"{got}/")
+    p = run_cli(many, "-H", hosts, "--progress", "--get", f"{remote_dir}/%h", f"{got}/")
     assert p.returncode == 0, p.stderr
+    assert "sshwrap-many: 4/4 done: 4 ok, 0 failed" in p.stderr  # plain progress, in hosts
     assert sorted(os.listdir(got)) == many.hosts
     for h in many.hosts:
         assert _sums(got / h / h) == sums, h  # LOCALDIR/HOST/<the remote name>
@@ -190,15 +195,11 @@ def test_usage_errors(many: Hosts, tmp_path: Path, args: list[str], message: str
     assert "Traceback" not in p.stderr
 
 
-def test_ctrl_c_prints_partial_results_and_leaves_nothing(
-    many: Hosts, remote_dir: Path, tmp_path: Path
-) -> None:
-    (tmp_path / "h1.bin").write_bytes(b"small\n")
-    for h in ("h2", "h3"):
-        _sparse(tmp_path / f"{h}.bin", 2000 * MB)
-    mark = uuid.uuid4().hex
+@contextmanager
+def _started(many: Hosts, *args: str, mark: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    """sshwrap-many running (killed and reaped afterwards if the test left it running)."""
     p = subprocess.Popen(
-        [EXE, "-F", many.config, "-H", "h[1-3]", "--put", f"{tmp_path}/%h.bin", f"{remote_dir}/%h"],
+        [EXE, "-F", many.config, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, MARK_VAR: mark},
@@ -206,6 +207,28 @@ def test_ctrl_c_prints_partial_results_and_leaves_nothing(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _interrupt(p: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """Ctrl-C; what it wrote to stdout and stderr until it exited."""
+    p.send_signal(signal.SIGINT)
+    return p.communicate(timeout=20)
+
+
+def test_ctrl_c_prints_partial_results_and_leaves_nothing(
+    many: Hosts, remote_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "h1.bin").write_bytes(b"small\n")
+    for h in ("h2", "h3"):
+        _sparse(tmp_path / f"{h}.bin", 2000 * MB)
+    mark = uuid.uuid4().hex
+    put = ["--put", f"{tmp_path}/%h.bin", f"{remote_dir}/%h"]
+    with _started(many, "-H", "h[1-3]", *put, mark=mark) as p:
 
         def moving() -> bool:
             names = os.listdir(remote_dir)
@@ -215,12 +238,7 @@ def test_ctrl_c_prints_partial_results_and_leaves_nothing(
         wait_until(moving, 60, "h1 copied, h2 and h3 moving")
         ssh_pids = [d for d in descendants(p.pid) if comm(d) == "ssh"]
         assert ssh_pids
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=20)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        out, err = _interrupt(p)
     text = err.decode()
     assert p.returncode == 130, text
     assert "interrupted: 3 hosts" in text
@@ -230,3 +248,25 @@ def test_ctrl_c_prints_partial_results_and_leaves_nothing(
     assert not any(alive(pid) for pid in ssh_pids)
     assert leftovers(mark) == []  # no ssh, no master left running
     assert sorted(os.listdir(remote_dir)) == ["h1"]  # no partial file left behind
+
+
+LIVE = "on_result" in keys_of(CopyOptions)
+
+
+@pytest.mark.skipif(not LIVE, reason="needs put_many's on_result (core.fleet_copy patch)")
+def test_each_hosts_line_shows_as_it_finishes(
+    many: Hosts, remote_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "h1.bin").write_bytes(b"small\n")
+    _sparse(tmp_path / "h2.bin", 4000 * MB)
+    with _started(many, "-H", "h[1-2]", "--put", f"{tmp_path}/%h.bin", f"{remote_dir}/%h") as p:
+        assert p.stdout is not None
+        ready = select.select([p.stdout], [], [], 60)[0]
+        assert ready, "no line from h1 within 60 s"
+        line = p.stdout.readline()
+        assert re.match(rb"h1 \| put \S+h1\.bin -> \S+/h1: 6 B in ", line), line
+        assert p.poll() is None  # h2 still copying
+        out, err = _interrupt(p)
+    assert p.returncode == 130, err
+    assert out == b""  # h1's line came once
+    assert b"1 ok, 0 failed, 0 timed out, 0 ssh errors, 1 cancelled" in err
