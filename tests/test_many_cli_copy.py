@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from faults import MARK_VAR, leftovers
+from ptyprocess import PtyProcess
 from test_fanout_helpers import Hosts, alive, comm, descendants, write_config
 from test_fleet_copy import _sparse, _sums
 from waiting import wait_until
@@ -117,6 +118,26 @@ def test_put_then_get_round_trip_on_4_hosts(many: Hosts, remote_dir: Path, tmp_p
     for h in many.hosts:
         assert _sums(got / h / h) == sums, h  # LOCALDIR/HOST/<the remote name>
     assert len(_lines(p.stdout)) == 4 and all(" | get " in ln for ln in _lines(p.stdout))
+
+
+def test_progress_bar_on_a_terminal(many: Hosts, remote_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"x" * 1000)
+    put = ["--put", str(src), f"{remote_dir}/%h"]
+    proc = PtyProcess.spawn([EXE, "-F", many.config, "-H", "h[1-4]", *put], dimensions=(24, 200))
+    chunks = []
+    while True:
+        try:
+            chunks.append(proc.read(65536))
+        except EOFError:
+            break
+    proc.wait()
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.exitstatus == 0, text
+    assert "\x1b[" in text  # rich drew (and then cleared) a live display
+    assert "/4" in text  # its "done/total" column, in hosts
+    assert "4 hosts in" in text
+    assert sorted(os.listdir(remote_dir)) == many.hosts
 
 
 def _failing_setup(remote_dir: Path, server: LocalSSHD, tmp_path: Path) -> Path:
