@@ -52,6 +52,7 @@ from fsspec.utils import infer_storage_options, tokenize  # type: ignore[import-
 from .connection import Connection, ConnectOptions
 from .core.argv import find_ssh
 from .core.options import keys_of
+from .errors import SSHError
 from .io.sftp_files import (
     SessionPool,
     Upload,
@@ -83,10 +84,25 @@ _FSSPEC_KEYS = {
 
 
 def _new_session(conn: Connection) -> SFTPSession:
-    """An SFTP session over ``conn``'s master (started again first if it died)."""
+    """An SFTP session over ``conn``'s master (started again first if it died).
+
+    Its ssh is kept off a login of its own (the ``ProxyCommand`` that fails at once, as for
+    ``ssh -S``): a session goes over the master or fails, so a master killed later ends it.
+    Failing to start because the master died just now, it is tried once more on a new one.
+    """
     master = conn.master
-    master.ensure()
-    return SFTPSession(conn.destination, ssh=master.ssh or find_ssh(), ssh_args=conn.ssh_args())
+    for attempt in (1, 2):
+        master.ensure()
+        opts = master.fallback_settings(direct_login=False)["options"]
+        no_login = ["-o", f"ProxyCommand={opts['ProxyCommand']}"] if "ProxyCommand" in opts else []
+        try:
+            return SFTPSession(
+                conn.destination, ssh=master.ssh or find_ssh(), ssh_args=no_login + conn.ssh_args()
+            )
+        except SSHError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _close(conn: Connection, pool: SessionPool) -> None:
