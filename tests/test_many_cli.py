@@ -215,11 +215,9 @@ def test_refuses_a_parallelism_the_fd_limit_cannot_hold(many: Hosts) -> None:
     assert "Traceback" not in p.stderr
 
 
-def test_progress_bar_on_a_terminal(many: Hosts) -> None:
-    proc = PtyProcess.spawn(
-        [EXE, "-F", many.config, "-H", ",".join(many.hosts), "-p", "4", "--", "sleep 0.3"],
-        dimensions=(24, 100),
-    )
+def on_a_terminal(argv: list[str], width: int = 100) -> tuple[int | None, str]:
+    """Run ``argv`` on a pty until it exits: its exit status and everything it wrote."""
+    proc = PtyProcess.spawn(argv, dimensions=(24, width))
     chunks = []
     while True:
         try:
@@ -227,8 +225,13 @@ def test_progress_bar_on_a_terminal(many: Hosts) -> None:
         except EOFError:
             break
     proc.wait()
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.exitstatus == 0
+    return proc.exitstatus, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal(many: Hosts) -> None:
+    argv = [EXE, "-F", many.config, "-H", ",".join(many.hosts), "-p", "4", "--", "sleep 0.3"]
+    status, text = on_a_terminal(argv)
+    assert status == 0
     assert "\x1b[" in text  # rich drew (and then cleared) a live display
     assert "/12" in text  # its "done/total" column
     assert "12 hosts in" in text

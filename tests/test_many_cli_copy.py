@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 from faults import MARK_VAR, leftovers
-from ptyprocess import PtyProcess
 from test_fanout_helpers import Hosts, alive, comm, descendants, write_config
 from test_fleet_copy import _sparse, _sums
+from test_many_cli import on_a_terminal
 from waiting import wait_until
 
 from sshwrap.core.options import keys_of
@@ -124,16 +124,8 @@ def test_progress_bar_on_a_terminal(many: Hosts, remote_dir: Path, tmp_path: Pat
     src = tmp_path / "f.txt"
     src.write_bytes(b"x" * 1000)
     put = ["--put", str(src), f"{remote_dir}/%h"]
-    proc = PtyProcess.spawn([EXE, "-F", many.config, "-H", "h[1-4]", *put], dimensions=(24, 200))
-    chunks = []
-    while True:
-        try:
-            chunks.append(proc.read(65536))
-        except EOFError:
-            break
-    proc.wait()
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.exitstatus == 0, text
+    status, text = on_a_terminal([EXE, "-F", many.config, "-H", "h[1-4]", *put], width=200)
+    assert status == 0, text
     assert "\x1b[" in text  # rich drew (and then cleared) a live display
     assert "/4" in text  # its "done/total" column, in hosts
     assert "4 hosts in" in text
