@@ -70,9 +70,8 @@ from typing import Any, NoReturn
 from .core.fanout_run import FanoutRun
 from .core.host_input import GROUPS_ENV, cli_hosts
 from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
-from .core.options import keys_of
 from .fanout import FdBudgetError, close_persisted
-from .fleet import CopyInterrupted, CopyOptions, CopyResult, get_many, put_many
+from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 
 __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
@@ -80,7 +79,6 @@ __all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 EXIT_USAGE = 64
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
-_LIVE = "on_result" in keys_of(CopyOptions)  # the copy reports each host as it ends
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,9 +295,8 @@ def _copy(
         "connect_timeout": connect_timeout,
         "deadline": args.deadline,
         "batch_mode": batch_mode,
+        "on_result": show,  # each host's line as it finishes
     }
-    if _LIVE:
-        options["on_result"] = show  # each host's line as it finishes
     func = put_many if verb == "put" else get_many
     results: list[CopyResult] | None = None
     interrupted = False

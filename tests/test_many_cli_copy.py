@@ -29,8 +29,6 @@ from test_fleet_copy import _sparse, _sums
 from test_many_cli import on_a_terminal
 from waiting import wait_until
 
-from sshwrap.core.options import keys_of
-from sshwrap.fleet import CopyOptions
 from sshwrap.testing import LocalSSHD
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
@@ -280,10 +278,6 @@ def test_ctrl_c_prints_partial_results_and_leaves_nothing(
     assert [n for n in os.listdir(remote_dir) if not n.startswith(".")] == ["h1"]
 
 
-LIVE = "on_result" in keys_of(CopyOptions)
-
-
-@pytest.mark.skipif(not LIVE, reason="needs put_many's on_result (core.fleet_copy patch)")
 def test_each_hosts_line_shows_as_it_finishes(
     many: Hosts, remote_dir: Path, tmp_path: Path
 ) -> None:

@@ -84,7 +84,10 @@ class CopyOptions(SSHSettings, total=False):
     ``identity``, ``jump``, ``options``, ``ssh``) for the hosts given by name;
     ``batch_mode`` (default on: ``BatchMode=yes``, a fleet cannot answer prompts);
     ``preserve_times`` (default on); ``on_progress(host, done, total)`` in bytes, called from
-    the host's worker thread (an exception it raises fails that host).
+    the host's worker thread (an exception it raises fails that host); ``on_result(result)``
+    each host's :class:`CopyResult` as the host ends (before the call returns), in the
+    caller's thread (sync) or on the loop (async): an exception it raises stops every host
+    as Ctrl-C does, then goes on (a ``KeyboardInterrupt``: :class:`CopyInterrupted`).
     """
 
     concurrency: int
@@ -94,6 +97,7 @@ class CopyOptions(SSHSettings, total=False):
     batch_mode: bool
     preserve_times: bool
     on_progress: Callable[[str, int, int], None] | None
+    on_result: Callable[[CopyResult], None] | None
 
 
 class Transfer(Protocol):
@@ -490,11 +494,16 @@ def copy_many(
         preserve_times=options.get("preserve_times", True),
         on_progress=options.get("on_progress"),
     )
-    return _supervise(plans, job, concurrency, options.get("deadline"))
+    on_result = options.get("on_result")
+    return _supervise(plans, job, concurrency, options.get("deadline"), on_result)
 
 
 def _supervise(
-    plans: list[CopyPlan], job: _Job, concurrency: int, deadline: float | None
+    plans: list[CopyPlan],
+    job: _Job,
+    concurrency: int,
+    deadline: float | None,
+    on_result: Callable[[CopyResult], None] | None,
 ) -> Procedure[list[CopyResult]]:
     t_end = None if deadline is None else time.monotonic() + deadline
     events = Changes()
@@ -510,6 +519,8 @@ def _supervise(
                 h.thread.join()
                 results[h.plan.index] = h.result
                 running.remove(h)
+                if on_result is not None:
+                    on_result(h.result)
             elif h.thread is None or h.thread.ident is None:  # never started (interrupted)
                 h.stop("cancelled", time.monotonic())  # (if it did start: it ends at once)
                 h.cut_now()
