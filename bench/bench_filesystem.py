@@ -44,7 +44,7 @@ def _paramiko_fs(sshd: LocalSSHD) -> Any:
 
 def _sshfs_fs(sshd: LocalSSHD) -> Any:
     try:
-        from sshfs import SSHFileSystem  # type: ignore[import-untyped]
+        from sshfs import SSHFileSystem
     except ImportError:
         return None
     return SSHFileSystem(
