@@ -128,7 +128,9 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
         for op in _cases(ours, "x", local, remote, offsets):
             mine = med[(op, "sshwrap")]
             bulk = op in ("cat_file", "get", "put")
-            label = f"{op} {mb} MB" if bulk else op.replace("1,000", f"{files:,}")
+            label = f"{op} {mb} MB" if bulk else op
+            if op.endswith("files"):
+                label = op.replace("1,000", f"{files:,}")
             for name, fs in others.items():
                 if fs is None:
                     rows.append(Row(f"fsspec {label} vs {name}", fmt_s(mine), "not installed"))
