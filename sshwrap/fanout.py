@@ -72,6 +72,7 @@ from typing import Any, Unpack
 from .core.argv import OptionValue, check_destination, find_ssh, ssh_settings_args
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
+from .core.gateway_run import TreeRun
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
@@ -104,6 +105,9 @@ __all__ = [
     "run_many",
     "run_many_async",
 ]
+
+Via = Mapping[str, str | Iterable[str]]
+"""``via=``: gateway name -> the hosts it serves (a host pattern, or a list of names)."""
 
 Persist = bool | int | float | str | None
 """``persist=``: True (:data:`PERSIST_DEFAULT`, 10 minutes), seconds, or ssh's time format
@@ -147,6 +151,43 @@ def _host_list(
     return items
 
 
+def _via_routes(
+    via: Via | None, groups: GroupsSource | None, persist: Persist
+) -> dict[str, set[str]] | None:
+    """``via`` as gateway -> set of host names, checked before any ssh runs."""
+    if not via:
+        return None
+    if not isinstance(via, Mapping):
+        raise TypeError(f"via must map gateway names to host patterns, not {type(via).__name__}")
+    if persist is not None and persist is not False:
+        raise ValueError("persist= does not go through gateways (via=) yet")
+    loaded = load_groups(groups)
+    routes = {}
+    for gw, members in via.items():
+        if not isinstance(gw, str) or not gw:
+            raise TypeError(f"via: a gateway is a host name (str), not {gw!r}")
+        check_destination(gw)
+        if isinstance(members, str):
+            routes[gw] = set(pattern_hosts(members, loaded))
+        else:
+            items = list(members)
+            literal_hosts(items, f"via[{gw!r}]")
+            routes[gw] = set(items)
+    return routes
+
+
+def _plan(
+    hosts: list[str | ControlPathHost],
+    command: str | Sequence[str],
+    routes: dict[str, set[str]] | None,
+    **kwargs: Any,
+) -> FanoutRun | TreeRun:
+    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``."""
+    if routes is None:
+        return FanoutRun(hosts, command, **kwargs)
+    return TreeRun(hosts, command, routes, **kwargs)
+
+
 def _with_persist(
     persist: Persist,
     hosts: list[str | ControlPathHost],
@@ -188,6 +229,7 @@ async def run_many_async(
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
     persist: Persist = None,
+    via: Via | None = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
@@ -233,14 +275,27 @@ async def run_many_async(
     connection, raises ``TypeError`` naming it; all before any ssh runs.  A host may be a
     ``Connection``: its ControlMaster is reused.
 
+    ``via`` (``{"gw1": "web[1-50]", "gw2": "db[1-9]"}``) runs the hosts a gateway's pattern
+    names through that gateway (the first gateway naming a host takes it; the rest run
+    flat): ONE ssh to each gateway, with these same ssh settings, sends sshwrap itself to
+    the gateway's ``python3`` (3.11 or later; nothing is installed or left there), which runs
+    the fan-out there, with its own ssh, and these same settings, keywords and bounds
+    (``concurrency`` applies per gateway), streaming each result back as it finishes.  A
+    gateway that cannot be reached, lacks a suitable ``python3`` or dies mid-run fails only
+    its own unreported hosts (``ssh_error``, an ``SSHConnectionError`` naming the gateway).
+    Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
+    (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
+
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
     """
     host_list = _host_list(hosts, groups)
-    run = FanoutRun(
+    routes = _via_routes(via, groups, persist)
+    run = _plan(
         host_list,
         command,
+        routes,
         concurrency=concurrency,
         timeout=timeout,
         connect_timeout=connect_timeout,
@@ -278,6 +333,7 @@ class RunManyOptions(FanoutOptions, total=False):
     deadline: float | None
     groups: GroupsSource | None
     persist: Persist
+    via: Via | None
 
 
 _RUN_MANY_DEFAULTS: dict[str, Any] = {
@@ -302,6 +358,8 @@ def run_many(
     ssh child is ended first (within about 1 s, remote stops in flight included), then
     ``FanoutInterrupted`` (a ``KeyboardInterrupt``) is raised carrying ``results``: the
     finished hosts, and the others marked ``cancelled`` with their output so far.
+    ``via=`` runs hosts through gateways (see ``sshwrap.aio.run_many``); the results are
+    still in input order.
     """
     try:
         asyncio.get_running_loop()
@@ -312,9 +370,10 @@ def run_many(
     groups = kwargs.pop("groups", None)
     host_list = _host_list(hosts, groups)
     persist = kwargs.pop("persist", None)
+    routes = _via_routes(kwargs.pop("via", None), groups, persist)
     if persist is not None:
         kwargs["options"] = _with_persist(persist, host_list, kwargs.get("options"))
-    run = FanoutRun(host_list, command, **{**_RUN_MANY_DEFAULTS, **kwargs})
+    run = _plan(host_list, command, routes, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False

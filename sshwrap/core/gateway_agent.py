@@ -1,0 +1,139 @@
+"""The agent that runs on a gateway: ``python3 -m sshwrap.core.gateway_agent``.
+
+Started by the control node over one ssh connection (from the archive of
+:mod:`sshwrap.io.bundle`, so nothing is installed on the gateway), it reads one request line
+from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same fan-out core as a
+flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's own ``ssh`` and
+ssh config) and writes each host's events and result to stdout as JSON lines, as they come.
+
+When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
+run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
+the agent exits.  Diagnostics go to stderr, never to stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any, BinaryIO
+
+from .fanout_run import FanoutRun
+from .gateway_wire import Request, decode_request, encode_event, encode_result
+
+__all__ = ["main", "serve"]
+
+
+async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
+    """Run ``req`` and write its events to ``out``; cancelled when ``stdin_fd`` reaches EOF
+    or a hang-up signal arrives (each ends every ssh of the run first)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        task.cancel()
+
+    def write(line: bytes) -> None:
+        if lost:
+            return
+        try:
+            out.write(line)
+            out.flush()
+        except (OSError, ValueError):
+            # (Called from the loop's callbacks too, where an exception would only be logged.)
+            lost.append(True)
+            stop()
+
+    lost: list[bool] = []
+
+    def on_stdin() -> None:
+        assert stdin_fd is not None
+        try:
+            data = os.read(stdin_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(stdin_fd)
+            stop()
+
+    # Hosts are names, and a name may come twice: each start takes the name's next index,
+    # its output goes to the oldest one in flight.
+    unstarted: dict[str, list[int]] = {}
+    for i, h in enumerate(req.hosts):
+        unstarted.setdefault(h, []).append(i)
+    running: dict[str, list[int]] = {}
+
+    def on_start(host: str) -> None:
+        i = unstarted[host].pop(0)
+        running.setdefault(host, []).append(i)
+        write(encode_event("start", i))
+
+    def on_output(host: str, stream: int, data: bytes) -> None:
+        write(encode_event("out", running[host][0], s=stream, data=data))
+
+    kw: dict[str, Any] = dict(req.keywords)
+    kw.setdefault("concurrency", 32)
+    kw.setdefault("timeout", None)
+    kw.setdefault("connect_timeout", 30.0)
+    kw.setdefault("deadline", None)
+    run = FanoutRun(
+        req.hosts,
+        req.command,
+        input=req.input,
+        on_start=on_start,
+        on_output=on_output if req.output else None,
+        **kw,
+    )
+    hooked = []
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+        hooked.append(sig)
+    if stdin_fd is not None:
+        os.set_blocking(stdin_fd, False)
+        loop.add_reader(stdin_fd, on_stdin)
+    gen = run.results()
+    try:
+        async for r in gen:
+            held = running.get(r.host, [])
+            if r.index in held:
+                held.remove(r.index)
+            write(encode_result(r.index, r))
+        write(encode_event("done"))
+    finally:
+        await gen.aclose()
+        if stdin_fd is not None:
+            loop.remove_reader(stdin_fd)
+        for sig in hooked:
+            loop.remove_signal_handler(sig)
+
+
+def main(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
+    """Read the request from ``stdin`` (default: the process's), run it; the exit status."""
+    inp = stdin if stdin is not None else sys.stdin.buffer
+    out = stdout if stdout is not None else sys.stdout.buffer
+    line = inp.readline()
+    if not line:
+        return 0  # the control side left before sending a request
+    try:
+        req = decode_request(line)
+    except ValueError as e:
+        out.write(encode_event("fail", message=f"bad request: {e}"))
+        out.flush()
+        return 2
+    try:
+        asyncio.run(serve(req, out))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return 1
+    except ValueError as e:  # a keyword FanoutRun refuses
+        out.write(encode_event("fail", message=str(e)))
+        out.flush()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

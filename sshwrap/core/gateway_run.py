@@ -1,0 +1,323 @@
+"""Fan-out through gateways, the control side: one ssh per gateway, results merged.
+
+:class:`TreeRun` splits the hosts: those a gateway's pattern names go to that gateway (the
+first gateway that names a host takes it), the rest run flat (:class:`FanoutRun`).  For each
+gateway, :func:`gateway_results` starts ONE ssh to it, with the run's own ssh settings, that
+runs ``python3`` there (:func:`sshwrap.io.bundle.bootstrap_command`), sends it the package's
+archive and the request (:mod:`sshwrap.core.gateway_wire`), and turns the agent's JSON lines
+back into :class:`HostResult`\\ s with the input's indices, as they arrive.
+
+A gateway that cannot be reached, has no suitable ``python3``, or dies mid-run fails only its
+own hosts that had not been reported yet: ``ssh_error`` with an ``SSHConnectionError`` that
+names the gateway.  Leaving the run (its end, ``aclose()``, a cancelled task, Ctrl-C) closes
+each gateway ssh's stdin, which the agent takes as the order to end every ssh it started; the
+gateway's ssh gets :data:`STOP_WAIT` to exit, then TERM, then KILL after ``KILL_GRACE``, and
+is reaped.  With a ``deadline``, a gateway still running :data:`DEADLINE_GRACE` after it is
+ended the same way and its unreported hosts are ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from ..errors import SSHConnectionError
+from ..io.bundle import EXIT_OLD_PYTHON, bootstrap_command, package_zip
+from .argv import build_ssh_argv, check_destination, find_ssh, ssh_settings_args
+from .fanout_host import KILL_GRACE, OutputCallback
+from .fanout_run import ControlPathHost, FanoutRun
+from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
+from .host_result import HostResult, Status, unfinished_result
+
+__all__ = ["DEADLINE_GRACE", "STOP_WAIT", "TreeRun", "gateway_results"]
+
+STOP_WAIT = 1.0
+"""Seconds a gateway's ssh gets to exit once its stdin is closed (the agent's own cleanup)."""
+DEADLINE_GRACE = 1.0
+"""Seconds past the run's deadline before a gateway that has not finished is ended."""
+_LINE_LIMIT = 1 << 30  # one result line holds a host's whole output (base64)
+_STDERR_KEEP = 16384
+
+
+def _reason(gateway: str, returncode: int | None, stderr: bytes, lost: bool) -> str:
+    lines = [x for x in stderr.decode(errors="replace").splitlines() if x.strip()]
+    last = lines[-1].strip() if lines else ""
+    if returncode == 127:
+        return f"gateway {gateway}: no python3 there ({last or 'not found'})"
+    if returncode == EXIT_OLD_PYTHON:
+        return f"gateway {gateway}: {last or 'python3 too old'}"
+    if returncode == 255 and not lost:
+        return f"gateway {gateway} unreachable: {last or 'ssh failed'}"
+    how = (
+        f"exit {returncode}"
+        if returncode is not None and returncode >= 0
+        else (f"signal {-returncode}" if returncode is not None else "still running")
+    )
+    return f"gateway {gateway}: connection lost ({how}){': ' + last if last else ''}"
+
+
+async def _end(proc: asyncio.subprocess.Process) -> None:
+    """Close the gateway ssh's stdin, give it STOP_WAIT, then TERM, KILL; always reaped."""
+    try:
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), STOP_WAIT)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), KILL_GRACE)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+
+
+async def gateway_results(
+    gateway: str,
+    hosts: Sequence[tuple[int, str]],
+    command: str | Sequence[str],
+    keywords: Mapping[str, Any],
+    *,
+    ssh_argv_head: Sequence[str],
+    input: bytes | None = None,
+    deadline: float | None = None,
+    on_output: OutputCallback | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> AsyncGenerator[HostResult, None]:
+    """Run ``command`` on ``hosts`` ((input index, name) pairs) through ``gateway``; yield
+    each host's result as the agent reports it (with the input index), then one error result
+    for each host it did not report.  ``ssh_argv_head``: ssh and its settings, before the
+    destination.  ``deadline``: seconds for the whole run (the agent has it too)."""
+    names = [h for _, h in hosts]
+    t0, wall0 = time.monotonic(), time.time()
+    t_end = None if deadline is None else t0 + deadline + DEADLINE_GRACE
+    archive = package_zip()
+    argv = [*ssh_argv_head, check_destination(gateway), bootstrap_command(len(archive))]
+    request = encode_request(names, command, keywords, input=input, output=on_output is not None)
+    reported: set[int] = set()
+    status: Status = "ssh_error"
+    reason = ""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=_LINE_LIMIT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    err = bytearray()
+
+    async def drain_stderr(stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(4096):
+            err.extend(chunk)
+            del err[:-_STDERR_KEEP]
+
+    err_task = asyncio.ensure_future(drain_stderr(proc.stderr))
+    done = False
+    try:
+        proc.stdin.write(archive + request)
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        while True:
+            left = None if t_end is None else t_end - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                line = await asyncio.wait_for(proc.stdout.readline(), left)
+            except TimeoutError:
+                status, reason = "timeout", f"gateway {gateway}: the deadline ran out"
+                break
+            if not line:
+                break
+            try:
+                ev = decode_event(line, names)
+            except WireError as e:
+                reason = f"gateway {gateway}: bad answer from the agent ({e})"
+                break
+            if ev.kind == "done":
+                done = True
+                break
+            if ev.kind == "fail":
+                reason = f"gateway {gateway}: the agent refused the run: {ev.message}"
+                break
+            if ev.kind == "start":
+                if on_start is not None:
+                    on_start(names[ev.index])
+            elif ev.kind == "out":
+                if on_output is not None:
+                    on_output(names[ev.index], ev.stream, ev.data)
+            elif ev.result is not None and ev.index not in reported:
+                reported.add(ev.index)
+                yield dataclasses.replace(ev.result, index=hosts[ev.index][0])
+    finally:
+        await _end(proc)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(err_task, KILL_GRACE)
+    if done and len(reported) == len(hosts):
+        return
+    if not reason:
+        reason = _reason(gateway, proc.returncode, bytes(err), bool(reported))
+    duration = time.monotonic() - t0
+    for local, (i, h) in enumerate(hosts):
+        if local in reported:
+            continue
+        if status == "timeout":
+            yield unfinished_result(h, i, "timeout")
+        else:
+            error = SSHConnectionError(h, reason, bytes(err).decode(errors="replace"))
+            yield HostResult(h, None, b"", b"", error, wall0, duration, "ssh_error", index=i)
+
+
+class TreeRun:
+    """One command on many hosts, some of them through gateways (``via``: gateway name ->
+    the set of host names it serves); the rest run flat.  :meth:`results` and
+    :meth:`complete` as :class:`FanoutRun`'s.  The keywords are ``run_many``'s."""
+
+    def __init__(
+        self,
+        hosts: Sequence[str | ControlPathHost],
+        command: str | Sequence[str],
+        via: Mapping[str, Collection[str]],
+        *,
+        concurrency: int,
+        timeout: float | None,
+        connect_timeout: float | None,
+        deadline: float | None,
+        **options: Any,
+    ) -> None:
+        self.names = [h if isinstance(h, str) else h.destination for h in hosts]
+        flat: list[int] = []
+        self.routes: dict[str, list[tuple[int, str]]] = {}
+        for i, h in enumerate(hosts):
+            gw = None
+            if isinstance(h, str):
+                gw = next((g for g, members in via.items() if h in members), None)
+            if gw is None or not isinstance(h, str):
+                flat.append(i)
+            else:
+                self.routes.setdefault(gw, []).append((i, h))
+        self._flat_index = flat
+        bounds: dict[str, Any] = {
+            "concurrency": concurrency,
+            "timeout": timeout,
+            "connect_timeout": connect_timeout,
+            "deadline": deadline,
+        }
+        self.flat = (
+            FanoutRun([hosts[i] for i in flat], command, **bounds, **options) if flat else None
+        )
+        self.command = command
+        self.deadline = deadline
+        self.input: bytes | None = options.get("input")
+        self.on_output: OutputCallback | None = options.get("on_output")
+        self.on_start: Callable[[str], None] | None = options.get("on_start")
+        self.keywords = {k: v for k, v in {**options, **bounds}.items() if k in REQUEST_KEYWORDS}
+        settings = ssh_settings_args(
+            config=options.get("config"),
+            user=options.get("user"),
+            port=options.get("port"),
+            identity=options.get("identity"),
+            jump=options.get("jump"),
+            options=options.get("options"),
+        )
+        fixed = ["-T", "-o", "LogLevel=ERROR"]
+        if options.get("batch_mode", True):
+            fixed += ["-o", "BatchMode=yes"]
+        if connect_timeout is not None:
+            fixed += ["-o", f"ConnectTimeout={max(1, round(connect_timeout))}"]
+        self.ssh_head = [options.get("ssh") or find_ssh(), *fixed, *settings]
+        # ssh refuses a command line that is too long: checked here, before anything runs.
+        build_ssh_argv(self.ssh_head[0], "gw", "x", settings=self.ssh_head[1:])
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every host's name, in input order."""
+        return list(self.names)
+
+    def complete(self, results: Mapping[int, HostResult]) -> list[HostResult]:
+        """One result per host in input order: ``results`` (by index), else what a flat host
+        in flight had when the run was left, else ``cancelled``."""
+        stopped = {}
+        if self.flat is not None:
+            for r in self.flat.stopped_results():
+                i = self._flat_index[r.index]
+                stopped[i] = dataclasses.replace(r, index=i)
+        out = []
+        for i, h in enumerate(self.names):
+            out.append(results.get(i) or stopped.get(i) or unfinished_result(h, i, "cancelled"))
+        return out
+
+    def _sources(self) -> list[AsyncIterator[HostResult]]:
+        sources: list[AsyncIterator[HostResult]] = []
+        if self.flat is not None:
+            sources.append(_reindexed(self.flat.results(), self._flat_index))
+        for gw, hosts in self.routes.items():
+            sources.append(
+                gateway_results(
+                    gw,
+                    hosts,
+                    self.command,
+                    self.keywords,
+                    ssh_argv_head=self.ssh_head,
+                    input=self.input,
+                    deadline=self.deadline,
+                    on_output=self.on_output,
+                    on_start=self.on_start,
+                )
+            )
+        return sources
+
+    async def results(self) -> AsyncGenerator[HostResult, None]:
+        """Yield each host's result as it finishes (flat hosts and every gateway's together);
+        on exit (even cancelled) every gateway's ssh and every flat ssh is ended."""
+        queue: asyncio.Queue[HostResult | BaseException | None] = asyncio.Queue()
+
+        async def pump(source: AsyncIterator[HostResult]) -> None:
+            try:
+                async for r in source:
+                    queue.put_nowait(r)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # handed to the consumer
+                queue.put_nowait(e)
+            finally:
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                queue.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(pump(s)) for s in self._sources()]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _reindexed(
+    source: AsyncGenerator[HostResult, None], index: Sequence[int]
+) -> AsyncGenerator[HostResult, None]:
+    try:
+        async for r in source:
+            yield dataclasses.replace(r, index=index[r.index])
+    finally:
+        await source.aclose()
