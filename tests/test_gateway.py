@@ -1,0 +1,197 @@
+"""Fan-out through gateways (``via=``, issue 13 step 1), against real sshds on this machine.
+
+One alias of a ``LocalSSHD`` is the gateway, others are its leaves: the gateway's own ssh
+reaches them with the same client config (``config=``), whose path exists there too (all on
+one machine).  As root, sessions log in as root, so the gateway can read that config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from waiting import wait_until
+
+import sshwrap
+from sshwrap.errors import SSHConnectionError
+from sshwrap.fanout import HostResult
+from sshwrap.io.bundle import AGENT_MARK
+from sshwrap.testing import LocalSSHD, comm, wait_exited
+
+Factory = Callable[..., LocalSSHD]
+
+
+def _sshd(factory: Factory, hosts: int, **kw: object) -> LocalSSHD:
+    return factory(hosts=hosts, user="root" if os.geteuid() == 0 else None, **kw)
+
+
+def _key(r: HostResult) -> tuple[object, ...]:
+    return (r.host, r.status, r.returncode, r.signalled, r.stdout, r.stderr, r.index)
+
+
+def _waiting_command(d: Path) -> str:
+    """A leaf command that marks its start, then waits for the test's go file."""
+    return f"touch {d}/started.$$; while [ ! -e {d}/go ]; do sleep 0.05; done; echo done"
+
+
+def _started(d: Path) -> int:
+    return len(list(d.glob("started.*")))
+
+
+def _ssh_children(pid: int) -> list[int]:
+    """The running ssh processes that ``pid`` started itself (from any of its threads)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids if comm(k) == "ssh"]
+
+
+def _agents(sshd: LocalSSHD) -> list[int]:
+    out = []
+    for p in sshd.session_pids():
+        try:
+            if AGENT_MARK.encode() in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def test_results_equal_a_flat_run(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 5)
+    leaves = sshd.hosts[1:]
+    cmd = "echo out; echo err >&2; printf '\\377\\000'; exit 3"
+    flat = sshwrap.run_many(leaves, cmd, config=sshd.config)
+    tree = sshwrap.run_many(leaves, cmd, config=sshd.config, via={sshd.hosts[0]: "host[2-4]"})
+    assert [_key(r) for r in tree] == [_key(r) for r in flat]
+    assert all(r.status == "failed" and r.returncode == 3 for r in tree)
+    assert all(r.started is not None and r.duration > 0 for r in tree)
+    assert all(r.connect_time is not None for r in tree)
+
+
+def test_one_ssh_per_gateway(local_sshd_factory: Factory, tmp_path: Path) -> None:
+    sshd = _sshd(local_sshd_factory, 6)
+    via = {"host1": "host[3-4]", "host2": "host[5-6]"}
+    results: list[HostResult] = []
+
+    def run() -> None:
+        results.extend(
+            sshwrap.run_many(
+                sshd.hosts[2:], _waiting_command(tmp_path), config=sshd.config, via=via
+            )
+        )
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        wait_until(lambda: _started(tmp_path) == 4, 60, "every leaf started")
+        assert len(_ssh_children(os.getpid())) == 2
+    finally:
+        (tmp_path / "go").touch()
+        t.join(60)
+    assert [(r.host, r.status, r.stdout) for r in results] == [
+        (h, "ok", b"done\n") for h in sshd.hosts[2:]
+    ]
+
+
+def test_gateway_without_python3(local_sshd_factory: Factory) -> None:
+    # The test user's /bin/sh, with a PATH on the gateway's address that holds no python3.
+    sshd = local_sshd_factory(
+        hosts=3, extra_sshd_config=["Match LocalAddress 127.0.0.1", "SetEnv PATH=/nonexistent"]
+    )
+    results = sshwrap.run_many(
+        sshd.hosts[1:], "echo hi", config=sshd.config, via={"host1": "host2"}
+    )
+    bad, good = results
+    assert (good.host, good.status, good.stdout) == ("host3", "ok", b"hi\n")
+    assert bad.status == "ssh_error" and bad.returncode is None
+    assert isinstance(bad.error, SSHConnectionError)
+    assert bad.error.host == "host2"
+    assert "gateway host1" in bad.error.message and "python3" in bad.error.message
+
+
+def test_unreachable_gateway_fails_only_its_hosts(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    results = sshwrap.run_many(
+        sshd.hosts[1:], "echo hi", config=sshd.config, via={"no-such-gw.invalid": "host2"}
+    )
+    assert results[1].status == "ok"
+    assert results[0].status == "ssh_error" and isinstance(results[0].error, SSHConnectionError)
+    assert "gateway no-such-gw.invalid" in results[0].error.message
+
+
+def test_gateway_killed_mid_run(local_sshd_factory: Factory, tmp_path: Path) -> None:
+    sshd = _sshd(local_sshd_factory, 5)
+    # host3 answers at once; host4 (also behind host1) and host5 (behind host2) wait.
+    wait = _waiting_command(tmp_path)
+    cmd = f'case "$SSH_CONNECTION" in *" 127.0.0.3 "*) echo fast;; *) {wait};; esac'
+    via = {"host1": "host[3-4]", "host2": "host5"}
+    got: list[HostResult] = []
+
+    def kill_host1() -> None:
+        wait_until(lambda: _started(tmp_path) == 2, 60, "host4 and host5 started")
+        gw1 = [
+            p for p in _agents(sshd) if b" 127.0.0.1 " in Path(f"/proc/{p}/environ").read_bytes()
+        ]
+        assert len(gw1) == 1
+        os.kill(gw1[0], signal.SIGKILL)
+        (tmp_path / "go").touch()
+
+    async def main() -> None:
+        killer = None
+        async for r in sshwrap.aio.run_many(sshd.hosts[2:], cmd, config=sshd.config, via=via):
+            got.append(r)
+            if r.host == "host3":
+                killer = asyncio.ensure_future(asyncio.to_thread(kill_host1))
+        assert killer is not None
+        await killer
+
+    try:
+        asyncio.run(main())
+    finally:
+        (tmp_path / "go").touch()
+    by_host = {r.host: r for r in got}
+    assert got[0].host == "host3" and got[0].stdout == b"fast\n"
+    assert by_host["host5"].status == "ok" and by_host["host5"].stdout == b"done\n"
+    lost = by_host["host4"]
+    assert lost.status == "ssh_error" and isinstance(lost.error, SSHConnectionError)
+    assert "gateway host1" in lost.error.message
+
+
+def test_ctrl_c_leaves_no_ssh_or_python(local_sshd_factory: Factory, tmp_path: Path) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    code = (
+        "import json, sys, sshwrap\\n"
+        "try:\\n"
+        "    sshwrap.run_many(sys.argv[3:], sys.argv[2], config=sys.argv[1],"
+        " via={'host1': 'host[2-3]'})\\n"
+        "except sshwrap.FanoutInterrupted as e:\\n"
+        "    print(json.dumps([r.status for r in e.results]))\\n"
+    )
+    cmd = f"touch {tmp_path}/started.$$; exec sleep 600"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code.replace("\\n", "\n"), sshd.config, cmd, *sshd.hosts[1:]],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: _started(tmp_path) == 2, 60, "both leaves started")
+        control = _ssh_children(child.pid)
+        agents = _agents(sshd)
+        leaf_ssh = [p for a in agents for p in _ssh_children(a)]
+        assert len(control) == 1 and len(agents) == 1 and len(leaf_ssh) == 2
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert out.strip() == b'["cancelled", "cancelled"]'
+    assert wait_exited([*control, *agents, *leaf_ssh], 10) == []
