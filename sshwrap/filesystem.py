@@ -507,6 +507,7 @@ class SSHWrapFile(AbstractBufferedFile):  # type: ignore[misc]
         except BaseException as exc:
             self._upload.discard(exc)
             self._session.close()
+            self.closed = True  # the error is raised once; closing after it does nothing
             raise
         return True
 

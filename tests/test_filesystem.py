@@ -357,3 +357,18 @@ def test_the_master_goes_with_the_last_instance(local_sshd: LocalSSHD) -> None:
     del again
     gc.collect()
     assert wait_exited([pid], 30) == []
+
+
+def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str) -> None:
+    """open(..., "wb") with the master SIGKILLed between two uploaded blocks: the next block's
+    upload raises SSHConnectionError (once: closing the file then does nothing) and the target
+    keeps its old content (the temporary name was never renamed over it)."""
+    target = f"{rdir}/t.bin"
+    sfs.pipe_file(target, b"old")
+    with pytest.raises(SSHConnectionError), sfs.open(target, "wb", block_size=1 << 20) as f:
+        f.write(os.urandom(2 << 20))
+        f.flush()  # a block is out, on the file's own session
+        os.kill(sfs.connection.master_pid, signal.SIGKILL)
+        f.write(os.urandom(2 << 20))
+    assert f.closed
+    assert sfs.cat_file(target) == b"old"  # (on a new master)
