@@ -16,6 +16,11 @@ from faults import known_hosts_with_other_key
 
 import sshwrap
 from sshwrap.errors import UNKNOWN_SIGNAL, classify_ssh_failure, interpret_exit, ssh_messages
+from sshwrap.protocol.sshlog import (
+    SHORT_LOG_SETTINGS,
+    mux_session_without_status,
+    short_log_supported,
+)
 from sshwrap.testing import LocalSSHD
 
 
@@ -274,3 +279,33 @@ def test_interpret_exit_needs_the_log() -> None:
     failed = interpret_exit("h", 255, "ssh: connect to host h port 1: Connection refused\r\n")
     assert isinstance(failed.error, sshwrap.SSHConnectionError)
     assert ssh_messages("debug1: Sending command: a\nb\r\nWarning: x\r\n") == "Warning: x\r\n"
+
+
+def test_short_log_tagged_lines_read_as_in_debug1() -> None:
+    """The fan-out's short log (LogVerbose) tags the lines it selects: every marker reads them."""
+    tag = "clientloop.c:client_loop():1520 (pid=42): "
+    killed = interpret_exit("h", 255, f"{tag}Killed by signal 15.\r\n")
+    assert (killed.returncode, killed.local_signal, killed.error) == (-15, 15, None)
+    assert interpret_exit("h", 255, f"debug1: {tag}Exit status 255\r\n").returncode == 255
+    mux = "debug1: mux.c:mux_client_request_session():2053 (pid=42): master session id: 2\r\n"
+    assert mux_session_without_status(mux + "debug2: Control master terminated unexpectedly\r\n")
+    log = (
+        'Authenticated to h ([127.0.0.1]:22) using "publickey".\r\n'
+        f"debug1: {tag}Sending command: x\r\n{tag}Transferred: sent 1, received 2 bytes\r\n"
+        "mux.c:mux_client_request_session():2066 (pid=42): session request failed: x\r\n"
+    )
+    # shown as ssh shows an error_f() line by default: after its function's name
+    assert ssh_messages(log) == "mux_client_request_session: session request failed: x\r\n"
+    # a session was up, so stderr is the remote command's, not ssh's
+    up = f"debug1: {tag}Sending command: x\r\n"
+    e = classify_ssh_failure("h", up, 255, stderr="ssh: connect to host h: Connection refused")
+    assert not isinstance(e, sshwrap.SSHConnectionError)
+
+
+def test_short_log_needs_openssh_8_5() -> None:
+    assert "LogLevel=VERBOSE" in SHORT_LOG_SETTINGS
+    assert short_log_supported("OpenSSH_9.2p1 Debian-2+deb12u10, OpenSSL 3.0.19 27 Jan 2026")
+    assert short_log_supported("OpenSSH_8.5p1, OpenSSL 1.1.1k")
+    assert short_log_supported("OpenSSH_10.0p2")
+    assert not short_log_supported("OpenSSH_8.4p1 Debian-5+deb11u3, OpenSSL 1.1.1w")
+    assert not short_log_supported("")

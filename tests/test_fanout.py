@@ -385,6 +385,44 @@ def test_reuses_a_control_master(many: Hosts) -> None:
         shutil.rmtree(d, ignore_errors=True)  # the master may not have unlinked its socket yet
 
 
+def test_exit_255_and_signal_through_a_control_master(many: Hosts) -> None:
+    """Through a master, the mux client learns the status at DEBUG2 only: the short log
+    (``LogVerbose`` on the mux client's session) still tells 255 and a signal from a failure."""
+    d = tempfile.mkdtemp(prefix="sshwrap-t-")
+    path = os.path.join(d, "m")
+    base = ["ssh", "-F", many.config, "-o", f"ControlPath={path}"]
+    subprocess.run(
+        [*base, "-M", "-N", "-f", many.hosts[1]],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
+    try:
+        conn = _Conn(many.hosts[1], path)
+        (r255,) = run_many([conn], "exit 255", config=many.config)
+        assert "master session id" in r255.ssh_log  # went through the master
+        assert (r255.status, r255.returncode, r255.error) == ("failed", 255, None)
+        (sig,) = run_many([conn], "kill -9 $$", config=many.config)
+        assert sig.status == "failed" and sig.signalled and sig.error is None
+        assert sig.returncode is not None and sig.returncode < 0
+    finally:
+        subprocess.run([*base, "-O", "exit", many.hosts[1]], capture_output=True, timeout=30)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_ssh_log_is_the_short_log(many: Hosts) -> None:
+    """OpenSSH 8.5+: ``LogLevel=VERBOSE`` with ``LogVerbose`` for the lines read (tagged)."""
+    (r,) = run_many(many.hosts[:1], "echo hi", config=many.config)
+    assert r.ok and r.stdout == b"hi\n" and r.connect_time is not None
+    lines = r.ssh_log.splitlines()
+    assert any("(pid=" in ln and "Sending command: " in ln for ln in lines)
+    assert any("rtype exit-status" in ln for ln in lines)
+    assert "Reading configuration data" not in r.ssh_log  # no plain DEBUG1 line
+    assert len(lines) < 15, r.ssh_log
+
+
 def test_reuses_masters_from_the_users_ssh_config(many: Hosts) -> None:
     """ControlMaster=auto + ControlPersist: the forked master keeps ssh's log open; the run
     must not wait on it, and the next run goes through the masters."""
@@ -626,7 +664,8 @@ def test_ssh_starts_by_posix_spawn_with_the_env_and_inherits_no_fd(
     out = tmp_path / "seen"
     wrapper = tmp_path / "ssh-wrapper"
     wrapper.write_text(
-        '#!/bin/sh\nls /proc/$$/fd > "$SSHWRAP_T_OUT.$$.fds"\n'
+        f'#!/bin/sh\ncase "$1" in -V) exec {real_ssh} -V;; esac\n'  # (the version, asked once)
+        'ls /proc/$$/fd > "$SSHWRAP_T_OUT.$$.fds"\n'
         'echo "$SSHWRAP_T_VAR" > "$SSHWRAP_T_OUT.$$.env"\n'
         f'exec {real_ssh} "$@"\n'
     )
@@ -638,7 +677,8 @@ def test_ssh_starts_by_posix_spawn_with_the_env_and_inherits_no_fd(
 
     class CountingPopen(real_popen):  # type: ignore[misc,valid-type]
         def __init__(self, args: list[str], *a: object, **kw: object) -> None:
-            popens.append(list(args))
+            if args[1:] != ["-V"]:
+                popens.append(list(args))
             super().__init__(args, *a, **kw)
 
     monkeypatch.setattr(subprocess, "Popen", CountingPopen)

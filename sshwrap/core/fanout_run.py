@@ -27,7 +27,8 @@ from typing import Protocol, Unpack, runtime_checkable
 from ..errors import CommandTooLongError
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
-from ..io.host_process import ChildStarter, HostProcess
+from ..io.host_process import ChildStarter, HostProcess, ssh_version
+from ..protocol.sshlog import SHORT_LOG_SETTINGS, short_log_supported
 from .argv import (
     build_ssh_argv,
     check_destination,
@@ -135,7 +136,13 @@ class FanoutRun:
             options=options.get("options"),
         )
         batch_mode = options.get("batch_mode", True)
-        fixed = ["-o", "LogLevel=DEBUG1"]
+        # ssh's log is read for the session up and the exit's meaning: the short log (a
+        # quarter of DEBUG1's lines, each one a write for ssh and bytes to read here) where
+        # this ssh takes it.
+        if short_log_supported(ssh_version(self.job.ssh)):
+            fixed = list(SHORT_LOG_SETTINGS)
+        else:
+            fixed = ["-o", "LogLevel=DEBUG1"]
         if batch_mode:
             fixed += ["-o", "BatchMode=yes"]
         if connect_timeout is not None:

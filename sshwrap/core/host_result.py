@@ -1,7 +1,7 @@
 """What a fan-out reports per host: ``HostResult``, and how ssh's exit turns into one.
 
 ssh exits 255 for its own failure, for a remote command that exited 255 and for one killed
-by a signal; its ``LogLevel=DEBUG1`` log tells them apart (:func:`interpret_ssh_exit`).
+by a signal; its ``-E`` log tells them apart (:func:`interpret_ssh_exit`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ class HostResult(HostOutcome):
     - ``started``: wall clock (``time.time()``) when its ssh started (``None`` if it never
       did); ``duration``: seconds until it ended; ``connect_time``: seconds until the
       session was up (``None`` if it never was).
+    - ``ssh_log``: ssh's ``-E`` log for the host.  With OpenSSH 8.5 or later it is the short
+      log the fan-out asks for (:data:`sshwrap.protocol.sshlog.SHORT_LOG_SETTINGS`:
+      ``LogLevel=VERBOSE``, debug lines only from ssh's session and mux code, those tagged
+      ``file:function():line (pid=N):``), about 14 lines for a command; with an older ssh,
+      its ``LogLevel=DEBUG1`` log.  Empty for a host given as a connection.
     """
 
     host: str
@@ -122,7 +127,7 @@ _SIGNALS = {int(s) for s in signal.Signals}
 def interpret_ssh_exit(
     host: str, returncode: int, log: str, stderr: Sequence[bytes] = ()
 ) -> tuple[int | None, SSHError | None, bool]:
-    """(remote returncode, ssh error, signalled) from ssh's exit status and DEBUG1 log.
+    """(remote returncode, ssh error, signalled) from ssh's exit status and its log.
 
     ``stderr`` is what came on ssh's stderr pipe: when no session was up, those are ssh's own
     words (a refused option, a bad port: printed before its log opened), and the error says

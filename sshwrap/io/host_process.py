@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -39,29 +40,38 @@ __all__ = [
     "HostProcess",
     "SpawnedChild",
     "run_bounded",
+    "ssh_version",
 ]
 
 _READ = 65536
 
 
-def _pipe_nonblocking_reader() -> tuple[int, int]:
+def _output_pipe() -> tuple[int, int]:
+    """A pipe for ssh's stdout or stderr, its read end non-blocking.  With pipe2, both ends
+    (one system call): ssh makes them non-blocking itself when they are not terminals."""
+    if _PIPE2:
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     r, w = os.pipe()
     os.set_blocking(r, False)
     return r, w
 
 
-def _pipe2_nonblocking() -> tuple[int, int]:
-    return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+_PIPE2 = hasattr(os, "pipe2")
+SESSION_UP = (b"Sending command", b"Entering interactive session", b"master session id")
+"""Words of ssh's log that mean the remote session is up (DEBUG1, or the short log of
+:data:`sshwrap.protocol.sshlog.SHORT_LOG_SETTINGS`, there after a ``LogVerbose`` tag)."""
 
 
-# A pipe for ssh's stdout or stderr, its read end non-blocking.  With pipe2, both ends (one
-# system call): ssh makes its stdout and stderr non-blocking itself when they are not
-# terminals, so it sees no difference.
-_output_pipe = _pipe2_nonblocking if hasattr(os, "pipe2") else _pipe_nonblocking_reader
+@functools.cache
+def ssh_version(ssh: str) -> str:
+    """What ``ssh -V`` says (asked once per process and ssh); "" if it cannot tell in 5 s."""
+    try:
+        argv, null = [ssh, "-V"], subprocess.DEVNULL
+        done = subprocess.run(argv, stdin=null, capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (done.stderr + done.stdout).decode(errors="replace").strip()
 
-
-SESSION_UP = (b"debug1: Sending command", b"master session id", b"Entering interactive session")
-"""Lines of ssh's ``LogLevel=DEBUG1`` log that mean the remote session is up."""
 
 _devnull: int | None = None
 
@@ -357,46 +367,37 @@ class HostProcess:
             os.close(self.stdin_fd)
             self.stdin_fd = None
 
-    def _readable(self, fd: int) -> bool:
-        """Read ``fd`` once; False if there was nothing to read yet."""
+    def _read(self, fd: int) -> bytes | None:
+        """Read ``fd`` once: its bytes, or None (nothing yet; or EOF: then it is closed)."""
         try:
             data = os.read(fd, _READ)
         except BlockingIOError:
-            return False
+            return None
         except OSError:
             data = b""
-        if not data:
-            self._close_fd(fd)
-        elif self.fds[fd] == 3:
+        if data:
+            return data
+        self._close_fd(fd)
+        return None
+
+    def _readable(self, fd: int) -> bool:
+        """Read ``fd`` once; False if there was nothing to read yet (or it reached EOF)."""
+        data = self._read(fd)
+        if data is None:
+            return False
+        if self.fds[fd] == 3:
             self._got_log(data)
         else:
             self._got_output(fd, data)
         return True
 
     def _on_log(self, fd: int) -> None:
-        # (The watcher's callback for the log: _readable, without the branches.)
-        try:
-            data = os.read(fd, _READ)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        if (data := self._read(fd)) is not None:
             self._got_log(data)
-        else:
-            self._close_fd(fd)
 
     def _on_output(self, fd: int) -> None:
-        try:
-            data = os.read(fd, _READ)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+        if (data := self._read(fd)) is not None:
             self._got_output(fd, data)
-        else:
-            self._close_fd(fd)
 
     def _got_log(self, data: bytes) -> None:
         if self.log_writer is not None:

@@ -13,6 +13,10 @@ sshwrap runs ssh with ``-E <private file> -o LogLevel=DEBUG2`` and reads that lo
   user's ControlMaster logs the master's answer only there: ``Received exit status from master
   N``, or ``Control master terminated unexpectedly`` when the session ended without a status,
   i.e. by a signal.)
+- :data:`SHORT_LOG_SETTINGS` and :func:`short_log_supported`: the fan-out's shorter log
+  (``LogLevel=VERBOSE`` with ``LogVerbose`` for the two source files whose debug lines it
+  reads).  Those lines come tagged, ``debug1: clientloop.c:client_loop():1290 (pid=N):
+  Entering interactive session.``, and every marker here reads both forms.
 - :class:`SSHStderr`: ssh's own stderr, kept bounded.  ssh prints some failures (an unknown
   option, a bad port, the destination's syntax) on stderr *before* it opens its ``-E`` log, so
   reading the log alone would lose them.
@@ -48,6 +52,34 @@ _VERBOSE_PREFIXES = (
     "Authenticator provider ",
 )
 _DEBUG = re.compile(r"^debug\d: ")
+_TAG_BODY = r"\S+:\S+\(\):\d+ \(pid=\d+\): "
+_TAG = f"(?:{_TAG_BODY})?"
+"""The tag ssh puts in front of a message that ``LogVerbose`` selected (OpenSSH's log.c:
+``file:function():line (pid=N): ``), after the ``debugN: `` of a debug line."""
+_TAG_AT_START = re.compile(r"^\S+:(\S+)\(\):\d+ \(pid=\d+\): ")
+
+SHORT_LOG_SETTINGS = (
+    "-o",
+    "LogLevel=VERBOSE",
+    "-o",
+    "LogVerbose=clientloop.c:client_session2_setup():*,"
+    "clientloop.c:client_input_channel_req():*,mux.c:mux_client_request_session():*",
+)
+"""ssh settings for a short ``-E`` log that still holds every line sshwrap reads: the
+session up (``Sending command``, ``Entering interactive session``, the mux client's ``master
+session id``), the remote command's end (``rtype exit-status`` / ``exit-signal``, ``Exit
+status N``, ``Received exit status from master``) and every failure ssh reports (those are at
+VERBOSE level or above): about 14 lines for a command instead of DEBUG1's 50 or so.  OpenSSH
+8.5 and later (:func:`short_log_supported`)."""
+
+_OPENSSH_VERSION = re.compile(r"OpenSSH_(\d+)\.(\d+)")
+
+
+def short_log_supported(version_text: str) -> bool:
+    """Whether the ssh whose ``ssh -V`` said ``version_text`` takes
+    :data:`SHORT_LOG_SETTINGS` (OpenSSH 8.5 or later: ``LogVerbose``)."""
+    m = _OPENSSH_VERSION.search(version_text)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (8, 5)
 
 
 def ssh_messages(log: str) -> str:
@@ -55,11 +87,20 @@ def ssh_messages(log: str) -> str:
 
     ssh ends every log message with ``\\r\\n``; a message may itself contain plain newlines
     (``Sending command: ...`` with a multi-line command), so messages are split on ``\\r\\n``.
+    A message that ``LogVerbose`` tagged is shown as ssh's ``error_f()`` shows it by default,
+    after its function's name (the tag took the place of that name).
     """
     out = []
     for msg in log.split("\r\n"):
-        if not msg or _DEBUG.match(msg) or msg.startswith(_VERBOSE_PREFIXES):
+        if not msg or _DEBUG.match(msg):
             continue
+        tag = _TAG_AT_START.match(msg) if "(pid=" in msg else None
+        if tag is not None:
+            msg = msg[tag.end() :]
+        if msg.startswith(_VERBOSE_PREFIXES):
+            continue
+        if tag is not None:
+            msg = f"{tag.group(1)}: {msg}"
         out.append(msg + "\r\n")
     return "".join(out)
 
@@ -102,8 +143,9 @@ _CONNECT = re.compile(
 )
 # The log shows a session (so a remote command may have written to ssh's stderr).
 _SESSION = re.compile(
-    r"^Authenticated to |^debug\d: (?:Sending command|Sending subsystem|"
-    r"Entering interactive session)|mux_client_request_session: master session id",
+    r"^Authenticated to |^debug\d: " + _TAG + r"(?:Sending command|Sending subsystem|"
+    r"Entering interactive session)|mux_client_request_session(?:\(\):\d+ \(pid=\d+\))?: "
+    r"master session id",
     re.M,
 )
 
@@ -220,18 +262,21 @@ def read_failure(text: str, *, stderr: str = "") -> Failure:
 
 
 _EXIT_STATUS = re.compile(
-    r"rtype exit-status|^debug1: Exit status \d+\r?$|Received exit status from master", re.M
+    r"rtype exit-status|^debug1: " + _TAG + r"Exit status \d+\r?$|"
+    r"Received exit status from master",
+    re.M,
 )
 _EXIT_SIGNAL = re.compile(r"rtype exit-signal")
 # Through a ControlMaster (the user's ControlMaster/ControlPath config), the mux client only
 # learns an exit status; for a signal the master closes the session without one.
-_MUX_SESSION = re.compile(r"mux_client_request_session: master session id")
+_MUX_SESSION = re.compile(r"mux_client_request_session(?:\(\):\d+ \(pid=\d+\))?: master session id")
 _MUX_NO_STATUS = re.compile(r"Control master terminated unexpectedly")
-_KILLED = re.compile(r"^Killed by signal (\d+)\.", re.M)
+_KILLED = re.compile(r"^" + _TAG + r"Killed by signal (\d+)\.", re.M)
 
 
 _MUX_REFUSED = re.compile(
-    r"mux_client_request_session: session request failed: Session open refused by peer"
+    r"mux_client_request_session(?:\(\):\d+ \(pid=\d+\))?: session request failed: "
+    r"Session open refused by peer"
 )
 
 
