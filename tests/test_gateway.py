@@ -195,3 +195,17 @@ def test_ctrl_c_leaves_no_ssh_or_python(local_sshd_factory: Factory, tmp_path: P
             child.wait()
     assert out.strip() == b'["cancelled", "cancelled"]'
     assert wait_exited([*control, *agents, *leaf_ssh], 10) == []
+
+
+def test_timeout_and_concurrency_reach_the_gateway(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    via = {"host1": "host[2-3]"}
+    results = sshwrap.run_many(
+        sshd.hosts[1:], "sleep 60", config=sshd.config, via=via, timeout=1, concurrency=1
+    )
+    assert [r.status for r in results] == ["timeout", "timeout"]
+    assert all(r.returncode is None and r.duration < 10 for r in results)
+    # concurrency=1 on the gateway: the second host started after the first ended.
+    first, second = sorted(results, key=lambda r: r.started or 0)
+    assert first.started is not None and second.started is not None
+    assert second.started >= first.started + first.duration - 0.05
