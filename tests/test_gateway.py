@@ -14,13 +14,17 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from waiting import wait_until
 
 import sshwrap
-from sshwrap.errors import SSHConnectionError
+from sshwrap.core.gateway_wire import WireError, decode_event, encode_result
+from sshwrap.errors import AuthenticationError, SSHConnectionError
 from sshwrap.fanout import HostResult
 from sshwrap.io.bundle import AGENT_MARK
 from sshwrap.testing import LocalSSHD, comm, wait_exited
@@ -209,3 +213,48 @@ def test_timeout_and_concurrency_reach_the_gateway(local_sshd_factory: Factory) 
     first, second = sorted(results, key=lambda r: r.started or 0)
     assert first.started is not None and second.started is not None
     assert second.started >= first.started + first.duration - 0.05
+
+
+def test_deadline_holds_through_the_gateway(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    t0 = time.monotonic()
+    results = sshwrap.run_many(
+        sshd.hosts[1:], "sleep 60", config=sshd.config, via={"host1": "host[2-3]"}, deadline=3
+    )
+    elapsed = time.monotonic() - t0
+    assert [r.status for r in results] == ["timeout", "timeout"]
+    # The agent gets what was left of the deadline when it was ready; each bound holds within
+    # 1 s of it, cleanup included (the control side's own cut would come 1 s later still).
+    assert elapsed < 3 + 1.5
+
+
+def test_input_env_and_cwd_equal_a_flat_run(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    kw: dict[str, Any] = {"input": b"in\x00put", "env": {"FOO": "b a r"}, "cwd": "/"}
+    cmd = 'cat; echo "$FOO"; pwd'
+    flat = sshwrap.run_many(sshd.hosts[1:], cmd, config=sshd.config, **kw)
+    tree = sshwrap.run_many(sshd.hosts[1:], cmd, config=sshd.config, via={"host1": "host3"}, **kw)
+    assert [_key(r) for r in tree] == [_key(r) for r in flat]
+    assert tree[1].stdout == b"in\x00putb a r\n/\n"
+
+
+def test_wire_rebuilds_the_error_class() -> None:
+    err = AuthenticationError("web1", "Permission denied (publickey)", "log text", 255)
+    r = HostResult("web1", None, b"\xff", b"", err, 1.5, 0.25, "ssh_error", 0.125, False, "log", 7)
+    ev = decode_event(encode_result(0, r), ["web1"])
+    assert ev.kind == "result" and ev.result is not None
+    back = ev.result
+    assert type(back.error) is AuthenticationError
+    assert (back.error.host, back.error.message, back.error.stderr) == (
+        "web1",
+        "Permission denied (publickey)",
+        "log text",
+    )
+    assert (back.stdout, back.status, back.started, back.connect_time) == (
+        b"\xff",
+        "ssh_error",
+        1.5,
+        0.125,
+    )
+    with pytest.raises(WireError):
+        decode_event(b'{"t": "result", "i": 3}\n', ["web1"])

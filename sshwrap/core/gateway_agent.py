@@ -1,10 +1,11 @@
 """The agent that runs on a gateway: ``python3 -m sshwrap.core.gateway_agent``.
 
 Started by the control node over one ssh connection (from the archive of
-:mod:`sshwrap.io.bundle`, so nothing is installed on the gateway), it reads one request line
-from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same fan-out core as a
-flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's own ``ssh`` and
-ssh config) and writes each host's events and result to stdout as JSON lines, as they come.
+:mod:`sshwrap.io.bundle`, so nothing is installed on the gateway), it says ``ready``, reads one
+request line from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same
+fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's
+own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
+as they come.
 
 When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
 run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
@@ -115,6 +116,11 @@ def main(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     """Read the request from ``stdin`` (default: the process's), run it; the exit status."""
     inp = stdin if stdin is not None else sys.stdin.buffer
     out = stdout if stdout is not None else sys.stdout.buffer
+    try:
+        out.write(encode_event("ready"))
+        out.flush()
+    except OSError:
+        return 1
     line = inp.readline()
     if not line:
         return 0  # the control side left before sending a request

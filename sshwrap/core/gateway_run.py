@@ -102,7 +102,6 @@ async def gateway_results(
     t_end = None if deadline is None else t0 + deadline + DEADLINE_GRACE
     archive = package_zip()
     argv = [*ssh_argv_head, check_destination(gateway), bootstrap_command(len(archive))]
-    request = encode_request(names, command, keywords, input=input, output=on_output is not None)
     reported: set[int] = set()
     status: Status = "ssh_error"
     reason = ""
@@ -125,7 +124,7 @@ async def gateway_results(
     err_task = asyncio.ensure_future(drain_stderr(proc.stderr))
     done = False
     try:
-        proc.stdin.write(archive + request)
+        proc.stdin.write(archive)
         with contextlib.suppress(ConnectionError):
             await proc.stdin.drain()
         while True:
@@ -144,13 +143,23 @@ async def gateway_results(
             except WireError as e:
                 reason = f"gateway {gateway}: bad answer from the agent ({e})"
                 break
-            if ev.kind == "done":
+            if ev.kind == "ready":
+                # The agent runs now: it gets what is left of the deadline, not all of it.
+                kw = dict(keywords)
+                if deadline is not None:
+                    kw["deadline"] = max(0.001, deadline - (time.monotonic() - t0))
+                proc.stdin.write(
+                    encode_request(names, command, kw, input=input, output=on_output is not None)
+                )
+                with contextlib.suppress(ConnectionError):
+                    await proc.stdin.drain()
+            elif ev.kind == "done":
                 done = True
                 break
-            if ev.kind == "fail":
+            elif ev.kind == "fail":
                 reason = f"gateway {gateway}: the agent refused the run: {ev.message}"
                 break
-            if ev.kind == "start":
+            elif ev.kind == "start":
                 if on_start is not None:
                     on_start(names[ev.index])
             elif ev.kind == "out":

@@ -1,8 +1,10 @@
 """The gateway protocol's framing: JSON lines both ways, no pickle.
 
-The control node sends the agent one line, the request (:func:`encode_request`): the hosts
-(names, as the gateway's own ssh knows them), the command, and the fan-out's keywords, with
-``input`` as base64.  The agent answers with one line per event (:func:`encode_event`):
+The agent first says ``{"t": "ready"}`` (it runs: the control side then knows how much of the
+deadline is left). The control node sends it one line, the request (:func:`encode_request`):
+the hosts (names, as the gateway's own ssh knows them), the command, and the fan-out's
+keywords, with ``input`` as base64. The agent answers with one line per event
+(:func:`encode_event`):
 
 - ``{"t": "start", "i": N}``: host ``N`` (its index in the request's hosts) started;
 - ``{"t": "out", "i": N, "s": 1|2, "d": BASE64}``: bytes of its stdout (1) or stderr (2), sent
@@ -197,7 +199,8 @@ def encode_event(kind: str, index: int | None = None, **fields: Any) -> bytes:
 
 @dataclass
 class GatewayEvent:
-    """One decoded agent line: ``kind`` (start, out, result, done, fail) and its fields."""
+    """One decoded agent line: ``kind`` (ready, start, out, result, done, fail) and its
+    fields."""
 
     kind: str
     index: int = -1
@@ -232,7 +235,7 @@ def decode_event(line: bytes, hosts: Sequence[str]) -> GatewayEvent:
     host list).  :class:`WireError` for anything else."""
     obj = _load(line)
     kind = obj.get("t")
-    if kind in ("done", "fail"):
+    if kind in ("ready", "done", "fail"):
         return GatewayEvent(str(kind), message=str(obj.get("message", "")))
     i = obj.get("i")
     if not isinstance(i, int) or not 0 <= i < len(hosts):
