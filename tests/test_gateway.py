@@ -79,6 +79,34 @@ def test_results_equal_a_flat_run(local_sshd_factory: Factory) -> None:
     assert all(r.status == "failed" and r.returncode == 3 for r in tree)
     assert all(r.started is not None and r.duration > 0 for r in tree)
     assert all(r.connect_time is not None for r in tree)
+    # A signal death keeps flat mode's -signum reading.
+    flat = sshwrap.run_many(leaves, "kill -TERM $$", config=sshd.config)
+    tree = sshwrap.run_many(leaves, "kill -TERM $$", config=sshd.config, via={"host1": "host2"})
+    assert [_key(r) for r in tree] == [_key(r) for r in flat]
+    assert tree[0].signalled and tree[0].returncode is not None and tree[0].returncode < 0
+
+
+def test_on_output_and_on_start_through_a_gateway(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    seen: dict[tuple[str, int], bytes] = {}
+    starts: list[str] = []
+
+    def on_output(host: str, stream: int, data: bytes) -> None:
+        seen[host, stream] = seen.get((host, stream), b"") + data
+
+    results = sshwrap.run_many(
+        sshd.hosts[1:],
+        "echo out; echo err >&2",
+        config=sshd.config,
+        via={"host1": "host[2-3]"},
+        on_output=on_output,
+        on_start=starts.append,
+    )
+    assert sorted(starts) == ["host2", "host3"]
+    for r in results:
+        assert r.status == "ok"
+        assert seen[r.host, 1] == r.stdout == b"out\n"
+        assert seen[r.host, 2] == r.stderr == b"err\n"
 
 
 def test_one_ssh_per_gateway(local_sshd_factory: Factory, tmp_path: Path) -> None:
