@@ -282,7 +282,9 @@ async def run_many_async(
     the fan-out there, with its own ssh, and these same settings, keywords and bounds
     (``concurrency`` applies per gateway), streaming each result back as it finishes.  A
     gateway that cannot be reached, lacks a suitable ``python3`` or dies mid-run fails only
-    its own unreported hosts (``ssh_error``, an ``SSHConnectionError`` naming the gateway).
+    its own unreported hosts (``ssh_error``, a ``GatewayError``: an ``SSHConnectionError``
+    whose message and ``gateway`` name the gateway); a host that a later gateway names too
+    is tried through that one.
     Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
     (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
 

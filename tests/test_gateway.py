@@ -23,6 +23,7 @@ import pytest
 from waiting import wait_until
 
 import sshwrap
+from sshwrap.core.gateway_run import GatewayError
 from sshwrap.core.gateway_wire import WireError, decode_event, encode_result
 from sshwrap.errors import AuthenticationError, SSHConnectionError
 from sshwrap.fanout import HostResult
@@ -286,3 +287,12 @@ def test_wire_rebuilds_the_error_class() -> None:
     )
     with pytest.raises(WireError):
         decode_event(b'{"t": "result", "i": 3}\n', ["web1"])
+
+
+def test_a_host_under_two_gateways_tries_the_second(local_sshd_factory: Factory) -> None:
+    sshd = _sshd(local_sshd_factory, 3)
+    via = {"no-such-gw.invalid": "host[2-3]", "host1": "host2"}
+    results = sshwrap.run_many(sshd.hosts[1:], "echo hi", config=sshd.config, via=via)
+    assert (results[0].status, results[0].stdout) == ("ok", b"hi\n")
+    bad = results[1]  # only the unreachable gateway names host3
+    assert isinstance(bad.error, GatewayError) and bad.error.gateway == "no-such-gw.invalid"

@@ -8,8 +8,9 @@ archive and the request (:mod:`sshwrap.core.gateway_wire`), and turns the agent'
 back into :class:`HostResult`\\ s with the input's indices, as they arrive.
 
 A gateway that cannot be reached, has no suitable ``python3``, or dies mid-run fails only its
-own hosts that had not been reported yet: ``ssh_error`` with an ``SSHConnectionError`` that
-names the gateway.  Leaving the run (its end, ``aclose()``, a cancelled task, Ctrl-C) closes
+own hosts that had not been reported yet: ``ssh_error`` with a :class:`GatewayError` (an
+``SSHConnectionError``) that names the gateway; a host that a later gateway of ``via`` names
+too is tried through that gateway instead.  Leaving the run (its end, ``aclose()``, a cancelled task, Ctrl-C) closes
 each gateway ssh's stdin, which the agent takes as the order to end every ssh it started; the
 gateway's ssh gets :data:`STOP_WAIT` to exit, then TERM, then KILL after ``KILL_GRACE``, and
 is reaped.  With a ``deadline``, a gateway still running :data:`DEADLINE_GRACE` after it is
@@ -35,7 +36,7 @@ from .fanout_run import ControlPathHost, FanoutRun
 from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
 from .host_result import HostResult, Status, unfinished_result
 
-__all__ = ["DEADLINE_GRACE", "STOP_WAIT", "TreeRun", "gateway_results"]
+__all__ = ["DEADLINE_GRACE", "STOP_WAIT", "GatewayError", "TreeRun", "gateway_results"]
 
 STOP_WAIT = 1.0
 """Seconds a gateway's ssh gets to exit once its stdin is closed (the agent's own cleanup)."""
@@ -43,6 +44,15 @@ DEADLINE_GRACE = 1.0
 """Seconds past the run's deadline before a gateway that has not finished is ended."""
 _LINE_LIMIT = 1 << 30  # one result line holds a host's whole output (base64)
 _STDERR_KEEP = 16384
+
+
+class GatewayError(SSHConnectionError):
+    """A host's gateway failed (unreachable, no suitable ``python3``, died mid-run) before
+    reporting the host: ``gateway`` names it; ``host`` is the host."""
+
+    def __init__(self, host: str, message: str, stderr: str = "", *, gateway: str) -> None:
+        super().__init__(host, message, stderr)
+        self.gateway = gateway
 
 
 def _reason(gateway: str, returncode: int | None, stderr: bytes, lost: bool) -> str:
@@ -183,7 +193,8 @@ async def gateway_results(
         if status == "timeout":
             yield unfinished_result(h, i, "timeout")
         else:
-            error = SSHConnectionError(h, reason, bytes(err).decode(errors="replace"))
+            stderr = bytes(err).decode(errors="replace")
+            error = GatewayError(h, reason, stderr, gateway=gateway)
             yield HostResult(h, None, b"", b"", error, wall0, duration, "ssh_error", index=i)
 
 
@@ -207,10 +218,12 @@ class TreeRun:
         self.names = [h if isinstance(h, str) else h.destination for h in hosts]
         flat: list[int] = []
         self.routes: dict[str, list[tuple[int, str]]] = {}
+        self.gateways: dict[int, list[str]] = {}
         for i, h in enumerate(hosts):
             gw = None
             if isinstance(h, str):
-                gw = next((g for g, members in via.items() if h in members), None)
+                self.gateways[i] = [g for g, members in via.items() if h in members]
+                gw = self.gateways[i][0] if self.gateways[i] else None
             if gw is None or not isinstance(h, str):
                 flat.append(i)
             else:
@@ -266,35 +279,53 @@ class TreeRun:
             out.append(results.get(i) or stopped.get(i) or unfinished_result(h, i, "cancelled"))
         return out
 
-    def _sources(self) -> list[AsyncIterator[HostResult]]:
-        sources: list[AsyncIterator[HostResult]] = []
-        if self.flat is not None:
-            sources.append(_reindexed(self.flat.results(), self._flat_index))
-        for gw, hosts in self.routes.items():
-            sources.append(
-                gateway_results(
-                    gw,
-                    hosts,
-                    self.command,
-                    self.keywords,
-                    ssh_argv_head=self.ssh_head,
-                    input=self.input,
-                    deadline=self.deadline,
-                    on_output=self.on_output,
-                    on_start=self.on_start,
-                )
-            )
-        return sources
+    def _through(
+        self, gateway: str, hosts: Sequence[tuple[int, str]], t0: float
+    ) -> AsyncGenerator[HostResult, None]:
+        left = (
+            None if self.deadline is None else max(0.001, self.deadline - (time.monotonic() - t0))
+        )
+        return gateway_results(
+            gateway,
+            hosts,
+            self.command,
+            self.keywords,
+            ssh_argv_head=self.ssh_head,
+            input=self.input,
+            deadline=left,
+            on_output=self.on_output,
+            on_start=self.on_start,
+        )
+
+    def _next_gateway(self, r: HostResult) -> str | None:
+        """The gateway to try next for a host its gateway failed (``via`` names it twice)."""
+        if not isinstance(r.error, GatewayError):
+            return None
+        gws = self.gateways.get(r.index, [])
+        if r.error.gateway not in gws:
+            return None
+        rest = gws[gws.index(r.error.gateway) + 1 :]
+        return rest[0] if rest else None
 
     async def results(self) -> AsyncGenerator[HostResult, None]:
         """Yield each host's result as it finishes (flat hosts and every gateway's together);
-        on exit (even cancelled) every gateway's ssh and every flat ssh is ended."""
-        queue: asyncio.Queue[HostResult | BaseException | None] = asyncio.Queue()
+        a host whose gateway failed is tried through the next gateway that names it.  On exit
+        (even cancelled) every gateway's ssh and every flat ssh is ended."""
+        t0 = time.monotonic()
+        Retry = tuple[str, list[tuple[int, str]]]
+        queue: asyncio.Queue[HostResult | BaseException | Retry | None] = asyncio.Queue()
 
         async def pump(source: AsyncIterator[HostResult]) -> None:
+            retry: dict[str, list[tuple[int, str]]] = {}
             try:
                 async for r in source:
-                    queue.put_nowait(r)
+                    nxt = self._next_gateway(r)
+                    if nxt is None:
+                        queue.put_nowait(r)
+                    else:
+                        retry.setdefault(nxt, []).append((r.index, r.host))
+                for gw, hosts in retry.items():
+                    queue.put_nowait((gw, hosts))
             except asyncio.CancelledError:
                 raise
             except BaseException as e:  # handed to the consumer
@@ -305,7 +336,11 @@ class TreeRun:
                     await aclose()
                 queue.put_nowait(None)
 
-        tasks = [asyncio.ensure_future(pump(s)) for s in self._sources()]
+        sources: list[AsyncIterator[HostResult]] = []
+        if self.flat is not None:
+            sources.append(_reindexed(self.flat.results(), self._flat_index))
+        sources += [self._through(gw, hosts, t0) for gw, hosts in self.routes.items()]
+        tasks = [asyncio.ensure_future(pump(s)) for s in sources]
         try:
             left = len(tasks)
             while left:
@@ -314,6 +349,9 @@ class TreeRun:
                     left -= 1
                 elif isinstance(item, BaseException):
                     raise item
+                elif isinstance(item, tuple):
+                    tasks.append(asyncio.ensure_future(pump(self._through(*item, t0))))
+                    left += 1
                 else:
                     yield item
         finally:
