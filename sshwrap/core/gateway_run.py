@@ -10,11 +10,11 @@ back into :class:`HostResult`\\ s with the input's indices, as they arrive.
 A gateway that cannot be reached, has no suitable ``python3``, or dies mid-run fails only its
 own hosts that had not been reported yet: ``ssh_error`` with a :class:`GatewayError` (an
 ``SSHConnectionError``) that names the gateway; a host that a later gateway of ``via`` names
-too is tried through that gateway instead.  Leaving the run (its end, ``aclose()``, a cancelled task, Ctrl-C) closes
-each gateway ssh's stdin, which the agent takes as the order to end every ssh it started; the
-gateway's ssh gets :data:`STOP_WAIT` to exit, then TERM, then KILL after ``KILL_GRACE``, and
-is reaped.  With a ``deadline``, a gateway still running :data:`DEADLINE_GRACE` after it is
-ended the same way and its unreported hosts are ``timeout``.
+too is tried through that gateway instead. Leaving the run (its end, ``aclose()``, a cancelled
+task, Ctrl-C) closes each gateway ssh's stdin, which the agent takes as the order to end every
+ssh it started; the gateway's ssh gets :data:`STOP_WAIT` to exit, then TERM, then KILL after
+``KILL_GRACE``, and is reaped. With a ``deadline``, a gateway still running
+:data:`DEADLINE_GRACE` after it is ended the same way and its unreported hosts are ``timeout``.
 """
 
 from __future__ import annotations
