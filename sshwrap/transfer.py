@@ -41,9 +41,11 @@ Nothing lost (each file of a recursive copy on its own):
   close checked, then renamed into place with the ``posix-rename@openssh.com`` extension (an
   atomic replace of an existing file).  A server without that extension gets the plain SFTP
   rename, which refuses an existing target: the old file is then removed first (not atomic, a
-  window in which neither exists).  On failure the remote temporary file is removed, best effort
-  within a bounded time; if the connection itself is gone it may remain (the final name is
-  untouched either way).
+  window in which neither exists).  On failure the remote temporary file is removed within a
+  bounded time: by the session, else (its stream cut by ``abort``, or its cleanup out of time
+  behind the writes still in flight) through a new session over the same connection
+  (:data:`FRESH_REMOVE_TIMEOUT`).  It may remain only when the connection itself is gone, the
+  host does not answer in time, or after Ctrl-C (the final name is untouched either way).
 - ``KeyboardInterrupt`` and exceptions raised by the ``progress`` callback propagate as
   themselves; the SFTP session is closed and its ssh reaped before they do.
 - The connection dying mid-session (the master or the remote sftp process killed: ssh then
@@ -62,7 +64,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .core.argv import find_ssh
-from .io.sftp_pipeline import read_into, write_from
+from .errors import SSHError
+from .io.sftp_pipeline import read_into, remove_within, write_from
 from .io.sftp_session import (
     Abort,
     RemoteFileNotFoundError,
@@ -76,6 +79,7 @@ from .protocol import sftp
 from .protocol.sftp import Attrs
 
 __all__ = [
+    "FRESH_REMOVE_TIMEOUT",
     "Abort",
     "ProgressCallback",
     "RemoteFileNotFoundError",
@@ -90,6 +94,10 @@ __all__ = [
 
 #: ``progress(bytes_done, bytes_total)``, called as the server acknowledges data.
 ProgressCallback = Callable[[int, int], None]
+
+FRESH_REMOVE_TIMEOUT = 0.4
+"""Seconds an upload cut short gets to remove its remote temporary file through a new
+session, when its own session could not (its ssh then killed and reaped within 0.3 s)."""
 
 
 async def to_thread_abortable(func: Callable[[Abort], None]) -> None:
@@ -117,12 +125,15 @@ def _upload(
     st: os.stat_result,
     tick: Callable[[int], None],
     preserve_times: bool,
+    remove_afresh: Callable[[str], bool] | None = None,
 ) -> None:
     """Copy local file ``local`` to ``remote`` atomically, with its mode (and times).
 
     Written to a private temporary file next to ``remote``, checked (size), closed
-    (checked), renamed into place; the temporary file is removed on failure (best effort,
-    bounded: if the connection is gone it remains, and ``remote`` is untouched).
+    (checked), renamed into place; the temporary file is removed on failure (bounded): by
+    this session, else (its stream cut by ``abort``, or its cleanup out of time behind the
+    writes still in flight) by ``remove_afresh`` (a new session over the same master).  Only
+    a connection that is gone (``SSHError``), or Ctrl-C, leaves it; ``remote`` is untouched.
     """
     fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -147,11 +158,16 @@ def _upload(
             session.close_written(h, remote)  # a close can report a write error the writes did not
             session.rename(tmp, remote)
         except BaseException as exc:
+            removed = False
             with session.cleaning_up(exc) as go:
                 if go:
                     if handle is not None:
                         session.close_handle(handle)
                     session.remove(tmp)
+                    removed = True
+            gone = isinstance(exc, SSHError | KeyboardInterrupt)  # (no time / no connection)
+            if remove_afresh is not None and not removed and not gone:
+                remove_afresh(tmp)
             raise
     finally:
         os.close(fd)
@@ -321,7 +337,12 @@ def put(
     """
     src = os.fspath(local)
     os.stat(src)  # a missing source fails before any connection is made
-    with SFTPSession(destination, ssh=ssh or find_ssh(), ssh_args=ssh_args, abort=abort) as session:
+    program = ssh or find_ssh()
+
+    def remove_afresh(path: str) -> bool:
+        return remove_within(destination, program, ssh_args, path, FRESH_REMOVE_TIMEOUT)
+
+    with SFTPSession(destination, ssh=program, ssh_args=ssh_args, abort=abort) as session:
         target = _remote_path(remote)
         st = session.stat(target)
         if st is not None and st.is_dir():
@@ -335,7 +356,15 @@ def put(
                 session.mkdir(item.dst)
                 dirs.append(item)
             else:
-                _upload(session, item.src, item.dst, item.local_stat, tick, preserve_times)
+                _upload(
+                    session,
+                    item.src,
+                    item.dst,
+                    item.local_stat,
+                    tick,
+                    preserve_times,
+                    remove_afresh=remove_afresh,
+                )
         # directory modes last, so a read-only directory can still be filled first
         for item in reversed(dirs):
             assert item.local_stat is not None

@@ -423,3 +423,108 @@ def test_ctrl_c_stops_every_host_and_raises_with_the_results(
     assert sorted(os.listdir(remote_dir)) == before
     assert not out_dir.exists() or list(out_dir.rglob("*")) == []
     assert not _masters(sshd)
+
+
+# -- a stopped upload keeps its bound and removes its temporary file (H20) --------------------
+@pytest.mark.parametrize("bound", ["timeout", "deadline"])
+def test_a_stopped_big_upload_keeps_its_bound_and_leaves_no_temporary_file(
+    local_sshd_factory: Factory, remote_dir: Path, tmp_path: Path, bound: str
+) -> None:
+    """A 40 GB upload stopped by ``timeout``/``deadline`` (2 s) on two hosts: each host is done
+    within about 1 s of the bound, and removes its remote temporary file."""
+    sshd = local_sshd_factory(hosts=2)
+    src = tmp_path / "huge.bin"
+    _sparse(src, 40_000 * MB)
+    timeout, deadline = (2.0, None) if bound == "timeout" else (None, 2.0)
+    t0 = time.monotonic()
+    results = put_many(
+        sshd.hosts,
+        src,
+        f"{remote_dir}/%h.bin",
+        config=sshd.config,
+        timeout=timeout,
+        deadline=deadline,
+    )
+    elapsed = time.monotonic() - t0
+    assert _statuses(results) == [(h, "timeout") for h in sshd.hosts], results
+    assert os.listdir(remote_dir) == []  # no final file, no temporary file
+    for r in results:
+        assert r.connect_time is not None and 0 < r.transferred < 40_000 * MB, r
+        if bound == "timeout":
+            assert 2 <= r.duration - r.connect_time < 2 + 1.2, r
+    if bound == "deadline":
+        assert elapsed < 2 + 1.2, elapsed
+    assert not _masters(sshd)
+
+
+def _ssh_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "ssh":
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def _sftp_sessions(sshd: LocalSSHD) -> set[int]:
+    """Live ``ssh ... -s -- HOST sftp`` clients of this test (over a master of ``sshd``)."""
+    out = set()
+    for pid in _ssh_pids():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ours = any(sshd.config.encode() in a for a in args)
+        if ours and args[-2:-1] == [b"sftp"] and b"-s" in args and is_running(pid):
+            out.add(pid)
+    return out
+
+
+def test_a_host_stalled_through_the_stop_still_removes_its_temporary_file(
+    local_sshd_factory: Factory, remote_dir: Path, tmp_path: Path
+) -> None:
+    """The stop of a host that stalls mid-upload (frozen: its acks stop coming) cannot end at
+    a chunk boundary: the stream is cut, and once the host answers again (thawed as soon as
+    the upload's fresh cleanup session starts) the temporary file is removed all the same,
+    within the bound."""
+    sshd = local_sshd_factory(hosts=1)
+    src = tmp_path / "huge.bin"
+    _sparse(src, 40_000 * MB)
+    frozen: list[int] = []
+    first: set[int] = set()
+    thawed = threading.Event()
+
+    def freeze_once(host: str, done: int, total: int) -> None:
+        if done and not frozen:
+            first.update(_sftp_sessions(sshd))
+            frozen.extend(freeze(sshd))
+
+    def thaw_at_the_fresh_session() -> None:
+        wait_until(lambda: frozen and _sftp_sessions(sshd) - first, 30, "a fresh sftp session")
+        thaw(sshd, frozen)
+        thawed.set()
+
+    watcher = threading.Thread(target=thaw_at_the_fresh_session, daemon=True)
+    watcher.start()
+    try:
+        results = put_many(
+            sshd.hosts,
+            src,
+            f"{remote_dir}/%h.bin",
+            config=sshd.config,
+            timeout=2,
+            on_progress=freeze_once,
+        )
+    finally:
+        thaw(sshd, frozen)
+    assert frozen and first
+    assert thawed.is_set(), "the stop opened no fresh session to remove the temporary file"
+    watcher.join(5)
+    assert _statuses(results) == [(sshd.host, "timeout")], results
+    r = results[0]
+    assert r.connect_time is not None and 2 <= r.duration - r.connect_time < 2 + 1.5, r
+    assert os.listdir(remote_dir) == []  # no final file, no temporary file
+    assert not _masters(sshd)

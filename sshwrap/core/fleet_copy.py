@@ -19,14 +19,17 @@ Bounds.  ``connect_timeout`` bounds each master's start (the starting ssh killed
 ``ssh_error``, as ``run_many``'s connect timeout); ``timeout`` bounds each host's transfer
 once its master is up (``timeout``); ``deadline`` the whole call (hosts it stops or never
 starts: ``timeout``).  A host to stop is first asked to stop at its next acknowledged chunk
-(the transfer then removes its temporary file, remote ones included, within 0.4 s), and after
-:data:`STOP_GRACE` seconds its byte stream is cut (``Abort``); its master is closed if it was
-started here.  So a stopped host is done within about 1 s of its bound, every ssh it started
-reaped.  Ctrl-C (sync) and cancellation (async) stop every host the same way; the sync face
+(the transfer then removes its temporary file, remote ones included), and after
+:data:`STOP_GRACE` seconds its byte stream is cut (``Abort``): an upload whose temporary file
+is still there removes it through a new SFTP session over the same master, within
+``sshwrap.transfer.FRESH_REMOVE_TIMEOUT`` (a loaded host answers the old session only after
+the writes still in flight); its master is closed if it was started here.  So a stopped host
+is done within about 1 s of its bound, every ssh it started reaped.
+Ctrl-C (sync) and cancellation (async) stop every host the same way; the sync face
 then raises :class:`CopyInterrupted` (a ``KeyboardInterrupt``) carrying every result, the
 unfinished ones ``cancelled``.  Nothing partial ever appears under a destination's name (the
-transfers' guarantee); only a connection that dies mid-upload can leave a remote
-``.NAME.sshwrap-*.part`` file behind.
+transfers' guarantee); only a connection that dies mid-upload (or a host that does not
+answer for the whole stop) can leave a remote ``.NAME.sshwrap-*.part`` file behind.
 
 Per-host values.  ``%h`` in either path is replaced by the host's name (its destination for a
 ``Connection``) and ``%%`` by ``%``; any other ``%`` is a ``ValueError`` before anything starts.
@@ -69,7 +72,7 @@ __all__ = [
 ]
 
 Direction = Literal["put", "get"]
-STOP_GRACE = 0.5
+STOP_GRACE = 0.3
 """Seconds a host asked to stop gets to stop at a chunk boundary (its cleanup done) before
 its byte stream is cut."""
 _JOIN_BOUND = 6.0  # after a stop: the longest wait for the workers (masters' close included)

@@ -16,20 +16,26 @@ Checks (nothing lost):
   such as ENOSPC is raised as ``OSError`` naming the local destination); a short read is
   completed by asking for the rest; the pieces must cover the file contiguously up to the
   end of file the server agreed to, and the file on disk must be that long.
+
+:func:`remove_within` removes one remote file through a fresh session over the same master,
+within a bound: how an upload whose own session was cut (or too slow to clean up) still
+removes its temporary file.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 
+from ..errors import SSHWrapError
 from ..protocol import sftp
 from ..protocol.sftp import StatusError
 from ..protocol.wire import pack_string
-from .sftp_session import SFTPSession, TransferError
+from .sftp_session import Abort, RemoteFileNotFoundError, SFTPSession, TransferError
 
-__all__ = ["IN_FLIGHT", "read_into", "write_from"]
+__all__ = ["IN_FLIGHT", "read_into", "remove_within", "write_from"]
 
 IN_FLIGHT = 4 << 20
 """Bytes requested (read) or sent (write) but not yet acknowledged."""
@@ -193,3 +199,33 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: str) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         data = data[n:]
         offset += n
+
+
+def remove_within(
+    destination: str, ssh: str, ssh_args: Sequence[str], path: str, timeout: float
+) -> bool:
+    """Remove remote file ``path`` through a new SFTP session (``ssh <ssh_args> -s
+    <destination> sftp``: over the master when the args name it), giving up after
+    ``timeout`` seconds (the session is then cut; its ssh is killed and reaped within
+    another 0.3 s).  True when the file is gone (removed, or not there).
+
+    Used after an upload's own session was cut or its cleanup ran out of time: a fresh session
+    does not wait behind the replies still due on the old one."""
+    abort = Abort()
+    timer = threading.Timer(timeout, abort.abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        with SFTPSession(destination, ssh=ssh, ssh_args=ssh_args, abort=abort) as session:
+            try:
+                session.remove(path)
+            except RemoteFileNotFoundError:
+                pass
+            finally:
+                session.broken = True  # nothing more to say: do not wait for ssh to linger
+        return True
+    except (SSHWrapError, OSError):
+        return False
+    finally:
+        timer.cancel()
+        timer.join()
