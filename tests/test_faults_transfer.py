@@ -494,6 +494,8 @@ def test_cancelling_an_async_transfer_stops_it(
     _assert_old_copy(dst)
     if op == "get":
         assert os.listdir(dst.parent) == [dst.name]
+    elif not stalled:  # the cut session's temporary file, removed through a fresh session
+        assert _temps(remote_dir) == []
 
 
 def test_cancelling_async_connection_get_stops_it(
