@@ -8,7 +8,9 @@ Every host gets one plain ``ssh -T`` child in pipes mode (no pty per host, no th
 host): its stdout and stderr are pipes, its stdin is ``/dev/null`` (or a pipe when ``input``
 is given), and it runs in a session of its own, so a Ctrl-C typed at the terminal reaches
 sshwrap only and sshwrap decides how every child ends.  ssh's own log goes, at
-``LogLevel=DEBUG1``, into a pipe: it never reaches the caller's stderr, it tells when the
+``LogLevel=VERBOSE`` with ``LogVerbose`` for the lines it reads
+(:data:`sshwrap.protocol.sshlog.SHORT_LOG_SETTINGS`; ``DEBUG1`` for OpenSSH before 8.5), into a
+pipe: it never reaches the caller's stderr, it tells when the
 session is up (which ends the connect phase and starts the command timeout), and it tells
 the remote exit status from the remote signal from ssh's own failure (ssh exits 255 for all
 three).  The event loop watches the pipes and each child's exit (a pidfd): a host in flight
@@ -151,7 +153,7 @@ def _host_list(
     return items
 
 
-def _via_routes(
+def via_routes(
     via: Via | None, groups: GroupsSource | None, persist: Persist
 ) -> dict[str, set[str]] | None:
     """``via`` as gateway -> set of host names, checked before any ssh runs."""
@@ -176,8 +178,8 @@ def _via_routes(
     return routes
 
 
-def _plan(
-    hosts: list[str | ControlPathHost],
+def plan_run(
+    hosts: Sequence[str | ControlPathHost],
     command: str | Sequence[str],
     routes: dict[str, set[str]] | None,
     **kwargs: Any,
@@ -293,8 +295,8 @@ async def run_many_async(
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
     """
     host_list = _host_list(hosts, groups)
-    routes = _via_routes(via, groups, persist)
-    run = _plan(
+    routes = via_routes(via, groups, persist)
+    run = plan_run(
         host_list,
         command,
         routes,
@@ -372,10 +374,10 @@ def run_many(
     groups = kwargs.pop("groups", None)
     host_list = _host_list(hosts, groups)
     persist = kwargs.pop("persist", None)
-    routes = _via_routes(kwargs.pop("via", None), groups, persist)
+    routes = via_routes(kwargs.pop("via", None), groups, persist)
     if persist is not None:
         kwargs["options"] = _with_persist(persist, host_list, kwargs.get("options"))
-    run = _plan(host_list, command, routes, **{**_RUN_MANY_DEFAULTS, **kwargs})
+    run = plan_run(host_list, command, routes, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
     interrupted = False

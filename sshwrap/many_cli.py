@@ -68,9 +68,11 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .core.fanout_run import FanoutRun
+from .core.gateway_run import TreeRun
 from .core.host_input import GROUPS_ENV, cli_hosts
+from .core.hostset import parse_groups
 from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
-from .fanout import FdBudgetError, close_persisted
+from .fanout import FdBudgetError, close_persisted, plan_run, via_routes
 from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 
@@ -118,6 +120,16 @@ def _parser() -> argparse.ArgumentParser:
         "--groups",
         metavar="FILE",
         help=f"groups file for @name (lines 'name: pattern'; default: ${GROUPS_ENV})",
+    )
+    ap.add_argument(
+        "--via",
+        action="append",
+        default=[],
+        metavar="GW:PATTERN",
+        help="run the hosts of PATTERN through the gateway GW (repeatable)",
+    )
+    ap.add_argument(
+        "--topology", metavar="FILE", help="gateways from FILE: lines 'gateway: pattern'"
     )
     ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
     ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
@@ -194,7 +206,22 @@ def _ignored(sig: int) -> bool:
     return signal.getsignal(sig) is signal.SIG_IGN
 
 
-async def _run(run: FanoutRun, output: Output, tally: Tally) -> bool:
+def _via(args: argparse.Namespace) -> dict[str, str]:
+    """The gateways of ``--via GW:PATTERN`` and ``--topology FILE`` (lines ``gw: pattern``,
+    the groups file's format): gateway -> the host pattern it serves."""
+    via: dict[str, str] = {}
+    if args.topology is not None:
+        with open(os.path.expanduser(args.topology)) as f:
+            via.update(parse_groups(f.read()))
+    for item in args.via:
+        gw, sep, pattern = item.partition(":")
+        if not sep or not gw.strip() or not pattern.strip():
+            raise ValueError(f"--via {item}: give GATEWAY:PATTERN")
+        via[gw.strip()] = pattern.strip()
+    return via
+
+
+async def _run(run: FanoutRun | TreeRun, output: Output, tally: Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -225,13 +252,12 @@ async def _run(run: FanoutRun, output: Output, tally: Tally) -> bool:
         for s in sigs:
             loop.remove_signal_handler(s)
     if interrupted:
-        for r in run.stopped_results():
-            tally.add(r)
-            output.result(r, tally)
         seen = {r.index for r in tally.results}
-        for r in run.complete({}):
+        for r in run.complete({}):  # in input order: the rest, cancelled
             if r.index not in seen:
-                tally.add(r)  # never started
+                tally.add(r)
+                if r.started is not None:  # it was in flight: its output so far
+                    output.result(r, tally)
     return interrupted
 
 
@@ -417,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         return _copy(ap, args, hosts, progress, batch_mode, connect, settings)
     output = Output(args, hosts, progress)
     try:
-        run = FanoutRun(
+        run = plan_run(
             hosts,
             " ".join(command),
+            via_routes(_via(args), args.groups, args.persist),
             concurrency=args.parallel,
             timeout=args.timeout,
             connect_timeout=(

@@ -296,3 +296,34 @@ def test_a_host_under_two_gateways_tries_the_second(local_sshd_factory: Factory)
     assert (results[0].status, results[0].stdout) == ("ok", b"hi\n")
     bad = results[1]  # only the unreachable gateway names host3
     assert isinstance(bad.error, GatewayError) and bad.error.gateway == "no-such-gw.invalid"
+
+
+def test_sshwrap_many_via_and_topology(local_sshd_factory: Factory, tmp_path: Path) -> None:
+    """``sshwrap-many --via GW:PATTERN`` and ``--topology FILE`` run the leaves through the
+    gateway: the same lines and exit status as a flat run; through a gateway that cannot be
+    reached, each of its hosts fails naming it (so the route was taken)."""
+    sshd = _sshd(local_sshd_factory, 4)
+    gw = sshd.hosts[0]
+    base = [sys.executable, "-m", "sshwrap.many_cli", "-F", sshd.config, "-H", "host[2-4]"]
+    cmd = ["--", "echo $SSH_CONNECTION | cut -d' ' -f1; exit 2"]
+    flat = subprocess.run([*base, *cmd], capture_output=True, text=True, timeout=60)
+    topology = tmp_path / "topology.txt"
+    topology.write_text(f"# gateway: the hosts behind it\n{gw}: host[2-4]\n")
+    for how in (["--via", f"{gw}:host[2-4]"], ["--topology", str(topology)]):
+        tree = subprocess.run([*base, *how, *cmd], capture_output=True, text=True, timeout=60)
+        assert (tree.returncode, sorted(tree.stdout.splitlines())) == (
+            flat.returncode,
+            sorted(flat.stdout.splitlines()),
+        ), (how, tree.stderr)
+        assert flat.returncode == 1  # every command exited 2: "some command failed"
+    # the route is taken: through a gateway that cannot be reached, every host fails alone
+    gone = subprocess.run(
+        [*base, "--via", "nosuch.gateway.invalid:host[2-4]", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gone.returncode == 4 and gone.stdout == "", gone
+    assert gone.stderr.count("nosuch.gateway.invalid") >= 3, gone.stderr
+    bad = subprocess.run([*base, "--via", "nogateway", *cmd], capture_output=True, text=True)
+    assert bad.returncode == 64 and "--via nogateway: give GATEWAY:PATTERN" in bad.stderr
