@@ -115,6 +115,9 @@ PLANS: dict[str, Plan] = {
         ),
     ),
     "-H - --outdir": Plan("run", stdin=b"web1\nweb2\n"),
+    '"dc1-gw": "dc1-web[001-500]"': Plan(
+        "skip", "gateways and 1,000 hosts of the reader's network (tests/test_gateway.py)"
+    ),
     "sshwrap --record session.cast web1": Plan(
         "pty", steps=((rb"[$#] ", "echo REC''ORDED; exit\r"), (b"RECORDED", ""))
     ),
