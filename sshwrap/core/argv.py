@@ -15,11 +15,13 @@ import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..errors import CommandTooLongError
 
 __all__ = [
     "SESSION_ENV",
+    "SETTING_NAMES",
     "SSH_OPTSTRING",
     "OptionValue",
     "ParsedSSHArgv",
@@ -33,6 +35,7 @@ __all__ = [
     "parse_ssh_argv",
     "remote_command",
     "remote_signal_script",
+    "settings_args_of",
     "ssh_settings_args",
 ]
 
@@ -91,6 +94,16 @@ def check_destination(value: str, what: str = "destination") -> str:
                     f"{what} may not start with '-' (ssh would read an option): {value!r}"
                 )
     return value
+
+
+SETTING_NAMES = ("config", "user", "port", "identity", "jump", "options")
+"""The keywords of :func:`ssh_settings_args`: the ssh settings every call takes."""
+
+
+def settings_args_of(options: Mapping[str, Any]) -> list[str]:
+    """:func:`ssh_settings_args` for the settings among a call's keywords (the others are
+    not looked at)."""
+    return ssh_settings_args(**{k: options.get(k) for k in SETTING_NAMES})
 
 
 def ssh_settings_args(

@@ -34,7 +34,7 @@ from .argv import (
     check_destination,
     find_ssh,
     remote_command,
-    ssh_settings_args,
+    settings_args_of,
 )
 from .fanout_host import (
     KILL_GRACE,
@@ -127,14 +127,7 @@ class FanoutRun:
             cwd,
             options.get("on_output"),
         )
-        settings = ssh_settings_args(
-            config=options.get("config"),
-            user=options.get("user"),
-            port=options.get("port"),
-            identity=options.get("identity"),
-            jump=options.get("jump"),
-            options=options.get("options"),
-        )
+        settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
         # ssh's log is read for the session up and the exit's meaning: the short log (a
         # quarter of DEBUG1's lines, each one a write for ssh and bytes to read here) where

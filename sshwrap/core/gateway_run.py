@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import SSHConnectionError
 from ..io.bundle import EXIT_OLD_PYTHON, bootstrap_command, package_zip
-from .argv import build_ssh_argv, check_destination, find_ssh, ssh_settings_args
+from .argv import build_ssh_argv, check_destination, find_ssh, settings_args_of
 from .fanout_host import KILL_GRACE, OutputCallback
 from .fanout_run import ControlPathHost, FanoutRun
 from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
@@ -244,14 +244,7 @@ class TreeRun:
         self.on_output: OutputCallback | None = options.get("on_output")
         self.on_start: Callable[[str], None] | None = options.get("on_start")
         self.keywords = {k: v for k, v in {**options, **bounds}.items() if k in REQUEST_KEYWORDS}
-        settings = ssh_settings_args(
-            config=options.get("config"),
-            user=options.get("user"),
-            port=options.get("port"),
-            identity=options.get("identity"),
-            jump=options.get("jump"),
-            options=options.get("options"),
-        )
+        settings = settings_args_of(options)
         fixed = ["-T", "-o", "LogLevel=ERROR"]
         if options.get("batch_mode", True):
             fixed += ["-o", "BatchMode=yes"]

@@ -107,13 +107,8 @@ class SessionPool:
     def session(self, prefer: SFTPSession | None = None) -> Iterator[SFTPSession]:
         """A session for one operation (given back after it, closed if it broke): ``prefer``
         when it is idle (it holds the caller's open handle), else any."""
-        s = self._take(prefer)
-        try:
+        with self._lent(self._take(prefer)) as s:
             yield s
-        except BaseException as exc:
-            self._give(s, keep=isinstance(exc, Exception))
-            raise
-        self._give(s, keep=True)
 
     @contextlib.contextmanager
     def idle(self, s: SFTPSession) -> Iterator[SFTPSession | None]:
@@ -125,6 +120,13 @@ class SessionPool:
         if not free:
             yield None
             return
+        with self._lent(s) as lent:
+            yield lent
+
+    @contextlib.contextmanager
+    def _lent(self, s: SFTPSession) -> Iterator[SFTPSession]:
+        """``s`` for the block, then given back: kept after an error of the operation, closed
+        after an interrupt (it may be mid-request)."""
         try:
             yield s
         except BaseException as exc:
@@ -145,14 +147,7 @@ class SessionPool:
 
 def lstat(session: SFTPSession, path: str) -> Attrs | None:
     """Attributes of ``path`` itself (a link not followed), None if it does not exist."""
-    p = os.fsencode(path)
-    try:
-        _, r = session.call(lambda rid: sftp.path_request(sftp.FXP_LSTAT, rid, p))
-    except StatusError as e:
-        if e.code == sftp.FX_NO_SUCH_FILE:
-            return None
-        raise session.error(e, path, "lstat") from None
-    return r.attrs()
+    return session.stat(path, follow=False)
 
 
 def readdir(session: SFTPSession, path: str) -> list[tuple[str, Attrs]]:

@@ -444,15 +444,17 @@ class SFTPSession:
         except StatusError as e:
             raise self.error(e, path, what) from None
 
-    def stat(self, path: str) -> Attrs | None:
-        """Attributes of ``path`` (following links), None if it does not exist."""
+    def stat(self, path: str, *, follow: bool = True) -> Attrs | None:
+        """Attributes of ``path`` (following links; ``follow=False``: of a link itself,
+        ``lstat``), None if it does not exist."""
         p = os.fsencode(path)
+        kind, what = (sftp.FXP_STAT, "stat") if follow else (sftp.FXP_LSTAT, "lstat")
         try:
-            _, r = self._call(lambda rid: sftp.path_request(sftp.FXP_STAT, rid, p))
+            _, r = self._call(lambda rid: sftp.path_request(kind, rid, p))
         except StatusError as e:
             if e.code == sftp.FX_NO_SUCH_FILE:
                 return None
-            raise self.error(e, path, "stat") from None
+            raise self.error(e, path, what) from None
         return r.attrs()
 
     def mkdir(self, path: str) -> None:
