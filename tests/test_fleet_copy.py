@@ -98,6 +98,8 @@ def test_host_token_is_replaced_and_escapable() -> None:
 
 
 def test_bad_input_is_refused_before_any_host_starts(local_sshd: LocalSSHD, tmp_path: Path) -> None:
+    # (the shared sshd may serve other tests' masters, kept open: only new ones count)
+    before = set(_masters(local_sshd))
     src = tmp_path / "f"
     src.write_bytes(b"x")
     cfg = local_sshd.config
@@ -115,7 +117,7 @@ def test_bad_input_is_refused_before_any_host_starts(local_sshd: LocalSSHD, tmp_
         put_many([local_sshd.host], src, "/tmp/x", bogus=1, config=cfg)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="concurrency"):
         put_many([local_sshd.host], src, "/tmp/x", concurrency=0, config=cfg)
-    assert not _masters(local_sshd)
+    assert set(_masters(local_sshd)) <= before  # no master was started
 
 
 # -- the issue's acceptance: 20 files on 8 hosts, both ways -----------------------------------
