@@ -66,10 +66,11 @@ from .io.sftp_files import (
     readdir,
     rmdir,
 )
+from .io.sftp_pipeline import remove_within
 from .io.sftp_session import SFTPSession
 from .protocol import sftp
 from .protocol.sftp import Attrs, StatusError
-from .transfer import _download, _upload
+from .transfer import FRESH_REMOVE_TIMEOUT, download_file, upload_file
 
 __all__ = ["SSHWrapFile", "SSHWrapFileSystem"]
 
@@ -90,19 +91,31 @@ def _new_session(conn: Connection) -> SFTPSession:
     ``ssh -S``): a session goes over the master or fails, so a master killed later ends it.
     Failing to start because the master died just now, it is tried once more on a new one.
     """
-    master = conn.master
     for attempt in (1, 2):
-        master.ensure()
-        opts = master.fallback_settings(direct_login=False)["options"]
-        no_login = ["-o", f"ProxyCommand={opts['ProxyCommand']}"] if "ProxyCommand" in opts else []
+        conn.master.ensure()
+        ssh, args = _session_argv(conn)
         try:
-            return SFTPSession(
-                conn.destination, ssh=master.ssh or find_ssh(), ssh_args=no_login + conn.ssh_args()
-            )
+            return SFTPSession(conn.destination, ssh=ssh, ssh_args=args)
         except SSHError:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def _session_argv(conn: Connection) -> tuple[str, list[str]]:
+    """The ssh and its options for an SFTP session over ``conn``'s master, kept off a login of
+    its own (see :func:`_new_session`)."""
+    master = conn.master
+    opts = master.fallback_settings(direct_login=False)["options"]
+    no_login = ["-o", f"ProxyCommand={opts['ProxyCommand']}"] if "ProxyCommand" in opts else []
+    return master.ssh or find_ssh(), no_login + conn.ssh_args()
+
+
+def _remove_afresh(conn: Connection, path: str) -> bool:
+    """Remove an upload's temporary file through a new session, bounded (the upload's own
+    session could not: its stream cut, or its cleanup out of time)."""
+    ssh, args = _session_argv(conn)
+    return remove_within(conn.destination, ssh, args, path, FRESH_REMOVE_TIMEOUT)
 
 
 def _close(conn: Connection, pool: SessionPool) -> None:
@@ -407,7 +420,8 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
             callback.set_size(st.st_size)
         tick = (lambda n: callback.relative_update(n)) if callback is not None else _no_tick
         with self._pool.session() as s:
-            _upload(s, os.fspath(lpath), rpath, st, tick, True)
+            remove = functools.partial(_remove_afresh, self.connection)
+            upload_file(s, os.fspath(lpath), rpath, st, tick, True, remove_afresh=remove)
 
     def get_file(self, rpath: str, lpath: str, callback: Any = None, **kwargs: Any) -> None:
         """Download ``rpath`` to local file ``lpath`` (parents made) with sshwrap.transfer's
@@ -424,7 +438,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 callback.set_size(a.size or 0)
             tick = (lambda n: callback.relative_update(n)) if callback is not None else _no_tick
             os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
-            _download(s, rpath, os.fspath(lpath), a, tick, True)
+            download_file(s, rpath, os.fspath(lpath), a, tick, True)
 
     def _open(
         self,

@@ -87,9 +87,11 @@ __all__ = [
     "SFTPProtocolError",
     "TransferCancelled",
     "TransferError",
+    "download_file",
     "get",
     "put",
     "to_thread_abortable",
+    "upload_file",
 ]
 
 #: ``progress(bytes_done, bytes_total)``, called as the server acknowledges data.
@@ -118,7 +120,7 @@ async def to_thread_abortable(func: Callable[[Abort], None]) -> None:
 
 
 # -- one file, atomically ---------------------------------------------------------------------
-def _upload(
+def upload_file(
     session: SFTPSession,
     local: str,
     remote: str,
@@ -173,7 +175,7 @@ def _upload(
         os.close(fd)
 
 
-def _download(
+def download_file(
     session: SFTPSession,
     remote: str,
     local: str,
@@ -356,7 +358,7 @@ def put(
                 session.mkdir(item.dst)
                 dirs.append(item)
             else:
-                _upload(
+                upload_file(
                     session,
                     item.src,
                     item.dst,
@@ -412,7 +414,7 @@ def get(
                     raise FileExistsError(errno.EEXIST, "not a directory", item.dst)
                 dirs.append(item)
             else:
-                _download(session, item.src, item.dst, item.remote_attrs, tick, preserve_times)
+                download_file(session, item.src, item.dst, item.remote_attrs, tick, preserve_times)
         for item in reversed(dirs):
             a = item.remote_attrs
             assert a is not None
