@@ -156,27 +156,7 @@ def readdir(session: SFTPSession, path: str) -> list[tuple[str, Attrs]]:
     caller tells a missing path from a file)."""
     p = os.fsencode(path)
     _, r = session.call(lambda rid: sftp.path_request(sftp.FXP_OPENDIR, rid, p))
-    handle = r.string()
-    out: list[tuple[str, Attrs]] = []
-    try:
-        while True:
-            try:
-                _, r = session.call(lambda rid: sftp.handle_request(sftp.FXP_READDIR, rid, handle))
-            except StatusError as e:
-                if e.code == sftp.FX_EOF:
-                    break
-                raise session.error(e, path, "listing") from None
-            for raw, attrs in r.names():
-                name = os.fsdecode(raw)
-                if name not in (".", ".."):
-                    out.append((name, attrs))
-    except BaseException as exc:
-        with session.cleaning_up(exc) as go:
-            if go:
-                session.close_handle(handle)
-        raise
-    session.close_handle(handle)
-    return out
+    return session.read_dir(r.string(), path, follow=False)
 
 
 def mkdir(session: SFTPSession, path: str) -> None:

@@ -540,6 +540,12 @@ class SFTPSession:
         handle = self._do(
             lambda rid: sftp.path_request(sftp.FXP_OPENDIR, rid, p), path, "listing"
         ).string()
+        return self.read_dir(handle, path, follow=True)
+
+    def read_dir(self, handle: bytes, path: str, *, follow: bool) -> list[tuple[str, Attrs]]:
+        """The entries of the open directory ``handle`` of ``path`` (without ``.``/``..``),
+        then the handle closed (also on an error, bounded).  ``follow``: a link's attributes
+        are its target's (a dangling link is left out); else the link's own."""
         out: list[tuple[str, Attrs]] = []
         try:
             while True:
@@ -555,7 +561,7 @@ class SFTPSession:
                     name = os.fsdecode(raw)
                     if name in (".", ".."):
                         continue
-                    if attrs.is_link():
+                    if follow and attrs.is_link():
                         followed = self.stat(posixpath.join(path, name))
                         if followed is None:
                             continue  # a dangling link: nothing to copy
