@@ -230,6 +230,7 @@ async def run_many_async(
     kill_remote: bool = True,
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
+    retries: int = 0,
     persist: Persist = None,
     via: Via | None = None,
 ) -> AsyncIterator[HostResult]:
@@ -254,6 +255,16 @@ async def run_many_async(
     hosts starting with ``-`` raise ``ValueError`` before any ssh runs.
     ``on_output(host, stream, data)`` (stream 1 or 2) sees the bytes as they arrive;
     ``on_start(host)`` each host as it starts.
+    ``retries`` (default 0) starts a host's ssh again, up to that many more times, when it
+    failed before its session was up with a connection-level ``SSHConnectionError``
+    (refused, timed out, reset, closed during the key exchange, unreachable, or
+    ``connect_timeout``), after a backoff with full jitter (at most 0.5 s before the first
+    retry, doubling, capped at 8 s), each attempt with its own ``connect_timeout``, and never
+    past ``deadline`` (a backoff that would end there is not taken).  Never retried: a remote
+    command's failure (``exit 255`` too), anything after the session was up, authentication,
+    host key and config failures (retrying those hides an attack or locks accounts), a name
+    that does not resolve, a host given as a connection.  ``HostResult.attempts`` says how
+    many ssh were started for the host.
     ``persist`` (``True``, seconds, or ssh's time format: ``"30s"``, ``"10m"``, ``"1h"``)
     leaves each host's ControlMaster up that long after its last use, in a private
     directory of this user's (:mod:`sshwrap.io.persist`), and reuses one that a run before
@@ -318,6 +329,7 @@ async def run_many_async(
         kill_remote=kill_remote,
         on_output=on_output,
         on_start=on_start,
+        retries=retries,
     )
     gen = run.results()
     try:

@@ -47,6 +47,10 @@ atomic per file; ``get`` writes ``LOCALDIR/HOST/``; ``%h`` in a path is the host
 missing LOCAL (without ``%h``), a bad token, a command, ``-I``, ``--group``, ``--outdir``
 or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
 
+``--retries N`` starts a host's ssh again, up to N more times, when it failed before its
+session was up with a connection-level failure (refused, timed out, reset, unreachable):
+see ``retries`` of :func:`sshwrap.run_many`.
+
 Exit status (the bits add up): 0 every host ran the command and it exited 0 (or copied);
 1 some command exited non-zero or died of a signal, or some copy failed; 2 some host timed
 out (``-t`` or ``--deadline``); 4 some host had an ssh error (refused, unreachable,
@@ -140,6 +144,15 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to connect (default: -o ConnectTimeout, else 30)",
     )
     ap.add_argument("--deadline", type=float, metavar="S", help="seconds for the whole run")
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start a host's ssh up to N more times when it could not connect (refused, "
+        "timed out, reset), after a jittered backoff; never after auth, host key or remote "
+        "failures",
+    )
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--group", action="store_true", help="group hosts with identical output")
     out.add_argument("--json", action="store_true", help="one JSON object per host (lines)")
@@ -400,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no command given (put it after --, or copy with --put/--get)")
     if args.parallel < 1:
         ap.error("-p must be at least 1")
+    if args.retries < 0:
+        ap.error("--retries must be at least 0")
+    if copy and args.retries:
+        ap.error("--retries is for commands: a copy is not retried")
     if [*args.hosts, *args.exclude, args.input].count("-") > 1:
         ap.error("stdin can be read once: give - to only one of -H, -x and -I")
     batch_mode = True
@@ -461,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             jump=args.jump,
             options=options,
             on_output=output.on_output,
+            retries=args.retries,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

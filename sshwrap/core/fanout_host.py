@@ -13,15 +13,28 @@ cleanup included.
 
 A host given as a connection runs as a channel of that connection's ControlMaster: its own
 bounds (``timeout``, ``connect_timeout``, ``kill_after``) do the work.
+
+Retries (``retries``, default 0): a host whose ssh failed before its session was up with a
+connection-level failure (an ``SSHConnectionError``: refused, timed out, reset, closed
+during the banner or key exchange, unreachable, or ``connect_timeout`` itself) is started
+again, up to ``retries`` more times, after a backoff with full jitter (uniform in
+``[0, min(RETRY_CAP, RETRY_BASE * 2**(n-1))]`` before the n-th retry), each attempt with its
+own ``connect_timeout``.  Never retried: a failure after the session was up, a remote
+command's status (``exit 255`` included), authentication, host key and config failures
+(retrying those hides an attack or locks accounts), a name that does not resolve (a wrong
+name stays wrong), and a host whose backoff would end at or past the run's deadline.  A
+host over a connection is not retried (its master's restart is its own).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import math
 import os
+import random
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, runtime_checkable
 
-from ..errors import SSHError, TimeoutExpired
+from ..errors import CommandLostError, SSHConnectionError, SSHError, TimeoutExpired
 from ..io.deadline import capped
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import ChildStarter, HostProcess, run_bounded
@@ -47,6 +60,8 @@ from .waiting import run_async
 
 __all__ = [
     "KILL_GRACE",
+    "RETRY_BASE",
+    "RETRY_CAP",
     "STOP_BUDGET",
     "ConnectionLike",
     "FanoutJob",
@@ -56,6 +71,8 @@ __all__ = [
     "OutputCallback",
     "host_process",
     "process_result",
+    "retry_delay",
+    "retryable",
     "run_over_connection",
 ]
 
@@ -67,6 +84,16 @@ KILL_GRACE = 0.5
 """Seconds between TERM and KILL for a host's ssh."""
 STOP_BUDGET = 0.7
 """Seconds the remote stop may take after a host's bound ran out."""
+RETRY_BASE = 0.5
+"""Seconds: the bound of the first retry's backoff (doubling for each one after it)."""
+RETRY_CAP = 8.0
+"""Seconds: the largest bound of a retry's backoff."""
+_NAME_NOT_RESOLVED = (
+    "could not resolve",
+    "name or service not known",
+    "name resolution",
+    "nodename nor servname",
+)
 _CONN_KILL_AFTER = 0.3  # TERM -> KILL over a connection (which adds at most 0.5 s more)
 _EOF_GRACE = 2.0  # seconds to wait for pipes to close once ssh has exited
 
@@ -101,6 +128,8 @@ class FanoutJob:
     env: Mapping[str, str] | None = None
     cwd: str | os.PathLike[str] | None = None
     on_output: OutputCallback | None = None
+    retries: int = 0
+    """How many more times a host is started after a connection-level failure."""
 
 
 @dataclass
@@ -125,20 +154,41 @@ def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool
     return limit is None or t_end <= t0 + limit
 
 
+def retry_delay(retry: int) -> float:
+    """The backoff before the ``retry``-th retry (1 for the first): full jitter, uniform in
+    ``[0, min(RETRY_CAP, RETRY_BASE * 2**(retry-1))]``."""
+    return random.uniform(0.0, min(RETRY_CAP, RETRY_BASE * 2.0 ** (retry - 1)))
+
+
+def retryable(result: HostResult, session_up: bool) -> bool:
+    """Whether a host's failed attempt may be tried again: ssh failed with a connection-level
+    error (not a lost command, not a name that does not resolve) before any session."""
+    error = result.error
+    if session_up or result.status != "ssh_error" or not isinstance(error, SSHConnectionError):
+        return False
+    if isinstance(error, CommandLostError):
+        return False
+    words = f"{error.message}\n{error.stderr}\n{result.ssh_log}".lower()
+    return not any(w in words for w in _NAME_NOT_RESOLVED)
+
+
 def host_process(
     job: FanoutJob,
     plan: HostPlan,
     watcher: FdWatcher,
     fifo_dir: str,
     starter: ChildStarter | None = None,
+    attempt: int = 1,
 ) -> HostProcess:
     """The (not yet started) ssh child of ``plan``, its log FIFO (if any) in ``fifo_dir``;
-    ``starter``: the run's (one per run: the environment is taken once)."""
+    ``starter``: the run's (one per run: the environment is taken once); ``attempt``: which
+    start of the host it is (each has its own FIFO)."""
     on_output = None if job.on_output is None else partial(job.on_output, plan.host)
+    fifo = f"{fifo_dir}/{plan.index}" if attempt == 1 else f"{fifo_dir}/{plan.index}.{attempt}"
     return HostProcess(
         plan.argv,
         watcher=watcher,
-        fifo_path=f"{fifo_dir}/{plan.index}",
+        fifo_path=fifo,
         input=job.input,
         on_output=on_output,
         starter=starter,
@@ -173,7 +223,7 @@ def process_result(
     )
 
 
-_CONNECT, _COMMAND, _DRAIN, _STOPPING, _DONE = range(5)
+_CONNECT, _COMMAND, _DRAIN, _STOPPING, _BACKOFF, _DONE = range(6)
 
 
 class HostTimers:
@@ -236,7 +286,9 @@ class HostRun:
     ``t_end``), command (until ssh exits, bounded by ``timeout`` and ``t_end``), drain (what is
     still in the pipes once ssh has exited: a child of ssh's may hold them, not past the
     host's bound), or stopping (TERM, then KILL after :data:`KILL_GRACE`).  A remote stop
-    started for a timed-out host goes into ``remote_stops`` (and leaves it when done).
+    started for a timed-out host goes into ``remote_stops`` (and leaves it when done).  With
+    ``job.retries``, a retryable failure (:func:`retryable`) leads to a backoff (one timer),
+    then ``respawn()`` gives the next attempt's process (:attr:`proc`, :attr:`attempts`).
     :meth:`cancel` leaves the process to the caller (the run's shutdown ends it).  It has the
     ``done``/``cancelled``/``exception``/``result`` of a future, to sit among the tasks of the
     hosts over a connection.
@@ -251,8 +303,13 @@ class HostRun:
         remote_stops: set[asyncio.Task[None]],
         on_done: Callable[[HostRun], None],
         timers: HostTimers,
+        respawn: Callable[[int], HostProcess] | None = None,
     ) -> None:
         self.job = job
+        self.respawn = respawn
+        self.attempts = 1
+        """How many ssh were started for the host so far."""
+        self._first: tuple[float | None, float] | None = None
         self.plan = plan
         self.proc = proc
         self.t_end = t_end
@@ -268,6 +325,9 @@ class HostRun:
 
     def start(self) -> None:
         """Start the host's ssh (from the loop's thread); :meth:`done` at once if it cannot."""
+        self._launch()
+
+    def _launch(self) -> None:
         proc = self.proc
         try:
             proc.start()
@@ -330,14 +390,46 @@ class HostRun:
             elif phase == _DRAIN:
                 if proc.pipes_closed or late:
                     proc.kill_now()
-                    self._finish(process_result(self.plan, proc, None))
+                    self._end(process_result(self.plan, proc, None))
+                    return
+            elif phase == _BACKOFF:
+                if late:
+                    self._restart()
                     return
             elif proc.exit_seen or late:  # _STOPPING
                 proc.kill_now()
-                self._finish(self._stopped_result())
+                self._end(self._stopped_result())
                 return
             self._arm(until)
             return
+
+    def _end(self, result: HostResult) -> None:
+        """The attempt's end: the host's result, or a backoff before the next attempt."""
+        proc = self.proc
+        if self.attempts > self.job.retries or self.respawn is None:
+            self._finish(result)
+            return
+        if not retryable(result, proc.up or proc.t_up is not None):
+            self._finish(result)
+            return
+        delay = retry_delay(self.attempts)
+        now = time.monotonic()
+        if self.t_end is not None and now + delay >= self.t_end:
+            self._finish(result)
+            return
+        if self._first is None:
+            self._first = (proc.started_wall, proc.t0)
+        proc.listener = None
+        self._phase = _BACKOFF
+        self._until = proc.loop.time() + delay
+        self._arm(self._until)
+
+    def _restart(self) -> None:
+        assert self.respawn is not None
+        self.attempts += 1
+        self.proc = self.respawn(self.attempts)
+        self._phase = _CONNECT
+        self._launch()
 
     def _stop(self, status: Status) -> None:
         """TERM the host's group now; KILL at the end of the grace (or once it exited)."""
@@ -374,7 +466,21 @@ class HostRun:
         """When this host's timer is armed for (None: not armed)."""
         return self._timer_at
 
+    def with_attempts(self, result: HostResult) -> HostResult:
+        """``result`` with this host's attempt count (and ``started``/``duration`` from its
+        first attempt on)."""
+        if self.attempts == 1 or self._first is None:
+            return result
+        started, t0 = self._first
+        duration = result.duration
+        if result.started is not None:
+            duration += self.proc.t0 - t0
+        return dataclasses.replace(
+            result, attempts=self.attempts, started=started, duration=duration
+        )
+
     def _finish(self, result: HostResult) -> None:
+        result = self.with_attempts(result)
         self._cancel_timer()
         self.proc.listener = None
         self._phase = _DONE

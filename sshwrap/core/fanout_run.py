@@ -22,6 +22,7 @@ import signal
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Protocol, Unpack, runtime_checkable
 
 from ..errors import CommandTooLongError
@@ -77,6 +78,7 @@ class FanoutOptions(SSHSettings, CommandOptions, total=False):
     kill_remote: bool
     on_output: OutputCallback | None
     on_start: Callable[[str], None] | None
+    retries: int
 
 
 def _check_bounds(concurrency: int, **bounds: float | None) -> None:
@@ -116,6 +118,9 @@ class FanoutRun:
         self.concurrency = concurrency
         self.deadline = deadline
         self.on_start = options.get("on_start")
+        retries = options.get("retries", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, not {retries!r}")
         env, cwd = options.get("env"), options.get("cwd")
         self.job = FanoutJob(
             command,
@@ -126,6 +131,7 @@ class FanoutRun:
             env,
             cwd,
             options.get("on_output"),
+            retries,
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
@@ -228,7 +234,16 @@ class FanoutRun:
                         continue
                     proc = host_process(self.job, plan, watcher, fifo_dir, starter)
                     self._running[plan.index] = proc
-                    run = HostRun(self.job, plan, proc, t_end, self._remote_stops, finished, timers)
+                    run = HostRun(
+                        self.job,
+                        plan,
+                        proc,
+                        t_end,
+                        self._remote_stops,
+                        finished,
+                        timers,
+                        partial(self._respawn, plan, watcher, fifo_dir, starter),
+                    )
                     tasks[run] = plan.index
                     run.start()
                 if not tasks:
@@ -254,11 +269,25 @@ class FanoutRun:
                 watcher.close()
                 shutil.rmtree(fifo_dir, ignore_errors=True)
 
+    def _respawn(
+        self,
+        plan: HostPlan,
+        watcher: FdWatcher,
+        fifo_dir: str,
+        starter: ChildStarter,
+        attempt: int,
+    ) -> HostProcess:
+        """The process of a host's next attempt, in :attr:`_running` in place of the last."""
+        proc = host_process(self.job, plan, watcher, fifo_dir, starter, attempt)
+        self._running[plan.index] = proc
+        return proc
+
     async def _shutdown(self, tasks: Mapping[_Pending, int]) -> None:
         # A host whose task had finished (only its result was not yet taken) keeps it.
         for t, idx in tasks.items():
             if t.done() and not t.cancelled() and t.exception() is None:
                 self._stopped[idx] = t.result()
+        host_runs = {i: t for t, i in tasks.items() if isinstance(t, HostRun)}
         runs = [(i, p) for i, p in self._running.items() if i not in self._stopped]
         self._running.clear()
         # A host whose ssh had already exited when the run was cancelled is done: it keeps
@@ -292,7 +321,9 @@ class FanoutRun:
             for i, p in runs:
                 p.kill_now()
                 plan = self.plans[i]
-                self._stopped[i] = process_result(plan, p, None if i in exited else "cancelled")
+                stopped = process_result(plan, p, None if i in exited else "cancelled")
+                hr = host_runs.get(i)
+                self._stopped[i] = stopped if hr is None else hr.with_attempts(stopped)
             for t, i in tasks.items():  # hosts over a connection
                 if i not in self._stopped and (t.cancelled() or not t.done()):
                     plan = self.plans[i]

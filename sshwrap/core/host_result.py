@@ -78,6 +78,10 @@ class HostResult(HostOutcome):
       ``LogLevel=VERBOSE``, debug lines only from ssh's session and mux code, those tagged
       ``file:function():line (pid=N):``), about 14 lines for a command; with an older ssh,
       its ``LogLevel=DEBUG1`` log.  Empty for a host given as a connection.
+    - ``attempts``: how many ssh were started for the host (more than 1 only with
+      ``retries``: a connection-level failure before the session was up is tried again);
+      the other fields are those of the last attempt, except ``started`` and ``duration``,
+      which cover them all.
     """
 
     host: str
@@ -92,6 +96,7 @@ class HostResult(HostOutcome):
     signalled: bool = False
     ssh_log: str = field(default="", repr=False)
     index: int = field(default=0, repr=False)
+    attempts: int = 1
 
 
 class FanoutInterrupted(Interrupted):
