@@ -26,6 +26,11 @@ Design:
   failure (the master killed ...) removes it, best effort, and leaves the target untouched.
   ``"xb"`` and ``pipe_file(mode="create")`` rename with SFTP's plain rename, which refuses an
   existing target: ``FileExistsError``, atomically.
+- **Never a hang**: ``timeout`` (default 60 s; None: no bound) bounds every wait of a call
+  for the server (each SFTP reply, room to send, a session's start, a remote command) and
+  the master's start (``start_timeout``, unless given): a frozen server raises
+  ``sshwrap.io.sftp_session.SFTPTimeout`` (a ``TimeoutError``) naming host and path; that
+  session is dropped, the next call starts a new one.
 - **Errors** are Python's: ``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
   ``NotADirectoryError``, ``FileExistsError`` (and ``OSError`` with ``ENOTEMPTY``), with the
   path; the connection failing raises sshwrap's ``SSHConnectionError``.
@@ -42,6 +47,7 @@ import posixpath
 import shlex
 import stat
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -56,6 +62,7 @@ from .errors import SSHError
 from .io.sftp_files import (
     SessionPool,
     Upload,
+    bounded,
     close_later,
     lstat,
     makedirs,
@@ -67,7 +74,7 @@ from .io.sftp_files import (
     rmdir,
 )
 from .io.sftp_pipeline import remove_within
-from .io.sftp_session import SFTPSession
+from .io.sftp_session import SFTPSession, SFTPTimeout
 from .protocol import sftp
 from .protocol.sftp import Attrs, StatusError
 from .transfer import FRESH_REMOVE_TIMEOUT, download_file, upload_file
@@ -84,18 +91,19 @@ _FSSPEC_KEYS = {
 }
 
 
-def _new_session(conn: Connection) -> SFTPSession:
+def _new_session(conn: Connection, timeout: float | None) -> SFTPSession:
     """An SFTP session over ``conn``'s master (started again first if it died).
 
     Its ssh is kept off a login of its own (the ``ProxyCommand`` that fails at once, as for
     ``ssh -S``): a session goes over the master or fails, so a master killed later ends it.
     Failing to start because the master died just now, it is tried once more on a new one.
+    ``timeout`` bounds each wait of the master's restart and of the SFTP handshake.
     """
     for attempt in (1, 2):
-        conn.master.ensure()
+        conn.master.ensure(None if timeout is None else time.monotonic() + timeout)
         ssh, args = _session_argv(conn)
         try:
-            return SFTPSession(conn.destination, ssh=ssh, ssh_args=args)
+            return SFTPSession(conn.destination, ssh=ssh, ssh_args=args, timeout=timeout)
         except SSHError:
             if attempt == 2:
                 raise
@@ -126,9 +134,11 @@ def _close(conn: Connection, pool: SessionPool) -> None:
 class _Shared:
     """The master and SFTP sessions of one (host, settings)."""
 
-    def __init__(self, host: str, options: ConnectOptions, pool_size: int) -> None:
+    def __init__(
+        self, host: str, options: ConnectOptions, pool_size: int, timeout: float | None
+    ) -> None:
         self.connection = Connection(host, **options).open()
-        self.new_session = functools.partial(_new_session, self.connection)
+        self.new_session = functools.partial(_new_session, self.connection, timeout)
         self.pool = SessionPool(self.new_session, pool_size)
         weakref.finalize(self, _close, self.connection, self.pool)
 
@@ -137,12 +147,14 @@ _SHARED: weakref.WeakValueDictionary[str, _Shared] = weakref.WeakValueDictionary
 _SHARED_LOCK = threading.Lock()
 
 
-def _shared_for(host: str, options: ConnectOptions, pool_size: int) -> _Shared:
-    key = tokenize(host, sorted(options.items(), key=lambda kv: kv[0]), pool_size)
+def _shared_for(
+    host: str, options: ConnectOptions, pool_size: int, timeout: float | None
+) -> _Shared:
+    key = tokenize(host, sorted(options.items(), key=lambda kv: kv[0]), pool_size, timeout)
     with _SHARED_LOCK:
         shared = _SHARED.get(key)
         if shared is None:
-            shared = _SHARED[key] = _Shared(host, options, pool_size)
+            shared = _SHARED[key] = _Shared(host, options, pool_size, timeout)
         return shared
 
 
@@ -158,21 +170,45 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
     ``host`` is the ssh destination; the other keywords are ``sshwrap.connect``'s
     (``config``, ``user``, ``port``, ``identity``, ``jump``, ``options``, ``password`` ...)
     and fsspec's (``skip_instance_cache`` ...); ``pool_size`` bounds the SFTP sessions
-    (channels on the master) its operations use at once.
+    (channels on the master) its operations use at once.  ``timeout`` (seconds, default 60;
+    None: no bound) bounds each wait of a call for the server, and the master's start
+    (``start_timeout`` when not given): a server that does not answer raises ``SFTPTimeout``
+    (a ``TimeoutError``) naming host and path.
     """
 
     protocol = "sshwrap"
     root_marker = "/"
 
-    def __init__(self, host: str, pool_size: int = 4, **options: Any) -> None:
-        super().__init__(host=host, pool_size=pool_size, **options)
+    def __init__(
+        self, host: str, pool_size: int = 4, timeout: float | None = 60.0, **options: Any
+    ) -> None:
+        super().__init__(host=host, pool_size=pool_size, timeout=timeout, **options)
         connect = {k: v for k, v in options.items() if k not in _FSSPEC_KEYS}
         unknown = set(connect) - keys_of(ConnectOptions)
         if unknown:
             raise TypeError(f"SSHWrapFileSystem() got an unexpected keyword {min(unknown)!r}")
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(
+                f"SSHWrapFileSystem(timeout=) must be a positive number or None, not {timeout!r}"
+            )
+        if timeout is not None:
+            connect.setdefault("start_timeout", timeout)
         self.host = host
-        self._shared = _shared_for(host, ConnectOptions(**connect), pool_size)  # type: ignore[typeddict-item]
+        self.timeout = timeout
+        self._shared = _shared_for(host, ConnectOptions(**connect), pool_size, timeout)  # type: ignore[typeddict-item]
         self._pool = self._shared.pool
+
+    @contextlib.contextmanager
+    def _session(self, path: str, prefer: SFTPSession | None = None) -> Iterator[SFTPSession]:
+        """A session of the pool for one call on ``path``, its waits bounded by ``timeout``."""
+        with contextlib.ExitStack() as stack:
+            try:
+                s = stack.enter_context(self._pool.session(prefer))
+            except SFTPTimeout as e:  # starting a session: name the path too
+                where = f"{self.connection.destination}:{path}"
+                raise SFTPTimeout(f"{where}: no SFTP session started in time ({e})") from None
+            with bounded(s, self.timeout, path):
+                yield s
 
     @property
     def connection(self) -> Connection:
@@ -216,7 +252,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
         """Size, type (file/directory/other), mode, times of ``path`` (links followed)."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             a = lstat(s, path)
             if a is None:
                 raise os_error(FileNotFoundError, errno.ENOENT, path)
@@ -225,7 +261,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         """Entries of directory ``path`` (full paths, sorted); ``[info(path)]`` for a file."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             try:
                 entries = readdir(s, path)
             except StatusError as e:
@@ -263,7 +299,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if create_parents:
             self.makedirs(path, exist_ok=False)
             return
-        with self._pool.session() as s:
+        with self._session(path) as s:
             try:
                 mkdir(s, path)
             except StatusError as e:
@@ -272,13 +308,13 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         """Create ``path`` and missing parents; ``FileExistsError`` unless ``exist_ok``."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             makedirs(s, path, exist_ok)
 
     def rmdir(self, path: str) -> None:
         """Remove the empty directory ``path``."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             try:
                 rmdir(s, path)
             except StatusError as e:
@@ -293,14 +329,14 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     def _rm(self, path: str) -> None:
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             a = lstat(s, path)
             if a is None:
                 raise os_error(FileNotFoundError, errno.ENOENT, path)
         if a.is_dir():
             self.rmdir(path)
             return
-        with self._pool.session() as s:
+        with self._session(path) as s:
             s.remove(path)
 
     def rm_file(self, path: str) -> None:
@@ -323,7 +359,9 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """Run ``argv`` (and ``then`` if it succeeds) on the host; a failure raised as the
         ``OSError`` its message says."""
         line = shlex.join(argv) + (" && " + shlex.join(then) if then else "")
-        r = self.connection.run(line, capture_output=True, env={"LC_ALL": "C"})
+        r = self.connection.run(
+            line, capture_output=True, env={"LC_ALL": "C"}, timeout=self.timeout
+        )
         if r.returncode == 0:
             return
         msg = r.stderr.decode(errors="replace").strip()
@@ -359,7 +397,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 p2 = posixpath.join(p2, posixpath.basename(p1))
                 dst = self.info(p2) if self.exists(p2) else None
             if src["type"] != "directory" or (recursive and dst is None):
-                with self._pool.session() as s:
+                with self._session(p1) as s:
                     s.rename(p1, p2)
                 return
         super().mv(path1, path2, recursive=recursive, **kwargs)
@@ -387,7 +425,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """The bytes of ``path`` in ``[start, end)`` (negative: from the end), one pipelined
         read at that offset."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s, self._reading(s, path) as (handle, size):
+        with self._session(path) as s, self._reading(s, path) as (handle, size):
             lo = 0 if start is None else (max(0, size + start) if start < 0 else start)
             hi = size if end is None else (max(0, size + end) if end < 0 else end)
             if end is None:  # to the real end, should the file have grown
@@ -398,7 +436,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """Write ``value`` to ``path`` atomically; ``mode="create"``: ``FileExistsError``
         if ``path`` exists."""
         path = self._strip_protocol(path)
-        with self._pool.session() as s:
+        with self._session(path) as s:
             up = Upload(s, path, append=False, exclusive=mode == "create")
             try:
                 up.write(memoryview(value))
@@ -419,7 +457,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if callback is not None:
             callback.set_size(st.st_size)
         tick = (lambda n: callback.relative_update(n)) if callback is not None else _no_tick
-        with self._pool.session() as s:
+        with self._session(rpath) as s:
             remove = functools.partial(_remove_afresh, self.connection)
             upload_file(s, os.fspath(lpath), rpath, st, tick, True, remove_afresh=remove)
 
@@ -427,7 +465,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         """Download ``rpath`` to local file ``lpath`` (parents made) with sshwrap.transfer's
         atomic copy; a directory ``rpath`` makes directory ``lpath``."""
         rpath = self._strip_protocol(rpath)
-        with self._pool.session() as s:
+        with self._session(rpath) as s:
             a = s.stat(rpath)
             if a is None:
                 raise os_error(FileNotFoundError, errno.ENOENT, rpath)
@@ -485,7 +523,7 @@ class SSHWrapFile(AbstractBufferedFile):  # type: ignore[misc]
         if not hasattr(self, "_handles"):
             self._handles = []
         last = self._handles[-1] if self._handles else None
-        with self.fs._pool.session(prefer=last[0] if last else None) as s:
+        with self.fs._session(self.path, last[0] if last else None) as s:
             if last is None or last[0] is not s:
                 h = s.open_handle(self.path, sftp.FXF_READ, Attrs(), "reading")
                 last = (s, h)
@@ -500,11 +538,14 @@ class SSHWrapFile(AbstractBufferedFile):  # type: ignore[misc]
         for s, h in getattr(self, "_handles", ()):
             with pool.idle(s) as free:
                 if free is not None:
-                    close_later(free, h)
+                    with bounded(free, self.fs.timeout, self.path):
+                        close_later(free, h)
         self._handles = []
 
     def _initiate_upload(self) -> None:
         self._session = self.fs._shared.new_session()
+        self._session.call_timeout = self.fs.timeout  # (its own session: bounded while open)
+        self._session.call_path = self.path
         try:
             self._upload = Upload(
                 self._session, self.path, append=self.mode == "ab", exclusive=self.mode == "xb"

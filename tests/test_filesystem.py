@@ -10,11 +10,12 @@ import pathlib
 import posixpath
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
-from faults import cmdline
+from faults import cmdline, frozen
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -27,6 +28,7 @@ from fsspec.tests.abstract import (  # type: ignore[import-untyped]
 
 from sshwrap.errors import SSHConnectionError
 from sshwrap.filesystem import SSHWrapFileSystem
+from sshwrap.io.sftp_session import SFTPTimeout
 from sshwrap.testing import LocalSSHD, wait_exited
 
 # Until the entry point in pyproject.toml is installed.
@@ -372,3 +374,39 @@ def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str
         f.write(os.urandom(2 << 20))
     assert f.closed
     assert sfs.cat_file(target) == b"old"  # (on a new master)
+
+
+def test_a_frozen_server_times_out_and_the_next_call_works(
+    local_sshd_factory: Callable[..., LocalSSHD], tmp_path: pathlib.Path
+) -> None:
+    """With the server frozen (SIGSTOP), cat_file, ls and put_file each raise a TimeoutError
+    naming host and path within ``timeout`` + 1.5 s, nothing is left under the destination,
+    and after thawing the next call works (on a new session)."""
+    sshd = local_sshd_factory()
+    fs = SSHWrapFileSystem(
+        host=sshd.host, config=sshd.config, timeout=2.0, pool_size=1, skip_instance_cache=True
+    )
+    try:
+        rdir = fs.connection.check_output("mktemp -d", text=True).strip()
+        fs.pipe_file(f"{rdir}/f", b"data")
+        src = tmp_path / "src.bin"
+        src.write_bytes(os.urandom(1 << 20))
+        calls: list[tuple[str, Callable[[], object]]] = [
+            (f"{rdir}/f", lambda: fs.cat_file(f"{rdir}/f")),
+            (rdir, lambda: fs.ls(rdir)),
+            (f"{rdir}/up/new.bin", lambda: fs.put_file(str(src), f"{rdir}/up/new.bin")),
+        ]
+        with frozen(sshd):
+            for path, call in calls:
+                t0 = time.monotonic()
+                with pytest.raises(TimeoutError) as e:
+                    call()
+                assert time.monotonic() - t0 < 2.0 + 1.5, path
+                assert isinstance(e.value, SFTPTimeout), e.value
+                assert str(e.value).startswith(f"{sshd.host}:{rdir}"), e.value
+        assert fs.ls(rdir, detail=False) == [f"{rdir}/f"]  # nothing partial, a new session
+        assert fs.cat_file(f"{rdir}/f") == b"data"
+        fs.put_file(str(src), f"{rdir}/up/new.bin")
+        assert fs.cat_file(f"{rdir}/up/new.bin") == src.read_bytes()
+    finally:
+        fs.connection.close()

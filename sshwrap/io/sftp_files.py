@@ -6,6 +6,9 @@
   out again; an idle one whose ssh exited meanwhile (the master died) is dropped when taken.
   The pool never holds more than ``size`` sessions, so a server's ``MaxSessions`` is kept to
   when ``size`` is below it.
+- ``bounded``: during one call on a session, every wait for the server (a reply, room to
+  send) ends within ``timeout`` (``SFTPTimeout`` naming the host and path; the session is
+  broken, so the pool drops it).
 - Requests on paths: ``lstat``, ``readdir`` (entries as the server lists them: links not
   followed), ``mkdir`` (the server's default mode), ``rmdir``.
 - ``Upload``: a file's new content written to a temporary name next to it, renamed over it
@@ -37,6 +40,7 @@ from .sftp_session import SFTPSession, TransferError
 __all__ = [
     "SessionPool",
     "Upload",
+    "bounded",
     "close_later",
     "lstat",
     "makedirs",
@@ -143,6 +147,19 @@ class SessionPool:
             self._cond.notify_all()
         for s in idle:
             s.close()
+
+
+@contextlib.contextmanager
+def bounded(session: SFTPSession, timeout: float | None, path: str) -> Iterator[SFTPSession]:
+    """``session`` for one call on ``path`` in which every wait for the server ends within
+    ``timeout`` seconds (None: no bound), else raises ``SFTPTimeout`` naming host and path."""
+    session.call_timeout = timeout
+    session.call_path = path
+    try:
+        yield session
+    finally:
+        session.call_timeout = None
+        session.call_path = ""
 
 
 def lstat(session: SFTPSession, path: str) -> Attrs | None:

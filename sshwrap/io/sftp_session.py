@@ -46,6 +46,7 @@ __all__ = [
     "RemotePermissionError",
     "SFTPProtocolError",
     "SFTPSession",
+    "SFTPTimeout",
     "TransferCancelled",
     "TransferError",
 ]
@@ -57,18 +58,9 @@ _CLOSE_WAIT = 2.0  # then ssh's time to exit on its own before it is killed
 _ABORT_CLOSE_WAIT = 0.3  # ... after a failure or an interrupt
 _U32 = struct.Struct(">I")
 # What scp/sftp pass: no forwarding, no tty, no remote command, just the subsystem.
-_SUBSYSTEM_OPTIONS = (
-    "-x",
-    "-a",
-    "-T",
-    "-o",
-    "ClearAllForwardings=yes",
-    "-o",
-    "RemoteCommand=none",
-    "-o",
-    "RequestTTY=no",
-    "-o",
-    "PermitLocalCommand=no",
+_SUBSYSTEM_OPTIONS = tuple(
+    "-x -a -T -o ClearAllForwardings=yes -o RemoteCommand=none -o RequestTTY=no "  # noqa: SIM905
+    "-o PermitLocalCommand=no".split()
 )
 
 
@@ -86,6 +78,10 @@ class RemotePermissionError(TransferError, PermissionError):
 
 class TransferCancelled(TransferError):
     """The transfer was stopped by :meth:`Abort.abort` (from another thread)."""
+
+
+class SFTPTimeout(TransferError, TimeoutError):
+    """The SFTP server did not answer within the bound (the session is broken)."""
 
 
 class SFTPProtocolError(TransferError, sftp.SFTPReplyError):
@@ -134,7 +130,8 @@ class SFTPSession:
 
     Low level; ``put``/``get`` are the public interface.  ``ssh`` is the ssh program,
     ``ssh_args`` its options before the destination.  ``abort`` (an :class:`Abort`) can
-    interrupt it from another thread from the start (the handshake included).
+    interrupt it from another thread from the start (the handshake included).  ``timeout`` bounds
+    the handshake's waits, ``call_timeout`` each later one: ``SFTPTimeout`` naming ``call_path``.
     """
 
     def __init__(
@@ -144,8 +141,11 @@ class SFTPSession:
         ssh: str,
         ssh_args: Sequence[str] = (),
         abort: Abort | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.destination = destination
+        self.call_timeout = timeout
+        self.call_path = ""
         argv = [ssh, *ssh_args, *_SUBSYSTEM_OPTIONS, "-s", "--", destination, "sftp"]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -163,7 +163,6 @@ class SFTPSession:
             raise
         finally:
             child.close()
-        self._fd = self._sock.fileno()
         self._rbuf = bytearray(_RBUF_SIZE)
         self._rview = memoryview(self._rbuf)
         self._start = 0  # unread bytes are _rbuf[_start:_end]
@@ -189,6 +188,7 @@ class SFTPSession:
             self.close()
             raise
         self._established = True
+        self.call_timeout = None
 
     # -- plumbing ----------------------------------------------------------------------
     def __enter__(self) -> SFTPSession:
@@ -202,9 +202,8 @@ class SFTPSession:
     def close(self) -> None:
         """End the session (closing stdin ends sftp-server) and reap ssh.
 
-        ssh gets 2 s to exit on its own (0.3 s after a failure or an interrupt) and is killed
-        after that: every reply the caller needed has been received by then, so nothing is
-        lost by not waiting longer.
+        ssh gets 2 s to exit on its own (0.3 s after a failure or an interrupt), then is
+        killed: every reply the caller needed has been received, nothing is lost by that.
         """
         if self._closed:
             return
@@ -272,22 +271,28 @@ class SFTPSession:
         return TransferError(msg)
 
     def _wait_io(self, write: bool) -> None:
-        """While cleaning up, wait (bounded) until the socket is ready."""
-        if self._deadline is None:
+        """While cleaning up or with a ``call_timeout``, wait (bounded) for the socket."""
+        t = self.call_timeout
+        ends = [d for d in (self._deadline, None if t is None else time.monotonic() + t) if d]
+        if not ends:
             return
-        left = self._deadline - time.monotonic()
+        left = min(ends) - time.monotonic()
         r, w = ([], [self._sock]) if write else ([self._sock], [])
         if left <= 0 or not any(select.select(r, w, [], left)[:2]):
             self.broken = True
-            raise TransferError(f"{self.destination}: the SFTP server did not answer in time")
+            where = f"{self.destination}:{self.call_path}".rstrip(":")
+            raise SFTPTimeout(f"{where}: the SFTP server did not answer in time")
 
     def send(self, *parts: bytes | memoryview) -> None:
         """Send ``parts`` (one or more requests, or a request's head and its data) in order."""
         bufs = [memoryview(p) for p in parts]
         while bufs:
             self._wait_io(write=True)
-            try:
-                n = os.writev(self._fd, bufs)
+            bounded = self._deadline is not None or self.call_timeout is not None
+            try:  # (bounded: a full socket does not block)
+                n = self._sock.sendmsg(bufs, (), socket.MSG_DONTWAIT if bounded else 0)
+            except BlockingIOError:
+                n = 0
             except OSError:  # EPIPE / ECONNRESET: ssh went away
                 raise self._ssh_failure("the connection closed") from None
             while n:
