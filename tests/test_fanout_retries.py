@@ -36,9 +36,10 @@ class Forwarder:
     """A loopback TCP port that resets its first ``reset_first`` connections and forwards
     the others to ``target``; :attr:`count` is how many it accepted."""
 
-    def __init__(self, target: tuple[str, int], reset_first: int) -> None:
+    def __init__(self, target: tuple[str, int], reset_first: int, hold_first: int = 0) -> None:
         self.target = target
         self.reset_first = reset_first
+        self.hold_first = hold_first
         self.count = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
@@ -58,6 +59,9 @@ class Forwarder:
             if self.count <= self.reset_first:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 conn.close()  # an RST: ssh reads "Connection reset by peer"
+                continue
+            if self.count <= self.reset_first + self.hold_first:
+                self.conns.append(conn)  # held open, silent: ssh waits for a banner
                 continue
             up = socket.create_connection(self.target)
             self.conns += [conn, up]
@@ -93,8 +97,8 @@ class Forwarder:
 def forwarder(local_sshd: LocalSSHD) -> Iterator[Any]:
     made: list[Forwarder] = []
 
-    def make(reset_first: int = 0) -> Forwarder:
-        f = Forwarder(("127.0.0.1", local_sshd.port), reset_first)
+    def make(reset_first: int = 0, hold_first: int = 0) -> Forwarder:
+        f = Forwarder(("127.0.0.1", local_sshd.port), reset_first, hold_first)
         made.append(f)
         return f
 
@@ -119,6 +123,15 @@ def test_reset_then_up_is_retried(local_sshd: LocalSSHD, forwarder: Any, face: s
     assert r.attempts == 2
     assert fw.count == 2
     assert r.started is not None and r.duration >= (r.connect_time or 0.0)
+
+
+def test_connect_timeout_is_retried(local_sshd: LocalSSHD, forwarder: Any) -> None:
+    fw = forwarder(hold_first=1)  # the first attempt never sees a banner
+    [r] = sshwrap.run_many(
+        [local_sshd.host], "echo hi", retries=1, connect_timeout=1, **via(local_sshd, fw.port)
+    )
+    assert (r.status, r.stdout, r.attempts, fw.count) == ("ok", b"hi\n", 2, 2), r
+    assert r.duration >= 1.0  # the first attempt's connect_timeout is in it
 
 
 @pytest.mark.parametrize("face", FACES)
