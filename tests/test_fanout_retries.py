@@ -9,6 +9,7 @@ to sshd, so "down on the first try, up on the second" needs no timing at all.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -25,6 +26,7 @@ import pytest
 from test_fanout_hosts import run_many
 
 import sshwrap
+import sshwrap.aio
 from sshwrap.errors import AuthenticationError, SSHConnectionError
 from sshwrap.testing import LocalSSHD
 
@@ -196,3 +198,38 @@ def test_cli_retries(local_sshd: LocalSSHD, forwarder: Any) -> None:
     assert fw.count == 2
     bad = subprocess.run([*argv[:-3], "--retries", "-1", "--", "true"], capture_output=True)
     assert bad.returncode == 64 and b"--retries" in bad.stderr
+
+
+def _ssh_children() -> list[int]:
+    """Pids of this process's ``ssh`` children (from /proc)."""
+    me, kids = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        if comm == "ssh" and int(rest.split()[1]) == me:
+            kids.append(int(d.name))
+    return kids
+
+
+def test_cancel_during_retries_ends_at_once(local_sshd: LocalSSHD) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # refused, again and again
+        port = s.getsockname()[1]
+
+        async def consume() -> None:
+            async for _ in sshwrap.aio.run_many(
+                [local_sshd.host], "true", retries=1000, **via(local_sshd, port)
+            ):
+                pass
+
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            asyncio.run(asyncio.wait_for(consume(), 1.5))
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.5 + 1.0, elapsed
+    assert _ssh_children() == []
