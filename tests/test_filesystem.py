@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
-from faults import cmdline, frozen
+from faults import cmdline, freeze, frozen, thaw
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -409,4 +409,47 @@ def test_a_frozen_server_times_out_and_the_next_call_works(
         fs.put_file(str(src), f"{rdir}/up/new.bin")
         assert fs.cat_file(f"{rdir}/up/new.bin") == src.read_bytes()
     finally:
+        fs.connection.close()
+
+
+class _FreezeOnFirstBytes(Callback):  # type: ignore[misc]
+    """A put/get callback that freezes ``sshd`` when the first bytes have moved."""
+
+    def __init__(self, sshd: LocalSSHD) -> None:
+        super().__init__()
+        self.sshd = sshd
+        self.pids: list[int] | None = None
+        self.at = 0.0
+
+    def relative_update(self, inc: int = 1) -> None:
+        if inc and self.pids is None:
+            self.pids = freeze(self.sshd)
+            self.at = time.monotonic()
+
+
+def test_an_upload_frozen_midway_times_out(
+    local_sshd_factory: Callable[..., LocalSSHD], tmp_path: pathlib.Path
+) -> None:
+    """put_file of 64 MiB with the server frozen after the first bytes: SFTPTimeout within
+    ``timeout`` + 1.5 s (the writes' waits bounded too: a full socket does not block them),
+    the target never appears."""
+    sshd = local_sshd_factory()
+    fs = SSHWrapFileSystem(
+        host=sshd.host, config=sshd.config, timeout=2.0, pool_size=1, skip_instance_cache=True
+    )
+    freezer = _FreezeOnFirstBytes(sshd)
+    try:
+        rdir = fs.connection.check_output("mktemp -d", text=True).strip()
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(64 << 20))
+        with pytest.raises(SFTPTimeout):
+            fs.put_file(str(src), f"{rdir}/big.bin", callback=freezer)
+        assert freezer.pids is not None and time.monotonic() - freezer.at < 2.0 + 1.5
+        thaw(sshd, freezer.pids)
+        assert not fs.exists(f"{rdir}/big.bin")
+        # (its temporary name may remain: the fresh removal, 0.4 s, met the frozen server too)
+        left = fs.ls(rdir, detail=False)
+        assert all(posixpath.basename(p).startswith(".big.bin.") for p in left), left
+    finally:
+        thaw(sshd, freezer.pids)
         fs.connection.close()
