@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -196,6 +197,11 @@ def test_cli_retries(local_sshd: LocalSSHD, forwarder: Any) -> None:
     assert p.returncode == 0, p
     assert b"hi" in p.stdout
     assert fw.count == 2
+    fw2 = forwarder(reset_first=1)  # --json says how many ssh a host took
+    argv[argv.index(f"Port={fw.port}")] = f"Port={fw2.port}"
+    p = subprocess.run([*argv[:-3], "--json", "--", "true"], capture_output=True, timeout=60)
+    assert p.returncode == 0, p
+    assert json.loads(p.stdout)["attempts"] == 2
     bad = subprocess.run([*argv[:-3], "--retries", "-1", "--", "true"], capture_output=True)
     assert bad.returncode == 64 and b"--retries" in bad.stderr
 

@@ -289,6 +289,15 @@ def test_wire_rebuilds_the_error_class() -> None:
         decode_event(b'{"t": "result", "i": 3}\n', ["web1"])
 
 
+def test_wire_carries_the_attempts() -> None:
+    r = HostResult("web1", 0, b"", b"", None, 1.0, 0.5, "ok", 0.1, False, "", 0, attempts=3)
+    back = decode_event(encode_result(0, r), ["web1"]).result
+    assert back is not None and back.attempts == 3
+    bad = encode_result(0, r).replace(b'"attempts":3', b'"attempts":0')
+    with pytest.raises(WireError, match="attempts"):
+        decode_event(bad, ["web1"])
+
+
 def test_a_host_under_two_gateways_tries_the_second(local_sshd_factory: Factory) -> None:
     sshd = _sshd(local_sshd_factory, 3)
     via = {"no-such-gw.invalid": "host[2-3]", "host1": "host2"}

@@ -59,6 +59,7 @@ REQUEST_KEYWORDS = (
     "options",
     "batch_mode",
     "kill_remote",
+    "retries",
 )
 """The fan-out keywords a request carries to the agent (besides ``input`` and ``output``)."""
 
@@ -182,6 +183,7 @@ def encode_result(index: int, r: HostResult) -> bytes:
             "duration": r.duration,
             "connect_time": r.connect_time,
             "ssh_log": r.ssh_log,
+            "attempts": r.attempts,
         }
     )
 
@@ -268,6 +270,10 @@ def decode_event(line: bytes, hosts: Sequence[str]) -> GatewayEvent:
             str(obj.get("ssh_log", "")),
             i,
         )
+        attempts = obj.get("attempts", 1)
+        if type(attempts) is not int or attempts < 1:
+            raise WireError(f"bad attempts {attempts!r}")
+        result.attempts = attempts
     except (TypeError, ValueError) as e:
         raise WireError(f"bad result: {e}") from None
     return GatewayEvent("result", i, result=result)

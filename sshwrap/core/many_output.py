@@ -312,6 +312,7 @@ class Output:
             "status": r.status,
             "returncode": r.returncode,
             "signalled": r.signalled,
+            "attempts": r.attempts,
         }
         for name in ("stdout", "stderr"):
             data: bytes = getattr(r, name)
