@@ -224,8 +224,7 @@ def test_a_killed_master_is_replaced_not_a_failure(sshd: LocalSSHD, cm: str) -> 
     assert [(r.status, r.stdout) for r in results] == [("ok", b"back\n")] * 2
     assert sshd.read_log().count(ACCEPTED) == logins + 1  # only the dead one logged in anew
     assert persisted_sockets(cm) == sockets
-    assert master_pid(sockets[0]) != victim
-    assert any("Stale control socket" in r.ssh_log for r in results)
+    assert master_pid(sockets[0]) != victim  # ssh unlinked the stale socket and took its place
 
 
 def test_close_persisted_ends_the_masters_by_their_pids(sshd: LocalSSHD, cm: str) -> None:

@@ -135,6 +135,15 @@ class FanoutRun:
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
+        host_list = list(hosts)
+        # Every destination is checked before anything runs (not even ``ssh -V`` below).
+        named = {
+            i: _destination(h)
+            for i, h in enumerate(host_list)
+            if isinstance(h, str) or not isinstance(h, ConnectionLike)
+        }
+        for dest, _extra in named.values():
+            check_destination(dest)
         # ssh's log is read for the session up and the exit's meaning: the short log (a
         # quarter of DEBUG1's lines, each one a write for ssh and bytes to read here) where
         # this ssh takes it.
@@ -154,14 +163,14 @@ class FanoutRun:
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
         self.plans: list[HostPlan] = []
-        host_list = list(hosts)
         common = [*fixed, *settings]
         heads = _ArgvHeads(self.job.ssh, common, host_list)
         for i, h in enumerate(host_list):
-            if not isinstance(h, str) and isinstance(h, ConnectionLike):
+            if i not in named:
+                assert isinstance(h, ConnectionLike)
                 self.plans.append(HostPlan(i, h.destination, [], conn=h))
                 continue
-            dest, extra = _destination(h)
+            dest, extra = named[i]
             sid = secrets.token_hex(8) if tagged else None
             if untagged_text is not None:
                 text = untagged_text
@@ -169,7 +178,7 @@ class FanoutRun:
                 text = remote_command(command, env=env, cwd=cwd, session_id=sid)
             head = None if extra else heads.head(text)
             if head is not None:
-                argv = [*head, check_destination(dest), text]
+                argv = [*head, dest, text]
             else:
                 argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*common, *extra])
             # The remote stop's argv is built only when a host needs it.
