@@ -19,6 +19,7 @@ the test too, so the list only ever shrinks.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import sshwrap
@@ -248,3 +249,12 @@ def test_tests_import_public_names_only() -> None:
                     if a.name.startswith("_") and not a.name.startswith("__")
                 ]
     assert not private, private
+
+
+def test_package_docstrings_name_every_module() -> None:
+    """A layer's ``__init__`` docstring is its map: every module of the package is named."""
+    for pkg in PACKAGE_LAYER:
+        doc = (PACKAGE / pkg / "__init__.py").read_text()
+        mods = [p.stem for p in (PACKAGE / pkg).glob("*.py") if p.stem != "__init__"]
+        missing = [m for m in mods if not re.search(rf"\b{m}\b", doc)]
+        assert not missing, f"sshwrap/{pkg}/__init__.py does not name {missing}"

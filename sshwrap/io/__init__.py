@@ -4,6 +4,8 @@ Nothing here decides policy (how long to wait, whether to retry, what a result i
 :mod:`sshwrap.core`, which drives these pieces through its procedures.
 
 - ControlMaster: :mod:`.master` (start, check, restart, stop; the proxy socket),
+  :mod:`.attach` (masters sshwrap does not own: attach, detach, stop), :mod:`.persist`
+  (masters that outlive a fan-out: their private directory, listing, closing),
   :mod:`.mux_control` (a client of the master's mux socket over :mod:`sshwrap.protocol.mux`),
   :mod:`.forwards` (port forwards and their restore after a restart);
 - session channels: :mod:`.pump` (the pump thread that drives
@@ -15,7 +17,10 @@ Nothing here decides policy (how long to wait, whether to retry, what a result i
   controlling terminal, with no Python in the child), :mod:`.host_process`, :mod:`.fd_watcher`
   and :mod:`.fd_budget` (one ssh per host of a fan-out, watched by the loop);
 - SFTP: :mod:`.sftp_session` (the session over ``ssh -s sftp``, ``Abort``, the transfer errors),
-  :mod:`.sftp_pipeline` (pipelined whole-file reads and writes);
+  :mod:`.sftp_pipeline` (pipelined whole-file reads and writes), :mod:`.sftp_files` (the
+  session pool and file operations of the fsspec filesystem);
+- :mod:`.recording`: an asciicast recording of an interactive session, written as it goes;
+- :mod:`.bundle`: the package as a zip, sent to a gateway's ``python3``;
 - :mod:`.prompts`: the askpass server that answers ssh's prompts over a private socket;
 - waiting: :mod:`.flags` (events a thread or an asyncio loop can wait on), :mod:`.deadline`
   (deadline arithmetic), :mod:`.threads` (background threads with signals blocked).

@@ -18,4 +18,6 @@ the sync and async drivers above them share one copy.
 - ``sshwrap.protocol.sftp``: the SFTP v3 codec (packets, ATTRS, requests, replies), no IO.
 - ``sshwrap.protocol.sshlog``: reading ssh's ``-E`` log and stderr (its words, which kind of
   failure, the remote exit against ssh's own).
+- ``sshwrap.protocol.asciicast``: the asciicast v2 format (header, events, the JSON escaping)
+  and which typed keys may be recorded (``EchoGate``).
 """
