@@ -57,6 +57,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
+from .attach import own_cmdlines
 from .master import SUN_PATH_MAX
 from .mux_control import MuxControl, MuxError
 
@@ -326,20 +327,7 @@ def _titled(path: str) -> int:
     """The pid of this user's process titled as OpenSSH titles the master of ``path``
     (``ssh: PATH [mux]``, ssh.c ``control_persist_detach``), else 0."""
     want = f"ssh: {path} [mux]".encode()
-    uid = os.geteuid()
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if os.stat(f"/proc/{entry}").st_uid != uid:
-                    continue
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().rstrip(b"\0") == want:
-                        return int(entry)
-            except OSError:
-                continue
-    return 0
+    return next((pid for pid, cmdline in own_cmdlines() if cmdline.rstrip(b"\0") == want), 0)
 
 
 def _refused(path: str) -> bool:
