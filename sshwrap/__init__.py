@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "SSHWrapError": "errors",
     "SSHError": "errors",
     "SSHConnectionError": "errors",
+    "GatewayError": "errors",
     "AuthenticationError": "errors",
     "HostKeyError": "errors",
     "SSHConfigError": "errors",
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
     from .errors import CalledProcessError as CalledProcessError
     from .errors import CommandLostError as CommandLostError
     from .errors import CommandTooLongError as CommandTooLongError
+    from .errors import GatewayError as GatewayError
     from .errors import HostKeyError as HostKeyError
     from .errors import SSHConfigError as SSHConfigError
     from .errors import SSHConnectionError as SSHConnectionError

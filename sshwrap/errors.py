@@ -4,7 +4,8 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
 
 - :class:`SSHError` (ssh itself failed; nothing ran remotely, or the connection broke) with
   ``host``, ``message`` (ssh's own words) and ``stderr`` (everything ssh printed):
-  :class:`SSHConnectionError` (refused, timed out, unreachable, name not resolved, closed),
+  :class:`SSHConnectionError` (refused, timed out, unreachable, name not resolved, closed;
+  its :class:`GatewayError`: a fan-out host's gateway failed before reporting it),
   :class:`AuthenticationError`, :class:`HostKeyError` (unknown or changed host key),
   :class:`SSHConfigError` (ssh refused to parse a setting: an option, a value, a port, a
   config file, the destination's syntax).
@@ -55,6 +56,7 @@ __all__ = [
     "CommandLostError",
     "CommandTooLongError",
     "ExitInfo",
+    "GatewayError",
     "HostKeyError",
     "SSHConfigError",
     "SSHConnectionError",
@@ -135,6 +137,18 @@ class CommandLostError(SSHConnectionError):
         self.stdout = self.output = stdout
         self.command_stderr = command_stderr
         self.exit_status = exit_status
+
+
+class GatewayError(SSHConnectionError):
+    """A fan-out host's gateway (``run_many(via=)``) failed before reporting the host: it
+    could not be reached, had no suitable ``python3``, or died mid-run.  ``gateway`` names
+    it (the innermost one that failed, in a tree of gateways); ``host`` is the host."""
+
+    def __init__(
+        self, host: str, message: str, stderr: str = "", returncode: int = 255, *, gateway: str = ""
+    ) -> None:
+        super().__init__(host, message, stderr, returncode)
+        self.gateway = gateway
 
 
 class AuthenticationError(SSHError):

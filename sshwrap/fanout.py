@@ -184,8 +184,10 @@ def plan_run(
     routes: dict[str, set[str]] | None,
     **kwargs: Any,
 ) -> FanoutRun | TreeRun:
-    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``."""
+    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``
+    (``forward_agent`` is for those: a flat run leaves it to the user's config)."""
     if routes is None:
+        kwargs.pop("forward_agent", None)
         return FanoutRun(hosts, command, **kwargs)
     return TreeRun(hosts, command, routes, **kwargs)
 
@@ -233,6 +235,7 @@ async def run_many_async(
     retries: int = 0,
     persist: Persist = None,
     via: Via | None = None,
+    forward_agent: bool | None = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
@@ -297,7 +300,12 @@ async def run_many_async(
     gateway that cannot be reached, lacks a suitable ``python3`` or dies mid-run fails only
     its own unreported hosts (``ssh_error``, a ``GatewayError``: an ``SSHConnectionError``
     whose message and ``gateway`` name the gateway); a host that a later gateway names too
-    is tried through that one.
+    is tried through that one.  A gateway that another gateway's pattern names is behind
+    that one (``{"gw1": "gw2,web[1-5]", "gw2": "web[6-9]"}``: web6-9 through gw1, then gw2;
+    the agent on gw1 reaches gw2 itself; a cycle is a ``ValueError``).
+    ``forward_agent`` is for the ssh to each gateway: ``None`` (default) leaves it to the
+    ssh config (``ForwardAgent`` there is honoured, ssh's default is no), ``True`` forwards
+    the agent (``-A``: the gateway's ssh can then use its keys), ``False`` never (``-a``).
     Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
     (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
 
@@ -330,6 +338,7 @@ async def run_many_async(
         on_output=on_output,
         on_start=on_start,
         retries=retries,
+        forward_agent=forward_agent,
     )
     gen = run.results()
     try:
@@ -350,6 +359,7 @@ class RunManyOptions(FanoutOptions, total=False):
     groups: GroupsSource | None
     persist: Persist
     via: Via | None
+    forward_agent: bool | None
 
 
 _RUN_MANY_DEFAULTS: dict[str, Any] = {

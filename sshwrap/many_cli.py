@@ -133,7 +133,17 @@ def _parser() -> argparse.ArgumentParser:
         help="run the hosts of PATTERN through the gateway GW (repeatable)",
     )
     ap.add_argument(
-        "--topology", metavar="FILE", help="gateways from FILE: lines 'gateway: pattern'"
+        "--topology",
+        metavar="FILE",
+        help="gateways from FILE: lines 'gateway: pattern' (a gateway named in another's "
+        "pattern is behind it)",
+    )
+    ap.add_argument(
+        "--via-forward-agent",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="forward the agent to the gateways (ssh -A), or never (--no-...: ssh -a); "
+        "default: as the ssh config says",
     )
     ap.add_argument("-p", "--parallel", type=int, default=32, metavar="N", help="hosts at once")
     ap.add_argument("-t", "--timeout", type=float, help="seconds for each remote command")
@@ -479,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             on_output=output.on_output,
             retries=args.retries,
+            forward_agent=args.via_forward_agent,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

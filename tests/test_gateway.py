@@ -23,12 +23,11 @@ import pytest
 from waiting import wait_until
 
 import sshwrap
-from sshwrap.core.gateway_run import GatewayError
 from sshwrap.core.gateway_wire import WireError, decode_event, encode_result
-from sshwrap.errors import AuthenticationError, SSHConnectionError
+from sshwrap.errors import AuthenticationError, GatewayError, SSHConnectionError
 from sshwrap.fanout import HostResult
 from sshwrap.io.bundle import AGENT_MARK
-from sshwrap.testing import LocalSSHD, comm, wait_exited
+from sshwrap.testing import LocalSSHD, comm, proc_stat, wait_exited
 
 Factory = Callable[..., LocalSSHD]
 
@@ -59,14 +58,25 @@ def _ssh_children(pid: int) -> list[int]:
     return [k for k in kids if comm(k) == "ssh"]
 
 
-def _agents(sshd: LocalSSHD) -> list[int]:
+def marked(pid: int) -> bool:
+    """Whether ``pid``'s command line is the gateway bootstrap's (an agent or its watchdog)."""
+    try:
+        return AGENT_MARK.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def agents(sshd: LocalSSHD) -> list[int]:
+    """The agents running in ``sshd``'s sessions: each the child of its watchdog (whose own
+    parent is no agent: a child the agent forks before its exec is not one)."""
     out = []
     for p in sshd.session_pids():
-        try:
-            if AGENT_MARK.encode() in Path(f"/proc/{p}/cmdline").read_bytes():
-                out.append(p)
-        except OSError:
-            pass
+        st = proc_stat(p)
+        if st is None or not marked(p) or not marked(ppid := int(st[1])):
+            continue
+        up = proc_stat(ppid)
+        if up is not None and not marked(int(up[1])):
+            out.append(p)
     return out
 
 
@@ -172,13 +182,15 @@ def test_gateway_killed_mid_run(local_sshd_factory: Factory, tmp_path: Path) -> 
     got: list[HostResult] = []
 
     def kill_host1() -> None:
-        wait_until(lambda: _started(tmp_path) == 2, 60, "host4 and host5 started")
-        gw1 = [
-            p for p in _agents(sshd) if b" 127.0.0.1 " in Path(f"/proc/{p}/environ").read_bytes()
-        ]
-        assert len(gw1) == 1
-        os.kill(gw1[0], signal.SIGKILL)
-        (tmp_path / "go").touch()
+        try:
+            wait_until(lambda: _started(tmp_path) == 2, 60, "host4 and host5 started")
+            gw1 = [
+                p for p in agents(sshd) if b" 127.0.0.1 " in Path(f"/proc/{p}/environ").read_bytes()
+            ]
+            assert len(gw1) == 1
+            os.kill(gw1[0], signal.SIGKILL)
+        finally:
+            (tmp_path / "go").touch()
 
     async def main() -> None:
         killer = None
@@ -219,9 +231,9 @@ def test_ctrl_c_leaves_no_ssh_or_python(local_sshd_factory: Factory, tmp_path: P
     try:
         wait_until(lambda: _started(tmp_path) == 2, 60, "both leaves started")
         control = _ssh_children(child.pid)
-        agents = _agents(sshd)
-        leaf_ssh = [p for a in agents for p in _ssh_children(a)]
-        assert len(control) == 1 and len(agents) == 1 and len(leaf_ssh) == 2
+        gw_agents = agents(sshd)
+        leaf_ssh = [p for a in gw_agents for p in _ssh_children(a)]
+        assert len(control) == 1 and len(gw_agents) == 1 and len(leaf_ssh) == 2
         child.send_signal(signal.SIGINT)
         out, _ = child.communicate(timeout=30)
     finally:
@@ -229,7 +241,7 @@ def test_ctrl_c_leaves_no_ssh_or_python(local_sshd_factory: Factory, tmp_path: P
             child.kill()
             child.wait()
     assert out.strip() == b'["cancelled", "cancelled"]'
-    assert wait_exited([*control, *agents, *leaf_ssh], 10) == []
+    assert wait_exited([*control, *gw_agents, *leaf_ssh], 10) == []
 
 
 def test_timeout_and_concurrency_reach_the_gateway(local_sshd_factory: Factory) -> None:

@@ -7,23 +7,41 @@ fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against
 own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
 as they come.
 
+A request with ``via`` (hosts behind a further gateway) runs a
+:class:`~sshwrap.core.gateway_run.TreeRun` instead: this agent reaches that gateway itself.
+
 When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
 run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
 the agent exits.  Diagnostics go to stderr, never to stdout.
+
+Run as a program, the agent runs under :func:`supervised`: a watchdog process, its parent
+and a child subreaper (``PR_SET_CHILD_SUBREAPER``), so an agent killed outright (SIGKILL,
+the OOM killer) still leaves nothing behind: its ssh children become the watchdog's, which
+ends them (each ssh's process group: TERM, KILL after :data:`ORPHAN_GRACE`) and reaps them
+before it exits with the agent's status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import signal
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from .fanout_run import FanoutRun
+from .gateway_run import TreeRun
 from .gateway_wire import Request, decode_request, encode_event, encode_result
 
-__all__ = ["main", "serve"]
+__all__ = ["ORPHAN_GRACE", "main", "serve", "supervised"]
+
+ORPHAN_GRACE = 0.5
+"""Seconds the watchdog gives a dead agent's ssh to end after TERM, before KILL."""
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
@@ -81,13 +99,23 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
     kw.setdefault("timeout", None)
     kw.setdefault("connect_timeout", 30.0)
     kw.setdefault("deadline", None)
-    run = FanoutRun(
-        req.hosts,
-        req.command,
-        input=req.input,
-        on_start=on_start,
-        on_output=on_output if req.output else None,
-        **kw,
+    via, forward_agent = kw.pop("via", None), kw.pop("forward_agent", None)
+    callbacks: dict[str, Any] = {
+        "input": req.input,
+        "on_start": on_start,
+        "on_output": on_output if req.output else None,
+    }
+    run: FanoutRun | TreeRun = (
+        TreeRun(
+            req.hosts,
+            req.command,
+            {g: set(members) for g, members in via.items()},
+            forward_agent=forward_agent,
+            **callbacks,
+            **kw,
+        )
+        if via
+        else FanoutRun(req.hosts, req.command, **callbacks, **kw)
     )
     hooked = []
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
@@ -141,5 +169,88 @@ def main(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
     return 0
 
 
+def _children() -> list[int]:
+    """This (single-threaded) process's children; zombies among them are reaped first."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+
+
+def _end_orphans() -> None:
+    """End and reap every child (the ssh a dead agent left, now ours): TERM to each one's
+    process group (an ssh leads its own), KILL after ORPHAN_GRACE."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        kids = _children()
+        if not kids:
+            return
+        for k in kids:
+            try:
+                os.killpg(k, sig)
+            except (ProcessLookupError, PermissionError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(k, sig)
+        t_end = time.monotonic() + ORPHAN_GRACE
+        for k in kids:
+            try:
+                fd = os.pidfd_open(k)
+            except OSError:
+                continue
+            try:
+                select.select([fd], [], [], max(0.0, t_end - time.monotonic()))
+            finally:
+                os.close(fd)
+    _children()
+
+
+def supervised(agent: Callable[[], int]) -> int:
+    """Run ``agent`` in a child process, this one its watchdog (see the module docstring);
+    the agent's exit status.  Where the subreaper cannot be set, ``agent`` runs here."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            return agent()
+    except (ImportError, OSError, AttributeError):
+        return agent()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = agent()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(code)
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    # The agent's stdin is not ours to read: only its EOF matters, and the agent sees it.
+    os.close(0)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = 0
+            break
+    _end_orphans()
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(supervised(main))

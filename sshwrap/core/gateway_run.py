@@ -8,13 +8,16 @@ archive and the request (:mod:`sshwrap.core.gateway_wire`), and turns the agent'
 back into :class:`HostResult`\\ s with the input's indices, as they arrive.
 
 A gateway that cannot be reached, has no suitable ``python3``, or dies mid-run fails only its
-own hosts that had not been reported yet: ``ssh_error`` with a :class:`GatewayError` (an
-``SSHConnectionError``) that names the gateway; a host that a later gateway of ``via`` names
-too is tried through that gateway instead. Leaving the run (its end, ``aclose()``, a cancelled
-task, Ctrl-C) closes each gateway ssh's stdin, which the agent takes as the order to end every
-ssh it started; the gateway's ssh gets :data:`STOP_WAIT` to exit, then TERM, then KILL after
-``KILL_GRACE``, and is reaped. With a ``deadline``, a gateway still running
-:data:`DEADLINE_GRACE` after it is ended the same way and its unreported hosts are ``timeout``.
+own hosts that had not been reported yet: ``ssh_error`` with a
+:class:`~sshwrap.errors.GatewayError` (an ``SSHConnectionError``) that names the gateway; a
+host that a later gateway of ``via`` names too is tried through that gateway instead (one
+whose chain avoids the gateway that failed).  A gateway behind a gateway (depth 2 and more,
+see :class:`TreeRun`) is reached by the agent on the gateway in front of it.  Leaving the
+run (its end, ``aclose()``, a cancelled task, Ctrl-C) closes each gateway ssh's stdin, which
+the agent takes as the order to end every ssh it started; the gateway's ssh gets
+:data:`STOP_WAIT` to exit, then TERM, then KILL after ``KILL_GRACE``, and is reaped.  With a
+``deadline``, a gateway still running :data:`DEADLINE_GRACE` after it is ended the same way
+and its unreported hosts are ``timeout``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any
 
-from ..errors import SSHConnectionError
+from ..errors import GatewayError
 from ..io.bundle import EXIT_OLD_PYTHON, bootstrap_command, package_zip
 from .argv import build_ssh_argv, check_destination, find_ssh, settings_args_of
 from .fanout_host import KILL_GRACE, OutputCallback
@@ -36,7 +39,15 @@ from .fanout_run import ControlPathHost, FanoutRun
 from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
 from .host_result import HostResult, Status, unfinished_result
 
-__all__ = ["DEADLINE_GRACE", "STOP_WAIT", "GatewayError", "TreeRun", "gateway_results"]
+__all__ = [
+    "DEADLINE_GRACE",
+    "STOP_WAIT",
+    "TreeRun",
+    "gateway_chains",
+    "gateway_results",
+    "gateway_ssh_head",
+    "inner_routes",
+]
 
 STOP_WAIT = 1.0
 """Seconds a gateway's ssh gets to exit once its stdin is closed (the agent's own cleanup)."""
@@ -44,15 +55,6 @@ DEADLINE_GRACE = 1.0
 """Seconds past the run's deadline before a gateway that has not finished is ended."""
 _LINE_LIMIT = 1 << 30  # one result line holds a host's whole output (base64)
 _STDERR_KEEP = 16384
-
-
-class GatewayError(SSHConnectionError):
-    """A host's gateway failed (unreachable, no suitable ``python3``, died mid-run) before
-    reporting the host: ``gateway`` names it; ``host`` is the host."""
-
-    def __init__(self, host: str, message: str, stderr: str = "", *, gateway: str) -> None:
-        super().__init__(host, message, stderr)
-        self.gateway = gateway
 
 
 def _reason(gateway: str, returncode: int | None, stderr: bytes, lost: bool) -> str:
@@ -198,10 +200,76 @@ async def gateway_results(
             yield HostResult(h, None, b"", b"", error, wall0, duration, "ssh_error", index=i)
 
 
+def gateway_ssh_head(
+    options: Mapping[str, Any], connect_timeout: float | None, forward_agent: bool | None
+) -> list[str]:
+    """ssh and its options, before the destination, for the ssh to a gateway: the call's ssh
+    settings (the user's config applies as ssh reads it), ``-T``, ``BatchMode=yes`` unless
+    ``batch_mode`` is off, ``ConnectTimeout``.  ``forward_agent``: ``None`` adds nothing, so
+    the user's config decides (a ``ForwardAgent`` there is honoured; ssh's default is no);
+    ``True`` adds ``-A`` (forward the agent to the gateways), ``False`` ``-a`` (never, even when
+    the config says yes).  Either way the gateway's own ssh to its hosts reads the config as
+    a flat run does."""
+    fixed = ["-T", "-o", "LogLevel=ERROR"]
+    if options.get("batch_mode", True):
+        fixed += ["-o", "BatchMode=yes"]
+    if connect_timeout is not None:
+        fixed += ["-o", f"ConnectTimeout={max(1, round(connect_timeout))}"]
+    if forward_agent is not None:
+        fixed.append("-A" if forward_agent else "-a")
+    head = [options.get("ssh") or find_ssh(), *fixed, *settings_args_of(options)]
+    # ssh refuses a command line that is too long: checked here, before anything runs.
+    build_ssh_argv(head[0], "gw", "x", settings=head[1:])
+    return head
+
+
+def gateway_chains(via: Mapping[str, Collection[str]]) -> dict[str, list[str]]:
+    """Each gateway's chain, outermost first: a gateway that another one names (the first
+    that does) is behind it.  ``ValueError`` for a cycle."""
+    parent: dict[str, str] = {}
+    for g in via:
+        for f, members in via.items():
+            if f != g and g in members:
+                parent[g] = f
+                break
+    chains = {}
+    for g in via:
+        chain = [g]
+        while chain[-1] in parent:
+            up = parent[chain[-1]]
+            if up in chain:
+                loop = " -> ".join([up, *reversed(chain[chain.index(up) :])])
+                raise ValueError(f"via: gateways behind each other in a cycle: {loop}")
+            chain.append(up)
+        chains[g] = chain[::-1]
+    return chains
+
+
+def inner_routes(
+    chains: Mapping[str, Sequence[str]], hosts: Sequence[tuple[str, str]]
+) -> dict[str, list[str]]:
+    """The ``via`` for the agent on the outermost gateway of ``hosts`` ((name, innermost
+    gateway) pairs): each gateway below it names the next one of the chain, the innermost its
+    hosts."""
+    inner: dict[str, dict[str, None]] = {}
+    for h, gw in hosts:
+        chain = chains[gw]
+        for up, down in zip(chain[1:], [*chain[2:], h], strict=False):
+            inner.setdefault(up, {})[down] = None
+    return {g: list(members) for g, members in inner.items()}
+
+
 class TreeRun:
     """One command on many hosts, some of them through gateways (``via``: gateway name ->
     the set of host names it serves); the rest run flat.  :meth:`results` and
-    :meth:`complete` as :class:`FanoutRun`'s.  The keywords are ``run_many``'s."""
+    :meth:`complete` as :class:`FanoutRun`'s.  The keywords are ``run_many``'s, and
+    ``forward_agent`` (see :func:`gateway_ssh_head`).
+
+    A gateway that another gateway of ``via`` names is behind that one (depth 2 and more:
+    ``{"gw1": "gw2,web[1-5]", "gw2": "web[6-9]"}``, ClusterShell's topology): its hosts go to
+    the outermost gateway of the chain, whose agent runs a :class:`TreeRun` of its own with
+    the rest of the chain (the request's ``via``).  A cycle raises ``ValueError``.
+    """
 
     def __init__(
         self,
@@ -213,21 +281,26 @@ class TreeRun:
         timeout: float | None,
         connect_timeout: float | None,
         deadline: float | None,
+        forward_agent: bool | None = None,
         **options: Any,
     ) -> None:
         self.names = [h if isinstance(h, str) else h.destination for h in hosts]
+        self.chains = gateway_chains(via)
         flat: list[int] = []
-        self.routes: dict[str, list[tuple[int, str]]] = {}
+        self.routes: dict[str, list[tuple[int, str, str]]] = {}
         self.gateways: dict[int, list[str]] = {}
+        self.tried: dict[int, set[str]] = {}
+        self.failed: dict[int, set[str]] = {}
         for i, h in enumerate(hosts):
             gw = None
             if isinstance(h, str):
-                self.gateways[i] = [g for g, members in via.items() if h in members]
+                self.gateways[i] = [g for g, members in via.items() if h in members and g != h]
                 gw = self.gateways[i][0] if self.gateways[i] else None
             if gw is None or not isinstance(h, str):
                 flat.append(i)
             else:
-                self.routes.setdefault(gw, []).append((i, h))
+                self.tried[i] = {gw}
+                self.routes.setdefault(self.chains[gw][0], []).append((i, h, gw))
         self._flat_index = flat
         bounds: dict[str, Any] = {
             "concurrency": concurrency,
@@ -244,15 +317,9 @@ class TreeRun:
         self.on_output: OutputCallback | None = options.get("on_output")
         self.on_start: Callable[[str], None] | None = options.get("on_start")
         self.keywords = {k: v for k, v in {**options, **bounds}.items() if k in REQUEST_KEYWORDS}
-        settings = settings_args_of(options)
-        fixed = ["-T", "-o", "LogLevel=ERROR"]
-        if options.get("batch_mode", True):
-            fixed += ["-o", "BatchMode=yes"]
-        if connect_timeout is not None:
-            fixed += ["-o", f"ConnectTimeout={max(1, round(connect_timeout))}"]
-        self.ssh_head = [options.get("ssh") or find_ssh(), *fixed, *settings]
-        # ssh refuses a command line that is too long: checked here, before anything runs.
-        build_ssh_argv(self.ssh_head[0], "gw", "x", settings=self.ssh_head[1:])
+        if forward_agent is not None:
+            self.keywords["forward_agent"] = forward_agent
+        self.ssh_head = gateway_ssh_head(options, connect_timeout, forward_agent)
 
     @property
     def hosts(self) -> list[str]:
@@ -273,16 +340,22 @@ class TreeRun:
         return out
 
     def _through(
-        self, gateway: str, hosts: Sequence[tuple[int, str]], t0: float
+        self, gateway: str, hosts: Sequence[tuple[int, str, str]], t0: float
     ) -> AsyncGenerator[HostResult, None]:
+        """Run ``hosts`` ((index, name, innermost gateway) triples) through ``gateway``, the
+        outermost one of each host's chain."""
         left = (
             None if self.deadline is None else max(0.001, self.deadline - (time.monotonic() - t0))
         )
+        keywords = dict(self.keywords)
+        inner = inner_routes(self.chains, [(h, gw) for _, h, gw in hosts])
+        if inner:
+            keywords["via"] = inner
         return gateway_results(
             gateway,
-            hosts,
+            [(i, h) for i, h, _ in hosts],
             self.command,
-            self.keywords,
+            keywords,
             ssh_argv_head=self.ssh_head,
             input=self.input,
             deadline=left,
@@ -291,32 +364,35 @@ class TreeRun:
         )
 
     def _next_gateway(self, r: HostResult) -> str | None:
-        """The gateway to try next for a host its gateway failed (``via`` names it twice)."""
-        if not isinstance(r.error, GatewayError):
+        """The gateway to try next for a host its gateway failed (``via`` names it twice):
+        one not tried yet for it whose chain holds no gateway that failed it."""
+        if not isinstance(r.error, GatewayError) or r.index not in self.tried:
             return None
-        gws = self.gateways.get(r.index, [])
-        if r.error.gateway not in gws:
-            return None
-        rest = gws[gws.index(r.error.gateway) + 1 :]
-        return rest[0] if rest else None
+        failed = self.failed.setdefault(r.index, set())
+        failed.add(r.error.gateway)
+        for gw in self.gateways.get(r.index, []):
+            if gw not in self.tried[r.index] and not failed.intersection(self.chains[gw]):
+                self.tried[r.index].add(gw)
+                return gw
+        return None
 
     async def results(self) -> AsyncGenerator[HostResult, None]:
         """Yield each host's result as it finishes (flat hosts and every gateway's together);
         a host whose gateway failed is tried through the next gateway that names it.  On exit
         (even cancelled) every gateway's ssh and every flat ssh is ended."""
         t0 = time.monotonic()
-        Retry = tuple[str, list[tuple[int, str]]]
+        Retry = tuple[str, list[tuple[int, str, str]]]
         queue: asyncio.Queue[HostResult | BaseException | Retry | None] = asyncio.Queue()
 
         async def pump(source: AsyncIterator[HostResult]) -> None:
-            retry: dict[str, list[tuple[int, str]]] = {}
+            retry: dict[str, list[tuple[int, str, str]]] = {}
             try:
                 async for r in source:
                     nxt = self._next_gateway(r)
                     if nxt is None:
                         queue.put_nowait(r)
                     else:
-                        retry.setdefault(nxt, []).append((r.index, r.host))
+                        retry.setdefault(self.chains[nxt][0], []).append((r.index, r.host, nxt))
                 for gw, hosts in retry.items():
                     queue.put_nowait((gw, hosts))
             except asyncio.CancelledError:

@@ -3,15 +3,16 @@
 The agent first says ``{"t": "ready"}`` (it runs: the control side then knows how much of the
 deadline is left). The control node sends it one line, the request (:func:`encode_request`):
 the hosts (names, as the gateway's own ssh knows them), the command, and the fan-out's
-keywords, with ``input`` as base64. The agent answers with one line per event
-(:func:`encode_event`):
+keywords, with ``input`` as base64; ``via`` (gateway -> names) when some of the hosts are
+behind a further gateway, which the agent then reaches itself.  The agent answers with one
+line per event (:func:`encode_event`):
 
 - ``{"t": "start", "i": N}``: host ``N`` (its index in the request's hosts) started;
 - ``{"t": "out", "i": N, "s": 1|2, "d": BASE64}``: bytes of its stdout (1) or stderr (2), sent
   only when the request asks for them (``"output": true``);
 - ``{"t": "result", "i": N, ...}``: its :class:`~sshwrap.core.host_result.HostResult` (status,
   returncode, signalled, stdout/stderr as base64, the typed error as ``{type, message,
-  host, stderr, returncode}``, started, duration, connect_time, ssh_log);
+  host, stderr, returncode, gateway}``, started, duration, connect_time, ssh_log);
 - ``{"t": "done"}``: every host was reported;
 - ``{"t": "fail", "message": TEXT}``: the agent could not run the request (a bad request).
 
@@ -60,6 +61,8 @@ REQUEST_KEYWORDS = (
     "batch_mode",
     "kill_remote",
     "retries",
+    "via",
+    "forward_agent",
 )
 """The fan-out keywords a request carries to the agent (besides ``input`` and ``output``)."""
 
@@ -110,10 +113,13 @@ def encode_request(
     unknown = set(keywords) - set(REQUEST_KEYWORDS)
     if unknown:
         raise ValueError(f"keywords a gateway cannot take: {', '.join(sorted(unknown))}")
-    kw = {
+    kw: dict[str, Any] = {
         k: (str(v) if k in ("config", "identity", "cwd") and v is not None else v)
         for k, v in keywords.items()
     }
+    via = keywords.get("via")
+    if via is not None:
+        kw["via"] = {str(g): [str(h) for h in members] for g, members in via.items()}
     cmd: str | list[str] = command if isinstance(command, str) else [str(c) for c in command]
     req = {
         "v": WIRE_VERSION,
@@ -151,6 +157,12 @@ def decode_request(line: bytes) -> Request:
         raise WireError("command must be a string or a list of strings")
     if not isinstance(kw, dict) or set(kw) - set(REQUEST_KEYWORDS):
         raise WireError("bad keywords")
+    via = kw.get("via")
+    if via is not None and not (
+        isinstance(via, dict)
+        and all(isinstance(m, list) and all(isinstance(h, str) for h in m) for m in via.values())
+    ):
+        raise WireError("via must map gateway names to lists of names")
     data = obj.get("input")
     return Request(
         hosts, command, kw, None if data is None else _unb64(data), bool(obj.get("output"))
@@ -168,6 +180,7 @@ def encode_result(index: int, r: HostResult) -> bytes:
             "host": e.host,
             "stderr": e.stderr,
             "returncode": e.returncode,
+            "gateway": getattr(e, "gateway", None),
         }
     return _line(
         {
@@ -221,7 +234,11 @@ def _error(obj: object) -> errors.SSHError | None:
     if not (isinstance(cls, type) and issubclass(cls, errors.SSHError)):
         cls = errors.SSHError
     host, message = str(obj.get("host", "")), str(obj.get("message", ""))
-    e = cls(host, message)
+    e = (
+        errors.GatewayError(host, message, gateway=str(obj.get("gateway") or ""))
+        if cls is errors.GatewayError
+        else cls(host, message)
+    )
     e.stderr = str(obj.get("stderr", ""))
     rc = obj.get("returncode", 255)
     e.returncode = rc if isinstance(rc, int) else 255

@@ -1,7 +1,8 @@
 """sshwrap as one archive for a gateway's ``python3``: built in memory, sent over ssh's stdin.
 
 :func:`package_zip` zips every ``.py`` file of the installed ``sshwrap`` package (once per
-process; nothing is written to disk).  :func:`bootstrap_command` is the remote command that
+process; nothing is written to disk; an agent that runs from such an archive sends that one on
+to the gateway behind it).  :func:`bootstrap_command` is the remote command that
 receives it: ``python3 -I -S -c CODE sshwrap-gateway-agent N``, where CODE (a few lines, stdlib
 only) checks the interpreter's version against the package's ``requires-python``, reads ``N``
 bytes of archive from stdin into an anonymous temporary file (``tempfile.TemporaryFile``: it
@@ -20,6 +21,7 @@ import functools
 import io
 import shlex
 import zipfile
+import zipimport
 from pathlib import Path
 
 __all__ = [
@@ -59,7 +61,12 @@ runpy.run_module("sshwrap.core.gateway_agent", run_name="__main__", alter_sys=Tr
 
 @functools.cache
 def package_zip() -> bytes:
-    """The ``sshwrap`` package's ``.py`` files as a zip archive (built once per process)."""
+    """The ``sshwrap`` package's ``.py`` files as a zip archive (built once per process; on a
+    gateway, whose package came as such an archive, that archive: it is sent on as it is)."""
+    loader = globals().get("__loader__")
+    if isinstance(loader, zipimport.zipimporter):
+        with open(loader.archive, "rb") as f:
+            return f.read()
     root = Path(__file__).resolve().parent.parent
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
