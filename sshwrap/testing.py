@@ -223,7 +223,9 @@ class LocalSSHD:
 
     ``addresses`` replaces the 127.0.0.x addresses (one per host) and ``netns`` names an existing
     network namespace (``ip netns``, root only) to run sshd in: with both, a test can put a host
-    behind a link it controls (see the fault-injection helpers in the test suite).
+    behind a link it controls (see the fault-injection helpers in the test suite).  With
+    ``probe_in_netns``, the readiness wait and login probe run inside that namespace too (a
+    host that this namespace cannot reach at all, e.g. a leaf behind a gateway namespace).
 
     Attributes after ``start()`` (or entering the ``with``):
 
@@ -249,6 +251,7 @@ class LocalSSHD:
         start_timeout: float = 20.0,
         addresses: Sequence[str] | None = None,
         netns: str | None = None,
+        probe_in_netns: bool = False,
     ) -> None:
         if not 1 <= hosts <= 254:
             raise ValueError("hosts must be between 1 and 254")
@@ -265,6 +268,7 @@ class LocalSSHD:
             list(addresses) if addresses is not None else [f"127.0.0.{i + 1}" for i in range(hosts)]
         )
         self.netns = netns
+        self.probe_in_netns = probe_in_netns and netns is not None
         self.port = 0
         self.pid = 0
         self.user = ""
@@ -461,7 +465,31 @@ class LocalSSHD:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         last = ""
-        for addr in self.addresses:
+        probe_prefix = self._prefix if self.probe_in_netns else []
+        if probe_prefix:
+            # The banner wait below, run where the addresses can be reached (bounded there).
+            code = (
+                "import socket,sys,time\n"
+                "port, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])\n"
+                "err = None\n"
+                "for a in sys.argv[3:]:\n"
+                "    while True:\n"
+                "        try:\n"
+                "            with socket.create_connection((a, port), timeout=2) as s:\n"
+                "                if s.recv(64).startswith(b'SSH-'): break\n"
+                "        except OSError as e: err = e\n"
+                "        if time.monotonic() > end: sys.exit(f'{a}:{port} not accepting ({err})')\n"
+                "        time.sleep(0.02)\n"
+            )
+            left = str(max(0.0, deadline - time.monotonic()))
+            wait = subprocess.run(
+                [*probe_prefix, "python3", "-c", code, str(self.port), left, *self.addresses],
+                capture_output=True,
+                timeout=self.start_timeout + 5,
+            )
+            if wait.returncode != 0:
+                raise SSHDError(f"sshd not accepting: {wait.stderr.decode(errors='replace')}")
+        for addr in [] if probe_prefix else self.addresses:
             while True:
                 for proc in self._procs:
                     if proc.poll() is not None:
@@ -477,7 +505,7 @@ class LocalSSHD:
                 # The banner is the event we wait for; this bounds the retry rate only.
                 time.sleep(0.02)
         probe = subprocess.run(
-            ["ssh", *self.ssh_args, "-o", "BatchMode=yes", self.host, "true"],
+            [*probe_prefix, "ssh", *self.ssh_args, "-o", "BatchMode=yes", self.host, "true"],
             capture_output=True,
             timeout=max(1.0, deadline - time.monotonic()),
         )

@@ -1,0 +1,241 @@
+"""Fan-out through gateways over a real network topology (issue 13): network namespaces and
+veth pairs this test creates (as root; skipped with the reason otherwise) and removes.
+
+::
+
+    ctl --- gw1 --- leaf1 (l1-1, l1-2)
+     |       `----- gw3 --- leaf3 (l3-1)        gw3 is behind gw1 (depth 2)
+     `----- gw2 --- leaf2 (l2-1, l2-2)
+
+Each link is a veth pair with a /24 of its own (addresses inside these namespaces only;
+nothing routes between links: no namespace forwards).  Each gateway's and leaf's sshd is a
+:class:`LocalSSHD` run inside its namespace; the client config names every alias, so each
+namespace reaches only its neighbours.  The control side runs in ``ctl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from waiting import wait_until
+
+from sshwrap.testing import LocalSSHD, comm, wait_exited
+
+LINKS = {  # (near, far) -> third octet of the link's 10.252.N.0/24
+    ("ctl", "gw1"): 1,
+    ("ctl", "gw2"): 2,
+    ("gw1", "leaf1"): 11,
+    ("gw2", "leaf2"): 12,
+    ("gw1", "gw3"): 13,
+    ("gw3", "leaf3"): 33,
+}
+ALIASES = {"gw1": ["gw1"], "gw2": ["gw2"], "gw3": ["gw3"]}
+ALIASES |= {"leaf1": ["l1-1", "l1-2"], "leaf2": ["l2-1", "l2-2"], "leaf3": ["l3-1"]}
+TOPOLOGY = "gw1: gw3,l1-[1-2]\ngw2: l2-[1-2]\ngw3: l3-1\n"
+LEAVES = "l1-[1-2],l2-[1-2],l3-1"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@dataclass
+class Topology:
+    """The namespaces (role -> name), the sshds (role -> LocalSSHD), the client config."""
+
+    ns: dict[str, str]
+    dir: Path
+    sshd: dict[str, LocalSSHD] = field(default_factory=dict)
+    config: str = ""
+
+    def run_in(self, role: str, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        """``argv`` inside namespace ``role``."""
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            ["ip", "netns", "exec", self.ns[role], *argv], capture_output=True, text=True, **kw
+        )
+
+    def many(self, *args: str) -> list[str]:
+        """``sshwrap-many -F CONFIG ARGS`` (for :meth:`run_in`)."""
+        return [sys.executable, "-m", "sshwrap.many_cli", "-F", self.config, *args]
+
+    def inode(self, role: str) -> int:
+        return os.stat(f"/run/netns/{self.ns[role]}").st_ino
+
+    def leftovers(self, roles: list[str]) -> list[int]:
+        """ssh and python processes (not sshd) whose network namespace is one of ``roles``'."""
+        want = {f"net:[{self.inode(r)}]" for r in roles}
+        out = []
+        for e in os.listdir("/proc"):
+            if not e.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                name = comm(int(e))
+                if (name == "ssh" or name.startswith("python")) and os.readlink(
+                    f"/proc/{e}/ns/net"
+                ) in want:
+                    out.append(int(e))
+        return out
+
+
+def _address(role: str, i: int = 0) -> str:
+    """The address of ``role``'s i-th alias on the link to its gateway (the far end)."""
+    (third,) = [n for (_, far), n in LINKS.items() if far == role]
+    return f"10.252.{third}.{2 + i}"
+
+
+@contextlib.contextmanager
+def _topology(tmp: Path) -> Iterator[Topology]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if not shutil.which("ip"):
+        pytest.skip("needs iproute2's ip")
+    tag = secrets.token_hex(3)
+    roles = ["ctl", "gw1", "gw2", "gw3", "leaf1", "leaf2", "leaf3"]
+    topo = Topology({r: f"swgw-{tag}-{r}" for r in roles}, tmp)
+    made: list[str] = []
+    try:
+        for name in topo.ns.values():
+            _ip("netns", "add", name)
+            made.append(name)
+            _ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        for k, ((near, far), third) in enumerate(LINKS.items()):
+            a, b = f"swg{tag}{k}a", f"swg{tag}{k}b"
+            _ip("link", "add", a, "netns", topo.ns[near], "type", "veth", "peer", "name", b,
+                "netns", topo.ns[far])  # fmt: skip
+            _ip("-n", topo.ns[near], "addr", "add", f"10.252.{third}.1/24", "dev", a)
+            for i in range(len(ALIASES.get(far, [far]))):
+                _ip("-n", topo.ns[far], "addr", "add", f"10.252.{third}.{2 + i}/24", "dev", b)
+            _ip("-n", topo.ns[near], "link", "set", a, "up")
+            _ip("-n", topo.ns[far], "link", "set", b, "up")
+        lines = []
+        with contextlib.ExitStack() as stack:
+            for role, aliases in ALIASES.items():
+                sshd = LocalSSHD(
+                    len(aliases),
+                    user="root",
+                    addresses=[_address(role, i) for i in range(len(aliases))],
+                    netns=topo.ns[role],
+                    probe_in_netns=True,
+                )
+                stack.enter_context(sshd)
+                topo.sshd[role] = sshd
+                for i, alias in enumerate(aliases):
+                    lines += [
+                        f"Host {alias}",
+                        f"    HostName {sshd.addresses[i]}",
+                        f"    Port {sshd.port}",
+                        f"    IdentityFile {sshd.identity}",
+                        f"    UserKnownHostsFile {sshd.known_hosts}",
+                    ]
+            lines += [
+                "Host *",
+                "    User root",
+                "    IdentitiesOnly yes",
+                "    GlobalKnownHostsFile /dev/null",
+                "    StrictHostKeyChecking yes",
+                "    UpdateHostKeys no",
+            ]
+            topo.config = str(tmp / "ssh_config")
+            Path(topo.config).write_text("\n".join(lines) + "\n")
+            os.chmod(topo.config, 0o600)
+            (tmp / "topology.txt").write_text(TOPOLOGY)
+            yield topo
+    finally:
+        for name in made:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _ip("netns", "del", name)  # (its veth ends go with it)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not [n for n in made if n in listed], listed
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    with _topology(tmp_path_factory.mktemp("gwns")) as t:
+        yield t
+
+
+def _results(out: str) -> list[tuple[object, ...]]:
+    rows = [json.loads(x) for x in out.splitlines()]
+    return sorted((r["host"], r["status"], r["returncode"], r["stdout"]) for r in rows)
+
+
+CMD = ["--", "echo $SSH_CONNECTION | cut -d' ' -f3; hostname; exit 3"]
+
+
+def test_leaves_only_through_their_gateways(topo: Topology) -> None:
+    # From the control namespace a leaf cannot be reached at all; its gateway can.
+    for leaf in ("l1-1", "l2-1", "l3-1", "gw3"):
+        direct = topo.run_in(
+            "ctl", ["ssh", "-F", topo.config, "-o", "ConnectTimeout=5", leaf, "true"], timeout=30
+        )
+        assert direct.returncode == 255 and "unreachable" in direct.stderr, direct
+    # The tree run reaches every leaf, depth 2 included (l3-1: ctl -> gw1 -> gw3 -> l3-1).
+    topology = str(topo.dir / "topology.txt")
+    tree = topo.run_in("ctl", topo.many("--json", "--topology", topology, "-H", LEAVES, *CMD))
+    # The same run done flat from each gateway itself, inside its namespace.
+    flat = []
+    for gw, leaves in (("gw1", "l1-[1-2]"), ("gw2", "l2-[1-2]"), ("gw3", "l3-1")):
+        r = topo.run_in(gw, topo.many("--json", "-H", leaves, *CMD), timeout=120)
+        assert r.returncode == 1, r.stderr
+        flat += _results(r.stdout)
+    assert tree.returncode == 1, tree.stderr
+    assert _results(tree.stdout) == sorted(flat)
+    assert [x[3] for x in sorted(flat)] == [
+        f"{_address('leaf1', 0)}\n{os.uname().nodename}\n",
+        f"{_address('leaf1', 1)}\n{os.uname().nodename}\n",
+        f"{_address('leaf2', 0)}\n{os.uname().nodename}\n",
+        f"{_address('leaf2', 1)}\n{os.uname().nodename}\n",
+        f"{_address('leaf3', 0)}\n{os.uname().nodename}\n",
+    ]
+
+
+def test_ctrl_c_leaves_nothing_in_any_gateway_namespace(topo: Topology, tmp_path: Path) -> None:
+    cmd = f"touch {tmp_path}/started.$$; exec sleep 600"
+    argv = topo.many("--json", "--topology", str(topo.dir / "topology.txt"), "-H", LEAVES)
+    child = subprocess.Popen(
+        ["ip", "netns", "exec", topo.ns["ctl"], *argv, "--", cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    gateways = ["gw1", "gw2", "gw3"]
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("started.*"))) == 5, 90, "every leaf started")
+        running = topo.leftovers(gateways)
+        # each gateway: its agent, its watchdog, and an ssh per host it serves
+        assert len([p for p in running if comm(p) == "ssh"]) == 6  # gw1: 3, gw2: 2, gw3: 1
+        child.send_signal(signal.SIGINT)  # (ip netns exec execs the program: this is it)
+        child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130
+    assert wait_exited(running, 10) == []
+    assert topo.leftovers(gateways) == []
+
+
+def test_a_hung_leaf_keeps_the_timeout(topo: Topology) -> None:
+    leaf = topo.sshd["leaf2"]
+    leaf.suspend()  # the leaf's sshd (started here), SIGSTOPped by pid: connections hang
+    try:
+        topology = str(topo.dir / "topology.txt")
+        bounds = ["--connect-timeout", "2", "--deadline", "6"]
+        args = ["--json", "--topology", topology, *bounds, "-H", "l1-1,l2-1", "--", "echo hi"]
+        r = topo.run_in("ctl", topo.many(*args), timeout=30)
+    finally:
+        leaf.resume()
+    rows = {x["host"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert rows["l1-1"]["status"] == "ok"
+    assert rows["l2-1"]["status"] in ("ssh_error", "timeout")
+    assert rows["l2-1"]["duration"] < 6 + 1.5
