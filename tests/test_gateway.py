@@ -49,7 +49,7 @@ def _started(d: Path) -> int:
     return len(list(d.glob("started.*")))
 
 
-def _ssh_children(pid: int) -> list[int]:
+def ssh_children(pid: int) -> list[int]:
     """The running ssh processes that ``pid`` started itself (from any of its threads)."""
     kids: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -133,12 +133,12 @@ def test_one_ssh_per_gateway(local_sshd_factory: Factory, tmp_path: Path) -> Non
         )
 
     # (ssh children of earlier tests may live on, e.g. a cached filesystem's SFTP sessions)
-    before = set(_ssh_children(os.getpid()))
+    before = set(ssh_children(os.getpid()))
     t = threading.Thread(target=run)
     t.start()
     try:
         wait_until(lambda: _started(tmp_path) == 4, 60, "every leaf started")
-        assert len(set(_ssh_children(os.getpid())) - before) == 2
+        assert len(set(ssh_children(os.getpid())) - before) == 2
     finally:
         (tmp_path / "go").touch()
         t.join(60)
@@ -230,9 +230,9 @@ def test_ctrl_c_leaves_no_ssh_or_python(local_sshd_factory: Factory, tmp_path: P
     )
     try:
         wait_until(lambda: _started(tmp_path) == 2, 60, "both leaves started")
-        control = _ssh_children(child.pid)
+        control = ssh_children(child.pid)
         gw_agents = agents(sshd)
-        leaf_ssh = [p for a in gw_agents for p in _ssh_children(a)]
+        leaf_ssh = [p for a in gw_agents for p in ssh_children(a)]
         assert len(control) == 1 and len(gw_agents) == 1 and len(leaf_ssh) == 2
         child.send_signal(signal.SIGINT)
         out, _ = child.communicate(timeout=30)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_gateway import agents
+from test_gateway import agents, ssh_children
 from waiting import wait_until
 
 import sshwrap
@@ -148,3 +148,30 @@ def test_agent_forwarding_only_when_asked(
         assert leaves_see(plain, forward_agent=True) == [mine, mine]
         assert leaves_see(asks) == [mine, mine]
         assert leaves_see(asks, forward_agent=False) == [b"", b""]
+
+
+def test_two_hundred_leaves_two_gateways_two_ssh(
+    local_sshd_factory: Factory, tmp_path: Path
+) -> None:
+    """202 leaf aliases behind 2 gateways: the control node runs exactly 2 ssh processes."""
+    sshd = _sshd(local_sshd_factory, 204)
+    leaves = sshd.hosts[2:]
+    via = {"host1": leaves[:101], "host2": leaves[101:]}
+    d = tmp_path
+    cmd = f"touch {d}/started.$$; while [ ! -e {d}/go ]; do sleep 0.1; done; echo ok"
+    got: list[HostResult] = []
+    before = set(ssh_children(os.getpid()))
+    t = threading.Thread(
+        target=lambda: got.extend(
+            sshwrap.run_many(leaves, cmd, config=sshd.config, via=via, concurrency=16)
+        )
+    )
+    t.start()
+    try:
+        # 16 at a time on each gateway: every one of them in flight
+        wait_until(lambda: len(list(d.glob("started.*"))) == 32, 120, "32 leaves started")
+        assert len(set(ssh_children(os.getpid())) - before) == 2
+    finally:
+        (d / "go").touch()
+        t.join(300)
+    assert len(got) == 202 and all((r.status, r.stdout) == ("ok", b"ok\n") for r in got)
