@@ -346,38 +346,51 @@ def test_echo_gate() -> None:
 # -- the file as it is written ----------------------------------------------------------------
 
 
-def test_append_log_writes_exactly_what_was_added(tmp_path: Path) -> None:
-    """Whatever the sizes and flushes, the file is always a prefix of what was added (never
-    padding, never a gap), all of it after a whole flush; direct or plain writes alike."""
+def test_append_log_writes_whole_lines_in_order(tmp_path: Path) -> None:
+    """Whatever the sizes and flushes, the file is at all times the complete lines added so
+    far, in order, and ends with a line end; a direct write's last line may carry spaces
+    before its end (JSON whitespace), nothing else differs; a line longer than the buffer
+    is kept whole."""
     rnd = random.Random(14)
-    for name in ("a", "b"):
-        path = tmp_path / name
+    for direct_min in (0, 1 << 30):  # every flush a direct one, or none
+        path = tmp_path / f"log{direct_min}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        log = AppendLog(fd, 3 * 4096)
-        added = bytearray()
+        log = AppendLog(fd, 3 * 4096, direct_min=direct_min)
+        lines: list[bytes] = []
+        partial = b""
         try:
-            for _ in range(600):
-                data = rnd.randbytes(rnd.choice([1, 7, 100, 4096, 5000, 20000]))
+            for _ in range(300):
+                size = rnd.choice([1, 7, 100, 4095, 5000, 20000])
+                data = rnd.randbytes(size).replace(b"\n", b"x").replace(b" ", b"y")
+                if rnd.random() < 0.6:
+                    data += b"\n"
                 log.add(data)
-                added += data
+                *done, partial = (partial + data).split(b"\n")
+                lines += done
                 if rnd.random() < 0.3:
-                    whole = rnd.random() < 0.5 if name == "a" else True
-                    log.flush(whole=whole)
-                    on_disk = path.read_bytes()
-                    assert added.startswith(on_disk)
-                    assert len(added) - len(on_disk) == log.pending
-                    assert on_disk == added or not whole
-            log.flush()
+                    log.flush()
+                on_disk = path.read_bytes()
+                assert on_disk == b"" or on_disk.endswith(b"\n")
+                got = [line.rstrip(b" ") for line in on_disk.split(b"\n")[:-1]]
+                assert got == lines[: len(got)]
+                if direct_min:
+                    assert b" " not in on_disk
+            log.add(b"\n")
+            log.flush(final=True)
+            assert log.pending == 0
         finally:
             log.close()
             os.close(fd)
-        assert path.read_bytes() == added
-    # A file that takes no O_DIRECT: plain writes of the same buffer.
+        on_disk = path.read_bytes()
+        got = [line.rstrip(b" ") for line in on_disk.split(b"\n")[:-1]]
+        assert got == [*lines, partial]
+        assert (b" " in on_disk) == (log.direct and not direct_min)  # padded: direct writes
+    # A file that takes no O_DIRECT: plain writes.
     fd = os.open(os.devnull, os.O_WRONLY)
     log = AppendLog(fd, 4096)
     try:
         assert not log.direct
-        log.add(b"x" * 10000)
+        log.add(b"x" * 10000 + b"\n")
         log.flush()
         assert log.pending == 0
     finally:

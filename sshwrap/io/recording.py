@@ -16,8 +16,8 @@ resize; the events' lines come from :mod:`sshwrap.protocol.asciicast`.
   :class:`sshwrap.io.appendlog.AppendLog` (one aligned buffer, written with ``O_DIRECT``
   where the filesystem allows it) and are written when a second has passed since the first
   of them came (on the next event, or on :meth:`Recorder.tick`, which the relay calls when it
-  has waited as long as :meth:`Recorder.timeout` said), and in 1 MiB blocks as the buffer
-  fills.  No thread: a quiet session has nothing unwritten.  Each event is one line, so
+  has waited as long as :meth:`Recorder.timeout` said), and (their complete lines) whenever the
+  1 MiB buffer fills.  No thread: a quiet session has nothing unwritten.  Each event is one line, so
   after a crash of sshwrap the file is valid up to its last write.  :meth:`Recorder.close`
   writes the rest and fsyncs.
 - Input events only with ``Record(input=True)``, and then only what the remote side echoed
@@ -209,7 +209,7 @@ class Recorder:
         log, self._log = self._log, None
         if log is not None:
             try:
-                log.flush()
+                log.flush(final=True)
             except OSError as e:
                 self.error = e
             finally:
@@ -250,7 +250,7 @@ class Recorder:
         if self._log is None:
             return
         try:
-            self._log.add(part)  # a full buffer is written on the way (whole blocks)
+            self._log.add(part)  # a full buffer's complete lines are written on the way
         except OSError as e:
             self._fail(e)
 
