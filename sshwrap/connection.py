@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from .io.recording import RecordSpec
     from .spawn import Spawned, SpawnOptions
     from .terminal.relay import RelayResult
-    from .transfer import Abort, ProgressCallback
+    from .transfer import AbortableCopyOptions, TransferOptions
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -380,50 +380,39 @@ class Connection:
         self,
         local: str | os.PathLike[str],
         remote: str,
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
-        abort: Abort | None = None,
+        **options: Unpack[AbortableCopyOptions],
     ) -> None:
         """Copy a local file or directory (recursively, modes kept) to ``remote`` over the
         master (SFTP; see ``sshwrap.transfer.put``).  ``progress(done, total)`` in bytes;
-        ``abort`` (``sshwrap.transfer.Abort``) lets another thread stop it."""
+        ``preserve_times`` (default True); ``abort`` (``sshwrap.transfer.Abort``) lets another
+        thread stop it."""
         from .transfer import put
 
-        put(
-            local,
-            remote,
-            destination=self.destination,
-            ssh_args=self.ssh_args(),
-            ssh=self._master.ssh,
-            progress=progress,
-            preserve_times=preserve_times,
-            abort=abort,
-        )
+        put(local, remote, **self._over_master("put", options))
 
     def get(
         self,
         remote: str,
         local: str | os.PathLike[str],
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
-        abort: Abort | None = None,
+        **options: Unpack[AbortableCopyOptions],
     ) -> None:
         """Copy a remote file or directory to ``local`` over the master
-        (see ``sshwrap.transfer.get``); ``abort`` as for ``put``."""
+        (see ``sshwrap.transfer.get``); the keywords as for ``put``."""
         from .transfer import get
 
-        get(
-            remote,
-            local,
-            destination=self.destination,
-            ssh_args=self.ssh_args(),
-            ssh=self._master.ssh,
-            progress=progress,
-            preserve_times=preserve_times,
-            abort=abort,
-        )
+        get(remote, local, **self._over_master("get", options))
+
+    def _over_master(self, func: str, options: AbortableCopyOptions) -> TransferOptions:
+        """The keywords of ``sshwrap.transfer``'s ``func`` that copy over the master."""
+        from .transfer import AbortableCopyOptions
+
+        check_keywords(func, options, AbortableCopyOptions)
+        return {
+            **options,
+            "destination": self.destination,
+            "ssh_args": self.ssh_args(),
+            "ssh": self._master.ssh,
+        }
 
     @overload
     def spawn(

@@ -29,7 +29,13 @@ from ..core.commands import ChannelRunOptions, run_command, start_command, use_m
 from ..core.completed import CompletedProcess
 from ..core.getoutput import OutputOptions, getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT
-from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
+from ..core.options import (
+    Command,
+    CommandOptions,
+    StreamOptions,
+    TerminalOptions,
+    check_keywords,
+)
 from ..core.shell import ShellRunOptions, ShellSession, check_shell_options, open_shell
 from ..core.waiting import run_async
 from ..errors import SSHError
@@ -37,7 +43,7 @@ from ..io.master import Master
 from .process import SignalDelivery, process_repr, until_set
 
 if TYPE_CHECKING:
-    from ..transfer import ProgressCallback
+    from ..transfer import CopyOptions
     from .process import Process
 
 __all__ = [
@@ -308,41 +314,29 @@ class AsyncConnection:
         return (await self.run(args, stdout=subprocess.PIPE, check=True, **kwargs)).stdout
 
     async def put(
-        self,
-        local: str | os.PathLike[str],
-        remote: str,
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
+        self, local: str | os.PathLike[str], remote: str, **options: Unpack[CopyOptions]
     ) -> None:
         """``Connection.put`` in a worker thread (``progress`` is called from that thread).
 
         Cancelling it stops the transfer in its thread (``sshwrap.transfer.Abort``) and waits
         for that, so a cancelled copy never completes later in the background."""
-        from ..transfer import to_thread_abortable
+        from ..transfer import CopyOptions, to_thread_abortable
 
+        check_keywords("put", options, CopyOptions)
         await to_thread_abortable(
-            lambda abort: self.sync.put(
-                local, remote, progress=progress, preserve_times=preserve_times, abort=abort
-            )
+            lambda abort: self.sync.put(local, remote, **options, abort=abort)
         )
 
     async def get(
-        self,
-        remote: str,
-        local: str | os.PathLike[str],
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
+        self, remote: str, local: str | os.PathLike[str], **options: Unpack[CopyOptions]
     ) -> None:
         """``Connection.get`` in a worker thread (``progress`` is called from that thread);
         cancelling it stops the transfer as for ``put``."""
-        from ..transfer import to_thread_abortable
+        from ..transfer import CopyOptions, to_thread_abortable
 
+        check_keywords("get", options, CopyOptions)
         await to_thread_abortable(
-            lambda abort: self.sync.get(
-                remote, local, progress=progress, preserve_times=preserve_times, abort=abort
-            )
+            lambda abort: self.sync.get(remote, local, **options, abort=abort)
         )
 
     async def forward_local(
