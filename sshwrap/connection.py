@@ -81,8 +81,7 @@ from .io.pump import check_exec_size
 
 if TYPE_CHECKING:
     from .io.prompts import OnPrompt
-    from .io.recording import RecordSpec
-    from .spawn import Spawned, SpawnOptions
+    from .spawn import InteractOptions, Spawned, SpawnOptions
     from .terminal.relay import RelayResult
     from .transfer import AbortableCopyOptions, TransferOptions
 
@@ -452,21 +451,19 @@ class Connection:
         )
 
     def interact(
-        self,
-        escape: bytes | None = b"\x1d",
-        *,
-        stdin_fd: int = 0,
-        stdout_fd: int = 1,
-        record: RecordSpec | None = None,
+        self, escape: bytes | None = b"\x1d", **options: Unpack[InteractOptions]
     ) -> RelayResult:
         """Hand the user's terminal to a login shell over the master until it exits or the
         user types ``escape`` (default ``^]``; the shell is then hung up).  Raw mode, resizes
         and signals as in ``Spawned.interact``.  The result's ``returncode`` is the remote
-        shell's exit status (``-128`` for a signal death; None when escaped).  ``record``: an
-        asciicast v2 recording of the session (a path or a ``Record``; see
-        ``Spawned.interact``)."""
+        shell's exit status (``-128`` for a signal death; None when escaped).  The keywords
+        (``stdin_fd``, ``stdout_fd``, ``record``: an asciicast v2 recording of the session)
+        are ``Spawned.interact``'s."""
+        from .spawn import InteractOptions
+
+        check_keywords("interact", options, InteractOptions)
         with self.spawn(None, tty=True, timeout=None) as s:
-            return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd, record=record)
+            return s.interact(escape, **options)
 
     # -- ssh argv for other tools ------------------------------------------------------
     def ssh_args(self) -> list[str]:

@@ -47,7 +47,18 @@ import subprocess
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, AnyStr, Generic, Required, TypeAlias, Union, Unpack, cast, overload
+from typing import (
+    Any,
+    AnyStr,
+    Generic,
+    Required,
+    TypeAlias,
+    TypedDict,
+    Union,
+    Unpack,
+    cast,
+    overload,
+)
 
 from .core.argv import SSHLog, check_destination, find_ssh
 from .core.options import Command, CommandOptions, check_keywords, check_terminal
@@ -61,7 +72,14 @@ from .io.recording import RecordSpec
 from .terminal.modes import check_size, get_size, maps_newlines, set_size, wait_for_raw
 from .terminal.relay import RelayResult, relay_terminal
 
-__all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "SpawnOptions", "Spawned"]
+__all__ = [
+    "ExpectEOF",
+    "ExpectError",
+    "ExpectTimeout",
+    "InteractOptions",
+    "SpawnOptions",
+    "Spawned",
+]
 
 _READ = 65536
 # ssh -tt's closing line, right after the program's last output (maybe no newline before it)
@@ -81,6 +99,17 @@ class SpawnOptions(CommandOptions, total=False):
     dimensions: tuple[int, int] | None  # deprecated alias of size
     timeout: float | None
     errors: str
+
+
+class InteractOptions(TypedDict, total=False):
+    """The keywords of ``Spawned.interact`` and ``Connection.interact`` after ``escape``: the
+    user's terminal (``stdin_fd``, default 0, and ``stdout_fd``, default 1) and ``record`` (an
+    asciicast v2 file of the session: a path or a ``Record``, docs/recording.md; default
+    None)."""
+
+    stdin_fd: int
+    stdout_fd: int
+    record: RecordSpec | None
 
 
 class SpawnedOptions(SpawnOptions, total=False):
@@ -550,12 +579,7 @@ class Spawned(Generic[AnyStr]):
 
     # -- handing over the terminal -----------------------------------------------------
     def interact(
-        self,
-        escape: bytes | None = b"\x1d",
-        *,
-        stdin_fd: int = 0,
-        stdout_fd: int = 1,
-        record: RecordSpec | None = None,
+        self, escape: bytes | None = b"\x1d", **options: Unpack[InteractOptions]
     ) -> RelayResult:
         """Give the user's terminal to the program until it exits or ``escape`` is typed.
 
@@ -565,19 +589,19 @@ class Spawned(Generic[AnyStr]):
         (default ``^]``; None: no escape key) returns control to Python with the program still
         running.  Returns the relay's result: ``eof`` (the program ended) with ``returncode``
         (its exit status, as ``self.returncode``), or ``escaped`` (``returncode`` None).
-        ``record``: an asciicast v2 file of the session (a path or ``Record``; docs/recording.md).
+        The keywords (``stdin_fd``, ``stdout_fd``, ``record``: an asciicast v2 file of the
+        session, docs/recording.md) are :class:`InteractOptions`.
         """
+        check_keywords("interact", options, InteractOptions)
         if self._master is None:
             raise ValueError("interact() needs tty=True")
         result = relay_terminal(
             self._rfd,
             self.pid,
-            stdin_fd=stdin_fd,
-            stdout_fd=stdout_fd,
+            **options,
             is_alive=self.isalive,
             escape=escape,
             pending_output=self._pending_bytes(),
-            record=record,
             title=f"ssh {self.destination}",
         )
         if result.eof:
