@@ -47,29 +47,18 @@ import subprocess
 import time
 import warnings
 from collections.abc import Sequence
-from typing import (
-    Any,
-    AnyStr,
-    Generic,
-    Required,
-    TypeAlias,
-    TypedDict,
-    Union,
-    Unpack,
-    cast,
-    overload,
-)
+from typing import Any, AnyStr, Generic, Required, TypeAlias, TypedDict, Unpack, cast, overload
 
 from .core.argv import SSHLog, check_destination, find_ssh
 from .core.options import Command, CommandOptions, check_keywords, check_terminal
 from .core.spawn_command import LOGIN_SHELL as LOGIN_SHELL  # re-exported (the docs)
 from .core.spawn_command import spawn_command_line as spawn_command_line  # re-exported
-from .core.tty_process import MUX_HELLO, MUX_SESSION, NO_MASTER
+from .core.tty_process import MUX_HELLO, MUX_SESSION, NO_MASTER, CookedUndo
 from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
 from .io.pty import RAW_WAIT, spawn_in_pty
 from .io.recording import RecordSpec
-from .terminal.modes import check_size, get_size, maps_newlines, set_size, wait_for_raw
+from .terminal.modes import check_size, get_size, set_size, wait_for_raw
 from .terminal.relay import RelayResult, relay_terminal
 
 __all__ = [
@@ -102,10 +91,8 @@ class SpawnOptions(CommandOptions, total=False):
 
 
 class InteractOptions(TypedDict, total=False):
-    """The keywords of ``Spawned.interact`` and ``Connection.interact`` after ``escape``: the
-    user's terminal (``stdin_fd``, default 0, and ``stdout_fd``, default 1) and ``record`` (an
-    asciicast v2 file of the session: a path or a ``Record``, docs/recording.md; default
-    None)."""
+    """The keywords of ``Spawned.interact``/``Connection.interact`` after ``escape``: the user's
+    terminal (``stdin_fd`` 0, ``stdout_fd`` 1) and ``record`` (None; an asciicast v2 file)."""
 
     stdin_fd: int
     stdout_fd: int
@@ -154,7 +141,7 @@ class ExpectEOF(ExpectError, EOFError):
     """The program's output ended before a pattern matched."""
 
 
-Pattern: TypeAlias = Union[AnyStr, "re.Pattern[AnyStr]", type[ExpectError]]
+Pattern: TypeAlias = AnyStr | re.Pattern[AnyStr] | type[ExpectError]
 
 
 class Spawned(Generic[AnyStr]):
@@ -266,6 +253,7 @@ class Spawned(Generic[AnyStr]):
         except BaseException:
             self._log.close()
             raise
+        self._undo = CookedUndo(-1 if self._master is None else self._rfd, self._log.read)
 
     def __repr__(self) -> str:
         rc = self.returncode
@@ -317,13 +305,7 @@ class Spawned(Generic[AnyStr]):
             # ssh's own closing line comes last: not the program's output
             self._buffer = self._quit.sub(self._empty, self._buffer + self._decode(b"", True))
             return False
-        if self._master is not None and not self._raw and self._via_master():
-            # cooked before the client logged its session (then raw mode): data went cooked
-            if maps_newlines(self._rfd) and MUX_SESSION not in self._log.read():
-                data = data.replace(b"\r\n", b"\n")  # undo the ONLCR (module docstring)
-            else:
-                self._raw = True
-        self._buffer += self._decode(data)
+        self._buffer += self._decode(self._undo(data))  # a cooked pty's \r\r\n (module doc)
         return True
 
     def _via_master(self) -> bool:
@@ -498,7 +480,7 @@ class Spawned(Generic[AnyStr]):
             return
         log = self._log.read()
         self._log.close()
-        self._raw = True  # ssh is gone: no raw mode to wait for or to tell from cooked
+        self._raw = True  # ssh is gone: no raw mode for send() to wait for
         if rc != 255 or MUX_SESSION not in log:
             info = interpret_exit(self.destination, rc, log)
             self.returncode, self.ssh_error = info.returncode, info.error
@@ -589,8 +571,7 @@ class Spawned(Generic[AnyStr]):
         (default ``^]``; None: no escape key) returns control to Python with the program still
         running.  Returns the relay's result: ``eof`` (the program ended) with ``returncode``
         (its exit status, as ``self.returncode``), or ``escaped`` (``returncode`` None).
-        The keywords (``stdin_fd``, ``stdout_fd``, ``record``: an asciicast v2 file of the
-        session, docs/recording.md) are :class:`InteractOptions`.
+        ``record`` (:class:`InteractOptions`): an asciicast v2 file (docs/recording.md).
         """
         check_keywords("interact", options, InteractOptions)
         if self._master is None:
