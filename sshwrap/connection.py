@@ -92,6 +92,7 @@ __all__ = [
     "Detached",
     "Forward",
     "ForwardError",
+    "MasterState",
     "Stream",
     "attach",
     "connect",
@@ -141,7 +142,68 @@ def make_master(destination: str, **options: Unpack[ConnectOptions]) -> Master:
     )
 
 
-class Connection:
+class MasterState:
+    """The state of a connection's ControlMaster, read alike on both faces: ``Connection``
+    and ``sshwrap.aio.AsyncConnection`` (which shares its Connection's ``Master``).  Plain
+    reads: none waits (the alive check does, and is each face's own)."""
+
+    _master: Master
+
+    @property
+    def master(self) -> Master:
+        """The ControlMaster (``sshwrap.io.master.Master``): its lifecycle, forwards and
+        proxy socket; ``sshwrap.core.commands`` runs commands over it (both faces, and the
+        fan-out for a host given as a Connection)."""
+        return self._master
+
+    @property
+    def attached(self) -> bool:
+        """True for a master sshwrap does not own (``close()`` leaves it running)."""
+        return not self._master.owned
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._master.closed
+
+    @property
+    def uses_proxy(self) -> bool:
+        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
+        return self._master.uses_proxy
+
+    @property
+    def log_path(self) -> str:
+        """The master's own log (ssh ``-E``)."""
+        return self._master.log_path
+
+    @property
+    def control_path(self) -> str:
+        """The master's control socket (in a private directory; empty before the start)."""
+        return self._master.control_path
+
+    @property
+    def master_pid(self) -> int:
+        """The master's pid (0 before the start)."""
+        return self._master.pid
+
+    @property
+    def restarts(self) -> int:
+        """How often a dead master was started again."""
+        return self._master.restarts
+
+    @property
+    def start_timeout(self) -> float | None:
+        """Seconds a start of the master may take (the smaller of ``start_timeout`` and
+        ``connect_timeout``)."""
+        return self._master.start_timeout
+
+    @property
+    def reconnect(self) -> bool:
+        """Whether a dead master is started again (else ``SSHConnectionError``)."""
+        return self._master.reconnect
+
+
+class Connection(MasterState):
     """An OpenSSH ControlMaster owned by sshwrap, and commands, forwards and files over it.
 
     Create it with ``sshwrap.connect(...)`` (started) or ``Connection(...)`` + ``open()`` or a
@@ -171,13 +233,6 @@ class Connection:
         self._master = make_master(destination, **options)
         self.destination = destination
         self.host = destination
-
-    @property
-    def master(self) -> Master:
-        """The ControlMaster (``sshwrap.io.master.Master``): its lifecycle, forwards and
-        proxy socket; ``sshwrap.core.commands`` runs commands over it (both faces, and the
-        fan-out for a host given as a Connection)."""
-        return self._master
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Connection:
@@ -223,55 +278,9 @@ class Connection:
         return conn
 
     @property
-    def attached(self) -> bool:
-        """True for a master sshwrap does not own (``close()`` leaves it running)."""
-        return not self._master.owned
-
-    @property
-    def closed(self) -> bool:
-        """True after ``close()``."""
-        return self._master.closed
-
-    @property
     def alive(self) -> bool:
         """True if the master answers an alive check now (``ssh -O check``, 5 s at most)."""
         return self._master.alive
-
-    @property
-    def uses_proxy(self) -> bool:
-        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
-        return self._master.uses_proxy
-
-    @property
-    def log_path(self) -> str:
-        """The master's own log (ssh ``-E``)."""
-        return self._master.log_path
-
-    @property
-    def control_path(self) -> str:
-        """The master's control socket (in a private directory; empty before the start)."""
-        return self._master.control_path
-
-    @property
-    def master_pid(self) -> int:
-        """The master's pid (0 before the start)."""
-        return self._master.pid
-
-    @property
-    def restarts(self) -> int:
-        """How often a dead master was started again."""
-        return self._master.restarts
-
-    @property
-    def start_timeout(self) -> float | None:
-        """Seconds a start of the master may take (the smaller of ``start_timeout`` and
-        ``connect_timeout``)."""
-        return self._master.start_timeout
-
-    @property
-    def reconnect(self) -> bool:
-        """Whether a dead master is started again (else ``SSHConnectionError``)."""
-        return self._master.reconnect
 
     # -- commands ----------------------------------------------------------------------
     def run(self, args: Command, **options: Unpack[ChannelRunOptions]) -> CompletedProcess:
