@@ -318,6 +318,7 @@ def put(
     progress: ProgressCallback | None = None,
     preserve_times: bool = True,
     abort: Abort | None = None,
+    control_path: str | None = None,
 ) -> None:
     """Copy local file or directory ``local`` to ``remote`` on ``destination``.
 
@@ -335,7 +336,9 @@ def put(
     connection ends mid-transfer.  Local write errors (ENOSPC ...) are ``OSError`` naming the
     local path.  ``KeyboardInterrupt`` and exceptions from ``progress`` propagate as
     themselves.  ``abort`` (an :class:`Abort`) lets another thread stop the transfer
-    (``TransferCancelled``).  See the module docstring for the atomicity guarantees.
+    (``TransferCancelled``).  ``control_path``: a ControlMaster's socket that runs the SFTP
+    session itself (no ``ssh -S`` process; ``ssh_args`` still serve a cleanup's fresh
+    session).  See the module docstring for the atomicity guarantees.
     """
     src = os.fspath(local)
     os.stat(src)  # a missing source fails before any connection is made
@@ -344,7 +347,9 @@ def put(
     def remove_afresh(path: str) -> bool:
         return remove_within(destination, program, ssh_args, path, FRESH_REMOVE_TIMEOUT)
 
-    with SFTPSession(destination, ssh=program, ssh_args=ssh_args, abort=abort) as session:
+    with SFTPSession(
+        destination, ssh=program, ssh_args=ssh_args, abort=abort, control_path=control_path
+    ) as session:
         target = _remote_path(remote)
         st = session.stat(target)
         if st is not None and st.is_dir():
@@ -387,6 +392,7 @@ def get(
     progress: ProgressCallback | None = None,
     preserve_times: bool = True,
     abort: Abort | None = None,
+    control_path: str | None = None,
 ) -> None:
     """Copy remote file or directory ``remote`` on ``destination`` to ``local``.
 
@@ -394,7 +400,10 @@ def get(
     directory, modes (and times) kept, same progress callback and exceptions.
     """
     dst = os.fspath(local)
-    with SFTPSession(destination, ssh=ssh or find_ssh(), ssh_args=ssh_args, abort=abort) as session:
+    program = ssh or find_ssh()
+    with SFTPSession(
+        destination, ssh=program, ssh_args=ssh_args, abort=abort, control_path=control_path
+    ) as session:
         src = _remote_path(remote)
         attrs = session.stat(src)
         if attrs is None:
