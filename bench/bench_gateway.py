@@ -35,6 +35,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -260,51 +261,41 @@ def _rows(runs: dict[str, list[Result]], n: int, g: int, per: int, reps: int) ->
     cpu = {k: min(r.cpu for r in v) for k, v in runs.items()}
     wall = {k: min(r.wall for r in v) for k, v in runs.items()}
     gw = {k: min(r.gateway_cpu for r in v) for k, v in runs.items()}
-    where = f"{n} leaves / {g} gateways, -p{per} per gateway"
+    where = f"gateway tree {n} leaves / {g} gateways, -p{per} per gateway"
     notes = {k: f"{k} {_samples(v, n)}" for k, v in runs.items()}
-    rows = [
-        Row(
-            f"gateway tree {where}: control CPU per host vs flat",
-            _ms(cpu["tree"], n),
-            _ms(cpu["flat"], n),
-            cpu["tree"] / cpu["flat"],
-            "<= 0.05x",
-            cpu["tree"] / cpu["flat"] <= 0.05,
-            f"least of {reps} (wall,CPU/host): {notes['tree']}; {notes['flat']}",
+
+    def per_host(x: float) -> str:
+        return _ms(x, n)
+
+    def row(
+        what: str,
+        val: dict[str, float],
+        other: str,
+        show: Callable[[float], str],
+        goal: str = "",
+        limit: float | None = None,
+        note: str = "",
+    ) -> Row:
+        ratio = val["tree"] / val[other]
+        ok = None if limit is None else ratio < limit
+        return Row(f"{where}: {what}", show(val["tree"]), show(val[other]), ratio, goal, ok, note)
+
+    least = f"least of {reps} (wall,CPU/host): {notes['tree']}; {notes['flat']}"
+    return [
+        row("control CPU per host vs flat", cpu, "flat", per_host, "<= 0.05x", 0.05001, least),
+        row("wall vs flat (one box: overhead)", wall, "flat", fmt_s, note="all on one machine"),
+        row(
+            "per-host CPU on each gateway vs clush's",
+            gw,
+            "clush",
+            per_host,
+            note="the gateways' sshd sessions, agents and their ssh to the leaves",
         ),
-        Row(
-            f"gateway tree {where}: wall vs flat (one box: overhead)",
-            fmt_s(wall["tree"]),
-            fmt_s(wall["flat"]),
-            wall["tree"] / wall["flat"],
-            "",
-            None,
-            "all on one machine: the gateways' ssh burn the same cores as flat's",
+        row(
+            "wall vs ClusterShell tree", wall, "clush", fmt_s, "ahead (<1.0x)", 1.0, notes["clush"]
         ),
-        Row(
-            f"gateway tree {where}: per-host CPU on each gateway vs clush's",
-            _ms(gw["tree"], n),
-            _ms(gw["clush"], n),
-            gw["tree"] / gw["clush"],
-            "",
-            None,
-            "the gateways' sshd sessions, agents and their ssh to the leaves",
-        ),
+        row("control CPU vs ClusterShell tree", cpu, "clush", per_host, "ahead (<1.0x)", 1.0),
     ]
-    for what, val, fmt in (("wall", wall, fmt_s), ("control CPU", cpu, None)):
-        ratio = val["tree"] / val["clush"]
-        rows.append(
-            Row(
-                f"gateway tree {where}: {what} vs ClusterShell tree",
-                fmt(val["tree"]) if fmt else _ms(val["tree"], n),
-                fmt(val["clush"]) if fmt else _ms(val["clush"], n),
-                ratio,
-                "ahead (<1.0x)",
-                ratio < 1.0,
-                notes["clush"] if fmt else "",
-            )
-        )
-    return rows
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "child":
