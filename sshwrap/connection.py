@@ -420,6 +420,7 @@ class Connection(MasterState):
             "destination": self.destination,
             "ssh_args": self.ssh_args(),
             "ssh": self._master.ssh,
+            "control_path": None,
         }
 
     @overload

@@ -126,11 +126,14 @@ class AbortableCopyOptions(CopyOptions, total=False):
 class TransferOptions(AbortableCopyOptions, total=False):
     """The keywords of :func:`put` and :func:`get`: ``destination`` (the host; required),
     ``ssh_args`` (ssh options placed before it; default none), ``ssh`` (the client; default
-    the one on ``PATH``), then the copy's own (:class:`AbortableCopyOptions`)."""
+    the one on ``PATH``), ``control_path`` (a ControlMaster's socket that runs the SFTP session
+    itself; default none: ``ssh ... -s DESTINATION sftp``), then the copy's own
+    (:class:`AbortableCopyOptions`)."""
 
     destination: Required[str]
     ssh_args: Sequence[str]
     ssh: str | None
+    control_path: str | None
 
 
 async def to_thread_abortable(func: Callable[[Abort], None]) -> None:
@@ -349,6 +352,7 @@ class _Copy:
     progress: ProgressCallback | None
     preserve_times: bool
     abort: Abort | None
+    control_path: str | None
 
     @classmethod
     def of(cls, func: str, options: TransferOptions) -> _Copy:
@@ -363,11 +367,18 @@ class _Copy:
             options.get("progress"),
             options.get("preserve_times", True),
             options.get("abort"),
+            options.get("control_path"),
         )
 
     def session(self) -> SFTPSession:
         """A new SFTP session to the destination (``ssh <ssh_args> -s <destination> sftp``)."""
-        return SFTPSession(self.destination, ssh=self.ssh, ssh_args=self.ssh_args, abort=self.abort)
+        return SFTPSession(
+            self.destination,
+            ssh=self.ssh,
+            ssh_args=self.ssh_args,
+            abort=self.abort,
+            control_path=self.control_path,
+        )
 
     def remove_afresh(self, path: str) -> bool:
         """Remove remote ``path`` through a new session, within ``FRESH_REMOVE_TIMEOUT``."""
@@ -391,7 +402,9 @@ def put(local: str | os.PathLike[str], remote: str, **options: Unpack[TransferOp
     connection ends mid-transfer.  Local write errors (ENOSPC ...) are ``OSError`` naming the
     local path.  ``KeyboardInterrupt`` and exceptions from ``progress`` propagate as
     themselves.  ``abort`` (an :class:`Abort`) lets another thread stop the transfer
-    (``TransferCancelled``).  See the module docstring for the atomicity guarantees.
+    (``TransferCancelled``).  ``control_path``: a ControlMaster's socket that runs the SFTP
+    session itself (no ``ssh -S`` process; ``ssh_args`` still serve a cleanup's fresh
+    session).  See the module docstring for the atomicity guarantees.
     """
     copy = _Copy.of("put", options)
     src = os.fspath(local)

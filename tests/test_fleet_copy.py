@@ -490,7 +490,8 @@ def test_a_host_stalled_through_the_stop_still_removes_its_temporary_file(
 ) -> None:
     """The stop of a host that stalls mid-upload (frozen: its acks stop coming) cannot end at
     a chunk boundary: the stream is cut, and once the host answers again (thawed as soon as
-    the upload's fresh cleanup session starts) the temporary file is removed all the same,
+    the upload's fresh cleanup session starts: an ``ssh -s`` client, where the upload's own
+    session is the master's, with no process) the temporary file is removed all the same,
     within the bound."""
     sshd = local_sshd_factory(hosts=1)
     src = tmp_path / "huge.bin"
@@ -522,7 +523,7 @@ def test_a_host_stalled_through_the_stop_still_removes_its_temporary_file(
         )
     finally:
         thaw(sshd, frozen)
-    assert frozen and first
+    assert frozen and not first  # the upload's session ran in the master: no ssh of its own
     assert thawed.is_set(), "the stop opened no fresh session to remove the temporary file"
     watcher.join(5)
     assert _statuses(results) == [(sshd.host, "timeout")], results

@@ -5,7 +5,7 @@ Started by the control node over one ssh connection (from the archive of
 request line from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same
 fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's
 own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
-as they come.
+as they come (those within :data:`FLUSH_DELAY` of each other in one write).
 
 When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
 run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
@@ -23,7 +23,10 @@ from typing import Any, BinaryIO
 from .fanout_run import FanoutRun
 from .gateway_wire import Request, decode_request, encode_event, encode_result
 
-__all__ = ["main", "serve"]
+__all__ = ["FLUSH_DELAY", "main", "serve"]
+
+FLUSH_DELAY = 0.005
+"""Seconds an event line may wait for others to be written with it."""
 
 
 async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
@@ -37,10 +40,20 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
         task.cancel()
 
     def write(line: bytes) -> None:
-        if lost:
+        # Lines wait at most FLUSH_DELAY to go out together: one ssh packet and one wake-up
+        # of the control node for many hosts' events, not one per line.
+        if not lost:
+            if not pending:
+                loop.call_later(FLUSH_DELAY, flush)
+            pending.append(line)
+
+    def flush() -> None:
+        if lost or not pending:
             return
+        data = b"".join(pending)
+        pending.clear()
         try:
-            out.write(line)
+            out.write(data)
             out.flush()
         except (OSError, ValueError):
             # (Called from the loop's callbacks too, where an exception would only be logged.)
@@ -48,6 +61,7 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
             stop()
 
     lost: list[bool] = []
+    pending: list[bytes] = []
 
     def on_stdin() -> None:
         assert stdin_fd is not None
@@ -104,6 +118,7 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
                 held.remove(r.index)
             write(encode_result(r.index, r))
         write(encode_event("done"))
+        flush()
     finally:
         await gen.aclose()
         if stdin_fd is not None:

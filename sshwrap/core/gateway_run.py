@@ -33,7 +33,13 @@ from ..io.bundle import EXIT_OLD_PYTHON, bootstrap_command, package_zip
 from .argv import build_ssh_argv, check_destination, find_ssh, settings_args_of
 from .fanout_host import KILL_GRACE, OutputCallback
 from .fanout_run import ControlPathHost, FanoutRun
-from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
+from .gateway_wire import (
+    REQUEST_KEYWORDS,
+    START_PREFIX,
+    WireError,
+    decode_event,
+    encode_request,
+)
 from .host_result import HostResult, Status, unfinished_result
 
 __all__ = ["DEADLINE_GRACE", "STOP_WAIT", "GatewayError", "TreeRun", "gateway_results"]
@@ -148,6 +154,8 @@ async def gateway_results(
                 break
             if not line:
                 break
+            if on_start is None and line.startswith(START_PREFIX):
+                continue  # (nobody wants it: not decoded)
             try:
                 ev = decode_event(line, names)
             except WireError as e:

@@ -33,6 +33,7 @@ from .host_result import HostResult, Status
 
 __all__ = [
     "REQUEST_KEYWORDS",
+    "START_PREFIX",
     "GatewayEvent",
     "WireError",
     "decode_event",
@@ -68,6 +69,11 @@ _STATUSES = {"ok", "failed", "timeout", "ssh_error", "cancelled"}
 
 class WireError(ValueError):
     """A line of the gateway protocol that does not parse."""
+
+
+START_PREFIX = b'{"t":"start",'
+"""How every ``start`` line begins (:func:`encode_event`'s compact JSON): a reader that does not
+want them skips them without decoding."""
 
 
 def _line(obj: Mapping[str, Any]) -> bytes:
