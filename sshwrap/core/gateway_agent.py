@@ -5,7 +5,8 @@ Started by the control node over one ssh connection (from the archive of
 request line from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same
 fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's
 own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
-as they come.
+as they come.  A ``stop`` line from the control node (the tree's ``max_fail`` was exceeded)
+makes the run start no new host (:meth:`FanoutRun.halt`): the rest are reported ``skipped``.
 
 When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
 run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
@@ -21,7 +22,7 @@ import sys
 from typing import Any, BinaryIO
 
 from .fanout_run import FanoutRun
-from .gateway_wire import Request, decode_request, encode_event, encode_result
+from .gateway_wire import Request, decode_request, encode_event, encode_result, read_stop
 
 __all__ = ["main", "serve"]
 
@@ -48,6 +49,7 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
             stop()
 
     lost: list[bool] = []
+    pending = bytearray()  # stdin's bytes since its last complete line
 
     def on_stdin() -> None:
         assert stdin_fd is not None
@@ -60,6 +62,12 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
         if not data:
             loop.remove_reader(stdin_fd)
             stop()
+        pending.extend(data)
+        while (end := pending.find(b"\n") + 1) > 0:
+            reason = read_stop(bytes(pending[:end]))
+            del pending[:end]
+            if reason is not None:  # the control node: start no new host
+                run.halt(reason)
 
     # Hosts are names, and a name may come twice: each start takes the name's next index,
     # its output goes to the oldest one in flight.
