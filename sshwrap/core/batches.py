@@ -168,8 +168,8 @@ class Gate:
             self.limit = self._ends[self._wave]
 
     def _over(self, p: Rollout) -> str:
-        spec = p.specs[1]
-        allowed = f"{spec}" if isinstance(spec, int) else f"{spec} of {p.total} hosts: {p.max_fail}"
+        spec = str(p.specs[1]).strip()
+        allowed = f"{spec} of {p.total} hosts: {p.max_fail}" if "%" in spec else spec
         n = self.failed
         return f"max_fail exceeded: {n} host{'s' if n != 1 else ''} failed (max_fail {allowed})"
 

@@ -106,6 +106,8 @@ class TreeWaves:
                         gate.ended(i, r.status, r.host)
                         if gate.stopped is not None:
                             run.halt(gate.stopped)
+                    elif gate.stopped is not None:  # the run's reason, not a part's count
+                        r = skipped_result(r.host, i, gate.stopped)
                     yield r
             finally:
                 await gen.aclose()
