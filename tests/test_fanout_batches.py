@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_fanout_hosts import run_many
 
 import sshwrap
 import sshwrap.aio
@@ -111,16 +112,6 @@ def assert_waves(log: Path, waves: Sequence[Sequence[int]]) -> None:
         assert last_end < first_start, (
             f"wave {list(after)} started before {list(before)} ended: {ev}"
         )
-
-
-def run_many(face: str, hosts: Any, cmd: str, **kwargs: Any) -> list[HostResult]:
-    if face == "sync":
-        return sshwrap.run_many(hosts, cmd, **kwargs)
-
-    async def collect() -> list[HostResult]:
-        return [r async for r in sshwrap.aio.run_many(hosts, cmd, **kwargs)]
-
-    return sorted(asyncio.run(collect()), key=lambda r: r.index)
 
 
 def statuses(results: Sequence[HostResult | sshwrap.CopyResult]) -> list[str]:
@@ -335,19 +326,17 @@ def test_cli_put_with_max_fail(sshd: LocalSSHD, tmp_path: Path) -> None:
 # -- the fleet copy ---------------------------------------------------------------------------
 
 
+def put(sshd: LocalSSHD, n: int, src: Path, target: str, **kw: Any) -> list[sshwrap.CopyResult]:
+    """``put_many`` of ``src`` to ``target`` on the first ``n`` hosts."""
+    return sshwrap.put_many(sshd.hosts[:n], str(src), target, config=sshd.config, **kw)
+
+
 def test_put_many_max_fail_skips_the_rest(sshd: LocalSSHD, tmp_path: Path) -> None:
     src = tmp_path / "payload"
     src.write_bytes(os.urandom(5000))
     for n in (1, 3, 4, 5):
         (tmp_path / f"host{n}").mkdir()
-    results = sshwrap.put_many(
-        sshd.hosts[:5],
-        str(src),
-        f"{tmp_path}/%h/payload",
-        config=sshd.config,
-        concurrency=1,
-        max_fail=0,
-    )
+    results = put(sshd, 5, src, f"{tmp_path}/%h/payload", concurrency=1, max_fail=0)
     assert statuses(results) == ["ok", "failed", "skipped", "skipped", "skipped"]
     for r in results[2:]:
         assert_skipped(r, "max_fail exceeded: 1 host failed (max_fail 0)")
@@ -376,16 +365,9 @@ def test_put_many_batches_run_in_order(sshd: LocalSSHD, tmp_path: Path) -> None:
         with lock:
             order.append(("end", r.host))
 
-    results = sshwrap.put_many(
-        sshd.hosts[:4],
-        str(src),
-        f"{tmp_path}/%h.payload",
-        config=sshd.config,
-        batch=2,
-        concurrency=4,
-        on_progress=on_progress,
-        on_result=on_result,
-    )
+    target = f"{tmp_path}/%h.payload"
+    kw: dict[str, Any] = {"on_progress": on_progress, "on_result": on_result}
+    results = put(sshd, 4, src, target, batch=2, concurrency=4, **kw)
     assert statuses(results) == ["ok"] * 4
     where = {e: i for i, e in enumerate(order)}
     assert max(where["end", h] for h in first) < min(where["bytes", h] for h in ("host3", "host4"))
