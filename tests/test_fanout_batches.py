@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 from test_fanout_hosts import run_many
+from waiting import wait_until
 
 import sshwrap
 import sshwrap.aio
@@ -35,7 +37,7 @@ from sshwrap.core.gateway_agent import serve
 from sshwrap.core.gateway_wire import decode_event, decode_request, encode_request, encode_stop
 from sshwrap.errors import SkippedError
 from sshwrap.fanout import HostResult
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, wait_exited
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
 FACES = ("sync", "async")
@@ -494,3 +496,46 @@ def test_the_agent_obeys_a_stop_line(sshd: LocalSSHD, log: Path) -> None:
         assert_skipped(got[i], "told to stop")
     assert [e.index for e in evs if e.kind == "start"] == [0]
     assert started(log) == [1]
+
+
+def test_ctrl_c_in_a_later_wave_of_the_tree(sshd: LocalSSHD, tmp_path: Path) -> None:
+    """Ctrl-C while the second wave runs (one host flat, one behind the gateway): the first
+    wave keeps its results, the second is ``cancelled``, and every ssh and agent ends."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    code = (
+        "import json, sys, sshwrap\n"
+        "try:\n"
+        "    sshwrap.run_many(sys.argv[3:], sys.argv[2], config=sys.argv[1],"
+        " via={'host1': 'host[3-4]'}, batch=2)\n"
+        "except sshwrap.FanoutInterrupted as e:\n"
+        "    print(json.dumps([[r.status, r.started is not None] for r in e.results]))\n"
+    )
+    # The second wave's hosts (host4 behind host1, host5 flat) wait while the hold file is.
+    waits = {n: f"[ ! -e {hold} ]" for n in (4, 5)}
+    os.chmod(tmp_path, 0o777)
+    cmd = command(tmp_path / "log", waits=waits, bound=60)
+    hosts = ["host2", "host3", "host4", "host5"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, sshd.config, cmd, *hosts], stdout=subprocess.PIPE
+    )
+    kids: list[int] = []
+    try:
+        wait_until(lambda: started(tmp_path / "log") == [2, 3, 4, 5], 60, "the second wave")
+        for task in Path(f"/proc/{child.pid}/task").iterdir():
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        assert kids  # the flat host's ssh and the gateway's
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        hold.unlink()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert json.loads(out) == [
+        ["ok", True],
+        ["ok", True],
+        ["cancelled", False],
+        ["cancelled", True],
+    ]
+    assert wait_exited(kids, 10) == []
