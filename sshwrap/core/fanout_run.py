@@ -9,7 +9,10 @@ finished keep their results (:meth:`FanoutRun.complete`), the others are ``cance
 (:meth:`FanoutRun.stopped_results` holds what those in flight had produced).
 
 Hosts start in input order, from the loop's thread; a result is taken from a done callback,
-so a host's end costs the scheduler the same whatever the concurrency.
+so a host's end costs the scheduler the same whatever the concurrency.  With ``batch``,
+``max_fail`` or ``canary`` a :class:`~sshwrap.core.batches.Gate` says whether the next host may
+start (its wave is open, nothing stopped the run) and is told each result; the hosts it never
+let start come back ``skipped``.  Without them there is no gate (one ``None`` test per host).
 """
 
 from __future__ import annotations
@@ -125,8 +128,6 @@ class FanoutRun:
         retries = options.get("retries", 0)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, not {retries!r}")
-        host_list = list(hosts)
-        self._gate = gate_of(len(host_list), options)
         env, cwd = options.get("env"), options.get("cwd")
         self.job = FanoutJob(
             command,
@@ -141,6 +142,8 @@ class FanoutRun:
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
+        host_list = list(hosts)
+        self._gate = gate_of(len(host_list), options)  # (a bad value refused before ssh -V)
         # Every destination is checked before anything runs (not even ``ssh -V`` below).
         named = {
             i: _destination(h)
