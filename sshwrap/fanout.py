@@ -72,9 +72,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
 from .core.argv import OptionValue, check_destination, find_ssh, ssh_settings_args
+from .core.batches import ROLLOUT_KEYWORDS, Spec
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
 from .core.gateway_run import TreeRun
+from .core.gateway_waves import TreeWaves
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
@@ -178,15 +180,22 @@ def via_routes(
     return routes
 
 
+Run = FanoutRun | TreeRun | TreeWaves
+"""A planned fan-out: :meth:`results` runs it, :meth:`complete` fills in the hosts left."""
+
+
 def plan_run(
     hosts: Sequence[str | ControlPathHost],
     command: str | Sequence[str],
     routes: dict[str, set[str]] | None,
     **kwargs: Any,
-) -> FanoutRun | TreeRun:
-    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``."""
+) -> Run:
+    """The run: flat (:class:`FanoutRun`, which applies ``batch``/``max_fail``/``canary``
+    itself), or through the gateways of ``routes`` (in waves: :class:`TreeWaves`)."""
     if routes is None:
         return FanoutRun(hosts, command, **kwargs)
+    if any(kwargs.get(k) is not None for k in ROLLOUT_KEYWORDS):
+        return TreeWaves(hosts, command, routes, **kwargs)
     return TreeRun(hosts, command, routes, **kwargs)
 
 
@@ -231,6 +240,9 @@ async def run_many_async(
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
     retries: int = 0,
+    batch: Spec = None,
+    max_fail: Spec = None,
+    canary: int | None = None,
     persist: Persist = None,
     via: Via | None = None,
 ) -> AsyncIterator[HostResult]:
@@ -265,6 +277,19 @@ async def run_many_async(
     host key and config failures (retrying those hides an attack or locks accounts), a name
     that does not resolve, a host given as a connection.  ``HostResult.attempts`` says how
     many ssh were started for the host.
+    Rolling batches (:mod:`sshwrap.core.batches`): ``batch`` (a count, or a percentage of the
+    hosts such as ``"25%"``, rounded up) runs the hosts in waves, in input order: a wave
+    starts only once every host of the wave before has ended (``concurrency`` applies inside
+    a wave).  ``max_fail`` (a count, or a percentage of the hosts, rounded down): once MORE
+    hosts than that have failed (any status but ``ok``: ``failed``, ``timeout``,
+    ``ssh_error``), no new host starts, those in flight finish, and every host never
+    started comes back ``skipped`` (``returncode`` None, ``error`` a ``SkippedError`` saying
+    why); ``max_fail=0`` stops at the first failure.  ``canary=N``: the first N hosts run
+    alone first (their own wave; N over the host count makes every host a canary), and the
+    rest start only if every canary was ``ok``, else they are ``skipped``.  A bad value (a
+    batch of 0, a negative count, ``"150%"``, ``"abc"``) raises ``ValueError`` before any
+    ssh runs.  Through gateways the waves hold across the tree and so does ``max_fail``
+    (:mod:`sshwrap.core.gateway_waves`).
     ``persist`` (``True``, seconds, or ssh's time format: ``"30s"``, ``"10m"``, ``"1h"``)
     leaves each host's ControlMaster up that long after its last use, in a private
     directory of this user's (:mod:`sshwrap.io.persist`), and reuses one that a run before
@@ -330,6 +355,9 @@ async def run_many_async(
         on_output=on_output,
         on_start=on_start,
         retries=retries,
+        batch=batch,
+        max_fail=max_fail,
+        canary=canary,
     )
     gen = run.results()
     try:

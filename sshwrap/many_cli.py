@@ -51,10 +51,19 @@ or ``--persist`` with them exits 64 before any host starts (a copy's master ends
 session was up with a connection-level failure (refused, timed out, reset, unreachable):
 see ``retries`` of :func:`sshwrap.run_many`.
 
+Rolling batches (commands and copies, flat or ``--via``; :mod:`sshwrap.core.batches`):
+``--batch N|P%`` runs the hosts in waves of N (or P percent of the hosts, rounded up), in
+input order, each wave once the one before has ended; ``--max-fail N|P%``: once MORE than N
+hosts (P percent of the hosts, rounded down) have failed (any status but ok), no new host
+starts and those never started are ``skipped``; ``--canary N``: the first N hosts run
+alone first, the rest only if all of them were ok (else ``skipped``).  A bad value exits 64
+before any host starts.
+
 Exit status (the bits add up): 0 every host ran the command and it exited 0 (or copied);
 1 some command exited non-zero or died of a signal, or some copy failed; 2 some host timed
 out (``-t`` or ``--deadline``); 4 some host had an ssh error (refused, unreachable,
-authentication, host key, connect timeout).  64: bad usage (including a ``-p`` the
+authentication, host key, connect timeout); 8 some hosts were skipped (``--max-fail``
+exceeded or a ``--canary`` failed: they never started).  64: bad usage (including a ``-p`` the
 open-files limit cannot hold); 130: interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every
 ssh and printing what finished; 141: stdout was closed by its reader (``| head``), so the
 run was stopped the same way.
@@ -71,18 +80,18 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .core.fanout_run import FanoutRun
-from .core.gateway_run import TreeRun
+from .core.batches import rollout
 from .core.host_input import GROUPS_ENV, cli_hosts
 from .core.hostset import parse_groups
-from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
-from .fanout import FdBudgetError, close_persisted, plan_run, via_routes
+from .core.many_output import EXIT_FAILED, EXIT_SKIPPED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
+from .fanout import FdBudgetError, Run, close_persisted, plan_run, via_routes
 from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 
-__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_SKIPPED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
 EXIT_USAGE = 64
+_ROLLOUT_FLAGS = ("--batch", "--max-fail", "--canary")
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
 
@@ -100,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sshwrap-many",
         description="Run one command on many hosts, or copy to or from them, with ssh.",
         epilog="Exit status: 0 all ok; +1 a command (or copy) failed; +2 a host timed out; "
-        "+4 an ssh error; 64 usage; 130 interrupted; 141 stdout closed by its reader "
-        "(| head), the run stopped.",
+        "+4 an ssh error; +8 hosts skipped (--max-fail exceeded, a --canary failed); "
+        "64 usage; 130 interrupted; 141 stdout closed by its reader (| head), the run stopped.",
     )
     ap.add_argument(
         "-H",
@@ -152,6 +161,24 @@ def _parser() -> argparse.ArgumentParser:
         help="start a host's ssh up to N more times when it could not connect (refused, "
         "timed out, reset), after a jittered backoff; never after auth, host key or remote "
         "failures",
+    )
+    ap.add_argument(
+        "--batch",
+        metavar="N|P%",
+        help="run the hosts in waves of N (or P%% of them, rounded up), in order: a wave "
+        "starts once every host of the one before has ended",
+    )
+    ap.add_argument(
+        "--max-fail",
+        metavar="N|P%",
+        help="once more than N hosts (P%% of them, rounded down) have failed (any status but "
+        "ok), start no new host: the rest are skipped (exit bit 8)",
+    )
+    ap.add_argument(
+        "--canary",
+        type=int,
+        metavar="N",
+        help="run the first N hosts alone first, the rest only if every one of them was ok",
     )
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--group", action="store_true", help="group hosts with identical output")
@@ -234,7 +261,7 @@ def _via(args: argparse.Namespace) -> dict[str, str]:
     return via
 
 
-async def _run(run: FanoutRun | TreeRun, output: Output, tally: Tally) -> bool:
+async def _run(run: Run, output: Output, tally: Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -335,6 +362,7 @@ def _copy(
         "deadline": args.deadline,
         "batch_mode": batch_mode,
         "on_result": show,  # each host's line as it finishes
+        **_rollout_args(args),
     }
     func = put_many if verb == "put" else get_many
     results: list[CopyResult] | None = None
@@ -377,6 +405,10 @@ def _copy(
     if output.broken or interrupted:
         return EXIT_BROKEN_PIPE if output.broken else EXIT_INTERRUPTED
     return tally.exit_status()
+
+
+def _rollout_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch": args.batch, "max_fail": args.max_fail, "canary": args.canary}
 
 
 def _close(ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> int:
@@ -452,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if not hosts:
         ap.error("no hosts left after -x" if args.exclude else "no hosts given")
+    try:
+        rollout(len(hosts), args.batch, args.max_fail, args.canary, labels=_ROLLOUT_FLAGS)
+    except ValueError as e:
+        ap.error(str(e))
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     if copy:
         connect = None if no_connect_timeout else connect_timeout
@@ -479,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             on_output=output.on_output,
             retries=args.retries,
+            **_rollout_args(args),
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

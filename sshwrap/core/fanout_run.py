@@ -9,7 +9,10 @@ finished keep their results (:meth:`FanoutRun.complete`), the others are ``cance
 (:meth:`FanoutRun.stopped_results` holds what those in flight had produced).
 
 Hosts start in input order, from the loop's thread; a result is taken from a done callback,
-so a host's end costs the scheduler the same whatever the concurrency.
+so a host's end costs the scheduler the same whatever the concurrency.  With ``batch``,
+``max_fail`` or ``canary`` a :class:`~sshwrap.core.batches.Gate` says whether the next host may
+start (its wave is open, nothing stopped the run) and is told each result; the hosts it never
+let start come back ``skipped``.  Without them there is no gate (one ``None`` test per host).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .argv import (
     remote_command,
     settings_args_of,
 )
+from .batches import Gate, Spec, gate_of
 from .fanout_host import (
     KILL_GRACE,
     ConnectionLike,
@@ -49,7 +53,7 @@ from .fanout_host import (
     process_result,
     run_over_connection,
 )
-from .host_result import HostResult, unfinished_result
+from .host_result import HostResult, skipped_result, unfinished_result
 from .options import CommandOptions, SSHSettings
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
@@ -79,6 +83,9 @@ class FanoutOptions(SSHSettings, CommandOptions, total=False):
     on_output: OutputCallback | None
     on_start: Callable[[str], None] | None
     retries: int
+    batch: Spec
+    max_fail: Spec
+    canary: int | None
 
 
 def _check_bounds(concurrency: int, **bounds: float | None) -> None:
@@ -136,6 +143,7 @@ class FanoutRun:
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
         host_list = list(hosts)
+        self._gate = gate_of(len(host_list), options)  # (a bad value refused before ssh -V)
         # Every destination is checked before anything runs (not even ``ssh -V`` below).
         named = {
             i: _destination(h)
@@ -195,6 +203,13 @@ class FanoutRun:
         """Every host's name (its destination), in input order."""
         return [p.host for p in self.plans]
 
+    def halt(self, reason: str) -> None:
+        """Start no new host: those in flight finish, the others come back ``skipped`` for
+        ``reason`` (a gateway agent told that the tree's ``max_fail`` was exceeded)."""
+        if self._gate is None:
+            self._gate = Gate(total=len(self.plans))
+        self._gate.halt(reason)
+
     def stopped_results(self) -> list[HostResult]:
         """In input order, the results of the hosts that were in flight when the run was left
         early: ``cancelled`` with their output so far, or their own result when they had just
@@ -233,6 +248,8 @@ class FanoutRun:
                 while todo and len(tasks) < self.concurrency:
                     if t_end is not None and time.monotonic() >= t_end:
                         break
+                    if self._gate is not None and not self._gate.may_start(todo[-1].index):
+                        break  # the next wave waits, or max_fail / a canary stopped the run
                     plan = todo.pop()
                     if self.on_start is not None:
                         self.on_start(plan.host)
@@ -256,7 +273,7 @@ class FanoutRun:
                     tasks[run] = plan.index
                     run.start()
                 if not tasks:
-                    break  # the deadline passed before the rest could start
+                    break  # the deadline passed (or the gate stopped) before the rest started
                 if not done:
                     wake.append(loop.create_future())
                     try:
@@ -266,10 +283,17 @@ class FanoutRun:
                 ended = done.popleft()
                 idx = tasks.pop(ended)
                 self._running.pop(idx, None)
-                yield ended.result()
-            while todo:  # never started: the total deadline ran out first
+                result = ended.result()
+                if self._gate is not None:
+                    self._gate.ended(idx, result.status, result.host)
+                yield result
+            stopped = None if self._gate is None else self._gate.stopped
+            while todo:  # never started: stopped by the gate, or the deadline ran out first
                 plan = todo.pop()
-                yield unfinished_result(plan.host, plan.index, "timeout")
+                if stopped is not None:
+                    yield skipped_result(plan.host, plan.index, stopped)
+                else:
+                    yield unfinished_result(plan.host, plan.index, "timeout")
         finally:
             try:
                 await self._shutdown(tasks)

@@ -48,12 +48,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, runtime_checkable
 
-from ..errors import SSHError
+from ..errors import SkippedError, SSHError
 from ..io.deadline import earliest, remaining
 from ..io.fd_budget import check_fd_budget
 from ..io.flags import Changes, Flag
 from ..io.master import Master
 from ..io.sftp_session import Abort
+from .batches import Gate, Spec, gate_of
 from .host_result import HostOutcome, Interrupted, Status
 from .options import SSH_SETTINGS_KEYS, SSHSettings, check_keywords
 from .waiting import Procedure, WaitChange
@@ -92,7 +93,8 @@ class CopyOptions(SSHSettings, total=False):
     the host's worker thread (an exception it raises fails that host); ``on_result(result)``
     each host's :class:`CopyResult` as the host ends (before the call returns), in the
     caller's thread (sync) or on the loop (async): an exception it raises stops every host
-    as Ctrl-C does, then goes on (a ``KeyboardInterrupt``: :class:`CopyInterrupted`).
+    as Ctrl-C does, then goes on (a ``KeyboardInterrupt``: :class:`CopyInterrupted`);
+    ``batch``, ``max_fail``, ``canary`` as ``run_many``'s (:mod:`sshwrap.core.batches`).
     """
 
     concurrency: int
@@ -103,6 +105,9 @@ class CopyOptions(SSHSettings, total=False):
     preserve_times: bool
     on_progress: Callable[[str, int, int], None] | None
     on_result: Callable[[CopyResult], None] | None
+    batch: Spec
+    max_fail: Spec
+    canary: int | None
 
 
 class Transfer(Protocol):
@@ -160,7 +165,8 @@ class CopyResult(HostOutcome):
       ``FileNotFoundError``, ``PermissionError`` or another ``TransferError``), ``ssh_error``
       (``error`` is the ``SSHError``: refused, authentication, host key, connect timeout, or
       the connection lost mid-transfer), ``timeout`` (``timeout`` or ``deadline`` ran out),
-      ``cancelled``; ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
+      ``cancelled``, ``skipped`` (never started: ``error`` a ``SkippedError`` saying why);
+      ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
     - ``started``: wall clock when the host started (None if it never did); ``duration``:
       seconds until it ended; ``connect_time``: seconds until its master was up.
     - ``source`` / ``target``: the paths of this host's copy, ``%h`` replaced (for
@@ -446,17 +452,13 @@ class _Host:
 
 
 # -- the supervisor: one procedure for both faces ---------------------------------------------
-def _never_ran(plan: CopyPlan, status: Status) -> CopyResult:
-    return CopyResult(
-        plan.host,
-        status,
-        None,
-        None,
-        0.0,
-        source=plan.source,
-        target=plan.target,
-        index=plan.index,
-    )
+def _never_ran(plan: CopyPlan, status: Status, gate: Gate | None = None) -> CopyResult:
+    """A host that never started: ``status``, or ``skipped`` when the gate had stopped."""
+    why = gate.stopped if gate is not None and status != "cancelled" else None
+    error = None if why is None else SkippedError(plan.host, why)
+    status = status if why is None else "skipped"
+    s, t, i = plan.source, plan.target, plan.index
+    return CopyResult(plan.host, status, error, None, 0.0, source=s, target=t, index=i)
 
 
 def copy_many(
@@ -477,6 +479,7 @@ def copy_many(
     raises at once (``TypeError``/``ValueError``/``FileNotFoundError``; ``FdBudgetError``
     when the open-files limit cannot hold ``concurrency`` hosts)."""
     check_keywords(func, options, CopyOptions)
+    gate = gate_of(len(links), options)
     concurrency = options.get("concurrency", 32)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError("concurrency must be an int of at least 1")
@@ -502,7 +505,7 @@ def copy_many(
         on_progress=options.get("on_progress"),
     )
     on_result = options.get("on_result")
-    return _supervise(plans, job, concurrency, options.get("deadline"), on_result)
+    return _supervise(plans, job, concurrency, options.get("deadline"), on_result, gate)
 
 
 def _supervise(
@@ -511,6 +514,7 @@ def _supervise(
     concurrency: int,
     deadline: float | None,
     on_result: Callable[[CopyResult], None] | None,
+    gate: Gate | None,
 ) -> Procedure[list[CopyResult]]:
     t_end = None if deadline is None else time.monotonic() + deadline
     events = Changes()
@@ -526,6 +530,8 @@ def _supervise(
                 h.thread.join()
                 results[h.plan.index] = h.result
                 running.remove(h)
+                if gate is not None:
+                    gate.ended(h.plan.index, h.result.status, h.plan.host)
                 if on_result is not None:
                     on_result(h.result)
             elif h.thread is None or h.thread.ident is None:  # never started (interrupted)
@@ -534,7 +540,7 @@ def _supervise(
                 running.remove(h)
 
     def complete(status: Status) -> list[CopyResult]:
-        return [results.get(p.index) or _never_ran(p, status) for p in plans]
+        return [results.get(p.index) or _never_ran(p, status, gate) for p in plans]
 
     def wait(until: float | None) -> WaitChange:
         """Until a host's event, or ``until`` (the next bound: the host's, ``deadline``)."""
@@ -573,11 +579,13 @@ def _supervise(
                 yield from stop_all("timeout")
                 return complete("timeout")
             while waiting and len(running) < concurrency:
+                if gate is not None and not gate.may_start(waiting[-1].index):
+                    break  # the next wave waits, or max_fail / a canary stopped the copy
                 h = _Host(waiting.pop(), job, events, t_end)
                 running.append(h)
                 h.start()
-            if not running:
-                return complete("cancelled")
+            if not running:  # all done, or the gate stopped the rest
+                return complete("skipped")
             yield wait(t_end)
     except GeneratorExit:  # closed unfinished (no driver any more): stop without waiting
         for h in running:

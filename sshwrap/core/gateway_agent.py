@@ -5,7 +5,9 @@ Started by the control node over one ssh connection (from the archive of
 request line from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same
 fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's
 own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
-as they come (those within :data:`FLUSH_DELAY` of each other in one write).
+as they come (those within :data:`FLUSH_DELAY` of each other in one write).  A ``stop``
+line from the control node (the tree's ``max_fail`` was exceeded) makes the run start no new
+host (:meth:`FanoutRun.halt`): the rest are reported ``skipped``.
 
 When the control side goes away (stdin closes, SIGHUP, SIGTERM, SIGINT, or stdout breaks) the
 run is cancelled: every ssh it started is ended and reaped (FanoutRun's own cleanup), then
@@ -21,7 +23,7 @@ import sys
 from typing import Any, BinaryIO
 
 from .fanout_run import FanoutRun
-from .gateway_wire import Request, decode_request, encode_event, encode_result
+from .gateway_wire import Request, decode_request, encode_event, encode_result, read_stop
 
 __all__ = ["FLUSH_DELAY", "main", "serve"]
 
@@ -62,6 +64,7 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
 
     lost: list[bool] = []
     pending: list[bytes] = []
+    stdin_buf = bytearray()  # stdin's bytes since its last complete line
 
     def on_stdin() -> None:
         assert stdin_fd is not None
@@ -74,6 +77,12 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
         if not data:
             loop.remove_reader(stdin_fd)
             stop()
+        stdin_buf.extend(data)
+        while (end := stdin_buf.find(b"\n") + 1) > 0:
+            reason = read_stop(bytes(stdin_buf[:end]))
+            del stdin_buf[:end]
+            if reason is not None:  # the control node: start no new host
+                run.halt(reason)
 
     # Hosts are names, and a name may come twice: each start takes the name's next index,
     # its output goes to the oldest one in flight.

@@ -15,6 +15,11 @@ keywords, with ``input`` as base64. The agent answers with one line per event
 - ``{"t": "done"}``: every host was reported;
 - ``{"t": "fail", "message": TEXT}``: the agent could not run the request (a bad request).
 
+After the request, the control node may send one more kind of line, ``{"t": "stop", "reason":
+TEXT}`` (:func:`encode_stop`): start no new host, report the hosts never started as
+``skipped`` for TEXT (the tree's ``max_fail`` was exceeded elsewhere).  ``max_fail`` in the
+request's keywords is a count (the control node resolves a percentage against the whole run).
+
 :func:`decode_event` turns a line back into a :class:`GatewayEvent`, the error into the same
 exception class (one of :mod:`sshwrap.errors`' ``SSHError`` family, else ``SSHError``).
 A line that is not one of these raises :class:`WireError`.
@@ -41,6 +46,8 @@ __all__ = [
     "encode_event",
     "encode_request",
     "encode_result",
+    "encode_stop",
+    "read_stop",
 ]
 
 WIRE_VERSION = 1
@@ -61,10 +68,11 @@ REQUEST_KEYWORDS = (
     "batch_mode",
     "kill_remote",
     "retries",
+    "max_fail",
 )
 """The fan-out keywords a request carries to the agent (besides ``input`` and ``output``)."""
 
-_STATUSES = {"ok", "failed", "timeout", "ssh_error", "cancelled"}
+_STATUSES = {"ok", "failed", "timeout", "ssh_error", "cancelled", "skipped"}
 
 
 class WireError(ValueError):
@@ -172,8 +180,8 @@ def encode_result(index: int, r: HostResult) -> bytes:
             "type": type(e).__name__,
             "message": e.message,
             "host": e.host,
-            "stderr": e.stderr,
-            "returncode": e.returncode,
+            "stderr": getattr(e, "stderr", ""),
+            "returncode": getattr(e, "returncode", None),
         }
     return _line(
         {
@@ -218,11 +226,13 @@ class GatewayEvent:
     message: str = ""
 
 
-def _error(obj: object) -> errors.SSHError | None:
+def _error(obj: object) -> errors.SSHError | errors.SkippedError | None:
     if obj is None:
         return None
     if not isinstance(obj, dict):
         raise WireError("error must be an object")
+    if obj.get("type") == "SkippedError":
+        return errors.SkippedError(str(obj.get("host", "")), str(obj.get("message", "")))
     cls = getattr(errors, str(obj.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, errors.SSHError)):
         cls = errors.SSHError
@@ -283,3 +293,19 @@ def decode_event(line: bytes, hosts: Sequence[str]) -> GatewayEvent:
     except (TypeError, ValueError) as e:
         raise WireError(f"bad result: {e}") from None
     return GatewayEvent("result", i, result=result)
+
+
+def encode_stop(reason: str) -> bytes:
+    """The control line that tells an agent to start no new host (``reason``: why)."""
+    return _line({"t": "stop", "reason": reason})
+
+
+def read_stop(line: bytes) -> str | None:
+    """The reason of a stop line of :func:`encode_stop`; None for any other line."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("t") != "stop":
+        return None
+    return str(obj.get("reason") or "stopped by the control node")
