@@ -78,6 +78,7 @@ from .core.gateway_run import TreeRun
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
+from .core.per_host import HostCommand, PerHostCommands, per_host_commands
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 from .io.persist import (
     PERSIST_DEFAULT,
@@ -180,11 +181,17 @@ def via_routes(
 
 def plan_run(
     hosts: Sequence[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     routes: dict[str, set[str]] | None,
     **kwargs: Any,
 ) -> FanoutRun | TreeRun:
-    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``."""
+    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``.
+
+    A per-host ``command`` mapping is checked against the hosts first (one for each host,
+    no key naming none: :func:`sshwrap.core.per_host.per_host_commands`)."""
+    if isinstance(command, Mapping):
+        names = [h if isinstance(h, str) else h.destination for h in hosts]
+        command = per_host_commands(command, names)
     if routes is None:
         return FanoutRun(hosts, command, **kwargs)
     return TreeRun(hosts, command, routes, **kwargs)
@@ -209,7 +216,7 @@ def _with_persist(
 
 async def run_many_async(
     hosts: str | Iterable[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     *,
     groups: GroupsSource | None = None,
     concurrency: int = 32,
@@ -237,11 +244,20 @@ async def run_many_async(
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
     This is ``sshwrap.aio.run_many``.  ``command`` is quoted like ``sshwrap.run``: a list
-    item by item, a ``str`` as it is.  ``timeout`` bounds each remote command (from the
-    moment its session is up), ``connect_timeout`` each connection (also ssh's
-    ``ConnectTimeout``), ``deadline`` the whole run (hosts it stops or never starts come back
-    with status ``timeout``).  ``input`` is sent to every host's stdin (default:
-    ``/dev/null``, so no host reads the caller's stdin).  ssh settings (``config``, ``user``,
+    item by item, a ``str`` as it is.  ``%h`` in it is each host's name (its destination
+    as given): in a list, in any item, before the quoting; in a ``str``, quoted for the
+    shell (``shlex.quote``: a plain name as it is), so a name can never inject shell.
+    ``%%h`` is a literal ``%h``; every other ``%`` is kept (``date +%s``, ``printf '%s'``).
+    ``command`` may instead map each host's name to its own command (``{"web1": "uptime",
+    "db1": ["pg_ctl", "reload"]}``; ``%h`` works there too): every host needs one, and a
+    key that names no host of the run, a key that is no ``str`` or a value that is no
+    command raises (``ValueError``/``TypeError``) before any ssh runs.  With ``via=`` both
+    reach the gateways: each runs its hosts' commands, ``%h`` their names.
+    ``timeout`` bounds each remote command (from the moment its session is up),
+    ``connect_timeout`` each connection (also ssh's ``ConnectTimeout``), ``deadline`` the
+    whole run (hosts it stops or never starts come back with status ``timeout``).
+    ``input`` is sent to every host's stdin (default: ``/dev/null``, so no host reads the
+    caller's stdin).  ssh settings (``config``, ``user``,
     ``port``, ``identity``, ``jump``, ``options``) go to every ssh as ``-F/-l/-p/-i/-J/-o``.
     ``batch_mode`` (default on) sets ``BatchMode=yes``: a fan-out cannot answer prompts, so
     a host that would ask fails at once instead of hanging (each ssh has no terminal, so
@@ -362,7 +378,7 @@ _RUN_MANY_DEFAULTS: dict[str, Any] = {
 
 def run_many(
     hosts: str | Iterable[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     **kwargs: Unpack[RunManyOptions],
 ) -> list[HostResult]:
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.

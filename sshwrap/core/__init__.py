@@ -18,6 +18,7 @@ the two drivers (``run_sync`` for the sync faces, ``run_async`` for :mod:`sshwra
   and retries), :mod:`.host_result` (``HostResult``), :mod:`.hostset` (host ranges and groups:
   pure), :mod:`.host_input` (hosts from patterns, files, groups), :mod:`.many_output`
   (``sshwrap-many``'s output), :mod:`.fleet_copy` (``put_many``/``get_many``),
+  :mod:`.per_host` (``%h`` and per-host commands: pure),
   :mod:`.gateway_run`, :mod:`.gateway_agent` and :mod:`.gateway_wire` (the fan-out through
   gateways: the control side, the agent on a gateway, the JSON lines between them);
 - shared: :mod:`.options` (the keyword lists, typed), :mod:`.completed` (``CompletedProcess``),

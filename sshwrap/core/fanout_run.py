@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import secrets
 import shutil
 import signal
@@ -51,6 +52,14 @@ from .fanout_host import (
 )
 from .host_result import HostResult, unfinished_result
 from .options import CommandOptions, SSHSettings
+from .per_host import (
+    HostCommand,
+    PerHostCommands,
+    check_command,
+    command_for,
+    command_uses_host,
+    per_host_commands,
+)
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
@@ -103,7 +112,7 @@ class FanoutRun:
     def __init__(
         self,
         hosts: Iterable[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         *,
         concurrency: int,
         timeout: float | None,
@@ -123,7 +132,7 @@ class FanoutRun:
             raise ValueError(f"retries must be a non-negative int, not {retries!r}")
         env, cwd = options.get("env"), options.get("cwd")
         self.job = FanoutJob(
-            command,
+            "" if isinstance(command, Mapping) else command,
             options.get("ssh") or find_ssh(),
             timeout,
             connect_timeout,
@@ -161,21 +170,24 @@ class FanoutRun:
         # 5.2 execs the last command of ``-c`` either way, Debian's dash 0.5.12 never does.)
         tagged = options.get("kill_remote", True) and (timeout is not None or deadline is not None)
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
-        untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
+        commands = _Commands(command, host_list, env, cwd)
+        untagged_text = None if tagged or commands.varies else commands.text(command)
         self.plans: list[HostPlan] = []
         common = [*fixed, *settings]
         heads = _ArgvHeads(self.job.ssh, common, host_list)
         for i, h in enumerate(host_list):
             if i not in named:
                 assert isinstance(h, ConnectionLike)
-                self.plans.append(HostPlan(i, h.destination, [], conn=h))
+                own = commands.of(h.destination)
+                self.plans.append(HostPlan(i, h.destination, [], conn=h, command=own))
                 continue
             dest, extra = named[i]
             sid = secrets.token_hex(8) if tagged else None
             if untagged_text is not None:
                 text = untagged_text
             else:
-                text = remote_command(command, env=env, cwd=cwd, session_id=sid)
+                own = commands.of(dest)
+                text = commands.text(command if own is None else own, sid)
             head = None if extra else heads.head(text)
             if head is not None:
                 argv = [*head, dest, text]
@@ -340,13 +352,14 @@ class FanoutRun:
 
 
 class _ArgvHeads:
-    """The part of the hosts' ssh argv before ``host command``, built once per run.
+    """The part of the hosts' ssh argv before ``host command``, built once per command size.
 
     :func:`~sshwrap.core.argv.build_ssh_argv` checks the sizes against the kernel's limits;
-    done once with the longest destination written in 4-byte characters (the worst any
-    host's can encode to) and a command of the hosts' length (they differ only in their
-    session tag, of a fixed length), what it passes every host passes.  When that check
-    fails, the head is None and each host's argv is built (and refused) on its own.
+    done with the longest destination written in 4-byte characters (the worst any host's can
+    encode to) and the first command of each encoded size (the hosts' commands differ only in
+    their session tag, of a fixed length, and in a ``%h`` or per-host command: a few sizes),
+    what it passes every host of that size passes.  When that check fails, the head is None
+    and each host's argv is built (and refused) on its own.
     """
 
     def __init__(self, ssh: str, settings: list[str], hosts: Sequence[object]) -> None:
@@ -354,20 +367,61 @@ class _ArgvHeads:
         self.settings = settings
         longest = max((len(h) for h in hosts if isinstance(h, str)), default=0)
         self.placeholder = "\U0010ffff" * max(1, longest)
-        self._head: list[str] | None = None
-        self._text_len = -1
+        self._heads: dict[int, list[str] | None] = {}
 
     def head(self, text: str) -> list[str] | None:
-        """The head for a command of ``text``'s length (None: build each argv fully)."""
-        if len(text) != self._text_len:
-            self._text_len = len(text)
-            try:
-                argv = build_ssh_argv(self.ssh, self.placeholder, text, settings=self.settings)
-            except CommandTooLongError:
-                self._head = None
-            else:
-                self._head = argv[:-2]
-        return self._head
+        """The head for a command of ``text``'s size (None: build each argv fully)."""
+        size = len(text) if text.isascii() else len(text.encode(errors="surrogateescape"))
+        try:
+            return self._heads[size]
+        except KeyError:
+            pass
+        try:
+            argv = build_ssh_argv(self.ssh, self.placeholder, text, settings=self.settings)
+        except CommandTooLongError:
+            head = None
+        else:
+            head = argv[:-2]
+        self._heads[size] = head
+        return head
+
+
+class _Commands:
+    """Each host's remote command: the run's one command, a per-host mapping's, ``%h``
+    replaced (:mod:`sshwrap.core.per_host`)."""
+
+    def __init__(
+        self,
+        command: HostCommand | PerHostCommands,
+        hosts: Sequence[str | ControlPathHost],
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None,
+    ) -> None:
+        self.env, self.cwd = env, cwd
+        self.mapping: dict[str, HostCommand] | None = None
+        if isinstance(command, Mapping):
+            names = [h if isinstance(h, str) else h.destination for h in hosts]
+            self.mapping = per_host_commands(command, names, exact=False)
+            self.varies = True
+        else:
+            check_command(command)
+            self.varies = command_uses_host(command)
+        self.command = command
+
+    def of(self, host: str) -> HostCommand | None:
+        """``host``'s own command (None: the run's, the same for every host)."""
+        if self.mapping is not None:
+            own = self.mapping[host]
+        elif self.varies:
+            own = self.command  # type: ignore[assignment]
+        else:
+            return None
+        return command_for(own, host) if command_uses_host(own) else own
+
+    def text(self, command: HostCommand | PerHostCommands, sid: str | None = None) -> str:
+        """The remote command line of ``command`` (``of()``'s, or the run's)."""
+        assert not isinstance(command, Mapping)
+        return remote_command(command, env=self.env, cwd=self.cwd, session_id=sid)
 
 
 def _destination(host: str | ControlPathHost) -> tuple[str, list[str]]:

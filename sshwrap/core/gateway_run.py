@@ -35,6 +35,7 @@ from .fanout_host import KILL_GRACE, OutputCallback
 from .fanout_run import ControlPathHost, FanoutRun
 from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
 from .host_result import HostResult, Status, unfinished_result
+from .per_host import HostCommand, PerHostCommands
 
 __all__ = ["DEADLINE_GRACE", "STOP_WAIT", "GatewayError", "TreeRun", "gateway_results"]
 
@@ -94,7 +95,7 @@ async def _end(proc: asyncio.subprocess.Process) -> None:
 async def gateway_results(
     gateway: str,
     hosts: Sequence[tuple[int, str]],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     keywords: Mapping[str, Any],
     *,
     ssh_argv_head: Sequence[str],
@@ -206,7 +207,7 @@ class TreeRun:
     def __init__(
         self,
         hosts: Sequence[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         via: Mapping[str, Collection[str]],
         *,
         concurrency: int,
