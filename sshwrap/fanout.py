@@ -50,9 +50,12 @@ up is reused by ssh itself.
 Persisted masters: with ``persist=`` (``"10m"``, seconds, ``True`` for 10 minutes) every
 host's ssh is a ``ControlMaster=auto`` with that ``ControlPersist``, its socket named by
 ssh's ``%C`` in a private directory of this user's: a later run (or this run's remote stop)
-to the same host with the same settings runs over that master, with no new login.  One that
-died is replaced by ssh.  :func:`close_persisted` ends them by their pids
-(:mod:`sshwrap.io.persist`).
+to the same host with the same settings runs over that master, with no new login.  A later
+run finds a host's master in the directory's index and runs the host as a channel of it
+through sshwrap's own mux client, with no ssh process at all (:mod:`sshwrap.core.fanout_warm`:
+exact ``-signum`` as over a ``Connection``; output delivered to ``on_output`` when the host
+is done); a master that does not answer is replaced by ssh, never a failure.
+:func:`close_persisted` ends them by their pids (:mod:`sshwrap.io.persist`).
 
 Resources: ``concurrency`` caps the ssh processes in flight, and so the file descriptors;
 ``check_fd_budget`` refuses, before anything starts, a concurrency that ``RLIMIT_NOFILE``
@@ -82,6 +85,7 @@ from .core.per_host import HostCommand, PerHostCommands, per_host_commands
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 from .io.persist import (
     PERSIST_DEFAULT,
+    MasterIndex,
     PersistDirError,
     close_masters,
     control_paths,
@@ -201,17 +205,18 @@ def _with_persist(
     persist: Persist,
     hosts: list[str | ControlPathHost],
     options: Mapping[str, OptionValue] | None,
-) -> Mapping[str, OptionValue] | None:
-    """``options`` with the persisted masters' settings when ``persist`` asks for them."""
+) -> dict[str, Any]:
+    """The run's ``options`` (with the persisted masters' settings when ``persist`` asks for
+    them) and ``persist_dir`` (the masters' directory, or None)."""
     if persist is None or persist is False:
-        return options
+        return {"options": options, "persist_dir": None}
     seconds = persist_seconds(persist)
     for i, h in enumerate(hosts):
         if not isinstance(h, str) and not isinstance(h, ConnectionLike):
             raise ValueError(f"hosts[{i}] has a ControlPath of its own: persist= is for host names")
     directory = persist_dir()
     assert directory is not None
-    return persist_options(seconds, directory, options)
+    return {"options": persist_options(seconds, directory, options), "persist_dir": directory}
 
 
 async def run_many_async(
@@ -339,7 +344,7 @@ async def run_many_async(
         port=port,
         identity=identity,
         jump=jump,
-        options=_with_persist(persist, host_list, options),
+        **_with_persist(persist, host_list, options),
         ssh=ssh,
         batch_mode=batch_mode,
         kill_remote=kill_remote,
@@ -404,7 +409,7 @@ def run_many(
     persist = kwargs.pop("persist", None)
     routes = via_routes(kwargs.pop("via", None), groups, persist)
     if persist is not None:
-        kwargs["options"] = _with_persist(persist, host_list, kwargs.get("options"))
+        kwargs.update(_with_persist(persist, host_list, kwargs.get("options")))  # type: ignore[typeddict-item]
     run = plan_run(host_list, command, routes, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
@@ -485,4 +490,6 @@ def close_persisted(
         ssh = settings.get("ssh") or find_ssh()
         argvs = {h: [ssh, *args, "-G", check_destination(h)] for h in dict.fromkeys(names)}
         paths = list(control_paths(argvs, timeout=timeout).values())
-    return close_masters(paths, max(0.1, until - time.monotonic()))
+    closed = close_masters(paths, max(0.1, until - time.monotonic()))
+    MasterIndex(directory).prune()
+    return closed

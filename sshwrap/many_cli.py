@@ -446,8 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 # Not a time ssh would take: it goes to ssh, which says what is wrong.
                 no_connect_timeout = connect_timeout is None
+        directory = None
         if args.persist is not None:
-            options = persist_options(persist_seconds(args.persist), _dir(), options)
+            directory = _dir()
+            options = persist_options(persist_seconds(args.persist), directory, options)
         data = None
         if args.input == "-":
             data = sys.stdin.buffer.read()
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             on_output=output.on_output,
             retries=args.retries,
+            persist_dir=directory,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

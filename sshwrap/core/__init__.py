@@ -15,7 +15,8 @@ the two drivers (``run_sync`` for the sync faces, ``run_async`` for :mod:`sshwra
   :mod:`.shell` (a persistent remote shell on one channel), :mod:`.spawn_command` (the command
   line of a ``Spawned``);
 - fan-out: :mod:`.fanout_run` (the scheduler), :mod:`.fanout_host` (one host's bounds, stop
-  and retries), :mod:`.host_result` (``HostResult``), :mod:`.hostset` (host ranges and groups:
+  and retries), :mod:`.fanout_warm` (hosts over persisted masters: channels, no ssh),
+  :mod:`.host_result` (``HostResult``), :mod:`.hostset` (host ranges and groups:
   pure), :mod:`.host_input` (hosts from patterns, files, groups), :mod:`.many_output`
   (``sshwrap-many``'s output), :mod:`.fleet_copy` (``put_many``/``get_many``),
   :mod:`.per_host` (``%h`` and per-host commands: pure),

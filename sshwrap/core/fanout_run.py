@@ -30,6 +30,7 @@ from ..errors import CommandTooLongError
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import ChildStarter, HostProcess, ssh_version
+from ..io.persist import IndexEntry
 from ..protocol.sshlog import SHORT_LOG_SETTINGS, short_log_supported
 from .argv import (
     build_ssh_argv,
@@ -50,6 +51,7 @@ from .fanout_host import (
     process_result,
     run_over_connection,
 )
+from .fanout_warm import PersistedHosts
 from .host_result import HostResult, unfinished_result
 from .options import CommandOptions, SSHSettings
 from .per_host import (
@@ -63,8 +65,9 @@ from .per_host import (
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
-_Pending = asyncio.Future[HostResult] | HostRun
-"""A host in flight: a :class:`HostRun`, or the task of a host over a connection."""
+_Pending = asyncio.Future[HostResult | None] | HostRun
+"""A host in flight: a :class:`HostRun`, or the task of a host over a connection (None: a
+persisted master that did not answer, the host goes through ssh)."""
 
 
 @runtime_checkable
@@ -88,6 +91,7 @@ class FanoutOptions(SSHSettings, CommandOptions, total=False):
     on_output: OutputCallback | None
     on_start: Callable[[str], None] | None
     retries: int
+    persist_dir: str | None
 
 
 def _check_bounds(concurrency: int, **bounds: float | None) -> None:
@@ -196,6 +200,16 @@ class FanoutRun:
             # The remote stop's argv is built only when a host needs it.
             kill_settings = kill_base if not extra else [*kill_base, *extra]
             self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
+        # Hosts over the masters a run before left up (persist=): channels, no ssh process.
+        self._persisted: PersistedHosts | None = None
+        self._warm: dict[int, tuple[IndexEntry, HostCommand | None]] = {}
+        directory = options.get("persist_dir")
+        if directory:
+            self._persisted = PersistedHosts(directory, self.job.ssh, settings, common)
+            for p in self.plans:
+                entry = None if p.conn is not None else self._persisted.lookup(p.host)
+                if entry is not None:
+                    self._warm[p.index] = (entry, commands.of(p.host))
         if check_budget:
             check_fd_budget(min(concurrency, max(1, len(self.plans))))
         self._running: dict[int, HostProcess] = {}
@@ -240,6 +254,22 @@ class FanoutRun:
             if wake and not wake[0].done():
                 wake[0].set_result(None)
 
+        def start_ssh(plan: HostPlan) -> None:
+            proc = host_process(self.job, plan, watcher, fifo_dir, starter)
+            self._running[plan.index] = proc
+            run = HostRun(
+                self.job,
+                plan,
+                proc,
+                t_end,
+                self._remote_stops,
+                finished,
+                timers,
+                partial(self._respawn, plan, watcher, fifo_dir, starter),
+            )
+            tasks[run] = plan.index
+            run.start()
+
         try:
             while todo or tasks:
                 while todo and len(tasks) < self.concurrency:
@@ -248,25 +278,20 @@ class FanoutRun:
                     plan = todo.pop()
                     if self.on_start is not None:
                         self.on_start(plan.host)
+                    task: asyncio.Future[HostResult | None]
                     if plan.conn is not None:
                         task = asyncio.ensure_future(run_over_connection(self.job, plan, t_end))
-                        task.add_done_callback(finished)
-                        tasks[task] = plan.index
+                    elif plan.index in self._warm:
+                        assert self._persisted is not None
+                        entry, own = self._warm[plan.index]
+                        task = asyncio.ensure_future(
+                            self._persisted.run(self.job, plan, entry, own, t_end)
+                        )
+                    else:
+                        start_ssh(plan)
                         continue
-                    proc = host_process(self.job, plan, watcher, fifo_dir, starter)
-                    self._running[plan.index] = proc
-                    run = HostRun(
-                        self.job,
-                        plan,
-                        proc,
-                        t_end,
-                        self._remote_stops,
-                        finished,
-                        timers,
-                        partial(self._respawn, plan, watcher, fifo_dir, starter),
-                    )
-                    tasks[run] = plan.index
-                    run.start()
+                    task.add_done_callback(finished)
+                    tasks[task] = plan.index
                 if not tasks:
                     break  # the deadline passed before the rest could start
                 if not done:
@@ -278,13 +303,23 @@ class FanoutRun:
                 ended = done.popleft()
                 idx = tasks.pop(ended)
                 self._running.pop(idx, None)
-                yield ended.result()
+                result = ended.result()
+                if result is None:  # its persisted master did not answer: through ssh
+                    start_ssh(self.plans[idx])
+                    continue
+                if self._persisted is not None and result.connect_time is not None:
+                    self._persisted.reached(result.host, self.concurrency)
+                yield result
             while todo:  # never started: the total deadline ran out first
                 plan = todo.pop()
                 yield unfinished_result(plan.host, plan.index, "timeout")
+            if self._persisted is not None:
+                await self._persisted.record()
         finally:
             try:
                 await self._shutdown(tasks)
+                if self._persisted is not None:
+                    await self._persisted.stop()
             finally:
                 timers.close()
                 watcher.close()
@@ -307,7 +342,9 @@ class FanoutRun:
         # A host whose task had finished (only its result was not yet taken) keeps it.
         for t, idx in tasks.items():
             if t.done() and not t.cancelled() and t.exception() is None:
-                self._stopped[idx] = t.result()
+                r = t.result()
+                if r is not None:
+                    self._stopped[idx] = r
         host_runs = {i: t for t, i in tasks.items() if isinstance(t, HostRun)}
         runs = [(i, p) for i, p in self._running.items() if i not in self._stopped]
         self._running.clear()

@@ -41,7 +41,6 @@ Every method may be called from several threads at once (one lock guards the lif
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import os
 import shutil
@@ -56,6 +55,7 @@ from ..errors import SSHConnectionError, SSHError, classify_ssh_failure
 from .attach import (
     SUN_PATH_MAX,
     Detached,
+    config_env,
     configured_master,
     pid_alive,
     processes_with_arg,
@@ -93,7 +93,8 @@ class Master:
     ``user``, ``port``, ``identity``, ``jump``, ``options``) and ``settings_args`` the same as
     ssh options; ``ssh`` the client binary (None: ``locate_ssh()`` tells it when needed);
     ``password``/``passphrase``/``on_prompt`` answer ssh's prompts; ``start_timeout`` bounds a
-    start; ``reconnect`` restarts a dead master; ``proxy=False`` uses ``ssh -S`` only.
+    start; ``reconnect`` restarts a dead master; ``proxy=False`` uses ``ssh -S`` only;
+    ``session_env``: the ``env`` of a session over the proxy, known (else ``ssh -G`` tells it).
     Nothing starts before :meth:`open` or :meth:`ensure`.  ``sshwrap.connect`` makes one.
     """
 
@@ -112,8 +113,10 @@ class Master:
         reconnect: bool = True,
         proxy: bool = True,
         attach: bool | str = False,
+        session_env: Mapping[str, str] | None = None,
     ) -> None:
         self.destination = destination
+        self._session_env = session_env
         self.host = destination
         self._settings = dict(settings)
         self.settings_args = list(settings_args)
@@ -381,8 +384,10 @@ class Master:
         self._proxy = True
 
     def _config_env(self, deadline: float | None = None) -> dict[str, str]:
-        """What ssh itself would send as ``env`` for a session: ``SendEnv`` matches from our
-        environment, then ``SetEnv`` values, as ``ssh -G`` resolves them from the config."""
+        """What ssh itself would send as ``env`` for a session (:func:`config_env`), as
+        ``ssh -G`` resolves the config; the ``session_env`` given instead, if any."""
+        if self._session_env is not None:
+            return dict(self._session_env)
         try:
             out = subprocess.run(
                 [self.ssh or self._locate_ssh(), "-G", *self.settings_args, "--", self.destination],
@@ -392,18 +397,7 @@ class Master:
             )
         except (OSError, subprocess.SubprocessError):
             return {}
-        send: list[str] = []
-        env: dict[str, str] = {}
-        for line in out.stdout.decode(errors="replace").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "sendenv":
-                send.append(value)
-            elif key == "setenv":
-                name, eq, val = value.partition("=")
-                if eq:
-                    env[name] = val
-        sent = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in send)}
-        return {**sent, **env}
+        return config_env(out.stdout.decode(errors="replace"))
 
     def _remove_dir(self) -> None:
         if self._dir is not None:
