@@ -36,7 +36,8 @@ __all__ = ["ALIVE_BOUND", "RECORD_BOUND", "PersistedHosts", "WarmHost"]
 ALIVE_BOUND = 2.0
 """Seconds the liveness check of a persisted master may take at most."""
 RECORD_BOUND = 10.0
-"""Seconds the ``ssh -G`` calls that fill the index may take, all together."""
+"""Seconds the ``ssh -G`` calls that fill the index may still take once the run's hosts are
+done (then those left are killed and reaped)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,6 @@ class PersistedHosts:
         self._keys: dict[str, str] = {}
         self._envs: dict[tuple[str, ...], dict[str, str]] = {}
         self._asking: dict[str, asyncio.Task[None]] = {}
-        self._until: float | None = None
         self._slots: asyncio.Semaphore | None = None
 
     def key(self, host: str) -> str:
@@ -79,18 +79,17 @@ class PersistedHosts:
 
     def reached(self, host: str, parallel: int) -> None:
         """``host`` reached its server through ssh: its master is up, ask ``ssh -G`` for its
-        socket now (``parallel`` at a time, all within :data:`RECORD_BOUND` of the first)."""
+        socket now (``parallel`` at a time; :meth:`record` bounds them)."""
         key = self.key(host)
         if self.index.get(key) is not None or key in self._asking:
             return
-        if self._slots is None or self._until is None:
+        if self._slots is None:
             self._slots = asyncio.Semaphore(max(1, parallel))
-            self._until = time.monotonic() + RECORD_BOUND
-        self._asking[key] = asyncio.ensure_future(self._ask(key, host, self._slots, self._until))
+        self._asking[key] = asyncio.ensure_future(self._ask(key, host, self._slots))
 
-    async def _ask(self, key: str, host: str, slots: asyncio.Semaphore, until: float) -> None:
+    async def _ask(self, key: str, host: str, slots: asyncio.Semaphore) -> None:
         async with slots:
-            config = await _ssh_config([self.ssh, *self.common, "-G", "--", host], until)
+            config = await _ssh_config([self.ssh, *self.common, "-G", "--", host])
         if config:
             self.index.add(key, config)
 
@@ -145,11 +144,12 @@ class PersistedHosts:
             master.close()
 
     async def record(self) -> None:
-        """Wait for the ``ssh -G`` calls of the hosts :meth:`reached` and save the index (best
-        effort: each ssh is killed and reaped by :data:`RECORD_BOUND`)."""
+        """Wait for the ``ssh -G`` calls of the hosts :meth:`reached` (those not done within
+        :data:`RECORD_BOUND` of the run's end are killed and reaped) and save the index."""
         if self._asking:
-            await asyncio.gather(*self._asking.values())
-            self._asking.clear()
+            tasks = list(self._asking.values())
+            await asyncio.wait(tasks, timeout=RECORD_BOUND)
+            await self.stop()
         with contextlib.suppress(OSError):
             self.index.save()
 
@@ -163,11 +163,8 @@ class PersistedHosts:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _ssh_config(argv: list[str], until: float) -> str:
-    """``ssh -G``'s output ("" when it fails or is not done by ``until``)."""
-    left = until - time.monotonic()
-    if left <= 0:
-        return ""
+async def _ssh_config(argv: list[str]) -> str:
+    """``ssh -G``'s output ("" when it fails); cancelled: its ssh is killed and reaped."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -178,12 +175,7 @@ async def _ssh_config(argv: list[str], until: float) -> str:
     except OSError:
         return ""
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), left)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        return ""
+        out, _ = await proc.communicate()
     except asyncio.CancelledError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
