@@ -29,15 +29,6 @@ def three() -> Iterator[LocalSSHD]:
         yield sshd
 
 
-@pytest.fixture(scope="module")
-def evil_config(three: LocalSSHD, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """``three``'s client config with one more alias, :data:`EVIL`, for its first address."""
-    path = tmp_path_factory.mktemp("perhost") / "ssh_config"
-    text = Path(three.config).read_text()
-    path.write_text(f"Host {EVIL}\n    HostName {three.addresses[0]}\n{text}")
-    return str(path)
-
-
 def _logins(sshd: LocalSSHD) -> int:
     return sshd.read_log().count("Accepted publickey")
 
@@ -66,7 +57,11 @@ def test_h_in_a_str_and_a_list_command(three: LocalSSHD, timeout: float | None) 
     assert [r.stdout for r in rs] == [f"n={h}|%h\n".encode() for h in three.hosts]
 
 
-def test_a_host_name_cannot_inject_shell(three: LocalSSHD, evil_config: str) -> None:
+def test_a_host_name_cannot_inject_shell(three: LocalSSHD, tmp_path: Path) -> None:
+    # three's client config with one more alias, EVIL, for its first address
+    evil_config = str(tmp_path / "ssh_config")
+    text = Path(three.config).read_text()
+    Path(evil_config).write_text(f"Host {EVIL}\n    HostName {three.addresses[0]}\n{text}")
     for cmd in ("echo %h", ["echo", "%h"]):
         (r,) = sshwrap.run_many([EVIL], cmd, config=evil_config)
         assert r.ok, r
