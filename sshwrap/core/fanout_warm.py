@@ -5,8 +5,8 @@ A run with ``persist=`` looks each host up in the persisted masters' index
 master through sshwrap's own mux client (a :class:`~sshwrap.io.master.Master` adopting the
 socket, not owned: proxy mode, as a ``Connection``'s commands run;
 :func:`~sshwrap.core.fanout_host.run_over_connection`): no ``ssh`` process and no login.
-Its liveness check is one ``connect()`` on the socket and the mux hello (the alive check,
-then proxy mode), bounded by ``connect_timeout`` and at most :data:`ALIVE_BOUND`.  A host
+Its liveness check is one ``connect()`` on the socket, the mux hello and the proxy request,
+bounded by ``connect_timeout`` and at most :data:`ALIVE_BOUND`.  A host
 whose master does not answer (missing, dead, frozen) runs as any other, through ``ssh`` with
 ``ControlMaster=auto``: ssh removes a stale socket and becomes the new master, so a dead
 master is replaced, never reported as a failure.
@@ -124,7 +124,7 @@ class PersistedHosts:
             reconnect=False,
             session_env=self._env(entry),
         )
-        master.adopt(entry.control_path)
+        master.adopt(entry.control_path, check=False)  # the proxy request is the check
         check = asyncio.ensure_future(asyncio.to_thread(master.ensure, deadline))
         try:
             await asyncio.shield(check)

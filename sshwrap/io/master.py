@@ -152,6 +152,7 @@ class Master:
         self.attach_configured = attach
         """True/``"auto"``: :meth:`open` first looks for the user's configured master."""
         self._adopted = False
+        self._skip_check = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -159,14 +160,24 @@ class Master:
         with self._lock:
             self._open_locked(None, None)
 
-    def adopt(self, control_path: str, *, own: bool = False, directory: str | None = None) -> None:
+    def adopt(
+        self,
+        control_path: str,
+        *,
+        own: bool = False,
+        directory: str | None = None,
+        check: bool = True,
+    ) -> None:
         """Before :meth:`open`: use the master listening at ``control_path`` instead of
         starting one.  ``own``: ``close()`` stops it and removes ``directory`` (a detached
         master's); else ``close()`` leaves it running, and once it is gone a call raises
-        ``SSHConnectionError`` unless ``reconnect`` (then a master of sshwrap's own starts)."""
+        ``SSHConnectionError`` unless ``reconnect`` (then a master of sshwrap's own starts).
+        ``check=False`` (a master not owned, in proxy mode): no alive check first (``pid``
+        stays 0), the proxy request is the check."""
         with self._lock:
             if self.opened or self.closed:
                 raise ValueError("adopt() is for a Master not opened yet")
+            self._skip_check = not check and not own and self.want_proxy
             self.control_path, self.owned, self._adopted = control_path, own, True
             self._dir, self.directory = directory, directory or ""
 
@@ -274,7 +285,7 @@ class Master:
             raise self._late(0.0)
         if self._adopted:  # the attached master is gone and reconnect=True: one of our own
             self._dir = self._dir if self.owned else None
-            self._adopted, self.owned = False, True
+            self._adopted, self.owned, self._skip_check = False, True, False
         if self._dir is None or not os.path.isdir(self._dir):
             self._dir = self.directory = socket_dir()
         self.control_path = os.path.join(self._dir, "m")
@@ -336,7 +347,8 @@ class Master:
 
     def _use(self, deadline: float | None) -> None:
         """The started or adopted master: its pid, then proxy mode if wanted."""
-        self._check_started(deadline)
+        if not self._skip_check:
+            self._check_started(deadline)
         self._core = None
         self._proxy = False
         if self.want_proxy:
