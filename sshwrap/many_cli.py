@@ -27,7 +27,10 @@ Host lists in the output (``--group``, the summary) are folded back the same way
 (``h[1-3,7]``).
 
 The words after ``--`` are joined with spaces and handed to the remote shell, as ``ssh host
-words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
+words...`` does.  ``%h`` in them is each host's name (quoted for the shell when it is not a
+plain name: ``sshwrap-many -H 'h[1-3]' -- echo %h``); ``%%h`` is a literal ``%h``, and
+every other ``%`` stays (``date +%s``) (:mod:`sshwrap.core.per_host`).  ssh's own ``-F``,
+``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
 ``-p`` is the parallelism (as in pssh), so a port goes as ``-o Port=N``.
 
 ``--persist TIME`` (``30s``, ``10m``, ``1h``, seconds) leaves every host's ControlMaster up
@@ -39,12 +42,12 @@ many (:mod:`sshwrap.io.persist`).
 ``--put LOCAL REMOTE`` / ``--get REMOTE LOCALDIR`` copy instead of running a command
 (:func:`sshwrap.put_many` / :func:`sshwrap.get_many`: SFTP over each host's own master,
 atomic per file; ``get`` writes ``LOCALDIR/HOST/``; ``%h`` in a path is the host's name,
-``%%`` a ``%``), with the same ``-p``, ``-t`` (each host's transfer), ``--connect-timeout``,
-``--deadline``, ssh settings, ``--json`` (``host``, ``status``, ``error``, ``source``,
-``target``, ``transferred``, ``total``, ``started``, ``duration``, ``connect_time``),
-``--progress``, summary and exit status (a copy that failed is the 1 bit).  A line per host
-(``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 s``, or its error on stderr).  A
-missing LOCAL (without ``%h``), a bad token, a command, ``-I``, ``--group``, ``--outdir``
+``%%h`` a literal ``%h``), with the same ``-p``, ``-t`` (each host's transfer),
+``--connect-timeout``, ``--deadline``, ssh settings, ``--json`` (``host``, ``status``,
+``error``, ``source``, ``target``, ``transferred``, ``total``, ``started``, ``duration``,
+``connect_time``), ``--progress``, summary and exit status (a copy that failed is the 1
+bit).  A line per host (``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 s``, or its
+error on stderr).  A missing LOCAL (without ``%h``), a command, ``-I``, ``--group``, ``--outdir``
 or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
 
 ``--retries N`` starts a host's ssh again, up to N more times, when it failed before its
@@ -208,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("LOCAL", "REMOTE"),
         help="copy the file or directory LOCAL to REMOTE on every host, instead of a command "
-        "(%%h: the host's name, %%%% a %%)",
+        "(%%h: the host's name, %%%%h a literal %%h)",
     )
     copy.add_argument(
         "--get",
@@ -225,7 +228,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-l", dest="user", help="remote user")
     ap.add_argument("-i", dest="identity", help="identity file")
     ap.add_argument("-J", dest="jump", help="jump host(s)")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- command words")
+    ap.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- command words (%%h: each host's name, quoted for the shell; %%%%h a literal "
+        "%%h; any other %% as it is, e.g. date +%%s)",
+    )
     return ap
 
 
@@ -470,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 # Not a time ssh would take: it goes to ssh, which says what is wrong.
                 no_connect_timeout = connect_timeout is None
+        directory = None
         if args.persist is not None:
-            options = persist_options(persist_seconds(args.persist), _dir(), options)
+            directory = _dir()
+            options = persist_options(persist_seconds(args.persist), directory, options)
         data = None
         if args.input == "-":
             data = sys.stdin.buffer.read()
@@ -516,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             on_output=output.on_output,
             retries=args.retries,
             **_rollout_args(args),
+            persist_dir=directory,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

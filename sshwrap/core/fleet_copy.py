@@ -34,7 +34,8 @@ transfers' guarantee); only a connection that dies mid-upload (or a host that do
 answer for the whole stop) can leave a remote ``.NAME.sshwrap-*.part`` file behind.
 
 Per-host values.  ``%h`` in either path is replaced by the host's name (its destination for a
-``Connection``) and ``%%`` by ``%``; any other ``%`` is a ``ValueError`` before anything starts.
+``Connection``), ``%%h`` is a literal ``%h`` and any other ``%`` stays as it is: the one
+expander of commands and paths, :func:`sshwrap.core.per_host.expand_host`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from ..io.sftp_session import Abort
 from .batches import Gate, Spec, gate_of
 from .host_result import HostOutcome, Interrupted, Status
 from .options import SSH_SETTINGS_KEYS, SSHSettings, check_keywords
+from .per_host import expand_host, has_host_token
 from .waiting import Procedure, WaitChange
 
 __all__ = [
@@ -196,33 +198,6 @@ class CopyInterrupted(Interrupted):
     results: list[CopyResult]
 
 
-# -- per-host values ------------------------------------------------------------------------
-def expand_host(path: str, host: str) -> str:
-    """``path`` with ``%h`` replaced by ``host`` and ``%%`` by ``%``.
-
-    Any other ``%`` raises ``ValueError`` (so ``%`` is never silently kept or dropped)."""
-    out: list[str] = []
-    i = 0
-    while (j := path.find("%", i)) >= 0:
-        out.append(path[i:j])
-        token = path[j + 1 : j + 2]
-        if token == "h":
-            out.append(host)
-        elif token == "%":
-            out.append("%")
-        else:
-            what = f"'%{token}'" if token else "a '%' at the end"
-            raise ValueError(f"{path!r}: {what} is not a token (%h is the host name, %% a '%')")
-        i = j + 2
-    out.append(path[i:])
-    return "".join(out)
-
-
-def has_host_token(path: str) -> bool:
-    """True when ``path`` holds ``%h`` (not counting an escaped ``%%h``)."""
-    return expand_host(path, "a") != expand_host(path, "b")
-
-
 def _local_name(host: str) -> str:
     """``host`` as one local path component (``get_many``'s ``local_dir/HOST``, a ``%h`` in a
     local path): refused when it would not be one."""
@@ -259,16 +234,14 @@ def copy_plans(
     target: str | os.PathLike[str],
 ) -> list[CopyPlan]:
     """The plan of every host, checked before anything starts (``ValueError``/``TypeError``:
-    a bad token, a host that cannot name a local path, two hosts writing the same local
+    a host that cannot name a local path, two hosts writing the same local
     path; ``FileNotFoundError``: a ``put_many`` source without ``%h`` that does not exist)."""
     src, dst = os.fspath(source), os.fspath(target)
     if not isinstance(src, str) or not isinstance(dst, str):
         raise TypeError("the paths must be str or os.PathLike[str]")
     if not src or not dst:
         raise ValueError("the source and the target must not be empty")
-    local, remote = (src, dst) if direction == "put" else (dst, src)
-    per_host_local = has_host_token(local)
-    has_host_token(remote)  # (its tokens checked)
+    per_host_local = has_host_token(src if direction == "put" else dst)
     if direction == "put" and not per_host_local:
         os.stat(src)  # one missing source fails the call, not every host
     plans: list[CopyPlan] = []

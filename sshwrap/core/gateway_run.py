@@ -42,6 +42,7 @@ from .gateway_wire import (
     encode_stop,
 )
 from .host_result import HostResult, Status, skipped_result, unfinished_result
+from .per_host import HostCommand, PerHostCommands
 
 __all__ = ["DEADLINE_GRACE", "STOP_WAIT", "GatewayError", "Halt", "TreeRun", "gateway_results"]
 
@@ -132,7 +133,7 @@ async def _end(proc: asyncio.subprocess.Process) -> None:
 async def gateway_results(
     gateway: str,
     hosts: Sequence[tuple[int, str]],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     keywords: Mapping[str, Any],
     *,
     ssh_argv_head: Sequence[str],
@@ -258,7 +259,7 @@ class TreeRun:
     def __init__(
         self,
         hosts: Sequence[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         via: Mapping[str, Collection[str]],
         *,
         concurrency: int,

@@ -26,6 +26,7 @@ from .batches import Gate, Spec, rollout
 from .fanout_run import ControlPathHost
 from .gateway_run import TreeRun
 from .host_result import HostResult, skipped_result, unfinished_result
+from .per_host import HostCommand, PerHostCommands
 
 __all__ = ["TreeWaves"]
 
@@ -37,7 +38,7 @@ class TreeWaves:
     def __init__(
         self,
         hosts: Sequence[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         via: Mapping[str, Collection[str]],
         *,
         deadline: float | None,

@@ -113,14 +113,15 @@ def _load(line: bytes) -> dict[str, Any]:
 
 def encode_request(
     hosts: Sequence[str],
-    command: str | Sequence[str],
+    command: str | Sequence[str] | Mapping[str, str | Sequence[str]],
     keywords: Mapping[str, Any],
     *,
     input: bytes | None = None,
     output: bool = False,
 ) -> bytes:
-    """The request line: ``hosts``, ``command`` and the keywords of :data:`REQUEST_KEYWORDS`
-    (others raise ``ValueError``); ``input`` as base64; ``output``: send ``out`` events."""
+    """The request line: ``hosts``, ``command`` (one, or a mapping of host name to its own:
+    the gateway's hosts') and the keywords of :data:`REQUEST_KEYWORDS` (others raise
+    ``ValueError``); ``input`` as base64; ``output``: send ``out`` events."""
     unknown = set(keywords) - set(REQUEST_KEYWORDS)
     if unknown:
         raise ValueError(f"keywords a gateway cannot take: {', '.join(sorted(unknown))}")
@@ -128,7 +129,11 @@ def encode_request(
         k: (str(v) if k in ("config", "identity", "cwd") and v is not None else v)
         for k, v in keywords.items()
     }
-    cmd: str | list[str] = command if isinstance(command, str) else [str(c) for c in command]
+    cmd: str | list[str] | dict[str, str | list[str]]
+    if isinstance(command, Mapping):
+        cmd = {h: _wire_command(command[h]) for h in dict.fromkeys(hosts)}
+    else:
+        cmd = _wire_command(command)
     req = {
         "v": WIRE_VERSION,
         "hosts": list(hosts),
@@ -140,12 +145,22 @@ def encode_request(
     return _line(req)
 
 
+def _wire_command(command: str | Sequence[str]) -> str | list[str]:
+    return command if isinstance(command, str) else [str(c) for c in command]
+
+
+def _is_command(command: object) -> bool:
+    return isinstance(command, str) or (
+        isinstance(command, list) and all(isinstance(c, str) for c in command)
+    )
+
+
 @dataclass
 class Request:
     """A decoded request: what the agent runs."""
 
     hosts: list[str]
-    command: str | list[str]
+    command: str | list[str] | dict[str, str | list[str]]
     keywords: dict[str, Any]
     input: bytes | None
     output: bool
@@ -159,15 +174,20 @@ def decode_request(line: bytes) -> Request:
     hosts, command, kw = obj.get("hosts"), obj.get("command"), obj.get("keywords")
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise WireError("hosts must be a list of names")
-    if not isinstance(command, str) and not (
-        isinstance(command, list) and all(isinstance(c, str) for c in command)
-    ):
+    if isinstance(command, dict):
+        if not all(isinstance(h, str) and _is_command(c) for h, c in command.items()):
+            raise WireError("a per-host command must map names to commands")
+    elif not _is_command(command):
         raise WireError("command must be a string or a list of strings")
     if not isinstance(kw, dict) or set(kw) - set(REQUEST_KEYWORDS):
         raise WireError("bad keywords")
     data = obj.get("input")
     return Request(
-        hosts, command, kw, None if data is None else _unb64(data), bool(obj.get("output"))
+        hosts,
+        cast(str | list[str] | dict[str, str | list[str]], command),
+        kw,
+        None if data is None else _unb64(data),
+        bool(obj.get("output")),
     )
 
 
