@@ -146,6 +146,9 @@ class HostPlan:
     """ssh settings of the remote stop."""
     conn: ConnectionLike | None = None
     """A connection: the command runs as a channel of its master (``argv`` unused)."""
+    command: str | Sequence[str] | None = None
+    """Over a connection: the host's own command (``%h`` replaced, a per-host one), else
+    None for the job's."""
 
 
 def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool:
@@ -555,7 +558,7 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
         # restart or the remote command within about 1 s.
         run = run_command(
             plan.conn.master,
-            job.command,
+            job.command if plan.command is None else plan.command,
             input=job.input,
             capture_output=True,
             timeout=capped(job.timeout, t_end),
