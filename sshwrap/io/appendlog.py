@@ -151,7 +151,7 @@ class AppendLog:
         self._done = max(0, self._done - n)
 
     def _grow(self, need: int) -> None:
-        mem = mmap.mmap(-1, _round_up(need))
+        mem = mmap.mmap(-1, _round_up(max(need, 2 * len(self._mem))))  # doubled: no n^2
         mem[: self._fill] = self._mem[: self._fill]
         self._mem.close()
         self._mem = mem

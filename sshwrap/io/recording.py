@@ -35,7 +35,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..protocol.asciicast import EchoGate, event_parts, header_line, resize_data, utf8_cut
+from ..protocol.asciicast import (
+    EVENT_END,
+    EchoGate,
+    event_head,
+    event_parts,
+    header_line,
+    json_content,
+    resize_data,
+    utf8_cut,
+)
 from .appendlog import AppendLog
 
 __all__ = ["Record", "RecordSpec", "Recorder", "as_record"]
@@ -145,9 +154,10 @@ class Recorder:
         self._start = self._last = time.monotonic()
         self._due: float | None = None  # when the oldest line not yet written must be
         self._gate = EchoGate() if rec.input else None
-        self._out: list[bytes] = []  # output not yet made into an event
-        self._out_size = 0
-        self._out_time = 0.0
+        self._open = False  # whether an "o" event's line is open (its data goes on)
+        self._open_size = 0  # bytes of escaped data in it
+        self._out_time = 0.0  # when it was opened
+        self._carry = b""  # a UTF-8 sequence cut at the end of the last read
         self._add(head)
         self._write()
 
@@ -155,15 +165,22 @@ class Recorder:
     def output(self, chunks: Sequence[bytes]) -> None:
         """Output that reached the user's terminal: the chunks of one burst of reads."""
         now = time.monotonic()
-        if self._gate is not None and self._gate.waiting:
-            for data in chunks:
-                self._inputs(self._gate.output(data))
-        if not self._out:
-            self._out_time = now
-        self._out.extend(chunks)
-        self._out_size += sum(map(len, chunks))
-        if self._out_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE:
-            self._event_output(now)
+        gate = self._gate
+        for data in chunks:
+            if gate is not None and gate.waiting:
+                released = gate.output(data)
+                if released:  # the key's event goes before the echo that released it
+                    self._end_output()
+                    self._inputs(released)
+            if self._open and not self._carry and data.isascii():
+                # The common case, kept short: a read of ASCII into the open event.
+                escaped = json_content(data)
+                self._open_size += len(escaped)
+                self._add(escaped)
+            else:
+                self._add_output(data, now)
+        if self._open and (self._open_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE):
+            self._end_output()
             self._check(now)
 
     def input(self, data: bytes) -> None:
@@ -171,20 +188,20 @@ class Recorder:
         if self._gate is None:
             return
         now = time.monotonic()
-        self._event_output(now)  # the output before the key comes first
+        self._end_output()  # the output before the key comes first
         self._inputs(self._gate.typed(data, now))
         self._check(now)
 
     def resize(self, rows: int, cols: int) -> None:
         """The terminal took a new size."""
         now = time.monotonic()
-        self._event_output(now)
+        self._end_output()
         self._event(now, "r", resize_data(rows, cols))
         self._check(now)
 
     def timeout(self) -> float | None:
         """Seconds until :meth:`tick` should be called (None: nothing waits)."""
-        if self._out:
+        if self._open or self._carry:
             return max(0.0, self._out_time + _OUT_AGE - time.monotonic())
         if self._due is not None:
             return max(0.0, self._due - time.monotonic())
@@ -193,9 +210,9 @@ class Recorder:
     def tick(self) -> None:
         """Make gathered output an event and write what is due."""
         now = time.monotonic()
-        if self._out and now - self._out_time >= _OUT_AGE:
+        if (self._open or self._carry) and now - self._out_time >= _OUT_AGE:
             # final: a UTF-8 sequence still cut after a quiet 50 ms is broken, not split
-            self._event_output(now, final=True)
+            self._end_output(final=True)
         self._check(now)
 
     def close(self) -> None:
@@ -204,8 +221,7 @@ class Recorder:
             return
         if self._gate is not None:
             self._gate.close()
-        if self._out:
-            self._event_output(time.monotonic(), final=True)
+        self._end_output(final=True)
         log, self._log = self._log, None
         if log is not None:
             try:
@@ -227,17 +243,41 @@ class Recorder:
         for t, chunk in chunks:
             self._event(max(t, self._last), "i", chunk)
 
-    def _event_output(self, now: float, final: bool = False) -> None:
-        if not self._out:
+    def _add_output(self, data: bytes, now: float) -> None:
+        """Escape ``data`` into the open ``"o"`` event (opened at ``now`` if none is)."""
+        if self._carry:  # the start of a UTF-8 sequence the last read cut
+            data = self._carry + data
+            self._carry = b""
+        if not data.isascii():
+            cut = utf8_cut(data)
+            if cut < len(data):
+                self._carry = data[cut:]
+                data = data[:cut]
+                if not self._open:
+                    self._out_time = now  # the carry waits at most _OUT_AGE (tick)
+        if not data:
             return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        cut = len(data) if final else utf8_cut(data)
-        rest = data[cut:]
-        self._out = [rest] if rest else []
-        self._out_size = len(rest)
-        if cut:
-            self._event(self._out_time, "o", data[:cut] if rest else data)
-        self._out_time = now
+        if not self._open:
+            self._open = True
+            self._open_size = 0
+            self._out_time = now
+            self._last = max(now, self._last)  # times never go back
+            self._add(event_head(self._last - self._start, "o"))
+        escaped = json_content(data)
+        self._open_size += len(escaped)
+        self._add(escaped)
+
+    def _end_output(self, final: bool = False) -> None:
+        """End the open ``"o"`` event (``final``: a cut UTF-8 sequence goes in, broken)."""
+        if final and self._carry:
+            carry, self._carry = self._carry, b""
+            self._add_output(carry.decode("utf-8", "replace").encode(), time.monotonic())
+        if not self._open:
+            return
+        self._open = False
+        self._add(EVENT_END)
+        if self._due is None:
+            self._due = time.monotonic() + _FLUSH_AGE
 
     def _event(self, t: float, code: str, data: bytes) -> None:
         self._last = t

@@ -40,7 +40,9 @@ import re
 from collections.abc import Mapping
 
 __all__ = [
+    "EVENT_END",
     "EchoGate",
+    "event_head",
     "event_line",
     "event_parts",
     "header_line",
@@ -122,10 +124,20 @@ def header_line(
 _CODES = {"o": b', "o", "', "i": b', "i", "', "r": b', "r", "', "m": b', "m", "'}
 
 
+EVENT_END = b'"]\n'
+"""What ends an event line after its data (see :func:`event_head`)."""
+
+
+def event_head(seconds: float, code: str) -> bytes:
+    """The start of an event line, up to its data: ``[seconds, "code", "``; the data (as
+    :func:`json_content` escapes it, possibly in several pieces) and :data:`EVENT_END`
+    follow.  ``code`` is ``"o"``, ``"i"``, ``"r"`` or ``"m"`` (a marker)."""
+    return b"[%.6f" % seconds + _CODES[code]
+
+
 def event_parts(seconds: float, code: str, data: bytes) -> tuple[bytes, bytes, bytes]:
-    """One event line in three parts (to write with ``writev``, no copy): ``[seconds, code, "``,
-    the escaped data, ``"]\n``; ``code`` is ``"o"``, ``"i"``, ``"r"`` or ``"m"`` (a marker)."""
-    return b"[%.6f" % seconds + _CODES[code], json_content(data), b'"]\n'
+    """One event line in three parts: :func:`event_head`, the escaped data, :data:`EVENT_END`."""
+    return event_head(seconds, code), json_content(data), EVENT_END
 
 
 def event_line(seconds: float, code: str, data: bytes) -> bytes:
