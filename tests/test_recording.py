@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -478,3 +479,28 @@ def test_sigkill_during_bulk_output_leaves_a_valid_file(
         [ASCIINEMA, "cat", str(path)], capture_output=True, timeout=120, check=True
     ).stdout
     assert '"q" \\ é'.encode() in shown
+
+
+def test_bulk_output_is_escaped_read_by_read(tmp_path: Path) -> None:
+    """Bulk output (bursts of 16 reads of 4 KiB, text lines and escapes) is escaped into
+    the log's buffer read by read: no object near a burst's size is ever allocated (a joined
+    burst and its escaped copies made malloc grow and trim its heap: fresh pages, page
+    faults for each), and the file holds the output exactly."""
+    path = tmp_path / "bulk.cast"
+    line = b'0123456789abcdef"\\ \x1b[1mbold\x1b[0m \xc3\xa9t\xc3\xa9\r\n'
+    data = line * ((4 << 20) // len(line))
+    reads = [data[i : i + 4096] for i in range(0, len(data), 4096)]  # UTF-8 cut at times
+    rec = Recorder(path, (24, 80))
+    try:
+        tracemalloc.start()
+        try:
+            for i in range(0, len(reads), 16):
+                rec.output(reads[i : i + 16])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        rec.close()
+    assert peak < 32 << 10, f"{peak} bytes allocated at once for 64 KiB bursts"
+    _, events = _events(path)
+    assert "".join(e[2] for e in events).encode() == data

@@ -100,7 +100,9 @@ class AppendLog:
     # -- inside -------------------------------------------------------------------------
     def _write_direct(self, end: int) -> None:
         size = _round_up(end)
-        rest = self._mem[end : self._fill]  # the incomplete line after (a copy)
+        # The start of the incomplete line after ``end`` that the padding overwrites (less
+        # than a block; the rest of it stays where it is, no copy of a long open line).
+        tail = self._mem[end : min(size, self._fill)]
         if size > end:  # pad the last line to the block's end: spaces before its "\n"
             self._mem[end - 1 : size] = b" " * (size - end) + b"\n"
         try:
@@ -114,9 +116,12 @@ class AppendLog:
             if n != size:  # a full disk, most likely: the file may end in a cut line
                 raise OSError(errno.ENOSPC, f"short write ({n} of {size} bytes)")
             self._shift(size)
-        # What followed the padding in the buffer is part of ``rest``: start afresh with it.
-        self._fill = len(rest)
-        self._mem[: self._fill] = rest
+        # The buffer now starts with what followed the padded block: put the tail before it.
+        if tail:
+            if self._fill:
+                self._mem.move(len(tail), 0, self._fill)
+            self._mem[: len(tail)] = tail
+            self._fill += len(tail)
 
     def _write_plain(self, end: int) -> None:
         direct = self.direct

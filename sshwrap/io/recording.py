@@ -8,18 +8,21 @@ resize; the events' lines come from :mod:`sshwrap.protocol.asciicast`.
   whatever the umask): an existing file or a symlink there is refused
   (``FileExistsError``), unless ``overwrite=True``: then a new 0600 file is made beside it
   and renamed over the name (a symlink there is replaced, never followed).
-- The header is written at once.  Output is gathered into one ``"o"`` event per 50 ms (or
-  64 KiB): the relay hands over each burst of reads at once, and one event per pty read would
-  cost a relay GBs of JSON calls.  An event's time is that of its first read; its bytes came
+- The header is written at once.  Output goes into one ``"o"`` event per 50 ms (or 64 KiB of
+  JSON): each read is escaped as it comes (:func:`sshwrap.protocol.asciicast.json_content`)
+  and appended to the event's open line in the log's buffer, no join of reads and no large
+  escaped copies (those made malloc grow and trim its heap: fresh pages, page faults); a
+  UTF-8 sequence cut at a read's end waits for the next read.  One event per pty read would
+  cost a relay GBs of JSON lines.  An event's time is that of its first read; its bytes came
   within the next 50 ms (the timing precision of a recording; a keystroke or a resize ends an
   event early, so they stay in order with the output).  Lines go to an
   :class:`sshwrap.io.appendlog.AppendLog` (one aligned buffer, written with ``O_DIRECT``
-  where the filesystem allows it) and are written when a second has passed since the first
-  of them came (on the next event, or on :meth:`Recorder.tick`, which the relay calls when it
-  has waited as long as :meth:`Recorder.timeout` said), and (their complete lines) whenever the
-  1 MiB buffer fills.  No thread: a quiet session has nothing unwritten.  Each event is one line, so
-  after a crash of sshwrap the file is valid up to its last write.  :meth:`Recorder.close`
-  writes the rest and fsyncs.
+  where the filesystem allows it), which writes only complete lines (an open event's line
+  waits), when a second has passed since the first of them came (on the next event, or on
+  :meth:`Recorder.tick`, which the relay calls when it has waited as long as
+  :meth:`Recorder.timeout` said), and whenever the 1 MiB buffer fills.  No thread: a quiet
+  session has nothing unwritten.  Each event is one line, so after a crash of sshwrap the
+  file is valid up to its last write.  :meth:`Recorder.close` writes the rest and fsyncs.
 - Input events only with ``Record(input=True)``, and then only what the remote side echoed
   (:class:`sshwrap.protocol.asciicast.EchoGate`): a password typed at a prompt that does not
   echo is never written.
@@ -50,8 +53,8 @@ from .appendlog import AppendLog
 __all__ = ["Record", "RecordSpec", "Recorder", "as_record"]
 
 _OUT_AGE = 0.05  # seconds of output gathered into one "o" event at most
-_OUT_MAX = 64 * 1024  # bytes of output in one "o" event at most (less than malloc's mmap
-# threshold: buffers this size are reused, not mapped fresh and page-faulted for each event)
+_OUT_MAX = 64 * 1024  # bytes of JSON in one "o" event, about (checked after each burst;
+# an event's line must stay well below the log's buffer, which it waits in until it ends)
 _FLUSH_AGE = 1.0  # seconds an event may wait in memory at most
 _LOG_SIZE = 1 << 20  # the write buffer: written in blocks of this size as it fills
 
