@@ -78,6 +78,7 @@ from .core.gateway_run import TreeRun
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
+from .core.sudo import PasswordSpec
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 from .io.persist import (
     PERSIST_DEFAULT,
@@ -185,6 +186,8 @@ def plan_run(
     **kwargs: Any,
 ) -> FanoutRun | TreeRun:
     """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``."""
+    if routes is not None and kwargs.get("sudo"):
+        raise ValueError("sudo through gateways (via=) is not supported yet")
     if routes is None:
         return FanoutRun(hosts, command, **kwargs)
     return TreeRun(hosts, command, routes, **kwargs)
@@ -233,6 +236,9 @@ async def run_many_async(
     retries: int = 0,
     persist: Persist = None,
     via: Via | None = None,
+    sudo: bool = False,
+    sudo_password: PasswordSpec = None,
+    sudo_user: str | None = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
@@ -301,6 +307,17 @@ async def run_many_async(
     Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
     (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
 
+    ``sudo=True`` runs the command through ``sudo -S`` on every host, as ``sudo_user``
+    (default root), as ``sshwrap.run`` does (:mod:`sshwrap.core.sudo`): a random prompt per
+    host, ``sudo_password`` (``str``, ``bytes``, or a callable returning one: called once
+    for the whole run, before the first host starts) written to that host's ssh stdin only
+    when its sudo asks, then ``input``.  A host whose sudo refuses the password (or asks and
+    none was given, or ends before the command starts: not allowed, no such user) is stopped
+    at once and comes back ``failed`` with ``returncode`` None and ``error`` a ``SudoError``
+    (never retried: a wrong password is not tried again into a locked account).  The
+    password is never in an argv, the environment, ssh's log, a result or an error.  Not
+    with ``via`` (``ValueError``).
+
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
@@ -330,6 +347,9 @@ async def run_many_async(
         on_output=on_output,
         on_start=on_start,
         retries=retries,
+        sudo=sudo,
+        sudo_password=sudo_password,
+        sudo_user=sudo_user,
     )
     gen = run.results()
     try:

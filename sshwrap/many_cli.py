@@ -47,6 +47,13 @@ atomic per file; ``get`` writes ``LOCALDIR/HOST/``; ``%h`` in a path is the host
 missing LOCAL (without ``%h``), a bad token, a command, ``-I``, ``--group``, ``--outdir``
 or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
 
+``--sudo`` runs the command through ``sudo -S`` on every host (``--sudo-user U``: as U, else
+root), with the password asked once on the terminal (``/dev/tty``, not echoed) or read once
+from ``--sudo-password-file F`` (one trailing newline dropped); it goes only to each host's
+ssh stdin when that host's sudo asks, never to an argv or environment.  A host whose sudo
+refuses it fails at once (the 1 bit, ``SudoError``).  No terminal and no file, a file that
+cannot be read, ``--put``/``--get`` or gateways with it: exit 64, before any host starts.
+
 ``--retries N`` starts a host's ssh again, up to N more times, when it failed before its
 session was up with a connection-level failure (refused, timed out, reset, unreachable):
 see ``retries`` of :func:`sshwrap.run_many`.
@@ -64,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import signal
 import sys
@@ -191,6 +199,15 @@ def _parser() -> argparse.ArgumentParser:
         "host's exact local path), instead of a command",
     )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
+    ap.add_argument(
+        "--sudo",
+        action="store_true",
+        help="run the command through sudo -S (password asked once on the terminal)",
+    )
+    ap.add_argument("--sudo-user", metavar="USER", help="with --sudo: as USER (default root)")
+    ap.add_argument(
+        "--sudo-password-file", metavar="FILE", help="with --sudo: read the password from FILE"
+    )
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
     ap.add_argument(
         "-o", dest="options", action="append", default=[], metavar="KEY=VALUE", help="ssh option"
@@ -379,6 +396,42 @@ def _copy(
     return tally.exit_status()
 
 
+def _sudo(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The sudo keywords of ``--sudo``: the password read from its file, or asked on the
+    terminal, once (before any host starts)."""
+    if not args.sudo:
+        if args.sudo_user is not None or args.sudo_password_file is not None:
+            ap.error("--sudo-user and --sudo-password-file go with --sudo")
+        return {}
+    if args.put or args.get or args.via or args.topology:
+        ap.error(
+            "--sudo is for a command run directly (not --put/--get, nor gateways: sudo "
+            "through gateways is not supported yet)"
+        )
+    path = args.sudo_password_file
+    if path is not None:
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                password = f.read().removesuffix(b"\n")
+        except OSError as e:
+            ap.error(f"--sudo-password-file {path}: {e.strerror or e}")
+    else:
+        try:
+            os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
+        except OSError:
+            ap.error(
+                "--sudo asks the password on a terminal and there is none (/dev/tty): "
+                "give --sudo-password-file FILE"
+            )
+        try:
+            password = getpass.getpass("sshwrap-many: sudo password: ").encode()
+        except EOFError:
+            ap.error("--sudo: no password was read from the terminal")
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+    return {"sudo": True, "sudo_user": args.sudo_user, "sudo_password": password}
+
+
 def _close(ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> int:
     """``--close``: end the persisted masters (of the ``-H`` hosts, else all of this user's)."""
     if command or args.persist is not None or args.put or args.get:
@@ -452,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if not hosts:
         ap.error("no hosts left after -x" if args.exclude else "no hosts given")
+    sudo = _sudo(ap, args)
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     if copy:
         connect = None if no_connect_timeout else connect_timeout
@@ -479,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             on_output=output.on_output,
             retries=args.retries,
+            **sudo,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

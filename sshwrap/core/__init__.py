@@ -14,9 +14,10 @@ the two drivers (``run_sync`` for the sync faces, ``run_async`` for :mod:`sshwra
   (the local ends of a channel's streams), :mod:`.channel_popen` (``Popen`` on a channel),
   :mod:`.shell` (a persistent remote shell on one channel), :mod:`.spawn_command` (the command
   line of a ``Spawned``);
-- fan-out: :mod:`.fanout_run` (the scheduler), :mod:`.fanout_host` (one host's bounds, stop
-  and retries), :mod:`.host_result` (``HostResult``), :mod:`.hostset` (host ranges and groups:
-  pure), :mod:`.host_input` (hosts from patterns, files, groups), :mod:`.many_output`
+- fan-out: :mod:`.fanout_run` (the scheduler), :mod:`.fanout_host` (one host's bounds, stop,
+  retries and sudo), :mod:`.host_timers` (the hosts' timers), :mod:`.host_result`
+  (``HostResult``), :mod:`.hostset` (host ranges and groups: pure), :mod:`.host_input`
+  (hosts from patterns, files, groups), :mod:`.many_output`
   (``sshwrap-many``'s output), :mod:`.fleet_copy` (``put_many``/``get_many``),
   :mod:`.gateway_run`, :mod:`.gateway_agent` and :mod:`.gateway_wire` (the fan-out through
   gateways: the control side, the agent on a gateway, the JSON lines between them);

@@ -50,7 +50,8 @@ from .fanout_host import (
     run_over_connection,
 )
 from .host_result import HostResult, unfinished_result
-from .options import CommandOptions, SSHSettings
+from .options import CommandOptions, SSHSettings, SudoOptions
+from .sudo import SudoRun, sudo_settings
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
@@ -69,9 +70,10 @@ class ControlPathHost(Protocol):
     def control_path(self) -> str: ...  # pragma: no cover - protocol
 
 
-class FanoutOptions(SSHSettings, CommandOptions, total=False):
+class FanoutOptions(SSHSettings, CommandOptions, SudoOptions, total=False):
     """The keywords of a fan-out besides hosts, command, ``concurrency`` and the bounds (see
-    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, and these."""
+    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, ``sudo``/``sudo_password``/
+    ``sudo_user``, and these."""
 
     input: bytes | None
     batch_mode: bool
@@ -122,6 +124,7 @@ class FanoutRun:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, not {retries!r}")
         env, cwd = options.get("env"), options.get("cwd")
+        sudo = sudo_settings(options)
         self.job = FanoutJob(
             command,
             options.get("ssh") or find_ssh(),
@@ -132,6 +135,7 @@ class FanoutRun:
             cwd,
             options.get("on_output"),
             retries,
+            sudo,
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
@@ -162,6 +166,8 @@ class FanoutRun:
         tagged = options.get("kill_remote", True) and (timeout is not None or deadline is not None)
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
+        # Under sudo, env/cwd go inside ``sudo ... sh -c`` and the tag outside, on sudo.
+        sudo_inner = None if sudo is None else remote_command(command, env=env, cwd=cwd)
         self.plans: list[HostPlan] = []
         common = [*fixed, *settings]
         heads = _ArgvHeads(self.job.ssh, common, host_list)
@@ -172,7 +178,12 @@ class FanoutRun:
                 continue
             dest, extra = named[i]
             sid = secrets.token_hex(8) if tagged else None
-            if untagged_text is not None:
+            sudo_run = None
+            if sudo_inner is not None:
+                assert sudo is not None
+                sudo_run = SudoRun(dest, sudo, self.job.input)
+                text = remote_command(sudo_run.command(sudo_inner), session_id=sid)
+            elif untagged_text is not None:
                 text = untagged_text
             else:
                 text = remote_command(command, env=env, cwd=cwd, session_id=sid)
@@ -183,7 +194,7 @@ class FanoutRun:
                 argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*common, *extra])
             # The remote stop's argv is built only when a host needs it.
             kill_settings = kill_base if not extra else [*kill_base, *extra]
-            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
+            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings, sudo=sudo_run))
         if check_budget:
             check_fd_budget(min(concurrency, max(1, len(self.plans))))
         self._running: dict[int, HostProcess] = {}
@@ -213,6 +224,10 @@ class FanoutRun:
     async def results(self) -> AsyncGenerator[HostResult, None]:
         """Yield each host's result as it finishes; on exit (even cancelled) end every child."""
         loop = asyncio.get_running_loop()
+        if self.job.sudo is not None and self.job.sudo.password.given:
+            # A callable is asked here, once for every host, before any starts (not in the
+            # middle of a host's output).
+            self.job.sudo.password.get()
         t_end = None if self.deadline is None else time.monotonic() + self.deadline
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
         watcher = FdWatcher(loop)

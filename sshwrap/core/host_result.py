@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import SSHConnectionError, SSHError, interpret_exit, ssh_messages
+from ..errors import SSHConnectionError, SSHError, SudoError, interpret_exit, ssh_messages
 
 __all__ = [
     "FanoutInterrupted",
@@ -67,7 +67,8 @@ class HostResult(HostOutcome):
       ``ssh_log``), except what ssh prints before its log opens (a setting it refuses):
       that stays in ``stderr`` and is the ``error``'s message too.
     - ``error``: the typed ``SSHError`` when ssh itself failed (refused, timed out, name not
-      resolved, authentication, host key).
+      resolved, authentication, host key); with ``sudo=True``, a ``SudoError`` when sudo did
+      not run the command (status ``failed``, ``returncode`` None; see ``sudo``).
     - ``status``: ``ok`` (exit 0), ``failed`` (non-zero exit or signal), ``timeout``
       (``timeout`` or ``deadline`` ran out), ``ssh_error``, ``cancelled``.
     - ``started``: wall clock (``time.time()``) when its ssh started (``None`` if it never
@@ -88,7 +89,7 @@ class HostResult(HostOutcome):
     returncode: int | None
     stdout: bytes
     stderr: bytes
-    error: SSHError | None
+    error: SSHError | SudoError | None
     started: float | None
     duration: float
     status: Status = "ok"
@@ -119,7 +120,7 @@ def in_input_order(hosts: Sequence[str], results: Mapping[int, HostResult]) -> l
     return [results.get(i) or unfinished_result(h, i, "cancelled") for i, h in enumerate(hosts)]
 
 
-def result_status(returncode: int | None, error: SSHError | None) -> Status:
+def result_status(returncode: int | None, error: SSHError | SudoError | None) -> Status:
     """``ssh_error`` with an error, else ``ok`` for exit 0 and ``failed`` for the rest."""
     if error is not None:
         return "ssh_error"
