@@ -303,7 +303,9 @@ class HostRun:
             error = SSHError(self.plan.host, f"cannot run ssh: {e}")
             self._finish(process_result(self.plan, proc, "ssh_error", error))
             return
-        limit = capped(self.job.connect_timeout, self.t_end)
+        limit = self.job.connect_timeout
+        if self.t_end is not None:
+            limit = capped(limit, self.t_end)
         self._until = None if limit is None else time.monotonic() + limit
         proc.listener = self._step
         self._step()
@@ -329,12 +331,13 @@ class HostRun:
                 proc.kill_now()
                 self._finish(process_result(self.plan, proc, None))
                 return
-            now = proc.loop.time()
             until = self._until
-            late = until is not None and now >= until
+            late = until is not None and time.monotonic() >= until  # (the loop's clock)
             if phase == _CONNECT:
                 if proc.up or proc.exit_seen:
-                    limit = capped(self.job.timeout, self.t_end)
+                    limit = self.job.timeout
+                    if self.t_end is not None:
+                        limit = capped(limit, self.t_end)
                     self._until = None if limit is None else time.monotonic() + limit
                     self._phase = _COMMAND
                     continue
@@ -344,7 +347,8 @@ class HostRun:
                     continue
             elif phase == _COMMAND:
                 if proc.exit_seen:
-                    proc.log_writer_close()
+                    if proc.log_writer is not None:
+                        proc.log_writer_close()
                     grace = _EOF_GRACE
                     if until is not None:
                         grace = min(grace, max(0.0, until - time.monotonic()) + KILL_GRACE)
@@ -452,8 +456,9 @@ class HostRun:
         )
 
     def _finish(self, result: HostResult) -> None:
-        result = self.with_attempts(result)
-        self._cancel_timer()
+        if self.attempts != 1:
+            result = self.with_attempts(result)
+        self._timer_at = None
         self.proc.listener = None
         self._phase = _DONE
         self._result = result

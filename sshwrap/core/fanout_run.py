@@ -266,7 +266,9 @@ class FanoutRun:
                         self._remote_stops,
                         finished,
                         timers,
-                        partial(self._respawn, plan, watcher, fifo_dir, starter),
+                        None
+                        if not self.job.retries  # (no retry: no next attempt to start)
+                        else partial(self._respawn, plan, watcher, fifo_dir, starter),
                     )
                     tasks[run] = plan.index
                     run.start()
