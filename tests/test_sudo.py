@@ -29,6 +29,7 @@ from sudo_users import (
     secrets_seen,
     sudo_sshd,
 )
+from waiting import wait_until
 
 import sshwrap
 import sshwrap.aio
@@ -344,6 +345,9 @@ def test_the_scan_sees_a_secret(tmp_path: Path) -> None:
         subprocess.Popen(["sh", "-c", "sleep 30", secret]) as q,
     ):
         try:
+            cmdlines = [Path(f"/proc/{child.pid}/cmdline") for child in (p, q)]
+            # (both exec'd: their argv is the one given)
+            wait_until(lambda: all(b"sleep 30" in c.read_bytes() for c in cmdlines), 10, "exec")
             logs: set[str] = set()
             seen = secrets_seen(secret.encode(), logs)
         finally:
