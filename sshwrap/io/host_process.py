@@ -10,9 +10,8 @@ never reaches the caller's stderr, and its lines tell when the session is up.
 The loop watches the pipes and the child's exit (a pidfd; elsewhere than Linux a short poll
 once the pipes are closed) through an :class:`~sshwrap.io.fd_watcher.FdWatcher`, so a host
 costs a handful of file descriptors and no thread.  Children are started from the loop's
-thread by ``os.posix_spawn`` (clone + exec, no Python in the child; ``subprocess.Popen``
-where it cannot close inherited fds: :class:`ChildStarter`): the fan-out never forks from a
-thread pool.
+thread by vfork + exec (no Python in the child: :class:`~sshwrap.io.child_start.ChildStarter`):
+the fan-out never forks from a thread pool.
 
 Stopping signals the child's whole process group (ssh and any ProxyCommand it runs), and
 every path ends with the child reaped and every fd closed.  What the bounds are, and what an
