@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "CommandTooLongError": "errors",
     "CommandLostError": "errors",
     "SudoError": "errors",
+    "SkippedError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
     "run_many": "fanout",
@@ -95,6 +96,7 @@ if TYPE_CHECKING:
     from .errors import CommandLostError as CommandLostError
     from .errors import CommandTooLongError as CommandTooLongError
     from .errors import HostKeyError as HostKeyError
+    from .errors import SkippedError as SkippedError
     from .errors import SSHConfigError as SSHConfigError
     from .errors import SSHConnectionError as SSHConnectionError
     from .errors import SSHError as SSHError

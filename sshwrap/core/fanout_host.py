@@ -148,6 +148,9 @@ class HostPlan:
     """ssh settings of the remote stop."""
     conn: ConnectionLike | None = None
     """A connection: the command runs as a channel of its master (``argv`` unused)."""
+    command: str | Sequence[str] | None = None
+    """Over a connection: the host's own command (``%h`` replaced, a per-host one), else
+    None for the job's."""
     sudo: SudoRun | None = None
     """``sudo=True``: the host's sudo (its stderr's filter; ``argv`` runs its command).  An
     attempt that is retried never had a session, so never fed it: the next one reuses it."""
@@ -533,7 +536,7 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
         sudo = job.sudo
         run = run_command(
             plan.conn.master,
-            job.command,
+            job.command if plan.command is None else plan.command,
             input=job.input,
             capture_output=True,
             timeout=capped(job.timeout, t_end),

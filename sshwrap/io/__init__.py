@@ -20,7 +20,8 @@ Nothing here decides policy (how long to wait, whether to retry, what a result i
 - SFTP: :mod:`.sftp_session` (the session over ``ssh -s sftp``, ``Abort``, the transfer errors),
   :mod:`.sftp_pipeline` (pipelined whole-file reads and writes), :mod:`.sftp_files` (the
   session pool and file operations of the fsspec filesystem);
-- :mod:`.recording`: an asciicast recording of an interactive session, written as it goes;
+- :mod:`.recording`: an asciicast recording of an interactive session, written as it goes
+  through :mod:`.appendlog` (an append-only file in aligned blocks, ``O_DIRECT`` where it can);
 - :mod:`.bundle`: the package as a zip, sent to a gateway's ``python3``;
 - :mod:`.prompts`: the askpass server that answers ssh's prompts over a private socket;
 - waiting: :mod:`.flags` (events a thread or an asyncio loop can wait on), :mod:`.deadline`

@@ -1,11 +1,11 @@
 """An SFTP v3 client session over ``ssh -s <destination> sftp``: the IO under ``put``/``get``.
 
 ``SFTPSession`` starts ``ssh <args> -s -- <destination> sftp`` (over the master when the args
-carry its ``ControlPath``/``-S``) and speaks SFTP to the remote ``sftp-server`` through a
-socketpair, as OpenSSH's sftp/scp do (its buffers are larger than a pipe's, so ssh, or the
-master that receives these fds, and we block each other less).  The packets are built and
-parsed by the pure codec :mod:`sshwrap.protocol.sftp`; this module sends and receives them,
-matches replies to requests and turns failures into the transfer exceptions.
+carry its ``ControlPath``; with ``control_path`` the master runs the session itself, no ssh
+process: :class:`~sshwrap.io.mux_control.MuxSession`) and speaks SFTP to ``sftp-server``
+through a socketpair, as OpenSSH's sftp/scp do (larger buffers than a pipe's).  The packets
+are built and parsed by the pure codec :mod:`sshwrap.protocol.sftp`; this module sends and
+receives them, matches replies to requests and turns failures into the transfer exceptions.
 
 - Replies are received into one fixed 4 MiB buffer and handed out as views of it (no copy per
   packet; a view is valid until the next receive).
@@ -14,8 +14,7 @@ matches replies to requests and turns failures into the transfer exceptions.
   reply to any other id is a protocol error (``SFTPProtocolError``), never taken for success.
 - Cleanup after a failure (closing a handle, removing a temporary file) is bounded: every
   wait inside ``cleaning_up`` has a deadline (shorter after ``KeyboardInterrupt`` or a
-  callback's exception, which must take effect promptly).  ``close`` then gives ssh a moment
-  to exit and kills it after that; ssh is always reaped.
+  callback's exception).  ``close`` gives ssh a moment to exit, then kills and reaps it.
 - ssh ending under the session (the master or the remote sftp process killed: ssh exits 255
   without a word) raises ``SSHConnectionError``; ``interrupt`` (``Abort.abort`` from another
   thread) cuts the byte stream and the waiting call raises ``TransferCancelled``.
@@ -39,6 +38,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from ..errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
 from ..protocol import sftp
 from ..protocol.sftp import Attrs, StatusError
+from .mux_control import MuxSession
 
 __all__ = [
     "Abort",
@@ -142,6 +142,7 @@ class SFTPSession:
         ssh_args: Sequence[str] = (),
         abort: Abort | None = None,
         timeout: float | None = None,
+        control_path: str | None = None,
     ) -> None:
         self.destination = destination
         self.call_timeout = timeout
@@ -149,13 +150,12 @@ class SFTPSession:
         argv = [ssh, *ssh_args, *_SUBSYSTEM_OPTIONS, "-s", "--", destination, "sftp"]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd, err = child.fileno(), self._stderr
         try:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=child.fileno(),
-                stdout=child.fileno(),
-                stderr=self._stderr,
-                start_new_session=True,
+            self._proc: subprocess.Popen[bytes] | MuxSession = (
+                MuxSession(control_path, "sftp", fd, err, host=destination)
+                if control_path
+                else subprocess.Popen(argv, stdin=fd, stdout=fd, stderr=err, start_new_session=True)
             )
         except BaseException:
             self._sock.close()
