@@ -84,6 +84,7 @@ from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_h
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
 from .core.per_host import HostCommand, PerHostCommands, per_host_commands
+from .core.sudo import PasswordSpec
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 from .io.persist import (
     PERSIST_DEFAULT,
@@ -203,6 +204,8 @@ def plan_run(
     if isinstance(command, Mapping):
         names = [h if isinstance(h, str) else h.destination for h in hosts]
         command = per_host_commands(command, names)
+    if routes is not None and kwargs.get("sudo"):
+        raise ValueError("sudo through gateways (via=) is not supported yet")
     if routes is None:
         return FanoutRun(hosts, command, **kwargs)
     if any(kwargs.get(k) is not None for k in ROLLOUT_KEYWORDS):
@@ -257,6 +260,9 @@ async def run_many_async(
     canary: int | None = None,
     persist: Persist = None,
     via: Via | None = None,
+    sudo: bool = False,
+    sudo_password: PasswordSpec = None,
+    sudo_user: str | None = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
@@ -347,6 +353,17 @@ async def run_many_async(
     Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
     (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
 
+    ``sudo=True`` runs the command through ``sudo -S`` on every host, as ``sudo_user``
+    (default root), as ``sshwrap.run`` does (:mod:`sshwrap.core.sudo`): a random prompt per
+    host, ``sudo_password`` (``str``, ``bytes``, or a callable returning one: called once
+    for the whole run, before the first host starts) written to that host's ssh stdin only
+    when its sudo asks, then ``input``.  A host whose sudo refuses the password (or asks and
+    none was given, or ends before the command starts: not allowed, no such user) is stopped
+    at once and comes back ``failed`` with ``returncode`` None and ``error`` a ``SudoError``
+    (never retried: a wrong password is not tried again into a locked account).  The
+    password is never in an argv, the environment, ssh's log, a result or an error.  Not
+    with ``via`` (``ValueError``).
+
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
@@ -379,6 +396,9 @@ async def run_many_async(
         batch=batch,
         max_fail=max_fail,
         canary=canary,
+        sudo=sudo,
+        sudo_password=sudo_password,
+        sudo_user=sudo_user,
     )
     gen = run.results()
     try:

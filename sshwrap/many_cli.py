@@ -50,6 +50,13 @@ bit).  A line per host (``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 
 error on stderr).  A missing LOCAL (without ``%h``), a command, ``-I``, ``--group``, ``--outdir``
 or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
 
+``--sudo`` runs the command through ``sudo -S`` on every host (``--sudo-user U``: as U, else
+root), with the password asked once on the terminal (``/dev/tty``, not echoed) or read once
+from ``--sudo-password-file F`` (one trailing newline dropped); it goes only to each host's
+ssh stdin when that host's sudo asks, never to an argv or environment.  A host whose sudo
+refuses it fails at once (the 1 bit, ``SudoError``).  No terminal and no file, a file that
+cannot be read, ``--put``/``--get`` or gateways with it: exit 64, before any host starts.
+
 ``--retries N`` starts a host's ssh again, up to N more times, when it failed before its
 session was up with a connection-level failure (refused, timed out, reset, unreachable):
 see ``retries`` of :func:`sshwrap.run_many`.
@@ -90,6 +97,7 @@ from .core.many_output import EXIT_FAILED, EXIT_SKIPPED, EXIT_SSH_ERROR, EXIT_TI
 from .fanout import FdBudgetError, Run, close_persisted, plan_run, via_routes
 from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
+from .many_sudo import sudo_keywords
 
 __all__ = ["EXIT_FAILED", "EXIT_SKIPPED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
@@ -221,6 +229,15 @@ def _parser() -> argparse.ArgumentParser:
         "host's exact local path), instead of a command",
     )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
+    ap.add_argument(
+        "--sudo",
+        action="store_true",
+        help="run the command through sudo -S (password asked once on the terminal)",
+    )
+    ap.add_argument("--sudo-user", metavar="USER", help="with --sudo: as USER (default root)")
+    ap.add_argument(
+        "--sudo-password-file", metavar="FILE", help="with --sudo: read the password from FILE"
+    )
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
     ap.add_argument(
         "-o", dest="options", action="append", default=[], metavar="KEY=VALUE", help="ssh option"
@@ -498,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         rollout(len(hosts), args.batch, args.max_fail, args.canary, labels=_ROLLOUT_FLAGS)
     except ValueError as e:
         ap.error(str(e))
+    try:
+        sudo = sudo_keywords(ap, args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     if copy:
         connect = None if no_connect_timeout else connect_timeout
@@ -527,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             retries=args.retries,
             **_rollout_args(args),
             persist_dir=directory,
+            **sudo,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

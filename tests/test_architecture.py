@@ -33,6 +33,7 @@ LAYER = {
     "__main__": FACES,
     "cli": FACES,
     "many_cli": FACES,
+    "many_sudo": FACES,
     "process": FACES,
     "connection": FACES,
     "spawn": FACES,

@@ -15,7 +15,8 @@ the two drivers (``run_sync`` for the sync faces, ``run_async`` for :mod:`sshwra
   :mod:`.shell` (a persistent remote shell on one channel), :mod:`.spawn_command` (the command
   line of a ``Spawned``);
 - fan-out: :mod:`.fanout_run` (the scheduler), :mod:`.batches` (rolling batches, ``max_fail``
-  and canaries: pure), :mod:`.fanout_host` (one host's bounds, stop and retries),
+  and canaries: pure), :mod:`.fanout_host` (one host's bounds, stop,
+  retries and sudo), :mod:`.host_timers` (the hosts' timers),
   :mod:`.fanout_warm` (hosts over persisted masters: channels, no ssh),
   :mod:`.host_result` (``HostResult``), :mod:`.hostset` (host ranges and groups: pure),
   :mod:`.host_input` (hosts from patterns, files, groups), :mod:`.many_output` (``sshwrap-many``'s

@@ -57,7 +57,7 @@ from .fanout_host import (
 )
 from .fanout_warm import PersistedHosts
 from .host_result import HostResult, skipped_result, unfinished_result
-from .options import CommandOptions, SSHSettings
+from .options import CommandOptions, SSHSettings, SudoOptions
 from .per_host import (
     HostCommand,
     PerHostCommands,
@@ -66,6 +66,7 @@ from .per_host import (
     command_uses_host,
     per_host_commands,
 )
+from .sudo import SudoRun, sudo_settings
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
@@ -85,9 +86,10 @@ class ControlPathHost(Protocol):
     def control_path(self) -> str: ...  # pragma: no cover - protocol
 
 
-class FanoutOptions(SSHSettings, CommandOptions, total=False):
+class FanoutOptions(SSHSettings, CommandOptions, SudoOptions, total=False):
     """The keywords of a fan-out besides hosts, command, ``concurrency`` and the bounds (see
-    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, and these."""
+    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, ``sudo``/``sudo_password``/
+    ``sudo_user``, and these."""
 
     input: bytes | None
     batch_mode: bool
@@ -142,6 +144,7 @@ class FanoutRun:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, not {retries!r}")
         env, cwd = options.get("env"), options.get("cwd")
+        sudo = sudo_settings(options)
         self.job = FanoutJob(
             "" if isinstance(command, Mapping) else command,
             options.get("ssh") or find_ssh(),
@@ -152,6 +155,7 @@ class FanoutRun:
             cwd,
             options.get("on_output"),
             retries,
+            sudo,
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
@@ -184,6 +188,8 @@ class FanoutRun:
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
         commands = _Commands(command, host_list, env, cwd)
         untagged_text = None if tagged or commands.varies else commands.text(command)
+        # Under sudo, env/cwd go inside ``sudo ... sh -c`` and the tag outside, on sudo.
+        sudo_inner = None if sudo is None or commands.varies else commands.text(command)
         self.plans: list[HostPlan] = []
         common = [*fixed, *settings]
         heads = _ArgvHeads(self.job.ssh, common, host_list)
@@ -195,7 +201,15 @@ class FanoutRun:
                 continue
             dest, extra = named[i]
             sid = secrets.token_hex(8) if tagged else None
-            if untagged_text is not None:
+            sudo_run = None
+            if sudo is not None:
+                sudo_run = SudoRun(dest, sudo, self.job.input)
+                inner = sudo_inner
+                if inner is None:
+                    own = commands.of(dest)
+                    inner = commands.text(command if own is None else own)
+                text = remote_command(sudo_run.command(inner), session_id=sid)
+            elif untagged_text is not None:
                 text = untagged_text
             else:
                 own = commands.of(dest)
@@ -207,7 +221,7 @@ class FanoutRun:
                 argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*common, *extra])
             # The remote stop's argv is built only when a host needs it.
             kill_settings = kill_base if not extra else [*kill_base, *extra]
-            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
+            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings, sudo=sudo_run))
         # Hosts over the masters a run before left up (persist=): channels, no ssh process.
         self._persisted: PersistedHosts | None = None
         self._warm: dict[int, tuple[IndexEntry, HostCommand | None]] = {}
@@ -254,6 +268,10 @@ class FanoutRun:
     async def results(self) -> AsyncGenerator[HostResult, None]:
         """Yield each host's result as it finishes; on exit (even cancelled) end every child."""
         loop = asyncio.get_running_loop()
+        if self.job.sudo is not None and self.job.sudo.password.given:
+            # A callable is asked here, once for every host, before any starts (not in the
+            # middle of a host's output).
+            self.job.sudo.password.get()
         t_end = None if self.deadline is None else time.monotonic() + self.deadline
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
         watcher = FdWatcher(loop)
@@ -280,7 +298,9 @@ class FanoutRun:
                 self._remote_stops,
                 finished,
                 timers,
-                partial(self._respawn, plan, watcher, fifo_dir, starter),
+                None
+                if not self.job.retries  # (no retry: no next attempt to start)
+                else partial(self._respawn, plan, watcher, fifo_dir, starter),
             )
             tasks[run] = plan.index
             run.start()

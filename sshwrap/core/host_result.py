@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import SkippedError, SSHConnectionError, SSHError, interpret_exit, ssh_messages
+from ..errors import (
+    SkippedError,
+    SSHConnectionError,
+    SSHError,
+    SudoError,
+    interpret_exit,
+    ssh_messages,
+)
 
 __all__ = [
     "FanoutInterrupted",
@@ -68,8 +75,9 @@ class HostResult(HostOutcome):
       ``ssh_log``), except what ssh prints before its log opens (a setting it refuses):
       that stays in ``stderr`` and is the ``error``'s message too.
     - ``error``: the typed ``SSHError`` when ssh itself failed (refused, timed out, name not
-      resolved, authentication, host key); a ``SkippedError`` saying why for a ``skipped``
-      host.
+      resolved, authentication, host key); with ``sudo=True``, a ``SudoError`` when sudo did
+      not run the command (status ``failed``, ``returncode`` None; see ``sudo``); a
+      ``SkippedError`` saying why for a ``skipped`` host.
     - ``status``: ``ok`` (exit 0), ``failed`` (non-zero exit or signal), ``timeout``
       (``timeout`` or ``deadline`` ran out), ``ssh_error``, ``cancelled``, ``skipped`` (never
       started: ``max_fail`` was exceeded or a canary did not succeed; no ``returncode``).
@@ -91,7 +99,7 @@ class HostResult(HostOutcome):
     returncode: int | None
     stdout: bytes
     stderr: bytes
-    error: SSHError | SkippedError | None
+    error: SSHError | SudoError | SkippedError | None
     started: float | None
     duration: float
     status: Status = "ok"
@@ -128,7 +136,7 @@ def in_input_order(hosts: Sequence[str], results: Mapping[int, HostResult]) -> l
     return [results.get(i) or unfinished_result(h, i, "cancelled") for i, h in enumerate(hosts)]
 
 
-def result_status(returncode: int | None, error: SSHError | None) -> Status:
+def result_status(returncode: int | None, error: SSHError | SudoError | None) -> Status:
     """``ssh_error`` with an error, else ``ok`` for exit 0 and ``failed`` for the rest."""
     if error is not None:
         return "ssh_error"

@@ -121,7 +121,9 @@ def describe(r: Result, verb: str = "") -> str:
     if r.status == "ok":
         return "exit 0"
     if r.status == "failed":
-        assert r.returncode is not None
+        if r.returncode is None:  # sudo did not run the command
+            assert r.error is not None
+            return f"{type(r.error).__name__}: {_message(r.error)}"
         if r.signalled:
             return "killed by a signal" + (
                 f" ({signal.Signals(-r.returncode).name})"

@@ -14,8 +14,9 @@ Nothing here decides policy (how long to wait, whether to retry, what a result i
   comes from and goes to);
 - local ssh children: :mod:`.ssh_child` (starting ssh with pipes, its pipes and exit on one
   waitable fd, its stderr relay), :mod:`.pty` (the one way a program starts on a new pty, as its
-  controlling terminal, with no Python in the child), :mod:`.host_process`, :mod:`.fd_watcher`
-  and :mod:`.fd_budget` (one ssh per host of a fan-out, watched by the loop);
+  controlling terminal, with no Python in the child), :mod:`.host_process`,
+  :mod:`.child_start`, :mod:`.fd_watcher` and :mod:`.fd_budget` (one ssh per host of a
+  fan-out, started and watched by the loop);
 - SFTP: :mod:`.sftp_session` (the session over ``ssh -s sftp``, ``Abort``, the transfer errors),
   :mod:`.sftp_pipeline` (pipelined whole-file reads and writes), :mod:`.sftp_files` (the
   session pool and file operations of the fsspec filesystem);
