@@ -121,6 +121,24 @@ def test_wrong_or_missing_password_fails_every_host_fast(fleet: Fleet, given: st
 
 
 @needs_sudo
+def test_per_host_commands_and_rollout_under_sudo(fleet: Fleet) -> None:
+    """``%h`` and a per-host mapping run inside each host's sudo (as root), with a canary and
+    batches; a refusal on the canary skips the rest."""
+    hosts = fleet.hosts[:4]
+    kw: dict[str, Any] = {"sudo": True, "sudo_password": fleet.password, **fleet.kw}
+    results = sshwrap.run_many(hosts, "echo %h $(id -u)", canary=1, batch=2, **kw)
+    assert [(r.status, r.stdout) for r in results] == [("ok", f"{h} 0\n".encode()) for h in hosts]
+    mapping = {h: ["sh", "-c", f"echo {i} $(id -u)"] for i, h in enumerate(hosts)}
+    results = sshwrap.run_many(hosts, mapping, **kw)
+    assert [r.stdout for r in results] == [f"{i} 0\n".encode() for i in range(len(hosts))]
+    bad = {**kw, "sudo_password": "wrong-" + secrets.token_hex(4)}
+    results = sshwrap.run_many(hosts, "echo %h", canary=1, **bad)
+    assert results[0].status == "failed" and isinstance(results[0].error, SudoError)
+    assert [r.status for r in results[1:]] == ["skipped"] * 3
+    _hidden(fleet.password, results)
+
+
+@needs_sudo
 def test_sudo_ended_before_the_command(fleet: Fleet) -> None:
     results = sshwrap.run_many(
         fleet.hosts[:2], "id -u", sudo=True, sudo_user="no-such-user-h12", **fleet.kw
