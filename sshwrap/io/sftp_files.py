@@ -8,7 +8,8 @@
   when ``size`` is below it.
 - ``bounded``: during one call on a session, every wait for the server (a reply, room to
   send) ends within ``timeout`` (``SFTPTimeout`` naming the host and path; the session is
-  broken, so the pool drops it).
+  broken, so the pool drops it); inside ``abortable(abort, op)`` (the async face's worker
+  thread), ``abort`` interrupts the session (``TransferCancelled``) too.
 - Requests on paths: ``lstat``, ``readdir`` (entries as the server lists them: links not
   followed), ``mkdir`` (the server's default mode), ``rmdir``.
 - ``Upload``: a file's new content written to a temporary name next to it, renamed over it
@@ -34,18 +35,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from ..protocol import sftp
 from ..protocol.sftp import Attrs, StatusError
 from ..protocol.wire import pack_string
 from .sftp_pipeline import IN_FLIGHT, write_failed
-from .sftp_session import SFTPSession, TransferError
+from .sftp_session import Abort, SFTPSession, TransferError
 from .threads import start_daemon
 
 __all__ = [
     "Leftovers",
     "SessionPool",
     "Upload",
+    "abortable",
     "bounded",
     "close_later",
     "lstat",
@@ -59,6 +62,9 @@ __all__ = [
     "temp_name",
     "write_at",
 ]
+
+
+_T = TypeVar("_T")
 
 
 class SessionPool:
@@ -155,15 +161,34 @@ class SessionPool:
             s.close()
 
 
+_CALL = threading.local()  # .abort: the Abort of the ``abortable`` call of this thread
+
+
+def abortable(abort: Abort, op: Callable[[], _T]) -> _T:
+    """``op()``, every session ``bounded`` lends it in this thread interruptible by
+    ``abort`` (from another thread: the call then raises ``TransferCancelled``)."""
+    _CALL.abort = abort
+    try:
+        return op()
+    finally:
+        _CALL.abort = None
+
+
 @contextlib.contextmanager
 def bounded(session: SFTPSession, timeout: float | None, path: str) -> Iterator[SFTPSession]:
     """``session`` for one call on ``path`` in which every wait for the server ends within
-    ``timeout`` seconds (None: no bound), else raises ``SFTPTimeout`` naming host and path."""
+    ``timeout`` seconds (None: no bound), else raises ``SFTPTimeout`` naming host and path
+    (and which the ``abortable`` call of this thread, if any, can interrupt)."""
     session.call_timeout = timeout
     session.call_path = path
+    abort: Abort | None = getattr(_CALL, "abort", None)
+    if abort is not None:
+        abort.attach(session)
     try:
         yield session
     finally:
+        if abort is not None:
+            abort.attach(None)
         session.call_timeout = None
         session.call_path = ""
 

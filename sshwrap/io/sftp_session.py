@@ -96,7 +96,8 @@ class Abort:
         if session is not None:
             session.interrupt()
 
-    def _attach(self, session: SFTPSession | None) -> None:
+    def attach(self, session: SFTPSession | None) -> None:
+        """Make ``abort()`` interrupt ``session`` (None: no session), at once if requested."""
         with self._lock:
             self._session = session
             requested = self.requested
@@ -162,7 +163,7 @@ class SFTPSession:
         self._abort = abort
         try:
             if abort is not None:
-                abort._attach(self)
+                abort.attach(self)
             self._init()
         except BaseException:
             self.broken = True
@@ -190,7 +191,7 @@ class SFTPSession:
             return
         self._closed = True
         if self._abort is not None:
-            self._abort._attach(None)
+            self._abort.attach(None)
         proc = self._proc
         try:
             with self._sock_lock:
