@@ -3,6 +3,7 @@ test suite, then what it does not cover)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
-from faults import cmdline, freeze, frozen, thaw
+from faults import cmdline, freeze, frozen, ssh_descendants, thaw
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -375,6 +376,38 @@ def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str
         f.write(os.urandom(2 << 20))
     assert f.closed
     assert sfs.cat_file(target) == b"old"  # (on a new master)
+
+
+def test_idle_sessions_of_a_killed_master_are_not_lent(local_sshd: LocalSSHD) -> None:
+    """The master SIGKILLed while the pool's idle session's ssh is frozen (SIGSTOP: it cannot
+    notice and exit, as on a loaded machine it may not have yet): the next call is not given
+    that dead session (it would wait out its timeout: SFTPTimeout) but runs on a new master."""
+    fs = SSHWrapFileSystem(
+        host=local_sshd.host, config=local_sshd.config, pool_size=1, timeout=15.0,
+        skip_instance_cache=True,
+    )  # fmt: skip
+    try:
+
+        def sftp_ssh() -> set[int]:
+            return {p for p in ssh_descendants() if cmdline(p).endswith(b"\0sftp\0")}
+
+        rdir = fs.connection.check_output("mktemp -d", text=True).strip()
+        others = sftp_ssh()  # (other tests' filesystems)
+        fs.pipe_file(f"{rdir}/f", b"data")  # the pool keeps its session, idle
+        idle = sorted(sftp_ssh() - others)
+        assert len(idle) == 1, idle
+        master = fs.connection.master_pid
+        os.kill(idle[0], signal.SIGSTOP)
+        try:
+            os.kill(master, signal.SIGKILL)
+            assert wait_exited([master], 10) == []
+            assert fs.cat_file(f"{rdir}/f") == b"data"
+            assert fs.connection.master_pid != master
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(idle[0], signal.SIGCONT)
+    finally:
+        fs.connection.close()
 
 
 def test_a_frozen_server_times_out_and_the_next_call_works(

@@ -68,12 +68,23 @@ _T = TypeVar("_T")
 
 
 class SessionPool:
-    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time."""
+    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time.
 
-    def __init__(self, open_session: Callable[[], SFTPSession], size: int = 4) -> None:
+    ``transport_alive()`` (if given) tells whether what the idle sessions run over (the
+    master) still lives: when it does not, every idle session is dropped before one is lent,
+    even those whose ssh has not yet noticed (it exits a moment after the master, so its own
+    ``exited()`` alone would lend a dead session to the next call)."""
+
+    def __init__(
+        self,
+        open_session: Callable[[], SFTPSession],
+        size: int = 4,
+        transport_alive: Callable[[], bool] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("a session pool needs a size of at least 1")
         self._open = open_session
+        self._transport_alive = transport_alive
         self._size = size
         self._idle: list[SFTPSession] = []
         self._count = 0  # sessions lent out or idle
@@ -82,6 +93,8 @@ class SessionPool:
 
     def _take(self, prefer: SFTPSession | None = None) -> SFTPSession:
         with self._cond:
+            if self._idle and self._transport_alive is not None and not self._transport_alive():
+                self._drop_idle()
             if prefer is not None and prefer in self._idle and not self._closed:
                 self._idle.remove(prefer)
                 if not prefer.exited():
@@ -108,6 +121,15 @@ class SessionPool:
                 self._count -= 1
                 self._cond.notify()
             raise
+
+    def _drop_idle(self) -> None:
+        """Close every idle session (with ``_cond`` held)."""
+        while self._idle:
+            s = self._idle.pop()
+            self._count -= 1
+            s.broken = True
+            s.close()
+        self._cond.notify_all()
 
     def _give(self, s: SFTPSession, keep: bool) -> None:
         with self._cond:
