@@ -7,12 +7,17 @@ directory); 1,000 random 4 KiB reads from one open file (``block_size=4096``, so
 filesystem reads ahead more than the others).  Runs are interleaved (the order alternating)
 and the median is reported; a baseline that is not installed is reported so.
 Goal: fastest on every row, at least 1.5x ahead on the bulk rows.
+
+CPU (the wall is noisy on a loaded machine): each row's note gives the median CPU seconds of
+the client (this process, its reaped children and sshwrap's master: the baselines decrypt in
+this process, sshwrap in its master) and of the server (sshd's whole process tree).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,7 +26,7 @@ from typing import Any
 from common import Row, fmt_s, median, timed
 
 from sshwrap.filesystem import SSHWrapFileSystem
-from sshwrap.testing import LocalSSHD
+from sshwrap.testing import LocalSSHD, descendants
 
 BULK_GOAL = 1 / 1.5
 
@@ -56,6 +61,25 @@ def _sshfs_fs(sshd: LocalSSHD) -> Any:
         agent_path=None,
         skip_instance_cache=True,
     )
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its reaped children (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(sshd: LocalSSHD, master: int) -> tuple[float, float]:
+    """(client, server) CPU seconds so far (see the module docstring)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + _proc_cpu(master)
+    server = sum(_proc_cpu(p) for top in sshd.pids for p in (top, *descendants(top)))
+    return client, server
 
 
 def _random_reads(fs: Any, path: str, offsets: list[int]) -> None:
@@ -111,6 +135,7 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
             for op, fn in _cases(fs, name, local, remote, offsets).items()
         }
         times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+        cpus: dict[tuple[str, str], list[tuple[float, float]]] = {k: [] for k in cases}
         order = list(cases)
         for _ in range(reps):
             for key in order:
@@ -121,9 +146,16 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                 if op.startswith("get 1,000"):
                     shutil.rmtree(f"{local}/out-{name}-tree", ignore_errors=True)
                     os.mkdir(f"{local}/out-{name}-tree")
+                c0, s0 = _cpu(sshd, ours.connection.master_pid)
                 times[key].append(timed(cases[key]))
+                c1, s1 = _cpu(sshd, ours.connection.master_pid)
+                cpus[key].append((c1 - c0, s1 - s0))
             order.reverse()
         med = {k: median(v) for k, v in times.items()}
+
+        def cpu(key: tuple[str, str]) -> str:
+            return "/".join(f"{median([c[i] for c in cpus[key]]):.2f}" for i in (0, 1))
+
         rows = []
         for op in _cases(ours, "x", local, remote, offsets):
             mine = med[(op, "sshwrap")]
@@ -146,7 +178,8 @@ def run(sshd: LocalSSHD, quick: bool) -> list[Row]:
                         ratio,
                         "time <= 0.67x" if bulk else "time < 1x",
                         ratio <= goal,
-                        f"median of {reps}, interleaved" if op == "cat_file" else "",
+                        (f"median of {reps}, interleaved; " if op == "cat_file" else "")
+                        + f"CPU s client/server {cpu((op, 'sshwrap'))} vs {cpu((op, name))}",
                     )
                 )
         return rows

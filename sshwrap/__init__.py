@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "CommandTooLongError": "errors",
     "CommandLostError": "errors",
     "SudoError": "errors",
+    "SkippedError": "errors",
     "CalledProcessError": "errors",
     "TimeoutExpired": "errors",
     "run_many": "fanout",
@@ -97,6 +98,7 @@ if TYPE_CHECKING:
     from .errors import CommandTooLongError as CommandTooLongError
     from .errors import GatewayError as GatewayError
     from .errors import HostKeyError as HostKeyError
+    from .errors import SkippedError as SkippedError
     from .errors import SSHConfigError as SSHConfigError
     from .errors import SSHConnectionError as SSHConnectionError
     from .errors import SSHError as SSHError

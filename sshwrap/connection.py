@@ -73,7 +73,7 @@ from .core.getoutput import OutputOptions, getoutput_options, status_output
 from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
 from .core.shell import Shell, check_shell_options
 from .core.waiting import run_sync
-from .io.attach import Detached, attach_target
+from .io.attach import Detached, attach_target, pid_alive
 from .io.forwards import Forward, ForwardError
 from .io.master import SUN_PATH_MAX, Master
 from .io.mux_control import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE
@@ -81,10 +81,9 @@ from .io.pump import check_exec_size
 
 if TYPE_CHECKING:
     from .io.prompts import OnPrompt
-    from .io.recording import RecordSpec
-    from .spawn import Spawned, SpawnOptions
+    from .spawn import InteractOptions, Spawned, SpawnOptions
     from .terminal.relay import RelayResult
-    from .transfer import Abort, ProgressCallback
+    from .transfer import AbortableCopyOptions, TransferOptions
 
 __all__ = [
     "SUN_PATH_MAX",
@@ -93,6 +92,7 @@ __all__ = [
     "Detached",
     "Forward",
     "ForwardError",
+    "MasterState",
     "Stream",
     "attach",
     "connect",
@@ -142,7 +142,76 @@ def make_master(destination: str, **options: Unpack[ConnectOptions]) -> Master:
     )
 
 
-class Connection:
+class MasterState:
+    """The state of a connection's ControlMaster, read alike on both faces: ``Connection``
+    and ``sshwrap.aio.AsyncConnection`` (which shares its Connection's ``Master``).  Plain
+    reads: none waits (the alive check does, and is each face's own)."""
+
+    _master: Master
+
+    @property
+    def master(self) -> Master:
+        """The ControlMaster (``sshwrap.io.master.Master``): its lifecycle, forwards and
+        proxy socket; ``sshwrap.core.commands`` runs commands over it (both faces, and the
+        fan-out for a host given as a Connection)."""
+        return self._master
+
+    @property
+    def attached(self) -> bool:
+        """True for a master sshwrap does not own (``close()`` leaves it running)."""
+        return not self._master.owned
+
+    @property
+    def closed(self) -> bool:
+        """True after ``close()``."""
+        return self._master.closed
+
+    @property
+    def uses_proxy(self) -> bool:
+        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
+        return self._master.uses_proxy
+
+    @property
+    def log_path(self) -> str:
+        """The master's own log (ssh ``-E``)."""
+        return self._master.log_path
+
+    @property
+    def control_path(self) -> str:
+        """The master's control socket (in a private directory; empty before the start)."""
+        return self._master.control_path
+
+    @property
+    def master_pid(self) -> int:
+        """The master's pid (0 before the start)."""
+        return self._master.pid
+
+    @property
+    def master_running(self) -> bool:
+        """False once the master process is gone (a look at ``/proc``, no request: unlike
+        :attr:`alive`, it does not tell whether the master still answers); True before it is
+        started."""
+        pid = self._master.pid
+        return not pid or pid_alive(pid)
+
+    @property
+    def restarts(self) -> int:
+        """How often a dead master was started again."""
+        return self._master.restarts
+
+    @property
+    def start_timeout(self) -> float | None:
+        """Seconds a start of the master may take (the smaller of ``start_timeout`` and
+        ``connect_timeout``)."""
+        return self._master.start_timeout
+
+    @property
+    def reconnect(self) -> bool:
+        """Whether a dead master is started again (else ``SSHConnectionError``)."""
+        return self._master.reconnect
+
+
+class Connection(MasterState):
     """An OpenSSH ControlMaster owned by sshwrap, and commands, forwards and files over it.
 
     Create it with ``sshwrap.connect(...)`` (started) or ``Connection(...)`` + ``open()`` or a
@@ -172,13 +241,6 @@ class Connection:
         self._master = make_master(destination, **options)
         self.destination = destination
         self.host = destination
-
-    @property
-    def master(self) -> Master:
-        """The ControlMaster (``sshwrap.io.master.Master``): its lifecycle, forwards and
-        proxy socket; ``sshwrap.core.commands`` runs commands over it (both faces, and the
-        fan-out for a host given as a Connection)."""
-        return self._master
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> Connection:
@@ -224,55 +286,9 @@ class Connection:
         return conn
 
     @property
-    def attached(self) -> bool:
-        """True for a master sshwrap does not own (``close()`` leaves it running)."""
-        return not self._master.owned
-
-    @property
-    def closed(self) -> bool:
-        """True after ``close()``."""
-        return self._master.closed
-
-    @property
     def alive(self) -> bool:
         """True if the master answers an alive check now (``ssh -O check``, 5 s at most)."""
         return self._master.alive
-
-    @property
-    def uses_proxy(self) -> bool:
-        """True when commands run on channels over the mux proxy (else ``ssh -S``)."""
-        return self._master.uses_proxy
-
-    @property
-    def log_path(self) -> str:
-        """The master's own log (ssh ``-E``)."""
-        return self._master.log_path
-
-    @property
-    def control_path(self) -> str:
-        """The master's control socket (in a private directory; empty before the start)."""
-        return self._master.control_path
-
-    @property
-    def master_pid(self) -> int:
-        """The master's pid (0 before the start)."""
-        return self._master.pid
-
-    @property
-    def restarts(self) -> int:
-        """How often a dead master was started again."""
-        return self._master.restarts
-
-    @property
-    def start_timeout(self) -> float | None:
-        """Seconds a start of the master may take (the smaller of ``start_timeout`` and
-        ``connect_timeout``)."""
-        return self._master.start_timeout
-
-    @property
-    def reconnect(self) -> bool:
-        """Whether a dead master is started again (else ``SSHConnectionError``)."""
-        return self._master.reconnect
 
     # -- commands ----------------------------------------------------------------------
     def run(self, args: Command, **options: Unpack[ChannelRunOptions]) -> CompletedProcess:
@@ -380,50 +396,40 @@ class Connection:
         self,
         local: str | os.PathLike[str],
         remote: str,
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
-        abort: Abort | None = None,
+        **options: Unpack[AbortableCopyOptions],
     ) -> None:
         """Copy a local file or directory (recursively, modes kept) to ``remote`` over the
         master (SFTP; see ``sshwrap.transfer.put``).  ``progress(done, total)`` in bytes;
-        ``abort`` (``sshwrap.transfer.Abort``) lets another thread stop it."""
+        ``preserve_times`` (default True); ``abort`` (``sshwrap.transfer.Abort``) lets another
+        thread stop it."""
         from .transfer import put
 
-        put(
-            local,
-            remote,
-            destination=self.destination,
-            ssh_args=self.ssh_args(),
-            ssh=self._master.ssh,
-            progress=progress,
-            preserve_times=preserve_times,
-            abort=abort,
-        )
+        put(local, remote, **self._over_master("put", options))
 
     def get(
         self,
         remote: str,
         local: str | os.PathLike[str],
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
-        abort: Abort | None = None,
+        **options: Unpack[AbortableCopyOptions],
     ) -> None:
         """Copy a remote file or directory to ``local`` over the master
-        (see ``sshwrap.transfer.get``); ``abort`` as for ``put``."""
+        (see ``sshwrap.transfer.get``); the keywords as for ``put``."""
         from .transfer import get
 
-        get(
-            remote,
-            local,
-            destination=self.destination,
-            ssh_args=self.ssh_args(),
-            ssh=self._master.ssh,
-            progress=progress,
-            preserve_times=preserve_times,
-            abort=abort,
-        )
+        get(remote, local, **self._over_master("get", options))
+
+    def _over_master(self, func: str, options: AbortableCopyOptions) -> TransferOptions:
+        """The keywords of ``sshwrap.transfer``'s ``func`` that copy over the master."""
+        from .transfer import AbortableCopyOptions
+
+        check_keywords(func, options, AbortableCopyOptions)
+        return {
+            **options,
+            "destination": self.destination,
+            "ssh_args": self.ssh_args(),
+            "ssh": self._master.ssh,
+            "control_path": None,
+        }
 
     @overload
     def spawn(
@@ -463,21 +469,19 @@ class Connection:
         )
 
     def interact(
-        self,
-        escape: bytes | None = b"\x1d",
-        *,
-        stdin_fd: int = 0,
-        stdout_fd: int = 1,
-        record: RecordSpec | None = None,
+        self, escape: bytes | None = b"\x1d", **options: Unpack[InteractOptions]
     ) -> RelayResult:
         """Hand the user's terminal to a login shell over the master until it exits or the
         user types ``escape`` (default ``^]``; the shell is then hung up).  Raw mode, resizes
         and signals as in ``Spawned.interact``.  The result's ``returncode`` is the remote
-        shell's exit status (``-128`` for a signal death; None when escaped).  ``record``: an
-        asciicast v2 recording of the session (a path or a ``Record``; see
-        ``Spawned.interact``)."""
+        shell's exit status (``-128`` for a signal death; None when escaped).  The keywords
+        (``stdin_fd``, ``stdout_fd``, ``record``: an asciicast v2 recording of the session)
+        are ``Spawned.interact``'s."""
+        from .spawn import InteractOptions
+
+        check_keywords("interact", options, InteractOptions)
         with self.spawn(None, tty=True, timeout=None) as s:
-            return s.interact(escape, stdin_fd=stdin_fd, stdout_fd=stdout_fd, record=record)
+            return s.interact(escape, **options)
 
     # -- ssh argv for other tools ------------------------------------------------------
     def ssh_args(self) -> list[str]:

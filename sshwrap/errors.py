@@ -14,6 +14,8 @@ Every exception sshwrap raises derives from :class:`SSHWrapError`:
 - :class:`SudoError`: ``sudo=True`` could not get the command run: the password was refused
   (sudo asked again), none was given when sudo asked, or sudo ended before the command
   started (not allowed by sudoers, sudo missing); it has ``host`` and never the password.
+- :class:`SkippedError`: a fleet call's host that never started because ``max_fail`` was
+  exceeded or a canary failed (the ``error`` of a result with status ``skipped``).
 - :class:`CalledProcessError` and :class:`TimeoutExpired`: also subclasses of the
   :mod:`subprocess` ones, so ``except subprocess.CalledProcessError`` keeps working; they carry
   ``host``.
@@ -63,6 +65,7 @@ __all__ = [
     "SSHError",
     "SSHStderr",
     "SSHWrapError",
+    "SkippedError",
     "SudoError",
     "TimeoutExpired",
     "classify_ssh_failure",
@@ -272,6 +275,20 @@ def _rebuild_timeout(
     cmd: Cmd, timeout: float, out: bytes | str | None, err: bytes | str | None, host: str
 ) -> TimeoutExpired:
     return TimeoutExpired(cmd, timeout, out, err, host=host)
+
+
+class SkippedError(SSHWrapError):
+    """A fleet call's host that never started: ``max_fail`` was exceeded or a canary did not
+    succeed (its result's status is ``skipped``).  ``host`` is the host, ``message`` why
+    (``max_fail exceeded: 2 hosts failed (max_fail 1)``)."""
+
+    def __init__(self, host: str, message: str) -> None:
+        super().__init__(host, message)
+        self.host = host
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.host}: {self.message}"
 
 
 _CLASSES: dict[FailureKind, type[SSHError]] = {

@@ -50,9 +50,12 @@ up is reused by ssh itself.
 Persisted masters: with ``persist=`` (``"10m"``, seconds, ``True`` for 10 minutes) every
 host's ssh is a ``ControlMaster=auto`` with that ``ControlPersist``, its socket named by
 ssh's ``%C`` in a private directory of this user's: a later run (or this run's remote stop)
-to the same host with the same settings runs over that master, with no new login.  One that
-died is replaced by ssh.  :func:`close_persisted` ends them by their pids
-(:mod:`sshwrap.io.persist`).
+to the same host with the same settings runs over that master, with no new login.  A later
+run finds a host's master in the directory's index and runs the host as a channel of it
+through sshwrap's own mux client, with no ssh process at all (:mod:`sshwrap.core.fanout_warm`:
+exact ``-signum`` as over a ``Connection``; output delivered to ``on_output`` when the host
+is done); a master that does not answer is replaced by ssh, never a failure.
+:func:`close_persisted` ends them by their pids (:mod:`sshwrap.io.persist`).
 
 Resources: ``concurrency`` caps the ssh processes in flight, and so the file descriptors;
 ``check_fd_budget`` refuses, before anything starts, a concurrency that ``RLIMIT_NOFILE``
@@ -72,15 +75,20 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Unpack
 
 from .core.argv import OptionValue, check_destination, find_ssh, ssh_settings_args
+from .core.batches import ROLLOUT_KEYWORDS, Spec
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
 from .core.gateway_run import TreeRun
+from .core.gateway_waves import TreeWaves
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
+from .core.per_host import HostCommand, PerHostCommands, per_host_commands
+from .core.sudo import PasswordSpec
 from .io.fd_budget import FDS_PER_HOST, FdBudgetError, check_fd_budget
 from .io.persist import (
     PERSIST_DEFAULT,
+    MasterIndex,
     PersistDirError,
     close_masters,
     control_paths,
@@ -178,17 +186,32 @@ def via_routes(
     return routes
 
 
+Run = FanoutRun | TreeRun | TreeWaves
+"""A planned fan-out: :meth:`results` runs it, :meth:`complete` fills in the hosts left."""
+
+
 def plan_run(
     hosts: Sequence[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     routes: dict[str, set[str]] | None,
     **kwargs: Any,
-) -> FanoutRun | TreeRun:
-    """The run: flat (:class:`FanoutRun`), or through the gateways of ``routes``
-    (``forward_agent`` is for those: a flat run leaves it to the user's config)."""
+) -> Run:
+    """The run: flat (:class:`FanoutRun`, which applies ``batch``/``max_fail``/``canary``
+    itself), or through the gateways of ``routes`` (in waves: :class:`TreeWaves`;
+    ``forward_agent`` is for those: a flat run leaves it to the user's config).
+
+    A per-host ``command`` mapping is checked against the hosts first (one for each host,
+    no key naming none: :func:`sshwrap.core.per_host.per_host_commands`)."""
+    if isinstance(command, Mapping):
+        names = [h if isinstance(h, str) else h.destination for h in hosts]
+        command = per_host_commands(command, names)
+    if routes is not None and kwargs.get("sudo"):
+        raise ValueError("sudo through gateways (via=) is not supported yet")
     if routes is None:
         kwargs.pop("forward_agent", None)
         return FanoutRun(hosts, command, **kwargs)
+    if any(kwargs.get(k) is not None for k in ROLLOUT_KEYWORDS):
+        return TreeWaves(hosts, command, routes, **kwargs)
     return TreeRun(hosts, command, routes, **kwargs)
 
 
@@ -196,22 +219,23 @@ def _with_persist(
     persist: Persist,
     hosts: list[str | ControlPathHost],
     options: Mapping[str, OptionValue] | None,
-) -> Mapping[str, OptionValue] | None:
-    """``options`` with the persisted masters' settings when ``persist`` asks for them."""
+) -> dict[str, Any]:
+    """The run's ``options`` (with the persisted masters' settings when ``persist`` asks for
+    them) and ``persist_dir`` (the masters' directory, or None)."""
     if persist is None or persist is False:
-        return options
+        return {"options": options, "persist_dir": None}
     seconds = persist_seconds(persist)
     for i, h in enumerate(hosts):
         if not isinstance(h, str) and not isinstance(h, ConnectionLike):
             raise ValueError(f"hosts[{i}] has a ControlPath of its own: persist= is for host names")
     directory = persist_dir()
     assert directory is not None
-    return persist_options(seconds, directory, options)
+    return {"options": persist_options(seconds, directory, options), "persist_dir": directory}
 
 
 async def run_many_async(
     hosts: str | Iterable[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     *,
     groups: GroupsSource | None = None,
     concurrency: int = 32,
@@ -233,18 +257,33 @@ async def run_many_async(
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
     retries: int = 0,
+    batch: Spec = None,
+    max_fail: Spec = None,
+    canary: int | None = None,
     persist: Persist = None,
     via: Via | None = None,
     forward_agent: bool | None = None,
+    sudo: bool = False,
+    sudo_password: PasswordSpec = None,
+    sudo_user: str | None = None,
 ) -> AsyncIterator[HostResult]:
     """Run ``command`` on every host, ``concurrency`` at a time; yield results as they finish.
 
     This is ``sshwrap.aio.run_many``.  ``command`` is quoted like ``sshwrap.run``: a list
-    item by item, a ``str`` as it is.  ``timeout`` bounds each remote command (from the
-    moment its session is up), ``connect_timeout`` each connection (also ssh's
-    ``ConnectTimeout``), ``deadline`` the whole run (hosts it stops or never starts come back
-    with status ``timeout``).  ``input`` is sent to every host's stdin (default:
-    ``/dev/null``, so no host reads the caller's stdin).  ssh settings (``config``, ``user``,
+    item by item, a ``str`` as it is.  ``%h`` in it is each host's name (its destination
+    as given): in a list, in any item, before the quoting; in a ``str``, quoted for the
+    shell (``shlex.quote``: a plain name as it is), so a name can never inject shell.
+    ``%%h`` is a literal ``%h``; every other ``%`` is kept (``date +%s``, ``printf '%s'``).
+    ``command`` may instead map each host's name to its own command (``{"web1": "uptime",
+    "db1": ["pg_ctl", "reload"]}``; ``%h`` works there too): every host needs one, and a
+    key that names no host of the run, a key that is no ``str`` or a value that is no
+    command raises (``ValueError``/``TypeError``) before any ssh runs.  With ``via=`` both
+    reach the gateways: each runs its hosts' commands, ``%h`` their names.
+    ``timeout`` bounds each remote command (from the moment its session is up),
+    ``connect_timeout`` each connection (also ssh's ``ConnectTimeout``), ``deadline`` the
+    whole run (hosts it stops or never starts come back with status ``timeout``).
+    ``input`` is sent to every host's stdin (default: ``/dev/null``, so no host reads the
+    caller's stdin).  ssh settings (``config``, ``user``,
     ``port``, ``identity``, ``jump``, ``options``) go to every ssh as ``-F/-l/-p/-i/-J/-o``.
     ``batch_mode`` (default on) sets ``BatchMode=yes``: a fan-out cannot answer prompts, so
     a host that would ask fails at once instead of hanging (each ssh has no terminal, so
@@ -268,6 +307,19 @@ async def run_many_async(
     host key and config failures (retrying those hides an attack or locks accounts), a name
     that does not resolve, a host given as a connection.  ``HostResult.attempts`` says how
     many ssh were started for the host.
+    Rolling batches (:mod:`sshwrap.core.batches`): ``batch`` (a count, or a percentage of the
+    hosts such as ``"25%"``, rounded up) runs the hosts in waves, in input order: a wave
+    starts only once every host of the wave before has ended (``concurrency`` applies inside
+    a wave).  ``max_fail`` (a count, or a percentage of the hosts, rounded down): once MORE
+    hosts than that have failed (any status but ``ok``: ``failed``, ``timeout``,
+    ``ssh_error``), no new host starts, those in flight finish, and every host never
+    started comes back ``skipped`` (``returncode`` None, ``error`` a ``SkippedError`` saying
+    why); ``max_fail=0`` stops at the first failure.  ``canary=N``: the first N hosts run
+    alone first (their own wave; N over the host count makes every host a canary), and the
+    rest start only if every canary was ``ok``, else they are ``skipped``.  A bad value (a
+    batch of 0, a negative count, ``"150%"``, ``"abc"``) raises ``ValueError`` before any
+    ssh runs.  Through gateways the waves hold across the tree and so does ``max_fail``
+    (:mod:`sshwrap.core.gateway_waves`).
     ``persist`` (``True``, seconds, or ssh's time format: ``"30s"``, ``"10m"``, ``"1h"``)
     leaves each host's ControlMaster up that long after its last use, in a private
     directory of this user's (:mod:`sshwrap.io.persist`), and reuses one that a run before
@@ -309,6 +361,17 @@ async def run_many_async(
     Cancelling ends each gateway's ssh, and the gateway then ends every ssh it started
     (:mod:`sshwrap.core.gateway_run`).  ``persist`` does not combine with ``via`` yet.
 
+    ``sudo=True`` runs the command through ``sudo -S`` on every host, as ``sudo_user``
+    (default root), as ``sshwrap.run`` does (:mod:`sshwrap.core.sudo`): a random prompt per
+    host, ``sudo_password`` (``str``, ``bytes``, or a callable returning one: called once
+    for the whole run, before the first host starts) written to that host's ssh stdin only
+    when its sudo asks, then ``input``.  A host whose sudo refuses the password (or asks and
+    none was given, or ends before the command starts: not allowed, no such user) is stopped
+    at once and comes back ``failed`` with ``returncode`` None and ``error`` a ``SudoError``
+    (never retried: a wrong password is not tried again into a locked account).  The
+    password is never in an argv, the environment, ssh's log, a result or an error.  Not
+    with ``via`` (``ValueError``).
+
     Leave early with ``contextlib.aclosing``; cancelling the consuming task ends every ssh
     child before the cancellation completes.  Raises ``FdBudgetError`` before starting
     anything if the open-files limit cannot hold ``concurrency`` hosts in flight.
@@ -331,7 +394,7 @@ async def run_many_async(
         port=port,
         identity=identity,
         jump=jump,
-        options=_with_persist(persist, host_list, options),
+        **_with_persist(persist, host_list, options),
         ssh=ssh,
         batch_mode=batch_mode,
         kill_remote=kill_remote,
@@ -339,6 +402,12 @@ async def run_many_async(
         on_start=on_start,
         retries=retries,
         forward_agent=forward_agent,
+        batch=batch,
+        max_fail=max_fail,
+        canary=canary,
+        sudo=sudo,
+        sudo_password=sudo_password,
+        sudo_user=sudo_user,
     )
     gen = run.results()
     try:
@@ -372,7 +441,7 @@ _RUN_MANY_DEFAULTS: dict[str, Any] = {
 
 def run_many(
     hosts: str | Iterable[str | ControlPathHost],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     **kwargs: Unpack[RunManyOptions],
 ) -> list[HostResult]:
     """Run ``command`` on every host; return one ``HostResult`` per host, in input order.
@@ -398,7 +467,7 @@ def run_many(
     persist = kwargs.pop("persist", None)
     routes = via_routes(kwargs.pop("via", None), groups, persist)
     if persist is not None:
-        kwargs["options"] = _with_persist(persist, host_list, kwargs.get("options"))
+        kwargs.update(_with_persist(persist, host_list, kwargs.get("options")))  # type: ignore[typeddict-item]
     run = plan_run(host_list, command, routes, **{**_RUN_MANY_DEFAULTS, **kwargs})
     results: dict[int, HostResult] = {}
 
@@ -479,4 +548,6 @@ def close_persisted(
         ssh = settings.get("ssh") or find_ssh()
         argvs = {h: [ssh, *args, "-G", check_destination(h)] for h in dict.fromkeys(names)}
         paths = list(control_paths(argvs, timeout=timeout).values())
-    return close_masters(paths, max(0.1, until - time.monotonic()))
+    closed = close_masters(paths, max(0.1, until - time.monotonic()))
+    MasterIndex(directory).prune()
+    return closed

@@ -23,7 +23,9 @@ Design:
 - **Nothing partial**: ``put_file``/``get_file`` use ``sshwrap.transfer``'s atomic copy (a
   private temporary name, verified, renamed); ``open(..., "wb"/"ab"/"xb")`` and ``pipe_file``
   write a temporary name next to the target, renamed over it on close (``posix-rename``); a
-  failure (the master killed ...) removes it, best effort, and leaves the target untouched.
+  failure (the master killed ...) removes it, best effort, and leaves the target untouched;
+  one the call could not remove in its bound (a frozen server) is removed in the background
+  once the server answers again (``sftp_files.Leftovers``; not when the connection is gone).
   ``"xb"`` and ``pipe_file(mode="create")`` rename with SFTP's plain rename, which refuses an
   existing target: ``FileExistsError``, atomically.
 - **Never a hang**: ``timeout`` (default 60 s; None: no bound) bounds every wait of a call
@@ -60,6 +62,7 @@ from .core.argv import find_ssh
 from .core.options import keys_of
 from .errors import SSHError
 from .io.sftp_files import (
+    Leftovers,
     SessionPool,
     Upload,
     bounded,
@@ -119,14 +122,18 @@ def _session_argv(conn: Connection) -> tuple[str, list[str]]:
     return master.ssh or find_ssh(), no_login + conn.ssh_args()
 
 
-def _remove_afresh(conn: Connection, path: str) -> bool:
-    """Remove an upload's temporary file through a new session, bounded (the upload's own
-    session could not: its stream cut, or its cleanup out of time)."""
+def _remove_afresh(conn: Connection, path: str, timeout: float = FRESH_REMOVE_TIMEOUT) -> bool:
+    """Remove an upload's temporary file through a new session over the master (not started
+    again), within ``timeout`` (the upload's own session could not: its stream cut, or its
+    cleanup out of time)."""
+    if conn.closed:
+        return False
     ssh, args = _session_argv(conn)
-    return remove_within(conn.destination, ssh, args, path, FRESH_REMOVE_TIMEOUT)
+    return remove_within(conn.destination, ssh, args, path, timeout)
 
 
-def _close(conn: Connection, pool: SessionPool) -> None:
+def _close(conn: Connection, pool: SessionPool, leftovers: Leftovers) -> None:
+    leftovers.close()
     pool.close()
     conn.close()
 
@@ -137,10 +144,18 @@ class _Shared:
     def __init__(
         self, host: str, options: ConnectOptions, pool_size: int, timeout: float | None
     ) -> None:
-        self.connection = Connection(host, **options).open()
+        self.connection = conn = Connection(host, **options).open()
         self.new_session = functools.partial(_new_session, self.connection, timeout)
-        self.pool = SessionPool(self.new_session, pool_size)
-        weakref.finalize(self, _close, self.connection, self.pool)
+        self.pool = SessionPool(self.new_session, pool_size, lambda: conn.master_running)
+        # (temporary files failed uploads could not remove in time: retried, 2 s a try)
+        self.leftovers = Leftovers(functools.partial(_remove_afresh, self.connection, timeout=2.0))
+        weakref.finalize(self, _close, self.connection, self.pool, self.leftovers)
+
+    def discarded(self, up: Upload, exc: BaseException) -> None:
+        """``up.discard(exc)``; what it could not remove is left to ``leftovers`` (unless the
+        connection is gone or the call was interrupted, as ``transfer.upload_file`` does)."""
+        if not up.discard(exc) and isinstance(exc, Exception) and not isinstance(exc, SSHError):
+            self.leftovers.add(up.tmp)
 
 
 _SHARED: weakref.WeakValueDictionary[str, _Shared] = weakref.WeakValueDictionary()
@@ -442,7 +457,7 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
                 up.write(memoryview(value))
                 up.commit()
             except BaseException as exc:
-                up.discard(exc)
+                self._shared.discarded(up, exc)
                 raise
 
     def put_file(self, lpath: str, rpath: str, callback: Any = None, **kwargs: Any) -> None:
@@ -457,8 +472,14 @@ class SSHWrapFileSystem(AbstractFileSystem):  # type: ignore[misc]
         if callback is not None:
             callback.set_size(st.st_size)
         tick = (lambda n: callback.relative_update(n)) if callback is not None else _no_tick
+
+        def remove(tmp: str) -> bool:  # now (bounded) or, failing that, later
+            if _remove_afresh(self.connection, tmp):
+                return True
+            self._shared.leftovers.add(tmp)
+            return False
+
         with self._session(rpath) as s:
-            remove = functools.partial(_remove_afresh, self.connection)
             upload_file(s, os.fspath(lpath), rpath, st, tick, True, remove_afresh=remove)
 
     def get_file(self, rpath: str, lpath: str, callback: Any = None, **kwargs: Any) -> None:
@@ -560,7 +581,7 @@ class SSHWrapFile(AbstractBufferedFile):  # type: ignore[misc]
             if final and self.autocommit:
                 self.commit()
         except BaseException as exc:
-            self._upload.discard(exc)
+            self.fs._shared.discarded(self._upload, exc)
             self._session.close()
             self.closed = True  # the error is raised once; closing after it does nothing
             raise

@@ -20,7 +20,9 @@ Results: one :class:`CopyResult` per host, in the hosts' order, with ``run_many`
 names and statuses (``ok``, ``failed`` for a transfer error, ``ssh_error``, ``timeout``,
 ``cancelled``; ``error`` the typed exception).  The bounds are ``run_many``'s:
 ``concurrency`` (32), ``connect_timeout`` (30 s) for each master's start, ``timeout`` for each
-host's transfer, ``deadline`` for the whole call; Ctrl-C (or cancelling the async call) stops
+host's transfer, ``deadline`` for the whole call; rolling batches as ``run_many``'s
+(``batch``, ``max_fail``, ``canary``: a failed copy counts, the hosts never started are
+``skipped``); Ctrl-C (or cancelling the async call) stops
 every transfer and every master started here within about 1 s, and the sync call then raises
 :class:`CopyInterrupted` carrying the results.  The design is :mod:`sshwrap.core.fleet_copy`'s.
 """
@@ -96,9 +98,11 @@ def put_many(
     either path is each host's name.  Returns one :class:`CopyResult` per host, in order.  The
     keywords are :class:`~sshwrap.core.fleet_copy.CopyOptions`: ``concurrency``, ``timeout``,
     ``connect_timeout``, ``deadline``, the ssh settings, ``batch_mode``, ``preserve_times``,
-    ``on_progress(host, done, total)``.  A bad path, token or keyword raises before any host
-    starts (a missing ``local`` without ``%h``: ``FileNotFoundError``).  On Ctrl-C every host
-    is stopped first, then :class:`CopyInterrupted` is raised.
+    ``on_progress(host, done, total)``, ``batch``/``max_fail``/``canary`` (rolling batches, as
+    ``run_many``'s: ``put_many(hosts, "app.tgz", "/srv/app.tgz", batch="25%", max_fail=0)``).
+    A bad path, token or keyword raises before any host starts (a missing ``local`` without
+    ``%h``: ``FileNotFoundError``).  On Ctrl-C every host is stopped first, then
+    :class:`CopyInterrupted` is raised.
     """
     return run_sync(_copy("put_many", "put", hosts, local, remote, options))
 

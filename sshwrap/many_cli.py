@@ -27,7 +27,10 @@ Host lists in the output (``--group``, the summary) are folded back the same way
 (``h[1-3,7]``).
 
 The words after ``--`` are joined with spaces and handed to the remote shell, as ``ssh host
-words...`` does.  ssh's own ``-F``, ``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
+words...`` does.  ``%h`` in them is each host's name (quoted for the shell when it is not a
+plain name: ``sshwrap-many -H 'h[1-3]' -- echo %h``); ``%%h`` is a literal ``%h``, and
+every other ``%`` stays (``date +%s``) (:mod:`sshwrap.core.per_host`).  ssh's own ``-F``,
+``-o``, ``-l``, ``-i`` and ``-J`` go to every ssh;
 ``-p`` is the parallelism (as in pssh), so a port goes as ``-o Port=N``.
 
 ``--persist TIME`` (``30s``, ``10m``, ``1h``, seconds) leaves every host's ControlMaster up
@@ -39,22 +42,38 @@ many (:mod:`sshwrap.io.persist`).
 ``--put LOCAL REMOTE`` / ``--get REMOTE LOCALDIR`` copy instead of running a command
 (:func:`sshwrap.put_many` / :func:`sshwrap.get_many`: SFTP over each host's own master,
 atomic per file; ``get`` writes ``LOCALDIR/HOST/``; ``%h`` in a path is the host's name,
-``%%`` a ``%``), with the same ``-p``, ``-t`` (each host's transfer), ``--connect-timeout``,
-``--deadline``, ssh settings, ``--json`` (``host``, ``status``, ``error``, ``source``,
-``target``, ``transferred``, ``total``, ``started``, ``duration``, ``connect_time``),
-``--progress``, summary and exit status (a copy that failed is the 1 bit).  A line per host
-(``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 s``, or its error on stderr).  A
-missing LOCAL (without ``%h``), a bad token, a command, ``-I``, ``--group``, ``--outdir``
+``%%h`` a literal ``%h``), with the same ``-p``, ``-t`` (each host's transfer),
+``--connect-timeout``, ``--deadline``, ssh settings, ``--json`` (``host``, ``status``,
+``error``, ``source``, ``target``, ``transferred``, ``total``, ``started``, ``duration``,
+``connect_time``), ``--progress``, summary and exit status (a copy that failed is the 1
+bit).  A line per host (``h3 | put build.tgz -> /srv/build.tgz: 10.0 MB in 0.42 s``, or its
+error on stderr).  A missing LOCAL (without ``%h``), a command, ``-I``, ``--group``, ``--outdir``
 or ``--persist`` with them exits 64 before any host starts (a copy's master ends with it).
+
+``--sudo`` runs the command through ``sudo -S`` on every host (``--sudo-user U``: as U, else
+root), with the password asked once on the terminal (``/dev/tty``, not echoed) or read once
+from ``--sudo-password-file F`` (one trailing newline dropped); it goes only to each host's
+ssh stdin when that host's sudo asks, never to an argv or environment.  A host whose sudo
+refuses it fails at once (the 1 bit, ``SudoError``).  No terminal and no file, a file that
+cannot be read, ``--put``/``--get`` or gateways with it: exit 64, before any host starts.
 
 ``--retries N`` starts a host's ssh again, up to N more times, when it failed before its
 session was up with a connection-level failure (refused, timed out, reset, unreachable):
 see ``retries`` of :func:`sshwrap.run_many`.
 
+Rolling batches (commands and copies, flat or ``--via``; :mod:`sshwrap.core.batches`):
+``--batch N|P%`` runs the hosts in waves of N (or P percent of the hosts, rounded up), in
+input order, each wave once the one before has ended; ``--max-fail N|P%``: once MORE than N
+hosts (P percent of the hosts, rounded down) have failed (any status but ok), no new host
+starts and those never started are ``skipped``; ``--canary N``: the first N hosts run
+alone first, the rest only if all of them were ok (else ``skipped``).  A bad value exits 64
+before any host starts.
+
 Exit status (the bits add up): 0 every host ran the command and it exited 0 (or copied);
 1 some command exited non-zero or died of a signal, or some copy failed; 2 some host timed
 out (``-t`` or ``--deadline``); 4 some host had an ssh error (refused, unreachable,
-authentication, host key, connect timeout).  64: bad usage (including a ``-p`` the
+authentication, host key, connect timeout); 8 some hosts were skipped (``--max-fail``
+exceeded or a ``--canary`` failed: they never started).  64: bad usage (including a ``-p`` the
 open-files limit cannot hold); 130: interrupted (Ctrl-C, SIGTERM, SIGHUP) after ending every
 ssh and printing what finished; 141: stdout was closed by its reader (``| head``), so the
 run was stopped the same way.
@@ -71,18 +90,19 @@ import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from .core.fanout_run import FanoutRun
-from .core.gateway_run import TreeRun
+from .core.batches import rollout
 from .core.host_input import GROUPS_ENV, cli_hosts
 from .core.hostset import parse_groups
-from .core.many_output import EXIT_FAILED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
-from .fanout import FdBudgetError, close_persisted, plan_run, via_routes
+from .core.many_output import EXIT_FAILED, EXIT_SKIPPED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
+from .fanout import FdBudgetError, Run, close_persisted, plan_run, via_routes
 from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
+from .many_sudo import sudo_keywords
 
-__all__ = ["EXIT_FAILED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_SKIPPED", "EXIT_SSH_ERROR", "EXIT_TIMEOUT", "main"]
 
 EXIT_USAGE = 64
+_ROLLOUT_FLAGS = ("--batch", "--max-fail", "--canary")
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell shows for a writer killed by SIGPIPE
 
@@ -100,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sshwrap-many",
         description="Run one command on many hosts, or copy to or from them, with ssh.",
         epilog="Exit status: 0 all ok; +1 a command (or copy) failed; +2 a host timed out; "
-        "+4 an ssh error; 64 usage; 130 interrupted; 141 stdout closed by its reader "
-        "(| head), the run stopped.",
+        "+4 an ssh error; +8 hosts skipped (--max-fail exceeded, a --canary failed); "
+        "64 usage; 130 interrupted; 141 stdout closed by its reader (| head), the run stopped.",
     )
     ap.add_argument(
         "-H",
@@ -163,6 +183,24 @@ def _parser() -> argparse.ArgumentParser:
         "timed out, reset), after a jittered backoff; never after auth, host key or remote "
         "failures",
     )
+    ap.add_argument(
+        "--batch",
+        metavar="N|P%",
+        help="run the hosts in waves of N (or P%% of them, rounded up), in order: a wave "
+        "starts once every host of the one before has ended",
+    )
+    ap.add_argument(
+        "--max-fail",
+        metavar="N|P%",
+        help="once more than N hosts (P%% of them, rounded down) have failed (any status but "
+        "ok), start no new host: the rest are skipped (exit bit 8)",
+    )
+    ap.add_argument(
+        "--canary",
+        type=int,
+        metavar="N",
+        help="run the first N hosts alone first, the rest only if every one of them was ok",
+    )
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--group", action="store_true", help="group hosts with identical output")
     out.add_argument("--json", action="store_true", help="one JSON object per host (lines)")
@@ -191,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("LOCAL", "REMOTE"),
         help="copy the file or directory LOCAL to REMOTE on every host, instead of a command "
-        "(%%h: the host's name, %%%% a %%)",
+        "(%%h: the host's name, %%%%h a literal %%h)",
     )
     copy.add_argument(
         "--get",
@@ -201,6 +239,15 @@ def _parser() -> argparse.ArgumentParser:
         "host's exact local path), instead of a command",
     )
     ap.add_argument("-I", "--input", metavar="FILE", help="send FILE to every host's stdin")
+    ap.add_argument(
+        "--sudo",
+        action="store_true",
+        help="run the command through sudo -S (password asked once on the terminal)",
+    )
+    ap.add_argument("--sudo-user", metavar="USER", help="with --sudo: as USER (default root)")
+    ap.add_argument(
+        "--sudo-password-file", metavar="FILE", help="with --sudo: read the password from FILE"
+    )
     ap.add_argument("-F", dest="config", metavar="CONFIG", help="ssh config file")
     ap.add_argument(
         "-o", dest="options", action="append", default=[], metavar="KEY=VALUE", help="ssh option"
@@ -208,7 +255,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-l", dest="user", help="remote user")
     ap.add_argument("-i", dest="identity", help="identity file")
     ap.add_argument("-J", dest="jump", help="jump host(s)")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- command words")
+    ap.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- command words (%%h: each host's name, quoted for the shell; %%%%h a literal "
+        "%%h; any other %% as it is, e.g. date +%%s)",
+    )
     return ap
 
 
@@ -244,7 +296,7 @@ def _via(args: argparse.Namespace) -> dict[str, str]:
     return via
 
 
-async def _run(run: FanoutRun | TreeRun, output: Output, tally: Tally) -> bool:
+async def _run(run: Run, output: Output, tally: Tally) -> bool:
     """Drive the run; True if it was interrupted by a signal."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -345,6 +397,7 @@ def _copy(
         "deadline": args.deadline,
         "batch_mode": batch_mode,
         "on_result": show,  # each host's line as it finishes
+        **_rollout_args(args),
     }
     func = put_many if verb == "put" else get_many
     results: list[CopyResult] | None = None
@@ -387,6 +440,10 @@ def _copy(
     if output.broken or interrupted:
         return EXIT_BROKEN_PIPE if output.broken else EXIT_INTERRUPTED
     return tally.exit_status()
+
+
+def _rollout_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch": args.batch, "max_fail": args.max_fail, "canary": args.canary}
 
 
 def _close(ap: argparse.ArgumentParser, args: argparse.Namespace, command: list[str]) -> int:
@@ -448,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 # Not a time ssh would take: it goes to ssh, which says what is wrong.
                 no_connect_timeout = connect_timeout is None
+        directory = None
         if args.persist is not None:
-            options = persist_options(persist_seconds(args.persist), _dir(), options)
+            directory = _dir()
+            options = persist_options(persist_seconds(args.persist), directory, options)
         data = None
         if args.input == "-":
             data = sys.stdin.buffer.read()
@@ -462,6 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if not hosts:
         ap.error("no hosts left after -x" if args.exclude else "no hosts given")
+    try:
+        rollout(len(hosts), args.batch, args.max_fail, args.canary, labels=_ROLLOUT_FLAGS)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        sudo = sudo_keywords(ap, args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     if copy:
         connect = None if no_connect_timeout else connect_timeout
@@ -490,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
             on_output=output.on_output,
             retries=args.retries,
             forward_agent=args.via_forward_agent,
+            **_rollout_args(args),
+            persist_dir=directory,
+            **sudo,
         )
     except FdBudgetError as e:
         print(f"sshwrap-many: {e}", file=sys.stderr)

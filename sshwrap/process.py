@@ -119,6 +119,7 @@ __all__ = [
     "Invocation",
     "Popen",
     "PopenOptions",
+    "SSHExitState",
     "SSHRunOptions",
     "SSHSettings",
     "StdSpec",
@@ -136,7 +137,50 @@ DEVNULL = subprocess.DEVNULL
 STDOUT = subprocess.STDOUT
 
 
-class Popen(subprocess.Popen[Any]):
+class SSHExitState:
+    """How a command's ssh ended, kept alike by both faces (:class:`Popen` and
+    ``sshwrap.aio.Process``): ``host``, ``ssh_args`` (ssh's argv), then ``ssh_error`` and
+    ``ssh_messages`` once ssh exited, its messages written where the caller's ``stderr`` goes
+    or added to the pipes ``communicate()`` reads."""
+
+    host: str
+    ssh_args: list[str]
+    ssh_error: SSHError | None
+    ssh_messages: str
+    _call: Invocation
+    _stdout_arg: Any
+    _stderr_arg: Any
+
+    def _begin(self, call: Invocation, stdout: Any, stderr: Any) -> None:
+        """Keep ``call`` and where the caller's ``stdout`` and ``stderr`` go."""
+        self._call = call
+        self.host = call.host
+        self.ssh_args = call.argv
+        self.ssh_error = None
+        self.ssh_messages = ""
+        self._stdout_arg = stdout
+        self._stderr_arg = stderr
+
+    def _settle(self, raw: int) -> int:
+        """ssh exited with status ``raw``: the remote returncode (read once), with
+        ``ssh_error`` and ``ssh_messages`` set and the messages written."""
+        call = self._call
+        if call.returncode is None:
+            call.finish(raw)
+            self.ssh_messages = call.messages
+            call.write_messages(self._stdout_arg, self._stderr_arg, call.tty)
+        self.ssh_error = call.error
+        assert call.returncode is not None
+        return call.returncode
+
+    def _with_messages(self, out: Any, err: Any) -> tuple[Any, Any]:
+        """``communicate()``'s ``(out, err)`` with ssh's messages added where they belong."""
+        return self._call.append_messages(
+            out, err, self._stdout_arg, self._stderr_arg, self._call.tty
+        )
+
+
+class Popen(SSHExitState, subprocess.Popen[Any]):
     """A remote command in a local ``ssh`` process, with the :class:`subprocess.Popen` API.
 
     ``Popen(host, command, stdin=DEVNULL, stdout=None, stderr=None, bufsize=-1, text=...,
@@ -169,14 +213,8 @@ class Popen(subprocess.Popen[Any]):
         textual, encoding = popen_text(kwargs)
         text, errors = textual or None, kwargs.get("errors")
         tty, bufsize = kwargs.get("tty", False), kwargs.get("bufsize", -1)
-        self._call = Invocation(host, args, tty=tty, **invocation_settings(kwargs))
-        self.host = host
-        self.ssh_args = self._call.argv
-        self.ssh_error: SSHError | None = None
-        self.ssh_messages = ""
+        self._begin(Invocation(host, args, tty=tty, **invocation_settings(kwargs)), stdout, stderr)
         self._tty = tty
-        self._stdout_arg = stdout
-        self._stderr_arg = stderr
         self._quiet = False
         self._master = -1  # the pty master (tty=True)
         self._pty_out: io.BufferedReader[Any] | None = None  # its reader
@@ -254,10 +292,7 @@ class Popen(subprocess.Popen[Any]):
             # started still holds the pipe: then it goes on alone, to that EOF).
             self._tee.join(TEE_GRACE)
             self._tee = None
-        self.returncode = self._call.finish(self.returncode)
-        self.ssh_error = self._call.error
-        self.ssh_messages = self._call.messages
-        self._call.write_messages(self._stdout_arg, self._stderr_arg, self._tty)
+        self.returncode = self._settle(self.returncode)
 
     def poll(self) -> int | None:
         """The remote returncode if ssh has exited, else None; never raises SSHError."""
@@ -306,7 +341,7 @@ class Popen(subprocess.Popen[Any]):
             self.ssh_error = self._call.error
             if self.ssh_error is not None and not self._quiet:
                 raise self.ssh_error
-        return self._call.append_messages(out, err, self._stdout_arg, self._stderr_arg, self._tty)
+        return self._with_messages(out, err)
 
     def _tty_communicate(self, input: Any, timeout: float | None) -> Any:
         """communicate() through the terminal: input is typed, then ^D; output merged."""

@@ -47,21 +47,28 @@ import subprocess
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, AnyStr, Generic, Required, TypeAlias, Union, Unpack, cast, overload
+from typing import Any, AnyStr, Generic, Required, TypeAlias, TypedDict, Unpack, cast, overload
 
 from .core.argv import SSHLog, check_destination, find_ssh
 from .core.options import Command, CommandOptions, check_keywords, check_terminal
 from .core.spawn_command import LOGIN_SHELL as LOGIN_SHELL  # re-exported (the docs)
 from .core.spawn_command import spawn_command_line as spawn_command_line  # re-exported
-from .core.tty_process import MUX_HELLO, MUX_SESSION, NO_MASTER
+from .core.tty_process import MUX_HELLO, MUX_SESSION, NO_MASTER, CookedUndo
 from .errors import UNKNOWN_SIGNAL, SSHConnectionError, SSHError, SSHWrapError, interpret_exit
 from .io.mux_control import MuxControl, MuxError
 from .io.pty import RAW_WAIT, spawn_in_pty
 from .io.recording import RecordSpec
-from .terminal.modes import check_size, get_size, maps_newlines, set_size, wait_for_raw
+from .terminal.modes import check_size, get_size, set_size, wait_for_raw
 from .terminal.relay import RelayResult, relay_terminal
 
-__all__ = ["ExpectEOF", "ExpectError", "ExpectTimeout", "SpawnOptions", "Spawned"]
+__all__ = [
+    "ExpectEOF",
+    "ExpectError",
+    "ExpectTimeout",
+    "InteractOptions",
+    "SpawnOptions",
+    "Spawned",
+]
 
 _READ = 65536
 # ssh -tt's closing line, right after the program's last output (maybe no newline before it)
@@ -81,6 +88,15 @@ class SpawnOptions(CommandOptions, total=False):
     dimensions: tuple[int, int] | None  # deprecated alias of size
     timeout: float | None
     errors: str
+
+
+class InteractOptions(TypedDict, total=False):
+    """The keywords of ``Spawned.interact``/``Connection.interact`` after ``escape``: the user's
+    terminal (``stdin_fd`` 0, ``stdout_fd`` 1) and ``record`` (None; an asciicast v2 file)."""
+
+    stdin_fd: int
+    stdout_fd: int
+    record: RecordSpec | None
 
 
 class SpawnedOptions(SpawnOptions, total=False):
@@ -125,7 +141,7 @@ class ExpectEOF(ExpectError, EOFError):
     """The program's output ended before a pattern matched."""
 
 
-Pattern: TypeAlias = Union[AnyStr, "re.Pattern[AnyStr]", type[ExpectError]]
+Pattern: TypeAlias = AnyStr | re.Pattern[AnyStr] | type[ExpectError]
 
 
 class Spawned(Generic[AnyStr]):
@@ -237,6 +253,7 @@ class Spawned(Generic[AnyStr]):
         except BaseException:
             self._log.close()
             raise
+        self._undo = CookedUndo(-1 if self._master is None else self._rfd, self._log.read)
 
     def __repr__(self) -> str:
         rc = self.returncode
@@ -288,13 +305,7 @@ class Spawned(Generic[AnyStr]):
             # ssh's own closing line comes last: not the program's output
             self._buffer = self._quit.sub(self._empty, self._buffer + self._decode(b"", True))
             return False
-        if self._master is not None and not self._raw and self._via_master():
-            # cooked before the client logged its session (then raw mode): data went cooked
-            if maps_newlines(self._rfd) and MUX_SESSION not in self._log.read():
-                data = data.replace(b"\r\n", b"\n")  # undo the ONLCR (module docstring)
-            else:
-                self._raw = True
-        self._buffer += self._decode(data)
+        self._buffer += self._decode(self._undo(data))  # a cooked pty's \r\r\n (module doc)
         return True
 
     def _via_master(self) -> bool:
@@ -469,7 +480,7 @@ class Spawned(Generic[AnyStr]):
             return
         log = self._log.read()
         self._log.close()
-        self._raw = True  # ssh is gone: no raw mode to wait for or to tell from cooked
+        self._raw = True  # ssh is gone: no raw mode for send() to wait for
         if rc != 255 or MUX_SESSION not in log:
             info = interpret_exit(self.destination, rc, log)
             self.returncode, self.ssh_error = info.returncode, info.error
@@ -550,12 +561,7 @@ class Spawned(Generic[AnyStr]):
 
     # -- handing over the terminal -----------------------------------------------------
     def interact(
-        self,
-        escape: bytes | None = b"\x1d",
-        *,
-        stdin_fd: int = 0,
-        stdout_fd: int = 1,
-        record: RecordSpec | None = None,
+        self, escape: bytes | None = b"\x1d", **options: Unpack[InteractOptions]
     ) -> RelayResult:
         """Give the user's terminal to the program until it exits or ``escape`` is typed.
 
@@ -565,19 +571,18 @@ class Spawned(Generic[AnyStr]):
         (default ``^]``; None: no escape key) returns control to Python with the program still
         running.  Returns the relay's result: ``eof`` (the program ended) with ``returncode``
         (its exit status, as ``self.returncode``), or ``escaped`` (``returncode`` None).
-        ``record``: an asciicast v2 file of the session (a path or ``Record``; docs/recording.md).
+        ``record`` (:class:`InteractOptions`): an asciicast v2 file (docs/recording.md).
         """
+        check_keywords("interact", options, InteractOptions)
         if self._master is None:
             raise ValueError("interact() needs tty=True")
         result = relay_terminal(
             self._rfd,
             self.pid,
-            stdin_fd=stdin_fd,
-            stdout_fd=stdout_fd,
+            **options,
             is_alive=self.isalive,
             escape=escape,
             pending_output=self._pending_bytes(),
-            record=record,
             title=f"ssh {self.destination}",
         )
         if result.eof:

@@ -62,8 +62,10 @@ import secrets
 import stat
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Required, TypedDict, Unpack
 
 from .core.argv import find_ssh
+from .core.options import check_keywords
 from .errors import SSHError
 from .io.sftp_pipeline import read_into, remove_within, write_from
 from .io.sftp_session import (
@@ -81,12 +83,15 @@ from .protocol.sftp import Attrs
 __all__ = [
     "FRESH_REMOVE_TIMEOUT",
     "Abort",
+    "AbortableCopyOptions",
+    "CopyOptions",
     "ProgressCallback",
     "RemoteFileNotFoundError",
     "RemotePermissionError",
     "SFTPProtocolError",
     "TransferCancelled",
     "TransferError",
+    "TransferOptions",
     "download_file",
     "get",
     "put",
@@ -100,6 +105,35 @@ ProgressCallback = Callable[[int, int], None]
 FRESH_REMOVE_TIMEOUT = 0.4
 """Seconds an upload cut short gets to remove its remote temporary file through a new
 session, when its own session could not (its ssh then killed and reaped within 0.3 s)."""
+
+
+class CopyOptions(TypedDict, total=False):
+    """The keywords of a copy that every face's ``put``/``get`` takes after the two paths:
+    ``progress(done, total)`` (bytes, as the server acknowledges them; default None) and
+    ``preserve_times`` (default True: modification times are kept with the modes)."""
+
+    progress: ProgressCallback | None
+    preserve_times: bool
+
+
+class AbortableCopyOptions(CopyOptions, total=False):
+    """:class:`CopyOptions` and ``abort`` (an :class:`Abort`: another thread stops the copy
+    with ``TransferCancelled``; default None), as ``Connection.put``/``get`` take them."""
+
+    abort: Abort | None
+
+
+class TransferOptions(AbortableCopyOptions, total=False):
+    """The keywords of :func:`put` and :func:`get`: ``destination`` (the host; required),
+    ``ssh_args`` (ssh options placed before it; default none), ``ssh`` (the client; default
+    the one on ``PATH``), ``control_path`` (a ControlMaster's socket that runs the SFTP session
+    itself; default none: ``ssh ... -s DESTINATION sftp``), then the copy's own
+    (:class:`AbortableCopyOptions`)."""
+
+    destination: Required[str]
+    ssh_args: Sequence[str]
+    ssh: str | None
+    control_path: str | None
 
 
 async def to_thread_abortable(func: Callable[[Abort], None]) -> None:
@@ -308,17 +342,50 @@ def _ticker(total: int, progress: ProgressCallback | None) -> Callable[[int], No
     return tick
 
 
-def put(
-    local: str | os.PathLike[str],
-    remote: str,
-    *,
-    destination: str,
-    ssh_args: Sequence[str] = (),
-    ssh: str | None = None,
-    progress: ProgressCallback | None = None,
-    preserve_times: bool = True,
-    abort: Abort | None = None,
-) -> None:
+@dataclass(frozen=True)
+class _Copy:
+    """One ``put`` or ``get``: its keywords (:class:`TransferOptions`) with the defaults."""
+
+    destination: str
+    ssh: str
+    ssh_args: Sequence[str]
+    progress: ProgressCallback | None
+    preserve_times: bool
+    abort: Abort | None
+    control_path: str | None
+
+    @classmethod
+    def of(cls, func: str, options: TransferOptions) -> _Copy:
+        """The copy ``func`` was called for (TypeError, as Python's, for a wrong keyword)."""
+        check_keywords(func, options, TransferOptions)
+        if "destination" not in options:
+            raise TypeError(f"{func}() missing required keyword-only argument: 'destination'")
+        return cls(
+            options["destination"],
+            options.get("ssh") or find_ssh(),
+            options.get("ssh_args", ()),
+            options.get("progress"),
+            options.get("preserve_times", True),
+            options.get("abort"),
+            options.get("control_path"),
+        )
+
+    def session(self) -> SFTPSession:
+        """A new SFTP session to the destination (``ssh <ssh_args> -s <destination> sftp``)."""
+        return SFTPSession(
+            self.destination,
+            ssh=self.ssh,
+            ssh_args=self.ssh_args,
+            abort=self.abort,
+            control_path=self.control_path,
+        )
+
+    def remove_afresh(self, path: str) -> bool:
+        """Remove remote ``path`` through a new session, within ``FRESH_REMOVE_TIMEOUT``."""
+        return remove_within(self.destination, self.ssh, self.ssh_args, path, FRESH_REMOVE_TIMEOUT)
+
+
+def put(local: str | os.PathLike[str], remote: str, **options: Unpack[TransferOptions]) -> None:
     """Copy local file or directory ``local`` to ``remote`` on ``destination``.
 
     ``ssh_args`` are ssh options placed before the destination (``-F cfg``, ``-S socket`` or
@@ -335,22 +402,20 @@ def put(
     connection ends mid-transfer.  Local write errors (ENOSPC ...) are ``OSError`` naming the
     local path.  ``KeyboardInterrupt`` and exceptions from ``progress`` propagate as
     themselves.  ``abort`` (an :class:`Abort`) lets another thread stop the transfer
-    (``TransferCancelled``).  See the module docstring for the atomicity guarantees.
+    (``TransferCancelled``).  ``control_path``: a ControlMaster's socket that runs the SFTP
+    session itself (no ``ssh -S`` process; ``ssh_args`` still serve a cleanup's fresh
+    session).  See the module docstring for the atomicity guarantees.
     """
+    copy = _Copy.of("put", options)
     src = os.fspath(local)
     os.stat(src)  # a missing source fails before any connection is made
-    program = ssh or find_ssh()
-
-    def remove_afresh(path: str) -> bool:
-        return remove_within(destination, program, ssh_args, path, FRESH_REMOVE_TIMEOUT)
-
-    with SFTPSession(destination, ssh=program, ssh_args=ssh_args, abort=abort) as session:
+    with copy.session() as session:
         target = _remote_path(remote)
         st = session.stat(target)
         if st is not None and st.is_dir():
             target = posixpath.join(target, os.path.basename(os.path.normpath(src)))
         items = list(_walk_local(src, target))
-        tick = _ticker(sum(i.size for i in items), progress)
+        tick = _ticker(sum(i.size for i in items), copy.progress)
         dirs: list[_Item] = []
         for item in items:
             assert item.local_stat is not None
@@ -364,46 +429,37 @@ def put(
                     item.dst,
                     item.local_stat,
                     tick,
-                    preserve_times,
-                    remove_afresh=remove_afresh,
+                    copy.preserve_times,
+                    remove_afresh=copy.remove_afresh,
                 )
         # directory modes last, so a read-only directory can still be filled first
         for item in reversed(dirs):
             assert item.local_stat is not None
             attrs = Attrs(perm=stat.S_IMODE(item.local_stat.st_mode))
-            if preserve_times:
+            if copy.preserve_times:
                 attrs.atime = int(item.local_stat.st_atime)
                 attrs.mtime = int(item.local_stat.st_mtime)
             session.setstat(item.dst, attrs)
 
 
-def get(
-    remote: str,
-    local: str | os.PathLike[str],
-    *,
-    destination: str,
-    ssh_args: Sequence[str] = (),
-    ssh: str | None = None,
-    progress: ProgressCallback | None = None,
-    preserve_times: bool = True,
-    abort: Abort | None = None,
-) -> None:
+def get(remote: str, local: str | os.PathLike[str], **options: Unpack[TransferOptions]) -> None:
     """Copy remote file or directory ``remote`` on ``destination`` to ``local``.
 
     The mirror of ``put``: recursive for directories, into ``local`` if it is an existing
     directory, modes (and times) kept, same progress callback and exceptions.
     """
+    copy = _Copy.of("get", options)
     dst = os.fspath(local)
-    with SFTPSession(destination, ssh=ssh or find_ssh(), ssh_args=ssh_args, abort=abort) as session:
+    with copy.session() as session:
         src = _remote_path(remote)
         attrs = session.stat(src)
         if attrs is None:
-            where = f"{destination}:{src}"
+            where = f"{copy.destination}:{src}"
             raise RemoteFileNotFoundError(errno.ENOENT, "no such remote file", where)
         if os.path.isdir(dst):
             dst = os.path.join(dst, posixpath.basename(posixpath.normpath(src)))
         items = list(_walk_remote(session, src, dst, attrs))
-        tick = _ticker(sum(i.size for i in items), progress)
+        tick = _ticker(sum(i.size for i in items), copy.progress)
         dirs: list[_Item] = []
         for item in items:
             assert item.remote_attrs is not None
@@ -414,11 +470,13 @@ def get(
                     raise FileExistsError(errno.EEXIST, "not a directory", item.dst)
                 dirs.append(item)
             else:
-                download_file(session, item.src, item.dst, item.remote_attrs, tick, preserve_times)
+                download_file(
+                    session, item.src, item.dst, item.remote_attrs, tick, copy.preserve_times
+                )
         for item in reversed(dirs):
             a = item.remote_attrs
             assert a is not None
             if a.perm is not None:
                 os.chmod(item.dst, stat.S_IMODE(a.perm))
-            if preserve_times and a.atime is not None and a.mtime is not None:
+            if copy.preserve_times and a.atime is not None and a.mtime is not None:
                 os.utime(item.dst, (a.atime, a.mtime))

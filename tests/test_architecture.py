@@ -33,6 +33,7 @@ LAYER = {
     "__main__": FACES,
     "cli": FACES,
     "many_cli": FACES,
+    "many_sudo": FACES,
     "process": FACES,
     "connection": FACES,
     "spawn": FACES,
@@ -50,7 +51,7 @@ LAYER = {
 PACKAGE_LAYER = {"aio": FACES, "core": CORE, "io": IO, "terminal": IO, "protocol": PURE}
 """A sub-package's modules take the layer of the sub-package."""
 PURE_PACKAGES = {"protocol"}
-PURE_MODULES = {"core.hostset"}
+PURE_MODULES = {"core.hostset", "core.batches", "core.per_host"}
 """Pure modules inside another layer's package (host patterns: text in, names out)."""
 
 # Imports the pure layer must never make (nor anything of sshwrap outside it).

@@ -3,6 +3,7 @@ test suite, then what it does not cover)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
-from faults import cmdline, freeze, frozen, thaw
+from faults import cmdline, freeze, frozen, ssh_descendants, thaw
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -25,6 +26,7 @@ from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractPipeTests,
     AbstractPutTests,
 )
+from waiting import wait_until
 
 from sshwrap.errors import SSHConnectionError
 from sshwrap.filesystem import SSHWrapFileSystem
@@ -376,6 +378,38 @@ def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str
     assert sfs.cat_file(target) == b"old"  # (on a new master)
 
 
+def test_idle_sessions_of_a_killed_master_are_not_lent(local_sshd: LocalSSHD) -> None:
+    """The master SIGKILLed while the pool's idle session's ssh is frozen (SIGSTOP: it cannot
+    notice and exit, as on a loaded machine it may not have yet): the next call is not given
+    that dead session (it would wait out its timeout: SFTPTimeout) but runs on a new master."""
+    fs = SSHWrapFileSystem(
+        host=local_sshd.host, config=local_sshd.config, pool_size=1, timeout=15.0,
+        skip_instance_cache=True,
+    )  # fmt: skip
+    try:
+
+        def sftp_ssh() -> set[int]:
+            return {p for p in ssh_descendants() if cmdline(p).endswith(b"\0sftp\0")}
+
+        rdir = fs.connection.check_output("mktemp -d", text=True).strip()
+        others = sftp_ssh()  # (other tests' filesystems)
+        fs.pipe_file(f"{rdir}/f", b"data")  # the pool keeps its session, idle
+        idle = sorted(sftp_ssh() - others)
+        assert len(idle) == 1, idle
+        master = fs.connection.master_pid
+        os.kill(idle[0], signal.SIGSTOP)
+        try:
+            os.kill(master, signal.SIGKILL)
+            assert wait_exited([master], 10) == []
+            assert fs.cat_file(f"{rdir}/f") == b"data"
+            assert fs.connection.master_pid != master
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(idle[0], signal.SIGCONT)
+    finally:
+        fs.connection.close()
+
+
 def test_a_frozen_server_times_out_and_the_next_call_works(
     local_sshd_factory: Callable[..., LocalSSHD], tmp_path: pathlib.Path
 ) -> None:
@@ -432,7 +466,8 @@ def test_an_upload_frozen_midway_times_out(
 ) -> None:
     """put_file of 64 MiB with the server frozen after the first bytes: SFTPTimeout within
     ``timeout`` + 1.5 s (the writes' waits bounded too: a full socket does not block them),
-    the target never appears."""
+    the target never appears; once the server is thawed, the hidden temporary file the call
+    could not remove in its bound goes too (removed in the background), nothing else left."""
     sshd = local_sshd_factory()
     fs = SSHWrapFileSystem(
         host=sshd.host, config=sshd.config, timeout=2.0, pool_size=1, skip_instance_cache=True
@@ -445,11 +480,12 @@ def test_an_upload_frozen_midway_times_out(
         with pytest.raises(SFTPTimeout):
             fs.put_file(str(src), f"{rdir}/big.bin", callback=freezer)
         assert freezer.pids is not None and time.monotonic() - freezer.at < 2.0 + 1.5
+        left = os.listdir(rdir)  # (the server is this machine: its directory, read directly)
+        assert len(left) == 1 and left[0].startswith(".big.bin.sshwrap-"), left
+        assert left[0].endswith(".part"), left  # (the fresh removal met the frozen server)
         thaw(sshd, freezer.pids)
+        wait_until(lambda: not os.listdir(rdir), 30.0, f"{rdir} emptied of {left}")
         assert not fs.exists(f"{rdir}/big.bin")
-        # (its temporary name may remain: the fresh removal, 0.4 s, met the frozen server too)
-        left = fs.ls(rdir, detail=False)
-        assert all(posixpath.basename(p).startswith(".big.bin.") for p in left), left
     finally:
         thaw(sshd, freezer.pids)
         fs.connection.close()

@@ -31,6 +31,7 @@ from test_persist import master_pids
 from waiting import wait_until
 
 from sshwrap.core.hostset import fold
+from sshwrap.io.persist import persisted_sockets
 from sshwrap.testing import LocalSSHD
 
 EXE = str(Path(sys.executable).with_name("sshwrap-many"))
@@ -381,14 +382,14 @@ def test_persist_then_close(many: Hosts, tmp_path: Path) -> None:
         p = cli("-H", "h[1-4]", "--persist", "10m", "--", "echo", "hi")
         assert p.returncode == 0, p.stderr
         assert sorted(p.stdout.splitlines()) == [f"h{i} | hi" for i in range(1, 5)]
-        assert len(os.listdir(cm)) == 4
+        assert len(persisted_sockets(cm)) == 4
         logins = many.sshd.read_log().count("Accepted publickey")
         p = cli("-H", "h[1-4]", "--persist", "10m", "--", "echo", "again")
         assert p.returncode == 0 and len(p.stdout.splitlines()) == 4, p.stderr
         assert many.sshd.read_log().count("Accepted publickey") == logins  # all warm
         p = cli("-H", "h[1-2]", "--close")
         assert (p.returncode, p.stderr) == (0, "sshwrap-many: closed 2 persisted masters\n")
-        assert len(os.listdir(cm)) == 2
+        assert len(persisted_sockets(cm)) == 2
         p = cli("--close")
         assert (p.returncode, p.stderr) == (0, "sshwrap-many: closed 2 persisted masters\n")
         assert os.listdir(cm) == [] and master_pids(cm) == []

@@ -35,6 +35,7 @@ REQUESTS: list[mux.Request] = [
     mux.Proxy(4),
     mux.OpenForward(5, mux.MUX_FWD_REMOTE, "127.0.0.1", 0, "localhost", 22),
     mux.CloseForward(6, mux.MUX_FWD_LOCAL, "", 8080, "/run/sock", mux.PORT_STREAMLOCAL),
+    mux.NewSession(7, subsystem=1, command="sftp"),
 ]
 
 
@@ -52,6 +53,12 @@ def test_requests_are_the_bytes_openssh_reads() -> None:
     )
     assert REQUESTS[4].encode() == pack_u32(len(body)) + body
     assert mux.Proxy(4).encode()[4:8] == pack_u32(0x1000000F)
+    # mux.c's process_mux_new_session: reserved string, four u32 flags (tty, x11, agent,
+    # subsystem), the escape char, terminal type, command; no environment strings after
+    body = pack_u32(0x10000002) + pack_u32(7) + pack_string("")
+    body += pack_u32(0) * 3 + pack_u32(1) + pack_u32(0xFFFFFFFF) + pack_string("")
+    body += pack_string("sftp")
+    assert REQUESTS[6].encode() == pack_u32(len(body)) + body
 
 
 @pytest.mark.parametrize("message", [*REQUESTS, *REPLIES, mux.Hello(4)], ids=repr)

@@ -104,6 +104,9 @@ PLANS: dict[str, Plan] = {
     "sudo_password=pw)": Plan(
         "skip", "it needs sudo, a password and nginx on the host (tests/test_sudo.py's subject)"
     ),
+    "sudo_password=lambda": Plan(
+        "skip", "it needs sudo, a password and nginx on 50 hosts (tests/test_fanout_sudo.py)"
+    ),
     's.sendline("import curses")': Plan(
         "pty",
         steps=(

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,8 @@ from ptyterm import Term, sshwrap_argv
 from test_connection_prompts import throwaway_user  # noqa: F401 (a fixture)
 from waiting import wait_until
 
+from sshwrap.io.appendlog import AppendLog
+from sshwrap.io.recording import Record, Recorder
 from sshwrap.protocol.asciicast import EchoGate, json_string, utf8_cut, visible
 from sshwrap.testing import LocalSSHD, wait_exited
 
@@ -336,3 +342,165 @@ def test_echo_gate() -> None:
         g.typed(b"ok", 4.0) == [] and g.output(b"o") == [] and g.output(b"k\r\n") == [(4.0, b"ok")]
     )
     assert g.typed(b"x", 5.0) == [] and g.output(b"\r\nprompt") == []  # mismatch: dropped
+
+
+# -- the file as it is written ----------------------------------------------------------------
+
+
+def test_append_log_writes_whole_lines_in_order(tmp_path: Path) -> None:
+    """Whatever the sizes and flushes, the file is at all times the complete lines added so
+    far, in order, and ends with a line end; a direct write's last line may carry spaces
+    before its end (JSON whitespace), nothing else differs; a line longer than the buffer
+    is kept whole."""
+    rnd = random.Random(14)
+    for direct_min in (0, 1 << 30):  # every flush a direct one, or none
+        path = tmp_path / f"log{direct_min}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        log = AppendLog(fd, 3 * 4096, direct_min=direct_min)
+        lines: list[bytes] = []
+        partial = b""
+        try:
+            for _ in range(300):
+                size = rnd.choice([1, 7, 100, 4095, 5000, 20000])
+                data = rnd.randbytes(size).replace(b"\n", b"x").replace(b" ", b"y")
+                if rnd.random() < 0.6:
+                    data += b"\n"
+                log.add(data)
+                *done, partial = (partial + data).split(b"\n")
+                lines += done
+                if rnd.random() < 0.3:
+                    log.flush()
+                on_disk = path.read_bytes()
+                assert on_disk == b"" or on_disk.endswith(b"\n")
+                got = [line.rstrip(b" ") for line in on_disk.split(b"\n")[:-1]]
+                assert got == lines[: len(got)]
+                if direct_min:
+                    assert b" " not in on_disk
+            log.add(b"\n")
+            log.flush(final=True)
+            assert log.pending == 0
+        finally:
+            log.close()
+            os.close(fd)
+        on_disk = path.read_bytes()
+        got = [line.rstrip(b" ") for line in on_disk.split(b"\n")[:-1]]
+        assert got == [*lines, partial]
+        assert (b" " in on_disk) == (log.direct and not direct_min)  # padded: direct writes
+    # A file that takes no O_DIRECT: plain writes.
+    fd = os.open(os.devnull, os.O_WRONLY)
+    log = AppendLog(fd, 4096)
+    try:
+        assert not log.direct
+        log.add(b"x" * 10000 + b"\n")
+        log.flush()
+        assert log.pending == 0
+    finally:
+        log.close()
+        os.close(fd)
+
+
+def test_events_keep_order_and_times(tmp_path: Path) -> None:
+    """Output gathered into events, a UTF-8 character split between bursts, a resize and an
+    echoed key in between: the events come in the order things happened, with times that
+    never go back, and the output is the bytes as they came."""
+    path = tmp_path / "order.cast"
+    rec = Recorder(Record(path, input=True), (24, 80), env={"TERM": "xterm"})
+    euro = "€".encode()
+    try:
+        rec.output([b"one ", b"two " + euro[:1]])
+        rec.output([euro[1:] + b" three\r\n"])
+        rec.resize(30, 100)
+        rec.output([b"after resize\r\n"])
+        rec.input(b"k")
+        rec.output([b"k"])  # the echo: the key is released as an "i" event
+        rec.output([b'\x1b[0m"quoted" \\ \x00 end'])
+    finally:
+        rec.close()
+    header, events = _events(path)
+    assert (header["width"], header["height"], header["env"]) == (80, 24, {"TERM": "xterm"})
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    codes = [e[1] for e in events]
+    assert codes.index("r") < codes.index("i") and codes.count("r") == codes.count("i") == 1
+    before_r = "".join(e[2] for e in events[: codes.index("r")])
+    assert before_r == "one two € three\r\n"
+    assert events[codes.index("i")][2] == "k"
+    output = "".join(e[2] for e in events if e[1] == "o")
+    assert output == 'one two € three\r\nafter resize\r\nk\x1b[0m"quoted" \\ \x00 end'
+
+
+def test_output_written_within_a_second_while_it_goes_on(tmp_path: Path) -> None:
+    """Output that never pauses (so the relay's poll never times out and ``tick`` is never
+    called) still reaches the file within about a second, by the output events themselves."""
+    path = tmp_path / "steady.cast"
+    rec = Recorder(path, (24, 80))
+    sent: list[bytes] = []
+    try:
+        start = time.monotonic()
+        while b"steady-0 " not in path.read_bytes():
+            assert time.monotonic() - start < 10, "output not written while it goes on"
+            sent.append(b"steady-%d " % len(sent))
+            rec.output(sent[-1:])
+            select.select([], [], [], 0.002)  # output paced like a slow stream (not a wait)
+        assert sum(map(len, sent)) < 1 << 20  # written by time, not because a buffer filled
+    finally:
+        rec.close()
+    _, events = _events(path)
+    assert "".join(e[2] for e in events) == b"".join(sent).decode()
+
+
+def test_sigkill_during_bulk_output_leaves_a_valid_file(
+    local_sshd: LocalSSHD, tmp_path: Path
+) -> None:
+    """sshwrap killed while it records bulk output (blocks written past the page cache, the
+    last partial block through it): every line of the file is an event, asciinema plays it."""
+    path = tmp_path / "bulk.cast"
+    # base64 lines with an escape sequence, quotes, a backslash and UTF-8 now and then
+    cmd = "while :; do head -c 200000 /dev/urandom | base64; "
+    cmd += r"""printf '\033[1m"q" \\ \303\251\n'; done"""
+    argv = sshwrap_argv("--record", str(path), *local_sshd.ssh_args, "-tt", local_sshd.host, cmd)
+    t = Term(argv, env=ENV, screen=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists() or path.stat().st_size < 3 << 20:
+            assert time.monotonic() < deadline, "the recording did not grow"
+            t.pump(0.1)
+            del t.raw[:]  # keep only what is new: this output is not looked at
+        os.kill(t.proc.pid, signal.SIGKILL)
+        assert not wait_exited([t.proc.pid], 30)
+    finally:
+        t.close()
+    header, events = _events(path)  # every line parses
+    assert header["version"] == 2 and len(events) > 10
+    times = [e[0] for e in events]
+    assert times == sorted(times)
+    assert '\x1b[1m"q" \\ é' in "".join(e[2] for e in events)
+    shown = subprocess.run(
+        [ASCIINEMA, "cat", str(path)], capture_output=True, timeout=120, check=True
+    ).stdout
+    assert '"q" \\ é'.encode() in shown
+
+
+def test_bulk_output_is_escaped_read_by_read(tmp_path: Path) -> None:
+    """Bulk output (bursts of 16 reads of 4 KiB, text lines and escapes) is escaped into
+    the log's buffer read by read: no object near a burst's size is ever allocated (a joined
+    burst and its escaped copies made malloc grow and trim its heap: fresh pages, page
+    faults for each), and the file holds the output exactly."""
+    path = tmp_path / "bulk.cast"
+    line = b'0123456789abcdef"\\ \x1b[1mbold\x1b[0m \xc3\xa9t\xc3\xa9\r\n'
+    data = line * ((4 << 20) // len(line))
+    reads = [data[i : i + 4096] for i in range(0, len(data), 4096)]  # UTF-8 cut at times
+    rec = Recorder(path, (24, 80))
+    try:
+        tracemalloc.start()
+        try:
+            for i in range(0, len(reads), 16):
+                rec.output(reads[i : i + 16])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        rec.close()
+    assert peak < 32 << 10, f"{peak} bytes allocated at once for 64 KiB bursts"
+    _, events = _events(path)
+    assert "".join(e[2] for e in events).encode() == data

@@ -13,15 +13,22 @@ import asyncio
 import os
 import pwd
 import secrets
-import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sudo_users import (
+    FAST,
+    NOPASS,
+    TARGET,
+    needs_sudo,
+    scans_while_running,
+    secrets_seen,
+    sudo_sshd,
+)
 from waiting import wait_until
 
 import sshwrap
@@ -30,17 +37,6 @@ from sshwrap.core.completed import CompletedProcess
 from sshwrap.core.sudo import Password, SudoRun, SudoSettings, sudo_settings
 from sshwrap.errors import SudoError
 from sshwrap.testing import LocalSSHD
-
-LOGIN = "sshwrap-sudo"
-TARGET = "sshwrap-sudo-to"  # sudo asks the password for it
-NOPASS = "sshwrap-sudo-np"  # NOPASSWD: sudo never asks
-SUDOERS = Path("/etc/sudoers.d/sshwrap-sudo-test")
-FAST = 5.0  # a refused password must fail well within this (sudo's own delay is ~2 s)
-
-needs_sudo = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("sudo") is None or shutil.which("visudo") is None,
-    reason="needs root (throwaway users, a sudoers file) and sudo installed (make sshd)",
-)
 
 
 # -- the state machine, no server --------------------------------------------------------
@@ -155,58 +151,10 @@ class SudoHost:
         return self.sshd.host
 
 
-def _user(name: str, password: str | None) -> None:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--home-dir", f"/home/{name}", "--shell", "/bin/sh", name],
-            check=True,
-            capture_output=True,
-        )
-    entry = pwd.getpwnam(name)
-    os.makedirs(entry.pw_dir, mode=0o755, exist_ok=True)
-    os.chown(entry.pw_dir, entry.pw_uid, entry.pw_gid)
-    pw_line = f"{name}:{password}\n" if password else None
-    if pw_line:
-        subprocess.run(["chpasswd"], input=pw_line.encode(), check=True, capture_output=True)
-    else:
-        subprocess.run(["usermod", "--password", "*", name], check=True, capture_output=True)
-
-
-def _remove_user(name: str) -> None:
-    try:
-        home = pwd.getpwnam(name).pw_dir
-    except KeyError:
-        return
-    subprocess.run(["userdel", name], capture_output=True)
-    shutil.rmtree(home, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def sudo_host() -> Iterator[SudoHost]:
-    password = "sudo-" + secrets.token_urlsafe(12)
-    try:
-        _user(LOGIN, password)
-        _user(TARGET, None)
-        _user(NOPASS, None)
-        rules = (
-            f"Defaults:{LOGIN} !lecture, timestamp_timeout=0\n"
-            f"{LOGIN} ALL=(ALL) ALL\n"
-            f"{LOGIN} ALL=({NOPASS}) NOPASSWD: ALL\n"
-        )
-        tmp = SUDOERS.with_name(SUDOERS.name + ".new")  # sudo skips names with a '.'
-        tmp.write_text(rules)
-        tmp.chmod(0o440)
-        subprocess.run(["visudo", "-cqf", str(tmp)], check=True, capture_output=True)
-        tmp.rename(SUDOERS)
-        with LocalSSHD(user=LOGIN) as sshd:
-            yield SudoHost(sshd, password)
-    finally:
-        SUDOERS.unlink(missing_ok=True)
-        SUDOERS.with_name(SUDOERS.name + ".new").unlink(missing_ok=True)
-        for name in (LOGIN, TARGET, NOPASS):
-            _remove_user(name)
+    with sudo_sshd() as (sshd, password):
+        yield SudoHost(sshd, password)
 
 
 @pytest.fixture(scope="module")
@@ -386,31 +334,6 @@ def test_aio_run(sudo_host: SudoHost) -> None:
     assert asyncio.run(main()).stdout == b"0\n"
 
 
-def _secrets_seen(secret: bytes, logs: set[str] | None = None, mark: bytes = b"") -> list[str]:
-    """Where ``secret`` shows: any process's argv or environment, or an ssh ``-E`` log (the
-    logs read of processes with ``mark`` in their argv are added to ``logs``)."""
-    seen = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        for part in ("cmdline", "environ"):
-            try:
-                data = Path(f"/proc/{pid}/{part}").read_bytes()
-            except OSError:
-                continue
-            if secret in data:
-                seen.append(f"/proc/{pid}/{part}")
-            if part == "cmdline" and b"\0-E\0" in data:
-                args = data.split(b"\0")
-                log = os.fsdecode(args[args.index(b"-E") + 1])
-                try:
-                    if secret in Path(log).read_bytes():
-                        seen.append(log)
-                except OSError:
-                    continue
-                if logs is not None and mark in data:
-                    logs.add(log)
-    return seen
-
-
 def test_the_scan_sees_a_secret(tmp_path: Path) -> None:
     secret = "scan-" + secrets.token_hex(6)
     log = tmp_path / "log"
@@ -422,8 +345,11 @@ def test_the_scan_sees_a_secret(tmp_path: Path) -> None:
         subprocess.Popen(["sh", "-c", "sleep 30", secret]) as q,
     ):
         try:
+            cmdlines = [Path(f"/proc/{child.pid}/cmdline") for child in (p, q)]
+            # (both exec'd: their argv is the one given)
+            wait_until(lambda: all(b"sleep 30" in c.read_bytes() for c in cmdlines), 10, "exec")
             logs: set[str] = set()
-            seen = _secrets_seen(secret.encode(), logs)
+            seen = secrets_seen(secret.encode(), logs)
         finally:
             p.kill()
             q.kill()
@@ -439,36 +365,20 @@ def test_password_never_in_argv_env_or_logs(
     tmp_path.chmod(0o755)
     started, go = tmp_path / "started", tmp_path / "go"
     script = f"touch {started}; while [ ! -e {go} ]; do sleep 0.02; done; id -u"
-    results: list[Any] = []
-
-    def call() -> None:
-        try:
-            results.append(
-                runner(
-                    script,
-                    sudo=True,
-                    sudo_password=sudo_host.password,
-                    capture_output=True,
-                    timeout=60,
-                )
-            )
-        except BaseException as e:  # shown by the assertion below
-            results.append(e)
-
-    worker = threading.Thread(target=call)
-    worker.start()
-    try:
-        wait_until(lambda: started.exists() or results, 30, "the command to start")
-        logs: set[str] = set()
-        mark = sudo_host.sshd.config.encode()  # (every ssh of the test has -F config)
-        scans = [_secrets_seen(secret, logs, mark) for _ in range(3)]
-    finally:
-        go.touch()
-        worker.join(60)
-    assert not worker.is_alive()
+    logs: set[str] = set()
+    mark = sudo_host.sshd.config.encode()  # (every ssh of the test has -F config)
+    scans, result = scans_while_running(
+        lambda: runner(
+            script, sudo=True, sudo_password=sudo_host.password, capture_output=True, timeout=60
+        ),
+        started.exists,
+        go,
+        secret,
+        logs,
+        mark,
+    )
     assert scans == [[], [], []]
     assert logs  # ssh's -E log (the client's, or the master's) was read
-    (result,) = results
     assert isinstance(result, CompletedProcess), result
     assert result.stdout == b"0\n"
     assert secret not in repr(result).encode() + result.stderr

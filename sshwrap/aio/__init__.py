@@ -11,7 +11,10 @@ with the same arguments, results, errors and bounds:
   (:mod:`sshwrap.aio.connection`);
 - :func:`run_many`: :func:`sshwrap.run_many` (``sshwrap.fanout.run_many_async``);
 - :func:`put_many`, :func:`get_many`: :func:`sshwrap.put_many`/:func:`sshwrap.get_many`
-  (``sshwrap.fleet``).
+  (``sshwrap.fleet``);
+- :mod:`sshwrap.aio.filesystem` (imported by name: fsspec is needed):
+  ``SSHWrapAsyncFileSystem``, :class:`sshwrap.filesystem.SSHWrapFileSystem` as an fsspec
+  ``AsyncFileSystem``.
 
 ::
 

@@ -23,21 +23,26 @@ import os
 import subprocess
 from typing import TYPE_CHECKING, Any, Unpack
 
-from ..connection import Connection, ConnectOptions, Detached, Forward
+from ..connection import Connection, ConnectOptions, Detached, Forward, MasterState
 from ..core.channel_popen import ChannelPopen
 from ..core.commands import ChannelRunOptions, run_command, start_command, use_master
 from ..core.completed import CompletedProcess
 from ..core.getoutput import OutputOptions, getoutput_options, status_output
 from ..core.invocation import SIGNAL_TIMEOUT
-from ..core.options import Command, CommandOptions, StreamOptions, TerminalOptions
+from ..core.options import (
+    Command,
+    CommandOptions,
+    StreamOptions,
+    TerminalOptions,
+    check_keywords,
+)
 from ..core.shell import ShellRunOptions, ShellSession, check_shell_options, open_shell
 from ..core.waiting import run_async
 from ..errors import SSHError
-from ..io.master import Master
 from .process import SignalDelivery, process_repr, until_set
 
 if TYPE_CHECKING:
-    from ..transfer import ProgressCallback
+    from ..transfer import CopyOptions
     from .process import Process
 
 __all__ = [
@@ -195,18 +200,17 @@ class ChannelProcessOptions(CommandOptions, StreamOptions, TerminalOptions, tota
     too, over a channel and over the ``ssh -S`` fallback)."""
 
 
-class AsyncConnection:
-    """An sshwrap-owned ControlMaster used from asyncio; ``sync`` is the ``Connection``."""
+class AsyncConnection(MasterState):
+    """An sshwrap-owned ControlMaster used from asyncio; ``sync`` is the ``Connection``.
+
+    Its state (``master``, ``attached``, ``closed``, ``control_path``, ``master_pid`` ...) is
+    the Connection's (:class:`sshwrap.connection.MasterState`)."""
 
     def __init__(self, conn: Connection) -> None:
         self.sync = conn
         self.host = conn.host
         self.destination = conn.destination
-
-    @property
-    def master(self) -> Master:
-        """The ControlMaster (``Connection.master``, an ``sshwrap.io.master.Master``)."""
-        return self.sync.master
+        self._master = conn.master
 
     async def open(self) -> AsyncConnection:
         """Start the master (if not started yet) without blocking the loop; returns self.
@@ -233,24 +237,9 @@ class AsyncConnection:
         """Leave the master running past this program (``Connection.detach``)."""
         return await asyncio.to_thread(self.sync.detach)
 
-    @property
-    def attached(self) -> bool:
-        """True for a master sshwrap does not own (``close()`` leaves it running)."""
-        return self.sync.attached
-
     async def alive(self) -> bool:
         """True if the master answers an alive check."""
         return await asyncio.to_thread(lambda: self.sync.alive)
-
-    @property
-    def control_path(self) -> str:
-        """The master's control socket."""
-        return self.sync.control_path
-
-    @property
-    def master_pid(self) -> int:
-        """The master's pid."""
-        return self.sync.master_pid
 
     async def run(self, args: Command, **options: Unpack[ChannelRunOptions]) -> CompletedProcess:
         """``Connection.run`` without blocking the loop; same arguments, results and bounds
@@ -308,41 +297,29 @@ class AsyncConnection:
         return (await self.run(args, stdout=subprocess.PIPE, check=True, **kwargs)).stdout
 
     async def put(
-        self,
-        local: str | os.PathLike[str],
-        remote: str,
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
+        self, local: str | os.PathLike[str], remote: str, **options: Unpack[CopyOptions]
     ) -> None:
         """``Connection.put`` in a worker thread (``progress`` is called from that thread).
 
         Cancelling it stops the transfer in its thread (``sshwrap.transfer.Abort``) and waits
         for that, so a cancelled copy never completes later in the background."""
-        from ..transfer import to_thread_abortable
+        from ..transfer import CopyOptions, to_thread_abortable
 
+        check_keywords("put", options, CopyOptions)
         await to_thread_abortable(
-            lambda abort: self.sync.put(
-                local, remote, progress=progress, preserve_times=preserve_times, abort=abort
-            )
+            lambda abort: self.sync.put(local, remote, **options, abort=abort)
         )
 
     async def get(
-        self,
-        remote: str,
-        local: str | os.PathLike[str],
-        *,
-        progress: ProgressCallback | None = None,
-        preserve_times: bool = True,
+        self, remote: str, local: str | os.PathLike[str], **options: Unpack[CopyOptions]
     ) -> None:
         """``Connection.get`` in a worker thread (``progress`` is called from that thread);
         cancelling it stops the transfer as for ``put``."""
-        from ..transfer import to_thread_abortable
+        from ..transfer import CopyOptions, to_thread_abortable
 
+        check_keywords("get", options, CopyOptions)
         await to_thread_abortable(
-            lambda abort: self.sync.get(
-                remote, local, progress=progress, preserve_times=preserve_times, abort=abort
-            )
+            lambda abort: self.sync.get(remote, local, **options, abort=abort)
         )
 
     async def forward_local(

@@ -64,6 +64,7 @@ from ..errors import SSHConnectionError, SSHError
 from ..io.flags import Flag
 from ..io.ssh_child import ChildPipes, popen_with_pipes
 from ..io.threads import start_daemon
+from ..process import SSHExitState
 from ..terminal.modes import set_size
 
 __all__ = [
@@ -174,7 +175,7 @@ class SignalDelivery:
         return f"<SignalDelivery {'done' if self.done() else 'pending'}>"
 
 
-class Process:
+class Process(SSHExitState):
     """A remote command in a local ssh process, like :class:`asyncio.subprocess.Process`.
 
     ``stdin``/``stdout``/``stderr`` are asyncio streams (with PIPE); ``pid`` is the local ssh's;
@@ -202,18 +203,12 @@ class Process:
         tee: threading.Thread | None,
         terminal: LoopTerminal | None = None,
     ) -> None:
-        self._call = call
+        self._begin(call, stdout_arg, stderr_arg)
         self._popen = proc
         self.args = args
-        self.host = call.host
-        self.ssh_args = call.argv
         self.stdin: asyncio.StreamWriter | TerminalWriter | None = streams[0]
         self.stdout: asyncio.StreamReader | None = streams[1]
         self.stderr: asyncio.StreamReader | None = streams[2]
-        self.ssh_error: SSHError | None = None
-        self.ssh_messages = ""
-        self._stdout_arg = stdout_arg
-        self._stderr_arg = stderr_arg
         self._tee = tee
         self._terminal = terminal
         self._deliveries: list[_Delivery] = []
@@ -227,21 +222,11 @@ class Process:
     def returncode(self) -> int | None:
         """The remote returncode (negative for a signal), None while ssh runs."""
         raw = self._popen.poll()
-        if raw is None:
-            return None
-        self._finish(raw)
-        return self._call.returncode
+        return None if raw is None else self._settle(raw)
 
     def __repr__(self) -> str:
         """Host, pid, state (the returncode last seen) and command, like ``subprocess``'s."""
         return process_repr("Process", self.host, self.pid, self._call.returncode, self.args)
-
-    def _finish(self, raw: int) -> None:
-        if self._call.returncode is None:
-            self._call.finish(raw)
-            self.ssh_messages = self._call.messages
-            self._call.write_messages(self._stdout_arg, self._stderr_arg, self._call.tty)
-        self.ssh_error = self._call.error
 
     def _exited(self) -> Procedure[int]:
         """Until ssh has exited (its pidfd), then its stderr relay's or its terminal's end
@@ -293,7 +278,7 @@ class Process:
     async def wait(self) -> int:
         """Wait for ssh to exit; the remote returncode, or raise SSHError (also when a
         signal sent without awaiting it could not be delivered)."""
-        self._finish(await self._reporting(run_async(self._exited())))
+        self._settle(await self._reporting(run_async(self._exited())))
         if self.ssh_error is not None:
             raise self.ssh_error
         assert self._call.returncode is not None
@@ -320,15 +305,10 @@ class Process:
         raw = await run_async(self._exited())
         if self._stderr_arg == PIPE and self._terminal is None:
             self._call.note_stderr(err)
-        self._finish(raw)
+        self._settle(raw)
         if self.ssh_error is not None:
             raise self.ssh_error
-        return cast(
-            tuple[bytes | None, bytes | None],
-            self._call.append_messages(
-                out, err, self._stdout_arg, self._stderr_arg, self._call.tty
-            ),
-        )
+        return cast(tuple[bytes | None, bytes | None], self._with_messages(out, err))
 
     def send_signal(self, sig: int, *, timeout: float = SIGNAL_TIMEOUT) -> SignalDelivery:
         """Deliver ``sig`` to the remote command through a second ssh, started now.

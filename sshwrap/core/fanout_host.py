@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import heapq
-import itertools
 import math
 import os
 import random
@@ -42,7 +40,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, runtime_checkable
 
-from ..errors import CommandLostError, SSHConnectionError, SSHError, TimeoutExpired
+from ..errors import CommandLostError, SSHConnectionError, SSHError, SudoError, TimeoutExpired
 from ..io.deadline import capped
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import ChildStarter, HostProcess, run_bounded
@@ -56,6 +54,8 @@ from .host_result import (
     interpret_ssh_exit,
     result_status,
 )
+from .host_timers import HostTimers
+from .sudo import SudoRun, SudoSettings
 from .waiting import run_async
 
 __all__ = [
@@ -130,6 +130,8 @@ class FanoutJob:
     on_output: OutputCallback | None = None
     retries: int = 0
     """How many more times a host is started after a connection-level failure."""
+    sudo: SudoSettings | None = None
+    """``sudo=True``: each host's command goes through ``sudo -S`` (:class:`HostPlan.sudo`)."""
 
 
 @dataclass
@@ -146,6 +148,12 @@ class HostPlan:
     """ssh settings of the remote stop."""
     conn: ConnectionLike | None = None
     """A connection: the command runs as a channel of its master (``argv`` unused)."""
+    command: str | Sequence[str] | None = None
+    """Over a connection: the host's own command (``%h`` replaced, a per-host one), else
+    None for the job's."""
+    sudo: SudoRun | None = None
+    """``sudo=True``: the host's sudo (its stderr's filter; ``argv`` runs its command).  An
+    attempt that is retried never had a session, so never fed it: the next one reuses it."""
 
 
 def _deadline_first(limit: float | None, t_end: float | None, t0: float) -> bool:
@@ -189,30 +197,42 @@ def host_process(
         plan.argv,
         watcher=watcher,
         fifo_path=fifo,
-        input=job.input,
+        input=job.input if plan.sudo is None else None,  # (sudo sends it after the password)
         on_output=on_output,
         starter=starter,
+        stderr_filter=plan.sudo,
     )
 
 
 def process_result(
     plan: HostPlan, proc: HostProcess, status: Status | None, error: SSHError | None = None
 ) -> HostResult:
-    """The host's result; a ``status`` given forces timeout/cancelled/ssh_error."""
+    """The host's result; a ``status`` given forces timeout/cancelled/ssh_error.  Under sudo,
+    a command that sudo did not run is ``failed`` with the :class:`SudoError` (no
+    ``returncode``)."""
     end = proc.t_end if proc.t_end is not None else time.monotonic()
     log = proc.log.decode(errors="replace")
     returncode: int | None = None
     signalled = False
+    failure: SSHError | SudoError | None = error
     if status is None:
         assert proc.returncode is not None
-        returncode, error, signalled = interpret_ssh_exit(plan.host, proc.returncode, log, proc.err)
-        status = result_status(returncode, error)
+        sudo = plan.sudo
+        if sudo is not None and sudo.failed is not None:  # refused: ssh was killed for it
+            status, failure = "failed", sudo.failed
+        else:
+            returncode, failure, signalled = interpret_ssh_exit(
+                plan.host, proc.returncode, log, proc.err
+            )
+            status = result_status(returncode, failure)
+            if sudo is not None and failure is None and (refusal := sudo.outcome(returncode)):
+                status, failure, returncode, signalled = "failed", refusal, None, False
     return HostResult(
         host=plan.host,
         returncode=returncode,
         stdout=b"".join(proc.out),
         stderr=b"".join(proc.err),
-        error=error,
+        error=failure,
         started=proc.started_wall,
         duration=(end - proc.t0) if proc.started_wall is not None else 0.0,
         status=status,
@@ -224,55 +244,6 @@ def process_result(
 
 
 _CONNECT, _COMMAND, _DRAIN, _STOPPING, _BACKOFF, _DONE = range(6)
-
-
-class HostTimers:
-    """The timers of a run's hosts behind one timer of the loop.
-
-    A host arms a time (:meth:`arm`); when it has come, ``run.on_timer()`` is called if that
-    is still the time the host is armed for (``run.timer_at``): a host that moved on or
-    armed another time leaves a stale entry, skipped.  One heap of plain tuples, compared in
-    C: the loop's own heap of timer handles compares them in Python, a dozen calls a host.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self._heap: list[tuple[float, int, HostRun]] = []
-        self._seq = itertools.count()
-        self._handle: asyncio.TimerHandle | None = None
-        self._handle_at: float | None = None
-
-    def arm(self, run: HostRun, when: float) -> None:
-        """Call ``run.on_timer()`` at ``when`` (``loop.time()``) unless it re-armed since."""
-        heapq.heappush(self._heap, (when, next(self._seq), run))
-        if self._handle_at is None or when < self._handle_at:
-            self._set(when)
-
-    def _set(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = self.loop.call_at(when, self._fire)
-        self._handle_at = when
-
-    def _fire(self) -> None:
-        self._handle = None
-        self._handle_at = None
-        heap = self._heap
-        now = self.loop.time()
-        while heap and (heap[0][0] <= now or heap[0][2].timer_at != heap[0][0]):
-            when, _, run = heapq.heappop(heap)
-            if run.timer_at == when:
-                run.on_timer()
-        if heap:
-            self._set(heap[0][0])
-
-    def close(self) -> None:
-        """Forget every timer (idempotent)."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._handle_at = None
-        self._heap.clear()
 
 
 class HostRun:
@@ -335,7 +306,9 @@ class HostRun:
             error = SSHError(self.plan.host, f"cannot run ssh: {e}")
             self._finish(process_result(self.plan, proc, "ssh_error", error))
             return
-        limit = capped(self.job.connect_timeout, self.t_end)
+        limit = self.job.connect_timeout
+        if self.t_end is not None:
+            limit = capped(limit, self.t_end)
         self._until = None if limit is None else time.monotonic() + limit
         proc.listener = self._step
         self._step()
@@ -357,12 +330,17 @@ class HostRun:
             phase = self._phase
             if phase == _DONE:
                 return
-            now = proc.loop.time()
+            if proc.refused is not None and phase <= _DRAIN:  # sudo refused: at once, no retry
+                proc.kill_now()
+                self._finish(process_result(self.plan, proc, None))
+                return
             until = self._until
-            late = until is not None and now >= until
+            late = until is not None and time.monotonic() >= until  # (the loop's clock)
             if phase == _CONNECT:
                 if proc.up or proc.exit_seen:
-                    limit = capped(self.job.timeout, self.t_end)
+                    limit = self.job.timeout
+                    if self.t_end is not None:
+                        limit = capped(limit, self.t_end)
                     self._until = None if limit is None else time.monotonic() + limit
                     self._phase = _COMMAND
                     continue
@@ -372,7 +350,8 @@ class HostRun:
                     continue
             elif phase == _COMMAND:
                 if proc.exit_seen:
-                    proc.log_writer_close()
+                    if proc.log_writer is not None:
+                        proc.log_writer_close()
                     grace = _EOF_GRACE
                     if until is not None:
                         grace = min(grace, max(0.0, until - time.monotonic()) + KILL_GRACE)
@@ -480,8 +459,9 @@ class HostRun:
         )
 
     def _finish(self, result: HostResult) -> None:
-        result = self.with_attempts(result)
-        self._cancel_timer()
+        if self.attempts != 1:
+            result = self.with_attempts(result)
+        self._timer_at = None
         self.proc.listener = None
         self._phase = _DONE
         self._result = result
@@ -544,7 +524,7 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
     started = time.time()
     t0 = time.monotonic()
     returncode: int | None = None
-    error: SSHError | None = None
+    error: SSHError | SudoError | None = None
     out: bytes = b""
     err: bytes = b""
     status: Status
@@ -553,9 +533,10 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
         # (a dead master's restart too) and returns within timeout + kill_after + 0.5 s;
         # ``connect_timeout`` bounds the restart.  Cancelling it (Ctrl-C) stops the
         # restart or the remote command within about 1 s.
+        sudo = job.sudo
         run = run_command(
             plan.conn.master,
-            job.command,
+            job.command if plan.command is None else plan.command,
             input=job.input,
             capture_output=True,
             timeout=capped(job.timeout, t_end),
@@ -563,6 +544,9 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
             kill_after=_CONN_KILL_AFTER,
             env=job.env,
             cwd=job.cwd,
+            sudo=sudo is not None,
+            sudo_password=None if sudo is None or not sudo.password.given else sudo.password,
+            sudo_user=None if sudo is None else sudo.user,
         )
         cp = await run_async(run)
     except TimeoutExpired as e:
@@ -571,6 +555,8 @@ async def run_over_connection(job: FanoutJob, plan: HostPlan, t_end: float | Non
         err = e.stderr if isinstance(e.stderr, bytes) else b""
     except SSHError as e:
         status, error = "ssh_error", e
+    except SudoError as e:  # (as over ssh: the command did not run)
+        status, error = "failed", e
     else:
         returncode, out, err = cp.returncode, cp.stdout or b"", cp.stderr or b""
         status = result_status(returncode, None)

@@ -9,13 +9,17 @@ finished keep their results (:meth:`FanoutRun.complete`), the others are ``cance
 (:meth:`FanoutRun.stopped_results` holds what those in flight had produced).
 
 Hosts start in input order, from the loop's thread; a result is taken from a done callback,
-so a host's end costs the scheduler the same whatever the concurrency.
+so a host's end costs the scheduler the same whatever the concurrency.  With ``batch``,
+``max_fail`` or ``canary`` a :class:`~sshwrap.core.batches.Gate` says whether the next host may
+start (its wave is open, nothing stopped the run) and is told each result; the hosts it never
+let start come back ``skipped``.  Without them there is no gate (one ``None`` test per host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import secrets
 import shutil
 import signal
@@ -29,6 +33,7 @@ from ..errors import CommandTooLongError
 from ..io.fd_budget import check_fd_budget
 from ..io.fd_watcher import FdWatcher
 from ..io.host_process import ChildStarter, HostProcess, ssh_version
+from ..io.persist import IndexEntry
 from ..protocol.sshlog import SHORT_LOG_SETTINGS, short_log_supported
 from .argv import (
     build_ssh_argv,
@@ -37,6 +42,7 @@ from .argv import (
     remote_command,
     settings_args_of,
 )
+from .batches import Gate, Spec, gate_of
 from .fanout_host import (
     KILL_GRACE,
     ConnectionLike,
@@ -49,13 +55,24 @@ from .fanout_host import (
     process_result,
     run_over_connection,
 )
-from .host_result import HostResult, unfinished_result
-from .options import CommandOptions, SSHSettings
+from .fanout_warm import PersistedHosts
+from .host_result import HostResult, skipped_result, unfinished_result
+from .options import CommandOptions, SSHSettings, SudoOptions
+from .per_host import (
+    HostCommand,
+    PerHostCommands,
+    check_command,
+    command_for,
+    command_uses_host,
+    per_host_commands,
+)
+from .sudo import SudoRun, sudo_settings
 
 __all__ = ["ControlPathHost", "FanoutOptions", "FanoutRun"]
 
-_Pending = asyncio.Future[HostResult] | HostRun
-"""A host in flight: a :class:`HostRun`, or the task of a host over a connection."""
+_Pending = asyncio.Future[HostResult | None] | HostRun
+"""A host in flight: a :class:`HostRun`, or the task of a host over a connection (None: a
+persisted master that did not answer, the host goes through ssh)."""
 
 
 @runtime_checkable
@@ -69,9 +86,10 @@ class ControlPathHost(Protocol):
     def control_path(self) -> str: ...  # pragma: no cover - protocol
 
 
-class FanoutOptions(SSHSettings, CommandOptions, total=False):
+class FanoutOptions(SSHSettings, CommandOptions, SudoOptions, total=False):
     """The keywords of a fan-out besides hosts, command, ``concurrency`` and the bounds (see
-    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, and these."""
+    ``sshwrap.aio.run_many``): ssh settings, ``env``/``cwd``, ``sudo``/``sudo_password``/
+    ``sudo_user``, and these."""
 
     input: bytes | None
     batch_mode: bool
@@ -79,6 +97,10 @@ class FanoutOptions(SSHSettings, CommandOptions, total=False):
     on_output: OutputCallback | None
     on_start: Callable[[str], None] | None
     retries: int
+    batch: Spec
+    max_fail: Spec
+    canary: int | None
+    persist_dir: str | None
 
 
 def _check_bounds(concurrency: int, **bounds: float | None) -> None:
@@ -103,7 +125,7 @@ class FanoutRun:
     def __init__(
         self,
         hosts: Iterable[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         *,
         concurrency: int,
         timeout: float | None,
@@ -122,8 +144,9 @@ class FanoutRun:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, not {retries!r}")
         env, cwd = options.get("env"), options.get("cwd")
+        sudo = sudo_settings(options)
         self.job = FanoutJob(
-            command,
+            "" if isinstance(command, Mapping) else command,
             options.get("ssh") or find_ssh(),
             timeout,
             connect_timeout,
@@ -132,10 +155,12 @@ class FanoutRun:
             cwd,
             options.get("on_output"),
             retries,
+            sudo,
         )
         settings = settings_args_of(options)
         batch_mode = options.get("batch_mode", True)
         host_list = list(hosts)
+        self._gate = gate_of(len(host_list), options)  # (a bad value refused before ssh -V)
         # Every destination is checked before anything runs (not even ``ssh -V`` below).
         named = {
             i: _destination(h)
@@ -161,21 +186,34 @@ class FanoutRun:
         # 5.2 execs the last command of ``-c`` either way, Debian's dash 0.5.12 never does.)
         tagged = options.get("kill_remote", True) and (timeout is not None or deadline is not None)
         kill_base = ["-o", "BatchMode=yes", *settings] if batch_mode else settings
-        untagged_text = None if tagged else remote_command(command, env=env, cwd=cwd)
+        commands = _Commands(command, host_list, env, cwd)
+        untagged_text = None if tagged or commands.varies else commands.text(command)
+        # Under sudo, env/cwd go inside ``sudo ... sh -c`` and the tag outside, on sudo.
+        sudo_inner = None if sudo is None or commands.varies else commands.text(command)
         self.plans: list[HostPlan] = []
         common = [*fixed, *settings]
         heads = _ArgvHeads(self.job.ssh, common, host_list)
         for i, h in enumerate(host_list):
             if i not in named:
                 assert isinstance(h, ConnectionLike)
-                self.plans.append(HostPlan(i, h.destination, [], conn=h))
+                own = commands.of(h.destination)
+                self.plans.append(HostPlan(i, h.destination, [], conn=h, command=own))
                 continue
             dest, extra = named[i]
             sid = secrets.token_hex(8) if tagged else None
-            if untagged_text is not None:
+            sudo_run = None
+            if sudo is not None:
+                sudo_run = SudoRun(dest, sudo, self.job.input)
+                inner = sudo_inner
+                if inner is None:
+                    own = commands.of(dest)
+                    inner = commands.text(command if own is None else own)
+                text = remote_command(sudo_run.command(inner), session_id=sid)
+            elif untagged_text is not None:
                 text = untagged_text
             else:
-                text = remote_command(command, env=env, cwd=cwd, session_id=sid)
+                own = commands.of(dest)
+                text = commands.text(command if own is None else own, sid)
             head = None if extra else heads.head(text)
             if head is not None:
                 argv = [*head, dest, text]
@@ -183,7 +221,17 @@ class FanoutRun:
                 argv = build_ssh_argv(self.job.ssh, dest, text, settings=[*common, *extra])
             # The remote stop's argv is built only when a host needs it.
             kill_settings = kill_base if not extra else [*kill_base, *extra]
-            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings))
+            self.plans.append(HostPlan(i, dest, argv, sid, kill_settings, sudo=sudo_run))
+        # Hosts over the masters a run before left up (persist=): channels, no ssh process.
+        self._persisted: PersistedHosts | None = None
+        self._warm: dict[int, tuple[IndexEntry, HostCommand | None]] = {}
+        directory = options.get("persist_dir")
+        if directory:
+            self._persisted = PersistedHosts(directory, self.job.ssh, settings, common)
+            for p in self.plans:
+                entry = None if p.conn is not None else self._persisted.lookup(p.host)
+                if entry is not None:
+                    self._warm[p.index] = (entry, commands.of(p.host))
         if check_budget:
             check_fd_budget(min(concurrency, max(1, len(self.plans))))
         self._running: dict[int, HostProcess] = {}
@@ -194,6 +242,13 @@ class FanoutRun:
     def hosts(self) -> list[str]:
         """Every host's name (its destination), in input order."""
         return [p.host for p in self.plans]
+
+    def halt(self, reason: str) -> None:
+        """Start no new host: those in flight finish, the others come back ``skipped`` for
+        ``reason`` (a gateway agent told that the tree's ``max_fail`` was exceeded)."""
+        if self._gate is None:
+            self._gate = Gate(total=len(self.plans))
+        self._gate.halt(reason)
 
     def stopped_results(self) -> list[HostResult]:
         """In input order, the results of the hosts that were in flight when the run was left
@@ -213,6 +268,10 @@ class FanoutRun:
     async def results(self) -> AsyncGenerator[HostResult, None]:
         """Yield each host's result as it finishes; on exit (even cancelled) end every child."""
         loop = asyncio.get_running_loop()
+        if self.job.sudo is not None and self.job.sudo.password.given:
+            # A callable is asked here, once for every host, before any starts (not in the
+            # middle of a host's output).
+            self.job.sudo.password.get()
         t_end = None if self.deadline is None else time.monotonic() + self.deadline
         fifo_dir = tempfile.mkdtemp(prefix="sshwrap-many-")
         watcher = FdWatcher(loop)
@@ -228,35 +287,50 @@ class FanoutRun:
             if wake and not wake[0].done():
                 wake[0].set_result(None)
 
+        def start_ssh(plan: HostPlan) -> None:
+            proc = host_process(self.job, plan, watcher, fifo_dir, starter)
+            self._running[plan.index] = proc
+            run = HostRun(
+                self.job,
+                plan,
+                proc,
+                t_end,
+                self._remote_stops,
+                finished,
+                timers,
+                None
+                if not self.job.retries  # (no retry: no next attempt to start)
+                else partial(self._respawn, plan, watcher, fifo_dir, starter),
+            )
+            tasks[run] = plan.index
+            run.start()
+
         try:
             while todo or tasks:
                 while todo and len(tasks) < self.concurrency:
                     if t_end is not None and time.monotonic() >= t_end:
                         break
+                    if self._gate is not None and not self._gate.may_start(todo[-1].index):
+                        break  # the next wave waits, or max_fail / a canary stopped the run
                     plan = todo.pop()
                     if self.on_start is not None:
                         self.on_start(plan.host)
+                    task: asyncio.Future[HostResult | None]
                     if plan.conn is not None:
                         task = asyncio.ensure_future(run_over_connection(self.job, plan, t_end))
-                        task.add_done_callback(finished)
-                        tasks[task] = plan.index
+                    elif plan.index in self._warm:
+                        assert self._persisted is not None
+                        entry, own = self._warm[plan.index]
+                        task = asyncio.ensure_future(
+                            self._persisted.run(self.job, plan, entry, own, t_end)
+                        )
+                    else:
+                        start_ssh(plan)
                         continue
-                    proc = host_process(self.job, plan, watcher, fifo_dir, starter)
-                    self._running[plan.index] = proc
-                    run = HostRun(
-                        self.job,
-                        plan,
-                        proc,
-                        t_end,
-                        self._remote_stops,
-                        finished,
-                        timers,
-                        partial(self._respawn, plan, watcher, fifo_dir, starter),
-                    )
-                    tasks[run] = plan.index
-                    run.start()
+                    task.add_done_callback(finished)
+                    tasks[task] = plan.index
                 if not tasks:
-                    break  # the deadline passed before the rest could start
+                    break  # the deadline passed (or the gate stopped) before the rest started
                 if not done:
                     wake.append(loop.create_future())
                     try:
@@ -266,13 +340,29 @@ class FanoutRun:
                 ended = done.popleft()
                 idx = tasks.pop(ended)
                 self._running.pop(idx, None)
-                yield ended.result()
-            while todo:  # never started: the total deadline ran out first
+                result = ended.result()
+                if result is None:  # its persisted master did not answer: through ssh
+                    start_ssh(self.plans[idx])
+                    continue
+                if self._persisted is not None and result.connect_time is not None:
+                    self._persisted.reached(result.host, self.concurrency)
+                if self._gate is not None:
+                    self._gate.ended(idx, result.status, result.host)
+                yield result
+            stopped = None if self._gate is None else self._gate.stopped
+            while todo:  # never started: stopped by the gate, or the deadline ran out first
                 plan = todo.pop()
-                yield unfinished_result(plan.host, plan.index, "timeout")
+                if stopped is not None:
+                    yield skipped_result(plan.host, plan.index, stopped)
+                else:
+                    yield unfinished_result(plan.host, plan.index, "timeout")
+            if self._persisted is not None:
+                await self._persisted.record()
         finally:
             try:
                 await self._shutdown(tasks)
+                if self._persisted is not None:
+                    await self._persisted.stop()
             finally:
                 timers.close()
                 watcher.close()
@@ -295,7 +385,9 @@ class FanoutRun:
         # A host whose task had finished (only its result was not yet taken) keeps it.
         for t, idx in tasks.items():
             if t.done() and not t.cancelled() and t.exception() is None:
-                self._stopped[idx] = t.result()
+                r = t.result()
+                if r is not None:
+                    self._stopped[idx] = r
         host_runs = {i: t for t, i in tasks.items() if isinstance(t, HostRun)}
         runs = [(i, p) for i, p in self._running.items() if i not in self._stopped]
         self._running.clear()
@@ -340,13 +432,14 @@ class FanoutRun:
 
 
 class _ArgvHeads:
-    """The part of the hosts' ssh argv before ``host command``, built once per run.
+    """The part of the hosts' ssh argv before ``host command``, built once per command size.
 
     :func:`~sshwrap.core.argv.build_ssh_argv` checks the sizes against the kernel's limits;
-    done once with the longest destination written in 4-byte characters (the worst any
-    host's can encode to) and a command of the hosts' length (they differ only in their
-    session tag, of a fixed length), what it passes every host passes.  When that check
-    fails, the head is None and each host's argv is built (and refused) on its own.
+    done with the longest destination written in 4-byte characters (the worst any host's can
+    encode to) and the first command of each encoded size (the hosts' commands differ only in
+    their session tag, of a fixed length, and in a ``%h`` or per-host command: a few sizes),
+    what it passes every host of that size passes.  When that check fails, the head is None
+    and each host's argv is built (and refused) on its own.
     """
 
     def __init__(self, ssh: str, settings: list[str], hosts: Sequence[object]) -> None:
@@ -354,20 +447,61 @@ class _ArgvHeads:
         self.settings = settings
         longest = max((len(h) for h in hosts if isinstance(h, str)), default=0)
         self.placeholder = "\U0010ffff" * max(1, longest)
-        self._head: list[str] | None = None
-        self._text_len = -1
+        self._heads: dict[int, list[str] | None] = {}
 
     def head(self, text: str) -> list[str] | None:
-        """The head for a command of ``text``'s length (None: build each argv fully)."""
-        if len(text) != self._text_len:
-            self._text_len = len(text)
-            try:
-                argv = build_ssh_argv(self.ssh, self.placeholder, text, settings=self.settings)
-            except CommandTooLongError:
-                self._head = None
-            else:
-                self._head = argv[:-2]
-        return self._head
+        """The head for a command of ``text``'s size (None: build each argv fully)."""
+        size = len(text) if text.isascii() else len(text.encode(errors="surrogateescape"))
+        try:
+            return self._heads[size]
+        except KeyError:
+            pass
+        try:
+            argv = build_ssh_argv(self.ssh, self.placeholder, text, settings=self.settings)
+        except CommandTooLongError:
+            head = None
+        else:
+            head = argv[:-2]
+        self._heads[size] = head
+        return head
+
+
+class _Commands:
+    """Each host's remote command: the run's one command, a per-host mapping's, ``%h``
+    replaced (:mod:`sshwrap.core.per_host`)."""
+
+    def __init__(
+        self,
+        command: HostCommand | PerHostCommands,
+        hosts: Sequence[str | ControlPathHost],
+        env: Mapping[str, str] | None,
+        cwd: str | os.PathLike[str] | None,
+    ) -> None:
+        self.env, self.cwd = env, cwd
+        self.mapping: dict[str, HostCommand] | None = None
+        if isinstance(command, Mapping):
+            names = [h if isinstance(h, str) else h.destination for h in hosts]
+            self.mapping = per_host_commands(command, names, exact=False)
+            self.varies = True
+        else:
+            check_command(command)
+            self.varies = command_uses_host(command)
+        self.command = command
+
+    def of(self, host: str) -> HostCommand | None:
+        """``host``'s own command (None: the run's, the same for every host)."""
+        if self.mapping is not None:
+            own = self.mapping[host]
+        elif self.varies:
+            own = self.command  # type: ignore[assignment]
+        else:
+            return None
+        return command_for(own, host) if command_uses_host(own) else own
+
+    def text(self, command: HostCommand | PerHostCommands, sid: str | None = None) -> str:
+        """The remote command line of ``command`` (``of()``'s, or the run's)."""
+        assert not isinstance(command, Mapping)
+        return remote_command(command, env=self.env, cwd=self.cwd, session_id=sid)
 
 
 def _destination(host: str | ControlPathHost) -> tuple[str, list[str]]:

@@ -5,7 +5,9 @@
 ``concurrency`` at a time.  Each worker starts the host's ControlMaster (a host given by name:
 a ``Connection`` that is closed afterwards) or reuses the one of a ``Connection`` it was given
 (left open), then copies over it with SFTP (the transfer functions of ``sshwrap.transfer``,
-handed in by the face: atomic per file, verified, recursive, modes and times kept).
+handed in by the face: atomic per file, verified, recursive, modes and times kept), the
+session asked of the master itself (``MUX_C_NEW_SESSION`` with our socket passed to it: no
+``ssh -S`` process per host, ~7 ms of CPU each).
 
 Why threads: the SFTP session (:mod:`sshwrap.io.sftp_session`) is blocking IO, and so is a
 master's start; a thread per host in flight runs them unchanged, and no pty is forked (the
@@ -32,7 +34,8 @@ transfers' guarantee); only a connection that dies mid-upload (or a host that do
 answer for the whole stop) can leave a remote ``.NAME.sshwrap-*.part`` file behind.
 
 Per-host values.  ``%h`` in either path is replaced by the host's name (its destination for a
-``Connection``) and ``%%`` by ``%``; any other ``%`` is a ``ValueError`` before anything starts.
+``Connection``), ``%%h`` is a literal ``%h`` and any other ``%`` stays as it is: the one
+expander of commands and paths, :func:`sshwrap.core.per_host.expand_host`.
 """
 
 from __future__ import annotations
@@ -46,14 +49,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, runtime_checkable
 
-from ..errors import SSHError
+from ..errors import SkippedError, SSHError
 from ..io.deadline import earliest, remaining
 from ..io.fd_budget import check_fd_budget
 from ..io.flags import Changes, Flag
 from ..io.master import Master
 from ..io.sftp_session import Abort
+from .batches import Gate, Spec, gate_of
 from .host_result import HostOutcome, Interrupted, Status
 from .options import SSH_SETTINGS_KEYS, SSHSettings, check_keywords
+from .per_host import expand_host, has_host_token
 from .waiting import Procedure, WaitChange
 
 __all__ = [
@@ -90,7 +95,8 @@ class CopyOptions(SSHSettings, total=False):
     the host's worker thread (an exception it raises fails that host); ``on_result(result)``
     each host's :class:`CopyResult` as the host ends (before the call returns), in the
     caller's thread (sync) or on the loop (async): an exception it raises stops every host
-    as Ctrl-C does, then goes on (a ``KeyboardInterrupt``: :class:`CopyInterrupted`).
+    as Ctrl-C does, then goes on (a ``KeyboardInterrupt``: :class:`CopyInterrupted`);
+    ``batch``, ``max_fail``, ``canary`` as ``run_many``'s (:mod:`sshwrap.core.batches`).
     """
 
     concurrency: int
@@ -101,6 +107,9 @@ class CopyOptions(SSHSettings, total=False):
     preserve_times: bool
     on_progress: Callable[[str, int, int], None] | None
     on_result: Callable[[CopyResult], None] | None
+    batch: Spec
+    max_fail: Spec
+    canary: int | None
 
 
 class Transfer(Protocol):
@@ -118,6 +127,7 @@ class Transfer(Protocol):
         progress: _PROGRESS | None,
         preserve_times: bool,
         abort: Abort | None,
+        control_path: str | None,
     ) -> None: ...  # pragma: no cover - protocol
 
 
@@ -157,7 +167,8 @@ class CopyResult(HostOutcome):
       ``FileNotFoundError``, ``PermissionError`` or another ``TransferError``), ``ssh_error``
       (``error`` is the ``SSHError``: refused, authentication, host key, connect timeout, or
       the connection lost mid-transfer), ``timeout`` (``timeout`` or ``deadline`` ran out),
-      ``cancelled``; ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
+      ``cancelled``, ``skipped`` (never started: ``error`` a ``SkippedError`` saying why);
+      ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
     - ``started``: wall clock when the host started (None if it never did); ``duration``:
       seconds until it ended; ``connect_time``: seconds until its master was up.
     - ``source`` / ``target``: the paths of this host's copy, ``%h`` replaced (for
@@ -185,33 +196,6 @@ class CopyInterrupted(Interrupted):
     others ``cancelled``."""
 
     results: list[CopyResult]
-
-
-# -- per-host values ------------------------------------------------------------------------
-def expand_host(path: str, host: str) -> str:
-    """``path`` with ``%h`` replaced by ``host`` and ``%%`` by ``%``.
-
-    Any other ``%`` raises ``ValueError`` (so ``%`` is never silently kept or dropped)."""
-    out: list[str] = []
-    i = 0
-    while (j := path.find("%", i)) >= 0:
-        out.append(path[i:j])
-        token = path[j + 1 : j + 2]
-        if token == "h":
-            out.append(host)
-        elif token == "%":
-            out.append("%")
-        else:
-            what = f"'%{token}'" if token else "a '%' at the end"
-            raise ValueError(f"{path!r}: {what} is not a token (%h is the host name, %% a '%')")
-        i = j + 2
-    out.append(path[i:])
-    return "".join(out)
-
-
-def has_host_token(path: str) -> bool:
-    """True when ``path`` holds ``%h`` (not counting an escaped ``%%h``)."""
-    return expand_host(path, "a") != expand_host(path, "b")
 
 
 def _local_name(host: str) -> str:
@@ -250,16 +234,14 @@ def copy_plans(
     target: str | os.PathLike[str],
 ) -> list[CopyPlan]:
     """The plan of every host, checked before anything starts (``ValueError``/``TypeError``:
-    a bad token, a host that cannot name a local path, two hosts writing the same local
+    a host that cannot name a local path, two hosts writing the same local
     path; ``FileNotFoundError``: a ``put_many`` source without ``%h`` that does not exist)."""
     src, dst = os.fspath(source), os.fspath(target)
     if not isinstance(src, str) or not isinstance(dst, str):
         raise TypeError("the paths must be str or os.PathLike[str]")
     if not src or not dst:
         raise ValueError("the source and the target must not be empty")
-    local, remote = (src, dst) if direction == "put" else (dst, src)
-    per_host_local = has_host_token(local)
-    has_host_token(remote)  # (its tokens checked)
+    per_host_local = has_host_token(src if direction == "put" else dst)
     if direction == "put" and not per_host_local:
         os.stat(src)  # one missing source fails the call, not every host
     plans: list[CopyPlan] = []
@@ -402,6 +384,7 @@ class _Host:
                 progress=self._progress,
                 preserve_times=job.preserve_times,
                 abort=self.abort,
+                control_path=master.control_path,  # the master runs the SFTP session itself
             )
         except _Stopped:
             status = "cancelled"
@@ -442,17 +425,13 @@ class _Host:
 
 
 # -- the supervisor: one procedure for both faces ---------------------------------------------
-def _never_ran(plan: CopyPlan, status: Status) -> CopyResult:
-    return CopyResult(
-        plan.host,
-        status,
-        None,
-        None,
-        0.0,
-        source=plan.source,
-        target=plan.target,
-        index=plan.index,
-    )
+def _never_ran(plan: CopyPlan, status: Status, gate: Gate | None = None) -> CopyResult:
+    """A host that never started: ``status``, or ``skipped`` when the gate had stopped."""
+    why = gate.stopped if gate is not None and status != "cancelled" else None
+    error = None if why is None else SkippedError(plan.host, why)
+    status = status if why is None else "skipped"
+    s, t, i = plan.source, plan.target, plan.index
+    return CopyResult(plan.host, status, error, None, 0.0, source=s, target=t, index=i)
 
 
 def copy_many(
@@ -473,6 +452,7 @@ def copy_many(
     raises at once (``TypeError``/``ValueError``/``FileNotFoundError``; ``FdBudgetError``
     when the open-files limit cannot hold ``concurrency`` hosts)."""
     check_keywords(func, options, CopyOptions)
+    gate = gate_of(len(links), options)
     concurrency = options.get("concurrency", 32)
     if not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError("concurrency must be an int of at least 1")
@@ -498,7 +478,7 @@ def copy_many(
         on_progress=options.get("on_progress"),
     )
     on_result = options.get("on_result")
-    return _supervise(plans, job, concurrency, options.get("deadline"), on_result)
+    return _supervise(plans, job, concurrency, options.get("deadline"), on_result, gate)
 
 
 def _supervise(
@@ -507,6 +487,7 @@ def _supervise(
     concurrency: int,
     deadline: float | None,
     on_result: Callable[[CopyResult], None] | None,
+    gate: Gate | None,
 ) -> Procedure[list[CopyResult]]:
     t_end = None if deadline is None else time.monotonic() + deadline
     events = Changes()
@@ -522,6 +503,8 @@ def _supervise(
                 h.thread.join()
                 results[h.plan.index] = h.result
                 running.remove(h)
+                if gate is not None:
+                    gate.ended(h.plan.index, h.result.status, h.plan.host)
                 if on_result is not None:
                     on_result(h.result)
             elif h.thread is None or h.thread.ident is None:  # never started (interrupted)
@@ -530,7 +513,7 @@ def _supervise(
                 running.remove(h)
 
     def complete(status: Status) -> list[CopyResult]:
-        return [results.get(p.index) or _never_ran(p, status) for p in plans]
+        return [results.get(p.index) or _never_ran(p, status, gate) for p in plans]
 
     def wait(until: float | None) -> WaitChange:
         """Until a host's event, or ``until`` (the next bound: the host's, ``deadline``)."""
@@ -569,11 +552,13 @@ def _supervise(
                 yield from stop_all("timeout")
                 return complete("timeout")
             while waiting and len(running) < concurrency:
+                if gate is not None and not gate.may_start(waiting[-1].index):
+                    break  # the next wave waits, or max_fail / a canary stopped the copy
                 h = _Host(waiting.pop(), job, events, t_end)
                 running.append(h)
                 h.start()
-            if not running:
-                return complete("cancelled")
+            if not running:  # all done, or the gate stopped the rest
+                return complete("skipped")
             yield wait(t_end)
     except GeneratorExit:  # closed unfinished (no driver any more): stop without waiting
         for h in running:

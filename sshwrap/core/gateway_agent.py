@@ -5,7 +5,9 @@ Started by the control node over one ssh connection (from the archive of
 request line from stdin (:func:`sshwrap.core.gateway_wire.decode_request`), runs the same
 fan-out core as a flat run (:class:`~sshwrap.core.fanout_run.FanoutRun`, against the gateway's
 own ``ssh`` and ssh config) and writes each host's events and result to stdout as JSON lines,
-as they come.
+as they come (those within :data:`FLUSH_DELAY` of each other in one write).  A ``stop``
+line from the control node (the tree's ``max_fail`` was exceeded) makes the run start no new
+host (:meth:`FanoutRun.halt`): the rest are reported ``skipped``.
 
 A request with ``via`` (hosts behind a further gateway) runs a
 :class:`~sshwrap.core.gateway_run.TreeRun` instead: this agent reaches that gateway itself.
@@ -35,10 +37,12 @@ from typing import Any, BinaryIO
 
 from .fanout_run import FanoutRun
 from .gateway_run import TreeRun
-from .gateway_wire import Request, decode_request, encode_event, encode_result
+from .gateway_wire import Request, decode_request, encode_event, encode_result, read_stop
 
-__all__ = ["ORPHAN_GRACE", "main", "serve", "supervised"]
+__all__ = ["FLUSH_DELAY", "ORPHAN_GRACE", "main", "serve", "supervised"]
 
+FLUSH_DELAY = 0.005
+"""Seconds an event line may wait for others to be written with it."""
 ORPHAN_GRACE = 0.5
 """Seconds the watchdog gives a dead agent's ssh to end after TERM, before KILL."""
 _PR_SET_CHILD_SUBREAPER = 36
@@ -55,10 +59,20 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
         task.cancel()
 
     def write(line: bytes) -> None:
-        if lost:
+        # Lines wait at most FLUSH_DELAY to go out together: one ssh packet and one wake-up
+        # of the control node for many hosts' events, not one per line.
+        if not lost:
+            if not pending:
+                loop.call_later(FLUSH_DELAY, flush)
+            pending.append(line)
+
+    def flush() -> None:
+        if lost or not pending:
             return
+        data = b"".join(pending)
+        pending.clear()
         try:
-            out.write(line)
+            out.write(data)
             out.flush()
         except (OSError, ValueError):
             # (Called from the loop's callbacks too, where an exception would only be logged.)
@@ -66,6 +80,8 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
             stop()
 
     lost: list[bool] = []
+    pending: list[bytes] = []
+    stdin_buf = bytearray()  # stdin's bytes since its last complete line
 
     def on_stdin() -> None:
         assert stdin_fd is not None
@@ -78,6 +94,12 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
         if not data:
             loop.remove_reader(stdin_fd)
             stop()
+        stdin_buf.extend(data)
+        while (end := stdin_buf.find(b"\n") + 1) > 0:
+            reason = read_stop(bytes(stdin_buf[:end]))
+            del stdin_buf[:end]
+            if reason is not None:  # the control node: start no new host
+                run.halt(reason)
 
     # Hosts are names, and a name may come twice: each start takes the name's next index,
     # its output goes to the oldest one in flight.
@@ -132,6 +154,7 @@ async def serve(req: Request, out: BinaryIO, stdin_fd: int | None = 0) -> None:
                 held.remove(r.index)
             write(encode_result(r.index, r))
         write(encode_event("done"))
+        flush()
     finally:
         await gen.aclose()
         if stdin_fd is not None:

@@ -36,12 +36,21 @@ from ..io.bundle import EXIT_OLD_PYTHON, bootstrap_command, package_zip
 from .argv import build_ssh_argv, check_destination, find_ssh, settings_args_of
 from .fanout_host import KILL_GRACE, OutputCallback
 from .fanout_run import ControlPathHost, FanoutRun
-from .gateway_wire import REQUEST_KEYWORDS, WireError, decode_event, encode_request
-from .host_result import HostResult, Status, unfinished_result
+from .gateway_wire import (
+    REQUEST_KEYWORDS,
+    START_PREFIX,
+    WireError,
+    decode_event,
+    encode_request,
+    encode_stop,
+)
+from .host_result import HostResult, Status, skipped_result, unfinished_result
+from .per_host import HostCommand, PerHostCommands
 
 __all__ = [
     "DEADLINE_GRACE",
     "STOP_WAIT",
+    "Halt",
     "TreeRun",
     "gateway_chains",
     "gateway_results",
@@ -74,6 +83,37 @@ def _reason(gateway: str, returncode: int | None, stderr: bytes, lost: bool) -> 
     return f"gateway {gateway}: connection lost ({how}){': ' + last if last else ''}"
 
 
+class Halt:
+    """ "Start no new host" for the gateways of a run (:meth:`TreeRun.halt`): each agent that
+    runs gets a ``stop`` line on its stdin, once it has answered the request (so the line is
+    never read with it); a gateway not yet sent its request gets none, its hosts ``skipped``."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._agents: set[asyncio.StreamWriter] = set()
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            for stdin in self._agents:
+                self._send(stdin)
+
+    def _send(self, stdin: asyncio.StreamWriter) -> None:
+        assert self.reason is not None
+        if not stdin.is_closing():
+            stdin.write(encode_stop(self.reason))
+
+    def watch(self, stdin: asyncio.StreamWriter) -> None:
+        """The agent behind ``stdin`` runs its hosts: a stop, now or later, goes to it."""
+        if stdin not in self._agents:
+            self._agents.add(stdin)
+            if self.reason is not None:
+                self._send(stdin)
+
+    def forget(self, stdin: asyncio.StreamWriter) -> None:
+        self._agents.discard(stdin)
+
+
 async def _end(proc: asyncio.subprocess.Process) -> None:
     """Close the gateway ssh's stdin, give it STOP_WAIT, then TERM, KILL; always reaped."""
     try:
@@ -96,7 +136,7 @@ async def _end(proc: asyncio.subprocess.Process) -> None:
 async def gateway_results(
     gateway: str,
     hosts: Sequence[tuple[int, str]],
-    command: str | Sequence[str],
+    command: HostCommand | PerHostCommands,
     keywords: Mapping[str, Any],
     *,
     ssh_argv_head: Sequence[str],
@@ -104,11 +144,14 @@ async def gateway_results(
     deadline: float | None = None,
     on_output: OutputCallback | None = None,
     on_start: Callable[[str], None] | None = None,
+    halt: Halt | None = None,
 ) -> AsyncGenerator[HostResult, None]:
     """Run ``command`` on ``hosts`` ((input index, name) pairs) through ``gateway``; yield
     each host's result as the agent reports it (with the input index), then one error result
     for each host it did not report.  ``ssh_argv_head``: ssh and its settings, before the
-    destination.  ``deadline``: seconds for the whole run (the agent has it too)."""
+    destination.  ``deadline``: seconds for the whole run (the agent has it too); ``halt``:
+    the run's :class:`Halt` (once halted, no new host starts; those never started:
+    ``skipped``)."""
     names = [h for _, h in hosts]
     t0, wall0 = time.monotonic(), time.time()
     t_end = None if deadline is None else t0 + deadline + DEADLINE_GRACE
@@ -150,11 +193,18 @@ async def gateway_results(
                 break
             if not line:
                 break
+            if on_start is None and line.startswith(START_PREFIX):
+                continue  # (nobody wants it: not decoded)
             try:
                 ev = decode_event(line, names)
             except WireError as e:
                 reason = f"gateway {gateway}: bad answer from the agent ({e})"
                 break
+            if ev.kind == "ready" and halt is not None and halt.reason is not None:
+                status, reason = "skipped", halt.reason
+                break
+            if ev.kind != "ready" and halt is not None:
+                halt.watch(proc.stdin)
             if ev.kind == "ready":
                 # The agent runs now: it gets what is left of the deadline, not all of it.
                 kw = dict(keywords)
@@ -181,6 +231,8 @@ async def gateway_results(
                 reported.add(ev.index)
                 yield dataclasses.replace(ev.result, index=hosts[ev.index][0])
     finally:
+        if halt is not None:
+            halt.forget(proc.stdin)
         await _end(proc)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(err_task, KILL_GRACE)
@@ -194,6 +246,8 @@ async def gateway_results(
             continue
         if status == "timeout":
             yield unfinished_result(h, i, "timeout")
+        elif status == "skipped":
+            yield skipped_result(h, i, reason)
         else:
             stderr = bytes(err).decode(errors="replace")
             error = GatewayError(h, reason, stderr, gateway=gateway)
@@ -274,7 +328,7 @@ class TreeRun:
     def __init__(
         self,
         hosts: Sequence[str | ControlPathHost],
-        command: str | Sequence[str],
+        command: HostCommand | PerHostCommands,
         via: Mapping[str, Collection[str]],
         *,
         concurrency: int,
@@ -320,6 +374,7 @@ class TreeRun:
         if forward_agent is not None:
             self.keywords["forward_agent"] = forward_agent
         self.ssh_head = gateway_ssh_head(options, connect_timeout, forward_agent)
+        self._halt = Halt()
 
     @property
     def hosts(self) -> list[str]:
@@ -338,6 +393,13 @@ class TreeRun:
         for i, h in enumerate(self.names):
             out.append(results.get(i) or stopped.get(i) or unfinished_result(h, i, "cancelled"))
         return out
+
+    def halt(self, reason: str) -> None:
+        """Start no new host, flat or through a gateway (a ``stop`` line to each agent):
+        those in flight finish, the others come back ``skipped`` for ``reason``."""
+        if self.flat is not None:
+            self.flat.halt(reason)
+        self._halt(reason)
 
     def _through(
         self, gateway: str, hosts: Sequence[tuple[int, str, str]], t0: float
@@ -361,6 +423,7 @@ class TreeRun:
             deadline=left,
             on_output=self.on_output,
             on_start=self.on_start,
+            halt=self._halt,
         )
 
     def _next_gateway(self, r: HostResult) -> str | None:

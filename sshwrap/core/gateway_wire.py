@@ -16,6 +16,11 @@ line per event (:func:`encode_event`):
 - ``{"t": "done"}``: every host was reported;
 - ``{"t": "fail", "message": TEXT}``: the agent could not run the request (a bad request).
 
+After the request, the control node may send one more kind of line, ``{"t": "stop", "reason":
+TEXT}`` (:func:`encode_stop`): start no new host, report the hosts never started as
+``skipped`` for TEXT (the tree's ``max_fail`` was exceeded elsewhere).  ``max_fail`` in the
+request's keywords is a count (the control node resolves a percentage against the whole run).
+
 :func:`decode_event` turns a line back into a :class:`GatewayEvent`, the error into the same
 exception class (one of :mod:`sshwrap.errors`' ``SSHError`` family, else ``SSHError``).
 A line that is not one of these raises :class:`WireError`.
@@ -34,6 +39,7 @@ from .host_result import HostResult, Status
 
 __all__ = [
     "REQUEST_KEYWORDS",
+    "START_PREFIX",
     "GatewayEvent",
     "WireError",
     "decode_event",
@@ -41,6 +47,8 @@ __all__ = [
     "encode_event",
     "encode_request",
     "encode_result",
+    "encode_stop",
+    "read_stop",
 ]
 
 WIRE_VERSION = 1
@@ -63,14 +71,20 @@ REQUEST_KEYWORDS = (
     "retries",
     "via",
     "forward_agent",
+    "max_fail",
 )
 """The fan-out keywords a request carries to the agent (besides ``input`` and ``output``)."""
 
-_STATUSES = {"ok", "failed", "timeout", "ssh_error", "cancelled"}
+_STATUSES = {"ok", "failed", "timeout", "ssh_error", "cancelled", "skipped"}
 
 
 class WireError(ValueError):
     """A line of the gateway protocol that does not parse."""
+
+
+START_PREFIX = b'{"t":"start",'
+"""How every ``start`` line begins (:func:`encode_event`'s compact JSON): a reader that does not
+want them skips them without decoding."""
 
 
 def _line(obj: Mapping[str, Any]) -> bytes:
@@ -102,14 +116,15 @@ def _load(line: bytes) -> dict[str, Any]:
 
 def encode_request(
     hosts: Sequence[str],
-    command: str | Sequence[str],
+    command: str | Sequence[str] | Mapping[str, str | Sequence[str]],
     keywords: Mapping[str, Any],
     *,
     input: bytes | None = None,
     output: bool = False,
 ) -> bytes:
-    """The request line: ``hosts``, ``command`` and the keywords of :data:`REQUEST_KEYWORDS`
-    (others raise ``ValueError``); ``input`` as base64; ``output``: send ``out`` events."""
+    """The request line: ``hosts``, ``command`` (one, or a mapping of host name to its own:
+    the gateway's hosts') and the keywords of :data:`REQUEST_KEYWORDS` (others raise
+    ``ValueError``); ``input`` as base64; ``output``: send ``out`` events."""
     unknown = set(keywords) - set(REQUEST_KEYWORDS)
     if unknown:
         raise ValueError(f"keywords a gateway cannot take: {', '.join(sorted(unknown))}")
@@ -120,7 +135,11 @@ def encode_request(
     via = keywords.get("via")
     if via is not None:
         kw["via"] = {str(g): [str(h) for h in members] for g, members in via.items()}
-    cmd: str | list[str] = command if isinstance(command, str) else [str(c) for c in command]
+    cmd: str | list[str] | dict[str, str | list[str]]
+    if isinstance(command, Mapping):
+        cmd = {h: _wire_command(command[h]) for h in dict.fromkeys(hosts)}
+    else:
+        cmd = _wire_command(command)
     req = {
         "v": WIRE_VERSION,
         "hosts": list(hosts),
@@ -132,12 +151,22 @@ def encode_request(
     return _line(req)
 
 
+def _wire_command(command: str | Sequence[str]) -> str | list[str]:
+    return command if isinstance(command, str) else [str(c) for c in command]
+
+
+def _is_command(command: object) -> bool:
+    return isinstance(command, str) or (
+        isinstance(command, list) and all(isinstance(c, str) for c in command)
+    )
+
+
 @dataclass
 class Request:
     """A decoded request: what the agent runs."""
 
     hosts: list[str]
-    command: str | list[str]
+    command: str | list[str] | dict[str, str | list[str]]
     keywords: dict[str, Any]
     input: bytes | None
     output: bool
@@ -151,9 +180,10 @@ def decode_request(line: bytes) -> Request:
     hosts, command, kw = obj.get("hosts"), obj.get("command"), obj.get("keywords")
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise WireError("hosts must be a list of names")
-    if not isinstance(command, str) and not (
-        isinstance(command, list) and all(isinstance(c, str) for c in command)
-    ):
+    if isinstance(command, dict):
+        if not all(isinstance(h, str) and _is_command(c) for h, c in command.items()):
+            raise WireError("a per-host command must map names to commands")
+    elif not _is_command(command):
         raise WireError("command must be a string or a list of strings")
     if not isinstance(kw, dict) or set(kw) - set(REQUEST_KEYWORDS):
         raise WireError("bad keywords")
@@ -165,7 +195,11 @@ def decode_request(line: bytes) -> Request:
         raise WireError("via must map gateway names to lists of names")
     data = obj.get("input")
     return Request(
-        hosts, command, kw, None if data is None else _unb64(data), bool(obj.get("output"))
+        hosts,
+        cast(str | list[str] | dict[str, str | list[str]], command),
+        kw,
+        None if data is None else _unb64(data),
+        bool(obj.get("output")),
     )
 
 
@@ -178,8 +212,8 @@ def encode_result(index: int, r: HostResult) -> bytes:
             "type": type(e).__name__,
             "message": e.message,
             "host": e.host,
-            "stderr": e.stderr,
-            "returncode": e.returncode,
+            "stderr": getattr(e, "stderr", ""),
+            "returncode": getattr(e, "returncode", None),
             "gateway": getattr(e, "gateway", None),
         }
     return _line(
@@ -225,11 +259,13 @@ class GatewayEvent:
     message: str = ""
 
 
-def _error(obj: object) -> errors.SSHError | None:
+def _error(obj: object) -> errors.SSHError | errors.SkippedError | None:
     if obj is None:
         return None
     if not isinstance(obj, dict):
         raise WireError("error must be an object")
+    if obj.get("type") == "SkippedError":
+        return errors.SkippedError(str(obj.get("host", "")), str(obj.get("message", "")))
     cls = getattr(errors, str(obj.get("type")), None)
     if not (isinstance(cls, type) and issubclass(cls, errors.SSHError)):
         cls = errors.SSHError
@@ -294,3 +330,19 @@ def decode_event(line: bytes, hosts: Sequence[str]) -> GatewayEvent:
     except (TypeError, ValueError) as e:
         raise WireError(f"bad result: {e}") from None
     return GatewayEvent("result", i, result=result)
+
+
+def encode_stop(reason: str) -> bytes:
+    """The control line that tells an agent to start no new host (``reason``: why)."""
+    return _line({"t": "stop", "reason": reason})
+
+
+def read_stop(line: bytes) -> str | None:
+    """The reason of a stop line of :func:`encode_stop`; None for any other line."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("t") != "stop":
+        return None
+    return str(obj.get("reason") or "stopped by the control node")

@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import SSHConnectionError, SSHError, interpret_exit, ssh_messages
+from ..errors import (
+    SkippedError,
+    SSHConnectionError,
+    SSHError,
+    SudoError,
+    interpret_exit,
+    ssh_messages,
+)
 
 __all__ = [
     "FanoutInterrupted",
@@ -23,10 +30,11 @@ __all__ = [
     "in_input_order",
     "interpret_ssh_exit",
     "result_status",
+    "skipped_result",
     "unfinished_result",
 ]
 
-Status = Literal["ok", "failed", "timeout", "ssh_error", "cancelled"]
+Status = Literal["ok", "failed", "timeout", "ssh_error", "cancelled", "skipped"]
 
 
 class HostOutcome:
@@ -67,9 +75,12 @@ class HostResult(HostOutcome):
       ``ssh_log``), except what ssh prints before its log opens (a setting it refuses):
       that stays in ``stderr`` and is the ``error``'s message too.
     - ``error``: the typed ``SSHError`` when ssh itself failed (refused, timed out, name not
-      resolved, authentication, host key).
+      resolved, authentication, host key); with ``sudo=True``, a ``SudoError`` when sudo did
+      not run the command (status ``failed``, ``returncode`` None; see ``sudo``); a
+      ``SkippedError`` saying why for a ``skipped`` host.
     - ``status``: ``ok`` (exit 0), ``failed`` (non-zero exit or signal), ``timeout``
-      (``timeout`` or ``deadline`` ran out), ``ssh_error``, ``cancelled``.
+      (``timeout`` or ``deadline`` ran out), ``ssh_error``, ``cancelled``, ``skipped`` (never
+      started: ``max_fail`` was exceeded or a canary did not succeed; no ``returncode``).
     - ``started``: wall clock (``time.time()``) when its ssh started (``None`` if it never
       did); ``duration``: seconds until it ended; ``connect_time``: seconds until the
       session was up (``None`` if it never was).
@@ -88,7 +99,7 @@ class HostResult(HostOutcome):
     returncode: int | None
     stdout: bytes
     stderr: bytes
-    error: SSHError | None
+    error: SSHError | SudoError | SkippedError | None
     started: float | None
     duration: float
     status: Status = "ok"
@@ -114,12 +125,18 @@ def unfinished_result(host: str, index: int, status: Status) -> HostResult:
     return HostResult(host, None, b"", b"", None, None, 0.0, status, index=index)
 
 
+def skipped_result(host: str, index: int, reason: str) -> HostResult:
+    """The result of a host that was never started because of ``reason`` (``skipped``)."""
+    error = SkippedError(host, reason)
+    return HostResult(host, None, b"", b"", error, None, 0.0, "skipped", index=index)
+
+
 def in_input_order(hosts: Sequence[str], results: Mapping[int, HostResult]) -> list[HostResult]:
     """One result per host of ``hosts`` (by index), those missing marked ``cancelled``."""
     return [results.get(i) or unfinished_result(h, i, "cancelled") for i, h in enumerate(hosts)]
 
 
-def result_status(returncode: int | None, error: SSHError | None) -> Status:
+def result_status(returncode: int | None, error: SSHError | SudoError | None) -> Status:
     """``ssh_error`` with an error, else ``ok`` for exit 0 and ``failed`` for the rest."""
     if error is not None:
         return "ssh_error"

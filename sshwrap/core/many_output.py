@@ -30,6 +30,7 @@ from .hostset import fold
 
 __all__ = [
     "EXIT_FAILED",
+    "EXIT_SKIPPED",
     "EXIT_SSH_ERROR",
     "EXIT_TIMEOUT",
     "Output",
@@ -43,6 +44,7 @@ __all__ = [
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 2
 EXIT_SSH_ERROR = 4
+EXIT_SKIPPED = 8  # hosts never started: --max-fail exceeded, or a --canary failed
 
 Result: TypeAlias = HostResult | CopyResult
 """One host's result: a command's or a copy's."""
@@ -79,6 +81,7 @@ class Tally:
     timeout: int = 0
     ssh_error: int = 0
     cancelled: int = 0
+    skipped: int = 0
     results: list[Result] = field(default_factory=list)
 
     def add(self, r: Result) -> None:
@@ -88,14 +91,19 @@ class Tally:
         self.results.append(r)
 
     def exit_status(self) -> int:
-        """The exit status bits: +1 a host failed, +2 one timed out, +4 an ssh error."""
+        """The exit status bits: +1 a host failed, +2 one timed out, +4 an ssh error, +8 some
+        hosts were skipped."""
         bits = {EXIT_FAILED: self.failed, EXIT_TIMEOUT: self.timeout}
-        return sum(bit for bit, n in {**bits, EXIT_SSH_ERROR: self.ssh_error}.items() if n)
+        bits.update({EXIT_SSH_ERROR: self.ssh_error, EXIT_SKIPPED: self.skipped})
+        return sum(bit for bit, n in bits.items() if n)
 
     def line(self) -> str:
-        """``3 ok, 1 failed, 0 timed out, 0 ssh errors`` (and the cancelled, if any)."""
+        """``3 ok, 1 failed, 0 timed out, 0 ssh errors`` (and the skipped and the cancelled,
+        if any)."""
         parts = [f"{self.ok} ok", f"{self.failed} failed", f"{self.timeout} timed out"]
         parts.append(f"{self.ssh_error} ssh error" + ("" if self.ssh_error == 1 else "s"))
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped")
         if self.cancelled:
             parts.append(f"{self.cancelled} cancelled")
         return ", ".join(parts)
@@ -105,12 +113,17 @@ def describe(r: Result, verb: str = "") -> str:
     """What happened to a host, in a few words (``exit 1``, ``ssh error: ...``; a copy's
     ``PermissionError: ...``, with ``verb`` (``put``/``get``) its paths first:
     ``put a -> b: 1.2 MB in 0.40 s``)."""
+    if r.status == "skipped":
+        what = f"{verb} {r.source} -> {r.target}: " if verb and isinstance(r, CopyResult) else ""
+        return what + f"skipped: {_message(r.error) if r.error is not None else 'not started'}"
     if isinstance(r, CopyResult):
         return _describe_copy(r, verb)
     if r.status == "ok":
         return "exit 0"
     if r.status == "failed":
-        assert r.returncode is not None
+        if r.returncode is None:  # sudo did not run the command
+            assert r.error is not None
+            return f"{type(r.error).__name__}: {_message(r.error)}"
         if r.signalled:
             return "killed by a signal" + (
                 f" ({signal.Signals(-r.returncode).name})"
@@ -174,7 +187,13 @@ def _copy_json(r: CopyResult) -> dict[str, Any]:
     }
 
 
-_GROUPS = dict(failed="failed", timeout="timed out", ssh_error="ssh errors", cancelled="cancelled")
+_GROUPS = dict(
+    failed="failed",
+    timeout="timed out",
+    ssh_error="ssh errors",
+    skipped="skipped",
+    cancelled="cancelled",
+)
 _PLAIN_PROGRESS_EVERY = 1.0  # seconds between two plain progress lines, at most one a second
 
 

@@ -14,12 +14,15 @@ Nothing here decides policy (how long to wait, whether to retry, what a result i
   comes from and goes to);
 - local ssh children: :mod:`.ssh_child` (starting ssh with pipes, its pipes and exit on one
   waitable fd, its stderr relay), :mod:`.pty` (the one way a program starts on a new pty, as its
-  controlling terminal, with no Python in the child), :mod:`.host_process`, :mod:`.fd_watcher`
-  and :mod:`.fd_budget` (one ssh per host of a fan-out, watched by the loop);
-- SFTP: :mod:`.sftp_session` (the session over ``ssh -s sftp``, ``Abort``, the transfer errors),
-  :mod:`.sftp_pipeline` (pipelined whole-file reads and writes), :mod:`.sftp_files` (the
-  session pool and file operations of the fsspec filesystem);
-- :mod:`.recording`: an asciicast recording of an interactive session, written as it goes;
+  controlling terminal, with no Python in the child), :mod:`.host_process`,
+  :mod:`.child_start`, :mod:`.fd_watcher` and :mod:`.fd_budget` (one ssh per host of a
+  fan-out, started and watched by the loop);
+- SFTP: :mod:`.sftp_session` (the session over ``ssh -s sftp``, ``Abort``),
+  :mod:`.sftp_errors` (the transfer errors), :mod:`.sftp_pipeline` (pipelined whole-file reads
+  and writes), :mod:`.sftp_files` (the session pool and file operations of the fsspec
+  filesystem);
+- :mod:`.recording`: an asciicast recording of an interactive session, written as it goes
+  through :mod:`.appendlog` (an append-only file in aligned blocks, ``O_DIRECT`` where it can);
 - :mod:`.bundle`: the package as a zip, sent to a gateway's ``python3``;
 - :mod:`.prompts`: the askpass server that answers ssh's prompts over a private socket;
 - waiting: :mod:`.flags` (events a thread or an asyncio loop can wait on), :mod:`.deadline`

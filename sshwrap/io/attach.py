@@ -12,6 +12,7 @@ asked for (then a new master of sshwrap's own, in a private directory, takes its
 **The user's configured master** (:func:`configured_master`): ``ssh -G`` with the
 connection's settings tells the ``ControlPath`` ssh would use for the host (with ``%C`` and
 the other tokens expanded); a master that answers an alive check there is the one to attach.
+:func:`config_env` reads the ``env`` ssh would send for a session from the same output.
 
 **Detaching** (:class:`Detached`): a master sshwrap started outlives the program once its
 Master is detached (:meth:`~sshwrap.io.master.Master.detach`): the finalizer that would stop it
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
@@ -45,6 +47,7 @@ __all__ = [
     "SUN_PATH_MAX",
     "Detached",
     "attach_target",
+    "config_env",
     "configured_control_path",
     "configured_master",
     "own_cmdlines",
@@ -115,6 +118,27 @@ def attach_target(target: str | os.PathLike[str] | Detached) -> Detached:
     if path.lstrip().startswith("{"):
         return Detached.parse(path)
     return Detached(control_path=os.path.expanduser(path), destination="", pid=0)
+
+
+def config_env(config: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``env`` ssh sends for a session, from ``ssh -G``'s output ``config`` (its
+    ``sendenv`` and ``setenv`` lines: others are ignored): the ``SendEnv`` matches of
+    ``environ`` (default ``os.environ``), then the ``SetEnv`` values."""
+    send: list[str] = []
+    env: dict[str, str] = {}
+    for line in config.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "sendenv":
+            send.append(value)
+        elif key == "setenv":
+            name, eq, val = value.partition("=")
+            if eq:
+                env[name] = val
+    if not send:
+        return env
+    source = os.environ if environ is None else environ
+    sent = {k: v for k, v in source.items() if any(fnmatch.fnmatchcase(k, p) for p in send)}
+    return {**sent, **env}
 
 
 def configured_control_path(

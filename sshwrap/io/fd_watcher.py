@@ -79,7 +79,8 @@ class FdWatcher:
         later: list[Callable[[], object]] = []
         self._later = later
         try:
-            for fd, _ in self._epoll.poll(0):
+            # (maxevents: what is watched, not 1023, the buffer poll allocates each time)
+            for fd, _ in self._epoll.poll(0, len(callbacks) or 1):
                 # An fd that an earlier callback of this batch removed is skipped; one that
                 # was closed and reused since gets a call for nothing (its reads would block).
                 callback = callbacks.get(fd)

@@ -10,9 +10,8 @@ never reaches the caller's stderr, and its lines tell when the session is up.
 The loop watches the pipes and the child's exit (a pidfd; elsewhere than Linux a short poll
 once the pipes are closed) through an :class:`~sshwrap.io.fd_watcher.FdWatcher`, so a host
 costs a handful of file descriptors and no thread.  Children are started from the loop's
-thread by ``os.posix_spawn`` (clone + exec, no Python in the child; ``subprocess.Popen``
-where it cannot close inherited fds: :class:`ChildStarter`): the fan-out never forks from a
-thread pool.
+thread by vfork + exec (no Python in the child: :class:`~sshwrap.io.child_start.ChildStarter`):
+the fan-out never forks from a thread pool.
 
 Stopping signals the child's whole process group (ssh and any ProxyCommand it runs), and
 every path ends with the child reaped and every fd closed.  What the bounds are, and what an
@@ -31,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import ClassVar, Protocol
 
+from .child_start import Child, ChildStarter, SpawnedChild
 from .fd_watcher import FdWatcher
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "ChildStarter",
     "HostProcess",
     "SpawnedChild",
+    "StderrFilter",
     "run_bounded",
     "ssh_version",
 ]
@@ -73,141 +74,6 @@ def ssh_version(ssh: str) -> str:
     return (done.stderr + done.stdout).decode(errors="replace").strip()
 
 
-_devnull: int | None = None
-
-
-def _dev_null() -> int:
-    global _devnull
-    if _devnull is None:
-        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    return _devnull
-
-
-class Child(Protocol):
-    """A started child: ``subprocess.Popen`` or :class:`SpawnedChild`."""
-
-    @property
-    def pid(self) -> int: ...  # pragma: no cover - protocol
-
-    @property
-    def returncode(self) -> int | None: ...  # pragma: no cover - protocol
-
-    def poll(self) -> int | None: ...  # pragma: no cover - protocol
-
-    def wait(self) -> int: ...  # pragma: no cover - protocol
-
-
-class SpawnedChild:
-    """A child started by ``os.posix_spawn``: its pid, and ``poll``/``wait`` as in
-    ``subprocess.Popen`` (``returncode`` is ``-signum`` for a signal)."""
-
-    __slots__ = ("pid", "returncode")
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        """Reap the child if it has exited (never blocks); its ``returncode`` or None."""
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = 0  # reaped elsewhere (SIGCHLD ignored): as subprocess does
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        """Reap the child, blocking until it exits; its ``returncode``."""
-        while self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                self.returncode = 0  # as subprocess does
-            else:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-
-_MAX_CLOSES = 64
-"""Inheritable fds that posix_spawn closes one by one in the child; more: ``subprocess``."""
-
-
-def _inheritable_fds() -> list[int] | None:
-    """This process's file descriptors above 2 that a child would inherit (None: unknown)."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    found = []
-    for name in names:
-        fd = int(name)
-        if fd > 2:
-            with contextlib.suppress(OSError):  # (the listing's own fd, closed since)
-                if os.get_inheritable(fd):
-                    found.append(fd)
-    return found
-
-
-class ChildStarter:
-    """Starts the children of one run, each in a session of its own.
-
-    ``os.posix_spawn`` (glibc: ``clone(CLONE_VM | CLONE_VFORK)`` + exec, no Python in the
-    child, safe with threads) with the environment taken once, when this starter is made:
-    about half the parent's CPU of ``subprocess.Popen``, whose Python part, error pipe and
-    environment conversion run for every child.  Like Popen's ``close_fds``, no fd but the
-    child's stdio reaches it: sshwrap's own fds are all close-on-exec, and those this
-    process holds that a child would inherit (a shell's, the caller's; listed once, here)
-    are closed in the child (``POSIX_SPAWN_CLOSEFROM`` where there is one).  With more than
-    a few of them, or without /proc, or where there is no ``posix_spawn`` with ``setsid``,
-    children start through ``subprocess.Popen`` (vfork + exec) as before.
-    """
-
-    def __init__(self) -> None:
-        self.env: dict[bytes, bytes] | dict[str, str] = (
-            dict(os.environb) if os.supports_bytes_environ else dict(os.environ)
-        )
-        self.proc_fds = f"/proc/{os.getpid()}/fd/"
-        """This process's fds by path (Linux), for ssh's ``-E``."""
-        self._closes: list[tuple[int, ...]] = []
-        closefrom: int | None = getattr(os, "POSIX_SPAWN_CLOSEFROM", None)
-        self.posix_spawn = hasattr(os, "posix_spawn")
-        if closefrom is not None:
-            self._closes = [(closefrom, 3)]
-        elif self.posix_spawn:
-            inherited = _inheritable_fds()
-            if inherited is None or len(inherited) > _MAX_CLOSES:
-                self.posix_spawn = False
-            else:
-                self._closes = [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(inherited)]
-
-    def start(self, argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1) -> Child:
-        """Start ``argv`` with these fds as its stdio (-1: /dev/null); OSError if it cannot."""
-        null = _dev_null()
-        fds = [fd if fd >= 0 else null for fd in (stdin, stdout, stderr)]
-        # (A source fd among 0-2 would need the dup2-onto-itself care that Popen takes.)
-        if self.posix_spawn and min(fds) > 2:
-            actions: list[tuple[int, ...]] = [
-                (os.POSIX_SPAWN_DUP2, fds[0], 0),
-                (os.POSIX_SPAWN_DUP2, fds[1], 1),
-                (os.POSIX_SPAWN_DUP2, fds[2], 2),
-            ]
-            actions += self._closes  # (after the dup2s: one may close a source)
-            spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
-            try:
-                pid = spawn(argv[0], argv, self.env, file_actions=actions, setsid=True)
-                return SpawnedChild(pid)
-            except NotImplementedError:  # no POSIX_SPAWN_SETSID here
-                self.posix_spawn = False
-        return subprocess.Popen(
-            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True
-        )
-
-
 def _proc_fd_reopenable() -> bool:
     """Whether a pipe can be reopened by its ``/proc/PID/fd/N`` path (Linux)."""
     r, w = os.pipe()
@@ -223,6 +89,23 @@ def _proc_fd_reopenable() -> bool:
         os.close(w)
 
 
+class StderrFilter(Protocol):
+    """What sees a host's stderr first (``sudo=True``: :class:`sshwrap.core.sudo.SudoRun`)."""
+
+    @property
+    def failed(self) -> BaseException | None:
+        """Set once the host must stop at once (the filter's error)."""
+        ...  # pragma: no cover - protocol
+
+    def feed(self, data: bytes) -> tuple[bytes, int, bytes, bool]:
+        """``(to pass on, cut out, to write to stdin now, stdin ends after it)``."""
+        ...  # pragma: no cover - protocol
+
+    def end(self) -> bytes:
+        """The stream ended: what was held back."""
+        ...  # pragma: no cover - protocol
+
+
 class HostProcess:
     """One ssh child and its pipes, driven by the event loop (through ``watcher``).
 
@@ -233,6 +116,11 @@ class HostProcess:
     ``pipes_closed`` (stdout and stderr at EOF) tell the progress, :meth:`wait_for` waits on
     them, ``t0``/``t_up``/``t_end`` (``time.monotonic()``, the loop's clock) and
     ``started_wall`` (``time.time()``) tell when.
+
+    ``stderr_filter`` (``sudo=True``): the stderr goes through it first; stdin is then a pipe
+    that stays open, written only what the filter asks (:meth:`send_input`), ``input`` is the
+    filter's business (it must be None here); once ``stderr_filter.failed`` is set it is
+    :attr:`refused`, and the listener is told.
     """
 
     log_through_proc_fd: ClassVar[bool | None] = None
@@ -248,6 +136,7 @@ class HostProcess:
         input: bytes | None = None,
         on_output: Callable[[int, bytes], None] | None = None,
         starter: ChildStarter | None = None,
+        stderr_filter: StderrFilter | None = None,
     ) -> None:
         self.argv = argv
         self.starter = starter
@@ -255,6 +144,15 @@ class HostProcess:
         self.loop = watcher.loop
         self.on_output = on_output
         self.input = input
+        self._stdin_end = True  # (stdin ends once ``input`` is written)
+        self._writer_on = False
+        self.stderr_filter = stderr_filter
+        self.refused: BaseException | None = None
+        """The ``stderr_filter``'s failure, once it failed."""
+        if stderr_filter is not None:
+            assert input is None, "with a stderr filter, the filter writes stdin"
+            self.input = b""
+            self._stdin_end = False
         self.fifo: str | None = fifo_path
         self.proc: Child | None = None
         self.out: list[bytes] = []
@@ -332,8 +230,10 @@ class HostProcess:
         if in_w >= 0:
             self.stdin_fd = in_w
             os.set_blocking(in_w, False)
-            self.loop.add_writer(in_w, self._writable)
-        watch = [(fd, self._on_log if s == 3 else self._on_output) for fd, s in fds.items()]
+            if self._stdin_end:
+                self._writer_on = True
+                self.loop.add_writer(in_w, self._writable)
+        watch: list[tuple[int, Callable[[int], object]]] = [(fd, self._on_ready) for fd in fds]
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
@@ -357,33 +257,47 @@ class HostProcess:
             return
         except OSError:
             n = len(self.input)  # the remote side stopped reading: give up on input
+            self._stdin_end = True
         self.stdin_pos += n
         if self.stdin_pos >= len(self.input):
-            self._close_stdin()
+            if self._stdin_end:
+                self._close_stdin()
+            else:  # (a filter's stdin: idle until it sends more)
+                self._writer_on = False
+                self.loop.remove_writer(self.stdin_fd)
+
+    def send_input(self, data: bytes, end: bool) -> None:
+        """Write ``data`` to ssh's stdin after what is still unwritten, then close it if
+        ``end`` (the ``stderr_filter``'s stdin; nothing once stdin is closed)."""
+        if self.stdin_fd is None or self.input is None:
+            return
+        if data:
+            self.input = bytes(memoryview(self.input)[self.stdin_pos :]) + data
+            self.stdin_pos = 0
+        self._stdin_end = self._stdin_end or end
+        if not self._writer_on:
+            self._writer_on = True
+            self.loop.add_writer(self.stdin_fd, self._writable)
 
     def _close_stdin(self) -> None:
         if self.stdin_fd is not None:
+            self._writer_on = False
             self.loop.remove_writer(self.stdin_fd)
             os.close(self.stdin_fd)
             self.stdin_fd = None
 
-    def _read(self, fd: int) -> bytes | None:
-        """Read ``fd`` once: its bytes, or None (nothing yet; or EOF: then it is closed)."""
+    def _on_ready(self, fd: int) -> bool:
+        """Read ``fd`` once and take the bytes; False if there was nothing to read yet (or
+        it reached EOF: then it is closed).  (One call per chunk of every host: a call less
+        here is a few percent of a fan-out's own CPU.)"""
         try:
             data = os.read(fd, _READ)
         except BlockingIOError:
-            return None
+            return False
         except OSError:
             data = b""
-        if data:
-            return data
-        self._close_fd(fd)
-        return None
-
-    def _readable(self, fd: int) -> bool:
-        """Read ``fd`` once; False if there was nothing to read yet (or it reached EOF)."""
-        data = self._read(fd)
-        if data is None:
+        if not data:
+            self._close_fd(fd)
             return False
         if self.fds[fd] == 3:
             self._got_log(data)
@@ -391,17 +305,10 @@ class HostProcess:
             self._got_output(fd, data)
         return True
 
-    def _on_log(self, fd: int) -> None:
-        if (data := self._read(fd)) is not None:
-            self._got_log(data)
-
-    def _on_output(self, fd: int) -> None:
-        if (data := self._read(fd)) is not None:
-            self._got_output(fd, data)
-
     def _got_log(self, data: bytes) -> None:
         if self.log_writer is not None:
-            self.log_writer_close()
+            os.close(self.log_writer)  # (ssh has the log open: see log_writer_close)
+            self.log_writer = None
         log = self.log
         start = len(log) - 64
         log += data
@@ -417,9 +324,37 @@ class HostProcess:
         if not self.up:
             self._up()
         stream = self.fds[fd]
+        if stream == 2 and self.stderr_filter is not None:
+            data = self._filtered(data)
+            if not data:
+                return
         (self.out if stream == 1 else self.err).append(data)
         if self.on_output is not None:
             self.on_output(stream, data)
+
+    def _filtered(self, data: bytes) -> bytes:
+        """``data`` through the stderr filter: what it passes on (it may write stdin, or
+        fail: then the host is :attr:`refused` and nothing more goes to stdin)."""
+        f = self.stderr_filter
+        assert f is not None
+        out, _, send, end = f.feed(data)
+        if f.failed is not None:
+            if self.refused is None:
+                self.refused = f.failed
+                self._close_stdin()
+                self._wake()
+        elif send or end:
+            self.send_input(send, end)
+        return out
+
+    def _filter_end(self) -> None:
+        """stderr ended: what the filter held back is stderr after all."""
+        assert self.stderr_filter is not None
+        tail = self.stderr_filter.end()
+        if tail:
+            self.err.append(tail)
+            if self.on_output is not None:
+                self.on_output(2, tail)
 
     def log_writer_close(self) -> None:
         """Close sshwrap's own write end of the log FIFO (once ssh has it, or has exited)."""
@@ -475,8 +410,11 @@ class HostProcess:
     def _close_fd(self, fd: int) -> None:
         self.watcher.remove(fd)
         os.close(fd)
-        if self.fds.pop(fd) != 3:
+        stream = self.fds.pop(fd)
+        if stream != 3:
             self._pipes_open -= 1
+            if stream == 2 and self.stderr_filter is not None:
+                self._filter_end()
         # Only stdout and stderr count: a ControlPersist master that this ssh forked keeps
         # the log open (it keeps logging there); its last lines are drained after the exit.
         if not self._pipes_open and not self.pipes_closed:
@@ -534,24 +472,29 @@ class HostProcess:
             with contextlib.suppress(ChildProcessError):
                 proc.wait()
             self._exited()
-        self.log_writer_close()
+        if self.log_writer is not None:
+            self.log_writer_close()
         for fd in list(self.fds):
-            while fd in self.fds and self._readable(fd):
+            while fd in self.fds and self._on_ready(fd):
                 pass  # drained until it would block or reads EOF (which forgets the fd)
         self.close_fds()
 
     def close_fds(self) -> None:
         """Close everything this host holds and remove its FIFO (idempotent)."""
-        for fd in list(self.fds):
+        for fd, stream in list(self.fds.items()):
             self.watcher.remove(fd)
             os.close(fd)
+            if stream == 2 and self.stderr_filter is not None:
+                self._filter_end()
         self.fds.clear()
-        self.log_writer_close()
+        if self.log_writer is not None:
+            self.log_writer_close()
         if self.pidfd is not None:
             self.watcher.remove(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
-        self._close_stdin()
+        if self.stdin_fd is not None:
+            self._close_stdin()
         if self.fifo is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.fifo)

@@ -41,7 +41,6 @@ Every method may be called from several threads at once (one lock guards the lif
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import os
 import shutil
@@ -56,6 +55,7 @@ from ..errors import SSHConnectionError, SSHError, classify_ssh_failure
 from .attach import (
     SUN_PATH_MAX,
     Detached,
+    config_env,
     configured_master,
     pid_alive,
     processes_with_arg,
@@ -93,7 +93,8 @@ class Master:
     ``user``, ``port``, ``identity``, ``jump``, ``options``) and ``settings_args`` the same as
     ssh options; ``ssh`` the client binary (None: ``locate_ssh()`` tells it when needed);
     ``password``/``passphrase``/``on_prompt`` answer ssh's prompts; ``start_timeout`` bounds a
-    start; ``reconnect`` restarts a dead master; ``proxy=False`` uses ``ssh -S`` only.
+    start; ``reconnect`` restarts a dead master; ``proxy=False`` uses ``ssh -S`` only;
+    ``session_env``: the ``env`` of a session over the proxy, known (else ``ssh -G`` tells it).
     Nothing starts before :meth:`open` or :meth:`ensure`.  ``sshwrap.connect`` makes one.
     """
 
@@ -112,8 +113,10 @@ class Master:
         reconnect: bool = True,
         proxy: bool = True,
         attach: bool | str = False,
+        session_env: Mapping[str, str] | None = None,
     ) -> None:
         self.destination = destination
+        self._session_env = session_env
         self.host = destination
         self._settings = dict(settings)
         self.settings_args = list(settings_args)
@@ -149,6 +152,7 @@ class Master:
         self.attach_configured = attach
         """True/``"auto"``: :meth:`open` first looks for the user's configured master."""
         self._adopted = False
+        self._skip_check = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -156,14 +160,24 @@ class Master:
         with self._lock:
             self._open_locked(None, None)
 
-    def adopt(self, control_path: str, *, own: bool = False, directory: str | None = None) -> None:
+    def adopt(
+        self,
+        control_path: str,
+        *,
+        own: bool = False,
+        directory: str | None = None,
+        check: bool = True,
+    ) -> None:
         """Before :meth:`open`: use the master listening at ``control_path`` instead of
         starting one.  ``own``: ``close()`` stops it and removes ``directory`` (a detached
         master's); else ``close()`` leaves it running, and once it is gone a call raises
-        ``SSHConnectionError`` unless ``reconnect`` (then a master of sshwrap's own starts)."""
+        ``SSHConnectionError`` unless ``reconnect`` (then a master of sshwrap's own starts).
+        ``check=False`` (a master not owned, in proxy mode): no alive check first (``pid``
+        stays 0), the proxy request is the check."""
         with self._lock:
             if self.opened or self.closed:
                 raise ValueError("adopt() is for a Master not opened yet")
+            self._skip_check = not check and not own and self.want_proxy
             self.control_path, self.owned, self._adopted = control_path, own, True
             self._dir, self.directory = directory, directory or ""
 
@@ -271,7 +285,7 @@ class Master:
             raise self._late(0.0)
         if self._adopted:  # the attached master is gone and reconnect=True: one of our own
             self._dir = self._dir if self.owned else None
-            self._adopted, self.owned = False, True
+            self._adopted, self.owned, self._skip_check = False, True, False
         if self._dir is None or not os.path.isdir(self._dir):
             self._dir = self.directory = socket_dir()
         self.control_path = os.path.join(self._dir, "m")
@@ -333,7 +347,8 @@ class Master:
 
     def _use(self, deadline: float | None) -> None:
         """The started or adopted master: its pid, then proxy mode if wanted."""
-        self._check_started(deadline)
+        if not self._skip_check:
+            self._check_started(deadline)
         self._core = None
         self._proxy = False
         if self.want_proxy:
@@ -381,8 +396,10 @@ class Master:
         self._proxy = True
 
     def _config_env(self, deadline: float | None = None) -> dict[str, str]:
-        """What ssh itself would send as ``env`` for a session: ``SendEnv`` matches from our
-        environment, then ``SetEnv`` values, as ``ssh -G`` resolves them from the config."""
+        """What ssh itself would send as ``env`` for a session (:func:`config_env`), as
+        ``ssh -G`` resolves the config; the ``session_env`` given instead, if any."""
+        if self._session_env is not None:
+            return dict(self._session_env)
         try:
             out = subprocess.run(
                 [self.ssh or self._locate_ssh(), "-G", *self.settings_args, "--", self.destination],
@@ -392,18 +409,7 @@ class Master:
             )
         except (OSError, subprocess.SubprocessError):
             return {}
-        send: list[str] = []
-        env: dict[str, str] = {}
-        for line in out.stdout.decode(errors="replace").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "sendenv":
-                send.append(value)
-            elif key == "setenv":
-                name, eq, val = value.partition("=")
-                if eq:
-                    env[name] = val
-        sent = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in send)}
-        return {**sent, **env}
+        return config_env(out.stdout.decode(errors="replace"))
 
     def _remove_dir(self) -> None:
         if self._dir is not None:

@@ -12,15 +12,26 @@ socket IO for the control requests sshwrap needs:
   port the server allocated for a remote forward of port 0;
 - ``enter_proxy()`` (``MUX_C_PROXY``, OpenSSH >= 7.4): after it the socket stops speaking the
   mux protocol and carries unencrypted, unpadded SSH connection-protocol packets (RFC 4254);
-  ``sshwrap.io.pump`` speaks that.
+  ``sshwrap.io.pump`` speaks that;
+- ``start_session()`` (``MUX_C_NEW_SESSION``, what ``ssh -S host cmd`` sends, with our file
+  descriptors passed to the master): :class:`MuxSession` runs a subsystem such as ``sftp``
+  over the master with no ssh process of its own.
 
 Everything here is blocking and owns its socket; one ``MuxControl`` per thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import select
+import signal
 import socket
+import subprocess
+import time
+from typing import BinaryIO
 
+from ..errors import SSHConnectionError
 from ..protocol import mux, wire
 from ..protocol.mux import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE, SSHMUX_VER, ForwardSpec
 from ..protocol.wire import pack_string, pack_u32
@@ -32,6 +43,7 @@ __all__ = [
     "MuxControl",
     "MuxError",
     "MuxRefused",
+    "MuxSession",
     "MuxUnsupported",
     "master_answers",
     "pack_string",
@@ -198,6 +210,29 @@ class MuxControl:
         self.sock = socket.socket()  # a placeholder; close() closes it, not the handed socket
         return sock
 
+    def start_session(self, command: str, fds: tuple[int, int, int], *, subsystem: bool) -> None:
+        """Ask the master for a session running ``command`` (``MUX_C_NEW_SESSION``) on
+        ``fds`` (stdin, stdout, stderr: passed to the master, which then does their IO);
+        its replies are :class:`MuxSession`'s to read."""
+        request = mux.NewSession(self._next_id(), subsystem=int(subsystem), command=command)
+        self._send(request.encode())
+        try:
+            for fd in fds:
+                socket.send_fds(self.sock, [b"\0"], [fd])
+        except OSError as e:
+            raise MuxError(f"control master connection failed: {e}") from None
+
+    def next_reply(self, timeout: float | None) -> mux.Reply | None:
+        """The next message the master sends (None: none within ``timeout`` seconds)."""
+        poller = select.poll()  # (not select(): a descriptor may be past FD_SETSIZE)
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))):
+            return None
+        try:
+            return mux.decode_reply(self._recv())
+        except mux.MuxProtocolError as e:
+            raise MuxError(str(e)) from None
+
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
         """Close the control connection."""
@@ -208,6 +243,76 @@ class MuxControl:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_SESSION_TIMEOUT = 10.0  # a master's answer to hello and to each read of its messages
+
+
+class MuxSession:
+    """A session a master runs on our file descriptors (:meth:`MuxControl.start_session`):
+    what ``ssh -S`` does, without its process.  The part of ``subprocess.Popen`` a caller of
+    a child ssh uses: ``poll``, ``wait``, ``kill`` (closing the control connection: the master
+    then ends the session's channel), ``returncode`` (the master's exit message; 255 when it
+    refused or lost the session, its reason written to ``stderr``)."""
+
+    def __init__(self, path: str, command: str, io_fd: int, stderr: BinaryIO, *, host: str) -> None:
+        self.returncode: int | None = None
+        self._stderr = stderr
+        try:
+            self._mux: MuxControl | None = MuxControl(path, timeout=_SESSION_TIMEOUT)
+        except MuxError as e:  # the master is gone: as ssh -S says it
+            raise SSHConnectionError(host, f"the control master is gone ({e})") from None
+        try:
+            self._mux.start_session(command, (io_fd, io_fd, stderr.fileno()), subsystem=True)
+        except MuxError as e:
+            self._mux.close()
+            raise SSHConnectionError(host, f"the control master failed: {e}") from None
+        except BaseException:
+            self._mux.close()
+            raise
+
+    def _end(self, code: int, why: str = "") -> None:
+        if why:
+            with contextlib.suppress(OSError, ValueError):
+                self._stderr.write(why.encode() + b"\n")
+                self._stderr.flush()
+        self.returncode = code
+        if self._mux is not None:
+            self._mux.close()
+            self._mux = None
+
+    def _pump(self, timeout: float | None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._mux is not None:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                reply = self._mux.next_reply(left)
+            except MuxError as e:
+                self._end(255, f"the control master ended the session: {e}")
+                return
+            if reply is None:
+                return
+            if isinstance(reply, mux.ExitMessage):
+                self._end(reply.exit_value)
+            elif isinstance(reply, mux.Failure | mux.PermissionDenied):
+                self._end(255, f"the control master refused the session: {reply.reason}")
+
+    def poll(self) -> int | None:
+        """The exit value, or None while the session runs."""
+        self._pump(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the session's end (``subprocess.TimeoutExpired`` after ``timeout``)."""
+        self._pump(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("mux session", timeout or 0)
+        return self.returncode
+
+    def kill(self) -> None:
+        """End the session now (its channel closed by the master)."""
+        if self.returncode is None:
+            self._end(-signal.SIGKILL)
 
 
 def master_answers(path: str, timeout: float) -> bool:

@@ -34,6 +34,19 @@ owner or root can change (or a sticky one such as ``/tmp``).  Anything else rais
 :class:`PersistDirError` naming the path and what is wrong: masters are never shared across
 users.
 
+**The index** (:class:`MasterIndex`, the file ``index`` in the directory, 0600): which socket
+serves which host, so a later run finds a host's master without any ssh process.  A run with
+``persist=`` asks ``ssh -G`` once for each host that it reached through ssh and that the index
+did not know (``controlpath``, and the ``sendenv``/``setenv`` lines that say a session's
+``env``), after its hosts are done; a later run looks the host up by a key (:func:`index_key`)
+of the ssh binary, the ssh settings (``ControlPersist`` aside), the destination and the
+config files' stamps (:func:`config_stamp`: size and mtime of the ``-F`` file, ``~/.ssh/config``,
+``/etc/ssh/ssh_config``, and the entries of ``~/.ssh`` and ``/etc/ssh/ssh_config.d``), so a
+changed config is a new key.  An entry names a socket of this directory only (a ``%C`` name:
+the index cannot send a host elsewhere); a file that is not this user's regular 0600 file, or
+that does not parse, counts as empty.  An ``Include`` outside those paths is not stamped: after
+changing such a file, ``close_persisted()`` (``--close``) first.
+
 **Closing** (:func:`close_masters`): each socket is asked for its master's pid (the mux
 protocol's alive check, ``ssh -O check``; a master that cannot answer, stopped or frozen, by
 the process title OpenSSH gives it, ``ssh: PATH [mux]``), every master is sent SIGTERM by
@@ -45,6 +58,8 @@ on is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import re
@@ -53,8 +68,10 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from .attach import own_cmdlines
@@ -63,9 +80,13 @@ from .mux_control import MuxControl, MuxError
 
 __all__ = [
     "PERSIST_DEFAULT",
+    "IndexEntry",
+    "MasterIndex",
     "PersistDirError",
     "close_masters",
+    "config_stamp",
     "control_paths",
+    "index_key",
     "persist_dir",
     "persist_options",
     "persist_seconds",
@@ -309,6 +330,131 @@ def _controlpath(host: str, config: str) -> str:
         if key == "controlpath":
             return value
     raise ValueError(f"ssh -G {host}: no controlpath in its output")
+
+
+# -- the index -------------------------------------------------------------------------
+
+_INDEX = "index"
+_ENV_KEYS = ("sendenv", "setenv")
+
+
+def config_stamp(settings: Sequence[str]) -> list[object]:
+    """Size and mtime of the config files ssh reads with ``settings`` (module docstring)."""
+    paths = [settings[i + 1] for i, a in enumerate(settings[:-1]) if a == "-F"]
+    home = os.path.expanduser("~/.ssh")
+    paths += [os.path.join(home, "config"), "/etc/ssh/ssh_config", home, "/etc/ssh/ssh_config.d"]
+    stamp: list[object] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamp.append(None)
+            continue
+        stamp.append([st.st_size, st.st_mtime_ns])
+        if stat.S_ISDIR(st.st_mode):
+            with contextlib.suppress(OSError), os.scandir(path) as it:
+                for e in sorted(it, key=lambda e: e.name):
+                    with contextlib.suppress(OSError):
+                        es = e.stat()
+                        stamp.append([e.name, es.st_size, es.st_mtime_ns])
+    return stamp
+
+
+def index_key(ssh: str, settings: Sequence[str], destination: str, stamp: object) -> str:
+    """The index key of ``destination`` reached by ``ssh`` with ``settings``."""
+    kept = [a for a in settings if not a.lower().startswith("controlpersist=")]
+    text = json.dumps([ssh, kept, destination, stamp], separators=(",", ":"))
+    return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A host's master: its socket, and ``ssh -G``'s ``sendenv``/``setenv`` lines."""
+
+    control_path: str
+    env_lines: tuple[str, ...] = ()
+
+
+class MasterIndex:
+    """The index of the persisted masters' directory (module docstring)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.entries: dict[str, IndexEntry] = {}
+        self._new: dict[str, IndexEntry] = {}
+        self._read()
+
+    def _read(self) -> None:
+        path = os.path.join(self.directory, _INDEX)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                return
+            try:
+                data = json.loads(f.read())
+            except ValueError:
+                return
+        if not isinstance(data, dict):
+            return
+        for key, value in data.items():
+            if not (isinstance(key, str) and isinstance(value, dict)):
+                continue
+            sock, env = value.get("path"), value.get("env", [])
+            if not isinstance(env, list) or not all(isinstance(x, str) for x in env):
+                continue
+            if isinstance(sock, str) and self._ours(sock):
+                self.entries[key] = IndexEntry(sock, tuple(env))
+
+    def _ours(self, sock: str) -> bool:
+        return os.path.dirname(sock) == self.directory and bool(_HASH.match(os.path.basename(sock)))
+
+    def get(self, key: str) -> IndexEntry | None:
+        """The entry of ``key``, if any."""
+        return self.entries.get(key)
+
+    def add(self, key: str, config: str) -> None:
+        """Record ``key`` from its ``ssh -G`` output (a socket outside the directory: not)."""
+        sock = _controlpath("", config) if "controlpath " in config else ""
+        if not self._ours(sock):
+            return
+        env = tuple(ln for ln in config.splitlines() if ln.partition(" ")[0] in _ENV_KEYS)
+        self.entries[key] = self._new[key] = IndexEntry(sock, env)
+
+    def prune(self) -> None:
+        """Drop the entries whose socket is gone (the file too, once none is left)."""
+        gone = [k for k, e in self.entries.items() if not os.path.lexists(e.control_path)]
+        if not gone:
+            return
+        for k in gone:
+            del self.entries[k]
+        if not self.entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, _INDEX))
+            return
+        self._new = dict(self.entries)
+        self.save(merge=False)
+
+    def save(self, *, merge: bool = True) -> None:
+        """Write the entries added (merged with the file's, read again now) atomically."""
+        if not self._new:
+            return
+        merged = MasterIndex(self.directory).entries if merge else {}
+        merged.update(self._new)
+        data = {k: {"path": e.control_path, "env": list(e.env_lines)} for k, e in merged.items()}
+        fd, tmp = tempfile.mkstemp(prefix=".index.", dir=self.directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, os.path.join(self.directory, _INDEX))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._new.clear()
 
 
 # -- closing ---------------------------------------------------------------------------

@@ -80,13 +80,7 @@ def main():
         s.settimeout(3600)
         s.connect(os.environ["SSHWRAP_ASKPASS_SOCKET"])
         s.sendall(json.dumps({"prompt": prompt, "hint": hint}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        reply = json.loads(data)
+        reply = json.loads(s.makefile("rb").readline())
     except Exception:
         return 1
     if not reply.get("ok"):
@@ -314,14 +308,10 @@ class PromptServer:
         if uid not in (os.getuid(), 0):
             return
         conn.settimeout(10)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            data += chunk
-            if len(data) > _MAX_REQUEST:
-                return
+        with conn.makefile("rb") as f:
+            data = f.readline(_MAX_REQUEST)
+        if not data.endswith(b"\n"):
+            return  # the helper went away, or sent more than a request can hold
         req = json.loads(data)
         prompt = str(req.get("prompt", ""))
         hint = str(req.get("hint", ""))

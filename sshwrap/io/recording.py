@@ -8,13 +8,21 @@ resize; the events' lines come from :mod:`sshwrap.protocol.asciicast`.
   whatever the umask): an existing file or a symlink there is refused
   (``FileExistsError``), unless ``overwrite=True``: then a new 0600 file is made beside it
   and renamed over the name (a symlink there is replaced, never followed).
-- The header is written at once.  Output is gathered into one ``"o"`` event per 50 ms (or
-  256 KiB): one event per pty read would cost a relay GBs of JSON calls.  Lines are kept in
-  memory and written (``os.write``) when an event comes and a second has passed since the
-  last write, at 1 MiB, and on :meth:`Recorder.tick`, which the relay calls when it has
-  waited as long as :meth:`Recorder.timeout` said.  No thread: a quiet session has nothing
-  unwritten.  Each event is one line, so after a crash of sshwrap the file is valid up to
-  its last write.  :meth:`Recorder.close` writes the rest and fsyncs.
+- The header is written at once.  Output goes into one ``"o"`` event per 50 ms (or 64 KiB of
+  JSON): each read is escaped as it comes (:func:`sshwrap.protocol.asciicast.json_content`)
+  and appended to the event's open line in the log's buffer, no join of reads and no large
+  escaped copies (those made malloc grow and trim its heap: fresh pages, page faults); a
+  UTF-8 sequence cut at a read's end waits for the next read.  One event per pty read would
+  cost a relay GBs of JSON lines.  An event's time is that of its first read; its bytes came
+  within the next 50 ms (the timing precision of a recording; a keystroke or a resize ends an
+  event early, so they stay in order with the output).  Lines go to an
+  :class:`sshwrap.io.appendlog.AppendLog` (one aligned buffer, written with ``O_DIRECT``
+  where the filesystem allows it), which writes only complete lines (an open event's line
+  waits), when a second has passed since the first of them came (on the next event, or on
+  :meth:`Recorder.tick`, which the relay calls when it has waited as long as
+  :meth:`Recorder.timeout` said), and whenever the 1 MiB buffer fills.  No thread: a quiet
+  session has nothing unwritten.  Each event is one line, so after a crash of sshwrap the
+  file is valid up to its last write.  :meth:`Recorder.close` writes the rest and fsyncs.
 - Input events only with ``Record(input=True)``, and then only what the remote side echoed
   (:class:`sshwrap.protocol.asciicast.EchoGate`): a password typed at a prompt that does not
   echo is never written.
@@ -27,19 +35,28 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..protocol.asciicast import EchoGate, event_parts, header_line, resize_data, utf8_cut
+from ..protocol.asciicast import (
+    EVENT_END,
+    EchoGate,
+    event_head,
+    event_parts,
+    header_line,
+    json_content,
+    resize_data,
+    utf8_cut,
+)
+from .appendlog import AppendLog
 
 __all__ = ["Record", "RecordSpec", "Recorder", "as_record"]
 
 _OUT_AGE = 0.05  # seconds of output gathered into one "o" event at most
-_OUT_MAX = 64 * 1024  # bytes of output in one "o" event at most (less than malloc's mmap
-# threshold: buffers this size are reused, not mapped fresh and page-faulted for each event)
+_OUT_MAX = 64 * 1024  # bytes of JSON in one "o" event, about (checked after each burst;
+# an event's line must stay well below the log's buffer, which it waits in until it ends)
 _FLUSH_AGE = 1.0  # seconds an event may wait in memory at most
-_FLUSH_MAX = 1 << 20  # bytes of lines kept in memory at most
-_PARTS_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+_LOG_SIZE = 1 << 20  # the write buffer: written in blocks of this size as it fills
 
 
 @dataclass(frozen=True)
@@ -132,58 +149,73 @@ class Recorder:
         self.records_input: bool = rec.input
         self.error: OSError | None = None
         self._fd = _create(self.path, rec.overwrite)
-        self._start = self._last = self._written = time.monotonic()
+        try:
+            self._log: AppendLog | None = AppendLog(self._fd, _LOG_SIZE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._start = self._last = time.monotonic()
+        self._due: float | None = None  # when the oldest line not yet written must be
         self._gate = EchoGate() if rec.input else None
-        self._out: list[bytes] = []  # output not yet made into an event
-        self._out_size = 0
-        self._out_time = 0.0
-        self._buf: list[bytes] = [head]  # parts of lines not yet written (one writev)
-        self._buf_size = len(head)
+        self._open = False  # whether an "o" event's line is open (its data goes on)
+        self._open_size = 0  # bytes of escaped data in it
+        self._out_time = 0.0  # when it was opened
+        self._carry = b""  # a UTF-8 sequence cut at the end of the last read
+        self._add(head)
         self._write()
 
     # -- the relay's calls ----------------------------------------------------------------
-    def output(self, data: bytes) -> None:
-        """Output that reached the user's terminal."""
+    def output(self, chunks: Sequence[bytes]) -> None:
+        """Output that reached the user's terminal: the chunks of one burst of reads."""
         now = time.monotonic()
-        if self._gate is not None and self._gate.waiting:
-            self._inputs(self._gate.output(data))
-        if not self._out:
-            self._out_time = now
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE:
-            self._event_output(now)
+        gate = self._gate
+        for data in chunks:
+            if gate is not None and gate.waiting:
+                released = gate.output(data)
+                if released:  # the key's event goes before the echo that released it
+                    self._end_output()
+                    self._inputs(released)
+            if self._open and not self._carry and data.isascii():
+                # The common case, kept short: a read of ASCII into the open event.
+                escaped = json_content(data)
+                self._open_size += len(escaped)
+                self._add(escaped)
+            else:
+                self._add_output(data, now)
+        if self._open and (self._open_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE):
+            self._end_output()
+            self._check(now)
 
     def input(self, data: bytes) -> None:
         """Keys the user typed (recorded only as far as the remote echoes them)."""
         if self._gate is None:
             return
         now = time.monotonic()
-        self._event_output(now)  # the output before the key comes first
+        self._end_output()  # the output before the key comes first
         self._inputs(self._gate.typed(data, now))
         self._check(now)
 
     def resize(self, rows: int, cols: int) -> None:
         """The terminal took a new size."""
         now = time.monotonic()
-        self._event_output(now)
+        self._end_output()
         self._event(now, "r", resize_data(rows, cols))
         self._check(now)
 
     def timeout(self) -> float | None:
         """Seconds until :meth:`tick` should be called (None: nothing waits)."""
-        if self._out:
+        if self._open or self._carry:
             return max(0.0, self._out_time + _OUT_AGE - time.monotonic())
-        if self._buf:
-            return max(0.0, self._written + _FLUSH_AGE - time.monotonic())
+        if self._due is not None:
+            return max(0.0, self._due - time.monotonic())
         return None
 
     def tick(self) -> None:
         """Make gathered output an event and write what is due."""
         now = time.monotonic()
-        if self._out and now - self._out_time >= _OUT_AGE:
+        if (self._open or self._carry) and now - self._out_time >= _OUT_AGE:
             # final: a UTF-8 sequence still cut after a quiet 50 ms is broken, not split
-            self._event_output(now, final=True)
+            self._end_output(final=True)
         self._check(now)
 
     def close(self) -> None:
@@ -192,9 +224,15 @@ class Recorder:
             return
         if self._gate is not None:
             self._gate.close()
-        if self._out:
-            self._event_output(time.monotonic(), final=True)
-        self._write()
+        self._end_output(final=True)
+        log, self._log = self._log, None
+        if log is not None:
+            try:
+                log.flush(final=True)
+            except OSError as e:
+                self.error = e
+            finally:
+                log.close()
         if self.error is None:
             try:
                 os.fsync(self._fd)
@@ -208,44 +246,76 @@ class Recorder:
         for t, chunk in chunks:
             self._event(max(t, self._last), "i", chunk)
 
-    def _event_output(self, now: float, final: bool = False) -> None:
-        if not self._out:
+    def _add_output(self, data: bytes, now: float) -> None:
+        """Escape ``data`` into the open ``"o"`` event (opened at ``now`` if none is)."""
+        if self._carry:  # the start of a UTF-8 sequence the last read cut
+            data = self._carry + data
+            self._carry = b""
+        if not data.isascii():
+            cut = utf8_cut(data)
+            if cut < len(data):
+                self._carry = data[cut:]
+                data = data[:cut]
+                if not self._open:
+                    self._out_time = now  # the carry waits at most _OUT_AGE (tick)
+        if not data:
             return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        cut = len(data) if final else utf8_cut(data)
-        rest = data[cut:]
-        self._out = [rest] if rest else []
-        self._out_size = len(rest)
-        if cut:
-            self._event(self._out_time, "o", data[:cut] if rest else data)
-        self._out_time = now
+        if not self._open:
+            self._open = True
+            self._open_size = 0
+            self._out_time = now
+            self._last = max(now, self._last)  # times never go back
+            self._add(event_head(self._last - self._start, "o"))
+        escaped = json_content(data)
+        self._open_size += len(escaped)
+        self._add(escaped)
+
+    def _end_output(self, final: bool = False) -> None:
+        """End the open ``"o"`` event (``final``: a cut UTF-8 sequence goes in, broken)."""
+        if final and self._carry:
+            carry, self._carry = self._carry, b""
+            self._add_output(carry.decode("utf-8", "replace").encode(), time.monotonic())
+        if not self._open:
+            return
+        self._open = False
+        self._add(EVENT_END)
+        if self._due is None:
+            self._due = time.monotonic() + _FLUSH_AGE
 
     def _event(self, t: float, code: str, data: bytes) -> None:
         self._last = t
-        parts = event_parts(t - self._start, code, data)
-        self._buf.extend(parts)
-        self._buf_size += len(parts[0]) + len(parts[1]) + 3
-        if self._buf_size >= _FLUSH_MAX or len(self._buf) >= _PARTS_MAX:
-            self._write()
+        for part in event_parts(t - self._start, code, data):
+            self._add(part)
+        if self._due is None:
+            self._due = time.monotonic() + _FLUSH_AGE
+
+    def _add(self, part: bytes) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.add(part)  # a full buffer's complete lines are written on the way
+        except OSError as e:
+            self._fail(e)
 
     def _check(self, now: float) -> None:
-        if self._buf and now - self._written >= _FLUSH_AGE:
+        if self._due is not None and now >= self._due:
             self._write()
 
     def _write(self) -> None:
-        self._written = time.monotonic()
-        parts, size = self._buf, self._buf_size
-        self._buf, self._buf_size = [], 0
-        if self.error is not None or self._fd < 0 or not parts:
+        self._due = None
+        if self._log is None:
             return
         try:
-            n = os.writev(self._fd, parts)
-            if n < size:  # a short write (a full disk, a signal): the rest one by one
-                rest = memoryview(b"".join(parts))[n:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest) :]
+            self._log.flush()
         except OSError as e:
-            self.error = e  # the session goes on unrecorded
+            self._fail(e)
+
+    def _fail(self, e: OSError) -> None:
+        """A write failed (a full disk): the session goes on unrecorded."""
+        self.error = e
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
 
     def __enter__(self) -> Recorder:
         return self

@@ -8,11 +8,15 @@
   when ``size`` is below it.
 - ``bounded``: during one call on a session, every wait for the server (a reply, room to
   send) ends within ``timeout`` (``SFTPTimeout`` naming the host and path; the session is
-  broken, so the pool drops it).
+  broken, so the pool drops it); inside ``abortable(abort, op)`` (the async face's worker
+  thread), ``abort`` interrupts the session (``TransferCancelled``) too.
 - Requests on paths: ``lstat``, ``readdir`` (entries as the server lists them: links not
   followed), ``mkdir`` (the server's default mode), ``rmdir``.
 - ``Upload``: a file's new content written to a temporary name next to it, renamed over it
   on ``commit`` (atomic), removed on ``discard``; ``makedirs`` with Python's errors.
+- ``Leftovers``: temporary names a failed upload could not remove in its own time bound (its
+  server frozen): removed later by one background thread, each attempt and the whole retry
+  bounded, so the failing call keeps its own bound.
 - ``read_range`` and ``write_at``: pipelined reads and writes of a byte range at an offset of
   an open handle (random access), up to ``sftp_pipeline.IN_FLIGHT`` bytes in flight, in the
   session's chunk size.  A short read is completed by asking for the rest; the end of file
@@ -28,18 +32,23 @@ import posixpath
 import secrets
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from ..protocol import sftp
 from ..protocol.sftp import Attrs, StatusError
 from ..protocol.wire import pack_string
-from .sftp_pipeline import IN_FLIGHT
-from .sftp_session import SFTPSession, TransferError
+from .sftp_pipeline import IN_FLIGHT, write_failed
+from .sftp_session import Abort, SFTPSession, TransferError
+from .threads import start_daemon
 
 __all__ = [
+    "Leftovers",
     "SessionPool",
     "Upload",
+    "abortable",
     "bounded",
     "close_later",
     "lstat",
@@ -55,13 +64,27 @@ __all__ = [
 ]
 
 
-class SessionPool:
-    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time."""
+_T = TypeVar("_T")
 
-    def __init__(self, open_session: Callable[[], SFTPSession], size: int = 4) -> None:
+
+class SessionPool:
+    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time.
+
+    ``transport_alive()`` (if given) tells whether what the idle sessions run over (the
+    master) still lives: when it does not, every idle session is dropped before one is lent,
+    even those whose ssh has not yet noticed (it exits a moment after the master, so its own
+    ``exited()`` alone would lend a dead session to the next call)."""
+
+    def __init__(
+        self,
+        open_session: Callable[[], SFTPSession],
+        size: int = 4,
+        transport_alive: Callable[[], bool] | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError("a session pool needs a size of at least 1")
         self._open = open_session
+        self._transport_alive = transport_alive
         self._size = size
         self._idle: list[SFTPSession] = []
         self._count = 0  # sessions lent out or idle
@@ -70,6 +93,8 @@ class SessionPool:
 
     def _take(self, prefer: SFTPSession | None = None) -> SFTPSession:
         with self._cond:
+            if self._idle and self._transport_alive is not None and not self._transport_alive():
+                self._drop_idle()
             if prefer is not None and prefer in self._idle and not self._closed:
                 self._idle.remove(prefer)
                 if not prefer.exited():
@@ -96,6 +121,15 @@ class SessionPool:
                 self._count -= 1
                 self._cond.notify()
             raise
+
+    def _drop_idle(self) -> None:
+        """Close every idle session (with ``_cond`` held)."""
+        while self._idle:
+            s = self._idle.pop()
+            self._count -= 1
+            s.broken = True
+            s.close()
+        self._cond.notify_all()
 
     def _give(self, s: SFTPSession, keep: bool) -> None:
         with self._cond:
@@ -149,15 +183,34 @@ class SessionPool:
             s.close()
 
 
+_CALL = threading.local()  # .abort: the Abort of the ``abortable`` call of this thread
+
+
+def abortable(abort: Abort, op: Callable[[], _T]) -> _T:
+    """``op()``, every session ``bounded`` lends it in this thread interruptible by
+    ``abort`` (from another thread: the call then raises ``TransferCancelled``)."""
+    _CALL.abort = abort
+    try:
+        return op()
+    finally:
+        _CALL.abort = None
+
+
 @contextlib.contextmanager
 def bounded(session: SFTPSession, timeout: float | None, path: str) -> Iterator[SFTPSession]:
     """``session`` for one call on ``path`` in which every wait for the server ends within
-    ``timeout`` seconds (None: no bound), else raises ``SFTPTimeout`` naming host and path."""
+    ``timeout`` seconds (None: no bound), else raises ``SFTPTimeout`` naming host and path
+    (and which the ``abortable`` call of this thread, if any, can interrupt)."""
     session.call_timeout = timeout
     session.call_path = path
+    abort: Abort | None = getattr(_CALL, "abort", None)
+    if abort is not None:
+        abort.attach(session)
     try:
         yield session
     finally:
+        if abort is not None:
+            abort.attach(None)
         session.call_timeout = None
         session.call_path = ""
 
@@ -196,10 +249,12 @@ def rmdir(session: SFTPSession, path: str) -> None:
 
 
 def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, path: str) -> bytes:
-    """Up to ``length`` bytes at ``offset`` of ``handle`` (fewer at the end of file)."""
+    """Up to ``length`` bytes at ``offset`` of ``handle`` (fewer at the end of file), each
+    reply's data received straight into its place in the result (``reply_into``)."""
     if length <= 0:
         return b""
     out = bytearray(length)
+    view = memoryview(out)
     chunk = session.read_chunk
     depth = max(4, IN_FLIGHT // chunk)
     hs = pack_string(handle)
@@ -207,6 +262,11 @@ def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, pa
         (o, min(chunk, length - o)) for o in range(0, length, chunk)
     )
     pending: dict[int, tuple[int, int]] = {}
+
+    def place(rid: int) -> memoryview:
+        o, n = pending[rid]
+        return view[o : o + n]
+
     end = length  # lowered to the end of file when a read meets it
     failed: StatusError | None = None
     try:
@@ -223,19 +283,20 @@ def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, pa
                 session.send(b"".join(batch))
             if not pending:
                 break
-            ptype, rid, r = session.reply_for(pending)
+            ptype, rid, r, k = session.reply_into(pending, place)
             o, n = pending.pop(rid)
             if ptype == sftp.FXP_DATA:
-                data = r.view()
-                k = len(data)
-                if k > n:
-                    raise session.protocol_error(f"{k} bytes for a read of {n}", path)
-                out[o : o + k] = data
+                if r is not None:  # (behind a skipped reply: it came through the buffer)
+                    data = r.view()
+                    k = len(data)
+                    if k > n:
+                        raise session.protocol_error(f"{k} bytes for a read of {n}", path)
+                    out[o : o + k] = data
                 if k == 0:
                     end = min(end, o)
                 elif k < n:
                     todo.appendleft((o + k, n - k))  # a short read: ask for the rest
-            elif ptype == sftp.FXP_STATUS:
+            elif ptype == sftp.FXP_STATUS and r is not None:
                 code = r.u32()
                 if code == sftp.FX_EOF:
                     end = min(end, o)
@@ -246,6 +307,8 @@ def read_range(session: SFTPSession, handle: bytes, offset: int, length: int, pa
     except BaseException:
         session.abandon(pending)
         raise
+    finally:
+        view.release()
     if failed is not None:
         raise session.error(failed, path, "reading")
     del out[end:]
@@ -282,9 +345,7 @@ def write_at(session: SFTPSession, handle: bytes, data: memoryview, offset: int,
         session.abandon(pending)
         raise
     if failed is not None:
-        err = session.error(failed, path, "writing")
-        hint = session.no_space_hint(path) if failed.code == sftp.FX_FAILURE else ""
-        raise TransferError(str(err) + hint) if hint else err
+        raise write_failed(session, failed, path)
 
 
 _WRITE = sftp.FXF_WRITE | sftp.FXF_CREAT | sftp.FXF_EXCL | sftp.FXF_TRUNC
@@ -405,11 +466,75 @@ class Upload:
                 raise os_error(FileExistsError, errno.EEXIST, self.path) from None
             raise s.error(e, self.path, "renaming to") from None
 
-    def discard(self, exc: BaseException) -> None:
-        """After ``exc``: close and remove the temporary file (best effort, bounded)."""
+    def discard(self, exc: BaseException) -> bool:
+        """After ``exc``: close and remove the temporary file (best effort, bounded); True
+        when it is removed."""
         with self.s.cleaning_up(exc) as go:
             if go:
                 if self.handle is not None:
                     self.s.close_handle(self.handle)
                 with contextlib.suppress(StatusError, TransferError):
                     self.s.remove(self.tmp)
+                    return True
+        return False
+
+
+class Leftovers:
+    """Remote temporary files a failed upload left, removed later in the background.
+
+    ``add(path)`` returns at once; one daemon thread calls ``remove(path)`` (True: gone;
+    each call bounded by the remover) for every path left, again after 0.2 s, 0.4 s ... up to
+    5 s between rounds, until each is gone or ``give_up_after`` seconds have passed since it
+    was added; it ends when nothing is left (or on ``close``), another starts with the next
+    ``add``.  ``remove`` must not hold the owner alive (its finalizer calls ``close``).
+    """
+
+    def __init__(self, remove: Callable[[str], bool], give_up_after: float = 300.0) -> None:
+        self._remove = remove
+        self._give_up_after = give_up_after
+        self._paths: dict[str, float] = {}  # path -> when to give up on it
+        self._cond = threading.Condition()
+        self._running = False
+        self._closed = False
+
+    def add(self, path: str) -> None:
+        """Remove ``path`` later (retried, bounded)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._paths[path] = time.monotonic() + self._give_up_after
+            self._cond.notify()
+            if not self._running:
+                self._running = True
+                start_daemon(self._run, "sshwrap-leftovers")
+
+    def pending(self) -> list[str]:
+        """The paths not removed yet (and not given up on)."""
+        with self._cond:
+            return list(self._paths)
+
+    def close(self) -> None:
+        """Stop retrying (an attempt under way ends within its own bound)."""
+        with self._cond:
+            self._closed = True
+            self._paths.clear()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        pause = 0.2
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                self._paths = {p: end for p, end in self._paths.items() if end > now}
+                if self._closed or not self._paths:
+                    self._running = False
+                    return
+                paths = list(self._paths)
+            for path in paths:
+                if self._remove(path):
+                    with self._cond:
+                        self._paths.pop(path, None)
+            with self._cond:
+                if self._paths and not self._closed:
+                    self._cond.wait(pause)
+            pause = min(2 * pause, 5.0)

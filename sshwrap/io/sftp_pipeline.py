@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import threading
 from collections.abc import Callable, Sequence
 
@@ -35,7 +36,7 @@ from ..protocol.sftp import StatusError
 from ..protocol.wire import pack_string
 from .sftp_session import Abort, RemoteFileNotFoundError, SFTPSession, TransferError
 
-__all__ = ["IN_FLIGHT", "read_into", "remove_within", "write_from"]
+__all__ = ["IN_FLIGHT", "read_into", "remove_within", "write_failed", "write_from"]
 
 IN_FLIGHT = 4 << 20
 """Bytes requested (read) or sent (write) but not yet acknowledged."""
@@ -84,13 +85,27 @@ def write_from(
         session.abandon(pending)
         raise
     if first_error is not None:
-        err = session.error(first_error, remote, "writing")
-        if first_error.code == sftp.FX_FAILURE:  # say so when the disk is full
-            hint = session.no_space_hint(remote)
-            if hint:
-                err = TransferError(str(err) + hint)
-        raise err
+        raise write_failed(session, first_error, remote)
     return offset
+
+
+def write_failed(session: SFTPSession, failed: StatusError, path: str) -> TransferError:
+    """The error for a write to ``path`` the server failed: "No space left on device" said
+    when ``statvfs@openssh.com`` shows the remote filesystem full."""
+    err = session.error(failed, path, "writing")
+    if failed.code != sftp.FX_FAILURE or sftp.STATVFS not in session.extensions:
+        return err
+    p = os.fsencode(posixpath.dirname(path) or ".")
+    try:
+        ptype, r = session.call(lambda rid: sftp.statvfs_request(rid, p))
+    except StatusError:
+        return err
+    if ptype == sftp.FXP_EXTENDED_REPLY:
+        space, inodes = r.statvfs()
+        if space < 2 * session.write_chunk or inodes == 0:
+            hint = f" [No space left on device: {space} bytes, {inodes} inodes free remotely]"
+            return TransferError(str(err) + hint)
+    return err
 
 
 def read_into(

@@ -1,21 +1,22 @@
 """An SFTP v3 client session over ``ssh -s <destination> sftp``: the IO under ``put``/``get``.
 
 ``SFTPSession`` starts ``ssh <args> -s -- <destination> sftp`` (over the master when the args
-carry its ``ControlPath``/``-S``) and speaks SFTP to the remote ``sftp-server`` through a
-socketpair, as OpenSSH's sftp/scp do (its buffers are larger than a pipe's, so ssh, or the
-master that receives these fds, and we block each other less).  The packets are built and
-parsed by the pure codec :mod:`sshwrap.protocol.sftp`; this module sends and receives them,
-matches replies to requests and turns failures into the transfer exceptions.
+carry its ``ControlPath``; with ``control_path`` the master runs the session itself, no ssh
+process: :class:`~sshwrap.io.mux_control.MuxSession`) and speaks SFTP to ``sftp-server``
+through a socketpair, as OpenSSH's sftp/scp do (larger buffers than a pipe's).  The packets
+are built and parsed by the pure codec :mod:`sshwrap.protocol.sftp`; this module sends and
+receives them, matches replies to requests and turns failures into the transfer exceptions.
 
 - Replies are received into one fixed 4 MiB buffer and handed out as views of it (no copy per
-  packet; a view is valid until the next receive).
+  packet; a view is valid until the next receive); ``reply_into`` receives a read's data
+  straight into the caller's buffer instead (the header alone goes through the buffer).  A
+  receive first takes what has come without waiting (no ``select`` while data streams in).
 - Each request has its own id; a request nobody waits for any more (a pipeline cut short by
   an error, see :mod:`.sftp_pipeline`) is abandoned: its reply is skipped when it comes.  A
   reply to any other id is a protocol error (``SFTPProtocolError``), never taken for success.
 - Cleanup after a failure (closing a handle, removing a temporary file) is bounded: every
   wait inside ``cleaning_up`` has a deadline (shorter after ``KeyboardInterrupt`` or a
-  callback's exception, which must take effect promptly).  ``close`` then gives ssh a moment
-  to exit and kills it after that; ssh is always reaped.
+  callback's exception).  ``close`` gives ssh a moment to exit, then kills and reaps it.
 - ssh ending under the session (the master or the remote sftp process killed: ssh exits 255
   without a word) raises ``SSHConnectionError``; ``interrupt`` (``Abort.abort`` from another
   thread) cuts the byte stream and the waiting call raises ``TransferCancelled``.
@@ -39,6 +40,16 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from ..errors import SSHConnectionError, SSHError, SSHWrapError, classify_ssh_failure
 from ..protocol import sftp
 from ..protocol.sftp import Attrs, StatusError
+from .mux_control import MuxSession
+from .sftp_errors import (
+    RemoteFileNotFoundError,
+    RemotePermissionError,
+    ReplyReader,
+    SFTPProtocolError,
+    SFTPTimeout,
+    TransferCancelled,
+    TransferError,
+)
 
 __all__ = [
     "Abort",
@@ -52,50 +63,18 @@ __all__ = [
 ]
 
 _RBUF_SIZE = 4 << 20  # the receive buffer; replies are at most ~256 KiB
+_SOCK_BUF = 2 << 20  # ssh's send buffer towards us
 _CLEANUP_TIMEOUT = 2.0  # the bound of cleanup after an error
 _INTERRUPT_CLEANUP_TIMEOUT = 0.4  # ... after KeyboardInterrupt or a callback's exception
 _CLOSE_WAIT = 2.0  # then ssh's time to exit on its own before it is killed
 _ABORT_CLOSE_WAIT = 0.3  # ... after a failure or an interrupt
 _U32 = struct.Struct(">I")
+_DATA_HEAD = struct.Struct(">IBII")  # a data reply up to its data: length, type, id, size
 # What scp/sftp pass: no forwarding, no tty, no remote command, just the subsystem.
 _SUBSYSTEM_OPTIONS = tuple(
     "-x -a -T -o ClearAllForwardings=yes -o RemoteCommand=none -o RequestTTY=no "  # noqa: SIM905
     "-o PermitLocalCommand=no".split()
 )
-
-
-class TransferError(SSHWrapError):
-    """A file transfer failed (the message says which path and why)."""
-
-
-class RemoteFileNotFoundError(TransferError, FileNotFoundError):
-    """A remote file or directory does not exist (``errno.ENOENT``)."""
-
-
-class RemotePermissionError(TransferError, PermissionError):
-    """The remote side refused access to a path (``errno.EACCES``)."""
-
-
-class TransferCancelled(TransferError):
-    """The transfer was stopped by :meth:`Abort.abort` (from another thread)."""
-
-
-class SFTPTimeout(TransferError, TimeoutError):
-    """The SFTP server did not answer within the bound (the session is broken)."""
-
-
-class SFTPProtocolError(TransferError, sftp.SFTPReplyError):
-    """The server's replies break the SFTP protocol (a malformed reply, or one answering a
-    request that was never sent): the session cannot be trusted and is closed."""
-
-
-class _Reader(sftp.Reader):
-    """The codec's reader, raising ``SFTPProtocolError`` (a ``TransferError``)."""
-
-    __slots__ = ()
-
-    def error(self, what: str) -> Exception:
-        return SFTPProtocolError(f"{self.who}: {what}")
 
 
 class Abort:
@@ -117,7 +96,8 @@ class Abort:
         if session is not None:
             session.interrupt()
 
-    def _attach(self, session: SFTPSession | None) -> None:
+    def attach(self, session: SFTPSession | None) -> None:
+        """Make ``abort()`` interrupt ``session`` (None: no session), at once if requested."""
         with self._lock:
             self._session = session
             requested = self.requested
@@ -142,6 +122,7 @@ class SFTPSession:
         ssh_args: Sequence[str] = (),
         abort: Abort | None = None,
         timeout: float | None = None,
+        control_path: str | None = None,
     ) -> None:
         self.destination = destination
         self.call_timeout = timeout
@@ -149,13 +130,14 @@ class SFTPSession:
         argv = [ssh, *ssh_args, *_SUBSYSTEM_OPTIONS, "-s", "--", destination, "sftp"]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # (replies come in larger pieces, fewer wake-ups: ssh's send buffer, within wmem_max)
+        child.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+        fd, err = child.fileno(), self._stderr
         try:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=child.fileno(),
-                stdout=child.fileno(),
-                stderr=self._stderr,
-                start_new_session=True,
+            self._proc: subprocess.Popen[bytes] | MuxSession = (
+                MuxSession(control_path, "sftp", fd, err, host=destination)
+                if control_path
+                else subprocess.Popen(argv, stdin=fd, stdout=fd, stderr=err, start_new_session=True)
             )
         except BaseException:
             self._sock.close()
@@ -181,7 +163,7 @@ class SFTPSession:
         self._abort = abort
         try:
             if abort is not None:
-                abort._attach(self)
+                abort.attach(self)
             self._init()
         except BaseException:
             self.broken = True
@@ -209,7 +191,7 @@ class SFTPSession:
             return
         self._closed = True
         if self._abort is not None:
-            self._abort._attach(None)
+            self._abort.attach(None)
         proc = self._proc
         try:
             with self._sock_lock:
@@ -303,8 +285,25 @@ class SFTPSession:
                     bufs[0] = bufs[0][n:]
                     n = 0
 
-    def _fill(self, want: int) -> None:
-        """Make ``want`` unread bytes available in the receive buffer."""
+    def _recv_some(self, view: memoryview) -> int:
+        """Receive into ``view`` what has come (waiting for something, bounded): the count."""
+        try:  # (first without waiting: no select() while the data streams in)
+            n = self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            self._wait_io(write=False)
+            try:
+                n = self._sock.recv_into(view)
+            except OSError:
+                n = 0
+        except OSError:
+            n = 0
+        if not n:
+            raise self._ssh_failure("the connection closed")
+        return n
+
+    def _fill(self, want: int, most: int = _RBUF_SIZE) -> None:
+        """Make ``want`` unread bytes available in the receive buffer, receiving no more than
+        ``most`` bytes at a time (a data reply's header without its data, see ``reply_into``)."""
         if self._end - self._start >= want:
             return
         if want > _RBUF_SIZE:
@@ -314,14 +313,7 @@ class SFTPSession:
             self._rbuf[: len(left)] = left
             self._start, self._end = 0, len(left)
         while self._end - self._start < want:
-            self._wait_io(write=False)
-            try:
-                n = self._sock.recv_into(self._rview[self._end :])
-            except OSError:
-                n = 0
-            if not n:
-                raise self._ssh_failure("the connection closed")
-            self._end += n
+            self._end += self._recv_some(self._rview[self._end : self._end + most])
 
     def _recv(self) -> tuple[int, memoryview]:
         """Next reply: (type, payload after the type byte), a view valid until the next one."""
@@ -344,7 +336,7 @@ class SFTPSession:
         """
         while True:
             ptype, payload = self._recv()
-            r = _Reader(payload, self.destination)
+            r = ReplyReader(payload, self.destination)
             rid = r.u32()
             if rid in pending:
                 return ptype, rid, r
@@ -355,6 +347,33 @@ class SFTPSession:
                 f"SFTP reply (type {ptype}) to request {rid}, "
                 "which was never sent or already answered"
             )
+
+    def reply_into(
+        self, pending: Container[int], place: Callable[[int], memoryview]
+    ) -> tuple[int, int, sftp.Reader | None, int]:
+        """``reply_for``, but the data of an ``SSH_FXP_DATA`` reply is received straight into
+        ``place(id)`` (as long as that read asked for): (type, id, None, bytes received); any
+        other reply comes as from ``reply_for``, with a count of -1."""
+        self._fill(4, _DATA_HEAD.size)
+        (n,) = _U32.unpack_from(self._rbuf, self._start)
+        self._fill(min(4 + n, _DATA_HEAD.size), _DATA_HEAD.size)
+        if n < _DATA_HEAD.size - 4:
+            return (*self.reply_for(pending), -1)
+        _, ptype, rid, k = _DATA_HEAD.unpack_from(self._rbuf, self._start)
+        if ptype != sftp.FXP_DATA or rid not in pending:
+            return (*self.reply_for(pending), -1)
+        dest = place(rid)
+        if n != k + 9 or k > len(dest):
+            raise self.protocol_error(f"SFTP data reply of {k} bytes for a read of {len(dest)}")
+        p = self._start + _DATA_HEAD.size
+        got = min(k, self._end - p)  # (what came with the header is copied)
+        dest[:got] = self._rview[p : p + got]
+        self._start = p + got
+        if self._start == self._end:
+            self._start = self._end = 0
+        while got < k:
+            got += self._recv_some(dest[got:k])
+        return ptype, rid, None, k
 
     def new_id(self) -> int:
         """A request id for the next request."""
@@ -382,7 +401,7 @@ class SFTPSession:
         ptype, payload = self._recv()
         if ptype != sftp.FXP_VERSION:
             raise TransferError(f"{self.destination}: not an SFTP server")
-        self.extensions = exts = _Reader(payload, self.destination).version().extensions
+        self.extensions = exts = ReplyReader(payload, self.destination).version().extensions
         if sftp.LIMITS in exts:
             with contextlib.suppress(StatusError):
                 ptype, r = self._call(sftp.limits_request)
@@ -516,28 +535,6 @@ class SFTPSession:
         return self._do(
             lambda rid: sftp.handle_request(sftp.FXP_FSTAT, rid, handle), path, "fstat"
         ).attrs()
-
-    def free_space(self, path: str) -> tuple[int, int] | None:
-        """(bytes, inodes) available to the user on ``path``'s filesystem, if the server says
-        (``statvfs@openssh.com``); None otherwise."""
-        if sftp.STATVFS not in self.extensions:
-            return None
-        p = os.fsencode(path)
-        try:
-            ptype, r = self._call(lambda rid: sftp.statvfs_request(rid, p))
-        except StatusError:
-            return None
-        return r.statvfs() if ptype == sftp.FXP_EXTENDED_REPLY else None
-
-    def no_space_hint(self, path: str) -> str:
-        """`` [No space left on device: ...]`` when ``path``'s remote filesystem is full."""
-        free = self.free_space(posixpath.dirname(path) or ".")
-        if free is None:
-            return ""
-        space, inodes = free
-        if space < 2 * self.write_chunk or inodes == 0:
-            return f" [No space left on device: {space} bytes, {inodes} inodes free remotely]"
-        return ""
 
     def listdir(self, path: str) -> list[tuple[str, Attrs]]:
         """Entries of a remote directory (without ``.``/``..``), attributes follow links."""

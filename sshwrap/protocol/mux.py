@@ -32,6 +32,7 @@ __all__ = [
     "Failure",
     "Hello",
     "MuxProtocolError",
+    "NewSession",
     "Ok",
     "OpenForward",
     "PermissionDenied",
@@ -212,7 +213,27 @@ class CloseForward(_Forward):
     KIND: ClassVar[int] = MUX_C_CLOSE_FWD
 
 
-Request = AliveCheck | Terminate | StopListening | Proxy | OpenForward | CloseForward
+@dataclass(frozen=True, slots=True)
+class NewSession(_Message):
+    """``MUX_C_NEW_SESSION`` (what ``ssh -S host cmd`` sends): the master runs ``command``
+    (a subsystem's name with ``subsystem=1``) on the stdin, stdout and stderr the client passes
+    next (three ``SCM_RIGHTS`` messages of one byte); answered with :class:`SessionOpened`,
+    then :class:`ExitMessage`.  The flags are ``uint32`` 0/1; ``escape_char`` 0xffffffff is
+    none."""
+
+    KIND: ClassVar[int] = MUX_C_NEW_SESSION
+    request_id: int
+    reserved: str = ""
+    want_tty: int = 0
+    want_x11: int = 0
+    want_agent: int = 0
+    subsystem: int = 0
+    escape_char: int = 0xFFFFFFFF
+    term: str = ""
+    command: str = ""
+
+
+Request = AliveCheck | Terminate | StopListening | Proxy | OpenForward | CloseForward | NewSession
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -321,7 +342,8 @@ _REPLIES: dict[int, type[Reply]] = {
     )
 }
 _REQUESTS: dict[int, type[Request]] = {
-    c.KIND: c for c in (AliveCheck, Terminate, StopListening, Proxy, OpenForward, CloseForward)
+    c.KIND: c
+    for c in (AliveCheck, Terminate, StopListening, Proxy, OpenForward, CloseForward, NewSession)
 }
 
 

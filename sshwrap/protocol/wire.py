@@ -104,23 +104,23 @@ class Reader:
         """Next ``boolean`` (any non-zero byte is true, as RFC 4251 says)."""
         return self.byte() != 0
 
+    def _unsigned(self, codec: struct.Struct) -> int:
+        """Next big-endian unsigned integer of ``codec.size`` bytes (``codec``: one of them)."""
+        p = self.pos
+        end = p + codec.size
+        if end > len(self.buf):
+            raise self.truncated()
+        self.pos = end
+        v: int = codec.unpack_from(self.buf, p)[0]
+        return v
+
     def u32(self) -> int:
         """Next ``uint32``."""
-        p = self.pos
-        if p + 4 > len(self.buf):
-            raise self.truncated()
-        self.pos = p + 4
-        v: int = _U32.unpack_from(self.buf, p)[0]
-        return v
+        return self._unsigned(_U32)
 
     def u64(self) -> int:
         """Next ``uint64``."""
-        p = self.pos
-        if p + 8 > len(self.buf):
-            raise self.truncated()
-        self.pos = p + 8
-        v: int = _U64.unpack_from(self.buf, p)[0]
-        return v
+        return self._unsigned(_U64)
 
     def _span(self) -> tuple[int, int]:
         """Start and end of the next ``string``'s bytes; ``pos`` moves past it."""
