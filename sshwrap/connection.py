@@ -73,7 +73,7 @@ from .core.getoutput import OutputOptions, getoutput_options, status_output
 from .core.options import SSH_SETTINGS_KEYS, Command, SSHSettings, check_keywords
 from .core.shell import Shell, check_shell_options
 from .core.waiting import run_sync
-from .io.attach import Detached, attach_target, pid_alive
+from .io.attach import Detached, attach_target
 from .io.forwards import Forward, ForwardError
 from .io.master import SUN_PATH_MAX, Master
 from .io.mux_control import MUX_FWD_DYNAMIC, MUX_FWD_LOCAL, MUX_FWD_REMOTE
@@ -185,14 +185,6 @@ class MasterState:
     def master_pid(self) -> int:
         """The master's pid (0 before the start)."""
         return self._master.pid
-
-    @property
-    def master_running(self) -> bool:
-        """False once the master process is gone (a look at ``/proc``, no request: unlike
-        :attr:`alive`, it does not tell whether the master still answers); True before it is
-        started."""
-        pid = self._master.pid
-        return not pid or pid_alive(pid)
 
     @property
     def restarts(self) -> int:

@@ -144,9 +144,9 @@ class _Shared:
     def __init__(
         self, host: str, options: ConnectOptions, pool_size: int, timeout: float | None
     ) -> None:
-        self.connection = conn = Connection(host, **options).open()
+        self.connection = Connection(host, **options).open()
         self.new_session = functools.partial(_new_session, self.connection, timeout)
-        self.pool = SessionPool(self.new_session, pool_size, lambda: conn.master_running)
+        self.pool = SessionPool(self.new_session, pool_size, self.connection.master)
         # (temporary files failed uploads could not remove in time: retried, 2 s a try)
         self.leftovers = Leftovers(functools.partial(_remove_afresh, self.connection, timeout=2.0))
         weakref.finalize(self, _close, self.connection, self.pool, self.leftovers)

@@ -67,6 +67,7 @@ from typing import Required, TypedDict, Unpack
 from .core.argv import find_ssh
 from .core.options import check_keywords
 from .errors import SSHError
+from .io.sftp_files import close_later
 from .io.sftp_pipeline import read_into, remove_within, write_from
 from .io.sftp_session import (
     Abort,
@@ -252,7 +253,7 @@ def download_file(
                 if go:
                     session.close_handle(handle)
         raise
-    session.close_handle(handle)
+    close_later(session, handle)  # (a read handle: its close's reply tells nothing)
 
 
 def _temp_name(path: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import fsspec  # type: ignore[import-untyped]
 import pytest
-from faults import cmdline, freeze, frozen, ssh_descendants, thaw
+from faults import cmdline, freeze, frozen, thaw
 from fsspec.callbacks import Callback  # type: ignore[import-untyped]
 from fsspec.tests.abstract import (  # type: ignore[import-untyped]
     AbstractCopyTests,
@@ -31,7 +31,7 @@ from waiting import wait_until
 from sshwrap.errors import SSHConnectionError
 from sshwrap.filesystem import SSHWrapFileSystem
 from sshwrap.io.sftp_session import SFTPTimeout
-from sshwrap.testing import LocalSSHD, wait_exited
+from sshwrap.testing import LocalSSHD, descendants, wait_exited
 
 # Until the entry point in pyproject.toml is installed.
 fsspec.register_implementation("sshwrap", SSHWrapFileSystem, clobber=True)
@@ -379,35 +379,37 @@ def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str
 
 
 def test_idle_sessions_of_a_killed_master_are_not_lent(local_sshd: LocalSSHD) -> None:
-    """The master SIGKILLed while the pool's idle session's ssh is frozen (SIGSTOP: it cannot
-    notice and exit, as on a loaded machine it may not have yet): the next call is not given
-    that dead session (it would wait out its timeout: SFTPTimeout) but runs on a new master."""
+    """The master SIGKILLed (and gone) while the pool's idle session has not noticed (its ssh
+    SIGSTOPped: it cannot): cat_file, info and ls go over a new master at once, none waits on
+    the dead session (without the pool's check of the master: SFTPTimeout after 5 s)."""
     fs = SSHWrapFileSystem(
-        host=local_sshd.host, config=local_sshd.config, pool_size=1, timeout=15.0,
-        skip_instance_cache=True,
-    )  # fmt: skip
+        host=local_sshd.host, config=local_sshd.config, timeout=5.0, skip_instance_cache=True
+    )
+    stopped: list[int] = []
     try:
-
-        def sftp_ssh() -> set[int]:
-            return {p for p in ssh_descendants() if cmdline(p).endswith(b"\0sftp\0")}
-
         rdir = fs.connection.check_output("mktemp -d", text=True).strip()
-        others = sftp_ssh()  # (other tests' filesystems)
-        fs.pipe_file(f"{rdir}/f", b"data")  # the pool keeps its session, idle
-        idle = sorted(sftp_ssh() - others)
-        assert len(idle) == 1, idle
+        fs.pipe_file(f"{rdir}/f", b"data")  # its session is idle in the pool now
+        where = fs.connection.control_path.encode()
+        stopped = [p for p in descendants(os.getpid()) if where in cmdline(p)]
+        assert stopped, "no SFTP session over the master"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
         master = fs.connection.master_pid
-        os.kill(idle[0], signal.SIGSTOP)
-        try:
-            os.kill(master, signal.SIGKILL)
-            assert wait_exited([master], 10) == []
-            assert fs.cat_file(f"{rdir}/f") == b"data"
-            assert fs.connection.master_pid != master
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(idle[0], signal.SIGCONT)
+        os.kill(master, signal.SIGKILL)
+        assert wait_exited([master], 10) == []
+        t0 = time.monotonic()
+        assert fs.cat_file(f"{rdir}/f") == b"data"
+        assert fs.info(f"{rdir}/f")["size"] == 4
+        assert fs.ls(rdir, detail=False) == [f"{rdir}/f"]
+        assert time.monotonic() - t0 < 4.0
+        assert fs.connection.restarts == 1
+        fs.connection.run(["rm", "-rf", "--", rdir])
     finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         fs.connection.close()
+    assert wait_exited(stopped, 10) == []
 
 
 def test_a_frozen_server_times_out_and_the_next_call_works(

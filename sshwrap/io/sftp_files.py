@@ -3,7 +3,9 @@
 - ``SessionPool``: up to ``size`` SFTP sessions (one ``ssh -s ... sftp`` each, over the
   master) shared by the threads of one filesystem; a session is taken for one operation and
   given back.  A session that broke (its byte stream cut, its ssh gone) is closed, never given
-  out again; an idle one whose ssh exited meanwhile (the master died) is dropped when taken.
+  out again; an idle one whose ssh exited meanwhile (the master died) is dropped when taken,
+  and so is every idle one once the master's process is gone (its sessions' ssh may not
+  have noticed yet): the next session starts over a new master.
   The pool never holds more than ``size`` sessions, so a server's ``MaxSessions`` is kept to
   when ``size`` is below it.
 - ``bounded``: during one call on a session, every wait for the server (a reply, room to
@@ -35,17 +37,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..protocol import sftp
 from ..protocol.sftp import Attrs, StatusError
 from ..protocol.wire import pack_string
+from .attach import pid_alive
 from .sftp_pipeline import IN_FLIGHT, write_failed
 from .sftp_session import Abort, SFTPSession, TransferError
 from .threads import start_daemon
 
 __all__ = [
     "Leftovers",
+    "MasterProcess",
     "SessionPool",
     "Upload",
     "abortable",
@@ -67,53 +71,58 @@ __all__ = [
 _T = TypeVar("_T")
 
 
-class SessionPool:
-    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time.
+class MasterProcess(Protocol):
+    """What the pool reads of the master its sessions go over (``io.master.Master``)."""
 
-    ``transport_alive()`` (if given) tells whether what the idle sessions run over (the
-    master) still lives: when it does not, every idle session is dropped before one is lent,
-    even those whose ssh has not yet noticed (it exits a moment after the master, so its own
-    ``exited()`` alone would lend a dead session to the next call)."""
+    pid: int  # (0: not started)
+
+
+class SessionPool:
+    """Up to ``size`` SFTP sessions made by ``open_session()``, lent out one at a time; with
+    ``master``, no idle session is lent once that master's process is gone."""
 
     def __init__(
         self,
         open_session: Callable[[], SFTPSession],
         size: int = 4,
-        transport_alive: Callable[[], bool] | None = None,
+        master: MasterProcess | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("a session pool needs a size of at least 1")
         self._open = open_session
-        self._transport_alive = transport_alive
         self._size = size
+        self._master = master
         self._idle: list[SFTPSession] = []
         self._count = 0  # sessions lent out or idle
         self._cond = threading.Condition()
         self._closed = False
 
     def _take(self, prefer: SFTPSession | None = None) -> SFTPSession:
-        with self._cond:
-            if self._idle and self._transport_alive is not None and not self._transport_alive():
-                self._drop_idle()
-            if prefer is not None and prefer in self._idle and not self._closed:
-                self._idle.remove(prefer)
-                if not prefer.exited():
+        dead: list[SFTPSession] = []
+        try:
+            with self._cond:
+                if self._idle and not self._master_runs():
+                    dead, self._idle = self._idle, []  # (their ssh end, noticed or not)
+                if prefer in self._idle and not self._closed and not prefer.exited():
+                    self._idle.remove(prefer)
                     return prefer
-                self._idle.append(prefer)  # (dropped below)
-            while True:
-                if self._closed:
-                    raise TransferError("the filesystem's SFTP sessions are closed")
-                while self._idle:
-                    s = self._idle.pop()
-                    if not s.exited():
-                        return s
-                    self._count -= 1
-                    s.broken = True
-                    s.close()
-                if self._count < self._size:
-                    self._count += 1
-                    break
-                self._cond.wait()
+                while True:
+                    if self._closed:
+                        raise TransferError("the filesystem's SFTP sessions are closed")
+                    while self._idle:
+                        s = self._idle.pop()
+                        if not s.exited():
+                            self._drop(dead)
+                            return s
+                        dead.append(s)
+                    self._drop(dead)
+                    if self._count < self._size:
+                        self._count += 1
+                        break
+                    self._cond.wait()
+        finally:
+            for s in dead:  # (outside the lock: a close waits a moment for ssh's exit)
+                s.close()
         try:
             return self._open()
         except BaseException:
@@ -122,14 +131,16 @@ class SessionPool:
                 self._cond.notify()
             raise
 
-    def _drop_idle(self) -> None:
-        """Close every idle session (with ``_cond`` held)."""
-        while self._idle:
-            s = self._idle.pop()
-            self._count -= 1
-            s.broken = True
-            s.close()
-        self._cond.notify_all()
+    def _master_runs(self) -> bool:
+        m = self._master
+        return m is None or not m.pid or pid_alive(m.pid)
+
+    def _drop(self, dead: list[SFTPSession]) -> None:
+        """Count the sessions of ``dead`` not yet counted off as gone (under the lock)."""
+        for s in dead:
+            if not s.broken:
+                s.broken = True
+                self._count -= 1
 
     def _give(self, s: SFTPSession, keep: bool) -> None:
         with self._cond:
