@@ -168,7 +168,7 @@ def _shared_for(
     key = tokenize(host, sorted(options.items(), key=lambda kv: kv[0]), pool_size, timeout)
     with _SHARED_LOCK:
         shared = _SHARED.get(key)
-        if shared is None:
+        if shared is None or shared.connection.closed:  # (a closed one is not reused)
             shared = _SHARED[key] = _Shared(host, options, pool_size, timeout)
         return shared
 

@@ -44,8 +44,10 @@ def _filesystem(sshd: LocalSSHD) -> SSHWrapFileSystem:
 
 
 @pytest.fixture(scope="module")
-def sfs(local_sshd: LocalSSHD) -> SSHWrapFileSystem:
-    return _filesystem(local_sshd)
+def sfs(local_sshd: LocalSSHD) -> Iterator[SSHWrapFileSystem]:
+    fs = _filesystem(local_sshd)
+    yield fs
+    fs.connection.close()  # (fsspec's cache keeps it: its ssh children would outlive the module)
 
 
 @pytest.fixture

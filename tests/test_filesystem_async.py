@@ -25,8 +25,12 @@ from sshwrap.testing import LocalSSHD
 
 
 @pytest.fixture(scope="module")
-def afs(local_sshd: LocalSSHD) -> SSHWrapAsyncFileSystem:
-    return SSHWrapAsyncFileSystem(host=local_sshd.host, config=local_sshd.config)
+def afs(local_sshd: LocalSSHD) -> Iterator[SSHWrapAsyncFileSystem]:
+    fs = SSHWrapAsyncFileSystem(host=local_sshd.host, config=local_sshd.config)
+    yield fs
+    # fsspec's instance cache keeps the filesystem: its master and SFTP sessions (ssh children
+    # of this process) would outlive the module, and later tests count this process's ssh
+    fs.sync_fs.connection.close()
 
 
 @pytest.fixture
