@@ -240,9 +240,12 @@ def test_a_hung_leaf_keeps_the_timeout(topo: Topology) -> None:
         leaf.resume()
     rows = {x["host"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert rows["l1-1"]["status"] == "ok", rows
-    # the hung leaf ends at its connect timeout (within 1 s, a loaded machine's 1 s more)
-    assert rows["l2-1"]["status"] in ("ssh_error", "timeout")
-    assert rows["l2-1"]["duration"] < 3 + 2
+    # The hung leaf ends by its connect timeout (the error names the bound that fired: no
+    # wall-clock margin to miss on a loaded machine), not by the far deadline nor too early.
+    hung = rows["l2-1"]
+    assert hung["status"] == "ssh_error", hung
+    assert "after 3 s (connect_timeout)" in hung["error"]["message"], hung
+    assert 3 - 0.5 <= hung["duration"] < 30, hung
 
 
 def test_a_gateway_killed_mid_run_fails_over(topo: Topology, tmp_path: Path) -> None:

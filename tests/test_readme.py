@@ -121,6 +121,9 @@ PLANS: dict[str, Plan] = {
     '"dc1-gw": "dc1-web[001-500]"': Plan(
         "skip", "gateways and 1,000 hosts of the reader's network (tests/test_gateway.py)"
     ),
+    '"gw1": "gw2,leaf[1-5]"': Plan(
+        "skip", "two levels of gateways of the reader's network (tests/test_gateway_netns.py)"
+    ),
     "sshwrap --record session.cast web1": Plan(
         "pty", steps=((rb"[$#] ", "echo REC''ORDED; exit\r"), (b"RECORDED", ""))
     ),
