@@ -365,6 +365,24 @@ def test_the_master_goes_with_the_last_instance(local_sshd: LocalSSHD) -> None:
     assert wait_exited([pid], 30) == []
 
 
+def test_a_closed_connection_is_not_shared_again(local_sshd: LocalSSHD) -> None:
+    """Once a filesystem's Connection is closed, a new filesystem of the same host and settings
+    gets a new master (not the closed one, which would raise ValueError on every call)."""
+    def new() -> SSHWrapFileSystem:
+        return SSHWrapFileSystem(
+            host=local_sshd.host, config=local_sshd.config, pool_size=1, skip_instance_cache=True
+        )
+
+    fs = new()
+    assert fs.ls("/", detail=False)
+    fs.connection.close()
+    again = new()
+    try:
+        assert again.connection is not fs.connection and again.ls("/", detail=False)
+    finally:
+        again.connection.close()
+
+
 def test_master_killed_while_a_file_is_written(sfs: SSHWrapFileSystem, rdir: str) -> None:
     """open(..., "wb") with the master SIGKILLed between two uploaded blocks: the next block's
     upload raises SSHConnectionError (once: closing the file then does nothing) and the target
