@@ -368,6 +368,7 @@ def test_the_master_goes_with_the_last_instance(local_sshd: LocalSSHD) -> None:
 def test_a_closed_connection_is_not_shared_again(local_sshd: LocalSSHD) -> None:
     """Once a filesystem's Connection is closed, a new filesystem of the same host and settings
     gets a new master (not the closed one, which would raise ValueError on every call)."""
+
     def new() -> SSHWrapFileSystem:
         return SSHWrapFileSystem(
             host=local_sshd.host, config=local_sshd.config, pool_size=1, skip_instance_cache=True
