@@ -63,6 +63,7 @@ STOP_WAIT = 1.0
 DEADLINE_GRACE = 1.0
 """Seconds past the run's deadline before a gateway that has not finished is ended."""
 _LINE_LIMIT = 1 << 30  # one result line holds a host's whole output (base64)
+_READ_SIZE = 1 << 16  # what one read of the agent's lines takes at most
 _STDERR_KEEP = 16384
 
 
@@ -133,6 +134,30 @@ async def _end(proc: asyncio.subprocess.Process) -> None:
             await asyncio.shield(proc.wait())
 
 
+async def _agent_lines(
+    stream: asyncio.StreamReader, t_end: float | None
+) -> AsyncGenerator[bytes, None]:
+    """The agent's lines (without their line ends) as they come, all that one read brings
+    (one wake-up and one timer for many hosts' lines, not one each); ``TimeoutError`` once
+    ``t_end`` (``time.monotonic()``) passes, ``WireError`` for a line over the limit."""
+    tail = b""
+    while True:
+        left = None if t_end is None else t_end - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError
+        chunk = await asyncio.wait_for(stream.read(_READ_SIZE), left)
+        if not chunk:
+            if tail:
+                yield tail  # (a last line cut short: its decoding fails, as it should)
+            return
+        *whole, tail = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
+        if len(tail) > _LINE_LIMIT:
+            raise WireError(f"a line over {_LINE_LIMIT} bytes")
+        for line in whole:
+            if line:
+                yield line
+
+
 async def gateway_results(
     gateway: str,
     hosts: Sequence[tuple[int, str]],
@@ -182,54 +207,55 @@ async def gateway_results(
         proc.stdin.write(archive)
         with contextlib.suppress(ConnectionError):
             await proc.stdin.drain()
-        while True:
-            left = None if t_end is None else t_end - time.monotonic()
-            try:
-                if left is not None and left <= 0:
-                    raise TimeoutError
-                line = await asyncio.wait_for(proc.stdout.readline(), left)
-            except TimeoutError:
-                status, reason = "timeout", f"gateway {gateway}: the deadline ran out"
-                break
-            if not line:
-                break
-            if on_start is None and line.startswith(START_PREFIX):
-                continue  # (nobody wants it: not decoded)
-            try:
-                ev = decode_event(line, names)
-            except WireError as e:
-                reason = f"gateway {gateway}: bad answer from the agent ({e})"
-                break
-            if ev.kind == "ready" and halt is not None and halt.reason is not None:
-                status, reason = "skipped", halt.reason
-                break
-            if ev.kind != "ready" and halt is not None:
-                halt.watch(proc.stdin)
-            if ev.kind == "ready":
-                # The agent runs now: it gets what is left of the deadline, not all of it.
-                kw = dict(keywords)
-                if deadline is not None:
-                    kw["deadline"] = max(0.001, deadline - (time.monotonic() - t0))
-                proc.stdin.write(
-                    encode_request(names, command, kw, input=input, output=on_output is not None)
-                )
-                with contextlib.suppress(ConnectionError):
-                    await proc.stdin.drain()
-            elif ev.kind == "done":
-                done = True
-                break
-            elif ev.kind == "fail":
-                reason = f"gateway {gateway}: the agent refused the run: {ev.message}"
-                break
-            elif ev.kind == "start":
-                if on_start is not None:
-                    on_start(names[ev.index])
-            elif ev.kind == "out":
-                if on_output is not None:
-                    on_output(names[ev.index], ev.stream, ev.data)
-            elif ev.result is not None and ev.index not in reported:
-                reported.add(ev.index)
-                yield dataclasses.replace(ev.result, index=hosts[ev.index][0])
+        try:
+            async with contextlib.aclosing(_agent_lines(proc.stdout, t_end)) as lines:
+                async for line in lines:
+                    if on_start is None and line.startswith(START_PREFIX):
+                        continue  # (nobody wants it: not decoded)
+                    try:
+                        ev = decode_event(line, names)
+                    except WireError as e:
+                        reason = f"gateway {gateway}: bad answer from the agent ({e})"
+                        break
+                    if ev.kind == "ready" and halt is not None and halt.reason is not None:
+                        status, reason = "skipped", halt.reason
+                        break
+                    if ev.kind != "ready" and halt is not None:
+                        halt.watch(proc.stdin)
+                    if ev.kind == "ready":
+                        # The agent runs now: it gets what is left of the deadline, not all of it.
+                        kw = dict(keywords)
+                        if deadline is not None:
+                            kw["deadline"] = max(0.001, deadline - (time.monotonic() - t0))
+                        proc.stdin.write(
+                            encode_request(
+                                names, command, kw, input=input, output=on_output is not None
+                            )
+                        )
+                        with contextlib.suppress(ConnectionError):
+                            await proc.stdin.drain()
+                    elif ev.kind == "done":
+                        done = True
+                        break
+                    elif ev.kind == "fail":
+                        reason = f"gateway {gateway}: the agent refused the run: {ev.message}"
+                        break
+                    elif ev.kind == "start":
+                        if on_start is not None:
+                            on_start(names[ev.index])
+                    elif ev.kind == "out":
+                        if on_output is not None:
+                            on_output(names[ev.index], ev.stream, ev.data)
+                    elif ev.result is not None and ev.index not in reported:
+                        reported.add(ev.index)
+                        ev.result.index = hosts[ev.index][
+                            0
+                        ]  # (decoded for this run alone: no copy)
+                        yield ev.result
+        except TimeoutError:
+            status, reason = "timeout", f"gateway {gateway}: the deadline ran out"
+        except WireError as e:
+            reason = f"gateway {gateway}: bad answer from the agent ({e})"
     finally:
         if halt is not None:
             halt.forget(proc.stdin)
