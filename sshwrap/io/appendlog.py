@@ -54,8 +54,7 @@ class AppendLog:
         self._fd = fd
         self._direct_min = direct_min
         self._mem = mmap.mmap(-1, capacity)
-        self._fill = 0  # bytes in the buffer
-        self._done = 0  # of those, already in the file (the start of the file's last block)
+        self._done = 0  # bytes of the buffer already in the file (the start of its last block)
         self._base = 0  # file offset of the buffer's first byte (a multiple of _BLOCK if direct)
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL) & ~_DIRECT
         self.direct = False
@@ -66,20 +65,38 @@ class AppendLog:
             except OSError:
                 pass
 
+    # The bytes in the buffer: the mmap's own position, so that :meth:`add` is one
+    # ``mmap.write`` (it runs for every pty read of a recorded relay).
+    @property
+    def _fill(self) -> int:
+        return self._mem.tell()
+
+    @_fill.setter
+    def _fill(self, n: int) -> None:
+        self._mem.seek(n)
+
     @property
     def pending(self) -> int:
         """Bytes appended and not yet written (an incomplete last line included)."""
         return self._fill - self._done
 
+    @property
+    def end(self) -> int:
+        """How many bytes the file will hold once all that was appended is written (a
+        direct write's padding included: it only grows)."""
+        return self._base + self._mem.tell()
+
     def add(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` (a full buffer is flushed on the way)."""
-        n = len(data)
-        if n > len(self._mem) - self._fill:
+        try:
+            self._mem.write(data)  # ValueError, and nothing written, if it does not fit
+        except ValueError:
+            if self._mem.closed:
+                raise
             self.flush()
-            if n > len(self._mem) - self._fill:  # a line longer than the buffer
-                self._grow(self._fill + n)
-        self._mem[self._fill : self._fill + n] = data
-        self._fill += n
+            if len(data) > len(self._mem) - self._fill:  # a line longer than the buffer
+                self._grow(self._fill + len(data))
+            self._mem.write(data)
 
     def flush(self, final: bool = False) -> None:
         """Write the complete lines not yet written (``final``: through the page cache, no
@@ -156,7 +173,9 @@ class AppendLog:
         self._done = max(0, self._done - n)
 
     def _grow(self, need: int) -> None:
+        fill = self._fill
         mem = mmap.mmap(-1, _round_up(max(need, 2 * len(self._mem))))  # doubled: no n^2
-        mem[: self._fill] = self._mem[: self._fill]
+        mem[:fill] = self._mem[:fill]
         self._mem.close()
         self._mem = mem
+        self._fill = fill

@@ -9,13 +9,16 @@ resize; the events' lines come from :mod:`sshwrap.protocol.asciicast`.
   (``FileExistsError``), unless ``overwrite=True``: then a new 0600 file is made beside it
   and renamed over the name (a symlink there is replaced, never followed).
 - The header is written at once.  Output goes into one ``"o"`` event per 50 ms (or 64 KiB of
-  JSON): each read is escaped as it comes (:func:`sshwrap.protocol.asciicast.json_content`)
-  and appended to the event's open line in the log's buffer, no join of reads and no large
-  escaped copies (those made malloc grow and trim its heap: fresh pages, page faults); a
-  UTF-8 sequence cut at a read's end waits for the next read.  One event per pty read would
-  cost a relay GBs of JSON lines.  An event's time is that of its first read; its bytes came
-  within the next 50 ms (the timing precision of a recording; a keystroke or a resize ends an
-  event early, so they stay in order with the output).  Lines go to an
+  JSON): each read is escaped as it comes (decoded, then
+  :data:`sshwrap.protocol.asciicast.json_quoted`, i.e. orjson, its quotes cut off) and
+  appended to the event's open line in the log's buffer, no join of reads (a joined burst
+  and its escaped copies made malloc grow and trim its heap: fresh pages, page faults); a
+  UTF-8 sequence cut at a read's end waits for the next read.  The path of a read that is
+  valid UTF-8 into an open event is kept to a few calls: it runs some 400,000 times per GB.
+  One event per pty read would cost a relay GBs of JSON lines.  An event's time is that of
+  its first read; its bytes came within the next 50 ms (the timing precision of a recording;
+  a keystroke or a resize ends an event early, so they stay in order with the output).
+  Lines go to an
   :class:`sshwrap.io.appendlog.AppendLog` (one aligned buffer, written with ``O_DIRECT``
   where the filesystem allows it), which writes only complete lines (an open event's line
   waits), when a second has passed since the first of them came (on the next event, or on
@@ -45,6 +48,7 @@ from ..protocol.asciicast import (
     event_parts,
     header_line,
     json_content,
+    json_quoted,
     resize_data,
     utf8_cut,
 )
@@ -158,7 +162,7 @@ class Recorder:
         self._due: float | None = None  # when the oldest line not yet written must be
         self._gate = EchoGate() if rec.input else None
         self._open = False  # whether an "o" event's line is open (its data goes on)
-        self._open_size = 0  # bytes of escaped data in it
+        self._open_at = 0  # where its line starts (``AppendLog.end`` then)
         self._out_time = 0.0  # when it was opened
         self._carry = b""  # a UTF-8 sequence cut at the end of the last read
         self._add(head)
@@ -167,22 +171,38 @@ class Recorder:
     # -- the relay's calls ----------------------------------------------------------------
     def output(self, chunks: Sequence[bytes]) -> None:
         """Output that reached the user's terminal: the chunks of one burst of reads."""
+        log = self._log
+        if log is None:
+            return  # the recording stopped (see :attr:`error`)
         now = time.monotonic()
         gate = self._gate
-        for data in chunks:
-            if gate is not None and gate.waiting:
-                released = gate.output(data)
-                if released:  # the key's event goes before the echo that released it
-                    self._end_output()
-                    self._inputs(released)
-            if self._open and not self._carry and data.isascii():
-                # The common case, kept short: a read of ASCII into the open event.
-                escaped = json_content(data)
-                self._open_size += len(escaped)
-                self._add(escaped)
-            else:
+        add = log.add
+        fast = self._open and not self._carry and (gate is None or not gate.waiting)
+        try:
+            for data in chunks:
+                if fast:
+                    # The common case, kept short (it runs for every pty read): valid UTF-8
+                    # that ends with a whole character, into the open event's line.
+                    try:
+                        text = data.decode()
+                    except UnicodeDecodeError:
+                        pass
+                    else:
+                        add(json_quoted(text)[1:-1])
+                        continue
+                if gate is not None and gate.waiting:
+                    released = gate.output(data)
+                    if released:  # the key's event goes before the echo that released it
+                        self._end_output()
+                        self._inputs(released)
                 self._add_output(data, now)
-        if self._open and (self._open_size >= _OUT_MAX or now - self._out_time >= _OUT_AGE):
+                if self._log is None:
+                    return  # that failed
+                fast = self._open and not self._carry and (gate is None or not gate.waiting)
+        except OSError as e:  # a full buffer's write failed
+            self._fail(e)
+            return
+        if self._open and (log.end - self._open_at >= _OUT_MAX or now - self._out_time >= _OUT_AGE):
             self._end_output()
             self._check(now)
 
@@ -262,13 +282,11 @@ class Recorder:
             return
         if not self._open:
             self._open = True
-            self._open_size = 0
+            self._open_at = self._log.end if self._log is not None else 0
             self._out_time = now
             self._last = max(now, self._last)  # times never go back
             self._add(event_head(self._last - self._start, "o"))
-        escaped = json_content(data)
-        self._open_size += len(escaped)
-        self._add(escaped)
+        self._add(json_content(data))
 
     def _end_output(self, final: bool = False) -> None:
         """End the open ``"o"`` event (``final``: a cut UTF-8 sequence goes in, broken)."""
