@@ -202,7 +202,7 @@ class Recorder:
         except OSError as e:  # a full buffer's write failed
             self._fail(e)
             return
-        if self._open and (log.end - self._open_at >= _OUT_MAX or now - self._out_time >= _OUT_AGE):
+        if self._open and (now - self._out_time >= _OUT_AGE or log.end - self._open_at >= _OUT_MAX):
             self._end_output()
             self._check(now)
 
