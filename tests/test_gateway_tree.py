@@ -73,15 +73,27 @@ def test_a_cycle_of_gateways_is_refused() -> None:
         sshwrap.run_many(["h1"], "true", via={"gw1": "gw2,h1", "gw2": "gw1"})
 
 
-def test_a_killed_agent_leaves_no_ssh(local_sshd_factory: Factory, tmp_path: Path) -> None:
-    """SIGKILL the agent mid-run: its watchdog ends every leaf ssh it started, and the
-    hosts fail with a GatewayError."""
-    sshd = _sshd(local_sshd_factory, 3)
+def test_a_killed_agent_leaves_nothing(
+    local_sshd_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL the agent mid-run: its watchdog ends every leaf ssh it started and removes the
+    agent's temporary files (the fan-out's fifo directory), and the hosts fail with a
+    GatewayError."""
+    # The gateway's tmp, this test's own: the TMPDIR its sessions get (sent by ssh).
+    gw_tmp = tmp_path / "gw_tmp"
+    gw_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(gw_tmp))
+    sshd = local_sshd_factory(
+        hosts=3, user="root" if os.geteuid() == 0 else None, extra_sshd_config="AcceptEnv TMPDIR"
+    )
+    send = {"SendEnv": "TMPDIR"}
     cmd = f"touch {tmp_path}/started.$$; exec sleep 600"
     got: list[HostResult] = []
     t = threading.Thread(
         target=lambda: got.extend(
-            sshwrap.run_many(sshd.hosts[1:], cmd, config=sshd.config, via={"host1": "host[2-3]"})
+            sshwrap.run_many(
+                sshd.hosts[1:], cmd, config=sshd.config, via={"host1": "host[2-3]"}, options=send
+            )
         )
     )
     t.start()
@@ -90,10 +102,13 @@ def test_a_killed_agent_leaves_no_ssh(local_sshd_factory: Factory, tmp_path: Pat
         (agent,) = agents(sshd)
         leaf_ssh = [k for k in descendants(agent) if comm(k) == "ssh"]
         assert len(leaf_ssh) == 2
+        assert list(gw_tmp.rglob("sshwrap-many-*"))  # the agent's fan-out uses that tmp
         os.kill(agent, signal.SIGKILL)
         assert wait_exited(leaf_ssh, 3) == []
     finally:
         t.join(60)
+    # The watchdog removes them before it exits (and so before the gateway's ssh ends).
+    wait_until(lambda: list(gw_tmp.iterdir()) == [], 10, "the gateway's tmp emptied")
     assert [r.status for r in got] == ["ssh_error", "ssh_error"]
     assert all(isinstance(r.error, GatewayError) and r.error.gateway == "host1" for r in got)
 
