@@ -58,6 +58,29 @@ def test_depth_two_equals_a_flat_run(local_sshd_factory: Factory, tmp_path: Path
     assert all(r.status == "ok" for r in got)
 
 
+def test_per_host_commands_through_an_inner_gateway(local_sshd_factory: Factory) -> None:
+    """A per-host command mapping with ``%h`` (and ``%%h``, a list command): host4-5 through
+    host1 -> host2 (each agent gets its own hosts' commands), host3 through host1 alone;
+    the results equal a flat run's."""
+    sshd = _sshd(local_sshd_factory, 5)
+    leaves = sshd.hosts[2:]
+    via = {"host1": "host2,host3", "host2": "host[4-5]"}
+    commands: dict[str, str | list[str]] = {
+        "host3": "echo three %h; exit 3",
+        "host4": ["printf", "%s|", "four", "%h", "a b", "%%h"],
+        "host5": "echo five %h %%h >&2; echo $SSH_CONNECTION | cut -d' ' -f3",
+    }
+    flat = sshwrap.run_many(leaves, commands, config=sshd.config)
+    tree = sshwrap.run_many(leaves, commands, config=sshd.config, via=via)
+    assert [(*_key(r), r.stderr) for r in tree] == [(*_key(r), r.stderr) for r in flat]
+    assert [(r.stdout, r.stderr) for r in tree] == [
+        (b"three host3\n", b""),
+        (b"four|host4|a b|%h|", b""),
+        (f"{sshd.addresses[4]}\n".encode(), b"five host5 %h\n"),
+    ]
+    assert [r.returncode for r in tree] == [3, 0, 0]
+
+
 def test_depth_two_inner_gateway_fails_only_its_hosts(local_sshd_factory: Factory) -> None:
     sshd = _sshd(local_sshd_factory, 3)
     via = {"host1": "nosuch.gw.invalid,host2", "nosuch.gw.invalid": "host3"}
