@@ -3,7 +3,7 @@ veth pairs this test creates (as root; skipped with the reason otherwise) and re
 
 ::
 
-    ctl --- gw1 --- leaf1 (l1-1, l1-2)
+    ctl --- gw1 --- leaf1 (l1-1, l1-2)       gw2-nopy: gw2, without python3 on its PATH
      |       `----- gw3 --- leaf3 (l3-1)        gw3 is behind gw1 (depth 2)
      `----- gw2 --- leaf2 (l2-1, l2-2)        leaf2 is behind gw1 too (a second link)
 
@@ -41,9 +41,11 @@ LINKS = {  # (near, far) -> third octet of the link's 10.252.N.0/24
     ("gw3", "leaf3"): 33,
     ("gw1", "leaf2"): 14,  # leaf2 is behind gw2 and gw1 (through gw1: a route, below)
 }
-ALIASES = {"gw1": ["gw1"], "gw2": ["gw2"], "gw3": ["gw3"]}
+ALIASES = {"gw1": ["gw1"], "gw2": ["gw2", "gw2-nopy"], "gw3": ["gw3"]}
 ALIASES |= {"leaf1": ["l1-1", "l1-2"], "leaf2": ["l2-1", "l2-2"], "leaf3": ["l3-1"]}
 TOPOLOGY = "gw1: gw3,l1-[1-2]\ngw2: l2-[1-2]\ngw3: l3-1\n"
+NO_PYTHON = "10.252.2.3"  # gw2-nopy: gw2's sshd on its second address, where a session's PATH
+# holds no python3 (a Match block's SetEnv, which also drops LocalSSHD's session mark there)
 LEAVES = "l1-[1-2],l2-[1-2],l3-1"
 
 
@@ -130,6 +132,11 @@ def _topology(tmp: Path) -> Iterator[Topology]:
                     addresses=[_address(role, i) for i in range(len(aliases))],
                     netns=topo.ns[role],
                     probe_in_netns=True,
+                    extra_sshd_config=(
+                        [f"Match LocalAddress {NO_PYTHON}", "SetEnv PATH=/nonexistent"]
+                        if role == "gw2"
+                        else []
+                    ),
                 )
                 stack.enter_context(sshd)
                 topo.sshd[role] = sshd
@@ -203,6 +210,33 @@ def test_leaves_only_through_their_gateways(topo: Topology) -> None:
     ]
 
 
+def test_a_gateway_without_python3(topo: Topology) -> None:
+    """gw2-nopy is reachable, but its sessions' PATH holds no python3: its host fails
+    with a GatewayError that names it and python3, the other gateway's host runs, and nothing
+    of the run is left in gw2's namespace."""
+    assert _address("gw2", 1) == NO_PYTHON
+    # (root's shell rc may put a python3 shim on the PATH: it cannot run there either)
+    for gw, want in (("gw2", (0, "ran\n")), ("gw2-nopy", (127, ""))):
+        probe = ["ssh", "-F", topo.config, gw, "python3 -c 'print(\"ran\")'"]
+        p = topo.run_in("ctl", probe, timeout=60)
+        assert (p.returncode, p.stdout) == want, p
+    via = ["--via", "gw2-nopy:l2-1", "--via", "gw1:l1-1"]
+    r = topo.run_in(
+        "ctl", topo.many("--json", *via, "-H", "l1-1,l2-1", "--", "echo hi"), timeout=120
+    )
+    rows = {x["host"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert (rows["l1-1"]["status"], rows["l1-1"]["stdout"]) == ("ok", "hi\n"), rows
+    bad = rows["l2-1"]
+    assert (bad["status"], bad["returncode"], bad["error"]["type"]) == (
+        "ssh_error",
+        None,
+        "GatewayError",
+    ), bad
+    assert bad["error"]["message"].startswith("gateway gw2-nopy: no python3 there"), bad
+    assert r.returncode != 0
+    assert topo.leftovers(["gw2"]) == []
+
+
 def test_ctrl_c_leaves_nothing_in_any_gateway_namespace(topo: Topology, tmp_path: Path) -> None:
     cmd = f"touch {tmp_path}/started.$$; exec sleep 600"
     argv = topo.many("--json", "--topology", str(topo.dir / "topology.txt"), "-H", LEAVES)
@@ -235,7 +269,8 @@ def test_a_hung_leaf_keeps_the_timeout(topo: Topology) -> None:
         topology = str(topo.dir / "topology.txt")
         bounds = ["--connect-timeout", "3", "--deadline", "30"]
         args = ["--json", "--topology", topology, *bounds, "-H", "l1-1,l2-1", "--", "echo hi"]
-        r = topo.run_in("ctl", topo.many(*args), timeout=30)
+        # (a bound past the deadline: a run the leaf's timeout did not end fails below)
+        r = topo.run_in("ctl", topo.many(*args), timeout=90)
     finally:
         leaf.resume()
     rows = {x["host"]: x for x in map(json.loads, r.stdout.splitlines())}

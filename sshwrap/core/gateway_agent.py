@@ -20,7 +20,8 @@ Run as a program, the agent runs under :func:`supervised`: a watchdog process, i
 and a child subreaper (``PR_SET_CHILD_SUBREAPER``), so an agent killed outright (SIGKILL,
 the OOM killer) still leaves nothing behind: its ssh children become the watchdog's, which
 ends them (each ssh's process group: TERM, KILL after :data:`ORPHAN_GRACE`) and reaps them
-before it exits with the agent's status.
+before it exits with the agent's status.  The agent's temporary files go in a directory the
+watchdog makes (``tempfile.tempdir``) and removes then: a killed agent leaves none.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -242,8 +245,16 @@ def supervised(agent: Callable[[], int]) -> int:
             return agent()
     except (ImportError, OSError, AttributeError):
         return agent()
+    # The agent's temporary files (a fan-out's fifo directory) go in a directory of the
+    # watchdog's, which removes it whatever becomes of the agent.
+    try:
+        own_tmp: str | None = tempfile.mkdtemp(prefix="sshwrap-agent-")
+    except OSError:
+        own_tmp = None
     pid = os.fork()
     if pid == 0:
+        if own_tmp is not None:
+            tempfile.tempdir = own_tmp
         code = 1
         try:
             code = agent()
@@ -271,6 +282,8 @@ def supervised(agent: Callable[[], int]) -> int:
             status = 0
             break
     _end_orphans()
+    if own_tmp is not None:
+        shutil.rmtree(own_tmp, ignore_errors=True)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
 

@@ -145,7 +145,8 @@ async def _agent_lines(
         left = None if t_end is None else t_end - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError
-        chunk = await asyncio.wait_for(stream.read(_READ_SIZE), left)
+        read = stream.read(_READ_SIZE)
+        chunk = await (read if left is None else asyncio.wait_for(read, left))
         if not chunk:
             if tail:
                 yield tail  # (a last line cut short: its decoding fails, as it should)
