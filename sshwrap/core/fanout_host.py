@@ -352,6 +352,10 @@ class HostRun:
                     continue
             elif phase == _COMMAND:
                 if proc.exit_seen:
+                    if proc.pipes_closed:  # (the usual end: nothing left to drain)
+                        proc.kill_now()
+                        self._end(process_result(self.plan, proc, None))
+                        return
                     if proc.log_writer is not None:
                         proc.log_writer_close()
                     grace = _EOF_GRACE
