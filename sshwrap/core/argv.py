@@ -85,6 +85,8 @@ def check_destination(value: str, what: str = "destination") -> str:
     """
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
+    if value[0] != "-" and "@" not in value and what != "jump host" and "://" not in value:
+        return value  # (the only piece there is: what a fan-out checks for every host)
     parts = value.split(",") if what == "jump host" else [value]
     for part in parts:
         bare = part.removeprefix("ssh://")

@@ -278,21 +278,23 @@ class HostRun:
     ) -> None:
         self.job = job
         self.respawn = respawn
-        self.attempts = 1
-        """How many ssh were started for the host so far."""
-        self._first: tuple[float | None, float] | None = None
         self.plan = plan
         self.proc = proc
         self.t_end = t_end
         self.remote_stops = remote_stops
         self.on_done = on_done
-        self._phase = _CONNECT
-        self._until: float | None = None
         self.timers = timers
-        self._timer_at: float | None = None
-        self._stop_status: Status = "timeout"
-        self._result: HostResult | None = None
-        self._error: BaseException | None = None
+
+    # The state every host starts in (class attributes: an instance stores what changes).
+    attempts = 1
+    """How many ssh were started for the host so far."""
+    _first: tuple[float | None, float] | None = None
+    _phase = _CONNECT
+    _until: float | None = None
+    _timer_at: float | None = None
+    _stop_status: Status = "timeout"
+    _result: HostResult | None = None
+    _error: BaseException | None = None
 
     def start(self) -> None:
         """Start the host's ssh (from the loop's thread); :meth:`done` at once if it cannot."""
@@ -350,6 +352,10 @@ class HostRun:
                     continue
             elif phase == _COMMAND:
                 if proc.exit_seen:
+                    if proc.pipes_closed:  # (the usual end: nothing left to drain)
+                        proc.kill_now()
+                        self._end(process_result(self.plan, proc, None))
+                        return
                     if proc.log_writer is not None:
                         proc.log_writer_close()
                     grace = _EOF_GRACE

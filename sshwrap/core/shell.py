@@ -62,6 +62,7 @@ from collections.abc import Sequence
 from typing import Any, Unpack, cast
 
 from ..errors import CalledProcessError, SSHError, TimeoutExpired
+from ..io.channel_io import read_ready
 from ..io.deadline import capped, deadline_after
 from ..io.master import Master
 from ..io.pump import ProxyCore, Session
@@ -457,12 +458,9 @@ class ShellSession:
                 yield WaitFd(self._out, timeout=0.05 if left is None else min(left, 0.05))
             for key, _ in self._sel.select(0):
                 fd = key.fd
-                try:
-                    chunk = os.read(fd, _READ)
-                except BlockingIOError:
+                chunk = read_ready(fd, _READ)
+                if chunk is None:
                     continue
-                except OSError:
-                    chunk = b""
                 if not chunk:
                     eof.add(key.data)
                     self._sel.unregister(fd)

@@ -32,6 +32,7 @@ __all__ = [
     "deliver",
     "finish_sink",
     "flush_sink",
+    "read_ready",
     "signal_name",
     "signal_number",
 ]
@@ -55,6 +56,17 @@ def close_fds(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def read_ready(fd: int, size: int) -> bytes | None:
+    """One read of a non-blocking ``fd``: None when nothing is there yet; ``b""`` at its end,
+    or when it failed (a read error ends the stream as its EOF would)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 def _selectable(fd: int) -> bool:

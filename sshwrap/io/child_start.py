@@ -137,6 +137,7 @@ class ChildStarter:
     def __init__(self) -> None:
         self.proc_fds = f"/proc/{os.getpid()}/fd/"
         """This process's fds by path (Linux), for ssh's ``-E``."""
+        self._null = dev_null()
         self._fork_exec = _vfork_exec()
         self._executables: dict[str, tuple[bytes, ...]] = {}
         self.env: dict[bytes, bytes] | dict[str, str] = {}
@@ -160,23 +161,28 @@ class ChildStarter:
 
     def start(self, argv: list[str], stdin: int = -1, stdout: int = -1, stderr: int = -1) -> Child:
         """Start ``argv`` with these fds as its stdio (-1: /dev/null); OSError if it cannot."""
-        null = dev_null()
-        fds = [fd if fd >= 0 else null for fd in (stdin, stdout, stderr)]
+        null = self._null
+        if stdin < 0:
+            stdin = null
+        if stdout < 0:
+            stdout = null
+        if stderr < 0:
+            stderr = null
         # (A source fd among 0-2 would need the dup2-onto-itself care that Popen takes.)
-        if min(fds) > 2:
+        if stdin > 2 and stdout > 2 and stderr > 2:
             if self._fork_exec is not None:
                 try:
-                    return SpawnedChild(self._vfork(argv, fds))
+                    return SpawnedChild(self._vfork(argv, stdin, stdout, stderr))
                 except TypeError:  # not the signature this was written for
                     self._fork_exec = None
                     self._posix_spawn_setup()
             if self.posix_spawn:
-                return self._spawn(argv, fds)
+                return self._spawn(argv, [stdin, stdout, stderr])
         return subprocess.Popen(
-            argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True
+            argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True
         )
 
-    def _vfork(self, argv: list[str], fds: list[int]) -> int:
+    def _vfork(self, argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
         """The child's pid, started by ``_posixsubprocess.fork_exec`` (as ``Popen`` calls it
         with ``close_fds=True, start_new_session=True``, no ``env``)."""
         assert self._fork_exec is not None
@@ -194,7 +200,7 @@ class ChildStarter:
             try:
                 pid = self._fork_exec(
                     argv, executables, True, (err_w,), None, None,
-                    fds[0], -1, -1, fds[1], -1, fds[2], err_r, err_w,
+                    stdin, -1, -1, stdout, -1, stderr, err_r, err_w,
                     True, True, -1, None, None, None, -1, None, True,
                 )  # fmt: skip
             finally:

@@ -44,15 +44,15 @@ class FdWatcher:
         else:
             self.loop.add_reader(fd, callback, fd)
 
-    def add_all(self, watch: Iterable[tuple[int, Callable[[int], object]]]) -> None:
-        """:meth:`add` each ``(fd, callback)``."""
+    def add_each(self, fds: Iterable[int], callback: Callable[[int], object]) -> None:
+        """:meth:`add` each of ``fds`` with the same ``callback``."""
         ep = self._epoll
         if ep is None:
-            for fd, callback in watch:
+            for fd in fds:
                 self.add(fd, callback)
             return
         callbacks = self._callbacks
-        for fd, callback in watch:
+        for fd in fds:
             callbacks[fd] = callback
             ep.register(fd, select.EPOLLIN)
 

@@ -127,6 +127,30 @@ class HostProcess:
     """Whether ssh's log goes by a ``/proc/PID/fd/N`` path (None: not checked yet; checked
     once).  False forces the FIFO path used where ``/proc`` cannot reopen a pipe."""
 
+    # The state every host starts in, as class attributes: an instance stores only what
+    # changes (a fan-out makes one of these per host).
+    proc: Child | None = None
+    refused: BaseException | None = None
+    """The ``stderr_filter``'s failure, once it failed."""
+    log_writer: int | None = None
+    pidfd: int | None = None
+    stdin_fd: int | None = None
+    stdin_pos = 0
+    up = False
+    exit_seen = False
+    pipes_closed = False
+    listener: Callable[[], None] | None = None
+    """Called (soon, from the loop) after the flags changed: one call for a batch."""
+    started_wall: float | None = None
+    t0 = 0.0
+    t_up: float | None = None
+    t_end: float | None = None
+    _stdin_end = True  # (stdin ends once ``input`` is written)
+    _writer_on = False
+    _pipes_open = 2  # stdout and stderr
+    _notify_pending = False
+    _waiters: list[asyncio.Future[None]] | None = None
+
     def __init__(
         self,
         argv: list[str],
@@ -144,103 +168,80 @@ class HostProcess:
         self.loop = watcher.loop
         self.on_output = on_output
         self.input = input
-        self._stdin_end = True  # (stdin ends once ``input`` is written)
-        self._writer_on = False
         self.stderr_filter = stderr_filter
-        self.refused: BaseException | None = None
-        """The ``stderr_filter``'s failure, once it failed."""
         if stderr_filter is not None:
             assert input is None, "with a stderr filter, the filter writes stdin"
             self.input = b""
             self._stdin_end = False
         self.fifo: str | None = fifo_path
-        self.proc: Child | None = None
         self.out: list[bytes] = []
         self.err: list[bytes] = []
         self.log = bytearray()
         self.fds: dict[int, int] = {}  # fd -> stream (1 stdout, 2 stderr, 3 ssh's log)
-        self.log_writer: int | None = None
-        self.pidfd: int | None = None
-        self.stdin_fd: int | None = None
-        self.stdin_pos = 0
-        self.up = False
-        self.exit_seen = False
-        self.pipes_closed = False
-        self._pipes_open = 2  # stdout and stderr
-        self._waiters: list[asyncio.Future[None]] = []
-        self.listener: Callable[[], None] | None = None
-        """Called (soon, from the loop) after the flags changed: one call for a batch."""
-        self._notify_pending = False
-        self.started_wall: float | None = None
-        self.t0 = 0.0
-        self.t_up: float | None = None
-        self.t_end: float | None = None
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
         """Create ssh's log pipe (or FIFO) and start ssh; watch its fds."""
-        opened: list[int] = []
-        if self.starter is None:
-            self.starter = ChildStarter()
+        starter = self.starter
+        if starter is None:
+            starter = self.starter = ChildStarter()
+        fds = self.fds
+        out_r = out_w = err_r = err_w = in_r = in_w = -1
         try:
             # Our own write end keeps the log from reading as EOF before ssh opens it; it is
             # closed at ssh's first log line (or when ssh exits).
-            if HostProcess.log_through_proc_fd is None:
-                HostProcess.log_through_proc_fd = _proc_fd_reopenable()
-            if HostProcess.log_through_proc_fd:
+            by_proc = HostProcess.log_through_proc_fd
+            if by_proc is None:
+                by_proc = HostProcess.log_through_proc_fd = _proc_fd_reopenable()
+            if by_proc:
                 # A pipe that ssh opens by its /proc path: no FIFO to create and remove (a
                 # directory operation on the temp file system: ~0.2 ms of CPU per host on
                 # ext4, a tenth of that through the pipe).
                 self.fifo = None
                 # (Both ends non-blocking: ssh opens the pipe anew, with its own flags.)
-                log_r, self.log_writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                self.fds[log_r] = 3
-                log_path = f"{self.starter.proc_fds}{self.log_writer}"
+                log_r, self.log_writer = _output_pipe()
+                fds[log_r] = 3
+                log_path = f"{starter.proc_fds}{self.log_writer}"
             else:
                 assert self.fifo is not None
                 log_path = self.fifo
                 os.mkfifo(log_path, 0o600)
                 log_r = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.fds[log_r] = 3
+                fds[log_r] = 3
                 self.log_writer = os.open(log_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             out_r, out_w = _output_pipe()
-            opened += [out_r, out_w]
             err_r, err_w = _output_pipe()
-            opened += [err_r, err_w]
             if self.input is not None:
                 in_r, in_w = os.pipe()
-                opened += [in_r, in_w]
-            else:
-                in_r = in_w = -1
             self.started_wall = time.time()
             self.t0 = time.monotonic()
-            argv = [self.argv[0], "-E", log_path, *self.argv[1:]]
-            self.proc = self.starter.start(argv, in_r, out_w, err_w)
+            argv = self.argv
+            self.proc = starter.start([argv[0], "-E", log_path, *argv[1:]], in_r, out_w, err_w)
         except BaseException:
-            for fd in opened:
-                os.close(fd)
+            for fd in (out_r, out_w, err_r, err_w, in_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
             self.close_fds()
             raise
-        for fd in (out_w, err_w, in_r):
-            if fd >= 0:
-                os.close(fd)
-        fds = self.fds
+        os.close(out_w)
+        os.close(err_w)
         fds[out_r] = 1
         fds[err_r] = 2
         if in_w >= 0:
+            os.close(in_r)
             self.stdin_fd = in_w
             os.set_blocking(in_w, False)
             if self._stdin_end:
                 self._writer_on = True
                 self.loop.add_writer(in_w, self._writable)
-        watch: list[tuple[int, Callable[[int], object]]] = [(fd, self._on_ready) for fd in fds]
+        watcher = self.watcher
+        watcher.add_each(fds, self._on_ready)
         try:
             self.pidfd = os.pidfd_open(self.proc.pid)
         except (AttributeError, OSError):
-            self.pidfd = None  # not Linux: exit is polled once the pipes close
+            pass  # not Linux: exit is polled once the pipes close
         else:
-            watch.append((self.pidfd, self._reap))
-        self.watcher.add_all(watch)
+            watcher.add(self.pidfd, self._reap)
 
     @property
     def returncode(self) -> int | None:
@@ -374,7 +375,7 @@ class HostProcess:
             self._notify_pending = True
             self.watcher.call_after(self._notify)
         if self._waiters:
-            waiters, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, None
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
@@ -392,14 +393,17 @@ class HostProcess:
             if until is not None and loop.time() >= until:
                 return False
             fut = loop.create_future()
-            self._waiters.append(fut)
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = []
+            waiters.append(fut)
             timer = None if until is None else loop.call_at(until, _wake_one, fut)
             try:
                 await fut
             finally:
                 if timer is not None:
                     timer.cancel()
-                if fut in self._waiters:
+                if self._waiters is not None and fut in self._waiters:
                     self._waiters.remove(fut)
         return True
 

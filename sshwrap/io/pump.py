@@ -66,6 +66,7 @@ from .channel_io import (
     deliver,
     finish_sink,
     flush_sink,
+    read_ready,
     signal_name,
     signal_number,
 )
@@ -269,12 +270,9 @@ class ProxyCore:
         room = self.mux.send_room(ch.local_id)
         if src.fd is None or not room or not ch.started:
             return
-        try:
-            chunk = os.read(src.fd, min(room, _READ_CHUNK))
-        except BlockingIOError:
+        chunk = read_ready(src.fd, min(room, _READ_CHUNK))
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         if chunk:
             self.mux.send_data(ch.local_id, chunk)
             self.send_queued_locked()

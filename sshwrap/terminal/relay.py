@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Protocol
 
+from ..io.channel_io import read_ready
 from ..io.recording import Recorder, RecordSpec
 from .modes import get_size, raw_mode, set_size
 
@@ -276,12 +277,10 @@ def relay(
                             if stdin_fd is not None:
                                 poller.register(stdin_fd, _IN)
                 elif fd == stdin_fd and reading_stdin:
-                    try:
-                        data = os.read(fd, _READ)
-                    except BlockingIOError:
+                    got = read_ready(fd, _READ)
+                    if got is None:
                         continue
-                    except OSError:
-                        data = b""
+                    data = got
                     if not data:
                         stop_stdin()  # the terminal went away
                         continue
