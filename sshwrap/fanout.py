@@ -72,14 +72,12 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, TypeAlias, Unpack
 
 from .core.argv import OptionValue, check_destination, find_ssh, ssh_settings_args
 from .core.batches import ROLLOUT_KEYWORDS, Spec
 from .core.fanout_host import ConnectionLike, OutputCallback
 from .core.fanout_run import ControlPathHost, FanoutOptions, FanoutRun
-from .core.gateway_run import TreeRun
-from .core.gateway_waves import TreeWaves
 from .core.host_input import GroupsSource, literal_hosts, load_groups, pattern_hosts
 from .core.host_result import FanoutInterrupted, HostResult, Status
 from .core.options import SSHSettings
@@ -186,7 +184,11 @@ def via_routes(
     return routes
 
 
-Run = FanoutRun | TreeRun | TreeWaves
+if TYPE_CHECKING:  # imported when a run goes through gateways (a flat run never loads them)
+    from .core.gateway_run import TreeRun
+    from .core.gateway_waves import TreeWaves
+
+Run: TypeAlias = "FanoutRun | TreeRun | TreeWaves"
 """A planned fan-out: :meth:`results` runs it, :meth:`complete` fills in the hosts left."""
 
 
@@ -211,7 +213,11 @@ def plan_run(
         kwargs.pop("forward_agent", None)
         return FanoutRun(hosts, command, **kwargs)
     if any(kwargs.get(k) is not None for k in ROLLOUT_KEYWORDS):
+        from .core.gateway_waves import TreeWaves
+
         return TreeWaves(hosts, command, routes, **kwargs)
+    from .core.gateway_run import TreeRun
+
     return TreeRun(hosts, command, routes, **kwargs)
 
 

@@ -92,10 +92,10 @@ from typing import Any, NoReturn
 
 from .core.batches import rollout
 from .core.host_input import GROUPS_ENV, cli_hosts
+from .core.host_result import CopyResult
 from .core.hostset import parse_groups
 from .core.many_output import EXIT_FAILED, EXIT_SKIPPED, EXIT_SSH_ERROR, EXIT_TIMEOUT, Output, Tally
 from .fanout import FdBudgetError, Run, close_persisted, plan_run, via_routes
-from .fleet import CopyInterrupted, CopyResult, get_many, put_many
 from .io.persist import persist_dir, persist_options, persist_seconds, ssh_seconds
 from .many_sudo import sudo_keywords
 
@@ -369,6 +369,8 @@ def _copy(
     settings: dict[str, Any],
 ) -> int:
     """``--put LOCAL REMOTE`` / ``--get REMOTE LOCALDIR`` on every host (sshwrap.fleet)."""
+    from .fleet import CopyInterrupted, get_many, put_many  # only a copy loads SFTP
+
     verb = "put" if args.put else "get"
     source, target = args.put or args.get
     output = Output(args, hosts, progress, verb)

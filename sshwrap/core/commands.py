@@ -31,7 +31,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import Callable
-from typing import Any, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 from ..errors import (
     CalledProcessError,
@@ -44,10 +44,8 @@ from ..io.master import Master
 from ..io.pump import ChannelError, ChannelLost, ProxyCore, check_exec_size
 from . import session as sessions
 from .argv import remote_command
-from .channel_popen import ChannelPopen, ChannelPopenOptions, start_popen
 from .channel_streams import RunStreams
 from .completed import CompletedProcess
-from .invocation import MASTER_GONE, MasterGoneError, SessionRefusedError
 from .options import (
     Command,
     CommandOptions,
@@ -59,9 +57,11 @@ from .options import (
     text_encoding,
 )
 from .session import KILL_AFTER, NO_SLOT, Backoff, run_on_channel
-from .ssh_run import run_ssh
 from .sudo import sudo_settings
 from .waiting import Blocking, Procedure, Sleep
+
+if TYPE_CHECKING:  # the ssh -S fallback and Popen load these when used (a fan-out never does)
+    from .channel_popen import ChannelPopen, ChannelPopenOptions
 
 __all__ = [
     "ABORT_WAIT",
@@ -215,6 +215,9 @@ def _run_through(
     settings keep ssh from logging in anew), as the channel path waits for a slot: after a
     growing delay, until ``deadline`` or, without a timeout, ``OPEN_TIMEOUT``; then the
     channel path's ``TimeoutExpired`` / ``SSHError``."""
+    from .invocation import MASTER_GONE, MasterGoneError, SessionRefusedError
+    from .ssh_run import run_ssh
+
     host = master.host
     give_up = deadline if deadline is not None else deadline_after(sessions.OPEN_TIMEOUT)
     backoff = Backoff()
@@ -330,6 +333,8 @@ def start_command(
     """Start ``args`` on a channel of ``master``: the ``ChannelPopen`` (the procedure of
     ``Connection.Popen`` and ``AsyncConnection.create_process``), or None when the master
     refuses proxy mode (the face then starts ``ssh -S`` through it: its own process type)."""
+    from .channel_popen import start_popen
+
     command = _command(args, options)
 
     def attempt(core: ProxyCore) -> Procedure[ChannelPopen | None]:

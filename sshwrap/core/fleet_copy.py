@@ -46,7 +46,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol, cast, runtime_checkable
 
 from ..errors import SkippedError, SSHError
@@ -56,7 +56,7 @@ from ..io.flags import Changes, Flag
 from ..io.master import Master
 from ..io.sftp_session import Abort
 from .batches import Gate, Spec, gate_of
-from .host_result import HostOutcome, Interrupted, Status
+from .host_result import CopyInterrupted, CopyResult, Status
 from .options import SSH_SETTINGS_KEYS, SSHSettings, check_keywords
 from .per_host import expand_host, has_host_token
 from .waiting import Procedure, WaitChange
@@ -157,45 +157,6 @@ class CopyTools:
     get: Transfer
     connect: Callable[[str, SSHSettings, float | None], OwnedLink]
     """``connect(name, settings, connect_timeout)``: a ``Connection``, not started."""
-
-
-@dataclass(frozen=True)
-class CopyResult(HostOutcome):
-    """What happened on one host: the fields of ``HostResult`` that mean the same here.
-
-    - ``status``: ``ok``, ``failed`` (a transfer error: ``error`` is the exception, such as
-      ``FileNotFoundError``, ``PermissionError`` or another ``TransferError``), ``ssh_error``
-      (``error`` is the ``SSHError``: refused, authentication, host key, connect timeout, or
-      the connection lost mid-transfer), ``timeout`` (``timeout`` or ``deadline`` ran out),
-      ``cancelled``, ``skipped`` (never started: ``error`` a ``SkippedError`` saying why);
-      ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
-    - ``started``: wall clock when the host started (None if it never did); ``duration``:
-      seconds until it ended; ``connect_time``: seconds until its master was up.
-    - ``source`` / ``target``: the paths of this host's copy, ``%h`` replaced (for
-      ``get_many`` into ``local_dir/HOST/`` the target is that directory);
-      ``transferred``: bytes acknowledged (of ``total``, the bytes to copy).
-    """
-
-    host: str
-    status: Status
-    error: BaseException | None
-    started: float | None
-    duration: float
-    connect_time: float | None = None
-    source: str = ""
-    target: str = ""
-    transferred: int = 0
-    total: int | None = None
-    index: int = field(default=0, repr=False)
-
-
-class CopyInterrupted(Interrupted):
-    """Raised by the sync ``put_many``/``get_many`` on Ctrl-C, after every host stopped.
-
-    ``results`` holds one ``CopyResult`` per host, in input order: those that finished, the
-    others ``cancelled``."""
-
-    results: list[CopyResult]
 
 
 def _local_name(host: str) -> str:

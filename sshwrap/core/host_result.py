@@ -1,4 +1,5 @@
-"""What a fan-out reports per host: ``HostResult``, and how ssh's exit turns into one.
+"""What a fan-out reports per host: ``HostResult`` (a fleet copy: ``CopyResult``), and how
+ssh's exit turns into one.
 
 ssh exits 255 for its own failure, for a remote command that exited 255 and for one killed
 by a signal; its ``-E`` log tells them apart (:func:`interpret_ssh_exit`).
@@ -21,6 +22,8 @@ from ..errors import (
 )
 
 __all__ = [
+    "CopyInterrupted",
+    "CopyResult",
     "FanoutInterrupted",
     "HostOutcome",
     "HostResult",
@@ -118,6 +121,45 @@ class FanoutInterrupted(Interrupted):
     """
 
     results: list[HostResult]
+
+
+@dataclass(frozen=True)
+class CopyResult(HostOutcome):
+    """What happened on one host: the fields of ``HostResult`` that mean the same here.
+
+    - ``status``: ``ok``, ``failed`` (a transfer error: ``error`` is the exception, such as
+      ``FileNotFoundError``, ``PermissionError`` or another ``TransferError``), ``ssh_error``
+      (``error`` is the ``SSHError``: refused, authentication, host key, connect timeout, or
+      the connection lost mid-transfer), ``timeout`` (``timeout`` or ``deadline`` ran out),
+      ``cancelled``, ``skipped`` (never started: ``error`` a ``SkippedError`` saying why);
+      ``error`` is None for ``ok``, ``timeout`` and ``cancelled``.
+    - ``started``: wall clock when the host started (None if it never did); ``duration``:
+      seconds until it ended; ``connect_time``: seconds until its master was up.
+    - ``source`` / ``target``: the paths of this host's copy, ``%h`` replaced (for
+      ``get_many`` into ``local_dir/HOST/`` the target is that directory);
+      ``transferred``: bytes acknowledged (of ``total``, the bytes to copy).
+    """
+
+    host: str
+    status: Status
+    error: BaseException | None
+    started: float | None
+    duration: float
+    connect_time: float | None = None
+    source: str = ""
+    target: str = ""
+    transferred: int = 0
+    total: int | None = None
+    index: int = field(default=0, repr=False)
+
+
+class CopyInterrupted(Interrupted):
+    """Raised by the sync ``put_many``/``get_many`` on Ctrl-C, after every host stopped.
+
+    ``results`` holds one ``CopyResult`` per host, in input order: those that finished, the
+    others ``cancelled``."""
+
+    results: list[CopyResult]
 
 
 def unfinished_result(host: str, index: int, status: Status) -> HostResult:

@@ -24,8 +24,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from .fleet_copy import CopyResult
-from .host_result import HostResult
+from .host_result import CopyResult, HostResult
 from .hostset import fold
 
 __all__ = [

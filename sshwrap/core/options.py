@@ -47,6 +47,7 @@ __all__ = [
     "run_streams",
     "text_encoding",
     "text_option",
+    "tty_input",
 ]
 
 Arg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
@@ -234,3 +235,10 @@ def run_streams(
             raise ValueError("stdout and stderr arguments may not be used with capture_output.")
         stdout = stderr = subprocess.PIPE
     return stdin, stdout, stderr
+
+
+def tty_input(data: bytes) -> bytes:
+    """Input typed into a terminal, ended by ^D at the start of a line (nothing: nothing)."""
+    if not data:
+        return b""
+    return data + (b"\x04" if data.endswith(b"\n") else b"\x04\x04")

@@ -36,7 +36,7 @@ from ..io.deadline import capped, deadline_after
 from ..io.pump import ChannelOpenTimeout, ProxyCore, Session
 from ..protocol.channel import SESSION_LIMIT_CODES
 from .channel_streams import RunStreams
-from .ssh_run import tty_input
+from .options import tty_input
 from .waiting import Procedure, WaitChange, WaitFlag
 
 __all__ = [

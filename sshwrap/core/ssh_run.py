@@ -61,6 +61,7 @@ from .options import (
     popen_text,
     run_streams,
     text_encoding,
+    tty_input,
 )
 from .sudo import SudoRun, sudo_settings
 from .tty_process import start_in_terminal, terminal_sink
@@ -88,13 +89,6 @@ def prepare_run(input: Any, capture_output: bool, kwargs: dict[str, Any]) -> Non
     kwargs["stdin"] = stdin
     if capture_output:
         kwargs["stdout"], kwargs["stderr"] = stdout, stderr
-
-
-def tty_input(data: bytes) -> bytes:
-    """Input typed into a terminal, ended by ^D at the start of a line (nothing: nothing)."""
-    if not data:
-        return b""
-    return data + (b"\x04" if data.endswith(b"\n") else b"\x04\x04")
 
 
 def decode_output(data: bytes, encoding: str | None, errors: str | None) -> str:
