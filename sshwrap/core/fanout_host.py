@@ -353,8 +353,7 @@ class HostRun:
             elif phase == _COMMAND:
                 if proc.exit_seen:
                     if proc.pipes_closed:  # (the usual end: nothing left to drain)
-                        proc.kill_now()
-                        self._end(process_result(self.plan, proc, None))
+                        self._end_drained()
                         return
                     if proc.log_writer is not None:
                         proc.log_writer_close()
@@ -374,8 +373,7 @@ class HostRun:
                     continue
             elif phase == _DRAIN:
                 if proc.pipes_closed or late:
-                    proc.kill_now()
-                    self._end(process_result(self.plan, proc, None))
+                    self._end_drained()
                     return
             elif phase == _BACKOFF:
                 if late:
@@ -387,6 +385,11 @@ class HostRun:
                 return
             self._arm(until)
             return
+
+    def _end_drained(self) -> None:
+        """ssh exited and its output is read (or the drain's grace ran out): the result."""
+        self.proc.kill_now()
+        self._end(process_result(self.plan, self.proc, None))
 
     def _end(self, result: HostResult) -> None:
         """The attempt's end: the host's result, or a backoff before the next attempt."""
